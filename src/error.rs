@@ -1,0 +1,317 @@
+//! The one error type of lepus, with AMQP reply codes where the broker gave them.
+
+use std::fmt;
+use std::io;
+
+use crate::consumer::BadDelivery;
+
+/// AMQP reply codes (AMQP 0-9-1 section 1.3 and RabbitMQ's extensions) used by lepus.
+pub mod reply_code {
+    /// 200: normal close.
+    pub const REPLY_SUCCESS: u16 = 200;
+    /// 311: content too large (soft error).
+    pub const CONTENT_TOO_LARGE: u16 = 311;
+    /// 312: mandatory message had no route (used in basic.return).
+    pub const NO_ROUTE: u16 = 312;
+    /// 320: the broker or an operator closed the connection.
+    pub const CONNECTION_FORCED: u16 = 320;
+    /// 402: the vhost path is invalid.
+    pub const INVALID_PATH: u16 = 402;
+    /// 403: access refused (e.g. to a vhost or resource).
+    pub const ACCESS_REFUSED: u16 = 403;
+    /// 404: entity not found.
+    pub const NOT_FOUND: u16 = 404;
+    /// 405: resource locked (exclusive queue of another connection).
+    pub const RESOURCE_LOCKED: u16 = 405;
+    /// 406: precondition failed (e.g. unknown delivery tag).
+    pub const PRECONDITION_FAILED: u16 = 406;
+    /// 501: malformed frame.
+    pub const FRAME_ERROR: u16 = 501;
+    /// 502: a field value could not be decoded.
+    pub const SYNTAX_ERROR: u16 = 502;
+    /// 503: a method that is invalid in this state.
+    pub const COMMAND_INVALID: u16 = 503;
+    /// 504: a frame on a channel that is not open.
+    pub const CHANNEL_ERROR: u16 = 504;
+    /// 505: a frame that the peer did not expect.
+    pub const UNEXPECTED_FRAME: u16 = 505;
+    /// 506: the peer ran out of a resource.
+    pub const RESOURCE_ERROR: u16 = 506;
+    /// 530: the action is not allowed.
+    pub const NOT_ALLOWED: u16 = 530;
+    /// 540: not implemented.
+    pub const NOT_IMPLEMENTED: u16 = 540;
+    /// 541: internal error.
+    pub const INTERNAL_ERROR: u16 = 541;
+}
+
+/// Where a connection attempt stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HandshakeStage {
+    /// Opening the TCP connection.
+    Connect,
+    /// Waiting for `connection.start` after sending the protocol header.
+    Start,
+    /// Waiting for `connection.tune` (or a SASL challenge) after `start-ok`.
+    Tune,
+    /// Waiting for `connection.open-ok`.
+    Open,
+}
+
+impl fmt::Display for HandshakeStage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            HandshakeStage::Connect => "TCP connect",
+            HandshakeStage::Start => "waiting for connection.start",
+            HandshakeStage::Tune => "waiting for connection.tune",
+            HandshakeStage::Open => "waiting for connection.open-ok",
+        })
+    }
+}
+
+/// Everything that can go wrong in lepus.
+///
+/// Use [`Error::is_connection_lost`] to tell a recoverable loss of the link from an
+/// intentional close, and [`Error::reply_code`] for the AMQP reply code when there is one.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The `amqp://` URI or an option could not be understood.
+    #[error("invalid connection URI or option: {0}")]
+    InvalidUri(String),
+
+    /// A socket operation failed while connecting.
+    #[error("I/O error during {stage}: {source}")]
+    Io {
+        /// The step that failed.
+        stage: HandshakeStage,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// The connection attempt did not finish within the connection timeout.
+    #[error("connection timed out after {elapsed_ms} ms ({stage})")]
+    ConnectTimeout {
+        /// The step that did not finish.
+        stage: HandshakeStage,
+        /// How long the attempt ran.
+        elapsed_ms: u64,
+    },
+
+    /// The peer does not speak AMQP 0-9-1.
+    #[error("peer is not an AMQP 0-9-1 server: {0}")]
+    NotAmqp(String),
+
+    /// The broker refused the credentials.
+    #[error("authentication failed: {0}")]
+    AuthenticationFailed(String),
+
+    /// The broker refused access to the virtual host.
+    #[error("access to vhost {vhost:?} refused ({code}): {text}")]
+    VhostRefused {
+        /// The vhost asked for.
+        vhost: String,
+        /// The reply code (usually 530 or 403).
+        code: u16,
+        /// The broker's text.
+        text: String,
+    },
+
+    /// The broker closed the connection (`connection.close` from the server).
+    #[error("connection closed by the broker ({code}): {text}")]
+    ServerClosedConnection {
+        /// AMQP reply code.
+        code: u16,
+        /// The broker's reply text.
+        text: String,
+        /// Class id of the method that caused it (0 if none).
+        class_id: u16,
+        /// Method id of the method that caused it (0 if none).
+        method_id: u16,
+    },
+
+    /// The broker closed a channel (`channel.close` from the server); other channels live on.
+    #[error("channel {channel} closed by the broker ({code}): {text}")]
+    ServerClosedChannel {
+        /// The channel id.
+        channel: u16,
+        /// AMQP reply code (e.g. 404, 406).
+        code: u16,
+        /// The broker's reply text.
+        text: String,
+        /// Class id of the method that caused it.
+        class_id: u16,
+        /// Method id of the method that caused it.
+        method_id: u16,
+    },
+
+    /// The peer broke the protocol; lepus closed the connection with this reply code.
+    #[error("protocol violation by the peer, connection closed ({code}): {text}")]
+    Protocol {
+        /// The reply code lepus sent in its `connection.close`.
+        code: u16,
+        /// What was wrong.
+        text: String,
+    },
+
+    /// The link to the broker was lost (socket error, EOF, missed heartbeats, stalled write).
+    /// This is recoverable: a new connection may succeed.
+    #[error("connection lost: {0}")]
+    ConnectionLost(String),
+
+    /// The connection was closed by this application; nothing will recover it.
+    #[error("connection closed by the application")]
+    ConnectionClosed,
+
+    /// The channel was closed by this application.
+    #[error("channel {0} closed by the application")]
+    ChannelClosed(u16),
+
+    /// A blocking call did not finish before its deadline.
+    #[error("timed out waiting for {0}")]
+    Timeout(&'static str),
+
+    /// The broker cancelled the consumer (queue deleted, node failure, ...).
+    #[error("consumer {tag:?} cancelled: {reason}")]
+    ConsumerCancelled {
+        /// The consumer tag.
+        tag: String,
+        /// Why the consumer ended.
+        reason: String,
+    },
+
+    /// A delivery arrived that could not be decoded or was too large; it carries its
+    /// delivery tag so that it can be acked, rejected or dead-lettered. The consumer, the
+    /// channel and the connection carry on.
+    #[error("{0}")]
+    BadDelivery(Box<BadDelivery>),
+
+    /// A message was larger than the configured maximum message size.
+    #[error("message of {size} bytes exceeds the maximum message size of {max} bytes")]
+    MessageTooLarge {
+        /// The message size.
+        size: u64,
+        /// The configured maximum.
+        max: u64,
+    },
+
+    /// An argument the caller passed cannot be sent (string too long, table too deep, ...).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+
+    /// All channel ids allowed by `channel_max` are in use.
+    #[error("no free channel id (channel_max {0})")]
+    NoFreeChannel(u16),
+
+    /// The broker replied with something lepus did not expect for this call.
+    #[error("unexpected reply to {operation}: {got}")]
+    UnexpectedReply {
+        /// The call.
+        operation: &'static str,
+        /// What came back.
+        got: String,
+    },
+
+    /// The channel is not in confirm mode.
+    #[error("channel is not in confirm mode")]
+    NotInConfirmMode,
+}
+
+impl Error {
+    /// True when the link was lost (socket error, EOF, heartbeat timeout, broker forced
+    /// close): the kind of failure that automatic recovery handles.
+    pub fn is_connection_lost(&self) -> bool {
+        match self {
+            Error::ConnectionLost(_) => true,
+            Error::ServerClosedConnection { code, .. } => *code == reply_code::CONNECTION_FORCED,
+            _ => false,
+        }
+    }
+
+    /// The AMQP reply code, where the broker (or lepus, on a protocol violation) gave one.
+    pub fn reply_code(&self) -> Option<u16> {
+        match self {
+            Error::ServerClosedConnection { code, .. }
+            | Error::ServerClosedChannel { code, .. }
+            | Error::Protocol { code, .. }
+            | Error::VhostRefused { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    /// A copy of this error for another waiter of the same event. I/O errors keep their
+    /// kind and text.
+    pub(crate) fn duplicate(&self) -> Error {
+        match self {
+            Error::InvalidUri(s) => Error::InvalidUri(s.clone()),
+            Error::Io { stage, source } => Error::Io {
+                stage: *stage,
+                source: io::Error::new(source.kind(), source.to_string()),
+            },
+            Error::ConnectTimeout { stage, elapsed_ms } => Error::ConnectTimeout {
+                stage: *stage,
+                elapsed_ms: *elapsed_ms,
+            },
+            Error::NotAmqp(s) => Error::NotAmqp(s.clone()),
+            Error::AuthenticationFailed(s) => Error::AuthenticationFailed(s.clone()),
+            Error::VhostRefused { vhost, code, text } => Error::VhostRefused {
+                vhost: vhost.clone(),
+                code: *code,
+                text: text.clone(),
+            },
+            Error::ServerClosedConnection {
+                code,
+                text,
+                class_id,
+                method_id,
+            } => Error::ServerClosedConnection {
+                code: *code,
+                text: text.clone(),
+                class_id: *class_id,
+                method_id: *method_id,
+            },
+            Error::ServerClosedChannel {
+                channel,
+                code,
+                text,
+                class_id,
+                method_id,
+            } => Error::ServerClosedChannel {
+                channel: *channel,
+                code: *code,
+                text: text.clone(),
+                class_id: *class_id,
+                method_id: *method_id,
+            },
+            Error::Protocol { code, text } => Error::Protocol {
+                code: *code,
+                text: text.clone(),
+            },
+            Error::ConnectionLost(s) => Error::ConnectionLost(s.clone()),
+            Error::ConnectionClosed => Error::ConnectionClosed,
+            Error::ChannelClosed(c) => Error::ChannelClosed(*c),
+            Error::Timeout(s) => Error::Timeout(s),
+            Error::ConsumerCancelled { tag, reason } => Error::ConsumerCancelled {
+                tag: tag.clone(),
+                reason: reason.clone(),
+            },
+            Error::BadDelivery(b) => Error::BadDelivery(b.clone()),
+            Error::MessageTooLarge { size, max } => Error::MessageTooLarge {
+                size: *size,
+                max: *max,
+            },
+            Error::InvalidArgument(s) => Error::InvalidArgument(s.clone()),
+            Error::NoFreeChannel(n) => Error::NoFreeChannel(*n),
+            Error::UnexpectedReply { operation, got } => Error::UnexpectedReply {
+                operation,
+                got: got.clone(),
+            },
+            Error::NotInConfirmMode => Error::NotInConfirmMode,
+        }
+    }
+}
+
+/// Result alias used throughout lepus.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,821 @@
+//! The connection engine: what to do on a frame, on a command and on a timer. A plain
+//! state machine over an output buffer, driven by the reactor (or a test) without a socket.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use amq_protocol::protocol::{AMQPClass, basic, channel, connection};
+
+use super::{ChannelShared, Command, ConnShared, RETURNS_CAPACITY, Reply, ReplyTx};
+use crate::consumer::{
+    Acker, BadDelivery, BadDeliveryKind, ConsumerMsg, ConsumerSink, Delivery, Returned,
+};
+use crate::error::{Error, reply_code};
+use crate::protocol::content::{Assembler, Content, ContentMethod, ContentProblem};
+use crate::protocol::decode_server_method;
+use crate::protocol::frame::{
+    FRAME_BODY, FRAME_HEADER, FRAME_HEARTBEAT, FRAME_METHOD, FrameError, RawFrame, put_heartbeat,
+    put_method,
+};
+use crate::sync::{Arc, Ordering};
+
+/// Heartbeats are never sent more often than this.
+const MIN_HEARTBEAT_SEND: Duration = Duration::from_millis(500);
+
+struct Pending {
+    reply: ReplyTx,
+    consumer: Option<ConsumerSink>,
+}
+
+struct Slot {
+    shared: Arc<ChannelShared>,
+    pending: VecDeque<Pending>,
+    consumers: HashMap<String, ConsumerSink>,
+    assembler: Assembler,
+    closing: bool,
+    close_reply: Option<ReplyTx>,
+}
+
+enum State {
+    Open,
+    /// We sent `connection.close`; waiting for `close-ok` until the deadline.
+    Closing {
+        deadline: Instant,
+        outcome: Error,
+        reply: Option<ReplyTx>,
+    },
+    Done(Error),
+}
+
+/// A delivery that did not fit its consumer's queue: reading stops until it does.
+struct Stalled {
+    channel: u16,
+    tag: String,
+    msg: ConsumerMsg,
+}
+
+pub(crate) struct Engine {
+    pub(crate) conn: Arc<ConnShared>,
+    slots: Vec<Option<Box<Slot>>>,
+    /// Bytes waiting to be written.
+    pub(crate) out: Vec<u8>,
+    state: State,
+    stalled: Option<Stalled>,
+    heartbeat: Option<Duration>,
+    pub(crate) last_recv: Instant,
+    pub(crate) last_send: Instant,
+    max_depth: usize,
+    max_message_size: u64,
+}
+
+fn method_bytes(out: &mut Vec<u8>, channel: u16, m: AMQPClass) {
+    if let Err(e) = put_method(out, channel, m) {
+        // Only server-chosen strings over 255 bytes could fail here; nothing to send then.
+        log::error!("could not encode a reply method: {e}");
+    }
+}
+
+impl Engine {
+    pub(crate) fn new(conn: Arc<ConnShared>, now: Instant) -> Self {
+        let tuned = conn.tuned;
+        Engine {
+            slots: (0..=tuned.channel_max as usize).map(|_| None).collect(),
+            out: Vec::with_capacity(64 * 1024),
+            state: State::Open,
+            stalled: None,
+            heartbeat: (tuned.heartbeat > 0).then(|| Duration::from_secs(tuned.heartbeat.into())),
+            last_recv: now,
+            last_send: now,
+            max_depth: conn.opts.max_table_depth,
+            max_message_size: conn.opts.max_message_size,
+            conn,
+        }
+    }
+
+    /// The engine has finished; the reactor flushes and exits with this error.
+    pub(crate) fn outcome(&self) -> Option<&Error> {
+        match &self.state {
+            State::Done(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn is_open(&self) -> bool {
+        matches!(self.state, State::Open)
+    }
+
+    /// True while a delivery waits for room in its consumer's queue.
+    pub(crate) fn is_stalled(&self) -> bool {
+        self.stalled.is_some()
+    }
+
+    // ---------------- failure and close ----------------
+
+    /// End everything now with `err`: every waiter wakes with it.
+    pub(crate) fn fail(&mut self, err: Error) {
+        if matches!(self.state, State::Done(_)) {
+            return;
+        }
+        log::debug!("connection ending: {err}");
+        self.conn.set_failure(err.duplicate());
+        self.drop_slots();
+        if let State::Closing {
+            reply: Some(reply), ..
+        } = std::mem::replace(&mut self.state, State::Open)
+        {
+            let _ = reply.send(Err(err.duplicate()));
+        }
+        self.state = State::Done(err);
+    }
+
+    fn drop_slots(&mut self) {
+        let err = self.conn.error();
+        self.stalled = None;
+        for slot in self.slots.iter_mut().filter_map(Option::take) {
+            slot.shared.confirms.fail(err.duplicate());
+            // Dropping pending replies and consumer senders wakes their waiters, which
+            // then read the recorded reason.
+        }
+    }
+
+    /// The peer broke the protocol: tell waiters, send `connection.close` with the code,
+    /// and wait (bounded) for `close-ok`.
+    pub(crate) fn violation(&mut self, e: FrameError, now: Instant) {
+        if !self.is_open() {
+            // Already closing: don't negotiate further with a broken peer.
+            let err = Error::Protocol {
+                code: e.code,
+                text: e.text,
+            };
+            self.fail(err);
+            return;
+        }
+        log::error!("protocol violation by the broker ({}): {}", e.code, e.text);
+        let err = Error::Protocol {
+            code: e.code,
+            text: e.text.clone(),
+        };
+        self.conn.set_failure(err.duplicate());
+        self.drop_slots();
+        let mut text = e.text;
+        text.truncate(200);
+        method_bytes(
+            &mut self.out,
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::Close(connection::Close {
+                reply_code: e.code,
+                reply_text: text.into(),
+                class_id: 0,
+                method_id: 0,
+            })),
+        );
+        self.state = State::Closing {
+            deadline: now + self.conn.opts.close_timeout,
+            outcome: err,
+            reply: None,
+        };
+    }
+
+    // ---------------- commands ----------------
+
+    pub(crate) fn on_command(&mut self, cmd: Command, now: Instant) {
+        if !self.is_open() {
+            // Replies are dropped: their waiters read the connection's reason.
+            if let Command::Close { reply, .. } = cmd {
+                let _ = reply.send(Ok(Reply::Method(AMQPClass::Connection(
+                    connection::AMQPMethod::CloseOk(connection::CloseOk {}),
+                ))));
+            }
+            return;
+        }
+        match cmd {
+            Command::Send(bytes) => {
+                let ch = bytes
+                    .get(1..3)
+                    .map(|b| u16::from_be_bytes([b[0], b[1]]))
+                    .unwrap_or(0);
+                // Frames for a channel that is closing or closed would make the broker
+                // close the whole connection (504); they are dropped and their sender
+                // has been told the channel is closed.
+                if self.open_slot(ch).is_some() {
+                    self.out.extend_from_slice(&bytes);
+                }
+            }
+            Command::Rpc {
+                channel,
+                bytes,
+                reply,
+                consumer,
+            } => {
+                if let Some(slot) = self.open_slot(channel) {
+                    slot.pending.push_back(Pending { reply, consumer });
+                    self.out.extend_from_slice(&bytes);
+                }
+            }
+            Command::OpenChannel {
+                shared,
+                bytes,
+                reply,
+            } => {
+                let id = shared.id as usize;
+                if id == 0 || id >= self.slots.len() || self.slots[id].is_some() {
+                    let _ = reply.send(Err(Error::InvalidArgument(format!(
+                        "channel id {id} is not free"
+                    ))));
+                    return;
+                }
+                let mut slot = Box::new(Slot {
+                    shared,
+                    pending: VecDeque::new(),
+                    consumers: HashMap::new(),
+                    assembler: Assembler::default(),
+                    closing: false,
+                    close_reply: None,
+                });
+                slot.pending.push_back(Pending {
+                    reply,
+                    consumer: None,
+                });
+                self.slots[id] = Some(slot);
+                self.out.extend_from_slice(&bytes);
+            }
+            Command::CloseChannel {
+                channel,
+                bytes,
+                reply,
+            } => match self.open_slot(channel) {
+                Some(slot) => {
+                    slot.closing = true;
+                    slot.close_reply = reply;
+                    self.out.extend_from_slice(&bytes);
+                }
+                None => {
+                    if let Some(r) = reply {
+                        let _ = r.send(Ok(Reply::Method(AMQPClass::Channel(
+                            channel::AMQPMethod::CloseOk(channel::CloseOk {}),
+                        ))));
+                    }
+                }
+            },
+            Command::Close { bytes, reply } => {
+                self.conn.set_failure(Error::ConnectionClosed);
+                self.drop_slots();
+                self.out.extend_from_slice(&bytes);
+                self.state = State::Closing {
+                    deadline: now + self.conn.opts.close_timeout,
+                    outcome: Error::ConnectionClosed,
+                    reply: Some(reply),
+                };
+            }
+        }
+    }
+
+    fn open_slot(&mut self, ch: u16) -> Option<&mut Slot> {
+        self.slots
+            .get_mut(ch as usize)
+            .and_then(|s| s.as_deref_mut())
+            .filter(|s| !s.closing)
+    }
+
+    // ---------------- timers ----------------
+
+    /// Send heartbeats, detect a silent peer, end a close that got no answer. Returns
+    /// when to call again.
+    pub(crate) fn on_timer(&mut self, now: Instant) -> Instant {
+        let mut next = now + Duration::from_secs(1);
+        if let State::Closing { deadline, .. } = &self.state {
+            if now >= *deadline {
+                let outcome = match std::mem::replace(&mut self.state, State::Open) {
+                    State::Closing { outcome, reply, .. } => {
+                        if let Some(r) = reply {
+                            let _ = r.send(Err(Error::Timeout("connection.close-ok")));
+                        }
+                        outcome
+                    }
+                    _ => unreachable!("matched above"),
+                };
+                self.state = State::Done(outcome);
+                return now;
+            }
+            next = next.min(*deadline);
+        }
+        if let Some(hb) = self.heartbeat {
+            let send_every = (hb / 2).max(MIN_HEARTBEAT_SEND);
+            if now >= self.last_send + send_every && self.out.is_empty() {
+                put_heartbeat(&mut self.out);
+                // Counted as sent when written; avoid queueing a second one meanwhile.
+                self.last_send = now;
+            }
+            next = next.min(self.last_send + send_every);
+            if self.stalled.is_some() {
+                // We stopped reading on purpose; silence tells nothing now.
+                self.last_recv = now;
+            } else if now >= self.last_recv + hb * 2 {
+                self.fail(Error::ConnectionLost(format!(
+                    "no data from the broker for {:?} (two heartbeat intervals)",
+                    now - self.last_recv
+                )));
+                return now;
+            }
+            next = next.min(self.last_recv + hb * 2);
+        }
+        if self.stalled.is_some() {
+            // Safety net for a wake-up lost between the consumer and us.
+            next = next.min(now + Duration::from_millis(20));
+        }
+        next
+    }
+
+    // ---------------- inbound frames ----------------
+
+    /// Handle one decoded frame.
+    pub(crate) fn on_frame(&mut self, f: RawFrame<'_>, now: Instant) {
+        let r = match f.kind {
+            FRAME_HEARTBEAT => Ok(()),
+            FRAME_METHOD => match decode_server_method(f.payload, self.max_depth) {
+                Ok(m) => self.on_method(f.channel, m, now),
+                Err(e) => Err(e),
+            },
+            FRAME_HEADER | FRAME_BODY => self.on_content_frame(f),
+            _ => Err(FrameError::new(
+                reply_code::FRAME_ERROR,
+                "unknown frame type",
+            )),
+        };
+        if let Err(e) = r {
+            self.violation(e, now);
+        }
+    }
+
+    fn on_content_frame(&mut self, f: RawFrame<'_>) -> Result<(), FrameError> {
+        if !self.is_open() {
+            return Ok(());
+        }
+        let (max_size, max_depth) = (self.max_message_size, self.max_depth);
+        let slot = match self
+            .slots
+            .get_mut(f.channel as usize)
+            .and_then(|s| s.as_deref_mut())
+        {
+            Some(s) if s.closing => return Ok(()),
+            Some(s) => s,
+            None => {
+                return Err(FrameError::new(
+                    reply_code::CHANNEL_ERROR,
+                    format!("content frame on channel {} which is not open", f.channel),
+                ));
+            }
+        };
+        let done = if f.kind == FRAME_HEADER {
+            slot.assembler.header(f.payload, max_size, max_depth)?
+        } else {
+            slot.assembler.body(f.payload)?
+        };
+        if let Some(content) = done {
+            self.on_content(f.channel, content);
+        }
+        Ok(())
+    }
+
+    fn on_method(&mut self, ch: u16, m: AMQPClass, now: Instant) -> Result<(), FrameError> {
+        if ch == 0 {
+            return self.on_connection_method(m, now);
+        }
+        if !self.is_open() {
+            return Ok(());
+        }
+        let slot = match self
+            .slots
+            .get_mut(ch as usize)
+            .and_then(|s| s.as_deref_mut())
+        {
+            Some(s) => s,
+            None => {
+                return Err(FrameError::new(
+                    reply_code::CHANNEL_ERROR,
+                    format!("method on channel {ch} which is not open"),
+                ));
+            }
+        };
+        if !slot.assembler.is_idle() {
+            return Err(FrameError::new(
+                reply_code::UNEXPECTED_FRAME,
+                format!("method frame on channel {ch} in the middle of a content"),
+            ));
+        }
+        if slot.closing {
+            match m {
+                AMQPClass::Channel(channel::AMQPMethod::CloseOk(_)) => {
+                    self.finish_channel(ch, Error::ChannelClosed(ch));
+                }
+                AMQPClass::Channel(channel::AMQPMethod::Close(c)) => {
+                    method_bytes(
+                        &mut self.out,
+                        ch,
+                        AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})),
+                    );
+                    self.finish_channel(ch, server_channel_error(ch, &c));
+                }
+                _ => {} // the channel is going away; the broker discards too
+            }
+            return Ok(());
+        }
+        use basic::AMQPMethod as B;
+        match m {
+            AMQPClass::Basic(B::Deliver(d)) => slot.assembler.start(ContentMethod::Deliver {
+                consumer_tag: d.consumer_tag.to_string(),
+                delivery_tag: d.delivery_tag,
+                redelivered: d.redelivered,
+                exchange: d.exchange.to_string(),
+                routing_key: d.routing_key.to_string(),
+            }),
+            AMQPClass::Basic(B::GetOk(g)) => slot.assembler.start(ContentMethod::GetOk {
+                delivery_tag: g.delivery_tag,
+                redelivered: g.redelivered,
+                exchange: g.exchange.to_string(),
+                routing_key: g.routing_key.to_string(),
+                message_count: g.message_count,
+            }),
+            AMQPClass::Basic(B::Return(r)) => slot.assembler.start(ContentMethod::Return {
+                reply_code: r.reply_code,
+                reply_text: r.reply_text.to_string(),
+                exchange: r.exchange.to_string(),
+                routing_key: r.routing_key.to_string(),
+            }),
+            AMQPClass::Basic(B::Ack(a)) => {
+                slot.shared
+                    .confirms
+                    .resolve(a.delivery_tag, a.multiple, true);
+                Ok(())
+            }
+            AMQPClass::Basic(B::Nack(n)) => {
+                slot.shared
+                    .confirms
+                    .resolve(n.delivery_tag, n.multiple, false);
+                Ok(())
+            }
+            AMQPClass::Basic(B::Cancel(c)) => {
+                let tag = c.consumer_tag.to_string();
+                if let Some(sink) = slot.consumers.remove(&tag) {
+                    log::info!("broker cancelled consumer {tag:?} on channel {ch}");
+                    let _ = sink.push(ConsumerMsg::End(Error::ConsumerCancelled {
+                        tag: tag.clone(),
+                        reason: "the broker cancelled the consumer (queue deleted or unavailable)"
+                            .into(),
+                    }));
+                }
+                if !c.nowait {
+                    method_bytes(
+                        &mut self.out,
+                        ch,
+                        AMQPClass::Basic(B::CancelOk(basic::CancelOk {
+                            consumer_tag: tag.into(),
+                        })),
+                    );
+                }
+                Ok(())
+            }
+            AMQPClass::Channel(channel::AMQPMethod::Close(c)) => {
+                let err = server_channel_error(ch, &c);
+                log::warn!("{err}");
+                method_bytes(
+                    &mut self.out,
+                    ch,
+                    AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})),
+                );
+                self.finish_channel(ch, err);
+                Ok(())
+            }
+            AMQPClass::Channel(channel::AMQPMethod::Flow(f)) => {
+                log::info!("broker set flow active={} on channel {ch}", f.active);
+                method_bytes(
+                    &mut self.out,
+                    ch,
+                    AMQPClass::Channel(channel::AMQPMethod::FlowOk(channel::FlowOk {
+                        active: f.active,
+                    })),
+                );
+                Ok(())
+            }
+            AMQPClass::Channel(channel::AMQPMethod::CloseOk(_)) => Err(FrameError::new(
+                reply_code::UNEXPECTED_FRAME,
+                format!("channel.close-ok on channel {ch} which was not closing"),
+            )),
+            AMQPClass::Connection(_) => Err(FrameError::new(
+                reply_code::COMMAND_INVALID,
+                format!("connection method on channel {ch}"),
+            )),
+            reply => {
+                let Some(p) = slot.pending.pop_front() else {
+                    return Err(FrameError::new(
+                        reply_code::UNEXPECTED_FRAME,
+                        format!("reply {reply:?} on channel {ch} without a request"),
+                    ));
+                };
+                if let AMQPClass::Basic(B::ConsumeOk(ok)) = &reply {
+                    if let Some(sink) = p.consumer {
+                        slot.consumers.insert(ok.consumer_tag.to_string(), sink);
+                    }
+                }
+                if let AMQPClass::Basic(B::CancelOk(ok)) = &reply {
+                    let tag = ok.consumer_tag.to_string();
+                    if let Some(sink) = slot.consumers.remove(&tag) {
+                        let _ = sink.push(ConsumerMsg::End(Error::ConsumerCancelled {
+                            tag,
+                            reason: "cancelled by the application".into(),
+                        }));
+                    }
+                }
+                let reply = if let AMQPClass::Basic(B::GetEmpty(_)) = reply {
+                    Reply::Get(None)
+                } else {
+                    Reply::Method(reply)
+                };
+                // The waiter may have timed out and left: nothing to do then.
+                let _ = p.reply.send(Ok(reply));
+                Ok(())
+            }
+        }
+    }
+
+    /// Remove a channel for good: wake its waiters with `reason`, free its id.
+    fn finish_channel(&mut self, ch: u16, reason: Error) {
+        if let Some(slot) = self.slots.get_mut(ch as usize).and_then(Option::take) {
+            slot.shared.set_closed(reason);
+            if let Some(r) = slot.close_reply {
+                let _ = r.send(Ok(Reply::Method(AMQPClass::Channel(
+                    channel::AMQPMethod::CloseOk(channel::CloseOk {}),
+                ))));
+            }
+            if self.stalled.as_ref().is_some_and(|s| s.channel == ch) {
+                self.stalled = None;
+            }
+            self.conn.ids.lock().free(ch);
+        }
+    }
+
+    fn on_connection_method(&mut self, m: AMQPClass, _now: Instant) -> Result<(), FrameError> {
+        use connection::AMQPMethod as C;
+        match m {
+            AMQPClass::Connection(C::Close(c)) => {
+                let err = Error::ServerClosedConnection {
+                    code: c.reply_code,
+                    text: c.reply_text.to_string(),
+                    class_id: c.class_id,
+                    method_id: c.method_id,
+                };
+                log::warn!("{err}");
+                method_bytes(
+                    &mut self.out,
+                    0,
+                    AMQPClass::Connection(C::CloseOk(connection::CloseOk {})),
+                );
+                let err = match std::mem::replace(&mut self.state, State::Open) {
+                    State::Closing { outcome, reply, .. } => {
+                        if let Some(r) = reply {
+                            let _ = r.send(Ok(Reply::Method(AMQPClass::Connection(C::CloseOk(
+                                connection::CloseOk {},
+                            )))));
+                        }
+                        outcome
+                    }
+                    _ => err,
+                };
+                self.fail(err);
+                Ok(())
+            }
+            AMQPClass::Connection(C::CloseOk(_)) => {
+                match std::mem::replace(&mut self.state, State::Open) {
+                    State::Closing { outcome, reply, .. } => {
+                        if let Some(r) = reply {
+                            let _ = r.send(Ok(Reply::Method(AMQPClass::Connection(C::CloseOk(
+                                connection::CloseOk {},
+                            )))));
+                        }
+                        log::debug!("connection closed");
+                        self.state = State::Done(outcome);
+                        Ok(())
+                    }
+                    other => {
+                        self.state = other;
+                        Err(FrameError::new(
+                            reply_code::UNEXPECTED_FRAME,
+                            "connection.close-ok without a close",
+                        ))
+                    }
+                }
+            }
+            AMQPClass::Connection(C::Blocked(b)) => {
+                log::warn!("broker blocked the connection: {}", b.reason);
+                self.conn.set_blocked(Some(b.reason.to_string()));
+                Ok(())
+            }
+            AMQPClass::Connection(C::Unblocked(_)) => {
+                log::info!("broker unblocked the connection");
+                self.conn.set_blocked(None);
+                Ok(())
+            }
+            AMQPClass::Connection(C::UpdateSecretOk(_)) => Ok(()),
+            _ if !self.is_open() => Ok(()),
+            other => Err(FrameError::new(
+                reply_code::COMMAND_INVALID,
+                format!("unexpected method on channel 0 after the handshake: {other:?}"),
+            )),
+        }
+    }
+
+    // ---------------- content dispatch ----------------
+
+    fn on_content(&mut self, ch: u16, c: Content) {
+        let Some(slot) = self
+            .slots
+            .get_mut(ch as usize)
+            .and_then(|s| s.as_deref_mut())
+        else {
+            return;
+        };
+        let problem = |p: ContentProblem| match p {
+            ContentProblem::Undecodable(s) => BadDeliveryKind::Undecodable(s),
+            ContentProblem::TooLarge { size, max } => BadDeliveryKind::TooLarge { size, max },
+        };
+        match c.method {
+            ContentMethod::Deliver {
+                consumer_tag,
+                delivery_tag,
+                redelivered,
+                exchange,
+                routing_key,
+            } => {
+                let acker = Acker {
+                    channel: slot.shared.clone(),
+                    delivery_tag,
+                };
+                let msg = match c.properties {
+                    Ok(properties) => ConsumerMsg::Delivery(Delivery {
+                        body: c.body,
+                        properties,
+                        exchange,
+                        routing_key,
+                        redelivered,
+                        message_count: None,
+                        acker,
+                    }),
+                    Err(p) => {
+                        let bad = BadDelivery {
+                            kind: problem(p),
+                            body: c.body,
+                            exchange,
+                            routing_key,
+                            redelivered,
+                            acker,
+                        };
+                        log::warn!("{bad}");
+                        ConsumerMsg::Bad(Box::new(bad))
+                    }
+                };
+                self.deliver(ch, consumer_tag, msg);
+            }
+            ContentMethod::GetOk {
+                delivery_tag,
+                redelivered,
+                exchange,
+                routing_key,
+                message_count,
+            } => {
+                let Some(p) = slot.pending.pop_front() else {
+                    self.violation(
+                        FrameError::new(reply_code::UNEXPECTED_FRAME, "basic.get-ok without a get"),
+                        Instant::now(),
+                    );
+                    return;
+                };
+                let _ = p.reply.send(Ok(Reply::Get(Some(Content {
+                    method: ContentMethod::GetOk {
+                        delivery_tag,
+                        redelivered,
+                        exchange,
+                        routing_key,
+                        message_count,
+                    },
+                    properties: c.properties,
+                    body: c.body,
+                }))));
+            }
+            ContentMethod::Return {
+                reply_code,
+                reply_text,
+                exchange,
+                routing_key,
+            } => {
+                let shared = &slot.shared;
+                if shared.returns_rx.len() >= RETURNS_CAPACITY {
+                    let n = shared.returns_dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                    log::error!(
+                        "channel {ch}: returned message to {exchange:?}/{routing_key:?} dropped: \
+                         {RETURNS_CAPACITY} returns are queued unread ({n} dropped so far)"
+                    );
+                    return;
+                }
+                let _ = shared.returns_tx.send(Returned {
+                    reply_code,
+                    reply_text,
+                    exchange,
+                    routing_key,
+                    properties: c.properties.map_err(problem),
+                    body: c.body,
+                });
+            }
+        }
+    }
+
+    fn deliver(&mut self, ch: u16, tag: String, msg: ConsumerMsg) {
+        let Some(slot) = self
+            .slots
+            .get_mut(ch as usize)
+            .and_then(|s| s.as_deref_mut())
+        else {
+            return;
+        };
+        let Some(sink) = slot.consumers.get(&tag) else {
+            // Whether it needs an ack is unknown (no_ack is per consumer), and a wrong
+            // reject would close the channel: report it loudly instead.
+            log::error!("delivery for unknown consumer {tag:?} on channel {ch} discarded");
+            return;
+        };
+        if sink.is_full() {
+            sink.shared.io_waiting.store(true, Ordering::Release);
+            // Re-check: the consumer may have taken one before it could see the flag.
+            if sink.is_full() {
+                self.stalled = Some(Stalled {
+                    channel: ch,
+                    tag,
+                    msg,
+                });
+                return;
+            }
+            sink.shared.io_waiting.store(false, Ordering::Release);
+        }
+        if let Err(msg) = sink.push(msg) {
+            if !sink.no_ack {
+                log::debug!("consumer {tag:?} on channel {ch} is gone; delivery requeued");
+                self.requeue(ch, &msg);
+            }
+        }
+    }
+
+    /// Try again to hand over a stalled delivery. True when reading may resume.
+    pub(crate) fn retry_stalled(&mut self) -> bool {
+        let Some(s) = self.stalled.take() else {
+            return true;
+        };
+        let full = self
+            .slots
+            .get(s.channel as usize)
+            .and_then(|s| s.as_deref())
+            .and_then(|slot| slot.consumers.get(&s.tag))
+            .map(|sink| {
+                sink.shared.io_waiting.store(true, Ordering::Release);
+                let full = sink.is_full();
+                if !full {
+                    sink.shared.io_waiting.store(false, Ordering::Release);
+                }
+                full
+            });
+        match full {
+            Some(true) => {
+                self.stalled = Some(s);
+                false
+            }
+            _ => {
+                self.deliver(s.channel, s.tag, s.msg);
+                self.stalled.is_none()
+            }
+        }
+    }
+
+    fn requeue(&mut self, ch: u16, msg: &ConsumerMsg) {
+        let tag = match msg {
+            ConsumerMsg::Delivery(d) => d.acker.delivery_tag,
+            ConsumerMsg::Bad(b) => b.acker.delivery_tag,
+            ConsumerMsg::End(_) => return,
+        };
+        method_bytes(
+            &mut self.out,
+            ch,
+            AMQPClass::Basic(basic::AMQPMethod::Reject(basic::Reject {
+                delivery_tag: tag,
+                requeue: true,
+            })),
+        );
+    }
+}
+
+fn server_channel_error(ch: u16, c: &channel::Close) -> Error {
+    Error::ServerClosedChannel {
+        channel: ch,
+        code: c.reply_code,
+        text: c.reply_text.to_string(),
+        class_id: c.class_id,
+        method_id: c.method_id,
+    }
+}

@@ -1,0 +1,464 @@
+//! Opening a connection: TCP connect, then `ExpectStart → ExpectTune → ExpectOpenOk`,
+//! the whole of it within the connection timeout.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+use amq_protocol::auth::{Credentials, SASLMechanism};
+use amq_protocol::protocol::{AMQPClass, connection};
+use socket2::{SockRef, TcpKeepalive};
+
+use super::Tuned;
+use crate::error::{Error, HandshakeStage, Result, reply_code};
+use crate::protocol::decode_server_method;
+use crate::protocol::frame::{FRAME_HEARTBEAT, FRAME_METHOD, FrameDecoder, RawFrame, put_method};
+use crate::protocol::table::{FieldTable, table_from_amqp, table_to_amqp};
+use crate::uri::{AuthMechanism, ConnectionOptions};
+
+/// Largest frame_max lepus agrees to, whatever both sides propose: it bounds memory.
+pub(crate) const FRAME_MAX_CAP: u32 = 16 * 1024 * 1024;
+/// Frames accepted before tune (the spec's minimum is 4096; servers send less).
+const PRE_TUNE_FRAME_MAX: u32 = 64 * 1024;
+
+/// What the handshake waits for next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Expect {
+    Start,
+    Tune,
+    OpenOk,
+}
+
+impl Expect {
+    fn stage(self) -> HandshakeStage {
+        match self {
+            Expect::Start => HandshakeStage::Start,
+            Expect::Tune => HandshakeStage::Tune,
+            Expect::OpenOk => HandshakeStage::Open,
+        }
+    }
+}
+
+/// The handshake as a state machine over frames: feed it frames, send what it writes.
+pub(crate) struct Handshake<'a> {
+    opts: &'a ConnectionOptions,
+    pub(crate) expect: Expect,
+    tuned: Option<Tuned>,
+    server_properties: FieldTable,
+}
+
+fn negotiate(client: u32, server: u32) -> u32 {
+    match (client, server) {
+        (0, s) => s,
+        (c, 0) => c,
+        (c, s) => c.min(s),
+    }
+}
+
+pub(crate) fn client_properties(opts: &ConnectionOptions) -> FieldTable {
+    let caps = FieldTable::new()
+        .with("publisher_confirms", true)
+        .with("consumer_cancel_notify", true)
+        .with("exchange_exchange_bindings", true)
+        .with("basic.nack", true)
+        .with("connection.blocked", true)
+        .with("authentication_failure_close", true);
+    let mut t = FieldTable::new()
+        .with("product", "lepus")
+        .with("version", env!("CARGO_PKG_VERSION"))
+        .with("platform", "Rust")
+        .with("information", "https://crates.io/crates/lepus")
+        .with("capabilities", caps);
+    if let Some(name) = &opts.connection_name {
+        t.insert("connection_name", name.as_str());
+    }
+    for (k, v) in opts.client_properties.iter() {
+        t.insert(k, v.clone());
+    }
+    t
+}
+
+impl<'a> Handshake<'a> {
+    pub(crate) fn new(opts: &'a ConnectionOptions) -> Self {
+        Handshake {
+            opts,
+            expect: Expect::Start,
+            tuned: None,
+            server_properties: FieldTable::new(),
+        }
+    }
+
+    /// The error for a peer that closed the socket at this point.
+    pub(crate) fn on_eof(&self) -> Error {
+        match self.expect {
+            Expect::Start => Error::NotAmqp(
+                "the peer closed the connection before sending connection.start".into(),
+            ),
+            Expect::Tune => Error::AuthenticationFailed(
+                "the broker closed the connection after start-ok (credentials refused)".into(),
+            ),
+            Expect::OpenOk => Error::VhostRefused {
+                vhost: self.opts.vhost.clone(),
+                code: 0,
+                text: "the broker closed the connection after connection.open".into(),
+            },
+        }
+    }
+
+    /// Handle one frame; appends what to send to `out`. `Ok(Some(..))` when open.
+    pub(crate) fn on_frame(
+        &mut self,
+        f: RawFrame<'_>,
+        out: &mut Vec<u8>,
+    ) -> Result<Option<(Tuned, FieldTable)>> {
+        if f.kind == FRAME_HEARTBEAT {
+            return Ok(None);
+        }
+        if f.kind != FRAME_METHOD || f.channel != 0 {
+            return Err(Error::Protocol {
+                code: reply_code::UNEXPECTED_FRAME,
+                text: format!(
+                    "frame of type {} on channel {} during the handshake ({})",
+                    f.kind,
+                    f.channel,
+                    self.expect.stage()
+                ),
+            });
+        }
+        let m = decode_server_method(f.payload, self.opts.max_table_depth).map_err(|e| {
+            if self.expect == Expect::Start {
+                Error::NotAmqp(format!("connection.start could not be decoded: {}", e.text))
+            } else {
+                Error::Protocol {
+                    code: e.code,
+                    text: e.text,
+                }
+            }
+        })?;
+        use connection::AMQPMethod as C;
+        match (self.expect, m) {
+            (stage, AMQPClass::Connection(C::Close(c))) => {
+                let text = c.reply_text.to_string();
+                let _ = put_method(
+                    out,
+                    0,
+                    AMQPClass::Connection(C::CloseOk(connection::CloseOk {})),
+                );
+                Err(match stage {
+                    Expect::Tune if c.reply_code == reply_code::ACCESS_REFUSED => {
+                        Error::AuthenticationFailed(text)
+                    }
+                    Expect::OpenOk
+                        if matches!(
+                            c.reply_code,
+                            reply_code::NOT_ALLOWED
+                                | reply_code::ACCESS_REFUSED
+                                | reply_code::INVALID_PATH
+                        ) =>
+                    {
+                        Error::VhostRefused {
+                            vhost: self.opts.vhost.clone(),
+                            code: c.reply_code,
+                            text,
+                        }
+                    }
+                    _ => Error::ServerClosedConnection {
+                        code: c.reply_code,
+                        text,
+                        class_id: c.class_id,
+                        method_id: c.method_id,
+                    },
+                })
+            }
+            (Expect::Start, AMQPClass::Connection(C::Start(s))) => {
+                if (s.version_major, s.version_minor) != (0, 9) {
+                    return Err(Error::NotAmqp(format!(
+                        "server speaks AMQP {}-{}, not 0-9",
+                        s.version_major, s.version_minor
+                    )));
+                }
+                self.server_properties = table_from_amqp(s.server_properties);
+                let offered = String::from_utf8_lossy(s.mechanisms.as_bytes()).to_string();
+                let mech = self.opts.auth.name();
+                if !offered.split_whitespace().any(|m| m == mech) {
+                    return Err(Error::AuthenticationFailed(format!(
+                        "the broker does not offer {mech}; it offers {offered:?}"
+                    )));
+                }
+                let creds = Credentials::new(
+                    self.opts.username.clone().into(),
+                    self.opts.password.clone().into(),
+                );
+                let response = creds.sasl_auth_string(match self.opts.auth {
+                    AuthMechanism::Plain => SASLMechanism::Plain,
+                    AuthMechanism::AmqPlain => SASLMechanism::AMQPlain,
+                });
+                put_method(
+                    out,
+                    0,
+                    AMQPClass::Connection(C::StartOk(connection::StartOk {
+                        client_properties: table_to_amqp(&client_properties(self.opts)),
+                        mechanism: mech.into(),
+                        response,
+                        locale: "en_US".into(),
+                    })),
+                )
+                .map_err(Error::InvalidArgument)?;
+                self.expect = Expect::Tune;
+                Ok(None)
+            }
+            (Expect::Tune, AMQPClass::Connection(C::Secure(_))) => {
+                Err(Error::AuthenticationFailed(
+                    "the broker sent a SASL challenge, which PLAIN and AMQPLAIN do not use".into(),
+                ))
+            }
+            (Expect::Tune, AMQPClass::Connection(C::Tune(t))) => {
+                let mut channel_max =
+                    negotiate(self.opts.channel_max.into(), t.channel_max.into()) as u16;
+                if channel_max == 0 {
+                    channel_max = u16::MAX;
+                }
+                let mut frame_max = negotiate(self.opts.frame_max, t.frame_max);
+                if frame_max == 0 {
+                    frame_max = 131_072;
+                }
+                let frame_max = frame_max.clamp(4096, FRAME_MAX_CAP);
+                // 0 from us means we want no heartbeats; 0 from the broker means it has
+                // no preference.
+                let heartbeat = match (self.opts.heartbeat, t.heartbeat) {
+                    (0, _) => 0,
+                    (c, 0) => c,
+                    (c, s) => c.min(s),
+                };
+                let tuned = Tuned {
+                    channel_max,
+                    frame_max,
+                    heartbeat,
+                };
+                put_method(
+                    out,
+                    0,
+                    AMQPClass::Connection(C::TuneOk(connection::TuneOk {
+                        channel_max,
+                        frame_max,
+                        heartbeat,
+                    })),
+                )
+                .map_err(Error::InvalidArgument)?;
+                put_method(
+                    out,
+                    0,
+                    AMQPClass::Connection(C::Open(connection::Open {
+                        virtual_host: self.opts.vhost.clone().into(),
+                    })),
+                )
+                .map_err(Error::InvalidArgument)?;
+                self.tuned = Some(tuned);
+                self.expect = Expect::OpenOk;
+                Ok(None)
+            }
+            (Expect::OpenOk, AMQPClass::Connection(C::OpenOk(_))) => {
+                let tuned = self.tuned.expect("tuned before open");
+                Ok(Some((tuned, std::mem::take(&mut self.server_properties))))
+            }
+            (stage, other) => Err(Error::Protocol {
+                code: reply_code::COMMAND_INVALID,
+                text: format!("unexpected {other:?} while {}", stage.stage()),
+            }),
+        }
+    }
+}
+
+/// A connection that finished its handshake.
+pub(crate) struct Established {
+    pub(crate) stream: TcpStream,
+    pub(crate) decoder: FrameDecoder,
+    pub(crate) tuned: Tuned,
+    pub(crate) server_properties: FieldTable,
+}
+
+fn remaining(deadline: Instant, stage: HandshakeStage, start: Instant) -> Result<Duration> {
+    let now = Instant::now();
+    if now >= deadline {
+        return Err(Error::ConnectTimeout {
+            stage,
+            elapsed_ms: (now - start).as_millis() as u64,
+        });
+    }
+    Ok(deadline - now)
+}
+
+fn tcp_connect(opts: &ConnectionOptions, start: Instant, deadline: Instant) -> Result<TcpStream> {
+    let io_err = |source| Error::Io {
+        stage: HandshakeStage::Connect,
+        source,
+    };
+    let addrs: Vec<_> = (opts.host.as_str(), opts.port)
+        .to_socket_addrs()
+        .map_err(io_err)?
+        .collect();
+    let mut last = None;
+    for addr in addrs {
+        let left = remaining(deadline, HandshakeStage::Connect, start)?;
+        match TcpStream::connect_timeout(&addr, left) {
+            Ok(s) => return Ok(s),
+            Err(e) if e.kind() == ErrorKind::TimedOut => {
+                last = Some(Error::ConnectTimeout {
+                    stage: HandshakeStage::Connect,
+                    elapsed_ms: start.elapsed().as_millis() as u64,
+                })
+            }
+            Err(e) => last = Some(io_err(e)),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        io_err(std::io::Error::new(
+            ErrorKind::NotFound,
+            format!("{}:{} resolved to no address", opts.host, opts.port),
+        ))
+    }))
+}
+
+/// Socket options for the life of the connection.
+pub(crate) fn tune_socket(stream: &TcpStream, heartbeat: u16) -> std::io::Result<()> {
+    stream.set_nodelay(true)?;
+    let s = SockRef::from(stream);
+    s.set_tcp_keepalive(
+        &TcpKeepalive::new()
+            .with_time(Duration::from_secs(30))
+            .with_interval(Duration::from_secs(10)),
+    )?;
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        // Unacknowledged data older than this kills the socket: a stalled write is a dead
+        // link. Two heartbeat intervals, or 30 s without heartbeats.
+        let t = if heartbeat > 0 {
+            Duration::from_secs(u64::from(heartbeat) * 2)
+        } else {
+            Duration::from_secs(30)
+        };
+        s.set_tcp_user_timeout(Some(t))?;
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let _ = heartbeat;
+    Ok(())
+}
+
+fn describe_garbage(bytes: &[u8]) -> String {
+    let shown: String = bytes
+        .iter()
+        .take(24)
+        .map(|&b| {
+            if b.is_ascii_graphic() || b == b' ' {
+                (b as char).to_string()
+            } else {
+                format!("\\x{b:02x}")
+            }
+        })
+        .collect();
+    format!("the peer sent {shown:?}, which is not an AMQP frame")
+}
+
+/// Connect and run the handshake, all within `opts.connection_timeout`.
+pub(crate) fn connect(opts: &ConnectionOptions) -> Result<Established> {
+    let start = Instant::now();
+    let deadline = start + opts.connection_timeout;
+    let mut stream = tcp_connect(opts, start, deadline)?;
+    let io = |stage| move |source| Error::Io { stage, source };
+    stream
+        .set_nodelay(true)
+        .map_err(io(HandshakeStage::Connect))?;
+    stream
+        .write_all(b"AMQP\x00\x00\x09\x01")
+        .map_err(io(HandshakeStage::Start))?;
+    let mut hs = Handshake::new(opts);
+    let mut decoder = FrameDecoder::new(PRE_TUNE_FRAME_MAX);
+    let mut out = Vec::new();
+    loop {
+        // Whole frames first.
+        loop {
+            let frame = match decoder.next_frame() {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => {
+                    return Err(if hs.expect == Expect::Start {
+                        let pending = decoder.pending();
+                        if pending.starts_with(b"AMQP") && pending.len() >= 8 {
+                            Error::NotAmqp(format!(
+                                "the server refused AMQP 0-9-1 and offers protocol {}-{}-{}",
+                                pending[5], pending[6], pending[7]
+                            ))
+                        } else {
+                            Error::NotAmqp(describe_garbage(pending))
+                        }
+                    } else {
+                        Error::Protocol {
+                            code: e.code,
+                            text: e.text,
+                        }
+                    });
+                }
+            };
+            let done = hs.on_frame(frame, &mut out);
+            if !out.is_empty() {
+                let w = stream.write_all(&out);
+                out.clear();
+                if let (Ok(_), Err(e)) = (&done, w) {
+                    return Err(Error::Io {
+                        stage: hs.expect.stage(),
+                        source: e,
+                    });
+                }
+            }
+            if let Some((tuned, server_properties)) = done? {
+                decoder.set_frame_max(tuned.frame_max);
+                let _ = tune_socket(&stream, tuned.heartbeat)
+                    .map_err(|e| log::warn!("could not set socket options: {e}"));
+                return Ok(Established {
+                    stream,
+                    decoder,
+                    tuned,
+                    server_properties,
+                });
+            }
+        }
+        let left = remaining(deadline, hs.expect.stage(), start)?;
+        stream
+            .set_read_timeout(Some(left))
+            .map_err(io(hs.expect.stage()))?;
+        let buf = decoder.read_buf();
+        match stream.read(buf) {
+            Ok(0) => {
+                let pending = decoder.pending();
+                if hs.expect == Expect::Start && pending.starts_with(b"AMQP") && pending.len() >= 8
+                {
+                    return Err(Error::NotAmqp(format!(
+                        "the server refused AMQP 0-9-1 and offers protocol {}-{}-{}",
+                        pending[5], pending[6], pending[7]
+                    )));
+                }
+                if hs.expect == Expect::Start && !pending.is_empty() {
+                    return Err(Error::NotAmqp(describe_garbage(pending)));
+                }
+                return Err(hs.on_eof());
+            }
+            Ok(n) => decoder.filled(n),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return Err(Error::ConnectTimeout {
+                    stage: hs.expect.stage(),
+                    elapsed_ms: start.elapsed().as_millis() as u64,
+                });
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => {
+                return Err(match (hs.expect, e.kind()) {
+                    (Expect::Tune, ErrorKind::ConnectionReset) => hs.on_eof(),
+                    _ => Error::Io {
+                        stage: hs.expect.stage(),
+                        source: e,
+                    },
+                });
+            }
+        }
+    }
+}

@@ -1,0 +1,328 @@
+//! The I/O side: commands from handles, the state shared between handles and the I/O
+//! thread, the handshake, the engine (a socket-free state machine) and the reactor.
+
+pub(crate) mod engine;
+pub(crate) mod handshake;
+pub(crate) mod reactor;
+
+use std::time::Instant;
+
+use amq_protocol::protocol::AMQPClass;
+
+use crate::confirm::ConfirmTracker;
+use crate::consumer::{ConsumerSink, Returned};
+use crate::error::{Error, Result};
+use crate::protocol::content::Content;
+use crate::protocol::table::FieldTable;
+use crate::sync::queue::{self, Receiver, SendTimeoutError, Sender};
+use crate::sync::{Arc, AtomicBool, AtomicUsize, Condvar, Mutex, Ordering};
+use crate::uri::ConnectionOptions;
+
+/// What an RPC gets back.
+#[derive(Debug)]
+pub(crate) enum Reply {
+    Method(AMQPClass),
+    /// `basic.get-ok` with its content, or `None` for `get-empty`.
+    Get(Option<Content>),
+}
+
+pub(crate) type ReplyTx = Sender<Result<Reply>>;
+
+/// A unit of work for the I/O thread. Frames arrive pre-encoded.
+pub(crate) enum Command {
+    /// Frames of an open channel that need no reply (publish, ack, ...).
+    Send(Vec<u8>),
+    /// A synchronous method; the reply goes to `reply`. For `basic.consume`, `consumer`
+    /// is registered under the tag of the `consume-ok` before the reply is sent.
+    Rpc {
+        channel: u16,
+        bytes: Vec<u8>,
+        reply: ReplyTx,
+        consumer: Option<ConsumerSink>,
+    },
+    /// Register a channel and send its `channel.open`.
+    OpenChannel {
+        shared: Arc<ChannelShared>,
+        bytes: Vec<u8>,
+        reply: ReplyTx,
+    },
+    /// Send `channel.close`; the id is freed on `close-ok`.
+    CloseChannel {
+        channel: u16,
+        bytes: Vec<u8>,
+        reply: Option<ReplyTx>,
+    },
+    /// Close the connection.
+    Close { bytes: Vec<u8>, reply: ReplyTx },
+}
+
+/// Values agreed in `connection.tune`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Tuned {
+    pub channel_max: u16,
+    pub frame_max: u32,
+    pub heartbeat: u16,
+}
+
+/// Channel ids in use on one connection.
+#[derive(Debug)]
+pub(crate) struct IdAllocator {
+    used: Vec<bool>,
+    next: usize,
+}
+
+impl IdAllocator {
+    pub(crate) fn new(channel_max: u16) -> Self {
+        IdAllocator {
+            used: vec![false; channel_max as usize + 1],
+            next: 1,
+        }
+    }
+    pub(crate) fn allocate(&mut self) -> Option<u16> {
+        let n = self.used.len();
+        for i in 0..n.saturating_sub(1) {
+            let id = (self.next - 1 + i) % (n - 1) + 1;
+            if !self.used[id] {
+                self.used[id] = true;
+                self.next = id % (n - 1) + 1;
+                return Some(id as u16);
+            }
+        }
+        None
+    }
+    pub(crate) fn free(&mut self, id: u16) {
+        if let Some(u) = self.used.get_mut(id as usize) {
+            *u = false;
+        }
+    }
+}
+
+/// State shared by every handle of a connection and its I/O thread.
+pub(crate) struct ConnShared {
+    cmd_tx: Sender<Command>,
+    waker: mio::Waker,
+    wake_pending: AtomicBool,
+    failed: AtomicBool,
+    failure: Mutex<Option<Error>>,
+    blocked: Mutex<Option<String>>,
+    blocked_cv: Condvar,
+    is_blocked: AtomicBool,
+    pub(crate) ids: Mutex<IdAllocator>,
+    /// Disconnected when the I/O thread ends, waking every handle that selects on it.
+    pub(crate) dead: Receiver<()>,
+    pub(crate) tuned: Tuned,
+    pub(crate) opts: ConnectionOptions,
+    pub(crate) server_properties: FieldTable,
+}
+
+impl ConnShared {
+    pub(crate) fn new(
+        cmd_tx: Sender<Command>,
+        waker: mio::Waker,
+        dead: Receiver<()>,
+        tuned: Tuned,
+        opts: ConnectionOptions,
+        server_properties: FieldTable,
+    ) -> Self {
+        ConnShared {
+            cmd_tx,
+            waker,
+            wake_pending: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
+            failure: Mutex::new(None),
+            blocked: Mutex::new(None),
+            blocked_cv: Condvar::new(),
+            is_blocked: AtomicBool::new(false),
+            ids: Mutex::new(IdAllocator::new(tuned.channel_max)),
+            dead,
+            tuned,
+            opts,
+            server_properties,
+        }
+    }
+
+    /// Ask the I/O thread to look at its queue; one wake-up per batch of commands.
+    pub(crate) fn wake(&self) {
+        if !self.wake_pending.swap(true, Ordering::AcqRel) {
+            if let Err(e) = self.waker.wake() {
+                log::error!("waking the I/O thread failed: {e}");
+            }
+        }
+    }
+
+    /// Called by the I/O thread before it drains the command queue.
+    pub(crate) fn clear_wake(&self) {
+        self.wake_pending.store(false, Ordering::Release);
+    }
+
+    /// Queue a command for the I/O thread, waiting for room until `deadline`.
+    pub(crate) fn send(&self, cmd: Command, deadline: Instant, what: &'static str) -> Result<()> {
+        if self.failed.load(Ordering::Acquire) {
+            return Err(self.error());
+        }
+        match self.cmd_tx.send_deadline(cmd, deadline) {
+            Ok(()) => {
+                self.wake();
+                Ok(())
+            }
+            Err(SendTimeoutError::Timeout(_)) => Err(Error::Timeout(what)),
+            Err(SendTimeoutError::Disconnected(_)) => Err(self.error()),
+        }
+    }
+
+    pub(crate) fn is_failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
+    /// Why the connection ended (or a generic loss if the reason is not recorded yet).
+    pub(crate) fn error(&self) -> Error {
+        match &*self.failure.lock() {
+            Some(e) => e.duplicate(),
+            None => Error::ConnectionLost("the connection's I/O thread has ended".into()),
+        }
+    }
+
+    /// Record why the connection ended (first reason wins) and wake blocked publishers.
+    pub(crate) fn set_failure(&self, err: Error) {
+        {
+            let mut f = self.failure.lock();
+            if f.is_none() {
+                *f = Some(err);
+            }
+            self.failed.store(true, Ordering::Release);
+        }
+        let _b = self.blocked.lock();
+        self.blocked_cv.notify_all();
+    }
+
+    pub(crate) fn set_blocked(&self, reason: Option<String>) {
+        let mut b = self.blocked.lock();
+        self.is_blocked.store(reason.is_some(), Ordering::Release);
+        *b = reason;
+        self.blocked_cv.notify_all();
+    }
+
+    pub(crate) fn blocked_reason(&self) -> Option<String> {
+        self.blocked.lock().clone()
+    }
+
+    /// Wait while the broker says the connection is blocked.
+    pub(crate) fn wait_unblocked(&self, deadline: Instant) -> Result<()> {
+        if !self.is_blocked.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut b = self.blocked.lock();
+        while b.is_some() {
+            if self.is_failed() {
+                return Err(self.error());
+            }
+            if self.blocked_cv.wait_until(&mut b, deadline).timed_out() && b.is_some() {
+                return Err(Error::Timeout("the broker to unblock the connection"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Returned messages are kept up to this many per channel; more are logged and dropped.
+pub(crate) const RETURNS_CAPACITY: usize = 1024;
+
+/// State of one channel shared by its handles and the I/O thread.
+pub(crate) struct ChannelShared {
+    pub(crate) id: u16,
+    pub(crate) conn: Arc<ConnShared>,
+    closed: AtomicBool,
+    close_reason: Mutex<Option<Error>>,
+    pub(crate) confirms: ConfirmTracker,
+    pub(crate) returns_tx: Sender<Returned>,
+    pub(crate) returns_rx: Receiver<Returned>,
+    pub(crate) returns_dropped: AtomicUsize,
+    pub(crate) prefetch: AtomicUsize,
+}
+
+impl ChannelShared {
+    pub(crate) fn new(id: u16, conn: Arc<ConnShared>) -> Self {
+        let (returns_tx, returns_rx) = queue::unbounded();
+        ChannelShared {
+            id,
+            conn,
+            closed: AtomicBool::new(false),
+            close_reason: Mutex::new(None),
+            confirms: ConfirmTracker::new(),
+            returns_tx,
+            returns_rx,
+            returns_dropped: AtomicUsize::new(0),
+            prefetch: AtomicUsize::new(0),
+        }
+    }
+
+    /// Mark the channel closed for `reason` (first reason wins) and fail confirm waiters.
+    pub(crate) fn set_closed(&self, reason: Error) {
+        {
+            let mut r = self.close_reason.lock();
+            if r.is_none() {
+                *r = Some(reason);
+            }
+            self.closed.store(true, Ordering::Release);
+        }
+        self.confirms.fail(self.error());
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire) || self.conn.is_failed()
+    }
+
+    /// Why this channel cannot be used: its own close reason, else the connection's.
+    pub(crate) fn error(&self) -> Error {
+        if let Some(e) = &*self.close_reason.lock() {
+            return e.duplicate();
+        }
+        self.conn.error()
+    }
+
+    /// Wait for an RPC reply until `deadline`; wakes at once if the channel or the
+    /// connection ends.
+    pub(crate) fn wait_reply(
+        &self,
+        rx: &Receiver<Result<Reply>>,
+        deadline: Instant,
+        what: &'static str,
+    ) -> Result<Reply> {
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        queue::select! {
+            recv(rx) -> r => r.unwrap_or_else(|_| Err(self.error())),
+            recv(self.conn.dead) -> _ => rx.try_recv().unwrap_or_else(|_| Err(self.error())),
+            default(timeout) => Err(Error::Timeout(what)),
+        }
+    }
+
+    /// Queue frames of this channel that need no reply.
+    pub(crate) fn send(&self, bytes: Vec<u8>, deadline: Instant, what: &'static str) -> Result<()> {
+        if self.is_closed() {
+            return Err(self.error());
+        }
+        self.conn.send(Command::Send(bytes), deadline, what)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_reused_only_after_free_and_bounded_by_channel_max() {
+        let mut ids = IdAllocator::new(3);
+        assert_eq!(
+            (
+                ids.allocate(),
+                ids.allocate(),
+                ids.allocate(),
+                ids.allocate()
+            ),
+            (Some(1), Some(2), Some(3), None)
+        );
+        ids.free(2);
+        assert_eq!(ids.allocate(), Some(2));
+        assert_eq!(ids.allocate(), None);
+    }
+}

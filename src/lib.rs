@@ -1,0 +1,79 @@
+//! lepus: a synchronous, thread-safe AMQP 0-9-1 client for RabbitMQ.
+//!
+//! ```no_run
+//! use lepus::{BasicProperties, Connection, ConsumeOptions, PublishOptions, QueueDeclareOptions};
+//!
+//! let conn = Connection::open("amqp://guest:guest@127.0.0.1:5672/%2f")?;
+//! let ch = conn.open_channel()?;
+//! let q = ch.queue_declare("", &QueueDeclareOptions { exclusive: true, ..Default::default() })?;
+//! ch.basic_publish("", &q.name, b"hello", &BasicProperties::new(), PublishOptions::default())?;
+//! let consumer = ch.basic_consume(&q.name, &ConsumeOptions::default())?;
+//! let d = consumer.recv_timeout(std::time::Duration::from_secs(5))?;
+//! assert_eq!(d.body(), b"hello");
+//! d.ack()?;
+//! conn.close()?;
+//! # Ok::<(), lepus::Error>(())
+//! ```
+//!
+//! # Design
+//!
+//! Each [`Connection`] owns one I/O thread. It alone touches the socket: a `mio` poll over
+//! the non-blocking TCP stream and a waker. Handles encode their frames on the caller's
+//! thread and pass whole units (a publish is method + header + body frames) through a
+//! bounded queue; the I/O thread writes everything queued in as few writes as it can,
+//! decodes inbound frames, and hands them to per-channel queues: RPC replies to the
+//! waiting caller, deliveries to their consumer's bounded queue, confirms to the tracker.
+//!
+//! Everything the broker sends is checked before it is buffered or parsed: frame sizes
+//! against `frame_max`, message sizes against a maximum, field-table depth before the
+//! parser recurses. A delivery that cannot be decoded reaches its consumer as
+//! [`Error::BadDelivery`] with its delivery tag; any other violation closes the connection
+//! with the matching reply code and a clear error, never a panic.
+//!
+//! # Threads
+//!
+//! [`Connection`], [`Channel`], [`Consumer`], [`Delivery`] and [`Confirmation`] are `Send`
+//! and `Sync` (`Consumer` is `Sync` so several threads may receive from one). Give each
+//! thread its own channel; calls on one channel are serialised. Every blocking call has a
+//! deadline: the connection's operation timeout by default, or [`Channel::with_timeout`].
+//!
+//! When the connection dies (socket error, EOF, two missed heartbeats, stalled writes, or
+//! the broker closing it) every thread blocked on it wakes at once with the same error:
+//! [`Error::ConnectionLost`] (or [`Error::ServerClosedConnection`]) for a failure, which
+//! [`Error::is_connection_lost`] tells apart from [`Error::ConnectionClosed`] after an
+//! intentional [`Connection::close`].
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod channel;
+mod confirm;
+mod connection;
+mod consumer;
+mod error;
+mod io;
+mod protocol;
+mod sync;
+mod uri;
+
+// The public interface is:
+pub use channel::{
+    Channel, ConsumeOptions, ExchangeDeclareOptions, PublishOptions, QueueDeclareOptions,
+    QueueDeleteOptions, QueueInfo,
+};
+pub use confirm::{Confirm, Confirmation};
+pub use connection::Connection;
+pub use consumer::{BadDelivery, BadDeliveryKind, Consumer, Delivery, Iter, Returned};
+pub use error::{Error, HandshakeStage, Result, reply_code};
+pub use protocol::properties::BasicProperties;
+pub use protocol::table::{FieldTable, FieldValue};
+pub use uri::{AuthMechanism, ConnectionOptions};
+
+/// Internals exposed for fuzzing, model checks and tests; not part of the stable API.
+#[doc(hidden)]
+pub mod internal {
+    pub use crate::protocol::content::{Assembler, Content, ContentMethod, ContentProblem};
+    pub use crate::protocol::decode_server_method;
+    pub use crate::protocol::frame::{FrameDecoder, FrameError, RawFrame, put_publish};
+    pub use crate::protocol::properties::{decode_properties, header_prefix};
+    pub use crate::protocol::table::{encode_table, scan_table};
+}

@@ -1,0 +1,300 @@
+//! Content assembly: a content-bearing method, then its header, then body frames, per
+//! channel. Sizes are checked before anything is buffered.
+
+use super::frame::FrameError;
+use super::properties::{BasicProperties, decode_properties, header_prefix};
+use crate::error::reply_code;
+
+/// The method that announced a content.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ContentMethod {
+    /// `basic.deliver`
+    Deliver {
+        /// Consumer tag.
+        consumer_tag: String,
+        /// Delivery tag.
+        delivery_tag: u64,
+        /// Redelivered flag.
+        redelivered: bool,
+        /// Exchange.
+        exchange: String,
+        /// Routing key.
+        routing_key: String,
+    },
+    /// `basic.get-ok`
+    GetOk {
+        /// Delivery tag.
+        delivery_tag: u64,
+        /// Redelivered flag.
+        redelivered: bool,
+        /// Exchange.
+        exchange: String,
+        /// Routing key.
+        routing_key: String,
+        /// Messages left in the queue.
+        message_count: u32,
+    },
+    /// `basic.return`
+    Return {
+        /// Reply code (312 no route, ...).
+        reply_code: u16,
+        /// Reply text.
+        reply_text: String,
+        /// Exchange.
+        exchange: String,
+        /// Routing key.
+        routing_key: String,
+    },
+}
+
+/// Why a content could not be handed over as a normal message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ContentProblem {
+    /// The properties could not be decoded (malformed or nested too deep).
+    Undecodable(String),
+    /// The body is larger than the maximum message size; it was skipped, not buffered.
+    TooLarge {
+        /// Announced size.
+        size: u64,
+        /// Configured maximum.
+        max: u64,
+    },
+}
+
+/// A whole content.
+#[derive(Debug)]
+pub struct Content {
+    /// The announcing method.
+    pub method: ContentMethod,
+    /// Properties, or what was wrong with them / the size.
+    pub properties: Result<BasicProperties, ContentProblem>,
+    /// The body (empty when too large).
+    pub body: Vec<u8>,
+}
+
+#[derive(Debug, Default)]
+enum State {
+    #[default]
+    Idle,
+    Header(ContentMethod),
+    Body {
+        method: ContentMethod,
+        properties: Result<BasicProperties, ContentProblem>,
+        body: Vec<u8>,
+        expected: u64,
+        received: u64,
+    },
+}
+
+/// Per-channel assembler.
+#[derive(Debug, Default)]
+pub struct Assembler {
+    state: State,
+}
+
+const PREALLOC_CAP: u64 = 4 * 1024 * 1024;
+
+impl Assembler {
+    /// True when no content is in progress (a method frame is acceptable).
+    pub fn is_idle(&self) -> bool {
+        matches!(self.state, State::Idle)
+    }
+
+    /// A content-bearing method arrived.
+    pub fn start(&mut self, method: ContentMethod) -> Result<(), FrameError> {
+        if !self.is_idle() {
+            return Err(FrameError::new(
+                reply_code::UNEXPECTED_FRAME,
+                "content method received while a content was in progress",
+            ));
+        }
+        self.state = State::Header(method);
+        Ok(())
+    }
+
+    /// A content header frame arrived. Returns the content if its body is empty.
+    pub fn header(
+        &mut self,
+        payload: &[u8],
+        max_message_size: u64,
+        max_depth: usize,
+    ) -> Result<Option<Content>, FrameError> {
+        let method = match std::mem::take(&mut self.state) {
+            State::Header(m) => m,
+            _ => {
+                return Err(FrameError::new(
+                    reply_code::UNEXPECTED_FRAME,
+                    "content header frame without a content method",
+                ));
+            }
+        };
+        let prefix = header_prefix(payload).ok_or_else(|| {
+            FrameError::new(
+                reply_code::FRAME_ERROR,
+                "content header shorter than 12 bytes",
+            )
+        })?;
+        if prefix.class_id != 60 {
+            return Err(FrameError::new(
+                reply_code::FRAME_ERROR,
+                format!("content header for class {}, expected 60", prefix.class_id),
+            ));
+        }
+        let expected = prefix.body_size;
+        let (properties, body) = if expected > max_message_size {
+            (
+                Err(ContentProblem::TooLarge {
+                    size: expected,
+                    max: max_message_size,
+                }),
+                Vec::new(),
+            )
+        } else {
+            (
+                decode_properties(payload, max_depth).map_err(ContentProblem::Undecodable),
+                Vec::with_capacity(expected.min(PREALLOC_CAP) as usize),
+            )
+        };
+        if expected == 0 {
+            return Ok(Some(Content {
+                method,
+                properties,
+                body,
+            }));
+        }
+        self.state = State::Body {
+            method,
+            properties,
+            body,
+            expected,
+            received: 0,
+        };
+        Ok(None)
+    }
+
+    /// A body frame arrived. Returns the content when its last byte is in.
+    pub fn body(&mut self, payload: &[u8]) -> Result<Option<Content>, FrameError> {
+        match &mut self.state {
+            State::Body {
+                body,
+                expected,
+                received,
+                properties,
+                ..
+            } => {
+                *received += payload.len() as u64;
+                if *received > *expected {
+                    return Err(FrameError::new(
+                        reply_code::FRAME_ERROR,
+                        format!(
+                            "body of {received}+ bytes is longer than the {expected} announced"
+                        ),
+                    ));
+                }
+                // A too-large content is counted, not buffered.
+                if !matches!(properties, Err(ContentProblem::TooLarge { .. })) {
+                    if body.is_empty() && payload.len() as u64 == *expected {
+                        *body = payload.to_vec();
+                    } else {
+                        body.extend_from_slice(payload);
+                    }
+                }
+                if *received < *expected {
+                    return Ok(None);
+                }
+            }
+            _ => {
+                return Err(FrameError::new(
+                    reply_code::UNEXPECTED_FRAME,
+                    "content body frame without a content header",
+                ));
+            }
+        }
+        match std::mem::take(&mut self.state) {
+            State::Body {
+                method,
+                properties,
+                body,
+                ..
+            } => Ok(Some(Content {
+                method,
+                properties,
+                body,
+            })),
+            _ => unreachable!("state checked above"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deliver() -> ContentMethod {
+        ContentMethod::Deliver {
+            consumer_tag: "c".into(),
+            delivery_tag: 1,
+            redelivered: false,
+            exchange: String::new(),
+            routing_key: "q".into(),
+        }
+    }
+
+    fn header(body: u64) -> Vec<u8> {
+        let mut out = vec![0, 60, 0, 0];
+        out.extend_from_slice(&body.to_be_bytes());
+        out.extend_from_slice(&[0, 0]);
+        out
+    }
+
+    #[test]
+    fn assembles_multi_frame_bodies() {
+        let mut a = Assembler::default();
+        a.start(deliver()).unwrap();
+        assert!(a.header(&header(5), 100, 8).unwrap().is_none());
+        assert!(a.body(b"ab").unwrap().is_none());
+        let c = a.body(b"cde").unwrap().unwrap();
+        assert_eq!(c.body, b"abcde");
+        assert!(a.is_idle());
+    }
+
+    #[test]
+    fn too_large_body_is_counted_not_buffered() {
+        let mut a = Assembler::default();
+        a.start(deliver()).unwrap();
+        assert!(a.header(&header(1 << 63), 1000, 8).unwrap().is_none());
+        for _ in 0..10 {
+            assert!(a.body(&[0; 1000]).unwrap().is_none());
+        }
+        let mut a = Assembler::default();
+        a.start(deliver()).unwrap();
+        a.header(&header(2000), 1000, 8).unwrap();
+        a.body(&[0; 1000]).unwrap();
+        let c = a.body(&[0; 1000]).unwrap().unwrap();
+        assert!(c.body.is_empty());
+        assert_eq!(
+            c.properties,
+            Err(ContentProblem::TooLarge {
+                size: 2000,
+                max: 1000
+            })
+        );
+    }
+
+    #[test]
+    fn out_of_order_frames_are_errors() {
+        let mut a = Assembler::default();
+        assert_eq!(a.body(b"x").unwrap_err().code, reply_code::UNEXPECTED_FRAME);
+        assert_eq!(
+            a.header(&header(1), 10, 8).unwrap_err().code,
+            reply_code::UNEXPECTED_FRAME
+        );
+        let mut a = Assembler::default();
+        a.start(deliver()).unwrap();
+        assert!(a.start(deliver()).is_err());
+        let mut a = Assembler::default();
+        a.start(deliver()).unwrap();
+        a.header(&header(1), 10, 8).unwrap();
+        assert_eq!(a.body(b"xy").unwrap_err().code, reply_code::FRAME_ERROR);
+    }
+}

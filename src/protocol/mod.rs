@@ -1,0 +1,122 @@
+//! The wire layer: frames, field tables, properties, content assembly, and a method
+//! decoder that only lets amq-protocol parse what a server may send and what is checked.
+
+pub mod content;
+pub mod frame;
+pub mod properties;
+pub mod table;
+
+use amq_protocol::protocol::{AMQPClass, parse_class};
+
+use crate::error::reply_code;
+use frame::FrameError;
+
+/// Methods a server may send to a client: (class id, method id).
+const SERVER_METHODS: &[(u16, u16)] = &[
+    (10, 10),  // connection.start
+    (10, 20),  // connection.secure
+    (10, 30),  // connection.tune
+    (10, 41),  // connection.open-ok
+    (10, 50),  // connection.close
+    (10, 51),  // connection.close-ok
+    (10, 60),  // connection.blocked
+    (10, 61),  // connection.unblocked
+    (10, 71),  // connection.update-secret-ok
+    (20, 11),  // channel.open-ok
+    (20, 20),  // channel.flow
+    (20, 21),  // channel.flow-ok
+    (20, 40),  // channel.close
+    (20, 41),  // channel.close-ok
+    (40, 11),  // exchange.declare-ok
+    (40, 21),  // exchange.delete-ok
+    (40, 31),  // exchange.bind-ok
+    (40, 51),  // exchange.unbind-ok
+    (50, 11),  // queue.declare-ok
+    (50, 21),  // queue.bind-ok
+    (50, 31),  // queue.purge-ok
+    (50, 41),  // queue.delete-ok
+    (50, 51),  // queue.unbind-ok
+    (60, 11),  // basic.qos-ok
+    (60, 21),  // basic.consume-ok
+    (60, 30),  // basic.cancel (consumer cancel notification)
+    (60, 31),  // basic.cancel-ok
+    (60, 50),  // basic.return
+    (60, 60),  // basic.deliver
+    (60, 71),  // basic.get-ok
+    (60, 72),  // basic.get-empty
+    (60, 80),  // basic.ack (confirms)
+    (60, 111), // basic.recover-ok
+    (60, 120), // basic.nack (confirms)
+    (85, 11),  // confirm.select-ok
+    (90, 11),  // tx.select-ok
+    (90, 21),  // tx.commit-ok
+    (90, 31),  // tx.rollback-ok
+];
+
+/// Decode a method frame payload sent by a server. Methods a server never sends are
+/// refused without parsing; the one server method with a field table
+/// (`connection.start`) has its table depth-checked first.
+pub fn decode_server_method(payload: &[u8], max_depth: usize) -> Result<AMQPClass, FrameError> {
+    let ids = payload
+        .get(..4)
+        .map(|b| {
+            (
+                u16::from_be_bytes([b[0], b[1]]),
+                u16::from_be_bytes([b[2], b[3]]),
+            )
+        })
+        .ok_or_else(|| {
+            FrameError::new(reply_code::FRAME_ERROR, "method frame shorter than 4 bytes")
+        })?;
+    if !SERVER_METHODS.contains(&ids) {
+        return Err(FrameError::new(
+            reply_code::COMMAND_INVALID,
+            format!("method {}.{} is not one a server sends", ids.0, ids.1),
+        ));
+    }
+    if ids == (10, 10) {
+        let table = payload.get(6..).ok_or_else(|| {
+            FrameError::new(reply_code::SYNTAX_ERROR, "connection.start truncated")
+        })?;
+        table::scan_table(table, max_depth).map_err(|e| {
+            FrameError::new(reply_code::SYNTAX_ERROR, format!("connection.start: {e}"))
+        })?;
+    }
+    match parse_class(payload) {
+        Ok((rest, class)) if rest.is_empty() => Ok(class),
+        Ok((rest, _)) => Err(FrameError::new(
+            reply_code::SYNTAX_ERROR,
+            format!(
+                "method {}.{} has {} trailing bytes",
+                ids.0,
+                ids.1,
+                rest.len()
+            ),
+        )),
+        Err(e) => Err(FrameError::new(
+            reply_code::SYNTAX_ERROR,
+            format!("method {}.{} could not be decoded: {e}", ids.0, ids.1),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_only_methods_are_refused_unparsed() {
+        // queue.declare (50.10) with garbage after the ids
+        let err = decode_server_method(&[0, 50, 0, 10, 0xFF, 0xFF], 8).unwrap_err();
+        assert_eq!(err.code, reply_code::COMMAND_INVALID);
+        let err = decode_server_method(&[0, 60], 8).unwrap_err();
+        assert_eq!(err.code, reply_code::FRAME_ERROR);
+    }
+
+    #[test]
+    fn truncated_server_method_is_a_syntax_error() {
+        // basic.deliver with nothing after the ids
+        let err = decode_server_method(&[0, 60, 0, 60], 8).unwrap_err();
+        assert_eq!(err.code, reply_code::SYNTAX_ERROR);
+    }
+}
