@@ -17,6 +17,9 @@ use crate::protocol::content::{ContentMethod, ContentProblem};
 use crate::protocol::frame::{put_method, put_publish};
 use crate::protocol::properties::BasicProperties;
 use crate::protocol::table::{FieldTable, table_to_amqp};
+use crate::recovery::{
+    BindingRecord, ChannelRecord, ConsumerRecord, ExchangeRecord, QueueRecord, Topology,
+};
 use crate::sync::queue::{self as q, RecvTimeoutError};
 use crate::sync::{Arc, AtomicBool, AtomicUsize, Mutex, Ordering};
 
@@ -98,26 +101,62 @@ pub struct QueueInfo {
 /// Every call waits at most the connection's operation timeout, or the one given with
 /// [`Channel::with_timeout`]. A channel the broker closes (e.g. 404 on a passive
 /// declare) ends with [`Error::ServerClosedChannel`]; the connection and its other
-/// channels carry on.
+/// channels carry on. When the connection is lost, calls in flight fail with
+/// [`Error::ConnectionLost`]; with recovery on, the same handle is reopened on the new
+/// connection (same id, qos, confirm mode and consumers) and later calls wait for that,
+/// within their deadline.
 #[derive(Clone)]
 pub struct Channel {
     inner: Arc<ChannelInner>,
     timeout: Option<Duration>,
 }
 
-struct ChannelInner {
-    shared: Arc<ChannelShared>,
-    _conn: Connection,
-    rpc_lock: Mutex<()>,
-    publish_lock: Mutex<()>,
+pub(crate) struct ChannelInner {
+    id: u16,
+    conn: Connection,
+    current: Mutex<Arc<ChannelShared>>,
     closed_by_us: AtomicBool,
-    consumers: AtomicUsize,
+    pub(crate) record: Mutex<ChannelRecord>,
+    handed_back: Mutex<Vec<Arc<Vec<u8>>>>,
+}
+
+impl ChannelInner {
+    pub(crate) fn id(&self) -> u16 {
+        self.id
+    }
+    pub(crate) fn current_shared(&self) -> Arc<ChannelShared> {
+        self.current.lock().clone()
+    }
+    /// Recovery installs the reopened channel.
+    pub(crate) fn set_current(&self, new: Arc<ChannelShared>) {
+        *self.current.lock() = new;
+    }
+    /// Worth reopening after a connection failure.
+    pub(crate) fn wants_recovery(&self) -> bool {
+        !self.closed_by_us.load(Ordering::Acquire) && !self.current_shared().is_channel_closed()
+    }
+    /// Unconfirmed messages the application gets back (hand-back policy).
+    pub(crate) fn hand_back(&self, entries: Vec<crate::confirm::Entry>) {
+        let mut v = self.handed_back.lock();
+        for e in entries {
+            e.hand_back();
+            if let Some(b) = e.bytes {
+                v.push(b);
+            }
+        }
+    }
+    /// The connection is gone for good: end every consumer of this channel.
+    pub(crate) fn end_consumers(&self, err: &Error) {
+        for r in self.record.lock().consumers.drain(..) {
+            r.sink.end(err.duplicate());
+        }
+    }
 }
 
 impl std::fmt::Debug for Channel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Channel")
-            .field("id", &self.inner.shared.id)
+            .field("id", &self.inner.id)
             .field("open", &self.is_open())
             .finish()
     }
@@ -125,23 +164,14 @@ impl std::fmt::Debug for Channel {
 
 impl Drop for ChannelInner {
     fn drop(&mut self) {
-        if self.closed_by_us.load(Ordering::Acquire) || self.shared.is_closed() {
+        self.conn
+            .inner()
+            .unregister_channel(self.id, self as *const ChannelInner);
+        let shared = self.current.get_mut().clone();
+        if self.closed_by_us.load(Ordering::Acquire) || shared.is_closed() {
             return;
         }
-        let id = self.shared.id;
-        let mut bytes = Vec::with_capacity(48);
-        if put_method(&mut bytes, id, close_method()).is_ok() {
-            self.shared.set_closed(Error::ChannelClosed(id));
-            let _ = self.shared.conn.send(
-                Command::CloseChannel {
-                    channel: id,
-                    bytes,
-                    reply: None,
-                },
-                Instant::now() + Duration::from_millis(100),
-                "room to send channel.close",
-            );
-        }
+        shared.close_nowait();
     }
 }
 
@@ -178,39 +208,68 @@ macro_rules! expect_reply {
 
 impl Channel {
     pub(crate) fn new(shared: Arc<ChannelShared>, conn: Connection) -> Self {
+        let inner = Arc::new(ChannelInner {
+            id: shared.id,
+            conn,
+            current: Mutex::new(shared),
+            closed_by_us: AtomicBool::new(false),
+            record: Mutex::new(ChannelRecord::default()),
+            handed_back: Mutex::new(Vec::new()),
+        });
+        inner.conn.inner().register_channel(&inner);
         Channel {
-            inner: Arc::new(ChannelInner {
-                shared,
-                _conn: conn,
-                rpc_lock: Mutex::new(()),
-                publish_lock: Mutex::new(()),
-                closed_by_us: AtomicBool::new(false),
-                consumers: AtomicUsize::new(0),
-            }),
+            inner,
             timeout: None,
         }
     }
 
-    pub(crate) fn shared(&self) -> &Arc<ChannelShared> {
-        &self.inner.shared
+    /// The channel state of the current connection generation.
+    pub(crate) fn shared(&self) -> Arc<ChannelShared> {
+        self.inner.current_shared()
+    }
+
+    /// The current channel state if usable; waits (until `deadline`) for a recovery in
+    /// progress to reopen it.
+    pub(crate) fn usable(&self, deadline: Instant) -> Result<Arc<ChannelShared>> {
+        loop {
+            let cur = self.inner.current_shared();
+            if !cur.is_closed() {
+                return Ok(cur);
+            }
+            if self.inner.closed_by_us.load(Ordering::Acquire)
+                || cur.is_channel_closed()
+                || !cur.conn.will_recover()
+            {
+                return Err(cur.error());
+            }
+            let inner = &self.inner;
+            self.inner.conn.inner().wait_for(
+                || !Arc::ptr_eq(&inner.current_shared(), &cur),
+                deadline,
+                || cur.error(),
+            )?;
+        }
     }
 
     /// The channel id.
     pub fn id(&self) -> u16 {
-        self.inner.shared.id
+        self.inner.id
     }
 
-    /// True until the channel or its connection is closed.
+    /// True while the channel can be used now (open, and its connection too).
     pub fn is_open(&self) -> bool {
-        !self.inner.shared.is_closed()
+        !self.shared().is_closed()
     }
 
-    /// Why the channel ended, once it has.
+    /// Why the channel cannot be used now, if it cannot.
     pub fn close_reason(&self) -> Option<Error> {
-        self.inner
-            .shared
-            .is_closed()
-            .then(|| self.inner.shared.error())
+        let s = self.shared();
+        s.is_closed().then(|| s.error())
+    }
+
+    /// The connection this channel belongs to.
+    pub fn connection(&self) -> &Connection {
+        &self.inner.conn
     }
 
     /// The same channel, with `timeout` as the deadline of every call made through it:
@@ -222,15 +281,19 @@ impl Channel {
         }
     }
 
-    fn deadline(&self) -> Instant {
+    pub(crate) fn deadline(&self) -> Instant {
         Instant::now()
             + self
                 .timeout
-                .unwrap_or(self.inner.shared.conn.opts.operation_timeout)
+                .unwrap_or(self.inner.conn.inner().opts.operation_timeout)
     }
 
     fn max_depth(&self) -> usize {
-        self.inner.shared.conn.opts.max_table_depth
+        self.inner.conn.inner().opts.max_table_depth
+    }
+
+    fn topology(&self) -> crate::sync::MutexGuard<'_, Topology> {
+        self.inner.conn.inner().topology.lock()
     }
 
     fn args(&self, t: &FieldTable) -> Result<amq_protocol::types::FieldTable> {
@@ -251,29 +314,7 @@ impl Channel {
         consumer: Option<ConsumerSink>,
     ) -> Result<Reply> {
         let deadline = self.deadline();
-        let shared = &self.inner.shared;
-        let _serial = self
-            .inner
-            .rpc_lock
-            .try_lock_until(deadline)
-            .ok_or(Error::Timeout(what))?;
-        if shared.is_closed() {
-            return Err(shared.error());
-        }
-        let mut bytes = Vec::with_capacity(64);
-        put_method(&mut bytes, shared.id, m).map_err(Error::InvalidArgument)?;
-        let (tx, rx) = q::bounded(1);
-        shared.conn.send(
-            Command::Rpc {
-                channel: shared.id,
-                bytes,
-                reply: tx,
-                consumer,
-            },
-            deadline,
-            what,
-        )?;
-        shared.wait_reply(&rx, deadline, what)
+        self.usable(deadline)?.rpc(m, deadline, what, consumer)
     }
 
     fn rpc(&self, m: AMQPClass, what: &'static str) -> Result<Reply> {
@@ -300,7 +341,17 @@ impl Channel {
             arguments: self.args(&opts.arguments)?,
         }));
         let r = self.rpc(m, "exchange.declare-ok")?;
-        expect_reply!(r, "exchange.declare", AMQPClass::Exchange(exchange::AMQPMethod::DeclareOk(_)) => ())
+        expect_reply!(r, "exchange.declare", AMQPClass::Exchange(exchange::AMQPMethod::DeclareOk(_)) => ())?;
+        if !opts.passive {
+            self.topology().add_exchange(
+                name,
+                ExchangeRecord {
+                    kind: kind.to_owned(),
+                    opts: opts.clone(),
+                },
+            );
+        }
+        Ok(())
     }
 
     /// Delete an exchange.
@@ -311,7 +362,9 @@ impl Channel {
             nowait: false,
         }));
         let r = self.rpc(m, "exchange.delete-ok")?;
-        expect_reply!(r, "exchange.delete", AMQPClass::Exchange(exchange::AMQPMethod::DeleteOk(_)) => ())
+        expect_reply!(r, "exchange.delete", AMQPClass::Exchange(exchange::AMQPMethod::DeleteOk(_)) => ())?;
+        self.topology().remove_exchange(name);
+        Ok(())
     }
 
     /// Bind exchange `destination` to exchange `source` (exchange-to-exchange binding).
@@ -330,7 +383,10 @@ impl Channel {
             arguments: self.args(arguments)?,
         }));
         let r = self.rpc(m, "exchange.bind-ok")?;
-        expect_reply!(r, "exchange.bind", AMQPClass::Exchange(exchange::AMQPMethod::BindOk(_)) => ())
+        expect_reply!(r, "exchange.bind", AMQPClass::Exchange(exchange::AMQPMethod::BindOk(_)) => ())?;
+        self.topology()
+            .add_binding(binding(true, destination, source, routing_key, arguments));
+        Ok(())
     }
 
     /// Remove an exchange-to-exchange binding.
@@ -349,7 +405,10 @@ impl Channel {
             arguments: self.args(arguments)?,
         }));
         let r = self.rpc(m, "exchange.unbind-ok")?;
-        expect_reply!(r, "exchange.unbind", AMQPClass::Exchange(exchange::AMQPMethod::UnbindOk(_)) => ())
+        expect_reply!(r, "exchange.unbind", AMQPClass::Exchange(exchange::AMQPMethod::UnbindOk(_)) => ())?;
+        self.topology()
+            .remove_binding(&binding(true, destination, source, routing_key, arguments));
+        Ok(())
     }
 
     // ---------------- queues ----------------
@@ -366,11 +425,21 @@ impl Channel {
             arguments: self.args(&opts.arguments)?,
         }));
         let r = self.rpc(m, "queue.declare-ok")?;
-        expect_reply!(r, "queue.declare", AMQPClass::Queue(queue::AMQPMethod::DeclareOk(ok)) => QueueInfo {
+        let info = expect_reply!(r, "queue.declare", AMQPClass::Queue(queue::AMQPMethod::DeclareOk(ok)) => QueueInfo {
             name: ok.queue.to_string(),
             message_count: ok.message_count,
             consumer_count: ok.consumer_count,
-        })
+        })?;
+        if !opts.passive {
+            self.topology().add_queue(
+                &info.name,
+                QueueRecord {
+                    server_named: name.is_empty(),
+                    opts: opts.clone(),
+                },
+            );
+        }
+        Ok(info)
     }
 
     /// Bind a queue to an exchange.
@@ -389,7 +458,10 @@ impl Channel {
             arguments: self.args(arguments)?,
         }));
         let r = self.rpc(m, "queue.bind-ok")?;
-        expect_reply!(r, "queue.bind", AMQPClass::Queue(queue::AMQPMethod::BindOk(_)) => ())
+        expect_reply!(r, "queue.bind", AMQPClass::Queue(queue::AMQPMethod::BindOk(_)) => ())?;
+        self.topology()
+            .add_binding(binding(false, queue, exchange, routing_key, arguments));
+        Ok(())
     }
 
     /// Remove a queue binding.
@@ -407,7 +479,10 @@ impl Channel {
             arguments: self.args(arguments)?,
         }));
         let r = self.rpc(m, "queue.unbind-ok")?;
-        expect_reply!(r, "queue.unbind", AMQPClass::Queue(queue::AMQPMethod::UnbindOk(_)) => ())
+        expect_reply!(r, "queue.unbind", AMQPClass::Queue(queue::AMQPMethod::UnbindOk(_)) => ())?;
+        self.topology()
+            .remove_binding(&binding(false, queue, exchange, routing_key, arguments));
+        Ok(())
     }
 
     /// Remove every ready message; returns how many.
@@ -429,7 +504,9 @@ impl Channel {
             nowait: false,
         }));
         let r = self.rpc(m, "queue.delete-ok")?;
-        expect_reply!(r, "queue.delete", AMQPClass::Queue(queue::AMQPMethod::DeleteOk(ok)) => ok.message_count)
+        let n = expect_reply!(r, "queue.delete", AMQPClass::Queue(queue::AMQPMethod::DeleteOk(ok)) => ok.message_count)?;
+        self.topology().remove_queue(queue);
+        Ok(n)
     }
 
     // ---------------- basic ----------------
@@ -441,12 +518,14 @@ impl Channel {
             prefetch_count,
             global,
         }));
-        let r = self.rpc(m, "basic.qos-ok")?;
+        let deadline = self.deadline();
+        let shared = self.usable(deadline)?;
+        let r = shared.rpc(m, deadline, "basic.qos-ok", None)?;
         expect_reply!(r, "basic.qos", AMQPClass::Basic(basic::AMQPMethod::QosOk(_)) => ())?;
-        self.inner
-            .shared
+        shared
             .prefetch
             .store(prefetch_count.into(), Ordering::Release);
+        self.inner.record.lock().qos = Some((prefetch_count, global));
         Ok(())
     }
 
@@ -475,7 +554,7 @@ impl Channel {
         properties: &BasicProperties,
         opts: PublishOptions,
     ) -> Result<Confirmation> {
-        if !self.inner.shared.confirms.is_enabled() {
+        if !self.inner.record.lock().confirm {
             return Err(Error::NotInConfirmMode);
         }
         self.publish(exchange, routing_key, body, properties, opts, true)?
@@ -491,18 +570,15 @@ impl Channel {
         opts: PublishOptions,
         want_handle: bool,
     ) -> Result<Option<Confirmation>> {
-        let shared = &self.inner.shared;
+        let deadline = self.deadline();
+        let shared = self.usable(deadline)?;
         let conn = &shared.conn;
-        if shared.is_closed() {
-            return Err(shared.error());
-        }
         if body.len() as u64 > conn.opts.max_message_size {
             return Err(Error::MessageTooLarge {
                 size: body.len() as u64,
                 max: conn.opts.max_message_size,
             });
         }
-        let deadline = self.deadline();
         conn.wait_unblocked(deadline)?;
         let mut bytes = Vec::with_capacity(body.len() + 96 + exchange.len() + routing_key.len());
         put_publish(
@@ -522,20 +598,29 @@ impl Channel {
             return Ok(None);
         }
         // Sequence numbers must follow the order in which publishes reach the I/O thread.
-        let _order = self
-            .inner
+        let _order = shared
             .publish_lock
             .try_lock_until(deadline)
             .ok_or(Error::Timeout("the channel's publish lock"))?;
-        let Some((seq, slot)) = shared.confirms.register(want_handle) else {
-            shared.send(bytes, deadline, "room in the I/O thread's queue to publish")?;
-            return Ok(None);
+        // Kept until confirmed, so that recovery can republish or hand it back; shared
+        // with the I/O thread rather than copied.
+        let (cmd, keep) = if conn.opts.recovery.enabled {
+            let b = Arc::new(bytes);
+            (Command::SendShared(b.clone()), Some(b))
+        } else {
+            (Command::Send(bytes), None)
         };
-        if let Err(e) = shared.send(bytes, deadline, "room in the I/O thread's queue to publish") {
+        let (seq, slot) = match shared.confirms.register(want_handle, keep) {
+            Some(r) => r,
+            None => return Err(Error::NotInConfirmMode),
+        };
+        if let Err(e) =
+            shared.send_command(cmd, deadline, "room in the I/O thread's queue to publish")
+        {
             shared.confirms.unregister(seq);
             return Err(e);
         }
-        Ok(slot.map(|s| Confirmation::new(seq, s, shared.clone())))
+        Ok(slot.map(|s| Confirmation::new(seq, s, self.clone())))
     }
 
     /// Fetch one message (`basic.get`); `Ok(None)` if the queue is empty.
@@ -544,7 +629,9 @@ impl Channel {
             queue: short("queue name", queue)?,
             no_ack,
         }));
-        let content = match self.rpc(m, "basic.get-ok")? {
+        let deadline = self.deadline();
+        let shared = self.usable(deadline)?;
+        let content = match shared.rpc(m, deadline, "basic.get-ok", None)? {
             Reply::Get(Some(c)) => c,
             Reply::Get(None) => return Ok(None),
             other => {
@@ -568,7 +655,7 @@ impl Channel {
             });
         };
         let acker = Acker {
-            channel: self.inner.shared.clone(),
+            channel: shared,
             delivery_tag,
         };
         match content.properties {
@@ -599,7 +686,9 @@ impl Channel {
 
     /// Start a consumer on `queue`.
     pub fn basic_consume(&self, queue: &str, opts: &ConsumeOptions) -> Result<Consumer> {
-        let prefetch = self.inner.shared.prefetch.load(Ordering::Acquire);
+        let deadline = self.deadline();
+        let ch = self.usable(deadline)?;
+        let prefetch = ch.prefetch.load(Ordering::Acquire);
         let capacity = if prefetch == 0 {
             UNLIMITED_PREFETCH_QUEUE
         } else {
@@ -610,12 +699,14 @@ impl Channel {
             queued: AtomicUsize::new(0),
             capacity,
             io_waiting: AtomicBool::new(false),
+            active: AtomicBool::new(true),
         });
         let sink = ConsumerSink {
             tx,
             shared: shared.clone(),
             no_ack: opts.no_ack,
         };
+        let record_sink = sink.clone();
         let m = AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
             queue: short("queue name", queue)?,
             consumer_tag: short("consumer tag", &opts.consumer_tag)?,
@@ -625,9 +716,14 @@ impl Channel {
             nowait: false,
             arguments: self.args(&opts.arguments)?,
         }));
-        let r = self.rpc_with(m, "basic.consume-ok", Some(sink))?;
+        let r = ch.rpc(m, deadline, "basic.consume-ok", Some(sink))?;
         let tag = expect_reply!(r, "basic.consume", AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(ok)) => ok.consumer_tag.to_string())?;
-        self.inner.consumers.fetch_add(1, Ordering::AcqRel);
+        self.inner.record.lock().consumers.push(ConsumerRecord {
+            tag: tag.clone(),
+            queue: queue.to_owned(),
+            opts: opts.clone(),
+            sink: record_sink,
+        });
         Ok(Consumer::new(tag, rx, shared, self.clone()))
     }
 
@@ -637,12 +733,23 @@ impl Channel {
             consumer_tag: short("consumer tag", consumer_tag)?,
             nowait: false,
         }));
+        self.forget_consumer(consumer_tag);
         let r = self.rpc(m, "basic.cancel-ok")?;
         expect_reply!(r, "basic.cancel", AMQPClass::Basic(basic::AMQPMethod::CancelOk(_)) => ())
     }
 
+    /// Stop restoring a consumer after recovery.
+    pub(crate) fn forget_consumer(&self, consumer_tag: &str) {
+        self.inner
+            .record
+            .lock()
+            .consumers
+            .retain(|r| r.tag != consumer_tag);
+    }
+
     /// Send `basic.cancel` without waiting (used when a consumer is dropped).
     pub(crate) fn cancel_nowait(&self, consumer_tag: &str) {
+        self.forget_consumer(consumer_tag);
         let Ok(tag) = short("consumer tag", consumer_tag) else {
             return;
         };
@@ -655,7 +762,8 @@ impl Channel {
             return;
         }
         let (tx, _rx) = q::bounded(1);
-        let _ = self.inner.shared.conn.send(
+        let shared = self.shared();
+        let _ = shared.conn.send(
             Command::Rpc {
                 channel: self.id(),
                 bytes,
@@ -691,7 +799,7 @@ impl Channel {
 
     fn acker(&self, delivery_tag: u64) -> Acker {
         Acker {
-            channel: self.inner.shared.clone(),
+            channel: self.shared(),
             delivery_tag,
         }
     }
@@ -699,7 +807,7 @@ impl Channel {
     /// A message the broker returned (mandatory publish with no route), waiting up to
     /// `timeout`. Up to 1024 returns are kept per channel; more are logged and dropped.
     pub fn recv_return(&self, timeout: Duration) -> Option<Returned> {
-        match self.inner.shared.returns_rx.recv_timeout(timeout) {
+        match self.shared().returns_rx.recv_timeout(timeout) {
             Ok(r) => Some(r),
             Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => None,
         }
@@ -707,37 +815,51 @@ impl Channel {
 
     /// A returned message, if one is waiting.
     pub fn try_recv_return(&self) -> Option<Returned> {
-        self.inner.shared.returns_rx.try_recv().ok()
+        self.shared().returns_rx.try_recv().ok()
     }
 
     // ---------------- confirms and transactions ----------------
 
     /// Put the channel in confirm mode (`confirm.select`).
     pub fn confirm_select(&self) -> Result<()> {
-        if self.inner.shared.confirms.is_enabled() {
+        let deadline = self.deadline();
+        let shared = self.usable(deadline)?;
+        if shared.confirms.is_enabled() {
             return Ok(());
         }
         let m = AMQPClass::Confirm(confirm::AMQPMethod::Select(confirm::Select {
             nowait: false,
         }));
-        let r = self.rpc(m, "confirm.select-ok")?;
+        let r = shared.rpc(m, deadline, "confirm.select-ok", None)?;
         expect_reply!(r, "confirm.select", AMQPClass::Confirm(confirm::AMQPMethod::SelectOk(_)) => ())?;
-        self.inner.shared.confirms.enable();
+        shared.confirms.enable();
+        self.inner.record.lock().confirm = true;
         Ok(())
     }
 
     /// Wait until every message published so far is confirmed: `Ok(true)` if all were
     /// acked, `Ok(false)` if the broker nacked any since the last call.
     pub fn wait_for_confirms(&self) -> Result<bool> {
-        if !self.inner.shared.confirms.is_enabled() {
+        if !self.inner.record.lock().confirm {
             return Err(Error::NotInConfirmMode);
         }
-        self.inner.shared.confirms.wait_all(self.deadline())
+        let deadline = self.deadline();
+        self.usable(deadline)?.confirms.wait_all(deadline)
     }
 
     /// Published messages not yet confirmed.
     pub fn unconfirmed(&self) -> usize {
-        self.inner.shared.confirms.outstanding()
+        self.shared().confirms.outstanding()
+    }
+
+    /// Messages handed back after a connection loss (see
+    /// [`crate::UnconfirmedPolicy::HandBack`]): published in confirm mode, never
+    /// confirmed. Taking them empties the list.
+    pub fn take_unconfirmed(&self) -> Vec<UnconfirmedMessage> {
+        let raw = std::mem::take(&mut *self.inner.handed_back.lock());
+        raw.iter()
+            .filter_map(|b| UnconfirmedMessage::decode(b))
+            .collect()
     }
 
     /// Put the channel in transaction mode (`tx.select`).
@@ -772,8 +894,12 @@ impl Channel {
     /// Close the channel and wait for `close-ok`. Its consumers end and later calls get
     /// [`Error::ChannelClosed`].
     pub fn close(&self) -> Result<()> {
-        let shared = &self.inner.shared;
-        if self.inner.closed_by_us.swap(true, Ordering::AcqRel) || shared.is_closed() {
+        if self.inner.closed_by_us.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let shared = self.shared();
+        self.inner.record.lock().consumers.clear();
+        if shared.is_closed() {
             return Ok(());
         }
         let deadline = self.deadline();
@@ -794,5 +920,67 @@ impl Channel {
             Ok(_) | Err(Error::ChannelClosed(_)) => Ok(()),
             Err(e) => Err(e),
         }
+    }
+}
+
+fn binding(
+    to_exchange: bool,
+    destination: &str,
+    source: &str,
+    routing_key: &str,
+    arguments: &FieldTable,
+) -> BindingRecord {
+    BindingRecord {
+        to_exchange,
+        destination: destination.to_owned(),
+        source: source.to_owned(),
+        routing_key: routing_key.to_owned(),
+        arguments: arguments.clone(),
+    }
+}
+
+/// A message published in confirm mode and handed back unconfirmed after a connection
+/// loss.
+#[derive(Debug, Clone)]
+pub struct UnconfirmedMessage {
+    /// Exchange it was published to.
+    pub exchange: String,
+    /// Routing key.
+    pub routing_key: String,
+    /// Mandatory flag.
+    pub mandatory: bool,
+    /// Properties.
+    pub properties: BasicProperties,
+    /// Body.
+    pub body: Vec<u8>,
+}
+
+impl UnconfirmedMessage {
+    /// Read back a publish unit that lepus itself encoded.
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        let mut dec = crate::protocol::frame::FrameDecoder::new(u32::MAX);
+        dec.feed(bytes);
+        let m = dec.next_frame().ok()??;
+        let p = m.payload;
+        let ex_len = *p.get(6)? as usize;
+        let exchange = String::from_utf8(p.get(7..7 + ex_len)?.to_vec()).ok()?;
+        let rk_at = 7 + ex_len;
+        let rk_len = *p.get(rk_at)? as usize;
+        let routing_key = String::from_utf8(p.get(rk_at + 1..rk_at + 1 + rk_len)?.to_vec()).ok()?;
+        let mandatory = p.get(rk_at + 1 + rk_len)? & 1 != 0;
+        let h = dec.next_frame().ok()??;
+        let properties =
+            crate::protocol::properties::decode_properties(h.payload, usize::MAX).ok()?;
+        let mut body = Vec::new();
+        while let Ok(Some(f)) = dec.next_frame() {
+            body.extend_from_slice(f.payload);
+        }
+        Some(UnconfirmedMessage {
+            exchange,
+            routing_key,
+            mandatory,
+            properties,
+            body,
+        })
     }
 }

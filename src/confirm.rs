@@ -1,17 +1,19 @@
 //! Publisher confirms: sequence numbers, acks and nacks (single and multiple), per-publish
-//! handles and waiting for everything outstanding.
+//! handles, waiting for everything outstanding, and what happens to unconfirmed messages
+//! when the link is lost (kept for republishing, or handed back).
 
 use std::collections::VecDeque;
 use std::time::Instant;
 
+use crate::channel::Channel;
 use crate::error::{Error, Result};
-use crate::io::ChannelShared;
 use crate::sync::{Arc, AtomicBool, AtomicU8, Condvar, Mutex, Ordering};
 
 const PENDING: u8 = 0;
 const ACKED: u8 = 1;
 const NACKED: u8 = 2;
 const FAILED: u8 = 3;
+const HANDED_BACK: u8 = 4;
 
 /// What the broker said about a published message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,9 +24,20 @@ pub enum Confirm {
     Nack,
 }
 
-struct Entry {
+/// An unconfirmed publish: its frames (to republish) and its handle's slot.
+pub(crate) struct Entry {
     seq: u64,
     slot: Option<Arc<AtomicU8>>,
+    pub(crate) bytes: Option<Arc<Vec<u8>>>,
+}
+
+impl Entry {
+    /// Mark handed back: its waiter learns the message is with the application.
+    pub(crate) fn hand_back(&self) {
+        if let Some(slot) = &self.slot {
+            slot.store(HANDED_BACK, Ordering::Release);
+        }
+    }
 }
 
 #[derive(Default)]
@@ -33,9 +46,12 @@ struct State {
     pending: VecDeque<Entry>,
     nacked_since_wait: bool,
     failure: Option<Error>,
+    /// Unconfirmed when the link was lost, kept for recovery to republish or hand back.
+    in_doubt: Vec<Entry>,
 }
 
-/// Confirm bookkeeping of one channel; the I/O thread resolves, publishers wait.
+/// Confirm bookkeeping of one channel on one connection generation; the I/O thread
+/// resolves, publishers wait.
 pub(crate) struct ConfirmTracker {
     enabled: AtomicBool,
     state: Mutex<State>,
@@ -63,8 +79,13 @@ impl ConfirmTracker {
     }
 
     /// Take the next sequence number. Call with the channel's publish lock held, so that
-    /// numbers follow the order in which frames reach the I/O thread.
-    pub(crate) fn register(&self, want_handle: bool) -> Option<(u64, Option<Arc<AtomicU8>>)> {
+    /// numbers follow the order in which frames reach the I/O thread. `bytes` is kept
+    /// until the broker confirms, for recovery.
+    pub(crate) fn register(
+        &self,
+        want_handle: bool,
+        bytes: Option<Arc<Vec<u8>>>,
+    ) -> Option<(u64, Option<Arc<AtomicU8>>)> {
         if !self.is_enabled() {
             return None;
         }
@@ -75,6 +96,7 @@ impl ConfirmTracker {
         s.pending.push_back(Entry {
             seq,
             slot: slot.clone(),
+            bytes,
         });
         Some((seq, slot))
     }
@@ -86,6 +108,23 @@ impl ConfirmTracker {
             s.pending.pop_back();
             s.next_seq = seq;
         }
+    }
+
+    /// Take over the unconfirmed messages of the previous generation (recovery,
+    /// republish policy): each gets a new sequence number and keeps its handle. Returns
+    /// the frames to send, in order. Call with the publish lock held.
+    pub(crate) fn adopt(&self, entries: Vec<Entry>) -> Vec<Arc<Vec<u8>>> {
+        let mut s = self.state.lock();
+        let mut out = Vec::with_capacity(entries.len());
+        for mut e in entries {
+            e.seq = s.next_seq;
+            s.next_seq += 1;
+            if let Some(b) = &e.bytes {
+                out.push(b.clone());
+            }
+            s.pending.push_back(e);
+        }
+        out
     }
 
     /// `basic.ack` / `basic.nack` from the broker.
@@ -114,45 +153,55 @@ impl ConfirmTracker {
         self.cv.notify_all();
     }
 
-    /// The channel or connection ended: every waiter gets `err`.
-    pub(crate) fn fail(&self, err: Error) {
+    /// The channel or connection ended: every waiter wakes with `err`. If `keep`, the
+    /// unconfirmed messages are kept (their handles stay pending) for recovery to
+    /// republish or hand back; otherwise their handles fail.
+    pub(crate) fn fail(&self, err: Error, keep: bool) {
         let mut s = self.state.lock();
-        for e in s.pending.drain(..) {
-            if let Some(slot) = e.slot {
-                slot.store(FAILED, Ordering::Release);
+        if s.failure.is_some() {
+            return;
+        }
+        let pending: Vec<Entry> = s.pending.drain(..).collect();
+        if keep {
+            s.in_doubt = pending;
+        } else {
+            for e in &pending {
+                if let Some(slot) = &e.slot {
+                    slot.store(FAILED, Ordering::Release);
+                }
             }
         }
-        if s.failure.is_none() {
-            s.failure = Some(err);
-        }
+        s.failure = Some(err);
         drop(s);
         self.cv.notify_all();
     }
 
-    /// Number of published messages not yet confirmed.
-    pub(crate) fn outstanding(&self) -> usize {
-        self.state.lock().pending.len()
+    /// The messages kept at failure (empty unless `fail` was told to keep them).
+    pub(crate) fn take_in_doubt(&self) -> Vec<Entry> {
+        std::mem::take(&mut self.state.lock().in_doubt)
     }
 
-    fn wait_slot(&self, slot: &AtomicU8, deadline: Instant) -> Result<Confirm> {
+    /// Published messages not yet confirmed (including those kept for recovery).
+    pub(crate) fn outstanding(&self) -> usize {
+        let s = self.state.lock();
+        s.pending.len() + s.in_doubt.len()
+    }
+
+    /// Wait for one message's outcome; returns the tracker's failure if it fails first.
+    fn wait_slot(&self, slot: &AtomicU8, deadline: Instant) -> Result<Option<Confirm>> {
         let mut s = self.state.lock();
         loop {
-            match slot.load(Ordering::Acquire) {
-                ACKED => return Ok(Confirm::Ack),
-                NACKED => return Ok(Confirm::Nack),
-                FAILED => {
-                    return Err(s
-                        .failure
-                        .as_ref()
-                        .map(Error::duplicate)
-                        .unwrap_or(Error::ConnectionLost("channel ended".into())));
-                }
-                _ => {}
+            if let Some(c) = outcome(slot)? {
+                return Ok(Some(c));
+            }
+            if let Some(e) = &s.failure {
+                return Err(e.duplicate());
             }
             if self.cv.wait_until(&mut s, deadline).timed_out()
                 && slot.load(Ordering::Acquire) == PENDING
+                && s.failure.is_none()
             {
-                return Err(Error::Timeout("a publisher confirm"));
+                return Ok(None);
             }
         }
     }
@@ -162,24 +211,47 @@ impl ConfirmTracker {
     pub(crate) fn wait_all(&self, deadline: Instant) -> Result<bool> {
         let mut s = self.state.lock();
         loop {
-            if s.pending.is_empty() {
-                return Ok(!std::mem::take(&mut s.nacked_since_wait));
-            }
             if let Some(e) = &s.failure {
                 return Err(e.duplicate());
             }
-            if self.cv.wait_until(&mut s, deadline).timed_out() && !s.pending.is_empty() {
+            if s.pending.is_empty() {
+                return Ok(!std::mem::take(&mut s.nacked_since_wait));
+            }
+            if self.cv.wait_until(&mut s, deadline).timed_out()
+                && !s.pending.is_empty()
+                && s.failure.is_none()
+            {
                 return Err(Error::Timeout("publisher confirms"));
             }
         }
     }
 }
 
+fn outcome(slot: &AtomicU8) -> Result<Option<Confirm>> {
+    match slot.load(Ordering::Acquire) {
+        ACKED => Ok(Some(Confirm::Ack)),
+        NACKED => Ok(Some(Confirm::Nack)),
+        FAILED => Err(Error::ConnectionLost(
+            "the link was lost before the broker confirmed this message".into(),
+        )),
+        HANDED_BACK => Err(Error::ConnectionLost(
+            "the link was lost before the broker confirmed this message; it was handed \
+             back (see Channel::take_unconfirmed)"
+                .into(),
+        )),
+        _ => Ok(None),
+    }
+}
+
 /// The confirmation of one published message; wait on it from any thread.
+///
+/// If the connection is lost while the message is unconfirmed, a waiter gets
+/// [`Error::ConnectionLost`]. With automatic recovery and the republish policy, waiting
+/// again waits for the recovered connection and the republished copy's confirmation.
 pub struct Confirmation {
     seq: u64,
     slot: Arc<AtomicU8>,
-    channel: Arc<ChannelShared>,
+    channel: Channel,
 }
 
 impl std::fmt::Debug for Confirmation {
@@ -192,31 +264,35 @@ impl std::fmt::Debug for Confirmation {
 }
 
 impl Confirmation {
-    pub(crate) fn new(seq: u64, slot: Arc<AtomicU8>, channel: Arc<ChannelShared>) -> Self {
+    pub(crate) fn new(seq: u64, slot: Arc<AtomicU8>, channel: Channel) -> Self {
         Confirmation { seq, slot, channel }
     }
 
-    /// The publish sequence number (the delivery tag the broker confirms).
+    /// The publish sequence number (the delivery tag the broker confirms) at the time of
+    /// publishing.
     pub fn sequence(&self) -> u64 {
         self.seq
     }
 
     /// The outcome if the broker has answered already.
     pub fn try_get(&self) -> Option<Confirm> {
-        match self.slot.load(Ordering::Acquire) {
-            ACKED => Some(Confirm::Ack),
-            NACKED => Some(Confirm::Nack),
-            _ => None,
-        }
+        outcome(&self.slot).ok().flatten()
     }
 
     /// Wait for the broker's answer until the channel's default operation timeout.
     pub fn wait(&self) -> Result<Confirm> {
-        self.wait_until(Instant::now() + self.channel.conn.opts.operation_timeout)
+        self.wait_until(self.channel.deadline())
     }
 
     /// Wait for the broker's answer until `deadline`.
     pub fn wait_until(&self, deadline: Instant) -> Result<Confirm> {
-        self.channel.confirms.wait_slot(&self.slot, deadline)
+        if let Some(c) = outcome(&self.slot)? {
+            return Ok(c);
+        }
+        let shared = self.channel.usable(deadline)?;
+        match shared.confirms.wait_slot(&self.slot, deadline)? {
+            Some(c) => Ok(c),
+            None => Err(Error::Timeout("a publisher confirm")),
+        }
     }
 }

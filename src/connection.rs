@@ -1,20 +1,24 @@
 //! The `Connection` handle: open (handshake on the caller's thread, then the I/O
-//! thread), open channels, observe blocked state, close.
+//! thread), open channels, observe blocked state, survive link failures through
+//! generations (one TCP connection each), close.
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use amq_protocol::protocol::{AMQPClass, channel as chan, connection};
+use amq_protocol::protocol::{AMQPClass, connection};
 
-use crate::channel::Channel;
+use crate::channel::{Channel, ChannelInner};
 use crate::error::{Error, Result, reply_code};
 use crate::io::engine::Engine;
 use crate::io::reactor::{Reactor, WAKER};
-use crate::io::{ChannelShared, Command, ConnShared, Reply, handshake};
+use crate::io::{Command, ConnShared, LinkEvents, handshake};
 use crate::protocol::frame::put_method;
 use crate::protocol::table::FieldTable;
-use crate::sync::queue::{self};
-use crate::sync::{Arc, AtomicBool, Mutex, Ordering};
+use crate::recovery::{self, EventLog, RecoveryEvent, RecoveryEventKind, Topology};
+use crate::sync::queue;
+use crate::sync::{Arc, AtomicBool, AtomicU64, Condvar, Mutex, Ordering, Weak};
 use crate::uri::ConnectionOptions;
 
 /// Commands queued for the I/O thread before callers wait for room.
@@ -22,198 +26,22 @@ const COMMAND_QUEUE: usize = 4096;
 /// Stack of the I/O thread: field tables are parsed there, up to the depth cap.
 const IO_THREAD_STACK: usize = 8 * 1024 * 1024;
 
-/// A connection to the broker. Cheap to clone, `Send + Sync`: share one between threads
-/// and give each thread its own [`Channel`]. The last handle dropped (connections and
-/// channels alike) closes it.
-#[derive(Clone)]
-pub struct Connection {
-    inner: Arc<ConnectionInner>,
-}
-
-struct ConnectionInner {
+/// One TCP connection of a `Connection`'s life, with its I/O thread.
+pub(crate) struct Generation {
     shared: Arc<ConnShared>,
     thread: Mutex<Option<JoinHandle<()>>>,
-    closed: AtomicBool,
 }
 
-impl std::fmt::Debug for Connection {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let o = &self.inner.shared.opts;
-        f.debug_struct("Connection")
-            .field("host", &o.host)
-            .field("port", &o.port)
-            .field("vhost", &o.vhost)
-            .field("open", &self.is_open())
-            .finish()
+impl Generation {
+    pub(crate) fn shared(&self) -> &Arc<ConnShared> {
+        &self.shared
     }
-}
-
-impl Connection {
-    /// Open a connection from an `amqp://` URI (see [`ConnectionOptions::from_uri`]).
-    ///
-    /// ```no_run
-    /// let conn = lepus::Connection::open("amqp://guest:guest@127.0.0.1:5672/%2f?heartbeat=10")?;
-    /// # Ok::<(), lepus::Error>(())
-    /// ```
-    pub fn open(uri: &str) -> Result<Connection> {
-        Self::open_with(ConnectionOptions::from_uri(uri)?)
+    pub(crate) fn number(&self) -> u64 {
+        self.shared.generation
     }
 
-    /// Open a connection with explicit options. Connecting and the handshake happen on
-    /// this thread and end within `connection_timeout`, with an error that says which
-    /// step failed.
-    pub fn open_with(opts: ConnectionOptions) -> Result<Connection> {
-        let est = handshake::connect(&opts)?;
-        let io_err = |e: std::io::Error| Error::ConnectionLost(format!("I/O setup failed: {e}"));
-        est.stream.set_nonblocking(true).map_err(io_err)?;
-        let poll = mio::Poll::new().map_err(io_err)?;
-        let waker = mio::Waker::new(poll.registry(), WAKER).map_err(io_err)?;
-        let (cmd_tx, cmd_rx) = queue::bounded(COMMAND_QUEUE);
-        let (alive, dead) = queue::bounded(0);
-        let write_timeout = if est.tuned.heartbeat > 0 {
-            Duration::from_secs(u64::from(est.tuned.heartbeat) * 2)
-        } else {
-            Duration::from_secs(30)
-        };
-        let name = format!("lepus-io {}:{}", opts.host, opts.port);
-        log::info!(
-            "connected to {}:{} vhost {:?} (channel_max {}, frame_max {}, heartbeat {} s)",
-            opts.host,
-            opts.port,
-            opts.vhost,
-            est.tuned.channel_max,
-            est.tuned.frame_max,
-            est.tuned.heartbeat
-        );
-        let shared = Arc::new(ConnShared::new(
-            cmd_tx,
-            waker,
-            dead,
-            est.tuned,
-            opts,
-            est.server_properties,
-        ));
-        let reactor = Reactor {
-            poll,
-            sock: mio::net::TcpStream::from_std(est.stream),
-            decoder: est.decoder,
-            engine: Engine::new(shared.clone(), Instant::now()),
-            commands: cmd_rx,
-            alive,
-            write_timeout,
-        };
-        let thread = std::thread::Builder::new()
-            .name(name)
-            .stack_size(IO_THREAD_STACK)
-            .spawn(move || reactor.run())
-            .map_err(io_err)?;
-        Ok(Connection {
-            inner: Arc::new(ConnectionInner {
-                shared,
-                thread: Mutex::new(Some(thread)),
-                closed: AtomicBool::new(false),
-            }),
-        })
-    }
-
-    /// Open a new channel, waiting up to the operation timeout.
-    pub fn open_channel(&self) -> Result<Channel> {
-        let shared = &self.inner.shared;
-        if shared.is_failed() {
-            return Err(shared.error());
-        }
-        let deadline = Instant::now() + shared.opts.operation_timeout;
-        let id = shared
-            .ids
-            .lock()
-            .allocate()
-            .ok_or(Error::NoFreeChannel(shared.tuned.channel_max))?;
-        let ch = Arc::new(ChannelShared::new(id, shared.clone()));
-        let mut bytes = Vec::with_capacity(16);
-        put_method(
-            &mut bytes,
-            id,
-            AMQPClass::Channel(chan::AMQPMethod::Open(chan::Open {})),
-        )
-        .map_err(Error::InvalidArgument)?;
-        let (tx, rx) = queue::bounded(1);
-        let sent = shared.send(
-            Command::OpenChannel {
-                shared: ch.clone(),
-                bytes,
-                reply: tx,
-            },
-            deadline,
-            "room to send channel.open",
-        );
-        if let Err(e) = sent {
-            shared.ids.lock().free(id);
-            return Err(e);
-        }
-        // From here the I/O thread owns the id; dropping the handle on error closes it.
-        let channel = Channel::new(ch.clone(), self.clone());
-        match ch.wait_reply(&rx, deadline, "channel.open-ok")? {
-            Reply::Method(AMQPClass::Channel(chan::AMQPMethod::OpenOk(_))) => Ok(channel),
-            other => Err(Error::UnexpectedReply {
-                operation: "channel.open",
-                got: format!("{other:?}"),
-            }),
-        }
-    }
-
-    /// True until the connection is closed or lost.
-    pub fn is_open(&self) -> bool {
-        !self.inner.shared.is_failed()
-    }
-
-    /// Why the connection ended, once it has.
-    pub fn close_reason(&self) -> Option<Error> {
-        self.inner
-            .shared
-            .is_failed()
-            .then(|| self.inner.shared.error())
-    }
-
-    /// The broker's reason if it has blocked publishing on this connection
-    /// (`connection.blocked`, e.g. a memory or disk alarm). Publishers wait, within their
-    /// deadline, while it is blocked.
-    pub fn blocked(&self) -> Option<String> {
-        self.inner.shared.blocked_reason()
-    }
-
-    /// The broker's `server_properties` from `connection.start`.
-    pub fn server_properties(&self) -> &FieldTable {
-        &self.inner.shared.server_properties
-    }
-
-    /// Negotiated frame_max in bytes.
-    pub fn frame_max(&self) -> u32 {
-        self.inner.shared.tuned.frame_max
-    }
-
-    /// Negotiated channel_max.
-    pub fn channel_max(&self) -> u16 {
-        self.inner.shared.tuned.channel_max
-    }
-
-    /// Negotiated heartbeat in seconds (0: none).
-    pub fn heartbeat(&self) -> u16 {
-        self.inner.shared.tuned.heartbeat
-    }
-
-    /// Close the connection: send `connection.close`, wait for `close-ok` up to the
-    /// close timeout, and join the I/O thread. Every waiter on the connection gets
-    /// [`Error::ConnectionClosed`]. Closing twice, or closing a lost connection, is fine.
-    pub fn close(&self) -> Result<()> {
-        self.inner.close()
-    }
-}
-
-impl ConnectionInner {
+    /// Close this generation's connection and wait (bounded) for its I/O thread.
     fn close(&self) -> Result<()> {
-        if self.closed.swap(true, Ordering::AcqRel) {
-            return Ok(());
-        }
         let shared = &self.shared;
         let mut result = Ok(());
         if !shared.is_failed() {
@@ -259,6 +87,508 @@ impl ConnectionInner {
             }
         }
         result
+    }
+
+    /// A recovery candidate that could not be restored: close it.
+    pub(crate) fn abandon(&self) {
+        let _ = self.close();
+    }
+}
+
+/// Connect and handshake; the I/O thread is not started yet.
+fn prepare(opts: &ConnectionOptions, number: u64) -> Result<(Arc<ConnShared>, Reactor)> {
+    let est = handshake::connect(opts)?;
+    let io_err = |e: std::io::Error| Error::ConnectionLost(format!("I/O setup failed: {e}"));
+    est.stream.set_nonblocking(true).map_err(io_err)?;
+    let local = est.stream.local_addr().ok();
+    let poll = mio::Poll::new().map_err(io_err)?;
+    let waker = mio::Waker::new(poll.registry(), WAKER).map_err(io_err)?;
+    let (cmd_tx, cmd_rx) = queue::bounded(COMMAND_QUEUE);
+    let (alive, dead) = queue::bounded(0);
+    let write_timeout = if est.tuned.heartbeat > 0 {
+        Duration::from_secs(u64::from(est.tuned.heartbeat) * 2)
+    } else {
+        Duration::from_secs(30)
+    };
+    log::info!(
+        "connected to {}:{} vhost {:?} (generation {number}, channel_max {}, frame_max {}, heartbeat {} s)",
+        opts.host,
+        opts.port,
+        opts.vhost,
+        est.tuned.channel_max,
+        est.tuned.frame_max,
+        est.tuned.heartbeat
+    );
+    let shared = Arc::new(
+        ConnShared::new(
+            cmd_tx,
+            waker,
+            dead,
+            est.tuned,
+            opts.clone(),
+            est.server_properties,
+        )
+        .with_generation(number, local),
+    );
+    let reactor = Reactor {
+        poll,
+        sock: mio::net::TcpStream::from_std(est.stream),
+        decoder: est.decoder,
+        engine: Engine::new(shared.clone(), Instant::now()),
+        commands: cmd_rx,
+        alive,
+        write_timeout,
+    };
+    Ok((shared, reactor))
+}
+
+fn launch(gen_: &Generation, reactor: Reactor, link: Weak<dyn LinkEvents>) -> Result<()> {
+    gen_.shared.set_link(link);
+    let o = &gen_.shared.opts;
+    let name = format!("lepus-io {}:{} #{}", o.host, o.port, gen_.shared.generation);
+    let thread = std::thread::Builder::new()
+        .name(name)
+        .stack_size(IO_THREAD_STACK)
+        .spawn(move || reactor.run())
+        .map_err(|e| Error::ConnectionLost(format!("could not start the I/O thread: {e}")))?;
+    *gen_.thread.lock() = Some(thread);
+    Ok(())
+}
+
+/// Open a new generation of `inner` to `host:port` (recovery).
+pub(crate) fn start_generation(
+    inner: &Arc<ConnectionInner>,
+    host: &str,
+    port: u16,
+    number: u64,
+) -> Result<Arc<Generation>> {
+    let opts = inner.opts.clone().host(host).port(port);
+    let (shared, reactor) = prepare(&opts, number)?;
+    let gen_ = Arc::new(Generation {
+        shared,
+        thread: Mutex::new(None),
+    });
+    let weak: Weak<ConnectionInner> = Arc::downgrade(inner);
+    launch(&gen_, reactor, weak)?;
+    Ok(gen_)
+}
+
+struct Link {
+    current: Arc<Generation>,
+    /// A failure of `gen_` is being recovered.
+    recovering: bool,
+    /// The recovery thread for the current failure has been started.
+    recovery_started: bool,
+    /// Highest recovery candidate generation that failed before being installed.
+    failed_candidate: u64,
+    /// Recovery gave up, or the failure is not recoverable: the connection is dead.
+    terminal: Option<Error>,
+}
+
+/// A connection to the broker. Cheap to clone, `Send + Sync`: share one between threads
+/// and give each thread its own [`Channel`]. The last handle dropped (connections and
+/// channels alike) closes it.
+///
+/// With automatic recovery (the default, see [`crate::RecoveryOptions`]) a lost link is
+/// replaced by a new TCP connection: the same `Connection`, [`Channel`] and
+/// [`crate::Consumer`] handles keep working on it.
+#[derive(Clone)]
+pub struct Connection {
+    inner: Arc<ConnectionInner>,
+}
+
+pub(crate) struct ConnectionInner {
+    pub(crate) opts: ConnectionOptions,
+    link: Mutex<Link>,
+    link_cv: Condvar,
+    pub(crate) topology: Mutex<Topology>,
+    channels: Mutex<HashMap<u16, Weak<ChannelInner>>>,
+    events: Mutex<EventLog>,
+    closed: AtomicBool,
+    generations: AtomicU64,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let o = &self.inner.opts;
+        f.debug_struct("Connection")
+            .field("host", &o.host)
+            .field("port", &o.port)
+            .field("vhost", &o.vhost)
+            .field("generation", &self.generation())
+            .field("open", &self.is_open())
+            .finish()
+    }
+}
+
+impl Connection {
+    /// Open a connection from an `amqp://` URI (see [`ConnectionOptions::from_uri`]).
+    ///
+    /// ```no_run
+    /// let conn = lepus::Connection::open("amqp://guest:guest@127.0.0.1:5672/%2f?heartbeat=10")?;
+    /// # Ok::<(), lepus::Error>(())
+    /// ```
+    pub fn open(uri: &str) -> Result<Connection> {
+        Self::open_with(ConnectionOptions::from_uri(uri)?)
+    }
+
+    /// Open a connection with explicit options. Connecting and the handshake happen on
+    /// this thread and end within `connection_timeout` per address, with an error that
+    /// says which step failed. The addresses are tried in order.
+    pub fn open_with(opts: ConnectionOptions) -> Result<Connection> {
+        let mut last = None;
+        let mut first = None;
+        for (host, port) in opts.addresses() {
+            match prepare(&opts.clone().host(host).port(port), 1) {
+                Ok(p) => {
+                    first = Some(p);
+                    break;
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        let (shared, reactor) = match first {
+            Some(p) => p,
+            None => {
+                return Err(last.unwrap_or(Error::InvalidUri("no address to connect to".into())));
+            }
+        };
+        let gen_ = Arc::new(Generation {
+            shared,
+            thread: Mutex::new(None),
+        });
+        let inner = Arc::new(ConnectionInner {
+            opts,
+            link: Mutex::new(Link {
+                current: gen_.clone(),
+                recovering: false,
+                recovery_started: false,
+                failed_candidate: 0,
+                terminal: None,
+            }),
+            link_cv: Condvar::new(),
+            topology: Mutex::new(Topology::default()),
+            channels: Mutex::new(HashMap::new()),
+            events: Mutex::new(EventLog::new()),
+            closed: AtomicBool::new(false),
+            generations: AtomicU64::new(1),
+        });
+        let weak: Weak<ConnectionInner> = Arc::downgrade(&inner);
+        launch(&gen_, reactor, weak)?;
+        Ok(Connection { inner })
+    }
+
+    pub(crate) fn inner(&self) -> &Arc<ConnectionInner> {
+        &self.inner
+    }
+
+    /// Open a new channel, waiting up to the operation timeout (and for a recovery in
+    /// progress to finish, within that time).
+    pub fn open_channel(&self) -> Result<Channel> {
+        let deadline = Instant::now() + self.inner.opts.operation_timeout;
+        let shared = self.inner.current(deadline)?;
+        let ch = shared.open_channel(None, deadline)?;
+        Ok(Channel::new(ch, self.clone()))
+    }
+
+    /// True while the connection is usable (not closed, not lost, not recovering).
+    pub fn is_open(&self) -> bool {
+        let link = self.inner.link.lock();
+        !link.current.shared().is_failed() && link.terminal.is_none()
+    }
+
+    /// Why the connection ended, once it has for good (closed, or lost without recovery).
+    pub fn close_reason(&self) -> Option<Error> {
+        if self.inner.is_closed() {
+            return Some(Error::ConnectionClosed);
+        }
+        self.inner
+            .link
+            .lock()
+            .terminal
+            .as_ref()
+            .map(Error::duplicate)
+    }
+
+    /// The current connection generation: 1 for the first TCP connection, +1 for each
+    /// one recovery opened.
+    pub fn generation(&self) -> u64 {
+        self.inner.link.lock().current.number()
+    }
+
+    /// Our end of the current TCP connection.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.inner.link.lock().current.shared().local_addr
+    }
+
+    /// The most recent recovery events (up to 4096), oldest first.
+    pub fn recovery_events(&self) -> Vec<RecoveryEvent> {
+        self.inner.events.lock().snapshot()
+    }
+
+    /// Wait until the connection is usable (e.g. after a recovery), up to `timeout`.
+    pub fn wait_open(&self, timeout: Duration) -> Result<()> {
+        self.inner.current(Instant::now() + timeout).map(|_| ())
+    }
+
+    /// The broker's reason if it has blocked publishing on this connection
+    /// (`connection.blocked`, e.g. a memory or disk alarm). Publishers wait, within their
+    /// deadline, while it is blocked.
+    pub fn blocked(&self) -> Option<String> {
+        self.inner.link.lock().current.shared().blocked_reason()
+    }
+
+    /// The broker's `server_properties` from `connection.start`.
+    pub fn server_properties(&self) -> FieldTable {
+        self.inner
+            .link
+            .lock()
+            .current
+            .shared()
+            .server_properties
+            .clone()
+    }
+
+    /// Negotiated frame_max in bytes.
+    pub fn frame_max(&self) -> u32 {
+        self.inner.link.lock().current.shared().tuned.frame_max
+    }
+
+    /// Negotiated channel_max.
+    pub fn channel_max(&self) -> u16 {
+        self.inner.link.lock().current.shared().tuned.channel_max
+    }
+
+    /// Negotiated heartbeat in seconds (0: none).
+    pub fn heartbeat(&self) -> u16 {
+        self.inner.link.lock().current.shared().tuned.heartbeat
+    }
+
+    /// Close the connection: send `connection.close`, wait for `close-ok` up to the
+    /// close timeout, and join the I/O thread. Every waiter on the connection gets
+    /// [`Error::ConnectionClosed`] and nothing recovers afterwards. Closing twice, or
+    /// closing a lost connection, is fine.
+    pub fn close(&self) -> Result<()> {
+        self.inner.close()
+    }
+}
+
+impl ConnectionInner {
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn next_generation(&self) -> u64 {
+        self.generations.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    pub(crate) fn event(&self, generation: u64, kind: RecoveryEventKind) {
+        let e = RecoveryEvent {
+            at: Instant::now(),
+            generation,
+            kind,
+        };
+        if let Some(l) = &self.opts.recovery.listener {
+            l(&e);
+        }
+        self.events.lock().push(e);
+    }
+
+    /// The usable connection state, waiting for a recovery in progress until `deadline`.
+    pub(crate) fn current(&self, deadline: Instant) -> Result<Arc<ConnShared>> {
+        let mut link = self.link.lock();
+        loop {
+            if self.is_closed() {
+                return Err(Error::ConnectionClosed);
+            }
+            if let Some(t) = &link.terminal {
+                return Err(t.duplicate());
+            }
+            let shared = link.current.shared().clone();
+            if !shared.is_failed() {
+                return Ok(shared);
+            }
+            if !shared.will_recover() {
+                return Err(shared.error());
+            }
+            if self.link_cv.wait_until(&mut link, deadline).timed_out() {
+                return Err(shared.error());
+            }
+        }
+    }
+
+    /// Wait until `done()` holds, or the connection is closed or dead, or `deadline`.
+    /// `lost` is the error to report if the deadline passes.
+    pub(crate) fn wait_for(
+        &self,
+        done: impl Fn() -> bool,
+        deadline: Instant,
+        lost: impl Fn() -> Error,
+    ) -> Result<()> {
+        let mut link = self.link.lock();
+        loop {
+            if done() {
+                return Ok(());
+            }
+            if self.is_closed() {
+                return Err(Error::ConnectionClosed);
+            }
+            if let Some(t) = &link.terminal {
+                return Err(t.duplicate());
+            }
+            if self.link_cv.wait_until(&mut link, deadline).timed_out() {
+                return if done() { Ok(()) } else { Err(lost()) };
+            }
+        }
+    }
+
+    pub(crate) fn notify(&self) {
+        let _l = self.link.lock();
+        self.link_cv.notify_all();
+    }
+
+    /// Sleep for `d` unless the connection is closed meanwhile (then true).
+    pub(crate) fn sleep_unless_closed(&self, d: Duration) -> bool {
+        let deadline = Instant::now() + d;
+        let mut link = self.link.lock();
+        while !self.is_closed() {
+            if self.link_cv.wait_until(&mut link, deadline).timed_out() {
+                break;
+            }
+        }
+        self.is_closed()
+    }
+
+    pub(crate) fn register_channel(&self, ch: &Arc<ChannelInner>) {
+        let mut map = self.channels.lock();
+        map.retain(|_, w| w.strong_count() > 0);
+        map.insert(ch.id(), Arc::downgrade(ch));
+    }
+
+    pub(crate) fn unregister_channel(&self, id: u16, ch: *const ChannelInner) {
+        let mut map = self.channels.lock();
+        if map.get(&id).is_some_and(|w| std::ptr::eq(w.as_ptr(), ch)) {
+            map.remove(&id);
+        }
+    }
+
+    /// Channels to restore: alive, and not closed by themselves.
+    pub(crate) fn live_channels(&self) -> Vec<Arc<ChannelInner>> {
+        let mut v: Vec<_> = self
+            .channels
+            .lock()
+            .values()
+            .filter_map(Weak::upgrade)
+            .filter(|c| c.wants_recovery())
+            .collect();
+        v.sort_by_key(|c| c.id());
+        v
+    }
+
+    /// Make a recovered generation current. Refused (false) if it failed meanwhile: the
+    /// recovery loop then goes on.
+    pub(crate) fn install(&self, gen_: Arc<Generation>) -> bool {
+        let mut link = self.link.lock();
+        if link.failed_candidate >= gen_.number() || gen_.shared().is_failed() {
+            log::warn!(
+                "recovered generation {} failed before it was installed",
+                gen_.number()
+            );
+            return false;
+        }
+        link.current = gen_;
+        link.recovering = false;
+        link.recovery_started = false;
+        self.link_cv.notify_all();
+        true
+    }
+
+    /// Recovery is over without a connection.
+    pub(crate) fn give_up(&self, err: Error) {
+        let mut link = self.link.lock();
+        link.recovering = false;
+        if link.terminal.is_none() {
+            link.terminal = Some(err.duplicate());
+        }
+        self.link_cv.notify_all();
+        drop(link);
+        for c in self.channels.lock().values().filter_map(Weak::upgrade) {
+            c.end_consumers(&err);
+        }
+    }
+
+    fn close(&self) -> Result<()> {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        self.notify();
+        let gen_ = self.link.lock().current.clone();
+        let r = gen_.close();
+        for c in self.channels.lock().values().filter_map(Weak::upgrade) {
+            c.end_consumers(&Error::ConnectionClosed);
+        }
+        r
+    }
+}
+
+impl LinkEvents for ConnectionInner {
+    fn failing(&self, generation: u64, err: &Error) -> bool {
+        if self.is_closed() || !self.opts.recovery.enabled || !err.is_connection_lost() {
+            return false;
+        }
+        let mut link = self.link.lock();
+        let current = link.current.number();
+        if generation > current {
+            // A candidate of the running recovery: that recovery carries on.
+            link.failed_candidate = link.failed_candidate.max(generation);
+            return true;
+        }
+        if generation < current || link.terminal.is_some() {
+            return false;
+        }
+        link.recovering = true;
+        drop(link);
+        log::warn!("connection lost (generation {generation}): {err}; recovering");
+        self.event(
+            generation,
+            RecoveryEventKind::FailureDetected(err.to_string()),
+        );
+        true
+    }
+
+    fn woken(&self, generation: u64) {
+        if self.link.lock().recovering {
+            self.event(generation, RecoveryEventKind::WaitersWoken);
+        }
+    }
+
+    fn ended(self: Arc<Self>, generation: u64, err: Error) {
+        let mut link = self.link.lock();
+        if link.current.number() != generation {
+            return;
+        }
+        if !link.recovering || self.is_closed() {
+            if link.terminal.is_none() && !self.is_closed() {
+                link.terminal = Some(err);
+            }
+            self.link_cv.notify_all();
+            return;
+        }
+        if link.recovery_started {
+            return;
+        }
+        link.recovery_started = true;
+        drop(link);
+        let inner = self.clone();
+        if let Err(e) = std::thread::Builder::new()
+            .name("lepus-recovery".into())
+            .spawn(move || recovery::run(inner))
+        {
+            log::error!("could not start the recovery thread: {e}");
+            self.give_up(Error::ConnectionLost(format!(
+                "recovery could not start: {e}"
+            )));
+        }
     }
 }
 

@@ -23,6 +23,8 @@ pub(crate) const UNLIMITED_PREFETCH_QUEUE: usize = 1024;
 pub(crate) enum ConsumerMsg {
     Delivery(Delivery),
     Bad(Box<BadDelivery>),
+    /// The link was lost and the consumer will be restored by recovery.
+    Lost(Error),
     End(Error),
 }
 
@@ -33,9 +35,12 @@ pub(crate) struct ConsumerShared {
     pub(crate) capacity: usize,
     /// Set by the I/O thread when it stopped reading because this queue was full.
     pub(crate) io_waiting: AtomicBool,
+    /// Cleared when the consumer ends (cancelled, dropped): recovery skips it then.
+    pub(crate) active: AtomicBool,
 }
 
-/// The I/O thread's end of a consumer.
+/// The I/O thread's end of a consumer (also kept by the channel, for recovery).
+#[derive(Clone)]
 pub(crate) struct ConsumerSink {
     pub(crate) tx: Sender<ConsumerMsg>,
     pub(crate) shared: Arc<ConsumerShared>,
@@ -43,6 +48,16 @@ pub(crate) struct ConsumerSink {
 }
 
 impl ConsumerSink {
+    pub(crate) fn is_active(&self) -> bool {
+        self.shared.active.load(Ordering::Acquire)
+    }
+
+    /// End the consumer for good.
+    pub(crate) fn end(&self, err: Error) {
+        self.shared.active.store(false, Ordering::Release);
+        let _ = self.push(ConsumerMsg::End(err));
+    }
+
     pub(crate) fn is_full(&self) -> bool {
         self.shared.queued.load(Ordering::Acquire) >= self.shared.capacity
     }
@@ -126,6 +141,7 @@ impl Consumer {
         match msg {
             ConsumerMsg::Delivery(d) => Ok(d),
             ConsumerMsg::Bad(b) => Err(Error::BadDelivery(b)),
+            ConsumerMsg::Lost(e) => Err(e),
             ConsumerMsg::End(e) => Err(self.end_with(e)),
         }
     }
@@ -199,14 +215,20 @@ impl Consumer {
         if self.cancelled.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
+        self.shared.active.store(false, Ordering::Release);
         self.channel.basic_cancel(&self.tag)
     }
 }
 
 impl Drop for Consumer {
     fn drop(&mut self) {
-        if !self.cancelled.swap(true, Ordering::AcqRel) && !self.channel.shared().is_closed() {
-            self.channel.cancel_nowait(&self.tag);
+        self.shared.active.store(false, Ordering::Release);
+        if !self.cancelled.swap(true, Ordering::AcqRel) {
+            if self.channel.shared().is_closed() {
+                self.channel.forget_consumer(&self.tag);
+            } else {
+                self.channel.cancel_nowait(&self.tag);
+            }
         }
     }
 }
@@ -226,9 +248,10 @@ impl Iterator for Iter<'_> {
         }
         match self.consumer.recv() {
             Ok(d) => Some(Ok(d)),
-            Err(e @ Error::BadDelivery(_)) => Some(Err(e)),
             Err(e) => {
-                self.done = true;
+                // Bad deliveries and a lost link that recovery will restore are not
+                // the end; an ended consumer is.
+                self.done = self.consumer.ended().is_some();
                 Some(Err(e))
             }
         }

@@ -52,13 +52,14 @@ mod consumer;
 mod error;
 mod io;
 mod protocol;
+mod recovery;
 mod sync;
 mod uri;
 
 // The public interface is:
 pub use channel::{
     Channel, ConsumeOptions, ExchangeDeclareOptions, PublishOptions, QueueDeclareOptions,
-    QueueDeleteOptions, QueueInfo,
+    QueueDeleteOptions, QueueInfo, UnconfirmedMessage,
 };
 pub use confirm::{Confirm, Confirmation};
 pub use connection::Connection;
@@ -66,6 +67,7 @@ pub use consumer::{BadDelivery, BadDeliveryKind, Consumer, Delivery, Iter, Retur
 pub use error::{Error, HandshakeStage, Result, reply_code};
 pub use protocol::properties::BasicProperties;
 pub use protocol::table::{FieldTable, FieldValue};
+pub use recovery::{RecoveryEvent, RecoveryEventKind, RecoveryOptions, UnconfirmedPolicy};
 pub use uri::{AuthMechanism, ConnectionOptions};
 
 /// Internals exposed for fuzzing, model checks and tests; not part of the stable API.

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::protocol::table::{DEFAULT_MAX_TABLE_DEPTH, FieldTable, MAX_TABLE_DEPTH_CAP};
+use crate::recovery::RecoveryOptions;
 
 /// SASL mechanism used to log in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -45,6 +46,8 @@ pub struct ConnectionOptions {
     pub(crate) max_message_size: u64,
     pub(crate) max_table_depth: usize,
     pub(crate) close_timeout: Duration,
+    pub(crate) more_addresses: Vec<(String, u16)>,
+    pub(crate) recovery: RecoveryOptions,
 }
 
 impl Default for ConnectionOptions {
@@ -66,6 +69,8 @@ impl Default for ConnectionOptions {
             max_message_size: 128 * 1024 * 1024,
             max_table_depth: DEFAULT_MAX_TABLE_DEPTH,
             close_timeout: Duration::from_secs(5),
+            more_addresses: Vec::new(),
+            recovery: RecoveryOptions::default(),
         }
     }
 }
@@ -162,6 +167,23 @@ impl ConnectionOptions {
     pub fn max_table_depth(mut self, depth: usize) -> Self {
         self.max_table_depth = depth.clamp(1, MAX_TABLE_DEPTH_CAP);
         self
+    }
+    /// Another broker address to fail over to (tried after the URI's host, in order,
+    /// when connecting and when recovering).
+    pub fn address(mut self, host: impl Into<String>, port: u16) -> Self {
+        self.more_addresses.push((host.into(), port));
+        self
+    }
+    /// Automatic recovery settings ([`RecoveryOptions::disabled`] turns it off).
+    pub fn recovery(mut self, r: RecoveryOptions) -> Self {
+        self.recovery = r;
+        self
+    }
+    /// Every address, the primary first.
+    pub(crate) fn addresses(&self) -> Vec<(String, u16)> {
+        let mut v = vec![(self.host.clone(), self.port)];
+        v.extend(self.more_addresses.iter().cloned());
+        v
     }
     /// How long `close()` waits for the broker's `close-ok`.
     pub fn close_timeout(mut self, t: Duration) -> Self {

@@ -117,8 +117,7 @@ impl Engine {
             return;
         }
         log::debug!("connection ending: {err}");
-        self.conn.set_failure(err.duplicate());
-        self.drop_slots();
+        self.end_link(&err);
         if let State::Closing {
             reply: Some(reply), ..
         } = std::mem::replace(&mut self.state, State::Open)
@@ -128,14 +127,30 @@ impl Engine {
         self.state = State::Done(err);
     }
 
-    fn drop_slots(&mut self) {
+    /// The link ends with `err`: tell the owner first (so that a recovery is known to
+    /// follow before anyone wakes), record the reason, then wake every waiter.
+    fn end_link(&mut self, err: &Error) {
+        if self.conn.is_failed() {
+            return;
+        }
+        let recover = self.conn.link_failing(err);
+        self.conn.set_failure(err.duplicate());
         let err = self.conn.error();
         self.stalled = None;
         for slot in self.slots.iter_mut().filter_map(Option::take) {
-            slot.shared.confirms.fail(err.duplicate());
-            // Dropping pending replies and consumer senders wakes their waiters, which
-            // then read the recorded reason.
+            slot.shared.confirms.fail(err.duplicate(), recover);
+            // Consumers hear it through their queue: a lost link they will survive
+            // (recovery re-registers them), or their end.
+            for (_, sink) in slot.consumers {
+                if recover {
+                    let _ = sink.push(ConsumerMsg::Lost(err.duplicate()));
+                } else {
+                    sink.end(err.duplicate());
+                }
+            }
+            // Dropping pending replies wakes their waiters, which then read the reason.
         }
+        self.conn.link_woken();
     }
 
     /// The peer broke the protocol: tell waiters, send `connection.close` with the code,
@@ -155,8 +170,7 @@ impl Engine {
             code: e.code,
             text: e.text.clone(),
         };
-        self.conn.set_failure(err.duplicate());
-        self.drop_slots();
+        self.end_link(&err);
         let mut text = e.text;
         text.truncate(200);
         method_bytes(
@@ -189,18 +203,8 @@ impl Engine {
             return;
         }
         match cmd {
-            Command::Send(bytes) => {
-                let ch = bytes
-                    .get(1..3)
-                    .map(|b| u16::from_be_bytes([b[0], b[1]]))
-                    .unwrap_or(0);
-                // Frames for a channel that is closing or closed would make the broker
-                // close the whole connection (504); they are dropped and their sender
-                // has been told the channel is closed.
-                if self.open_slot(ch).is_some() {
-                    self.out.extend_from_slice(&bytes);
-                }
-            }
+            Command::Send(bytes) => self.send_frames(&bytes),
+            Command::SendShared(bytes) => self.send_frames(&bytes),
             Command::Rpc {
                 channel,
                 bytes,
@@ -258,8 +262,7 @@ impl Engine {
                 }
             },
             Command::Close { bytes, reply } => {
-                self.conn.set_failure(Error::ConnectionClosed);
-                self.drop_slots();
+                self.end_link(&Error::ConnectionClosed);
                 self.out.extend_from_slice(&bytes);
                 self.state = State::Closing {
                     deadline: now + self.conn.opts.close_timeout,
@@ -267,6 +270,19 @@ impl Engine {
                     reply: Some(reply),
                 };
             }
+        }
+    }
+
+    fn send_frames(&mut self, bytes: &[u8]) {
+        let ch = bytes
+            .get(1..3)
+            .map(|b| u16::from_be_bytes([b[0], b[1]]))
+            .unwrap_or(0);
+        // Frames for a channel that is closing or closed would make the broker close
+        // the whole connection (504); they are dropped and their sender has been told
+        // the channel is closed.
+        if self.open_slot(ch).is_some() {
+            self.out.extend_from_slice(bytes);
         }
     }
 
@@ -458,11 +474,11 @@ impl Engine {
                 let tag = c.consumer_tag.to_string();
                 if let Some(sink) = slot.consumers.remove(&tag) {
                     log::info!("broker cancelled consumer {tag:?} on channel {ch}");
-                    let _ = sink.push(ConsumerMsg::End(Error::ConsumerCancelled {
+                    sink.end(Error::ConsumerCancelled {
                         tag: tag.clone(),
                         reason: "the broker cancelled the consumer (queue deleted or unavailable)"
                             .into(),
-                    }));
+                    });
                 }
                 if !c.nowait {
                     method_bytes(
@@ -520,10 +536,10 @@ impl Engine {
                 if let AMQPClass::Basic(B::CancelOk(ok)) = &reply {
                     let tag = ok.consumer_tag.to_string();
                     if let Some(sink) = slot.consumers.remove(&tag) {
-                        let _ = sink.push(ConsumerMsg::End(Error::ConsumerCancelled {
+                        sink.end(Error::ConsumerCancelled {
                             tag,
                             reason: "cancelled by the application".into(),
-                        }));
+                        });
                     }
                 }
                 let reply = if let AMQPClass::Basic(B::GetEmpty(_)) = reply {
@@ -797,7 +813,7 @@ impl Engine {
         let tag = match msg {
             ConsumerMsg::Delivery(d) => d.acker.delivery_tag,
             ConsumerMsg::Bad(b) => b.acker.delivery_tag,
-            ConsumerMsg::End(_) => return,
+            ConsumerMsg::End(_) | ConsumerMsg::Lost(_) => return,
         };
         method_bytes(
             &mut self.out,

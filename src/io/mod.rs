@@ -5,6 +5,7 @@ pub(crate) mod engine;
 pub(crate) mod handshake;
 pub(crate) mod reactor;
 
+use std::net::SocketAddr;
 use std::time::Instant;
 
 use amq_protocol::protocol::AMQPClass;
@@ -13,9 +14,10 @@ use crate::confirm::ConfirmTracker;
 use crate::consumer::{ConsumerSink, Returned};
 use crate::error::{Error, Result};
 use crate::protocol::content::Content;
+use crate::protocol::frame::put_method;
 use crate::protocol::table::FieldTable;
 use crate::sync::queue::{self, Receiver, SendTimeoutError, Sender};
-use crate::sync::{Arc, AtomicBool, AtomicUsize, Condvar, Mutex, Ordering};
+use crate::sync::{Arc, AtomicBool, AtomicUsize, Condvar, Mutex, Ordering, Weak};
 use crate::uri::ConnectionOptions;
 
 /// What an RPC gets back.
@@ -32,6 +34,9 @@ pub(crate) type ReplyTx = Sender<Result<Reply>>;
 pub(crate) enum Command {
     /// Frames of an open channel that need no reply (publish, ack, ...).
     Send(Vec<u8>),
+    /// The same, for frames also kept elsewhere (a confirm-mode publish kept until
+    /// confirmed).
+    SendShared(Arc<Vec<u8>>),
     /// A synchronous method; the reply goes to `reply`. For `basic.consume`, `consumer`
     /// is registered under the tag of the `consume-ok` before the reply is sent.
     Rpc {
@@ -90,6 +95,16 @@ impl IdAllocator {
         }
         None
     }
+    /// Take a specific id (recovery reopens channels under their old ids).
+    pub(crate) fn reserve(&mut self, id: u16) -> bool {
+        match self.used.get_mut(id as usize) {
+            Some(u) if !*u && id != 0 => {
+                *u = true;
+                true
+            }
+            _ => false,
+        }
+    }
     pub(crate) fn free(&mut self, id: u16) {
         if let Some(u) = self.used.get_mut(id as usize) {
             *u = false;
@@ -113,6 +128,22 @@ pub(crate) struct ConnShared {
     pub(crate) tuned: Tuned,
     pub(crate) opts: ConnectionOptions,
     pub(crate) server_properties: FieldTable,
+    /// Which connection of a recovering `Connection` this is (1, 2, ...).
+    pub(crate) generation: u64,
+    /// Our end of the TCP connection.
+    pub(crate) local_addr: Option<SocketAddr>,
+    link: Mutex<Option<Weak<dyn LinkEvents>>>,
+    will_recover: AtomicBool,
+}
+
+/// What the owner of a connection generation hears from its I/O thread.
+pub(crate) trait LinkEvents: Send + Sync {
+    /// The link of `generation` is failing with `err` (called before any waiter wakes);
+    /// returns true if a recovery will follow.
+    fn failing(&self, generation: u64, err: &Error) -> bool;
+    /// The I/O thread of `generation` has ended with `err`.
+    fn woken(&self, generation: u64);
+    fn ended(self: Arc<Self>, generation: u64, err: Error);
 }
 
 impl ConnShared {
@@ -138,6 +169,112 @@ impl ConnShared {
             tuned,
             opts,
             server_properties,
+            generation: 1,
+            local_addr: None,
+            link: Mutex::new(None),
+            will_recover: AtomicBool::new(false),
+        }
+    }
+
+    /// Set the generation number (before the state is shared).
+    pub(crate) fn with_generation(mut self, generation: u64, local: Option<SocketAddr>) -> Self {
+        self.generation = generation;
+        self.local_addr = local;
+        self
+    }
+
+    /// Set who hears about this generation's end (before its I/O thread starts).
+    pub(crate) fn set_link(&self, link: Weak<dyn LinkEvents>) {
+        *self.link.lock() = Some(link);
+    }
+
+    /// Tell the owner the link is failing; remembers whether recovery follows.
+    pub(crate) fn link_failing(&self, err: &Error) -> bool {
+        let link = self.link.lock().as_ref().and_then(Weak::upgrade);
+        let recover = link.is_some_and(|l| l.failing(self.generation, err));
+        self.will_recover.store(recover, Ordering::Release);
+        recover
+    }
+
+    /// True when the failure of this generation will be followed by a recovery.
+    pub(crate) fn will_recover(&self) -> bool {
+        self.will_recover.load(Ordering::Acquire)
+    }
+
+    /// Tell the owner every waiter has been woken.
+    pub(crate) fn link_woken(&self) {
+        let link = self.link.lock().as_ref().and_then(Weak::upgrade);
+        if let Some(l) = link {
+            l.woken(self.generation);
+        }
+    }
+
+    /// Tell the owner the I/O thread ended.
+    pub(crate) fn link_ended(&self, err: Error) {
+        let link = self.link.lock().take().and_then(|w| w.upgrade());
+        if let Some(l) = link {
+            l.ended(self.generation, err);
+        }
+    }
+
+    /// Open a channel on this connection (with the given id, for recovery), waiting
+    /// until `deadline`.
+    pub(crate) fn open_channel(
+        self: &Arc<Self>,
+        want: Option<u16>,
+        deadline: Instant,
+    ) -> Result<Arc<ChannelShared>> {
+        if self.is_failed() {
+            return Err(self.error());
+        }
+        let id = {
+            let mut ids = self.ids.lock();
+            match want {
+                Some(id) if ids.reserve(id) => Some(id),
+                Some(_) => None,
+                None => ids.allocate(),
+            }
+        }
+        .ok_or(Error::NoFreeChannel(self.tuned.channel_max))?;
+        let ch = Arc::new(ChannelShared::new(id, self.clone()));
+        let mut bytes = Vec::with_capacity(16);
+        put_method(
+            &mut bytes,
+            id,
+            AMQPClass::Channel(amq_protocol::protocol::channel::AMQPMethod::Open(
+                amq_protocol::protocol::channel::Open {},
+            )),
+        )
+        .map_err(Error::InvalidArgument)?;
+        let (tx, rx) = queue::bounded(1);
+        let sent = self.send(
+            Command::OpenChannel {
+                shared: ch.clone(),
+                bytes,
+                reply: tx,
+            },
+            deadline,
+            "room to send channel.open",
+        );
+        if let Err(e) = sent {
+            self.ids.lock().free(id);
+            return Err(e);
+        }
+        match ch.wait_reply(&rx, deadline, "channel.open-ok") {
+            Ok(Reply::Method(AMQPClass::Channel(
+                amq_protocol::protocol::channel::AMQPMethod::OpenOk(_),
+            ))) => Ok(ch),
+            other => {
+                // The I/O thread owns the id now: close the half-open channel.
+                ch.close_nowait();
+                Err(match other {
+                    Err(e) => e,
+                    Ok(r) => Error::UnexpectedReply {
+                        operation: "channel.open",
+                        got: format!("{r:?}"),
+                    },
+                })
+            }
         }
     }
 
@@ -238,6 +375,10 @@ pub(crate) struct ChannelShared {
     pub(crate) returns_rx: Receiver<Returned>,
     pub(crate) returns_dropped: AtomicUsize,
     pub(crate) prefetch: AtomicUsize,
+    /// RPCs on one channel are serialised.
+    rpc_lock: Mutex<()>,
+    /// Held while a confirm-mode publish takes its sequence number and is queued.
+    pub(crate) publish_lock: Mutex<()>,
 }
 
 impl ChannelShared {
@@ -253,6 +394,8 @@ impl ChannelShared {
             returns_rx,
             returns_dropped: AtomicUsize::new(0),
             prefetch: AtomicUsize::new(0),
+            rpc_lock: Mutex::new(()),
+            publish_lock: Mutex::new(()),
         }
     }
 
@@ -265,11 +408,16 @@ impl ChannelShared {
             }
             self.closed.store(true, Ordering::Release);
         }
-        self.confirms.fail(self.error());
+        self.confirms.fail(self.error(), false);
     }
 
     pub(crate) fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire) || self.conn.is_failed()
+    }
+
+    /// Closed by itself (by the broker or the application), not by its connection.
+    pub(crate) fn is_channel_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
     }
 
     /// Why this channel cannot be used: its own close reason, else the connection's.
@@ -296,12 +444,78 @@ impl ChannelShared {
         }
     }
 
-    /// Queue frames of this channel that need no reply.
-    pub(crate) fn send(&self, bytes: Vec<u8>, deadline: Instant, what: &'static str) -> Result<()> {
+    /// A synchronous method on this channel: send, then wait for the reply.
+    pub(crate) fn rpc(
+        &self,
+        m: AMQPClass,
+        deadline: Instant,
+        what: &'static str,
+        consumer: Option<ConsumerSink>,
+    ) -> Result<Reply> {
+        let _serial = self
+            .rpc_lock
+            .try_lock_until(deadline)
+            .ok_or(Error::Timeout(what))?;
         if self.is_closed() {
             return Err(self.error());
         }
-        self.conn.send(Command::Send(bytes), deadline, what)
+        let mut bytes = Vec::with_capacity(64);
+        put_method(&mut bytes, self.id, m).map_err(Error::InvalidArgument)?;
+        let (tx, rx) = queue::bounded(1);
+        self.conn.send(
+            Command::Rpc {
+                channel: self.id,
+                bytes,
+                reply: tx,
+                consumer,
+            },
+            deadline,
+            what,
+        )?;
+        self.wait_reply(&rx, deadline, what)
+    }
+
+    /// Send `channel.close` without waiting for `close-ok`.
+    pub(crate) fn close_nowait(&self) {
+        let mut bytes = Vec::with_capacity(48);
+        let m = AMQPClass::Channel(amq_protocol::protocol::channel::AMQPMethod::Close(
+            amq_protocol::protocol::channel::Close {
+                reply_code: crate::error::reply_code::REPLY_SUCCESS,
+                reply_text: "closed by the application".into(),
+                class_id: 0,
+                method_id: 0,
+            },
+        ));
+        if put_method(&mut bytes, self.id, m).is_ok() {
+            self.set_closed(Error::ChannelClosed(self.id));
+            let _ = self.conn.send(
+                Command::CloseChannel {
+                    channel: self.id,
+                    bytes,
+                    reply: None,
+                },
+                Instant::now() + std::time::Duration::from_millis(100),
+                "room to send channel.close",
+            );
+        }
+    }
+
+    /// Queue frames of this channel that need no reply.
+    pub(crate) fn send(&self, bytes: Vec<u8>, deadline: Instant, what: &'static str) -> Result<()> {
+        self.send_command(Command::Send(bytes), deadline, what)
+    }
+
+    /// Queue a command for this channel, unless the channel is closed.
+    pub(crate) fn send_command(
+        &self,
+        cmd: Command,
+        deadline: Instant,
+        what: &'static str,
+    ) -> Result<()> {
+        if self.is_closed() {
+            return Err(self.error());
+        }
+        self.conn.send(cmd, deadline, what)
     }
 }
 

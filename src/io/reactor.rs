@@ -166,10 +166,14 @@ impl Reactor {
         let _ = self.sock.shutdown(std::net::Shutdown::Both);
         // Queued commands hold reply senders: drop them now so their waiters wake.
         while self.commands.try_recv().is_ok() {}
-        if let Some(e) = self.engine.outcome() {
-            log::info!("connection I/O thread ends: {e}");
-        }
+        let outcome = self
+            .engine
+            .outcome()
+            .map(Error::duplicate)
+            .unwrap_or_else(|| Error::ConnectionLost("the I/O thread ended".into()));
+        log::info!("connection I/O thread ends: {outcome}");
         drop(self.alive);
+        self.engine.conn.link_ended(outcome);
     }
 
     fn process_frames(&mut self, now: Instant) {

@@ -84,6 +84,11 @@ enum State {
         expected: u64,
         received: u64,
     },
+    /// The body of a too-large content, already reported: counted, not buffered.
+    Skip {
+        expected: u64,
+        received: u64,
+    },
 }
 
 /// Per-channel assembler.
@@ -112,7 +117,10 @@ impl Assembler {
         Ok(())
     }
 
-    /// A content header frame arrived. Returns the content if its body is empty.
+    /// A content header frame arrived. Returns the content if its body is empty, or at
+    /// once, without its body, if it is larger than `max_message_size` (the body frames
+    /// are then counted and dropped: a peer may announce 2^64 - 1 bytes and never send
+    /// them, and the consumer must not wait for them to learn of the delivery).
     pub fn header(
         &mut self,
         payload: &[u8],
@@ -141,20 +149,24 @@ impl Assembler {
             ));
         }
         let expected = prefix.body_size;
-        let (properties, body) = if expected > max_message_size {
-            (
-                Err(ContentProblem::TooLarge {
+        if expected > max_message_size {
+            self.state = State::Skip {
+                expected,
+                received: 0,
+            };
+            return Ok(Some(Content {
+                method,
+                properties: Err(ContentProblem::TooLarge {
                     size: expected,
                     max: max_message_size,
                 }),
-                Vec::new(),
-            )
-        } else {
-            (
-                decode_properties(payload, max_depth).map_err(ContentProblem::Undecodable),
-                Vec::with_capacity(expected.min(PREALLOC_CAP) as usize),
-            )
-        };
+                body: Vec::new(),
+            }));
+        }
+        let (properties, body) = (
+            decode_properties(payload, max_depth).map_err(ContentProblem::Undecodable),
+            Vec::with_capacity(expected.min(PREALLOC_CAP) as usize),
+        );
         if expected == 0 {
             return Ok(Some(Content {
                 method,
@@ -175,11 +187,25 @@ impl Assembler {
     /// A body frame arrived. Returns the content when its last byte is in.
     pub fn body(&mut self, payload: &[u8]) -> Result<Option<Content>, FrameError> {
         match &mut self.state {
+            State::Skip { expected, received } => {
+                *received += payload.len() as u64;
+                if *received > *expected {
+                    return Err(FrameError::new(
+                        reply_code::FRAME_ERROR,
+                        format!(
+                            "body of {received}+ bytes is longer than the {expected} announced"
+                        ),
+                    ));
+                }
+                if *received == *expected {
+                    self.state = State::Idle;
+                }
+                return Ok(None);
+            }
             State::Body {
                 body,
                 expected,
                 received,
-                properties,
                 ..
             } => {
                 *received += payload.len() as u64;
@@ -191,13 +217,10 @@ impl Assembler {
                         ),
                     ));
                 }
-                // A too-large content is counted, not buffered.
-                if !matches!(properties, Err(ContentProblem::TooLarge { .. })) {
-                    if body.is_empty() && payload.len() as u64 == *expected {
-                        *body = payload.to_vec();
-                    } else {
-                        body.extend_from_slice(payload);
-                    }
+                if body.is_empty() && payload.len() as u64 == *expected {
+                    *body = payload.to_vec();
+                } else {
+                    body.extend_from_slice(payload);
                 }
                 if *received < *expected {
                     return Ok(None);
@@ -259,25 +282,39 @@ mod tests {
     }
 
     #[test]
-    fn too_large_body_is_counted_not_buffered() {
+    fn too_large_body_is_reported_at_once_then_counted_not_buffered() {
         let mut a = Assembler::default();
         a.start(deliver()).unwrap();
-        assert!(a.header(&header(1 << 63), 1000, 8).unwrap().is_none());
-        for _ in 0..10 {
-            assert!(a.body(&[0; 1000]).unwrap().is_none());
-        }
-        let mut a = Assembler::default();
-        a.start(deliver()).unwrap();
-        a.header(&header(2000), 1000, 8).unwrap();
-        a.body(&[0; 1000]).unwrap();
-        let c = a.body(&[0; 1000]).unwrap().unwrap();
-        assert!(c.body.is_empty());
+        let c = a.header(&header(1 << 63), 1000, 8).unwrap().unwrap();
         assert_eq!(
             c.properties,
             Err(ContentProblem::TooLarge {
-                size: 2000,
+                size: 1 << 63,
                 max: 1000
             })
+        );
+        for _ in 0..10 {
+            assert!(a.body(&[0; 1000]).unwrap().is_none());
+        }
+        assert!(!a.is_idle());
+        let mut a = Assembler::default();
+        a.start(deliver()).unwrap();
+        let c = a.header(&header(2000), 1000, 8).unwrap().unwrap();
+        assert!(c.body.is_empty());
+        assert!(a.body(&[0; 1000]).unwrap().is_none());
+        assert!(!a.is_idle());
+        assert!(a.body(&[0; 1000]).unwrap().is_none());
+        assert!(a.is_idle());
+        a.start(deliver()).unwrap();
+        a.header(&header(5), 1000, 8).unwrap();
+        assert_eq!(a.body(b"12345").unwrap().unwrap().body, b"12345");
+        // Longer than announced is still a frame error.
+        let mut a = Assembler::default();
+        a.start(deliver()).unwrap();
+        a.header(&header(2000), 1000, 8).unwrap();
+        assert_eq!(
+            a.body(&[0; 2001]).unwrap_err().code,
+            reply_code::FRAME_ERROR
         );
     }
 
