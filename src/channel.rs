@@ -20,7 +20,7 @@ use crate::protocol::table::{FieldTable, table_to_amqp};
 use crate::recovery::{
     BindingRecord, ChannelRecord, ConsumerRecord, ExchangeRecord, QueueRecord, Topology,
 };
-use crate::sync::queue::{self as q, RecvTimeoutError};
+use crate::sync::queue::{self as q};
 use crate::sync::{Arc, AtomicBool, AtomicUsize, Mutex, Ordering};
 
 /// Options of `exchange.declare`.
@@ -807,10 +807,7 @@ impl Channel {
     /// A message the broker returned (mandatory publish with no route), waiting up to
     /// `timeout`. Up to 1024 returns are kept per channel; more are logged and dropped.
     pub fn recv_return(&self, timeout: Duration) -> Option<Returned> {
-        match self.shared().returns_rx.recv_timeout(timeout) {
-            Ok(r) => Some(r),
-            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => None,
-        }
+        self.shared().returns_rx.recv_timeout(timeout).ok()
     }
 
     /// A returned message, if one is waiting.

@@ -21,7 +21,8 @@ pub(crate) const QUEUE_MARGIN: usize = 64;
 pub(crate) const UNLIMITED_PREFETCH_QUEUE: usize = 1024;
 
 pub(crate) enum ConsumerMsg {
-    Delivery(Delivery),
+    // Boxed: queue slots stay small whatever the size of a delivery.
+    Delivery(Box<Delivery>),
     Bad(Box<BadDelivery>),
     /// The link was lost and the consumer will be restored by recovery.
     Lost(Error),
@@ -139,7 +140,7 @@ impl Consumer {
     fn on_msg(&self, msg: ConsumerMsg) -> Result<Delivery> {
         self.took_one();
         match msg {
-            ConsumerMsg::Delivery(d) => Ok(d),
+            ConsumerMsg::Delivery(d) => Ok(*d),
             ConsumerMsg::Bad(b) => Err(Error::BadDelivery(b)),
             ConsumerMsg::Lost(e) => Err(e),
             ConsumerMsg::End(e) => Err(self.end_with(e)),

@@ -667,7 +667,7 @@ impl Engine {
                     delivery_tag,
                 };
                 let msg = match c.properties {
-                    Ok(properties) => ConsumerMsg::Delivery(Delivery {
+                    Ok(properties) => ConsumerMsg::Delivery(Box::new(Delivery {
                         body: c.body,
                         properties,
                         exchange,
@@ -675,7 +675,7 @@ impl Engine {
                         redelivered,
                         message_count: None,
                         acker,
-                    }),
+                    })),
                     Err(p) => {
                         let bad = BadDelivery {
                             kind: problem(p),
@@ -705,7 +705,7 @@ impl Engine {
                     );
                     return;
                 };
-                let _ = p.reply.send(Ok(Reply::Get(Some(Content {
+                let _ = p.reply.send(Ok(Reply::Get(Some(Box::new(Content {
                     method: ContentMethod::GetOk {
                         delivery_tag,
                         redelivered,
@@ -715,7 +715,7 @@ impl Engine {
                     },
                     properties: c.properties,
                     body: c.body,
-                }))));
+                })))));
             }
             ContentMethod::Return {
                 reply_code,

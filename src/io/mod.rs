@@ -25,7 +25,7 @@ use crate::uri::ConnectionOptions;
 pub(crate) enum Reply {
     Method(AMQPClass),
     /// `basic.get-ok` with its content, or `None` for `get-empty`.
-    Get(Option<Content>),
+    Get(Option<Box<Content>>),
 }
 
 pub(crate) type ReplyTx = Sender<Result<Reply>>;

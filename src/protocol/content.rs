@@ -72,6 +72,9 @@ pub struct Content {
     pub body: Vec<u8>,
 }
 
+// One per channel, and `Body` is the state a busy channel is in most of the time:
+// boxing it would cost an allocation per message to save a few hundred bytes per channel.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Default)]
 enum State {
     #[default]

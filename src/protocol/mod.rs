@@ -83,7 +83,7 @@ pub fn decode_server_method(payload: &[u8], max_depth: usize) -> Result<AMQPClas
         })?;
     }
     match parse_class(payload) {
-        Ok((rest, class)) if rest.is_empty() => Ok(class),
+        Ok((&[], class)) => Ok(class),
         Ok((rest, _)) => Err(FrameError::new(
             reply_code::SYNTAX_ERROR,
             format!(
