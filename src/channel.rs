@@ -251,6 +251,16 @@ impl Channel {
         }
     }
 
+    /// Worth keeping in a pool: not closed by itself, on a connection that lives or
+    /// will recover.
+    pub(crate) fn pool_usable(&self) -> bool {
+        if !self.inner.wants_recovery() || self.inner.conn.inner().is_dead() {
+            return false;
+        }
+        let s = self.shared();
+        !s.conn.is_failed() || s.conn.will_recover()
+    }
+
     /// The channel id.
     pub fn id(&self) -> u16 {
         self.inner.id

@@ -285,7 +285,11 @@ impl Connection {
     /// Open a new channel, waiting up to the operation timeout (and for a recovery in
     /// progress to finish, within that time).
     pub fn open_channel(&self) -> Result<Channel> {
-        let deadline = Instant::now() + self.inner.opts.operation_timeout;
+        self.open_channel_until(Instant::now() + self.inner.opts.operation_timeout)
+    }
+
+    /// Open a new channel, waiting until `deadline`.
+    pub fn open_channel_until(&self, deadline: Instant) -> Result<Channel> {
         let shared = self.inner.current(deadline)?;
         let ch = shared.open_channel(None, deadline)?;
         Ok(Channel::new(ch, self.clone()))
@@ -376,6 +380,11 @@ impl Connection {
 impl ConnectionInner {
     pub(crate) fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
+    }
+
+    /// Closed, or lost for good: nothing on it will work again.
+    pub(crate) fn is_dead(&self) -> bool {
+        self.is_closed() || self.link.lock().terminal.is_some()
     }
 
     pub(crate) fn next_generation(&self) -> u64 {
