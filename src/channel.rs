@@ -20,6 +20,7 @@ use crate::protocol::table::{FieldTable, table_to_amqp};
 use crate::recovery::{
     BindingRecord, ChannelRecord, ConsumerRecord, ExchangeRecord, QueueRecord, Topology,
 };
+use crate::sync::oneshot;
 use crate::sync::queue::{self as q};
 use crate::sync::{Arc, AtomicBool, AtomicUsize, Mutex, Ordering};
 
@@ -717,6 +718,7 @@ impl Channel {
             no_ack: opts.no_ack,
         };
         let record_sink = sink.clone();
+        let relay = sink.tx.clone();
         let m = AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
             queue: short("queue name", queue)?,
             consumer_tag: short("consumer tag", &opts.consumer_tag)?,
@@ -734,7 +736,7 @@ impl Channel {
             opts: opts.clone(),
             sink: record_sink,
         });
-        Ok(Consumer::new(tag, rx, shared, self.clone()))
+        Ok(Consumer::new(tag, rx, relay, shared, self.clone()))
     }
 
     /// Cancel a consumer by tag and wait for `cancel-ok`.
@@ -771,7 +773,7 @@ impl Channel {
         if put_method(&mut bytes, self.id(), m).is_err() {
             return;
         }
-        let (tx, _rx) = q::bounded(1);
+        let (tx, _rx) = oneshot::channel();
         let shared = self.shared();
         let _ = shared.conn.send(
             Command::Rpc {
@@ -913,7 +915,7 @@ impl Channel {
         let mut bytes = Vec::with_capacity(48);
         put_method(&mut bytes, shared.id, close_method()).map_err(Error::InvalidArgument)?;
         shared.set_closed(Error::ChannelClosed(shared.id));
-        let (tx, rx) = q::bounded(1);
+        let (tx, rx) = oneshot::channel();
         shared.conn.send(
             Command::CloseChannel {
                 channel: shared.id,

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use crate::channel::Channel;
 use crate::error::{Error, Result};
-use crate::sync::{Arc, AtomicBool, AtomicU8, Condvar, Mutex, Ordering};
+use crate::sync::{Arc, AtomicBool, AtomicU8, Condvar, CondvarExt, Mutex, Ordering};
 
 const PENDING: u8 = 0;
 const ACKED: u8 = 1;
@@ -191,13 +191,19 @@ impl ConfirmTracker {
     fn wait_slot(&self, slot: &AtomicU8, deadline: Instant) -> Result<Option<Confirm>> {
         let mut s = self.state.lock();
         loop {
-            if let Some(c) = outcome(slot)? {
-                return Ok(Some(c));
+            match outcome(slot) {
+                Ok(Some(c)) => return Ok(Some(c)),
+                Ok(None) => {}
+                // Failed with its channel: say why the channel ended.
+                Err(e) if slot.load(Ordering::Acquire) == FAILED => {
+                    return Err(s.failure.as_ref().map_or(e, Error::duplicate));
+                }
+                Err(e) => return Err(e),
             }
             if let Some(e) = &s.failure {
                 return Err(e.duplicate());
             }
-            if self.cv.wait_until(&mut s, deadline).timed_out()
+            if self.cv.wait_until_deadline(&mut s, deadline)
                 && slot.load(Ordering::Acquire) == PENDING
                 && s.failure.is_none()
             {
@@ -217,7 +223,7 @@ impl ConfirmTracker {
             if s.pending.is_empty() {
                 return Ok(!std::mem::take(&mut s.nacked_since_wait));
             }
-            if self.cv.wait_until(&mut s, deadline).timed_out()
+            if self.cv.wait_until_deadline(&mut s, deadline)
                 && !s.pending.is_empty()
                 && s.failure.is_none()
             {
@@ -286,8 +292,15 @@ impl Confirmation {
 
     /// Wait for the broker's answer until `deadline`.
     pub fn wait_until(&self, deadline: Instant) -> Result<Confirm> {
-        if let Some(c) = outcome(&self.slot)? {
-            return Ok(c);
+        match outcome(&self.slot) {
+            Ok(Some(c)) => return Ok(c),
+            Ok(None) => {}
+            // Failed with its channel (no recovery follows): say why the channel ended,
+            // e.g. closed by the broker or by the application, rather than "lost".
+            Err(_) if self.slot.load(Ordering::Acquire) == FAILED => {
+                return Err(self.channel.shared().error());
+            }
+            Err(e) => return Err(e),
         }
         let shared = self.channel.usable(deadline)?;
         match shared.confirms.wait_slot(&self.slot, deadline)? {

@@ -17,8 +17,8 @@ use crate::io::{Command, ConnShared, LinkEvents, handshake};
 use crate::protocol::frame::put_method;
 use crate::protocol::table::FieldTable;
 use crate::recovery::{self, EventLog, RecoveryEvent, RecoveryEventKind, Topology};
-use crate::sync::queue;
-use crate::sync::{Arc, AtomicBool, AtomicU64, Condvar, Mutex, Ordering, Weak};
+use crate::sync::{Arc, AtomicBool, AtomicU64, Condvar, CondvarExt, Mutex, Ordering, Weak};
+use crate::sync::{oneshot, queue};
 use crate::uri::ConnectionOptions;
 
 /// Commands queued for the I/O thread before callers wait for room.
@@ -57,7 +57,7 @@ impl Generation {
                 })),
             )
             .map_err(Error::InvalidArgument)?;
-            let (tx, rx) = queue::bounded(1);
+            let (tx, rx) = oneshot::channel();
             let deadline = Instant::now() + shared.opts.close_timeout + Duration::from_millis(500);
             if shared
                 .send(
@@ -67,15 +67,12 @@ impl Generation {
                 )
                 .is_ok()
             {
-                let timeout = deadline.saturating_duration_since(Instant::now());
-                result = match rx.recv_timeout(timeout) {
+                result = match rx.recv_deadline(deadline) {
                     Ok(Ok(_)) => Ok(()),
                     Ok(Err(e)) => Err(e),
                     // The I/O thread ended first: the link was gone anyway.
-                    Err(queue::RecvTimeoutError::Disconnected) => Ok(()),
-                    Err(queue::RecvTimeoutError::Timeout) => {
-                        Err(Error::Timeout("connection.close-ok"))
-                    }
+                    Err(oneshot::RecvError::Disconnected) => Ok(()),
+                    Err(oneshot::RecvError::Timeout) => Err(Error::Timeout("connection.close-ok")),
                 };
             }
         }
@@ -104,7 +101,6 @@ fn prepare(opts: &ConnectionOptions, number: u64) -> Result<(Arc<ConnShared>, Re
     let poll = mio::Poll::new().map_err(io_err)?;
     let waker = mio::Waker::new(poll.registry(), WAKER).map_err(io_err)?;
     let (cmd_tx, cmd_rx) = queue::bounded(COMMAND_QUEUE);
-    let (alive, dead) = queue::bounded(0);
     let write_timeout = if est.tuned.heartbeat > 0 {
         Duration::from_secs(u64::from(est.tuned.heartbeat) * 2)
     } else {
@@ -123,7 +119,6 @@ fn prepare(opts: &ConnectionOptions, number: u64) -> Result<(Arc<ConnShared>, Re
         ConnShared::new(
             cmd_tx,
             waker,
-            dead,
             est.tuned,
             opts.clone(),
             est.server_properties,
@@ -136,7 +131,6 @@ fn prepare(opts: &ConnectionOptions, number: u64) -> Result<(Arc<ConnShared>, Re
         decoder: est.decoder,
         engine: Engine::new(shared.clone(), Instant::now()),
         commands: cmd_rx,
-        alive,
         write_timeout,
     };
     Ok((shared, reactor))
@@ -306,12 +300,14 @@ impl Connection {
         if self.inner.is_closed() {
             return Some(Error::ConnectionClosed);
         }
-        self.inner
-            .link
-            .lock()
-            .terminal
-            .as_ref()
-            .map(Error::duplicate)
+        let link = self.inner.link.lock();
+        if let Some(t) = &link.terminal {
+            return Some(t.duplicate());
+        }
+        // Failed with no recovery to follow (e.g. a protocol violation): ended for good
+        // already, though the I/O thread may still be waiting for the peer's close-ok.
+        let shared = link.current.shared();
+        (shared.is_failed() && !shared.will_recover() && !link.recovering).then(|| shared.error())
     }
 
     /// The current connection generation: 1 for the first TCP connection, +1 for each
@@ -420,7 +416,7 @@ impl ConnectionInner {
             if !shared.will_recover() {
                 return Err(shared.error());
             }
-            if self.link_cv.wait_until(&mut link, deadline).timed_out() {
+            if self.link_cv.wait_until_deadline(&mut link, deadline) {
                 return Err(shared.error());
             }
         }
@@ -445,7 +441,7 @@ impl ConnectionInner {
             if let Some(t) = &link.terminal {
                 return Err(t.duplicate());
             }
-            if self.link_cv.wait_until(&mut link, deadline).timed_out() {
+            if self.link_cv.wait_until_deadline(&mut link, deadline) {
                 return if done() { Ok(()) } else { Err(lost()) };
             }
         }
@@ -461,7 +457,7 @@ impl ConnectionInner {
         let deadline = Instant::now() + d;
         let mut link = self.link.lock();
         while !self.is_closed() {
-            if self.link_cv.wait_until(&mut link, deadline).timed_out() {
+            if self.link_cv.wait_until_deadline(&mut link, deadline) {
                 break;
             }
         }

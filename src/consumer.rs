@@ -59,8 +59,11 @@ impl ConsumerSink {
         let _ = self.push(ConsumerMsg::End(err));
     }
 
+    /// True when the I/O thread must wait for room. A consumer that was cancelled or
+    /// dropped never holds it back: nobody may ever take from its queue again, and the
+    /// cancel-ok it waits for can only be read if reading goes on.
     pub(crate) fn is_full(&self) -> bool {
-        self.shared.queued.load(Ordering::Acquire) >= self.shared.capacity
+        self.is_active() && self.shared.queued.load(Ordering::Acquire) >= self.shared.capacity
     }
 
     /// Push; gives the message back if the consumer is gone.
@@ -82,6 +85,9 @@ impl ConsumerSink {
 pub struct Consumer {
     tag: String,
     rx: Receiver<ConsumerMsg>,
+    /// Passes the end on: one `End` in the queue wakes one receiving thread, which hands
+    /// it to the next one blocked on this consumer.
+    relay: Sender<ConsumerMsg>,
     shared: Arc<ConsumerShared>,
     channel: Channel,
     ended: Mutex<Option<Error>>,
@@ -102,12 +108,14 @@ impl Consumer {
     pub(crate) fn new(
         tag: String,
         rx: Receiver<ConsumerMsg>,
+        relay: Sender<ConsumerMsg>,
         shared: Arc<ConsumerShared>,
         channel: Channel,
     ) -> Self {
         Consumer {
             tag,
             rx,
+            relay,
             shared,
             channel,
             ended: Mutex::new(None),
@@ -143,7 +151,13 @@ impl Consumer {
             ConsumerMsg::Delivery(d) => Ok(*d),
             ConsumerMsg::Bad(b) => Err(Error::BadDelivery(b)),
             ConsumerMsg::Lost(e) => Err(e),
-            ConsumerMsg::End(e) => Err(self.end_with(e)),
+            ConsumerMsg::End(e) => {
+                let e = self.end_with(e);
+                // Other threads may be blocked on this consumer too: wake the next one.
+                self.shared.queued.fetch_add(1, Ordering::AcqRel);
+                let _ = self.relay.send(ConsumerMsg::End(e.duplicate()));
+                Err(e)
+            }
         }
     }
 

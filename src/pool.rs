@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use crate::channel::Channel;
 use crate::connection::Connection;
 use crate::error::{Error, Result};
-use crate::sync::{Arc, AtomicBool, AtomicU64, Condvar, Mutex, Ordering};
+use crate::sync::{Arc, AtomicBool, AtomicU64, Condvar, CondvarExt, Mutex, Ordering};
 
 /// Default number of channels a pool may hold open.
 pub const DEFAULT_POOL_SIZE: usize = 100;
@@ -190,7 +190,7 @@ impl ChannelPool {
                 };
             }
             st.waiters += 1;
-            let timed_out = self.inner.cv.wait_until(&mut st, deadline).timed_out();
+            let timed_out = self.inner.cv.wait_until_deadline(&mut st, deadline);
             st.waiters -= 1;
             if timed_out && st.idle.is_empty() && st.in_use + st.opening >= self.inner.max {
                 return Err(Error::Timeout("a free channel in the pool"));

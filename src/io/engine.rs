@@ -528,9 +528,11 @@ impl Engine {
                         format!("reply {reply:?} on channel {ch} without a request"),
                     ));
                 };
+                let mut consumed = None;
                 if let AMQPClass::Basic(B::ConsumeOk(ok)) = &reply {
                     if let Some(sink) = p.consumer {
                         slot.consumers.insert(ok.consumer_tag.to_string(), sink);
+                        consumed = Some(ok.consumer_tag.clone());
                     }
                 }
                 if let AMQPClass::Basic(B::CancelOk(ok)) = &reply {
@@ -547,8 +549,24 @@ impl Engine {
                 } else {
                     Reply::Method(reply)
                 };
-                // The waiter may have timed out and left: nothing to do then.
-                let _ = p.reply.send(Ok(reply));
+                // The waiter may have timed out and left: nothing to do then, unless it
+                // was a basic.consume. Nobody will ever take that consumer's deliveries:
+                // cancel it at the broker, or they would bounce (requeued) forever.
+                if p.reply.send(Ok(reply)).is_err() {
+                    if let Some(tag) = consumed {
+                        if let Some(sink) = slot.consumers.get(tag.as_str()) {
+                            sink.shared.active.store(false, Ordering::Release);
+                        }
+                        method_bytes(
+                            &mut self.out,
+                            ch,
+                            AMQPClass::Basic(B::Cancel(basic::Cancel {
+                                consumer_tag: tag,
+                                nowait: true,
+                            })),
+                        );
+                    }
+                }
                 Ok(())
             }
         }
@@ -558,6 +576,11 @@ impl Engine {
     fn finish_channel(&mut self, ch: u16, reason: Error) {
         if let Some(slot) = self.slots.get_mut(ch as usize).and_then(Option::take) {
             slot.shared.set_closed(reason);
+            // The channel handle keeps clones of its consumers' senders (for recovery), so
+            // dropping the slot wakes nobody: end each consumer with the channel's reason.
+            for sink in slot.consumers.values() {
+                sink.end(slot.shared.error());
+            }
             if let Some(r) = slot.close_reply {
                 let _ = r.send(Ok(Reply::Method(AMQPClass::Channel(
                     channel::AMQPMethod::CloseOk(channel::CloseOk {}),

@@ -16,9 +16,11 @@ use crate::error::{Error, Result};
 use crate::protocol::content::Content;
 use crate::protocol::frame::put_method;
 use crate::protocol::table::FieldTable;
+use crate::sync::oneshot;
 use crate::sync::queue::{self, Receiver, SendTimeoutError, Sender};
-use crate::sync::{Arc, AtomicBool, AtomicUsize, Condvar, Mutex, Ordering, Weak};
+use crate::sync::{Arc, AtomicBool, AtomicUsize, Condvar, CondvarExt, Mutex, Ordering, Weak};
 use crate::uri::ConnectionOptions;
+use std::sync::atomic::fence;
 
 /// What an RPC gets back.
 #[derive(Debug)]
@@ -28,7 +30,8 @@ pub(crate) enum Reply {
     Get(Option<Box<Content>>),
 }
 
-pub(crate) type ReplyTx = Sender<Result<Reply>>;
+pub(crate) type ReplyTx = oneshot::Sender<Result<Reply>>;
+pub(crate) type ReplyRx = oneshot::Receiver<Result<Reply>>;
 
 /// A unit of work for the I/O thread. Frames arrive pre-encoded.
 pub(crate) enum Command {
@@ -123,8 +126,6 @@ pub(crate) struct ConnShared {
     blocked_cv: Condvar,
     is_blocked: AtomicBool,
     pub(crate) ids: Mutex<IdAllocator>,
-    /// Disconnected when the I/O thread ends, waking every handle that selects on it.
-    pub(crate) dead: Receiver<()>,
     pub(crate) tuned: Tuned,
     pub(crate) opts: ConnectionOptions,
     pub(crate) server_properties: FieldTable,
@@ -150,7 +151,6 @@ impl ConnShared {
     pub(crate) fn new(
         cmd_tx: Sender<Command>,
         waker: mio::Waker,
-        dead: Receiver<()>,
         tuned: Tuned,
         opts: ConnectionOptions,
         server_properties: FieldTable,
@@ -165,7 +165,6 @@ impl ConnShared {
             blocked_cv: Condvar::new(),
             is_blocked: AtomicBool::new(false),
             ids: Mutex::new(IdAllocator::new(tuned.channel_max)),
-            dead,
             tuned,
             opts,
             server_properties,
@@ -246,7 +245,7 @@ impl ConnShared {
             )),
         )
         .map_err(Error::InvalidArgument)?;
-        let (tx, rx) = queue::bounded(1);
+        let (tx, rx) = oneshot::channel();
         let sent = self.send(
             Command::OpenChannel {
                 shared: ch.clone(),
@@ -299,6 +298,10 @@ impl ConnShared {
         }
         match self.cmd_tx.send_deadline(cmd, deadline) {
             Ok(()) => {
+                // Pairs with the fence in `set_failure`: either the I/O thread drains
+                // this command, or a waiter checking `is_failed` afterwards sees the
+                // failure (see `ChannelShared::wait_reply`).
+                fence(Ordering::SeqCst);
                 self.wake();
                 Ok(())
             }
@@ -308,7 +311,7 @@ impl ConnShared {
     }
 
     pub(crate) fn is_failed(&self) -> bool {
-        self.failed.load(Ordering::Acquire)
+        self.failed.load(Ordering::SeqCst)
     }
 
     /// Why the connection ended (or a generic loss if the reason is not recorded yet).
@@ -326,8 +329,9 @@ impl ConnShared {
             if f.is_none() {
                 *f = Some(err);
             }
-            self.failed.store(true, Ordering::Release);
+            self.failed.store(true, Ordering::SeqCst);
         }
+        fence(Ordering::SeqCst);
         let _b = self.blocked.lock();
         self.blocked_cv.notify_all();
     }
@@ -353,7 +357,7 @@ impl ConnShared {
             if self.is_failed() {
                 return Err(self.error());
             }
-            if self.blocked_cv.wait_until(&mut b, deadline).timed_out() && b.is_some() {
+            if self.blocked_cv.wait_until_deadline(&mut b, deadline) && b.is_some() {
                 return Err(Error::Timeout("the broker to unblock the connection"));
             }
         }
@@ -432,15 +436,20 @@ impl ChannelShared {
     /// connection ends.
     pub(crate) fn wait_reply(
         &self,
-        rx: &Receiver<Result<Reply>>,
+        rx: &ReplyRx,
         deadline: Instant,
         what: &'static str,
     ) -> Result<Reply> {
-        let timeout = deadline.saturating_duration_since(Instant::now());
-        queue::select! {
-            recv(rx) -> r => r.unwrap_or_else(|_| Err(self.error())),
-            recv(self.conn.dead) -> _ => rx.try_recv().unwrap_or_else(|_| Err(self.error())),
-            default(timeout) => Err(Error::Timeout(what)),
+        // The command was queued before this check (`ConnShared::send` fences): if the
+        // link has failed since, the I/O thread either drained the command (dropping its
+        // reply sender) or will never see it. No reply is coming unless it is here.
+        if self.conn.is_failed() {
+            return rx.try_recv().unwrap_or_else(|| Err(self.error()));
+        }
+        match rx.recv_deadline(deadline) {
+            Ok(r) => r,
+            Err(oneshot::RecvError::Timeout) => Err(Error::Timeout(what)),
+            Err(oneshot::RecvError::Disconnected) => Err(self.error()),
         }
     }
 
@@ -461,7 +470,7 @@ impl ChannelShared {
         }
         let mut bytes = Vec::with_capacity(64);
         put_method(&mut bytes, self.id, m).map_err(Error::InvalidArgument)?;
-        let (tx, rx) = queue::bounded(1);
+        let (tx, rx) = oneshot::channel();
         self.conn.send(
             Command::Rpc {
                 channel: self.id,

@@ -11,7 +11,7 @@ use super::Command;
 use super::engine::Engine;
 use crate::error::Error;
 use crate::protocol::frame::FrameDecoder;
-use crate::sync::queue::{Receiver, Sender};
+use crate::sync::queue::Receiver;
 
 pub(crate) const SOCKET: Token = Token(0);
 pub(crate) const WAKER: Token = Token(1);
@@ -30,8 +30,6 @@ pub(crate) struct Reactor {
     pub(crate) decoder: FrameDecoder,
     pub(crate) engine: Engine,
     pub(crate) commands: Receiver<Command>,
-    /// Dropped when the thread ends: every handle selecting on its receiver wakes.
-    pub(crate) alive: Sender<()>,
     pub(crate) write_timeout: Duration,
 }
 
@@ -164,7 +162,10 @@ impl Reactor {
         }
         self.final_flush(out_pos);
         let _ = self.sock.shutdown(std::net::Shutdown::Both);
-        // Queued commands hold reply senders: drop them now so their waiters wake.
+        // Queued commands hold reply senders: drop them now so their waiters wake. The
+        // failure was recorded (with a fence) before this drain; a command queued after
+        // it is seen as failed by its own waiter.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
         while self.commands.try_recv().is_ok() {}
         let outcome = self
             .engine
@@ -172,7 +173,6 @@ impl Reactor {
             .map(Error::duplicate)
             .unwrap_or_else(|| Error::ConnectionLost("the I/O thread ended".into()));
         log::info!("connection I/O thread ends: {outcome}");
-        drop(self.alive);
         self.engine.conn.link_ended(outcome);
     }
 
