@@ -22,7 +22,7 @@ use crate::recovery::{
 };
 use crate::sync::oneshot;
 use crate::sync::queue::{self as q};
-use crate::sync::{Arc, AtomicBool, AtomicUsize, Mutex, Ordering};
+use crate::sync::{Arc, AtomicBool, Mutex, Ordering};
 
 /// Options of `exchange.declare`.
 #[derive(Debug, Clone, Default)]
@@ -706,12 +706,7 @@ impl Channel {
             prefetch + QUEUE_MARGIN
         };
         let (tx, rx) = q::unbounded();
-        let shared = Arc::new(ConsumerShared {
-            queued: AtomicUsize::new(0),
-            capacity,
-            io_waiting: AtomicBool::new(false),
-            active: AtomicBool::new(true),
-        });
+        let shared = Arc::new(ConsumerShared::new(capacity));
         let sink = ConsumerSink {
             tx,
             shared: shared.clone(),

@@ -5,6 +5,7 @@
 use std::collections::VecDeque;
 use std::time::Instant;
 
+#[cfg(not(loom))]
 use crate::channel::Channel;
 use crate::error::{Error, Result};
 use crate::sync::{Arc, AtomicBool, AtomicU8, Condvar, CondvarExt, Mutex, Ordering};
@@ -25,15 +26,17 @@ pub enum Confirm {
 }
 
 /// An unconfirmed publish: its frames (to republish) and its handle's slot.
-pub(crate) struct Entry {
+#[doc(hidden)]
+pub struct Entry {
     seq: u64,
     slot: Option<Arc<AtomicU8>>,
-    pub(crate) bytes: Option<Arc<Vec<u8>>>,
+    /// The frames of the publish, kept for recovery.
+    pub bytes: Option<Arc<Vec<u8>>>,
 }
 
 impl Entry {
     /// Mark handed back: its waiter learns the message is with the application.
-    pub(crate) fn hand_back(&self) {
+    pub fn hand_back(&self) {
         if let Some(slot) = &self.slot {
             slot.store(HANDED_BACK, Ordering::Release);
         }
@@ -52,14 +55,15 @@ struct State {
 
 /// Confirm bookkeeping of one channel on one connection generation; the I/O thread
 /// resolves, publishers wait.
-pub(crate) struct ConfirmTracker {
+#[doc(hidden)]
+pub struct ConfirmTracker {
     enabled: AtomicBool,
     state: Mutex<State>,
     cv: Condvar,
 }
 
 impl ConfirmTracker {
-    pub(crate) fn new() -> Self {
+    pub fn new() -> Self {
         ConfirmTracker {
             enabled: AtomicBool::new(false),
             state: Mutex::new(State {
@@ -70,18 +74,18 @@ impl ConfirmTracker {
         }
     }
 
-    pub(crate) fn enable(&self) {
+    pub fn enable(&self) {
         self.enabled.store(true, Ordering::Release);
     }
 
-    pub(crate) fn is_enabled(&self) -> bool {
+    pub fn is_enabled(&self) -> bool {
         self.enabled.load(Ordering::Acquire)
     }
 
     /// Take the next sequence number. Call with the channel's publish lock held, so that
     /// numbers follow the order in which frames reach the I/O thread. `bytes` is kept
     /// until the broker confirms, for recovery.
-    pub(crate) fn register(
+    pub fn register(
         &self,
         want_handle: bool,
         bytes: Option<Arc<Vec<u8>>>,
@@ -102,7 +106,7 @@ impl ConfirmTracker {
     }
 
     /// Undo the last registration when the publish could not be queued.
-    pub(crate) fn unregister(&self, seq: u64) {
+    pub fn unregister(&self, seq: u64) {
         let mut s = self.state.lock();
         if s.pending.back().is_some_and(|e| e.seq == seq) {
             s.pending.pop_back();
@@ -113,7 +117,7 @@ impl ConfirmTracker {
     /// Take over the unconfirmed messages of the previous generation (recovery,
     /// republish policy): each gets a new sequence number and keeps its handle. Returns
     /// the frames to send, in order. Call with the publish lock held.
-    pub(crate) fn adopt(&self, entries: Vec<Entry>) -> Vec<Arc<Vec<u8>>> {
+    pub fn adopt(&self, entries: Vec<Entry>) -> Vec<Arc<Vec<u8>>> {
         let mut s = self.state.lock();
         let mut out = Vec::with_capacity(entries.len());
         for mut e in entries {
@@ -128,7 +132,7 @@ impl ConfirmTracker {
     }
 
     /// `basic.ack` / `basic.nack` from the broker.
-    pub(crate) fn resolve(&self, tag: u64, multiple: bool, ack: bool) {
+    pub fn resolve(&self, tag: u64, multiple: bool, ack: bool) {
         let mut s = self.state.lock();
         let outcome = if ack { ACKED } else { NACKED };
         if !ack {
@@ -156,7 +160,7 @@ impl ConfirmTracker {
     /// The channel or connection ended: every waiter wakes with `err`. If `keep`, the
     /// unconfirmed messages are kept (their handles stay pending) for recovery to
     /// republish or hand back; otherwise their handles fail.
-    pub(crate) fn fail(&self, err: Error, keep: bool) {
+    pub fn fail(&self, err: Error, keep: bool) {
         let mut s = self.state.lock();
         if s.failure.is_some() {
             return;
@@ -177,18 +181,18 @@ impl ConfirmTracker {
     }
 
     /// The messages kept at failure (empty unless `fail` was told to keep them).
-    pub(crate) fn take_in_doubt(&self) -> Vec<Entry> {
+    pub fn take_in_doubt(&self) -> Vec<Entry> {
         std::mem::take(&mut self.state.lock().in_doubt)
     }
 
     /// Published messages not yet confirmed (including those kept for recovery).
-    pub(crate) fn outstanding(&self) -> usize {
+    pub fn outstanding(&self) -> usize {
         let s = self.state.lock();
         s.pending.len() + s.in_doubt.len()
     }
 
     /// Wait for one message's outcome; returns the tracker's failure if it fails first.
-    fn wait_slot(&self, slot: &AtomicU8, deadline: Instant) -> Result<Option<Confirm>> {
+    pub fn wait_slot(&self, slot: &AtomicU8, deadline: Instant) -> Result<Option<Confirm>> {
         let mut s = self.state.lock();
         loop {
             match outcome(slot) {
@@ -214,7 +218,7 @@ impl ConfirmTracker {
 
     /// Wait until nothing is outstanding: `Ok(true)` if all were acked since the last
     /// call, `Ok(false)` if any was nacked.
-    pub(crate) fn wait_all(&self, deadline: Instant) -> Result<bool> {
+    pub fn wait_all(&self, deadline: Instant) -> Result<bool> {
         let mut s = self.state.lock();
         loop {
             if let Some(e) = &s.failure {
@@ -233,7 +237,9 @@ impl ConfirmTracker {
     }
 }
 
-fn outcome(slot: &AtomicU8) -> Result<Option<Confirm>> {
+/// The outcome recorded in a confirm slot, if any.
+#[doc(hidden)]
+pub fn outcome(slot: &AtomicU8) -> Result<Option<Confirm>> {
     match slot.load(Ordering::Acquire) {
         ACKED => Ok(Some(Confirm::Ack)),
         NACKED => Ok(Some(Confirm::Nack)),
@@ -249,63 +255,71 @@ fn outcome(slot: &AtomicU8) -> Result<Option<Confirm>> {
     }
 }
 
-/// The confirmation of one published message; wait on it from any thread.
-///
-/// If the connection is lost while the message is unconfirmed, a waiter gets
-/// [`Error::ConnectionLost`]. With automatic recovery and the republish policy, waiting
-/// again waits for the recovered connection and the republished copy's confirmation.
-pub struct Confirmation {
-    seq: u64,
-    slot: Arc<AtomicU8>,
-    channel: Channel,
-}
+#[cfg(not(loom))]
+pub use handle::Confirmation;
 
-impl std::fmt::Debug for Confirmation {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Confirmation")
-            .field("seq", &self.seq)
-            .field("state", &self.slot.load(Ordering::Acquire))
-            .finish()
-    }
-}
+#[cfg(not(loom))]
+mod handle {
+    use super::*;
 
-impl Confirmation {
-    pub(crate) fn new(seq: u64, slot: Arc<AtomicU8>, channel: Channel) -> Self {
-        Confirmation { seq, slot, channel }
+    /// The confirmation of one published message; wait on it from any thread.
+    ///
+    /// If the connection is lost while the message is unconfirmed, a waiter gets
+    /// [`Error::ConnectionLost`]. With automatic recovery and the republish policy, waiting
+    /// again waits for the recovered connection and the republished copy's confirmation.
+    pub struct Confirmation {
+        seq: u64,
+        slot: Arc<AtomicU8>,
+        channel: Channel,
     }
 
-    /// The publish sequence number (the delivery tag the broker confirms) at the time of
-    /// publishing.
-    pub fn sequence(&self) -> u64 {
-        self.seq
-    }
-
-    /// The outcome if the broker has answered already.
-    pub fn try_get(&self) -> Option<Confirm> {
-        outcome(&self.slot).ok().flatten()
-    }
-
-    /// Wait for the broker's answer until the channel's default operation timeout.
-    pub fn wait(&self) -> Result<Confirm> {
-        self.wait_until(self.channel.deadline())
-    }
-
-    /// Wait for the broker's answer until `deadline`.
-    pub fn wait_until(&self, deadline: Instant) -> Result<Confirm> {
-        match outcome(&self.slot) {
-            Ok(Some(c)) => return Ok(c),
-            Ok(None) => {}
-            // Failed with its channel (no recovery follows): say why the channel ended,
-            // e.g. closed by the broker or by the application, rather than "lost".
-            Err(_) if self.slot.load(Ordering::Acquire) == FAILED => {
-                return Err(self.channel.shared().error());
-            }
-            Err(e) => return Err(e),
+    impl std::fmt::Debug for Confirmation {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("Confirmation")
+                .field("seq", &self.seq)
+                .field("state", &self.slot.load(Ordering::Acquire))
+                .finish()
         }
-        let shared = self.channel.usable(deadline)?;
-        match shared.confirms.wait_slot(&self.slot, deadline)? {
-            Some(c) => Ok(c),
-            None => Err(Error::Timeout("a publisher confirm")),
+    }
+
+    impl Confirmation {
+        pub(crate) fn new(seq: u64, slot: Arc<AtomicU8>, channel: Channel) -> Self {
+            Confirmation { seq, slot, channel }
+        }
+
+        /// The publish sequence number (the delivery tag the broker confirms) at the time of
+        /// publishing.
+        pub fn sequence(&self) -> u64 {
+            self.seq
+        }
+
+        /// The outcome if the broker has answered already.
+        pub fn try_get(&self) -> Option<Confirm> {
+            outcome(&self.slot).ok().flatten()
+        }
+
+        /// Wait for the broker's answer until the channel's default operation timeout.
+        pub fn wait(&self) -> Result<Confirm> {
+            self.wait_until(self.channel.deadline())
+        }
+
+        /// Wait for the broker's answer until `deadline`.
+        pub fn wait_until(&self, deadline: Instant) -> Result<Confirm> {
+            match outcome(&self.slot) {
+                Ok(Some(c)) => return Ok(c),
+                Ok(None) => {}
+                // Failed with its channel (no recovery follows): say why the channel ended,
+                // e.g. closed by the broker or by the application, rather than "lost".
+                Err(_) if self.slot.load(Ordering::Acquire) == FAILED => {
+                    return Err(self.channel.shared().error());
+                }
+                Err(e) => return Err(e),
+            }
+            let shared = self.channel.usable(deadline)?;
+            match shared.confirms.wait_slot(&self.slot, deadline)? {
+                Some(c) => Ok(c),
+                None => Err(Error::Timeout("a publisher confirm")),
+            }
         }
     }
 }

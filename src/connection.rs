@@ -14,6 +14,7 @@ use crate::error::{Error, Result, reply_code};
 use crate::io::engine::Engine;
 use crate::io::reactor::{Reactor, WAKER};
 use crate::io::{Command, ConnShared, LinkEvents, handshake};
+use crate::link::{Ended, LinkState};
 use crate::protocol::frame::put_method;
 use crate::protocol::table::FieldTable;
 use crate::recovery::{self, EventLog, RecoveryEvent, RecoveryEventKind, Topology};
@@ -169,13 +170,9 @@ pub(crate) fn start_generation(
 
 struct Link {
     current: Arc<Generation>,
-    /// A failure of `gen_` is being recovered.
-    recovering: bool,
-    /// The recovery thread for the current failure has been started.
-    recovery_started: bool,
-    /// Highest recovery candidate generation that failed before being installed.
-    failed_candidate: u64,
-    /// Recovery gave up, or the failure is not recoverable: the connection is dead.
+    /// Single-flight recovery bookkeeping (numbers and flags only).
+    flight: LinkState,
+    /// Why the connection is dead for good, once it is.
     terminal: Option<Error>,
 }
 
@@ -255,9 +252,7 @@ impl Connection {
             opts,
             link: Mutex::new(Link {
                 current: gen_.clone(),
-                recovering: false,
-                recovery_started: false,
-                failed_candidate: 0,
+                flight: LinkState::new(),
                 terminal: None,
             }),
             link_cv: Condvar::new(),
@@ -307,7 +302,8 @@ impl Connection {
         // Failed with no recovery to follow (e.g. a protocol violation): ended for good
         // already, though the I/O thread may still be waiting for the peer's close-ok.
         let shared = link.current.shared();
-        (shared.is_failed() && !shared.will_recover() && !link.recovering).then(|| shared.error())
+        (shared.is_failed() && !shared.will_recover() && !link.flight.is_recovering())
+            .then(|| shared.error())
     }
 
     /// The current connection generation: 1 for the first TCP connection, +1 for each
@@ -494,7 +490,10 @@ impl ConnectionInner {
     /// recovery loop then goes on.
     pub(crate) fn install(&self, gen_: Arc<Generation>) -> bool {
         let mut link = self.link.lock();
-        if link.failed_candidate >= gen_.number() || gen_.shared().is_failed() {
+        if !link
+            .flight
+            .install(gen_.number(), gen_.shared().is_failed())
+        {
             log::warn!(
                 "recovered generation {} failed before it was installed",
                 gen_.number()
@@ -502,8 +501,6 @@ impl ConnectionInner {
             return false;
         }
         link.current = gen_;
-        link.recovering = false;
-        link.recovery_started = false;
         self.link_cv.notify_all();
         true
     }
@@ -511,7 +508,7 @@ impl ConnectionInner {
     /// Recovery is over without a connection.
     pub(crate) fn give_up(&self, err: Error) {
         let mut link = self.link.lock();
-        link.recovering = false;
+        link.flight.give_up();
         if link.terminal.is_none() {
             link.terminal = Some(err.duplicate());
         }
@@ -538,21 +535,17 @@ impl ConnectionInner {
 
 impl LinkEvents for ConnectionInner {
     fn failing(&self, generation: u64, err: &Error) -> bool {
-        if self.is_closed() || !self.opts.recovery.enabled || !err.is_connection_lost() {
+        let recoverable =
+            !self.is_closed() && self.opts.recovery.enabled && err.is_connection_lost();
+        let mut link = self.link.lock();
+        let candidate = generation > link.flight.current();
+        if !link.flight.failing(generation, recoverable) {
             return false;
         }
-        let mut link = self.link.lock();
-        let current = link.current.number();
-        if generation > current {
-            // A candidate of the running recovery: that recovery carries on.
-            link.failed_candidate = link.failed_candidate.max(generation);
+        drop(link);
+        if candidate {
             return true;
         }
-        if generation < current || link.terminal.is_some() {
-            return false;
-        }
-        link.recovering = true;
-        drop(link);
         log::warn!("connection lost (generation {generation}): {err}; recovering");
         self.event(
             generation,
@@ -562,27 +555,24 @@ impl LinkEvents for ConnectionInner {
     }
 
     fn woken(&self, generation: u64) {
-        if self.link.lock().recovering {
+        if self.link.lock().flight.is_recovering() {
             self.event(generation, RecoveryEventKind::WaitersWoken);
         }
     }
 
     fn ended(self: Arc<Self>, generation: u64, err: Error) {
         let mut link = self.link.lock();
-        if link.current.number() != generation {
-            return;
-        }
-        if !link.recovering || self.is_closed() {
-            if link.terminal.is_none() && !self.is_closed() {
-                link.terminal = Some(err);
+        match link.flight.ended(generation, self.is_closed()) {
+            Ended::Nothing => return,
+            Ended::Terminal => {
+                if link.terminal.is_none() && !self.is_closed() {
+                    link.terminal = Some(err);
+                }
+                self.link_cv.notify_all();
+                return;
             }
-            self.link_cv.notify_all();
-            return;
+            Ended::StartRecovery => {}
         }
-        if link.recovery_started {
-            return;
-        }
-        link.recovery_started = true;
         drop(link);
         let inner = self.clone();
         if let Err(e) = std::thread::Builder::new()

@@ -12,7 +12,7 @@ use crate::io::ChannelShared;
 use crate::protocol::frame::{FRAME_END, FRAME_METHOD, put_method};
 use crate::protocol::properties::BasicProperties;
 use crate::sync::queue::{Receiver, RecvTimeoutError, Sender, TryRecvError};
-use crate::sync::{Arc, AtomicBool, AtomicUsize, Mutex, Ordering};
+use crate::sync::{Arc, AtomicBool, Mutex, Ordering};
 
 /// Queue slots beyond the prefetch count, for deliveries in flight when the consumer
 /// starts and for the cancel notice.
@@ -29,16 +29,8 @@ pub(crate) enum ConsumerMsg {
     End(Error),
 }
 
-/// Counter-bounded queue state shared by a consumer and the I/O thread. The queue itself
-/// is unbounded (no slots allocated up front); `queued` enforces the bound.
-pub(crate) struct ConsumerShared {
-    pub(crate) queued: AtomicUsize,
-    pub(crate) capacity: usize,
-    /// Set by the I/O thread when it stopped reading because this queue was full.
-    pub(crate) io_waiting: AtomicBool,
-    /// Cleared when the consumer ends (cancelled, dropped): recovery skips it then.
-    pub(crate) active: AtomicBool,
-}
+/// Counter-bounded queue state shared by a consumer and the I/O thread.
+pub(crate) type ConsumerShared = crate::delivery_queue::QueueShared;
 
 /// The I/O thread's end of a consumer (also kept by the channel, for recovery).
 #[derive(Clone)]
@@ -59,18 +51,11 @@ impl ConsumerSink {
         let _ = self.push(ConsumerMsg::End(err));
     }
 
-    /// True when the I/O thread must wait for room. A consumer that was cancelled or
-    /// dropped never holds it back: nobody may ever take from its queue again, and the
-    /// cancel-ok it waits for can only be read if reading goes on.
-    pub(crate) fn is_full(&self) -> bool {
-        self.is_active() && self.shared.queued.load(Ordering::Acquire) >= self.shared.capacity
-    }
-
     /// Push; gives the message back if the consumer is gone.
     pub(crate) fn push(&self, msg: ConsumerMsg) -> std::result::Result<(), ConsumerMsg> {
-        self.shared.queued.fetch_add(1, Ordering::AcqRel);
+        self.shared.pushed();
         self.tx.send(msg).map_err(|e| {
-            self.shared.queued.fetch_sub(1, Ordering::AcqRel);
+            self.shared.unpushed();
             e.0
         })
     }
@@ -139,8 +124,7 @@ impl Consumer {
     }
 
     fn took_one(&self) {
-        self.shared.queued.fetch_sub(1, Ordering::AcqRel);
-        if self.shared.io_waiting.swap(false, Ordering::AcqRel) {
+        if self.shared.took_one() {
             self.channel.shared().conn.wake();
         }
     }

@@ -3,6 +3,7 @@
 use std::fmt;
 use std::io;
 
+#[cfg(not(loom))]
 use crate::consumer::BadDelivery;
 
 /// AMQP reply codes (AMQP 0-9-1 section 1.3 and RabbitMQ's extensions) used by lepus.
@@ -186,6 +187,7 @@ pub enum Error {
     /// delivery tag so that it can be acked, rejected or dead-lettered. The consumer, the
     /// channel and the connection carry on.
     #[error("{0}")]
+    #[cfg(not(loom))]
     BadDelivery(Box<BadDelivery>),
 
     /// A message was larger than the configured maximum message size.
@@ -297,6 +299,7 @@ impl Error {
                 tag: tag.clone(),
                 reason: reason.clone(),
             },
+            #[cfg(not(loom))]
             Error::BadDelivery(b) => Error::BadDelivery(b.clone()),
             Error::MessageTooLarge { size, max } => Error::MessageTooLarge {
                 size: *size,

@@ -44,32 +44,53 @@
 //! intentional [`Connection::close`].
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+// Under loom only the synchronisation cores are built; much of the rest is unused.
+#![cfg_attr(loom, allow(dead_code, missing_docs))]
 
+// Under `cfg(loom)` only the code the model tests explore is built: the
+// synchronisation cores below, not the socket and handle layers.
+#[cfg(not(loom))]
 mod channel;
 mod confirm;
+#[cfg(not(loom))]
 mod connection;
+#[cfg(not(loom))]
 mod consumer;
+mod delivery_queue;
 mod error;
+#[cfg(not(loom))]
 mod io;
+mod link;
 mod pool;
 mod protocol;
+#[cfg(not(loom))]
 mod recovery;
 mod sync;
+#[cfg(not(loom))]
 mod uri;
 
 // The public interface is:
+#[cfg(not(loom))]
 pub use channel::{
     Channel, ConsumeOptions, ExchangeDeclareOptions, PublishOptions, QueueDeclareOptions,
     QueueDeleteOptions, QueueInfo, UnconfirmedMessage,
 };
-pub use confirm::{Confirm, Confirmation};
+pub use confirm::Confirm;
+#[cfg(not(loom))]
+pub use confirm::Confirmation;
+#[cfg(not(loom))]
 pub use connection::Connection;
+#[cfg(not(loom))]
 pub use consumer::{BadDelivery, BadDeliveryKind, Consumer, Delivery, Iter, Returned};
 pub use error::{Error, HandshakeStage, Result, reply_code};
-pub use pool::{ChannelPool, DEFAULT_POOL_SIZE, PoolStats, PooledChannel};
+#[cfg(not(loom))]
+pub use pool::{ChannelPool, PooledChannel};
+pub use pool::{DEFAULT_POOL_SIZE, PoolStats};
 pub use protocol::properties::BasicProperties;
 pub use protocol::table::{FieldTable, FieldValue};
+#[cfg(not(loom))]
 pub use recovery::{RecoveryEvent, RecoveryEventKind, RecoveryOptions, UnconfirmedPolicy};
+#[cfg(not(loom))]
 pub use uri::{AuthMechanism, ConnectionOptions};
 
 /// Internals exposed for fuzzing, model checks and tests; not part of the stable API.
@@ -80,4 +101,13 @@ pub mod internal {
     pub use crate::protocol::frame::{FrameDecoder, FrameError, RawFrame, put_publish};
     pub use crate::protocol::properties::{decode_properties, header_prefix};
     pub use crate::protocol::table::{encode_table, scan_table};
+
+    /// The synchronisation cores, as the model tests in `loom-tests/` drive them.
+    pub mod model {
+        pub use crate::confirm::{ConfirmTracker, Entry, outcome};
+        pub use crate::delivery_queue::QueueShared;
+        pub use crate::link::{Ended, LinkState};
+        pub use crate::pool::{Lease, PoolCore, PoolStats, Poolable};
+        pub use crate::sync::{oneshot, queue};
+    }
 }

@@ -5,7 +5,7 @@
 //! loom-aware, so queues become a Mutex + Condvar queue with the same interface), and the
 //! model tests in `loom-tests/` explore the crate's own code with them.
 
-pub(crate) use self::imp::*;
+pub use self::imp::*;
 
 /// Timed waits: parking_lot's interface, over either implementation.
 pub(crate) trait CondvarExt {
@@ -34,8 +34,8 @@ mod imp {
     }
 
     /// Multi-producer queues between handles and the I/O thread.
-    pub(crate) mod queue {
-        pub(crate) use crossbeam_channel::{
+    pub mod queue {
+        pub use crossbeam_channel::{
             Receiver, RecvTimeoutError, SendTimeoutError, Sender, TryRecvError, bounded, unbounded,
         };
     }
@@ -128,12 +128,12 @@ mod imp {
     }
 
     /// crossbeam-channel's interface (the part lepus uses) as a Mutex + Condvar queue.
-    pub(crate) mod queue {
+    pub mod queue {
         use super::{Arc, Condvar, Mutex};
         use std::collections::VecDeque;
         use std::time::{Duration, Instant};
 
-        pub(crate) use crossbeam_channel::{
+        pub use crossbeam_channel::{
             RecvError, RecvTimeoutError, SendError, SendTimeoutError, TryRecvError,
         };
 
@@ -149,8 +149,8 @@ mod imp {
             cv: Condvar,
         }
 
-        pub(crate) struct Sender<T>(Arc<Chan<T>>);
-        pub(crate) struct Receiver<T>(Arc<Chan<T>>);
+        pub struct Sender<T>(Arc<Chan<T>>);
+        pub struct Receiver<T>(Arc<Chan<T>>);
 
         fn chan<T>(cap: Option<usize>) -> (Sender<T>, Receiver<T>) {
             let c = Arc::new(Chan {
@@ -165,11 +165,11 @@ mod imp {
             (Sender(c.clone()), Receiver(c))
         }
 
-        pub(crate) fn bounded<T>(cap: usize) -> (Sender<T>, Receiver<T>) {
+        pub fn bounded<T>(cap: usize) -> (Sender<T>, Receiver<T>) {
             chan(Some(cap.max(1)))
         }
 
-        pub(crate) fn unbounded<T>() -> (Sender<T>, Receiver<T>) {
+        pub fn unbounded<T>() -> (Sender<T>, Receiver<T>) {
             chan(None)
         }
 
@@ -208,7 +208,7 @@ mod imp {
         }
 
         impl<T> Sender<T> {
-            pub(crate) fn send(&self, v: T) -> Result<(), SendError<T>> {
+            pub fn send(&self, v: T) -> Result<(), SendError<T>> {
                 let mut i = self.0.inner.lock();
                 loop {
                     if i.receivers == 0 {
@@ -223,21 +223,17 @@ mod imp {
                     self.0.cv.wait(&mut i);
                 }
             }
-            pub(crate) fn send_deadline(
-                &self,
-                v: T,
-                _d: Instant,
-            ) -> Result<(), SendTimeoutError<T>> {
+            pub fn send_deadline(&self, v: T, _d: Instant) -> Result<(), SendTimeoutError<T>> {
                 self.send(v)
                     .map_err(|e| SendTimeoutError::Disconnected(e.0))
             }
-            pub(crate) fn is_empty(&self) -> bool {
+            pub fn is_empty(&self) -> bool {
                 self.0.inner.lock().items.is_empty()
             }
         }
 
         impl<T> Receiver<T> {
-            pub(crate) fn recv(&self) -> Result<T, RecvError> {
+            pub fn recv(&self) -> Result<T, RecvError> {
                 let mut i = self.0.inner.lock();
                 loop {
                     if let Some(v) = i.items.pop_front() {
@@ -251,13 +247,13 @@ mod imp {
                     self.0.cv.wait(&mut i);
                 }
             }
-            pub(crate) fn recv_deadline(&self, _d: Instant) -> Result<T, RecvTimeoutError> {
+            pub fn recv_deadline(&self, _d: Instant) -> Result<T, RecvTimeoutError> {
                 self.recv().map_err(|_| RecvTimeoutError::Disconnected)
             }
-            pub(crate) fn recv_timeout(&self, _d: Duration) -> Result<T, RecvTimeoutError> {
+            pub fn recv_timeout(&self, _d: Duration) -> Result<T, RecvTimeoutError> {
                 self.recv().map_err(|_| RecvTimeoutError::Disconnected)
             }
-            pub(crate) fn try_recv(&self) -> Result<T, TryRecvError> {
+            pub fn try_recv(&self) -> Result<T, TryRecvError> {
                 let mut i = self.0.inner.lock();
                 match i.items.pop_front() {
                     Some(v) => {
@@ -269,10 +265,10 @@ mod imp {
                     None => Err(TryRecvError::Empty),
                 }
             }
-            pub(crate) fn is_empty(&self) -> bool {
+            pub fn is_empty(&self) -> bool {
                 self.0.inner.lock().items.is_empty()
             }
-            pub(crate) fn len(&self) -> usize {
+            pub fn len(&self) -> usize {
                 self.0.inner.lock().items.len()
             }
         }
@@ -282,7 +278,7 @@ mod imp {
 /// A one-shot reply slot: the I/O thread sends one value or drops its end, which wakes
 /// the waiter with "disconnected". Built on the primitives above, so the same code runs
 /// in the model tests.
-pub(crate) mod oneshot {
+pub mod oneshot {
     use super::{Arc, Condvar, CondvarExt, Mutex};
     use std::time::Instant;
 
@@ -298,20 +294,21 @@ pub(crate) mod oneshot {
     }
 
     /// The sending end; dropping it without sending disconnects the receiver.
-    pub(crate) struct Sender<T>(Arc<Slot<T>>);
+    pub struct Sender<T>(Arc<Slot<T>>);
     /// The receiving end.
-    pub(crate) struct Receiver<T>(Arc<Slot<T>>);
+    pub struct Receiver<T>(Arc<Slot<T>>);
 
     /// Why no value came.
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-    pub(crate) enum RecvError {
+    pub enum RecvError {
         /// The deadline passed.
         Timeout,
         /// The sender was dropped without sending.
         Disconnected,
     }
 
-    pub(crate) fn channel<T>() -> (Sender<T>, Receiver<T>) {
+    /// A new slot's two ends.
+    pub fn channel<T>() -> (Sender<T>, Receiver<T>) {
         let slot = Arc::new(Slot {
             state: Mutex::new(State {
                 value: None,
@@ -325,7 +322,7 @@ pub(crate) mod oneshot {
 
     impl<T> Sender<T> {
         /// Deliver the value; gives it back if the receiver has gone.
-        pub(crate) fn send(self, v: T) -> Result<(), T> {
+        pub fn send(self, v: T) -> Result<(), T> {
             let mut s = self.0.state.lock();
             if s.receiver_gone {
                 return Err(v);
@@ -354,7 +351,7 @@ pub(crate) mod oneshot {
 
     impl<T> Receiver<T> {
         /// The value, or why there is none, waiting until `deadline`.
-        pub(crate) fn recv_deadline(&self, deadline: Instant) -> Result<T, RecvError> {
+        pub fn recv_deadline(&self, deadline: Instant) -> Result<T, RecvError> {
             let mut s = self.0.state.lock();
             loop {
                 if let Some(v) = s.value.take() {
@@ -370,7 +367,7 @@ pub(crate) mod oneshot {
         }
 
         /// The value if it is there now.
-        pub(crate) fn try_recv(&self) -> Option<T> {
+        pub fn try_recv(&self) -> Option<T> {
             self.0.state.lock().value.take()
         }
     }

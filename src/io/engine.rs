@@ -781,18 +781,13 @@ impl Engine {
             log::error!("delivery for unknown consumer {tag:?} on channel {ch} discarded");
             return;
         };
-        if sink.is_full() {
-            sink.shared.io_waiting.store(true, Ordering::Release);
-            // Re-check: the consumer may have taken one before it could see the flag.
-            if sink.is_full() {
-                self.stalled = Some(Stalled {
-                    channel: ch,
-                    tag,
-                    msg,
-                });
-                return;
-            }
-            sink.shared.io_waiting.store(false, Ordering::Release);
+        if !sink.shared.reserve_or_wait() {
+            self.stalled = Some(Stalled {
+                channel: ch,
+                tag,
+                msg,
+            });
+            return;
         }
         if let Err(msg) = sink.push(msg) {
             if !sink.no_ack {
@@ -812,14 +807,7 @@ impl Engine {
             .get(s.channel as usize)
             .and_then(|s| s.as_deref())
             .and_then(|slot| slot.consumers.get(&s.tag))
-            .map(|sink| {
-                sink.shared.io_waiting.store(true, Ordering::Release);
-                let full = sink.is_full();
-                if !full {
-                    sink.shared.io_waiting.store(false, Ordering::Release);
-                }
-                full
-            });
+            .map(|sink| !sink.shared.reserve_or_wait());
         match full {
             Some(true) => {
                 self.stalled = Some(s);

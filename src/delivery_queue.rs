@@ -1,0 +1,73 @@
+//! The bound of a consumer's queue and the hand-shake that lets the I/O thread stop
+//! reading when the queue is full and be woken when the consumer takes one.
+//!
+//! The queue itself is an unbounded channel (no slots allocated up front); this counter
+//! enforces the bound. The model tests run this code with loom.
+
+use crate::sync::{AtomicBool, AtomicUsize, Ordering};
+
+/// Counter-bounded queue state shared by a consumer and the I/O thread.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct QueueShared {
+    /// Messages in the queue.
+    pub queued: AtomicUsize,
+    /// The bound.
+    pub capacity: usize,
+    /// Set by the I/O thread when it stopped reading because this queue was full.
+    pub io_waiting: AtomicBool,
+    /// Cleared when the consumer ends (cancelled, dropped): nobody will take from it.
+    pub active: AtomicBool,
+}
+
+impl QueueShared {
+    /// An empty, active queue of `capacity`.
+    pub fn new(capacity: usize) -> Self {
+        QueueShared {
+            queued: AtomicUsize::new(0),
+            capacity,
+            io_waiting: AtomicBool::new(false),
+            active: AtomicBool::new(true),
+        }
+    }
+
+    /// True when the I/O thread must wait for room. A consumer that was cancelled or
+    /// dropped never holds it back: nobody may ever take from its queue again, and the
+    /// cancel-ok it waits for can only be read if reading goes on.
+    pub fn is_full(&self) -> bool {
+        self.active.load(Ordering::Acquire) && self.queued.load(Ordering::Acquire) >= self.capacity
+    }
+
+    /// I/O side, before pushing: true if there is room. If not, the I/O thread has
+    /// registered for a wake-up (the consumer's next [`QueueShared::took_one`] returns
+    /// true) and must stop reading until then.
+    pub fn reserve_or_wait(&self) -> bool {
+        if !self.is_full() {
+            return true;
+        }
+        self.io_waiting.store(true, Ordering::SeqCst);
+        // Re-check: the consumer may have taken one before it could see the flag.
+        if self.is_full() {
+            return false;
+        }
+        self.io_waiting.store(false, Ordering::SeqCst);
+        true
+    }
+
+    /// I/O side: count a message about to be sent into the queue.
+    pub fn pushed(&self) {
+        self.queued.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// I/O side: the send failed (receiver gone): uncount it.
+    pub fn unpushed(&self) {
+        self.queued.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Consumer side, after taking one message: true if the I/O thread waits for room
+    /// and must be woken.
+    pub fn took_one(&self) -> bool {
+        self.queued.fetch_sub(1, Ordering::SeqCst);
+        self.io_waiting.swap(false, Ordering::SeqCst)
+    }
+}
