@@ -62,6 +62,12 @@ pub struct ConfirmTracker {
     cv: Condvar,
 }
 
+impl Default for ConfirmTracker {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl ConfirmTracker {
     pub fn new() -> Self {
         ConfirmTracker {

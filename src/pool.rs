@@ -31,7 +31,7 @@ impl LeaseFlag {
     /// True for the first caller only: that caller performs the release.
     fn claim(&self) -> bool {
         // The model tests' broken variant drops the once-guard; loom must catch it.
-        if cfg!(lepus_loom_broken_pool) {
+        if crate::sync::broken("pool") {
             return !self.released.load(Ordering::Acquire);
         }
         !self.released.swap(true, Ordering::AcqRel)

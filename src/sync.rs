@@ -7,6 +7,21 @@
 
 pub use self::imp::*;
 
+/// True when the model tests asked for the deliberately broken variant `name` of a
+/// primitive (`LEPUS_LOOM_BROKEN=name`), to show that loom catches it. Only under loom;
+/// elsewhere it is the constant false.
+#[cfg(loom)]
+pub fn broken(name: &str) -> bool {
+    std::env::var("LEPUS_LOOM_BROKEN").is_ok_and(|v| v == name)
+}
+
+/// See the loom version: never broken outside the model tests.
+#[cfg(not(loom))]
+#[inline(always)]
+pub fn broken(_name: &str) -> bool {
+    false
+}
+
 /// Timed waits: parking_lot's interface, over either implementation.
 pub(crate) trait CondvarExt {
     /// Wait until notified or `deadline`; true if the deadline passed.
@@ -338,8 +353,9 @@ pub mod oneshot {
         fn drop(&mut self) {
             self.0.state.lock().sender_gone = true;
             // The model tests' broken variant forgets this wake-up; loom must catch it.
-            #[cfg(not(lepus_loom_broken_oneshot))]
-            self.0.cv.notify_all();
+            if !super::broken("oneshot") {
+                self.0.cv.notify_all();
+            }
         }
     }
 

@@ -1,0 +1,1 @@
+//! Model checks of lepus's synchronisation cores; see `tests/models.rs` and `run.sh`.
