@@ -1,0 +1,281 @@
+//! amiquip: synchronous; channels are opened on the connection's thread (its
+//! `open_channel` takes `&mut Connection`) and moved into the worker threads.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use amiquip::{
+    Channel, Confirm, ConfirmSmoother, Connection, ConsumerMessage, ConsumerOptions, Publish,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
+
+use crate::stats::{IdLedger, Percentiles, Samples, read_stamp, stamp_body};
+use crate::{BODY, ConsumeOut, Mode, PREFETCH, PublishOut, now_ns, unique, url};
+
+fn e2s(e: amiquip::Error) -> String {
+    e.to_string()
+}
+
+fn wait_count(admin: &Channel, queue: &str, n: usize, start: Instant) -> Result<f64, String> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let q = admin.queue_declare_passive(queue).map_err(e2s)?;
+        if q.declared_message_count().unwrap_or(0) as usize >= n {
+            return Ok(start.elapsed().as_secs_f64());
+        }
+        if Instant::now() > deadline {
+            return Ok(f64::NAN);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+pub fn publish(threads: usize, per: usize, mode: Mode) -> Result<PublishOut, String> {
+    let mut conn = Connection::insecure_open(&url()).map_err(e2s)?;
+    let admin = conn.open_channel(None).map_err(e2s)?;
+    let queue = unique("publish");
+    admin
+        .queue_declare(queue.as_str(), QueueDeclareOptions::default())
+        .map_err(e2s)?;
+    let mut channels = Vec::with_capacity(threads);
+    for _ in 0..threads {
+        channels.push(conn.open_channel(None).map_err(e2s)?);
+    }
+    let barrier = Arc::new(Barrier::new(threads + 1));
+    let errors = Arc::new(AtomicUsize::new(0));
+    let handles: Vec<_> = channels
+        .into_iter()
+        .map(|ch| {
+            let (queue, barrier, errors) = (queue.clone(), barrier.clone(), errors.clone());
+            std::thread::Builder::new()
+                .stack_size(256 * 1024)
+                .spawn(move || {
+                    let confirms = if mode != Mode::None {
+                        let rx = ch.listen_for_publisher_confirms().expect("listen for confirms");
+                        ch.enable_publisher_confirms().expect("confirm.select");
+                        Some(rx)
+                    } else {
+                        None
+                    };
+                    let mut smoother = ConfirmSmoother::new();
+                    let mut confirmed = 0usize;
+                    let mut published = 0usize;
+                    let mut wait_all = |published: usize, confirmed: &mut usize| -> bool {
+                        let rx = confirms.as_ref().expect("confirm mode");
+                        let mut all_acked = true;
+                        while *confirmed < published {
+                            match rx.recv_timeout(Duration::from_secs(60)) {
+                                Ok(c) => {
+                                    for c in smoother.process(c) {
+                                        *confirmed += 1;
+                                        if matches!(c, Confirm::Nack(_)) {
+                                            all_acked = false;
+                                        }
+                                    }
+                                }
+                                Err(_) => return false,
+                            }
+                        }
+                        all_acked
+                    };
+                    let body = [7u8; BODY];
+                    let mut lat = Samples::with_capacity(per);
+                    let mut window = Vec::new();
+                    barrier.wait();
+                    for i in 0..per {
+                        let t0 = Instant::now();
+                        let mut ok = ch
+                            .basic_publish("", Publish::new(&body, queue.as_str()))
+                            .is_ok();
+                        published += 1;
+                        match mode {
+                            Mode::None => {}
+                            Mode::Each => ok &= wait_all(published, &mut confirmed),
+                            Mode::Window(w) => {
+                                window.push(t0);
+                                if window.len() == w || i + 1 == per {
+                                    let all = wait_all(published, &mut confirmed);
+                                    let now = Instant::now();
+                                    for t in window.drain(..) {
+                                        lat.push(now - t);
+                                    }
+                                    if !all {
+                                        errors.fetch_add(1, Ordering::Relaxed);
+                                    }
+                                }
+                            }
+                        }
+                        if !matches!(mode, Mode::Window(_)) {
+                            lat.push(t0.elapsed());
+                        }
+                        if !ok {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    (lat, ch)
+                })
+                .expect("spawn")
+        })
+        .collect();
+    barrier.wait();
+    let start = Instant::now();
+    let mut lat = Samples::with_capacity(threads * per);
+    let mut chans = Vec::new();
+    for h in handles {
+        let (l, ch) = h.join().map_err(|_| "publisher thread panicked".to_string())?;
+        lat.extend(l);
+        chans.push(ch);
+    }
+    let call = start.elapsed().as_secs_f64();
+    let absorbed = wait_count(&admin, &queue, threads * per, start)?;
+    let _ = admin.queue_delete(queue.as_str(), QueueDeleteOptions::default());
+    drop(chans);
+    drop(admin);
+    let _ = conn.close();
+    Ok(PublishOut {
+        call_secs: call,
+        absorbed_secs: absorbed,
+        lat: Percentiles::of(&mut lat),
+        errors: errors.load(Ordering::Relaxed),
+    })
+}
+
+pub fn consume(n: usize, messages: usize) -> Result<ConsumeOut, String> {
+    let mut conn = Connection::insecure_open(&url()).map_err(e2s)?;
+    let admin = conn.open_channel(None).map_err(e2s)?;
+    let queue = unique("consume");
+    admin
+        .queue_declare(queue.as_str(), QueueDeclareOptions::default())
+        .map_err(e2s)?;
+    let ready = Arc::new(AtomicUsize::new(0));
+    let last_ready = Arc::new(AtomicU64::new(0));
+    let received = Arc::new(AtomicUsize::new(0));
+    let last_recv = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let errors = Arc::new(AtomicUsize::new(0));
+    // Startup counts from here: amiquip opens channels on the connection's thread only.
+    let start_ns = now_ns();
+    let mut channels = Vec::with_capacity(n);
+    for _ in 0..n {
+        channels.push(conn.open_channel(None).map_err(e2s)?);
+    }
+    let handles: Vec<_> = channels
+        .into_iter()
+        .map(|ch| {
+            let queue = queue.clone();
+            let (ready, last_ready, received, last_recv, stop, errors) = (
+                ready.clone(),
+                last_ready.clone(),
+                received.clone(),
+                last_recv.clone(),
+                stop.clone(),
+                errors.clone(),
+            );
+            std::thread::Builder::new()
+                .stack_size(256 * 1024)
+                .spawn(move || {
+                    let run = || {
+                    let mut ledger = IdLedger::new(messages);
+                    let mut lat = Samples::with_capacity(messages / n + 16);
+                    let consumer = ch
+                        .qos(0, PREFETCH, false)
+                        .and_then(|_| ch.basic_consume(queue.as_str(), ConsumerOptions::default()));
+                    let consumer = match consumer {
+                        Ok(c) => c,
+                        Err(e) => {
+                            eprintln!("amiquip consumer failed to start: {e}");
+                            errors.fetch_add(1, Ordering::Relaxed);
+                            ready.fetch_add(1, Ordering::AcqRel);
+                            return (ledger, lat);
+                        }
+                    };
+                    last_ready.fetch_max(now_ns(), Ordering::AcqRel);
+                    ready.fetch_add(1, Ordering::AcqRel);
+                    while !stop.load(Ordering::Acquire) {
+                        match consumer.receiver().recv_timeout(Duration::from_millis(20)) {
+                            Ok(ConsumerMessage::Delivery(d)) => {
+                                let now = now_ns();
+                                match read_stamp(&d.body) {
+                                    Some((id, sent)) if ledger.record(id) => {
+                                        lat.push_ns(now.saturating_sub(sent))
+                                    }
+                                    _ => {
+                                        errors.fetch_add(1, Ordering::Relaxed);
+                                    }
+                                }
+                                if consumer.ack(d).is_err() {
+                                    errors.fetch_add(1, Ordering::Relaxed);
+                                }
+                                last_recv.fetch_max(now, Ordering::AcqRel);
+                                received.fetch_add(1, Ordering::AcqRel);
+                            }
+                            Ok(_) => {
+                                errors.fetch_add(1, Ordering::Relaxed);
+                                break;
+                            }
+                            Err(crossbeam_timeout) if crossbeam_timeout.is_timeout() => {}
+                            Err(_) => {
+                                errors.fetch_add(1, Ordering::Relaxed);
+                                break;
+                            }
+                        }
+                    }
+                    drop(consumer);
+                    (ledger, lat)
+                    };
+                    let (ledger, lat) = run();
+                    (ledger, lat, ch)
+                })
+                .expect("spawn")
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while ready.load(Ordering::Acquire) < n && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let startup = last_ready.load(Ordering::Acquire).saturating_sub(start_ns) as f64 / 1e9;
+    let producer = conn.open_channel(None).map_err(e2s)?;
+    let first_ns = now_ns();
+    for id in 0..messages {
+        let body = stamp_body(id as u64, now_ns(), 64);
+        if producer
+            .basic_publish("", Publish::new(&body, queue.as_str()))
+            .is_err()
+        {
+            errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    let produce = (now_ns() - first_ns) as f64 / 1e9;
+    let deadline = Instant::now() + Duration::from_secs(30 + messages as u64 / 500);
+    while received.load(Ordering::Acquire) < messages && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    stop.store(true, Ordering::Release);
+    let mut ledger = IdLedger::new(messages);
+    let mut lat = Samples::with_capacity(messages);
+    let mut chans = Vec::new();
+    for h in handles {
+        let (l, s, ch) = h.join().map_err(|_| "consumer thread panicked".to_string())?;
+        ledger.merge(&l);
+        lat.extend(s);
+        chans.push(ch);
+    }
+    let consume = last_recv.load(Ordering::Acquire).saturating_sub(first_ns) as f64 / 1e9;
+    let _ = admin.queue_delete(queue.as_str(), QueueDeleteOptions::default());
+    drop(chans);
+    drop(producer);
+    drop(admin);
+    let _ = conn.close();
+    Ok(ConsumeOut {
+        startup_secs: startup,
+        produce_secs: produce,
+        consume_secs: consume,
+        lat: Percentiles::of(&mut lat),
+        received: ledger.unique(),
+        lost: ledger.missing(),
+        duplicates: ledger.duplicates(),
+        errors: errors.load(Ordering::Relaxed),
+    })
+}

@@ -1,0 +1,424 @@
+//! lepus's benchmark suite: every scenario against the local RabbitMQ (`AMQP_URL`
+//! overrides), progress on stderr, a report in benches/results/report.md with SVG charts.
+//!
+//! ```text
+//! cargo bench --bench suite                 # the full run (tens of minutes)
+//! cargo bench --bench suite -- --quick      # a small version of everything (minutes),
+//!                                           # written to benches/results/quick/
+//! options: --only 1,4,8   scenarios to run (1 publish, 2 pool, 3 consumers, 4 recovery,
+//!                         5 stability, 6 peers, 7 ceiling, 8 memory)
+//!          --rounds N     rounds of the lepus/peer comparison (default 3, quick 1)
+//!          --no-peers     skip building and running lapin and amiquip
+//!          --out DIR      where the report goes
+//! ```
+
+mod ceiling;
+mod charts;
+mod common;
+mod memory;
+mod peers;
+mod proxy;
+mod recovery;
+mod report;
+mod stability;
+mod stats;
+mod throughput;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::{Settings, done, ms, note, section, step, thousands};
+use throughput::Mode;
+
+/// Everything measured in one run.
+#[derive(Default)]
+pub struct Results {
+    /// Per (config, mode), the runs of each client over the rounds (interleaved).
+    pub publish: Vec<throughput::PublishRun>,
+    pub ceiling: Vec<ceiling::CeilingRun>,
+    pub pool: Vec<throughput::PoolRun>,
+    pub consume: Vec<throughput::ConsumeRun>,
+    /// (consumers, round, seconds): raw-socket pipelined startup, the broker's floor.
+    pub consumer_floor: Vec<(usize, usize, f64)>,
+    pub recovery: Vec<recovery::RecoveryRun>,
+    pub repeated: Option<recovery::RepeatedRun>,
+    pub chaos: Vec<stability::ChaosRun>,
+    pub memory: Option<Result<memory::MemoryRun, String>>,
+    pub peer_clients: Vec<String>,
+    pub peer_notes: Vec<String>,
+    pub peer_versions: Vec<(String, String)>,
+    pub errors: Vec<String>,
+    pub publish_configs: Vec<(usize, usize)>,
+    pub modes: Vec<Mode>,
+    pub consumer_counts: Vec<usize>,
+}
+
+fn parse_args() -> (Settings, Option<usize>) {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let url = std::env::var("AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let mut s = Settings {
+        quick: false,
+        url,
+        rounds: 0,
+        only: Vec::new(),
+        peers: true,
+        peers_build_timeout: None,
+        out_dir: PathBuf::new(),
+    };
+    let mut out = None;
+    let mut child = None;
+    let mut i = 0;
+    while i < args.len() {
+        match args[i].as_str() {
+            "--quick" => s.quick = true,
+            "--no-peers" => s.peers = false,
+            "--peers-build-timeout" => {
+                i += 1;
+                s.peers_build_timeout = args.get(i).and_then(|x| x.parse().ok());
+            }
+            "--rounds" => {
+                i += 1;
+                s.rounds = args.get(i).and_then(|x| x.parse().ok()).unwrap_or(0);
+            }
+            "--only" => {
+                i += 1;
+                s.only = args
+                    .get(i)
+                    .map(|x| x.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+                    .unwrap_or_default();
+            }
+            "--out" => {
+                i += 1;
+                out = args.get(i).map(PathBuf::from);
+            }
+            "--child-memory" => {
+                i += 1;
+                child = args.get(i).and_then(|x| x.parse().ok());
+            }
+            // `cargo bench` passes --bench; anything else unknown is ignored with a word.
+            "--bench" => {}
+            other => eprintln!("suite: ignoring argument {other:?}"),
+        }
+        i += 1;
+    }
+    if s.rounds == 0 {
+        s.rounds = if s.quick { 1 } else { 3 };
+    }
+    s.out_dir = out.unwrap_or_else(|| {
+        if s.quick {
+            root.join("benches/results/quick")
+        } else {
+            root.join("benches/results")
+        }
+    });
+    (s, child)
+}
+
+fn main() {
+    common::start_clock();
+    let (s, child) = parse_args();
+    if let Some(n) = child {
+        memory::child(&s.url, n);
+        return;
+    }
+    let env = report::Environment::gather(&s);
+    eprintln!(
+        "lepus benchmark suite ({} mode) against {} (RabbitMQ {}); report to {}",
+        if s.quick { "quick" } else { "full" },
+        common::parse_addr(&s.url).host,
+        env.rabbitmq,
+        s.out_dir.display()
+    );
+    let mut r = Results::default();
+    let total = 8;
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+
+    // Peers first: their build is the slowest step of a cold run.
+    let peers = if s.peers && s.wants(6) {
+        let budget = Duration::from_secs(s.peers_build_timeout.unwrap_or(s.size(1800, 240)));
+        let p = peers::Peers::build(&root, &s.url, s.quick, budget);
+        r.peer_clients = p.clients.clone();
+        r.peer_notes = p.notes.clone();
+        r.peer_versions = p.versions.clone();
+        Some(p)
+    } else {
+        None
+    };
+    let peer_clients: Vec<String> = peers.as_ref().map(|p| p.clients.clone()).unwrap_or_default();
+
+    // 1, 6, 7: publish throughput, peers and ceiling interleaved round by round.
+    r.publish_configs = vec![
+        (10, 100),
+        (100, 100),
+        (300, 50),
+        (900, 10),
+        (4, s.size(25_000, 5_000)),
+    ];
+    r.modes = vec![Mode::None, Mode::Each, Mode::Window(100)];
+    if s.wants(1) || s.wants(6) || s.wants(7) {
+        section(1, total, "publish throughput (lepus, peers and the ceiling probe interleaved)");
+        let mut jobs: Vec<(usize, usize, usize, Mode, String)> = Vec::new();
+        for round in 0..s.rounds {
+            for &(t, m) in &r.publish_configs {
+                for &mode in &r.modes {
+                    if s.wants(1) || s.wants(6) {
+                        jobs.push((round, t, m, mode, "lepus".into()));
+                    }
+                    if s.wants(6) {
+                        for c in &peer_clients {
+                            jobs.push((round, t, m, mode, c.clone()));
+                        }
+                    }
+                    if mode == Mode::None && s.wants(7) {
+                        jobs.push((round, t, m, mode, "ceiling".into()));
+                    }
+                }
+            }
+        }
+        let n = jobs.len();
+        for (i, (round, t, m, mode, client)) in jobs.into_iter().enumerate() {
+            step(
+                i + 1,
+                n,
+                &format!(
+                    "round {}/{}: {t}×{m} {} — {client}",
+                    round + 1,
+                    s.rounds,
+                    mode.label()
+                ),
+            );
+            match client.as_str() {
+                "lepus" => {
+                    let mut run = throughput::publish(&s.url, t, m, mode);
+                    run.round = round;
+                    done(&format!(
+                        "absorbed {} msg/s (calls {} msg/s), P99 {}",
+                        thousands(run.absorbed_rate()),
+                        thousands(run.call_rate()),
+                        ms(run.lat.p99_ms)
+                    ));
+                    r.publish.push(run);
+                }
+                "ceiling" => match ceiling::probe(&s.url, t, m) {
+                    Ok(mut c) => {
+                        c.round = round;
+                        done(&format!("absorbed {} msg/s", thousands(c.absorbed_rate())));
+                        r.ceiling.push(c);
+                    }
+                    Err(e) => {
+                        done(&format!("failed: {e}"));
+                        r.errors.push(format!("ceiling probe {t}×{m}: {e}"));
+                    }
+                },
+                peer => match peers.as_ref().expect("peers").publish(peer, t, m, mode) {
+                    Ok(mut run) => {
+                        run.round = round;
+                        done(&format!(
+                            "absorbed {} msg/s, P99 {}",
+                            thousands(run.absorbed_rate()),
+                            ms(run.lat.p99_ms)
+                        ));
+                        r.publish.push(run);
+                    }
+                    Err(e) => {
+                        done(&format!("failed: {e}"));
+                        r.errors.push(format!("{peer} publish {t}×{m} {}: {e}", mode.label()));
+                    }
+                },
+            }
+        }
+    }
+
+    // 2: channel pool.
+    if s.wants(2) {
+        section(2, total, "channel pool");
+        let cfgs = [(100, s.size(20_000, 2_000)), (500, s.size(4_000, 400))];
+        for (i, &(t, n)) in cfgs.iter().enumerate() {
+            step(i + 1, cfgs.len(), &format!("{t} threads × {n} acquire/release"));
+            let run = throughput::pool(&s.url, t, n);
+            done(&format!(
+                "{} pairs/s, P99 {}",
+                thousands(run.rate()),
+                ms(run.lat.p99_ms)
+            ));
+            r.pool.push(run);
+        }
+    }
+
+    // 3 (+6): massive consumers.
+    r.consumer_counts = vec![100, 500, 900];
+    if s.wants(3) || s.wants(6) {
+        section(3, total, "massive consumers (lepus and peers interleaved)");
+        let mut jobs = Vec::new();
+        for round in 0..s.rounds {
+            for &c in &r.consumer_counts {
+                let msgs = s.size(c * 20, c * 4);
+                jobs.push((round, c, msgs, "lepus".to_string()));
+                if s.wants(6) {
+                    for p in &peer_clients {
+                        jobs.push((round, c, msgs, p.clone()));
+                    }
+                }
+                if s.wants(7) {
+                    jobs.push((round, c, msgs, "floor".to_string()));
+                }
+            }
+        }
+        let n = jobs.len();
+        for (i, (round, c, msgs, client)) in jobs.into_iter().enumerate() {
+            step(
+                i + 1,
+                n,
+                &format!("round {}/{}: {c} consumers, {msgs} messages — {client}", round + 1, s.rounds),
+            );
+            if client == "floor" {
+                match ceiling::consumer_floor(&s.url, c, throughput::PREFETCH) {
+                    Ok(secs) => {
+                        done(&format!("{c} consumers started in {secs:.3} s (raw socket, pipelined)"));
+                        r.consumer_floor.push((c, round, secs));
+                    }
+                    Err(e) => {
+                        done(&format!("failed: {e}"));
+                        r.errors.push(format!("consumer floor {c}: {e}"));
+                    }
+                }
+                continue;
+            }
+            let run = if client == "lepus" {
+                Ok(throughput::consumers(&s.url, c, msgs))
+            } else {
+                peers.as_ref().expect("peers").consume(&client, c, msgs)
+            };
+            match run {
+                Ok(mut run) => {
+                    run.round = round;
+                    done(&format!(
+                        "startup {:.3} s, consumed {} msg/s, P99 {}, lost {}",
+                        run.startup_secs,
+                        thousands(run.consume_rate()),
+                        ms(run.lat.p99_ms),
+                        run.lost
+                    ));
+                    r.consume.push(run);
+                }
+                Err(e) => {
+                    done(&format!("failed: {e}"));
+                    r.errors.push(format!("{client} consume {c}: {e}"));
+                }
+            }
+        }
+    }
+
+    // 4: recovery by failure type.
+    if s.wants(4) {
+        section(4, total, "recovery by failure type (faults injected through the proxy)");
+        let partition = Duration::from_millis(s.size(3000, 2500));
+        let faults = [
+            recovery::Fault::Rst,
+            recovery::Fault::Partition(partition),
+            recovery::Fault::LatencyThenRst(Duration::from_millis(20)),
+            recovery::Fault::SlowThenRst(256 * 1024),
+        ];
+        let reps = s.size(3, 1);
+        let mut jobs = Vec::new();
+        for f in faults {
+            for t in [10, 50] {
+                for _ in 0..reps {
+                    jobs.push((f, t));
+                }
+            }
+        }
+        let n = jobs.len();
+        for (i, (f, t)) in jobs.into_iter().enumerate() {
+            step(i + 1, n, &format!("{} with {t} threads", f.label()));
+            let run = recovery::run(&s.url, f, t);
+            done(&format!(
+                "detected {}, last told {} ({}/{t}), recovered {} (all {}), new connection {}",
+                ms(run.detection_ms),
+                ms(run.told_last_ms),
+                run.told,
+                ms(run.recovery_first_ms),
+                ms(run.recovery_all_ms),
+                if run.new_connection { "verified" } else { "NOT verified" }
+            ));
+            r.recovery.push(run);
+        }
+    }
+
+    // 5: stability.
+    if s.wants(5) {
+        section(5, total, "stability");
+        let dur = Duration::from_millis(s.size(5000, 1500));
+        let steps = 5;
+        step(1, steps, "chaos, random operations, no faults, 50 threads");
+        let c = stability::chaos(&s.url, "chaos_no_faults", 50, dur, None);
+        done(&chaos_line(&c));
+        r.chaos.push(c);
+        for (k, t) in [(2, 50), (3, 20)] {
+            step(k, steps, &format!("chaos with links killed every ~0.3 s, {t} threads"));
+            let c = stability::chaos(&s.url, "chaos_with_kills", t, dur, Some(Duration::from_millis(300)));
+            done(&chaos_line(&c));
+            r.chaos.push(c);
+        }
+        let per = s.size(10, 4);
+        step(4, steps, &format!("high contention: 500 threads on a barrier × {per}"));
+        let c = stability::contention(&s.url, 500, per);
+        done(&chaos_line(&c));
+        r.chaos.push(c);
+        let n = s.size(1000, 30);
+        step(5, steps, &format!("repeated recovery: {n} real reconnects"));
+        eprintln!();
+        let rep = recovery::repeated(&s.url, n);
+        note(&format!(
+            "repeated recovery: {}/{} verified, P50 {}, P99 {}, stale errors {}",
+            rep.verified,
+            rep.iterations,
+            ms(rep.lat.p50_ms),
+            ms(rep.lat.p99_ms),
+            rep.stale_errors
+        ));
+        r.repeated = Some(rep);
+    }
+
+    // 8: memory.
+    if s.wants(8) {
+        section(8, total, "memory (900 idle channels, then 900 consumers, in a child process)");
+        step(1, 1, "measuring");
+        let m = memory::measure(&s.url, 900);
+        match &m {
+            Ok(m) => done(&format!(
+                "{:.0} B per channel, {:.0} B per consumer",
+                m.per_channel(),
+                m.per_consumer()
+            )),
+            Err(e) => done(&format!("failed: {e}")),
+        }
+        r.memory = Some(m);
+    }
+
+    note("writing the report");
+    std::fs::create_dir_all(&s.out_dir).expect("create the results directory");
+    let chart_errors = charts::draw_all(&r, &s.out_dir);
+    r.errors.extend(chart_errors);
+    let md = report::render(&r, &env, &s);
+    let path = s.out_dir.join("report.md");
+    std::fs::write(&path, md).expect("write the report");
+    eprintln!("\n[{:>6.1}s] report: {}", common::elapsed(), path.display());
+}
+
+fn chaos_line(c: &stability::ChaosRun) -> String {
+    format!(
+        "{} ops, deadlocks {}, errors {}, link errors {}, lost {}, double hand-outs {}, stale {}, recovered {}/{}",
+        thousands(c.iterations as f64),
+        c.deadlocks,
+        c.errors,
+        c.link_errors,
+        c.lost,
+        c.double_handouts,
+        c.stale_errors,
+        c.recovered_threads,
+        c.threads
+    )
+}

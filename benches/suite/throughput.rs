@@ -1,0 +1,405 @@
+//! Scenarios 1-3 for lepus: publish throughput (no confirms, confirm each, confirm
+//! windows), the channel pool, massive consumers. The peers run the same procedures in
+//! benches/peers.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Barrier, OnceLock};
+use std::time::{Duration, Instant};
+
+use lepus::{BasicProperties, ChannelPool, ConsumeOptions, PublishOptions};
+
+use crate::common::{self, connect, declare, delete, spawn, wait_count};
+use crate::stats::{IdLedger, Percentiles, Samples, read_stamp, stamp_body};
+
+/// How publishers wait for confirms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// No confirms.
+    None,
+    /// Wait for each message's confirm.
+    Each,
+    /// `wait_for_confirms` every this many messages (and at the end).
+    Window(usize),
+}
+
+impl Mode {
+    pub fn arg(self) -> String {
+        match self {
+            Mode::None => "none".into(),
+            Mode::Each => "each".into(),
+            Mode::Window(n) => format!("window:{n}"),
+        }
+    }
+    pub fn label(self) -> String {
+        match self {
+            Mode::None => "no confirms".into(),
+            Mode::Each => "confirm, wait each".into(),
+            Mode::Window(n) => format!("confirm, window {n}"),
+        }
+    }
+}
+
+/// One publish run of one client.
+#[derive(Debug, Clone)]
+pub struct PublishRun {
+    pub client: String,
+    /// Round of the interleaved comparison this run belongs to.
+    pub round: usize,
+    pub mode: Mode,
+    pub threads: usize,
+    pub per_thread: usize,
+    pub call_secs: f64,
+    /// Until the queue held every message; NaN if it never did (within the timeout).
+    pub absorbed_secs: f64,
+    pub lat: Percentiles,
+    pub errors: usize,
+}
+
+impl PublishRun {
+    pub fn messages(&self) -> usize {
+        self.threads * self.per_thread
+    }
+    pub fn call_rate(&self) -> f64 {
+        self.messages() as f64 / self.call_secs
+    }
+    pub fn absorbed_rate(&self) -> f64 {
+        self.messages() as f64 / self.absorbed_secs
+    }
+}
+
+pub const BODY: usize = 64;
+
+/// T threads x M messages on one connection, a channel each, 64-byte bodies.
+pub fn publish(url: &str, threads: usize, per_thread: usize, mode: Mode) -> PublishRun {
+    let conn = connect(url);
+    let admin = conn.open_channel().expect("admin channel");
+    let queue = common::unique("publish");
+    declare(&admin, &queue);
+    let barrier = Arc::new(Barrier::new(threads + 1));
+    let errors = Arc::new(AtomicUsize::new(0));
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            let (conn, queue, barrier, errors) =
+                (conn.clone(), queue.clone(), barrier.clone(), errors.clone());
+            spawn("publisher", move || {
+                let ch = conn.open_channel().expect("open a publisher channel");
+                if mode != Mode::None {
+                    ch.confirm_select().expect("confirm.select");
+                }
+                let body = [7u8; BODY];
+                let props = BasicProperties::new();
+                let mut lat = Samples::with_capacity(per_thread);
+                let mut window: Vec<Instant> = Vec::new();
+                barrier.wait();
+                for i in 0..per_thread {
+                    let t0 = Instant::now();
+                    let ok = match mode {
+                        Mode::None => ch
+                            .basic_publish("", &queue, &body, &props, PublishOptions::default())
+                            .is_ok(),
+                        Mode::Each => ch
+                            .basic_publish_confirmed(
+                                "",
+                                &queue,
+                                &body,
+                                &props,
+                                PublishOptions::default(),
+                            )
+                            .and_then(|c| c.wait())
+                            .is_ok_and(|c| c == lepus::Confirm::Ack),
+                        Mode::Window(w) => {
+                            let ok = ch
+                                .basic_publish("", &queue, &body, &props, PublishOptions::default())
+                                .is_ok();
+                            window.push(t0);
+                            if window.len() == w || i + 1 == per_thread {
+                                let all = ch.wait_for_confirms().unwrap_or(false);
+                                let now = Instant::now();
+                                for t in window.drain(..) {
+                                    lat.push(now - t);
+                                }
+                                if !all {
+                                    errors.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
+                            ok
+                        }
+                    };
+                    if !matches!(mode, Mode::Window(_)) {
+                        lat.push(t0.elapsed());
+                    }
+                    if !ok {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                (lat, ch)
+            })
+        })
+        .collect();
+    barrier.wait();
+    let start = Instant::now();
+    let mut lat = Samples::with_capacity(threads * per_thread);
+    let mut channels = Vec::with_capacity(threads);
+    for h in handles {
+        let (l, ch) = h.join().expect("publisher thread");
+        lat.extend(l);
+        channels.push(ch);
+    }
+    let call = start.elapsed();
+    let total = threads * per_thread;
+    let absorbed = wait_count(&admin, &queue, total, Duration::from_secs(120))
+        .map(|t| (t - start).as_secs_f64())
+        .unwrap_or(f64::NAN);
+    delete(&admin, &queue);
+    drop(channels);
+    let _ = conn.close();
+    PublishRun {
+        client: "lepus".into(),
+        round: 0,
+        mode,
+        threads,
+        per_thread,
+        call_secs: call.as_secs_f64(),
+        absorbed_secs: absorbed,
+        lat: Percentiles::of(&mut lat),
+        errors: errors.load(Ordering::Relaxed),
+    }
+}
+
+/// One channel-pool run.
+#[derive(Debug, Clone)]
+pub struct PoolRun {
+    pub threads: usize,
+    pub per_thread: usize,
+    pub pool_size: usize,
+    pub secs: f64,
+    pub lat: Percentiles,
+    pub errors: usize,
+    pub opened: u64,
+}
+
+impl PoolRun {
+    pub fn ops(&self) -> usize {
+        self.threads * self.per_thread
+    }
+    pub fn rate(&self) -> f64 {
+        self.ops() as f64 / self.secs
+    }
+}
+
+/// T threads x N acquire/release pairs on a pool of the default size, opened beforehand.
+pub fn pool(url: &str, threads: usize, per_thread: usize) -> PoolRun {
+    let conn = connect(url);
+    let pool = ChannelPool::new(&conn, lepus::DEFAULT_POOL_SIZE);
+    // Open every channel of the pool first: the figure is the steady state, not the
+    // round trips of the first channel.open of each.
+    let warm: Vec<_> = (0..pool.max())
+        .map(|_| pool.acquire().expect("warm the pool"))
+        .collect();
+    drop(warm);
+    let barrier = Arc::new(Barrier::new(threads + 1));
+    let errors = Arc::new(AtomicUsize::new(0));
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            let (pool, barrier, errors) = (pool.clone(), barrier.clone(), errors.clone());
+            spawn("pool-user", move || {
+                let mut lat = Samples::with_capacity(per_thread);
+                barrier.wait();
+                for _ in 0..per_thread {
+                    let t0 = Instant::now();
+                    match pool.acquire() {
+                        Ok(g) => drop(g),
+                        Err(_) => {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    lat.push(t0.elapsed());
+                }
+                lat
+            })
+        })
+        .collect();
+    barrier.wait();
+    let start = Instant::now();
+    let mut lat = Samples::with_capacity(threads * per_thread);
+    for h in handles {
+        lat.extend(h.join().expect("pool thread"));
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let stats = pool.stats();
+    drop(pool);
+    let _ = conn.close();
+    PoolRun {
+        threads,
+        per_thread,
+        pool_size: lepus::DEFAULT_POOL_SIZE,
+        secs,
+        lat: Percentiles::of(&mut lat),
+        errors: errors.load(Ordering::Relaxed),
+        opened: stats.opened,
+    }
+}
+
+/// One massive-consumers run of one client.
+#[derive(Debug, Clone)]
+pub struct ConsumeRun {
+    pub client: String,
+    pub round: usize,
+    pub consumers: usize,
+    pub messages: usize,
+    pub startup_secs: f64,
+    pub produce_secs: f64,
+    /// From the first publish to the last delivery received.
+    pub consume_secs: f64,
+    pub lat: Percentiles,
+    pub received: usize,
+    pub lost: usize,
+    pub duplicates: usize,
+    pub errors: usize,
+}
+
+impl ConsumeRun {
+    pub fn produce_rate(&self) -> f64 {
+        self.messages as f64 / self.produce_secs
+    }
+    pub fn consume_rate(&self) -> f64 {
+        self.received as f64 / self.consume_secs
+    }
+}
+
+/// Nanoseconds since a process-wide origin (the clock of body timestamps).
+pub fn now_ns() -> u64 {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    ORIGIN.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+pub const PREFETCH: u16 = 50;
+
+/// N consumers on one connection (a channel each) on one queue, one producer publishing
+/// `messages` stamped with an id and the send time.
+pub fn consumers(url: &str, n: usize, messages: usize) -> ConsumeRun {
+    let conn = connect(url);
+    let admin = conn.open_channel().expect("admin channel");
+    let queue = common::unique("consume");
+    declare(&admin, &queue);
+    let barrier = Arc::new(Barrier::new(n + 1));
+    let ready = Arc::new(AtomicUsize::new(0));
+    let last_ready = Arc::new(AtomicU64::new(0));
+    let received = Arc::new(AtomicUsize::new(0));
+    let last_recv = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let errors = Arc::new(AtomicUsize::new(0));
+    let handles: Vec<_> = (0..n)
+        .map(|_| {
+            let conn = conn.clone();
+            let queue = queue.clone();
+            let (barrier, ready, last_ready) = (barrier.clone(), ready.clone(), last_ready.clone());
+            let (received, last_recv, stop, errors) = (
+                received.clone(),
+                last_recv.clone(),
+                stop.clone(),
+                errors.clone(),
+            );
+            spawn("consumer", move || {
+                let mut ledger = IdLedger::new(messages);
+                let mut lat = Samples::with_capacity(messages / n + 16);
+                barrier.wait();
+                let started = conn.open_channel().and_then(|ch| {
+                    ch.basic_qos(PREFETCH, false)?;
+                    let c = ch.basic_consume(&queue, &ConsumeOptions::default())?;
+                    Ok((ch, c))
+                });
+                let (_ch, consumer) = match started {
+                    Ok(x) => x,
+                    Err(e) => {
+                        common::note(&format!("consumer failed to start: {e}"));
+                        errors.fetch_add(1, Ordering::Relaxed);
+                        ready.fetch_add(1, Ordering::AcqRel);
+                        return (ledger, lat);
+                    }
+                };
+                last_ready.fetch_max(now_ns(), Ordering::AcqRel);
+                ready.fetch_add(1, Ordering::AcqRel);
+                while !stop.load(Ordering::Acquire) {
+                    match consumer.recv_timeout(Duration::from_millis(20)) {
+                        Ok(d) => {
+                            let now = now_ns();
+                            match read_stamp(d.body()) {
+                                Some((id, sent)) if ledger.record(id) => {
+                                    lat.push_ns(now.saturating_sub(sent));
+                                }
+                                _ => {
+                                    errors.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
+                            if d.ack().is_err() {
+                                errors.fetch_add(1, Ordering::Relaxed);
+                            }
+                            last_recv.fetch_max(now, Ordering::AcqRel);
+                            received.fetch_add(1, Ordering::AcqRel);
+                        }
+                        Err(lepus::Error::Timeout(_)) => {}
+                        Err(_) => {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                            break;
+                        }
+                    }
+                }
+                (ledger, lat)
+            })
+        })
+        .collect();
+    let start_ns = now_ns();
+    barrier.wait();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while ready.load(Ordering::Acquire) < n && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let startup = (last_ready.load(Ordering::Acquire).saturating_sub(start_ns)) as f64 / 1e9;
+
+    // One producer.
+    let producer = conn.open_channel().expect("producer channel");
+    let props = BasicProperties::new();
+    let first_ns = now_ns();
+    for id in 0..messages {
+        let body = stamp_body(id as u64, now_ns(), 64);
+        if producer
+            .basic_publish("", &queue, &body, &props, PublishOptions::default())
+            .is_err()
+        {
+            errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    let produce = (now_ns() - first_ns) as f64 / 1e9;
+    let deadline = Instant::now() + Duration::from_secs(30 + messages as u64 / 500);
+    while received.load(Ordering::Acquire) < messages && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    // Give duplicates, if any, a moment to show up.
+    std::thread::sleep(Duration::from_millis(50));
+    stop.store(true, Ordering::Release);
+    let mut ledger = IdLedger::new(messages);
+    let mut lat = Samples::with_capacity(messages);
+    for h in handles {
+        let (l, s) = h.join().expect("consumer thread");
+        ledger.merge(&l);
+        lat.extend(s);
+    }
+    let consume = (last_recv.load(Ordering::Acquire).saturating_sub(first_ns)) as f64 / 1e9;
+    delete(&admin, &queue);
+    let _ = conn.close();
+    ConsumeRun {
+        client: "lepus".into(),
+        round: 0,
+        consumers: n,
+        messages,
+        startup_secs: startup,
+        produce_secs: produce,
+        consume_secs: consume,
+        lat: Percentiles::of(&mut lat),
+        received: ledger.unique(),
+        lost: ledger.missing(),
+        duplicates: ledger.duplicates(),
+        errors: errors.load(Ordering::Relaxed),
+    }
+}
