@@ -731,7 +731,14 @@ impl Channel {
             opts: opts.clone(),
             sink: record_sink,
         });
-        Ok(Consumer::new(tag, rx, relay, shared, self.clone()))
+        Ok(Consumer::new(
+            tag,
+            rx,
+            relay,
+            shared,
+            self.clone(),
+            opts.no_ack,
+        ))
     }
 
     /// Cancel a consumer by tag and wait for `cancel-ok`.

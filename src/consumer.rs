@@ -77,6 +77,7 @@ pub struct Consumer {
     channel: Channel,
     ended: Mutex<Option<Error>>,
     cancelled: AtomicBool,
+    no_ack: bool,
 }
 
 impl fmt::Debug for Consumer {
@@ -96,6 +97,7 @@ impl Consumer {
         relay: Sender<ConsumerMsg>,
         shared: Arc<ConsumerShared>,
         channel: Channel,
+        no_ack: bool,
     ) -> Self {
         Consumer {
             tag,
@@ -103,6 +105,7 @@ impl Consumer {
             relay,
             shared,
             channel,
+            no_ack,
             ended: Mutex::new(None),
             cancelled: AtomicBool::new(false),
         }
@@ -227,6 +230,25 @@ impl Drop for Consumer {
                 self.channel.forget_consumer(&self.tag);
             } else {
                 self.channel.cancel_nowait(&self.tag);
+            }
+        }
+        // Deliveries nobody will read go back to the queue now, not when the channel
+        // closes (a no-ack consumer's are already settled; an ack for them would be a
+        // 406 that closes the channel).
+        if !self.no_ack {
+            while let Ok(msg) = self.rx.try_recv() {
+                let requeued = match msg {
+                    ConsumerMsg::Delivery(d) => d.reject(true),
+                    ConsumerMsg::Bad(b) => b.reject(true),
+                    ConsumerMsg::Lost(_) | ConsumerMsg::End(_) => Ok(()),
+                };
+                if let Err(e) = requeued {
+                    log::debug!(
+                        "could not requeue a delivery of dropped consumer {:?}: {e}",
+                        self.tag
+                    );
+                    break;
+                }
             }
         }
     }
