@@ -160,7 +160,11 @@ impl Reactor {
             more = (readable && reads >= READS_PER_TURN && !self.engine.is_stalled())
                 || (!self.commands.is_empty() && self.engine.out.len() - out_pos < HIGH_WATER);
         }
-        self.final_flush(out_pos);
+        // Last words (close, close-ok) matter on a working link; on a lost one they
+        // would only delay the recovery.
+        if !matches!(self.engine.outcome(), Some(Error::ConnectionLost(_))) {
+            self.final_flush(out_pos);
+        }
         let _ = self.sock.shutdown(std::net::Shutdown::Both);
         // Queued commands hold reply senders: drop them now so their waiters wake. The
         // failure was recorded (with a fence) before this drain; a command queued after
