@@ -49,6 +49,8 @@ struct State {
     pending: VecDeque<Entry>,
     nacked_since_wait: bool,
     failure: Option<Error>,
+    /// The failure kept the unconfirmed messages (`fail`'s `keep`).
+    kept: bool,
     /// Unconfirmed when the link was lost, kept for recovery to republish or hand back.
     in_doubt: Vec<Entry>,
 }
@@ -125,6 +127,20 @@ impl ConfirmTracker {
     /// the frames to send, in order. Call with the publish lock held.
     pub fn adopt(&self, entries: Vec<Entry>) -> Vec<Arc<Vec<u8>>> {
         let mut s = self.state.lock();
+        if s.failure.is_some() {
+            // This generation failed already (during recovery): nothing to send; the
+            // messages stay in doubt for the next attempt, as if they had been pending.
+            if s.kept {
+                s.in_doubt.extend(entries);
+            } else {
+                for e in &entries {
+                    if let Some(slot) = &e.slot {
+                        slot.store(FAILED, Ordering::Release);
+                    }
+                }
+            }
+            return Vec::new();
+        }
         let mut out = Vec::with_capacity(entries.len());
         for mut e in entries {
             e.seq = s.next_seq;
@@ -182,6 +198,7 @@ impl ConfirmTracker {
             }
         }
         s.failure = Some(err);
+        s.kept = keep;
         drop(s);
         self.cv.notify_all();
     }
@@ -327,5 +344,38 @@ mod handle {
                 None => Err(Error::Timeout("a publisher confirm")),
             }
         }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    /// Recovery adopts unconfirmed messages into a generation that has failed already
+    /// (it failed during the recovery): they stay in doubt for the next attempt.
+    #[test]
+    fn adopting_into_a_failed_tracker_keeps_the_messages_in_doubt() {
+        let old = ConfirmTracker::new();
+        old.enable();
+        let (_, slot) = old.register(true, Some(Arc::new(vec![1, 2, 3]))).unwrap();
+        old.fail(Error::ConnectionLost("gone".into()), true);
+        let entries = old.take_in_doubt();
+        assert_eq!(entries.len(), 1);
+
+        let candidate = ConfirmTracker::new();
+        candidate.enable();
+        candidate.fail(Error::ConnectionLost("gone too".into()), true);
+        assert!(candidate.adopt(entries).is_empty(), "nothing to send");
+        let kept = candidate.take_in_doubt();
+        assert_eq!(kept.len(), 1, "still in doubt for the next attempt");
+        assert_eq!(slot.as_ref().unwrap().load(Ordering::Acquire), PENDING);
+
+        // A tracker that failed for good (not kept) fails them instead.
+        let closed = ConfirmTracker::new();
+        closed.enable();
+        closed.fail(Error::ConnectionClosed, false);
+        assert!(closed.adopt(kept).is_empty());
+        assert!(closed.take_in_doubt().is_empty());
+        assert_eq!(slot.unwrap().load(Ordering::Acquire), FAILED);
     }
 }

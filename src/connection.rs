@@ -196,6 +196,9 @@ pub(crate) struct ConnectionInner {
     channels: Mutex<HashMap<u16, Weak<ChannelInner>>>,
     events: Mutex<EventLog>,
     closed: AtomicBool,
+    /// Mirrors `link.terminal.is_some()`, so that hot paths (a pool checking its
+    /// channels under its own lock) need not take the link lock.
+    dead: AtomicBool,
     generations: AtomicU64,
 }
 
@@ -260,6 +263,7 @@ impl Connection {
             channels: Mutex::new(HashMap::new()),
             events: Mutex::new(EventLog::new()),
             closed: AtomicBool::new(false),
+            dead: AtomicBool::new(false),
             generations: AtomicU64::new(1),
         });
         let weak: Weak<ConnectionInner> = Arc::downgrade(&inner);
@@ -376,7 +380,7 @@ impl ConnectionInner {
 
     /// Closed, or lost for good: nothing on it will work again.
     pub(crate) fn is_dead(&self) -> bool {
-        self.is_closed() || self.link.lock().terminal.is_some()
+        self.is_closed() || self.dead.load(Ordering::Acquire)
     }
 
     pub(crate) fn next_generation(&self) -> u64 {
@@ -511,6 +515,7 @@ impl ConnectionInner {
         link.flight.give_up();
         if link.terminal.is_none() {
             link.terminal = Some(err.duplicate());
+            self.dead.store(true, Ordering::Release);
         }
         self.link_cv.notify_all();
         drop(link);
@@ -567,6 +572,7 @@ impl LinkEvents for ConnectionInner {
             Ended::Terminal => {
                 if link.terminal.is_none() && !self.is_closed() {
                     link.terminal = Some(err);
+                    self.dead.store(true, Ordering::Release);
                 }
                 self.link_cv.notify_all();
                 return;

@@ -58,6 +58,7 @@ mod connection;
 mod consumer;
 mod delivery_queue;
 mod error;
+pub mod fuzzing;
 #[cfg(not(loom))]
 mod io;
 mod link;

@@ -373,7 +373,10 @@ pub(crate) fn run(inner: Arc<ConnectionInner>) {
 
 fn replay(inner: &Arc<ConnectionInner>, gen_: &Arc<Generation>) -> Result<()> {
     let conn = gen_.shared();
-    let deadline = Instant::now() + inner.opts.operation_timeout;
+    // Each step gets the operation timeout (not the whole replay, whose length grows with
+    // the number of channels times the round trip: one deadline for all of it would make
+    // recovery of many channels over a slow link time out on every attempt, forever).
+    let deadline = || Instant::now() + inner.opts.operation_timeout;
     let channels = inner.live_channels();
     // Channels keep their ids: reserve them before the topology channel takes one.
     {
@@ -382,7 +385,7 @@ fn replay(inner: &Arc<ConnectionInner>, gen_: &Arc<Generation>) -> Result<()> {
             ids.reserve(c.id());
         }
     }
-    let topo_ch = conn.open_channel(None, deadline)?;
+    let topo_ch = conn.open_channel(None, deadline())?;
     let mut topology = inner.topology.lock().clone();
     for (name, rec) in &topology.exchanges {
         let m = AMQPClass::Exchange(exchange::AMQPMethod::Declare(exchange::Declare {
@@ -395,7 +398,7 @@ fn replay(inner: &Arc<ConnectionInner>, gen_: &Arc<Generation>) -> Result<()> {
             nowait: false,
             arguments: table_to_amqp(&rec.opts.arguments),
         }));
-        rpc(&topo_ch, m, deadline, "exchange.declare-ok (recovery)")?;
+        rpc(&topo_ch, m, deadline(), "exchange.declare-ok (recovery)")?;
     }
     let mut renamed: HashMap<String, String> = HashMap::new();
     for (name, rec) in topology.queues.clone() {
@@ -412,7 +415,7 @@ fn replay(inner: &Arc<ConnectionInner>, gen_: &Arc<Generation>) -> Result<()> {
             nowait: false,
             arguments: table_to_amqp(&rec.opts.arguments),
         }));
-        match rpc(&topo_ch, m, deadline, "queue.declare-ok (recovery)")? {
+        match rpc(&topo_ch, m, deadline(), "queue.declare-ok (recovery)")? {
             Reply::Method(AMQPClass::Queue(queue::AMQPMethod::DeclareOk(ok))) => {
                 let new = ok.queue.to_string();
                 if new != name {
@@ -454,7 +457,7 @@ fn replay(inner: &Arc<ConnectionInner>, gen_: &Arc<Generation>) -> Result<()> {
                 arguments: table_to_amqp(&b.arguments),
             }))
         };
-        rpc(&topo_ch, m, deadline, "bind-ok (recovery)")?;
+        rpc(&topo_ch, m, deadline(), "bind-ok (recovery)")?;
     }
     topo_ch.close_nowait();
     if !renamed.is_empty() {
@@ -470,21 +473,21 @@ fn replay(inner: &Arc<ConnectionInner>, gen_: &Arc<Generation>) -> Result<()> {
     let mut restored: Vec<(Arc<ChannelInner>, Arc<ChannelShared>)> = Vec::new();
     for c in &channels {
         conn.ids.lock().free(c.id());
-        let new = conn.open_channel(Some(c.id()), deadline)?;
+        let new = conn.open_channel(Some(c.id()), deadline())?;
         let mut record = c.record.lock().clone();
         if let Some((prefetch, global)) = record.qos {
             let m = AMQPClass::Basic(basic::AMQPMethod::Qos(basic::Qos {
                 prefetch_count: prefetch,
                 global,
             }));
-            rpc(&new, m, deadline, "basic.qos-ok (recovery)")?;
+            rpc(&new, m, deadline(), "basic.qos-ok (recovery)")?;
             new.prefetch.store(prefetch.into(), Ordering::Release);
         }
         if record.confirm {
             let m = AMQPClass::Confirm(confirm::AMQPMethod::Select(confirm::Select {
                 nowait: false,
             }));
-            rpc(&new, m, deadline, "confirm.select-ok (recovery)")?;
+            rpc(&new, m, deadline(), "confirm.select-ok (recovery)")?;
             new.confirms.enable();
         }
         record.consumers.retain(|r| r.sink.is_active());
@@ -503,7 +506,7 @@ fn replay(inner: &Arc<ConnectionInner>, gen_: &Arc<Generation>) -> Result<()> {
             }));
             new.rpc(
                 m,
-                deadline,
+                deadline(),
                 "basic.consume-ok (recovery)",
                 Some(r.sink.clone()),
             )?;
@@ -529,9 +532,15 @@ fn replay(inner: &Arc<ConnectionInner>, gen_: &Arc<Generation>) -> Result<()> {
             match inner.opts.recovery.unconfirmed {
                 UnconfirmedPolicy::Republish if new.confirms.is_enabled() => {
                     let _order = new.publish_lock.lock();
-                    for bytes in new.confirms.adopt(entries) {
+                    let frames = new.confirms.adopt(entries);
+                    // The messages belong to the new channel now: make it current before
+                    // sending, so that if this connection fails too (the send below
+                    // fails), the next attempt finds them in doubt there, not on the old
+                    // channel whose list was just emptied.
+                    c.set_current(new.clone());
+                    for bytes in frames {
                         counts.2 += 1;
-                        conn.send(Command::SendShared(bytes), deadline, "republish")?;
+                        conn.send(Command::SendShared(bytes), deadline(), "republish")?;
                     }
                 }
                 _ => c.hand_back(entries),

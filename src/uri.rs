@@ -163,7 +163,7 @@ impl ConnectionOptions {
         self.max_message_size = bytes;
         self
     }
-    /// Deepest nesting of field tables and arrays accepted (at most 1000).
+    /// Deepest nesting of field tables and arrays accepted (at most 128).
     pub fn max_table_depth(mut self, depth: usize) -> Self {
         self.max_table_depth = depth.clamp(1, MAX_TABLE_DEPTH_CAP);
         self

@@ -172,7 +172,12 @@ impl Engine {
         };
         self.end_link(&err);
         let mut text = e.text;
-        text.truncate(200);
+        // reply-text is a short string; the text may quote the peer's (UTF-8) strings.
+        let mut cut = text.len().min(200);
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
         method_bytes(
             &mut self.out,
             0,
@@ -781,6 +786,15 @@ impl Engine {
             log::error!("delivery for unknown consumer {tag:?} on channel {ch} discarded");
             return;
         };
+        if !sink.is_active() && sink.shared.queued.load(Ordering::Acquire) >= sink.shared.capacity {
+            // A cancelled consumer no longer holds reading back, so its queue must not grow
+            // past its bound either (a peer may go on delivering before its cancel-ok).
+            log::warn!("delivery for cancelled consumer {tag:?} on channel {ch} over its bound");
+            if !sink.no_ack {
+                self.requeue(ch, &msg);
+            }
+            return;
+        }
         if !sink.shared.reserve_or_wait() {
             self.stalled = Some(Stalled {
                 channel: ch,

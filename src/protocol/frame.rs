@@ -57,7 +57,8 @@ pub struct FrameDecoder {
     frame_max: u32,
 }
 
-const READ_CHUNK: usize = 64 * 1024;
+/// How much the decoder offers to read at once.
+pub const READ_CHUNK: usize = 64 * 1024;
 
 impl FrameDecoder {
     /// A decoder that accepts frames up to `frame_max` bytes in total (0 = no limit is
@@ -103,6 +104,11 @@ impl FrameDecoder {
         &mut self.buf[self.end..]
     }
 
+    /// Bytes allocated for the buffer: at most `frame_max` plus [`READ_CHUNK`].
+    pub fn capacity(&self) -> usize {
+        self.buf.len()
+    }
+
     /// Bytes received but not yet returned as frames.
     pub fn pending(&self) -> &[u8] {
         &self.buf[self.start..self.end]
@@ -113,10 +119,15 @@ impl FrameDecoder {
         self.end = (self.end + n).min(self.buf.len());
     }
 
-    /// Copy bytes in (for tests and fuzzing; the reactor reads in place).
+    /// Copy bytes in (for tests and fuzzing; the reactor reads in place). Panics rather
+    /// than spin when more than frame_max plus a read chunk is fed without taking frames.
     pub fn feed(&mut self, mut bytes: &[u8]) {
         while !bytes.is_empty() {
             let dst = self.read_buf();
+            assert!(
+                !dst.is_empty(),
+                "FrameDecoder::feed: buffer full, take frames first"
+            );
             let n = dst.len().min(bytes.len());
             dst[..n].copy_from_slice(&bytes[..n]);
             self.filled(n);

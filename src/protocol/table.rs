@@ -368,8 +368,10 @@ fn value_from_amqp(v: &amqp::AMQPValue) -> FieldValue {
 
 /// Largest nesting depth lepus will encode or decode by default.
 pub const DEFAULT_MAX_TABLE_DEPTH: usize = 64;
-/// Hard cap on the configurable depth: amq-protocol's parser recurses per level.
-pub const MAX_TABLE_DEPTH_CAP: usize = 1_000;
+/// Hard cap on the configurable depth: amq-protocol's parser recurses per level, and a
+/// table this deep must decode on a 2 MiB thread stack (Rust's default for spawned
+/// threads, where the handshake may run) even in a debug build.
+pub const MAX_TABLE_DEPTH_CAP: usize = 128;
 
 /// Append the wire form of `t` (with its 4-byte length) to `out`.
 pub fn encode_table(t: &FieldTable, out: &mut Vec<u8>, max_depth: usize) -> Result<(), String> {

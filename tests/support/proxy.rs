@@ -363,7 +363,11 @@ impl Proxy {
     /// nothing more is read, so the client's buffers fill up) for `hold`, then both sides
     /// get an RST. Fires once; [`Proxy::trigger_hit`] tells when.
     pub fn reset_when_client_sends(&self, pattern: Vec<Option<u8>>, hold: Duration) {
-        *self.shared.trigger.lock().unwrap_or_else(|e| e.into_inner()) = Watch {
+        *self
+            .shared
+            .trigger
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Watch {
             pattern,
             seen: None,
             hold,
