@@ -10,7 +10,7 @@ use crate::channel::{ChannelInner, ConsumeOptions, ExchangeDeclareOptions, Queue
 use crate::connection::{ConnectionInner, Generation};
 use crate::consumer::ConsumerSink;
 use crate::error::{Error, Result};
-use crate::io::{ChannelShared, Command, Reply};
+use crate::io::{ChannelShared, Command, Reply, ReplyRx};
 use crate::protocol::table::{FieldTable, table_to_amqp};
 use crate::sync::{Arc, Ordering};
 
@@ -300,10 +300,6 @@ impl EventLog {
 
 // ---------------- the procedure ----------------
 
-fn rpc(ch: &ChannelShared, m: AMQPClass, deadline: Instant, what: &'static str) -> Result<Reply> {
-    ch.rpc(m, deadline, what, None)
-}
-
 /// Reconnect (with backoff, over the address list) and replay until it works, the
 /// attempts run out, or the application closes the connection. Runs on its own thread;
 /// only one runs per connection at a time.
@@ -371,11 +367,41 @@ pub(crate) fn run(inner: Arc<ConnectionInner>) {
     }
 }
 
+/// Requests in flight during a replay step: all sent at once, then every reply awaited,
+/// so a step costs one round trip whatever the number of channels or entities.
+struct InFlight {
+    waits: Vec<(Arc<ChannelShared>, ReplyRx, &'static str)>,
+}
+
+impl InFlight {
+    fn new() -> Self {
+        InFlight { waits: Vec::new() }
+    }
+    fn start(
+        &mut self,
+        ch: &Arc<ChannelShared>,
+        m: AMQPClass,
+        deadline: Instant,
+        what: &'static str,
+        consumer: Option<ConsumerSink>,
+    ) -> Result<()> {
+        let rx = ch.rpc_start(m, deadline, what, consumer)?;
+        self.waits.push((ch.clone(), rx, what));
+        Ok(())
+    }
+    fn finish(self, deadline: Instant) -> Result<Vec<Reply>> {
+        self.waits
+            .into_iter()
+            .map(|(ch, rx, what)| ch.wait_reply(&rx, deadline, what))
+            .collect()
+    }
+}
+
 fn replay(inner: &Arc<ConnectionInner>, gen_: &Arc<Generation>) -> Result<()> {
     let conn = gen_.shared();
     // Each step gets the operation timeout (not the whole replay, whose length grows with
-    // the number of channels times the round trip: one deadline for all of it would make
-    // recovery of many channels over a slow link time out on every attempt, forever).
+    // the round trip: one deadline for all of it could make recovery over a slow link
+    // time out on every attempt, forever).
     let deadline = || Instant::now() + inner.opts.operation_timeout;
     let channels = inner.live_channels();
     // Channels keep their ids: reserve them before the topology channel takes one.
@@ -387,6 +413,11 @@ fn replay(inner: &Arc<ConnectionInner>, gen_: &Arc<Generation>) -> Result<()> {
     }
     let topo_ch = conn.open_channel(None, deadline())?;
     let mut topology = inner.topology.lock().clone();
+
+    // Exchanges and queues in one round trip; bindings (which may name a renamed
+    // server-named queue) in the next.
+    let d = deadline();
+    let mut step = InFlight::new();
     for (name, rec) in &topology.exchanges {
         let m = AMQPClass::Exchange(exchange::AMQPMethod::Declare(exchange::Declare {
             exchange: name.as_str().into(),
@@ -398,10 +429,10 @@ fn replay(inner: &Arc<ConnectionInner>, gen_: &Arc<Generation>) -> Result<()> {
             nowait: false,
             arguments: table_to_amqp(&rec.opts.arguments),
         }));
-        rpc(&topo_ch, m, deadline(), "exchange.declare-ok (recovery)")?;
+        step.start(&topo_ch, m, d, "exchange.declare-ok (recovery)", None)?;
     }
-    let mut renamed: HashMap<String, String> = HashMap::new();
-    for (name, rec) in topology.queues.clone() {
+    let queues = topology.queues.clone();
+    for (name, rec) in &queues {
         let m = AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
             queue: if rec.server_named {
                 "".into()
@@ -415,10 +446,15 @@ fn replay(inner: &Arc<ConnectionInner>, gen_: &Arc<Generation>) -> Result<()> {
             nowait: false,
             arguments: table_to_amqp(&rec.opts.arguments),
         }));
-        match rpc(&topo_ch, m, deadline(), "queue.declare-ok (recovery)")? {
+        step.start(&topo_ch, m, d, "queue.declare-ok (recovery)", None)?;
+    }
+    let replies = step.finish(d)?;
+    let mut renamed: HashMap<String, String> = HashMap::new();
+    for ((name, _), reply) in queues.iter().zip(&replies[topology.exchanges.len()..]) {
+        match reply {
             Reply::Method(AMQPClass::Queue(queue::AMQPMethod::DeclareOk(ok))) => {
                 let new = ok.queue.to_string();
-                if new != name {
+                if &new != name {
                     log::info!("server-named queue {name:?} is now {new:?}");
                     inner.event(
                         gen_.number(),
@@ -427,8 +463,8 @@ fn replay(inner: &Arc<ConnectionInner>, gen_: &Arc<Generation>) -> Result<()> {
                             new: new.clone(),
                         },
                     );
-                    topology.rename_queue(&name, &new);
-                    renamed.insert(name, new);
+                    topology.rename_queue(name, &new);
+                    renamed.insert(name.clone(), new);
                 }
             }
             other => {
@@ -439,6 +475,8 @@ fn replay(inner: &Arc<ConnectionInner>, gen_: &Arc<Generation>) -> Result<()> {
             }
         }
     }
+    let d = deadline();
+    let mut step = InFlight::new();
     for b in &topology.bindings {
         let m = if b.to_exchange {
             AMQPClass::Exchange(exchange::AMQPMethod::Bind(exchange::Bind {
@@ -457,8 +495,9 @@ fn replay(inner: &Arc<ConnectionInner>, gen_: &Arc<Generation>) -> Result<()> {
                 arguments: table_to_amqp(&b.arguments),
             }))
         };
-        rpc(&topo_ch, m, deadline(), "bind-ok (recovery)")?;
+        step.start(&topo_ch, m, d, "bind-ok (recovery)", None)?;
     }
+    step.finish(d)?;
     topo_ch.close_nowait();
     if !renamed.is_empty() {
         let mut t = inner.topology.lock();
@@ -468,33 +507,59 @@ fn replay(inner: &Arc<ConnectionInner>, gen_: &Arc<Generation>) -> Result<()> {
     }
     inner.event(gen_.number(), RecoveryEventKind::TopologyRecovered);
 
-    // Channels: reopen under the same id, qos, confirm mode, consumers, unconfirmed.
-    let mut counts = (0, 0, 0);
-    let mut restored: Vec<(Arc<ChannelInner>, Arc<ChannelShared>)> = Vec::new();
+    // Channels: reopen all under their ids at once, then qos, confirm mode and consumers,
+    // each a single round trip for all channels.
+    let d = deadline();
+    let mut opening = Vec::with_capacity(channels.len());
     for c in &channels {
         conn.ids.lock().free(c.id());
-        let new = conn.open_channel(Some(c.id()), deadline())?;
-        let mut record = c.record.lock().clone();
+        opening.push(conn.open_channel_start(Some(c.id()), d)?);
+    }
+    let mut restored: Vec<(Arc<ChannelInner>, Arc<ChannelShared>)> = Vec::new();
+    for (c, (new, rx)) in channels.iter().zip(opening) {
+        new.open_finish(&rx, d)?;
+        restored.push((c.clone(), new));
+    }
+    let records: Vec<ChannelRecord> = restored
+        .iter()
+        .map(|(c, _)| {
+            let mut rec = c.record.lock();
+            rec.consumers.retain(|r| r.sink.is_active());
+            for r in &mut rec.consumers {
+                if let Some(n) = renamed.get(&r.queue) {
+                    r.queue = n.clone();
+                }
+            }
+            rec.clone()
+        })
+        .collect();
+    let d = deadline();
+    let mut step = InFlight::new();
+    for ((_, new), record) in restored.iter().zip(&records) {
         if let Some((prefetch, global)) = record.qos {
             let m = AMQPClass::Basic(basic::AMQPMethod::Qos(basic::Qos {
                 prefetch_count: prefetch,
                 global,
             }));
-            rpc(&new, m, deadline(), "basic.qos-ok (recovery)")?;
+            step.start(new, m, d, "basic.qos-ok (recovery)", None)?;
             new.prefetch.store(prefetch.into(), Ordering::Release);
         }
         if record.confirm {
             let m = AMQPClass::Confirm(confirm::AMQPMethod::Select(confirm::Select {
                 nowait: false,
             }));
-            rpc(&new, m, deadline(), "confirm.select-ok (recovery)")?;
+            step.start(new, m, d, "confirm.select-ok (recovery)", None)?;
+        }
+    }
+    step.finish(d)?;
+    let d = deadline();
+    let mut step = InFlight::new();
+    let mut counts = (restored.len(), 0, 0);
+    for ((_, new), record) in restored.iter().zip(&records) {
+        if record.confirm {
             new.confirms.enable();
         }
-        record.consumers.retain(|r| r.sink.is_active());
-        for r in &mut record.consumers {
-            if let Some(n) = renamed.get(&r.queue) {
-                r.queue = n.clone();
-            }
+        for r in &record.consumers {
             let m = AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
                 queue: r.queue.as_str().into(),
                 consumer_tag: r.tag.as_str().into(),
@@ -504,26 +569,17 @@ fn replay(inner: &Arc<ConnectionInner>, gen_: &Arc<Generation>) -> Result<()> {
                 nowait: false,
                 arguments: table_to_amqp(&r.opts.arguments),
             }));
-            new.rpc(
+            step.start(
+                new,
                 m,
-                deadline(),
+                d,
                 "basic.consume-ok (recovery)",
                 Some(r.sink.clone()),
             )?;
             counts.1 += 1;
         }
-        {
-            let mut rec = c.record.lock();
-            rec.consumers.retain(|r| r.sink.is_active());
-            for r in &mut rec.consumers {
-                if let Some(n) = renamed.get(&r.queue) {
-                    r.queue = n.clone();
-                }
-            }
-        }
-        counts.0 += 1;
-        restored.push((c.clone(), new));
     }
+    step.finish(d)?;
     // Unconfirmed messages of the old channels, then make the new channels current.
     for (c, new) in &restored {
         let old = c.current_shared();

@@ -223,6 +223,18 @@ impl ConnShared {
         want: Option<u16>,
         deadline: Instant,
     ) -> Result<Arc<ChannelShared>> {
+        let (ch, rx) = self.open_channel_start(want, deadline)?;
+        ch.open_finish(&rx, deadline)?;
+        Ok(ch)
+    }
+
+    /// Send `channel.open` (with the given id, for recovery) without waiting; finish
+    /// with [`ChannelShared::open_finish`].
+    pub(crate) fn open_channel_start(
+        self: &Arc<Self>,
+        want: Option<u16>,
+        deadline: Instant,
+    ) -> Result<(Arc<ChannelShared>, ReplyRx)> {
         if self.is_failed() {
             return Err(self.error());
         }
@@ -259,22 +271,7 @@ impl ConnShared {
             self.ids.lock().free(id);
             return Err(e);
         }
-        match ch.wait_reply(&rx, deadline, "channel.open-ok") {
-            Ok(Reply::Method(AMQPClass::Channel(
-                amq_protocol::protocol::channel::AMQPMethod::OpenOk(_),
-            ))) => Ok(ch),
-            other => {
-                // The I/O thread owns the id now: close the half-open channel.
-                ch.close_nowait();
-                Err(match other {
-                    Err(e) => e,
-                    Ok(r) => Error::UnexpectedReply {
-                        operation: "channel.open",
-                        got: format!("{r:?}"),
-                    },
-                })
-            }
-        }
+        Ok((ch, rx))
     }
 
     /// Ask the I/O thread to look at its queue; one wake-up per batch of commands.
@@ -465,6 +462,20 @@ impl ChannelShared {
             .rpc_lock
             .try_lock_until(deadline)
             .ok_or(Error::Timeout(what))?;
+        let rx = self.rpc_start(m, deadline, what, consumer)?;
+        self.wait_reply(&rx, deadline, what)
+    }
+
+    /// Send a synchronous method without waiting: its reply comes on the receiver.
+    /// Replies on one channel come in request order, so several may be in flight (the
+    /// recovery's pipelined replay); callers of [`ChannelShared::rpc`] are serialised.
+    pub(crate) fn rpc_start(
+        &self,
+        m: AMQPClass,
+        deadline: Instant,
+        what: &'static str,
+        consumer: Option<ConsumerSink>,
+    ) -> Result<ReplyRx> {
         if self.is_closed() {
             return Err(self.error());
         }
@@ -481,7 +492,27 @@ impl ChannelShared {
             deadline,
             what,
         )?;
-        self.wait_reply(&rx, deadline, what)
+        Ok(rx)
+    }
+
+    /// Wait for this channel's `channel.open-ok`; on failure the half-open channel is
+    /// closed (the I/O thread owns its id by now).
+    pub(crate) fn open_finish(&self, rx: &ReplyRx, deadline: Instant) -> Result<()> {
+        match self.wait_reply(rx, deadline, "channel.open-ok") {
+            Ok(Reply::Method(AMQPClass::Channel(
+                amq_protocol::protocol::channel::AMQPMethod::OpenOk(_),
+            ))) => Ok(()),
+            other => {
+                self.close_nowait();
+                Err(match other {
+                    Err(e) => e,
+                    Ok(r) => Error::UnexpectedReply {
+                        operation: "channel.open",
+                        got: format!("{r:?}"),
+                    },
+                })
+            }
+        }
     }
 
     /// Send `channel.close` without waiting for `close-ok`.
