@@ -149,7 +149,7 @@ impl ChannelInner {
     /// The connection is gone for good: end every consumer of this channel.
     pub(crate) fn end_consumers(&self, err: &Error) {
         for r in self.record.lock().consumers.drain(..) {
-            r.sink.end(err.duplicate());
+            r.sink.end(err.clone());
         }
     }
 }

@@ -223,12 +223,12 @@ impl ConfirmTracker {
                 Ok(None) => {}
                 // Failed with its channel: say why the channel ended.
                 Err(e) if slot.load(Ordering::Acquire) == FAILED => {
-                    return Err(s.failure.as_ref().map_or(e, Error::duplicate));
+                    return Err(s.failure.as_ref().map_or(e, Error::clone));
                 }
                 Err(e) => return Err(e),
             }
             if let Some(e) = &s.failure {
-                return Err(e.duplicate());
+                return Err(e.clone());
             }
             if self.cv.wait_until_deadline(&mut s, deadline)
                 && slot.load(Ordering::Acquire) == PENDING
@@ -245,7 +245,7 @@ impl ConfirmTracker {
         let mut s = self.state.lock();
         loop {
             if let Some(e) = &s.failure {
-                return Err(e.duplicate());
+                return Err(e.clone());
             }
             if s.pending.is_empty() {
                 return Ok(!std::mem::take(&mut s.nacked_since_wait));

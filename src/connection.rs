@@ -301,7 +301,7 @@ impl Connection {
         }
         let link = self.inner.link.lock();
         if let Some(t) = &link.terminal {
-            return Some(t.duplicate());
+            return Some(t.clone());
         }
         // Failed with no recovery to follow (e.g. a protocol violation): ended for good
         // already, though the I/O thread may still be waiting for the peer's close-ok.
@@ -407,7 +407,7 @@ impl ConnectionInner {
                 return Err(Error::ConnectionClosed);
             }
             if let Some(t) = &link.terminal {
-                return Err(t.duplicate());
+                return Err(t.clone());
             }
             let shared = link.current.shared().clone();
             if !shared.is_failed() {
@@ -439,7 +439,7 @@ impl ConnectionInner {
                 return Err(Error::ConnectionClosed);
             }
             if let Some(t) = &link.terminal {
-                return Err(t.duplicate());
+                return Err(t.clone());
             }
             if self.link_cv.wait_until_deadline(&mut link, deadline) {
                 return if done() { Ok(()) } else { Err(lost()) };
@@ -514,7 +514,7 @@ impl ConnectionInner {
         let mut link = self.link.lock();
         link.flight.give_up();
         if link.terminal.is_none() {
-            link.terminal = Some(err.duplicate());
+            link.terminal = Some(err.clone());
             self.dead.store(true, Ordering::Release);
         }
         self.link_cv.notify_all();

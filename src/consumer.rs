@@ -142,7 +142,7 @@ impl Consumer {
                 let e = self.end_with(e);
                 // Other threads may be blocked on this consumer too: wake the next one.
                 self.shared.queued.fetch_add(1, Ordering::AcqRel);
-                let _ = self.relay.send(ConsumerMsg::End(e.duplicate()));
+                let _ = self.relay.send(ConsumerMsg::End(e.clone()));
                 Err(e)
             }
         }
@@ -150,11 +150,11 @@ impl Consumer {
 
     fn end_with(&self, e: Error) -> Error {
         let mut ended = self.ended.lock();
-        ended.get_or_insert(e).duplicate()
+        ended.get_or_insert(e).clone()
     }
 
     fn ended(&self) -> Option<Error> {
-        self.ended.lock().as_ref().map(Error::duplicate)
+        self.ended.lock().clone()
     }
 
     /// Wait for the next delivery. Returns an error when the consumer ends (cancelled,

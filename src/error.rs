@@ -1,5 +1,6 @@
 //! The one error type of lepus, with AMQP reply codes where the broker gave them.
 
+use crate::sync::StdArc as Arc;
 use std::fmt;
 use std::io;
 
@@ -75,7 +76,7 @@ impl fmt::Display for HandshakeStage {
 ///
 /// Use [`Error::is_connection_lost`] to tell a recoverable loss of the link from an
 /// intentional close, and [`Error::reply_code`] for the AMQP reply code when there is one.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// The `amqp://` URI or an option could not be understood.
@@ -87,9 +88,9 @@ pub enum Error {
     Io {
         /// The step that failed.
         stage: HandshakeStage,
-        /// The underlying error.
+        /// The underlying error (shared, so that every waiter can get a copy).
         #[source]
-        source: io::Error,
+        source: Arc<io::Error>,
     },
 
     /// The connection attempt did not finish within the connection timeout.
@@ -240,78 +241,6 @@ impl Error {
             | Error::Protocol { code, .. }
             | Error::VhostRefused { code, .. } => Some(*code),
             _ => None,
-        }
-    }
-
-    /// A copy of this error for another waiter of the same event. I/O errors keep their
-    /// kind and text.
-    pub(crate) fn duplicate(&self) -> Error {
-        match self {
-            Error::InvalidUri(s) => Error::InvalidUri(s.clone()),
-            Error::Io { stage, source } => Error::Io {
-                stage: *stage,
-                source: io::Error::new(source.kind(), source.to_string()),
-            },
-            Error::ConnectTimeout { stage, elapsed_ms } => Error::ConnectTimeout {
-                stage: *stage,
-                elapsed_ms: *elapsed_ms,
-            },
-            Error::NotAmqp(s) => Error::NotAmqp(s.clone()),
-            Error::AuthenticationFailed(s) => Error::AuthenticationFailed(s.clone()),
-            Error::VhostRefused { vhost, code, text } => Error::VhostRefused {
-                vhost: vhost.clone(),
-                code: *code,
-                text: text.clone(),
-            },
-            Error::ServerClosedConnection {
-                code,
-                text,
-                class_id,
-                method_id,
-            } => Error::ServerClosedConnection {
-                code: *code,
-                text: text.clone(),
-                class_id: *class_id,
-                method_id: *method_id,
-            },
-            Error::ServerClosedChannel {
-                channel,
-                code,
-                text,
-                class_id,
-                method_id,
-            } => Error::ServerClosedChannel {
-                channel: *channel,
-                code: *code,
-                text: text.clone(),
-                class_id: *class_id,
-                method_id: *method_id,
-            },
-            Error::Protocol { code, text } => Error::Protocol {
-                code: *code,
-                text: text.clone(),
-            },
-            Error::ConnectionLost(s) => Error::ConnectionLost(s.clone()),
-            Error::ConnectionClosed => Error::ConnectionClosed,
-            Error::ChannelClosed(c) => Error::ChannelClosed(*c),
-            Error::Timeout(s) => Error::Timeout(s),
-            Error::ConsumerCancelled { tag, reason } => Error::ConsumerCancelled {
-                tag: tag.clone(),
-                reason: reason.clone(),
-            },
-            #[cfg(not(loom))]
-            Error::BadDelivery(b) => Error::BadDelivery(b.clone()),
-            Error::MessageTooLarge { size, max } => Error::MessageTooLarge {
-                size: *size,
-                max: *max,
-            },
-            Error::InvalidArgument(s) => Error::InvalidArgument(s.clone()),
-            Error::NoFreeChannel(n) => Error::NoFreeChannel(*n),
-            Error::UnexpectedReply { operation, got } => Error::UnexpectedReply {
-                operation,
-                got: got.clone(),
-            },
-            Error::NotInConfirmMode => Error::NotInConfirmMode,
         }
     }
 }

@@ -22,6 +22,10 @@ pub fn broken(_name: &str) -> bool {
     false
 }
 
+/// Plain shared ownership of immutable values (an error's I/O cause): not a
+/// synchronisation point, so never loom's.
+pub use std::sync::Arc as StdArc;
+
 /// Timed waits: parking_lot's interface, over either implementation.
 pub(crate) trait CondvarExt {
     /// Wait until notified or `deadline`; true if the deadline passed.
@@ -35,7 +39,9 @@ pub(crate) trait CondvarExt {
 #[cfg(not(loom))]
 mod imp {
     pub(crate) use parking_lot::{Condvar, Mutex, MutexGuard};
-    pub(crate) use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
+    pub(crate) use std::sync::atomic::{
+        AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering, fence,
+    };
     pub(crate) use std::sync::{Arc, Weak};
 
     impl super::CondvarExt for Condvar {

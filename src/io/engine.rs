@@ -122,7 +122,7 @@ impl Engine {
             reply: Some(reply), ..
         } = std::mem::replace(&mut self.state, State::Open)
         {
-            let _ = reply.send(Err(err.duplicate()));
+            let _ = reply.send(Err(err.clone()));
         }
         self.state = State::Done(err);
     }
@@ -134,18 +134,18 @@ impl Engine {
             return;
         }
         let recover = self.conn.link_failing(err);
-        self.conn.set_failure(err.duplicate());
+        self.conn.set_failure(err.clone());
         let err = self.conn.error();
         self.stalled = None;
         for slot in self.slots.iter_mut().filter_map(Option::take) {
-            slot.shared.confirms.fail(err.duplicate(), recover);
+            slot.shared.confirms.fail(err.clone(), recover);
             // Consumers hear it through their queue: a lost link they will survive
             // (recovery re-registers them), or their end.
             for (_, sink) in slot.consumers {
                 if recover {
-                    let _ = sink.push(ConsumerMsg::Lost(err.duplicate()));
+                    let _ = sink.push(ConsumerMsg::Lost(err.clone()));
                 } else {
-                    sink.end(err.duplicate());
+                    sink.end(err.clone());
                 }
             }
             // Dropping pending replies wakes their waiters, which then read the reason.

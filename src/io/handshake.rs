@@ -1,6 +1,7 @@
 //! Opening a connection: TCP connect, then `ExpectStart → ExpectTune → ExpectOpenOk`,
 //! the whole of it within the connection timeout.
 
+use crate::sync::StdArc as Arc;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
@@ -291,7 +292,7 @@ fn remaining(deadline: Instant, stage: HandshakeStage, start: Instant) -> Result
 fn tcp_connect(opts: &ConnectionOptions, start: Instant, deadline: Instant) -> Result<TcpStream> {
     let io_err = |source| Error::Io {
         stage: HandshakeStage::Connect,
-        source,
+        source: Arc::new(source),
     };
     let addrs: Vec<_> = (opts.host.as_str(), opts.port)
         .to_socket_addrs()
@@ -364,7 +365,12 @@ pub(crate) fn connect(opts: &ConnectionOptions) -> Result<Established> {
     let start = Instant::now();
     let deadline = start + opts.connection_timeout;
     let mut stream = tcp_connect(opts, start, deadline)?;
-    let io = |stage| move |source| Error::Io { stage, source };
+    let io = |stage| {
+        move |source| Error::Io {
+            stage,
+            source: Arc::new(source),
+        }
+    };
     stream
         .set_nodelay(true)
         .map_err(io(HandshakeStage::Connect))?;
@@ -406,7 +412,7 @@ pub(crate) fn connect(opts: &ConnectionOptions) -> Result<Established> {
                 if let (Ok(_), Err(e)) = (&done, w) {
                     return Err(Error::Io {
                         stage: hs.expect.stage(),
-                        source: e,
+                        source: Arc::new(e),
                     });
                 }
             }
@@ -455,7 +461,7 @@ pub(crate) fn connect(opts: &ConnectionOptions) -> Result<Established> {
                     (Expect::Tune, ErrorKind::ConnectionReset) => hs.on_eof(),
                     _ => Error::Io {
                         stage: hs.expect.stage(),
-                        source: e,
+                        source: Arc::new(e),
                     },
                 });
             }

@@ -18,9 +18,10 @@ use crate::protocol::frame::put_method;
 use crate::protocol::table::FieldTable;
 use crate::sync::oneshot;
 use crate::sync::queue::{self, Receiver, SendTimeoutError, Sender};
-use crate::sync::{Arc, AtomicBool, AtomicUsize, Condvar, CondvarExt, Mutex, Ordering, Weak};
+use crate::sync::{
+    Arc, AtomicBool, AtomicUsize, Condvar, CondvarExt, Mutex, Ordering, Weak, fence,
+};
 use crate::uri::ConnectionOptions;
-use std::sync::atomic::fence;
 
 /// What an RPC gets back.
 #[derive(Debug)]
@@ -314,7 +315,7 @@ impl ConnShared {
     /// Why the connection ended (or a generic loss if the reason is not recorded yet).
     pub(crate) fn error(&self) -> Error {
         match &*self.failure.lock() {
-            Some(e) => e.duplicate(),
+            Some(e) => e.clone(),
             None => Error::ConnectionLost("the connection's I/O thread has ended".into()),
         }
     }
@@ -424,7 +425,7 @@ impl ChannelShared {
     /// Why this channel cannot be used: its own close reason, else the connection's.
     pub(crate) fn error(&self) -> Error {
         if let Some(e) = &*self.close_reason.lock() {
-            return e.duplicate();
+            return e.clone();
         }
         self.conn.error()
     }

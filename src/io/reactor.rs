@@ -169,12 +169,12 @@ impl Reactor {
         // Queued commands hold reply senders: drop them now so their waiters wake. The
         // failure was recorded (with a fence) before this drain; a command queued after
         // it is seen as failed by its own waiter.
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        crate::sync::fence(crate::sync::Ordering::SeqCst);
         while self.commands.try_recv().is_ok() {}
         let outcome = self
             .engine
             .outcome()
-            .map(Error::duplicate)
+            .cloned()
             .unwrap_or_else(|| Error::ConnectionLost("the I/O thread ended".into()));
         log::info!("connection I/O thread ends: {outcome}");
         self.engine.conn.link_ended(outcome);
