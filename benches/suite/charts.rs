@@ -11,6 +11,8 @@ use crate::stats::median;
 use crate::throughput::Mode;
 
 type DrawResult = Result<(), Box<dyn std::error::Error>>;
+type Chart<'a> = (&'a str, &'a dyn Fn(&Results, &Path) -> DrawResult);
+type Metric<'a> = (&'a str, fn(&RecoveryRun) -> f64);
 
 const PALETTE: [RGBColor; 6] = [
     RGBColor(31, 119, 180),
@@ -25,7 +27,7 @@ const PALETTE: [RGBColor; 6] = [
 /// the report).
 pub fn draw_all(r: &Results, dir: &Path) -> Vec<String> {
     let mut errors = Vec::new();
-    let charts: [(&str, &dyn Fn(&Results, &Path) -> DrawResult); 4] = [
+    let charts: [Chart; 4] = [
         ("throughput_by_threads.svg", &throughput),
         ("latency_percentiles.svg", &latency),
         ("consumer_scalability.svg", &consumers),
@@ -76,7 +78,12 @@ fn throughput(r: &Results, path: &Path) -> DrawResult {
                 let v = med(r
                     .publish
                     .iter()
-                    .filter(|p| &p.client == c && p.threads == t && p.per_thread == m && p.mode == Mode::None)
+                    .filter(|p| {
+                        &p.client == c
+                            && p.threads == t
+                            && p.per_thread == m
+                            && p.mode == Mode::None
+                    })
                     .map(|p| p.absorbed_rate()));
                 (i as f64, v)
             })
@@ -115,7 +122,12 @@ fn throughput(r: &Results, path: &Path) -> DrawResult {
                 med(r
                     .publish
                     .iter()
-                    .filter(|p| p.client == "lepus" && p.threads == t && p.per_thread == m && p.mode == Mode::Each)
+                    .filter(|p| {
+                        p.client == "lepus"
+                            && p.threads == t
+                            && p.per_thread == m
+                            && p.mode == Mode::Each
+                    })
                     .map(|p| p.absorbed_rate())),
             )
         })
@@ -149,7 +161,12 @@ fn latency(r: &Results, path: &Path) -> DrawResult {
                         med(r
                             .publish
                             .iter()
-                            .filter(|x| x.client == "lepus" && x.threads == t && x.per_thread == m && x.mode == mode)
+                            .filter(|x| {
+                                x.client == "lepus"
+                                    && x.threads == t
+                                    && x.per_thread == m
+                                    && x.mode == mode
+                            })
                             .map(|x| match p {
                                 0 => x.lat.p50_ms,
                                 1 => x.lat.p99_ms,
@@ -191,7 +208,11 @@ fn consumers(r: &Results, path: &Path) -> DrawResult {
                 .map(|(i, &n)| {
                     (
                         i as f64,
-                        med(r.consume.iter().filter(|x| &x.client == c && x.consumers == n).map(f)),
+                        med(r
+                            .consume
+                            .iter()
+                            .filter(|x| &x.client == c && x.consumers == n)
+                            .map(f)),
                     )
                 })
                 .filter(|(_, v)| v.is_finite() && *v > 0.0)
@@ -206,8 +227,40 @@ fn consumers(r: &Results, path: &Path) -> DrawResult {
             startup.push((c.clone(), ps));
         }
     }
-    lines_on(&left, "Consume rate", "consumers", "msg/s (log)", &labels, &rate)?;
-    lines_on(&right, "Consumer startup", "consumers", "ms (log)", &labels, &startup)?;
+    let floor: Vec<(f64, f64)> = r
+        .consumer_counts
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            let v: Vec<f64> = r
+                .consumer_floor
+                .iter()
+                .filter(|x| x.0 == n)
+                .map(|x| x.2 * 1e3)
+                .collect();
+            (i as f64, median(&v))
+        })
+        .filter(|(_, v)| v.is_finite() && *v > 0.0)
+        .collect();
+    if !floor.is_empty() {
+        startup.push(("broker floor (raw socket)".into(), floor));
+    }
+    lines_on(
+        &left,
+        "Consume rate",
+        "consumers",
+        "msg/s (log)",
+        &labels,
+        &rate,
+    )?;
+    lines_on(
+        &right,
+        "Consumer startup",
+        "consumers",
+        "ms (log)",
+        &labels,
+        &startup,
+    )?;
     root.present()?;
     Ok(())
 }
@@ -228,20 +281,28 @@ fn recovery(r: &Results, path: &Path) -> DrawResult {
         root.present()?;
         return Ok(());
     }
-    let metrics: [(&str, fn(&RecoveryRun) -> f64); 3] = [
+    let metrics: [Metric; 3] = [
         ("detection", |x| x.detection_ms),
         ("last thread told", |x| x.told_last_ms),
         ("full recovery", |x| x.recovery_first_ms),
     ];
     let vals: Vec<Vec<f64>> = groups
         .iter()
-        .map(|(_, g)| metrics.iter().map(|(_, f)| med(g.iter().map(|x| f(x)))).collect())
+        .map(|(_, g)| {
+            metrics
+                .iter()
+                .map(|(_, f)| med(g.iter().map(|x| f(x))))
+                .collect()
+        })
         .collect();
     let range = log_range(vals.iter().flatten().copied().map(|v| v.max(0.001)));
     let n = groups.len();
     let labels: Vec<String> = groups.iter().map(|(k, _)| k.clone()).collect();
     let mut chart = ChartBuilder::on(&root)
-        .caption("Recovery times by failure type (from injection)", ("sans-serif", 22))
+        .caption(
+            "Recovery times by failure type (from injection)",
+            ("sans-serif", 22),
+        )
         .margin(15)
         .x_label_area_size(45)
         .y_label_area_size(70)
@@ -270,7 +331,10 @@ fn recovery(r: &Results, path: &Path) -> DrawResult {
             .map(|(gi, v)| {
                 let x0 = gi as f64 - 0.4 + mi as f64 * width;
                 Rectangle::new(
-                    [(x0, range.start), (x0 + width * 0.9, v[mi].max(range.start))],
+                    [
+                        (x0, range.start),
+                        (x0 + width * 0.9, v[mi].max(range.start)),
+                    ],
                     color.filled(),
                 )
             })
@@ -354,7 +418,9 @@ where
         chart
             .draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))?
             .label(name.as_str())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
         chart.draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
     }
     chart

@@ -101,11 +101,17 @@ pub fn unique(prefix: &str) -> String {
     format!("lepus-bench.{prefix}.{}.{n}.{nanos:x}", std::process::id())
 }
 
-/// Declare a fresh (non-durable, auto-deleted on the admin connection's end as a
-/// fallback) queue.
+/// Declare a fresh, non-durable queue. Scenarios delete their queues; `x-expires` makes
+/// the broker drop any that a crashed run left behind (10 minutes unused).
 pub fn declare(admin: &Channel, name: &str) {
     admin
-        .queue_declare(name, &QueueDeclareOptions::default())
+        .queue_declare(
+            name,
+            &QueueDeclareOptions {
+                arguments: lepus::FieldTable::new().with("x-expires", 600_000i32),
+                ..Default::default()
+            },
+        )
         .expect("declare the bench queue");
 }
 
@@ -297,5 +303,42 @@ pub fn ms(x: f64) -> String {
         format!("{x:.2} ms")
     } else {
         format!("{:.1} µs", x * 1000.0)
+    }
+}
+
+/// CPU seconds used so far by the local broker (beam.smp), if it runs on this machine.
+fn broker_cpu() -> Option<f64> {
+    static PID: OnceLock<Option<u32>> = OnceLock::new();
+    let pid = (*PID.get_or_init(|| {
+        std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+            let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
+            (comm.trim() == "beam.smp")
+                .then(|| e.file_name().to_str()?.parse().ok())
+                .flatten()
+        })
+    }))?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let f: Vec<&str> = stat.rsplit(')').next()?.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+/// Let the broker finish the previous run's work (closing hundreds of channels,
+/// deleting a queue) before the next run starts, so that a run does not pay for the one
+/// before it: wait until the local broker uses under a fifth of a core over 100 ms,
+/// at most 3 s; a fixed 300 ms when the broker is not local.
+pub fn settle() {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let Some(mut last) = broker_cpu() else {
+        thread::sleep(Duration::from_millis(300));
+        return;
+    };
+    while Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(100));
+        let Some(now) = broker_cpu() else { return };
+        if now - last < 0.02 {
+            return;
+        }
+        last = now;
     }
 }

@@ -27,8 +27,10 @@ mod throughput;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::{Settings, done, ms, note, section, step, thousands};
+use common::{Settings, done, ms, note, section, settle, step, thousands};
 use throughput::Mode;
+
+const TOTAL: u32 = 8;
 
 /// Everything measured in one run.
 #[derive(Default)]
@@ -48,6 +50,10 @@ pub struct Results {
     pub peer_notes: Vec<String>,
     pub peer_versions: Vec<(String, String)>,
     pub errors: Vec<String>,
+    /// Remarks about how this run went (shown under the environment).
+    pub notes: Vec<String>,
+    /// Scenarios that panicked.
+    pub failed: Vec<String>,
     pub publish_configs: Vec<(usize, usize)>,
     pub modes: Vec<Mode>,
     pub consumer_counts: Vec<usize>,
@@ -132,22 +138,31 @@ fn main() {
         s.out_dir.display()
     );
     let mut r = Results::default();
-    let total = 8;
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
 
-    // Peers first: their build is the slowest step of a cold run.
-    let peers = if s.peers && s.wants(6) {
+    // Peers: built first, or (quick mode, cold build) in the background while the
+    // lepus-only scenarios run, so that a first run stays within its time budget.
+    let want_peers = s.peers && s.wants(6);
+    let bin = root.join("benches/peers/target/release/lepus-bench-peers");
+    let background = want_peers && s.quick && !bin.exists();
+    let build = {
+        let (root, url, quick) = (root.clone(), s.url.clone(), s.quick);
         let budget = Duration::from_secs(s.peers_build_timeout.unwrap_or(s.size(1800, 240)));
-        let p = peers::Peers::build(&root, &s.url, s.quick, budget);
-        r.peer_clients = p.clients.clone();
-        r.peer_notes = p.notes.clone();
-        r.peer_versions = p.versions.clone();
-        Some(p)
-    } else {
-        None
+        move || peers::Peers::build(&root, &url, quick, budget)
     };
-    let peer_clients: Vec<String> = peers.as_ref().map(|p| p.clients.clone()).unwrap_or_default();
-
+    let mut peers = None;
+    let mut pending = None;
+    if want_peers {
+        if background {
+            note(
+                "the peers are not built yet: building them in the background while the lepus-only scenarios (2, 4, 5, 8) run",
+            );
+            r.notes.push("This was a cold run: the peers crate was compiled in the background while scenarios 2, 4, 5 and 8 ran, so those figures shared the CPU with the compiler.".into());
+            pending = Some(std::thread::spawn(build));
+        } else {
+            peers = Some(build());
+        }
+    }
     // 1, 6, 7: publish throughput, peers and ceiling interleaved round by round.
     r.publish_configs = vec![
         (10, 100),
@@ -157,28 +172,100 @@ fn main() {
         (4, s.size(25_000, 5_000)),
     ];
     r.modes = vec![Mode::None, Mode::Each, Mode::Window(100)];
+    // 3 (+6): massive consumers.
+    r.consumer_counts = vec![100, 500, 900];
+    if background {
+        guard(&mut r, "scenario_pool", |r| scenario_pool(&s, r));
+        guard(&mut r, "scenario_recovery", |r| scenario_recovery(&s, r));
+        guard(&mut r, "scenario_stability", |r| scenario_stability(&s, r));
+        guard(&mut r, "scenario_memory", |r| scenario_memory(&s, r));
+        note("waiting for the peers' build");
+        peers = pending.and_then(|h| h.join().ok());
+    }
+    if let Some(p) = &peers {
+        r.peer_clients = p.clients.clone();
+        r.peer_notes = p.notes.clone();
+        r.peer_versions = p.versions.clone();
+    }
+    guard(&mut r, "scenario_publish", |r| {
+        scenario_publish(&s, r, peers.as_ref())
+    });
+    if !background {
+        guard(&mut r, "scenario_pool", |r| scenario_pool(&s, r));
+    }
+    guard(&mut r, "scenario_consumers", |r| {
+        scenario_consumers(&s, r, peers.as_ref())
+    });
+    if !background {
+        guard(&mut r, "scenario_recovery", |r| scenario_recovery(&s, r));
+        guard(&mut r, "scenario_stability", |r| scenario_stability(&s, r));
+        guard(&mut r, "scenario_memory", |r| scenario_memory(&s, r));
+    }
+
+    note("writing the report");
+    std::fs::create_dir_all(&s.out_dir).expect("create the results directory");
+    let chart_errors = charts::draw_all(&r, &s.out_dir);
+    r.errors.extend(chart_errors);
+    let md = report::render(&r, &env, &s);
+    let path = s.out_dir.join("report.md");
+    std::fs::write(&path, md).expect("write the report");
+    eprintln!("\n[{:>6.1}s] report: {}", common::elapsed(), path.display());
+    if !r.failed.is_empty() {
+        eprintln!("suite: these scenarios failed: {}", r.failed.join(", "));
+        std::process::exit(1);
+    }
+}
+
+/// Run a scenario; a panic (a broker gone, a broken invariant) is recorded and the suite
+/// goes on, so that the report is written; the exit status says that something failed.
+fn guard(r: &mut Results, name: &str, f: impl FnOnce(&mut Results)) {
+    if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(r))) {
+        let msg = p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "panic".into());
+        eprintln!("\nsuite: {name} failed: {msg}");
+        r.errors.push(format!("{name} failed: {msg}"));
+        r.failed.push(name.to_owned());
+    }
+}
+
+fn scenario_publish(s: &Settings, r: &mut Results, peers: Option<&peers::Peers>) {
+    let total = TOTAL;
+    let peer_clients: Vec<String> = peers.map(|p| p.clients.clone()).unwrap_or_default();
     if s.wants(1) || s.wants(6) || s.wants(7) {
-        section(1, total, "publish throughput (lepus, peers and the ceiling probe interleaved)");
+        section(
+            1,
+            total,
+            "publish throughput (lepus, peers and the ceiling probe interleaved)",
+        );
         let mut jobs: Vec<(usize, usize, usize, Mode, String)> = Vec::new();
         for round in 0..s.rounds {
             for &(t, m) in &r.publish_configs {
                 for &mode in &r.modes {
+                    let mut clients: Vec<String> = Vec::new();
                     if s.wants(1) || s.wants(6) {
-                        jobs.push((round, t, m, mode, "lepus".into()));
+                        clients.push("lepus".into());
                     }
                     if s.wants(6) {
-                        for c in &peer_clients {
-                            jobs.push((round, t, m, mode, c.clone()));
-                        }
+                        clients.extend(peer_clients.iter().cloned());
                     }
                     if mode == Mode::None && s.wants(7) {
-                        jobs.push((round, t, m, mode, "ceiling".into()));
+                        clients.push("ceiling".into());
+                    }
+                    // Each round starts with another client (A B C, B C A, ...).
+                    let k = round % clients.len().max(1);
+                    clients.rotate_left(k);
+                    for c in clients {
+                        jobs.push((round, t, m, mode, c));
                     }
                 }
             }
         }
         let n = jobs.len();
         for (i, (round, t, m, mode, client)) in jobs.into_iter().enumerate() {
+            settle();
             step(
                 i + 1,
                 n,
@@ -212,7 +299,7 @@ fn main() {
                         r.errors.push(format!("ceiling probe {t}×{m}: {e}"));
                     }
                 },
-                peer => match peers.as_ref().expect("peers").publish(peer, t, m, mode) {
+                peer => match peers.expect("peers").publish(peer, t, m, mode) {
                     Ok(mut run) => {
                         run.round = round;
                         done(&format!(
@@ -220,23 +307,40 @@ fn main() {
                             thousands(run.absorbed_rate()),
                             ms(run.lat.p99_ms)
                         ));
+                        if let (true, Some(e)) = (run.errors > 0, &run.first_error) {
+                            r.errors.push(format!(
+                                "{peer} publish {t}×{m} {} (round {}): {} errors; first: {e}",
+                                mode.label(),
+                                round + 1,
+                                run.errors
+                            ));
+                        }
                         r.publish.push(run);
                     }
                     Err(e) => {
                         done(&format!("failed: {e}"));
-                        r.errors.push(format!("{peer} publish {t}×{m} {}: {e}", mode.label()));
+                        r.errors
+                            .push(format!("{peer} publish {t}×{m} {}: {e}", mode.label()));
                     }
                 },
             }
         }
     }
+}
 
+fn scenario_pool(s: &Settings, r: &mut Results) {
+    let total = TOTAL;
     // 2: channel pool.
     if s.wants(2) {
         section(2, total, "channel pool");
         let cfgs = [(100, s.size(20_000, 2_000)), (500, s.size(4_000, 400))];
         for (i, &(t, n)) in cfgs.iter().enumerate() {
-            step(i + 1, cfgs.len(), &format!("{t} threads × {n} acquire/release"));
+            step(
+                i + 1,
+                cfgs.len(),
+                &format!("{t} threads × {n} acquire/release"),
+            );
+            settle();
             let run = throughput::pool(&s.url, t, n);
             done(&format!(
                 "{} pairs/s, P99 {}",
@@ -246,37 +350,49 @@ fn main() {
             r.pool.push(run);
         }
     }
+}
 
-    // 3 (+6): massive consumers.
-    r.consumer_counts = vec![100, 500, 900];
+fn scenario_consumers(s: &Settings, r: &mut Results, peers: Option<&peers::Peers>) {
+    let total = TOTAL;
+    let peer_clients: Vec<String> = peers.map(|p| p.clients.clone()).unwrap_or_default();
     if s.wants(3) || s.wants(6) {
         section(3, total, "massive consumers (lepus and peers interleaved)");
         let mut jobs = Vec::new();
         for round in 0..s.rounds {
             for &c in &r.consumer_counts {
                 let msgs = s.size(c * 20, c * 4);
-                jobs.push((round, c, msgs, "lepus".to_string()));
+                let mut clients = vec!["lepus".to_string()];
                 if s.wants(6) {
-                    for p in &peer_clients {
-                        jobs.push((round, c, msgs, p.clone()));
-                    }
+                    clients.extend(peer_clients.iter().cloned());
                 }
                 if s.wants(7) {
-                    jobs.push((round, c, msgs, "floor".to_string()));
+                    clients.push("floor".to_string());
+                }
+                let k = round % clients.len();
+                clients.rotate_left(k);
+                for client in clients {
+                    jobs.push((round, c, msgs, client));
                 }
             }
         }
         let n = jobs.len();
         for (i, (round, c, msgs, client)) in jobs.into_iter().enumerate() {
+            settle();
             step(
                 i + 1,
                 n,
-                &format!("round {}/{}: {c} consumers, {msgs} messages — {client}", round + 1, s.rounds),
+                &format!(
+                    "round {}/{}: {c} consumers, {msgs} messages — {client}",
+                    round + 1,
+                    s.rounds
+                ),
             );
             if client == "floor" {
                 match ceiling::consumer_floor(&s.url, c, throughput::PREFETCH) {
                     Ok(secs) => {
-                        done(&format!("{c} consumers started in {secs:.3} s (raw socket, pipelined)"));
+                        done(&format!(
+                            "{c} consumers started in {secs:.3} s (raw socket, pipelined)"
+                        ));
                         r.consumer_floor.push((c, round, secs));
                     }
                     Err(e) => {
@@ -289,7 +405,7 @@ fn main() {
             let run = if client == "lepus" {
                 Ok(throughput::consumers(&s.url, c, msgs))
             } else {
-                peers.as_ref().expect("peers").consume(&client, c, msgs)
+                peers.expect("peers").consume(&client, c, msgs)
             };
             match run {
                 Ok(mut run) => {
@@ -301,6 +417,13 @@ fn main() {
                         ms(run.lat.p99_ms),
                         run.lost
                     ));
+                    if let (true, Some(e)) = (run.errors > 0, &run.first_error) {
+                        r.errors.push(format!(
+                            "{client} consume {c} (round {}): {} errors; first: {e}",
+                            round + 1,
+                            run.errors
+                        ));
+                    }
                     r.consume.push(run);
                 }
                 Err(e) => {
@@ -310,10 +433,17 @@ fn main() {
             }
         }
     }
+}
 
+fn scenario_recovery(s: &Settings, r: &mut Results) {
+    let total = TOTAL;
     // 4: recovery by failure type.
     if s.wants(4) {
-        section(4, total, "recovery by failure type (faults injected through the proxy)");
+        section(
+            4,
+            total,
+            "recovery by failure type (faults injected through the proxy)",
+        );
         let partition = Duration::from_millis(s.size(3000, 2500));
         let faults = [
             recovery::Fault::Rst,
@@ -332,6 +462,7 @@ fn main() {
         }
         let n = jobs.len();
         for (i, (f, t)) in jobs.into_iter().enumerate() {
+            settle();
             step(i + 1, n, &format!("{} with {t} threads", f.label()));
             let run = recovery::run(&s.url, f, t);
             done(&format!(
@@ -341,35 +472,59 @@ fn main() {
                 run.told,
                 ms(run.recovery_first_ms),
                 ms(run.recovery_all_ms),
-                if run.new_connection { "verified" } else { "NOT verified" }
+                if run.new_connection {
+                    "verified"
+                } else {
+                    "NOT verified"
+                }
             ));
             r.recovery.push(run);
         }
     }
+}
 
+fn scenario_stability(s: &Settings, r: &mut Results) {
+    let total = TOTAL;
     // 5: stability.
     if s.wants(5) {
         section(5, total, "stability");
         let dur = Duration::from_millis(s.size(5000, 1500));
         let steps = 5;
         step(1, steps, "chaos, random operations, no faults, 50 threads");
+        settle();
         let c = stability::chaos(&s.url, "chaos_no_faults", 50, dur, None);
         done(&chaos_line(&c));
         r.chaos.push(c);
         for (k, t) in [(2, 50), (3, 20)] {
-            step(k, steps, &format!("chaos with links killed every ~0.3 s, {t} threads"));
-            let c = stability::chaos(&s.url, "chaos_with_kills", t, dur, Some(Duration::from_millis(300)));
+            step(
+                k,
+                steps,
+                &format!("chaos with links killed every ~0.3 s, {t} threads"),
+            );
+            let c = stability::chaos(
+                &s.url,
+                "chaos_with_kills",
+                t,
+                dur,
+                Some(Duration::from_millis(300)),
+            );
             done(&chaos_line(&c));
             r.chaos.push(c);
         }
         let per = s.size(10, 4);
-        step(4, steps, &format!("high contention: 500 threads on a barrier × {per}"));
+        step(
+            4,
+            steps,
+            &format!("high contention: 500 threads on a barrier × {per}"),
+        );
+        settle();
         let c = stability::contention(&s.url, 500, per);
         done(&chaos_line(&c));
         r.chaos.push(c);
         let n = s.size(1000, 30);
         step(5, steps, &format!("repeated recovery: {n} real reconnects"));
         eprintln!();
+        settle();
         let rep = recovery::repeated(&s.url, n);
         note(&format!(
             "repeated recovery: {}/{} verified, P50 {}, P99 {}, stale errors {}",
@@ -381,10 +536,17 @@ fn main() {
         ));
         r.repeated = Some(rep);
     }
+}
 
+fn scenario_memory(s: &Settings, r: &mut Results) {
+    let total = TOTAL;
     // 8: memory.
     if s.wants(8) {
-        section(8, total, "memory (900 idle channels, then 900 consumers, in a child process)");
+        section(
+            8,
+            total,
+            "memory (900 idle channels, then 900 consumers, in a child process)",
+        );
         step(1, 1, "measuring");
         let m = memory::measure(&s.url, 900);
         match &m {
@@ -397,15 +559,6 @@ fn main() {
         }
         r.memory = Some(m);
     }
-
-    note("writing the report");
-    std::fs::create_dir_all(&s.out_dir).expect("create the results directory");
-    let chart_errors = charts::draw_all(&r, &s.out_dir);
-    r.errors.extend(chart_errors);
-    let md = report::render(&r, &env, &s);
-    let path = s.out_dir.join("report.md");
-    std::fs::write(&path, md).expect("write the report");
-    eprintln!("\n[{:>6.1}s] report: {}", common::elapsed(), path.display());
 }
 
 fn chaos_line(c: &stability::ChaosRun) -> String {

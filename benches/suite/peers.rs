@@ -202,7 +202,10 @@ impl Peers {
                 Ok(None) if Instant::now() > deadline => {
                     let _ = child.kill();
                     let _ = child.wait();
-                    return Err(format!("the peer run {args:?} took over {:?}; killed", self.timeout));
+                    return Err(format!(
+                        "the peer run {args:?} took over {:?}; killed",
+                        self.timeout
+                    ));
                 }
                 Ok(None) => std::thread::sleep(Duration::from_millis(5)),
                 Err(e) => return Err(e.to_string()),
@@ -223,7 +226,12 @@ impl Peers {
             .ok_or_else(|| format!("the peer printed no result; stderr: {}", tail(&err, 5)))?;
         let v: Value = serde_json::from_str(line).map_err(|e| e.to_string())?;
         if let Some(e) = v.get("error") {
-            return Err(format!("{}", e.as_str().unwrap_or("?")));
+            return Err(e.as_str().unwrap_or("?").to_string());
+        }
+        // What the peer said on stderr (its own errors), for the report.
+        let mut v = v;
+        if let Some(line) = err.lines().find(|l| !l.trim().is_empty()) {
+            v["stderr"] = Value::String(line.to_owned());
         }
         Ok(v)
     }
@@ -252,6 +260,7 @@ impl Peers {
             absorbed_secs: f(&v["absorbed_secs"]),
             lat: lat(&v["lat"]),
             errors: v["errors"].as_u64().unwrap_or(0) as usize,
+            first_error: v["stderr"].as_str().map(str::to_owned),
         })
     }
 
@@ -275,6 +284,7 @@ impl Peers {
             lost: v["lost"].as_u64().unwrap_or(0) as usize,
             duplicates: v["duplicates"].as_u64().unwrap_or(0) as usize,
             errors: v["errors"].as_u64().unwrap_or(0) as usize,
+            first_error: v["stderr"].as_str().map(str::to_owned),
         })
     }
 }

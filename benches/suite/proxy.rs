@@ -42,7 +42,9 @@ impl Proxy {
     /// Listen on an ephemeral port of 127.0.0.1, forwarding to `upstream`.
     pub fn start(upstream: SocketAddr) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
-        listener.set_nonblocking(true).expect("non-blocking listener");
+        listener
+            .set_nonblocking(true)
+            .expect("non-blocking listener");
         let addr = listener.local_addr().expect("proxy address");
         let state = Arc::new(State {
             upstream,

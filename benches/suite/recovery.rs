@@ -6,9 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
-use lepus::{
-    BasicProperties, Connection, PublishOptions, RecoveryEventKind, RecoveryOptions,
-};
+use lepus::{BasicProperties, Connection, PublishOptions, RecoveryEventKind, RecoveryOptions};
 
 use crate::common::{self, declare, delete, join_all, spawn};
 use crate::proxy::Proxy;
@@ -34,7 +32,9 @@ impl EventSink {
     pub fn options(&self) -> RecoveryOptions {
         let ev = self.events.clone();
         RecoveryOptions::new().listener(move |e| {
-            ev.lock().unwrap().push((e.at, e.generation, e.kind.clone()));
+            ev.lock()
+                .unwrap()
+                .push((e.at, e.generation, e.kind.clone()));
         })
     }
     /// First event of `generation` matching `pred`.
@@ -108,6 +108,10 @@ pub struct RecoveryRun {
     pub detection_ms: f64,
     /// The library's WaitersWoken event - injection.
     pub woken_ms: f64,
+    /// The new connection's handshake done (`Connected`) - injection.
+    pub connected_ms: f64,
+    /// Channels, qos, confirm mode and consumers restored (`ConsumersRestored`) - injection.
+    pub restored_ms: f64,
     /// Threads that were waiting on the link and got an error.
     pub told: usize,
     /// The last of them: its error - injection.
@@ -123,7 +127,10 @@ pub struct RecoveryRun {
 }
 
 struct ThreadOutcome {
-    told_at: Option<Instant>,
+    /// When calls failed (the first few), judged against the injection time afterwards
+    /// so that no error is missed while the harness records that time.
+    errors_at: Vec<Instant>,
+    /// The first success on a verified new connection.
     recovered_at: Option<Instant>,
 }
 
@@ -131,45 +138,47 @@ struct ThreadOutcome {
 pub fn run(url: &str, fault: Fault, threads: usize) -> RecoveryRun {
     let proxy = Proxy::start(broker_addr(url));
     let sink = EventSink::default();
-    let hb = if matches!(fault, Fault::Partition(_)) { 1 } else { 10 };
+    let hb = if matches!(fault, Fault::Partition(_)) {
+        1
+    } else {
+        10
+    };
     let conn = proxied(url, &proxy, hb, &sink);
     let admin = conn.open_channel().expect("admin channel");
     let queue = common::unique("recovery");
     declare(&admin, &queue);
     let g0 = conn.generation();
     let a0 = conn.local_addr();
-    let injected: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
     let stop = Arc::new(AtomicBool::new(false));
     let barrier = Arc::new(Barrier::new(threads + 1));
     let handles: Vec<_> = (0..threads)
         .map(|_| {
-            let (conn, queue, injected, stop, barrier) = (
-                conn.clone(),
-                queue.clone(),
-                injected.clone(),
-                stop.clone(),
-                barrier.clone(),
-            );
+            let (conn, queue, stop, barrier) =
+                (conn.clone(), queue.clone(), stop.clone(), barrier.clone());
             spawn("recovery-publisher", move || {
                 let ch = conn.open_channel().expect("publisher channel");
                 ch.confirm_select().expect("confirm.select");
                 let props = BasicProperties::new();
                 let mut out = ThreadOutcome {
-                    told_at: None,
+                    errors_at: Vec::new(),
                     recovered_at: None,
                 };
                 barrier.wait();
                 while !stop.load(Ordering::Acquire) {
                     let r = ch
-                        .basic_publish_confirmed("", &queue, b"x", &props, PublishOptions::default())
+                        .basic_publish_confirmed(
+                            "",
+                            &queue,
+                            b"x",
+                            &props,
+                            PublishOptions::default(),
+                        )
                         .and_then(|c| c.wait());
                     let now = Instant::now();
-                    let inj = *injected.lock().unwrap();
-                    let Some(inj) = inj else { continue };
                     match r {
                         Err(_) => {
-                            if out.told_at.is_none() && out.recovered_at.is_none() && now >= inj {
-                                out.told_at = Some(now);
+                            if out.recovered_at.is_none() && out.errors_at.len() < 64 {
+                                out.errors_at.push(now);
                             }
                         }
                         Ok(_) => {
@@ -196,12 +205,10 @@ pub fn run(url: &str, fault: Fault, threads: usize) -> RecoveryRun {
     let inject_at = match fault {
         Fault::Rst => {
             let (at, _) = proxy.reset_all();
-            *injected.lock().unwrap() = Some(at);
             at
         }
         Fault::Partition(d) => {
             let at = proxy.partition();
-            *injected.lock().unwrap() = Some(at);
             std::thread::sleep(d);
             proxy.heal();
             at
@@ -210,7 +217,6 @@ pub fn run(url: &str, fault: Fault, threads: usize) -> RecoveryRun {
             proxy.set_latency(l);
             std::thread::sleep(Duration::from_millis(500));
             let (at, _) = proxy.reset_all();
-            *injected.lock().unwrap() = Some(at);
             at
         }
         Fault::SlowThenRst(rate) => {
@@ -218,7 +224,6 @@ pub fn run(url: &str, fault: Fault, threads: usize) -> RecoveryRun {
             proxy.set_latency(Duration::from_millis(5));
             std::thread::sleep(Duration::from_millis(500));
             let (at, _) = proxy.reset_all();
-            *injected.lock().unwrap() = Some(at);
             at
         }
     };
@@ -238,7 +243,11 @@ pub fn run(url: &str, fault: Fault, threads: usize) -> RecoveryRun {
         t.map(|t| t.saturating_duration_since(inject_at).as_secs_f64() * 1e3)
             .unwrap_or(f64::NAN)
     };
-    let told: Vec<Instant> = outs.iter().filter_map(|o| o.told_at).collect();
+    // Told: a thread's first error at or after the injection.
+    let told: Vec<Instant> = outs
+        .iter()
+        .filter_map(|o| o.errors_at.iter().copied().find(|t| *t >= inject_at))
+        .collect();
     let rec: Vec<Instant> = outs.iter().filter_map(|o| o.recovered_at).collect();
     let g1 = conn.generation();
     let run = RecoveryRun {
@@ -246,6 +255,10 @@ pub fn run(url: &str, fault: Fault, threads: usize) -> RecoveryRun {
         threads,
         detection_ms: ms(sink.failed_at(g0)),
         woken_ms: ms(sink.first(g0, |k| *k == RecoveryEventKind::WaitersWoken)),
+        connected_ms: ms(sink.first(g1, |k| matches!(k, RecoveryEventKind::Connected { .. }))),
+        restored_ms: ms(sink.first(g1, |k| {
+            matches!(k, RecoveryEventKind::ConsumersRestored { .. })
+        })),
         told: told.len(),
         told_last_ms: ms(told.iter().max().copied()),
         recovery_first_ms: ms(rec.iter().min().copied()),
@@ -300,7 +313,13 @@ pub fn repeated(url: &str, n: usize) -> RepeatedRun {
             while !stop.load(Ordering::Acquire) {
                 let op = checker.begin();
                 let r = ch
-                    .basic_publish_confirmed("", &queue, b"bg", &BasicProperties::new(), PublishOptions::default())
+                    .basic_publish_confirmed(
+                        "",
+                        &queue,
+                        b"bg",
+                        &BasicProperties::new(),
+                        PublishOptions::default(),
+                    )
                     .and_then(|c| c.wait());
                 checker.end(op, r.err());
                 std::thread::sleep(Duration::from_millis(1));

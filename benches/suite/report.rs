@@ -26,7 +26,11 @@ pub struct Environment {
 }
 
 fn cmd(program: &str, args: &[&str], dir: &Path) -> Option<String> {
-    let out = Command::new(program).args(args).current_dir(dir).output().ok()?;
+    let out = Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .ok()?;
     out.status
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
@@ -98,8 +102,8 @@ impl Environment {
         .unwrap_or_else(|| "unknown".into());
         let commit = match cmd("git", &["rev-parse", "--short", "HEAD"], root) {
             Some(c) => {
-                let dirty = cmd("git", &["status", "--porcelain"], root)
-                    .is_some_and(|s| !s.is_empty());
+                let dirty =
+                    cmd("git", &["status", "--porcelain"], root).is_some_and(|s| !s.is_empty());
                 if dirty { format!("{c} (dirty)") } else { c }
             }
             None => "unknown".into(),
@@ -138,9 +142,11 @@ fn med(v: impl Iterator<Item = f64>) -> f64 {
 fn publish_ratio(r: &Results, peer: &str, key: Key) -> f64 {
     let l = runs(r, "lepus", key);
     let p = runs(r, peer, key);
-    med(l
-        .iter()
-        .filter_map(|a| p.iter().find(|b| b.round == a.round).map(|b| a.absorbed_rate() / b.absorbed_rate())))
+    med(l.iter().filter_map(|a| {
+        p.iter()
+            .find(|b| b.round == a.round)
+            .map(|b| a.absorbed_rate() / b.absorbed_rate())
+    }))
 }
 
 /// Median over rounds of lepus / best peer of that round.
@@ -225,10 +231,10 @@ impl Target {
     fn gap(&self) -> String {
         match (self.met(), &self.goal) {
             (Some(false), Goal::AtLeast(g)) => {
-                format!("{:.0} % short", (1.0 - self.measured / g) * 100.0)
+                format!("{:.1} % short", (1.0 - self.measured / g) * 100.0)
             }
             (Some(false), Goal::Below(g)) => {
-                format!("{:.0} % over", (self.measured / g - 1.0) * 100.0)
+                format!("{:.1} % over", (self.measured / g - 1.0) * 100.0)
             }
             _ => String::new(),
         }
@@ -251,7 +257,7 @@ fn targets(r: &Results) -> Vec<Target> {
         let mut at = String::new();
         for &(th, m) in cfgs {
             let v = f(th, m);
-            if v.is_finite() && !(worst <= v) {
+            if v.is_finite() && (worst.is_nan() || v < worst) {
                 worst = v;
                 at = format!("{th}×{m}");
             }
@@ -279,7 +285,9 @@ fn targets(r: &Results) -> Vec<Target> {
         });
     }
     if let Some(&(th, m)) = cfgs.iter().find(|c| c.0 == 900) {
-        let v = med(runs(r, "lepus", (th, m, Mode::None)).iter().map(|p| p.lat.p99_ms));
+        let v = med(runs(r, "lepus", (th, m, Mode::None))
+            .iter()
+            .map(|p| p.lat.p99_ms));
         t.push(Target {
             what: format!("publish P99 at {th} threads (no confirms)"),
             measured: v,
@@ -323,7 +331,7 @@ fn targets(r: &Results) -> Vec<Target> {
         let mut at = 0;
         for &n in &r.consumer_counts {
             let v = consume_ratio_best(r, n);
-            if v.is_finite() && !(worst_v <= v) {
+            if v.is_finite() && (worst_v.is_nan() || v < worst_v) {
                 worst_v = v;
                 at = n;
             }
@@ -348,11 +356,14 @@ fn targets(r: &Results) -> Vec<Target> {
             goal_text: "0".into(),
         });
     }
-    let rst: Vec<&RecoveryRun> = r.recovery.iter().filter(|x| x.fault == Fault::Rst).collect();
+    let rst: Vec<&RecoveryRun> = r
+        .recovery
+        .iter()
+        .filter(|x| x.fault == Fault::Rst)
+        .collect();
     if !rst.is_empty() {
-        let worst_of = |f: &dyn Fn(&RecoveryRun) -> f64| {
-            rst.iter().map(|x| f(x)).fold(f64::NAN, f64::max)
-        };
+        let worst_of =
+            |f: &dyn Fn(&RecoveryRun) -> f64| rst.iter().map(|x| f(x)).fold(f64::NAN, f64::max);
         let v = worst_of(&|x| x.detection_ms);
         t.push(Target {
             what: "RST detected (worst run)".into(),
@@ -454,6 +465,9 @@ pub fn render(r: &Results, env: &Environment, s: &Settings) -> String {
         w,
         "- The machine may be shared with other work: throughput figures are noisy; ratios within one run are the comparable numbers.\n"
     );
+    for n in &r.notes {
+        let _ = writeln!(w, "> **Note:** {n}\n");
+    }
     for n in &r.peer_notes {
         let _ = writeln!(w, "> **Peers:** {n}\n");
     }
@@ -534,7 +548,10 @@ fn publish_section(w: &mut String, r: &Results) {
         }
     }
     if !r.peer_clients.is_empty() {
-        let _ = writeln!(w, "### Peers side by side (absorbed rate, medians over rounds)\n");
+        let _ = writeln!(
+            w,
+            "### Peers side by side (absorbed rate, medians over rounds)\n"
+        );
         let mut head = "| Configuration | Mode | lepus |".to_string();
         let mut sep = "|---|---|---|".to_string();
         for c in &r.peer_clients {
@@ -583,7 +600,7 @@ fn publish_section(w: &mut String, r: &Results) {
                         if best >= g {
                             format!("✅ ≥ {g}×")
                         } else {
-                            format!("❌ ≥ {g}× ({:.0} % short)", (1.0 - best / g) * 100.0)
+                            format!("❌ ≥ {g}× ({:.1} % short)", (1.0 - best / g) * 100.0)
                         }
                     }
                     Some(g) => format!("≥ {g}×"),
@@ -600,10 +617,17 @@ fn publish_section(w: &mut String, r: &Results) {
             w,
             "One socket, a hand-made AMQP handshake, T channels, pre-encoded `basic.publish` frames (64-byte bodies, channels interleaved) written as fast as the socket takes them: what the broker absorbs through one connection. Same T × M as above, run in the same rounds.\n"
         );
-        let _ = writeln!(w, "| Configuration | Ceiling absorbed | lepus absorbed | lepus / ceiling | target |");
+        let _ = writeln!(
+            w,
+            "| Configuration | Ceiling absorbed | lepus absorbed | lepus / ceiling | target |"
+        );
         let _ = writeln!(w, "|---|---|---|---|---|");
         for &(t, m) in &r.publish_configs {
-            let c: Vec<_> = r.ceiling.iter().filter(|c| c.threads == t && c.per_thread == m).collect();
+            let c: Vec<_> = r
+                .ceiling
+                .iter()
+                .filter(|c| c.threads == t && c.per_thread == m)
+                .collect();
             if c.is_empty() {
                 continue;
             }
@@ -614,7 +638,7 @@ fn publish_section(w: &mut String, r: &Results) {
             } else if ratio >= 0.85 {
                 "✅ ≥ 0.85×".into()
             } else {
-                format!("❌ ≥ 0.85× ({:.0} % short)", (1.0 - ratio / 0.85) * 100.0)
+                format!("❌ ≥ 0.85× ({:.1} % short)", (1.0 - ratio / 0.85) * 100.0)
             };
             let _ = writeln!(
                 w,
@@ -626,12 +650,20 @@ fn publish_section(w: &mut String, r: &Results) {
         }
         let _ = writeln!(w);
     }
-    let _ = writeln!(w, "### Throughput chart\n\n![Throughput by threads](throughput_by_threads.svg)\n");
-    let _ = writeln!(w, "### Latency percentiles\n\n![Latency percentiles](latency_percentiles.svg)\n");
+    let _ = writeln!(
+        w,
+        "### Throughput chart\n\n![Throughput by threads](throughput_by_threads.svg)\n"
+    );
+    let _ = writeln!(
+        w,
+        "### Latency percentiles\n\n![Latency percentiles](latency_percentiles.svg)\n"
+    );
 }
 
 fn runs_any(r: &Results, client: &str, mode: Mode) -> bool {
-    r.publish.iter().any(|p| p.client == client && p.mode == mode)
+    r.publish
+        .iter()
+        .any(|p| p.client == client && p.mode == mode)
 }
 
 fn pool_section(w: &mut String, r: &Results) {
@@ -644,7 +676,10 @@ fn pool_section(w: &mut String, r: &Results) {
         "`ChannelPool` of {} channels (opened before timing), T threads × N `acquire()` + drop pairs; latency per pair.\n",
         r.pool[0].pool_size
     );
-    let _ = writeln!(w, "| Threads | Operations | Duration | Throughput | P50 | P99 | P99.9 | Samples | Errors |");
+    let _ = writeln!(
+        w,
+        "| Threads | Operations | Duration | Throughput | P50 | P99 | P99.9 | Samples | Errors |"
+    );
     let _ = writeln!(w, "|---|---|---|---|---|---|---|---|---|");
     for p in &r.pool {
         let _ = writeln!(
@@ -668,7 +703,10 @@ fn consumer_section(w: &mut String, r: &Results) {
     if r.consume.is_empty() {
         return;
     }
-    let _ = writeln!(w, "---\n\n## Scalability Results\n\n### Massive Consumers\n");
+    let _ = writeln!(
+        w,
+        "---\n\n## Scalability Results\n\n### Massive Consumers\n"
+    );
     let _ = writeln!(
         w,
         "N consumers on one connection, a channel each (prefetch {}, manual acks), on one queue; one producer publishes the messages (64-byte bodies carrying an id and a send timestamp). **Startup**: from the start signal until every consumer's `basic.consume-ok` (channel open + qos + consume, in parallel threads). **Consume rate**: messages received / time from the first publish to the last delivery. End-to-end latency from the body's timestamp. **Lost**: ids never received (each id counted exactly).\n",
@@ -711,10 +749,18 @@ fn consumer_section(w: &mut String, r: &Results) {
             w,
             "Broker floor for startup (no client library): one socket, N × (channel.open, basic.qos, basic.consume) written at once, until the N-th consume-ok; same rounds.\n"
         );
-        let _ = writeln!(w, "| Consumers | Floor (raw socket, pipelined) | lepus startup | lepus / floor |");
+        let _ = writeln!(
+            w,
+            "| Consumers | Floor (raw socket, pipelined) | lepus startup | lepus / floor |"
+        );
         let _ = writeln!(w, "|---|---|---|---|");
         for &n in &r.consumer_counts {
-            let f: Vec<f64> = r.consumer_floor.iter().filter(|x| x.0 == n).map(|x| x.2).collect();
+            let f: Vec<f64> = r
+                .consumer_floor
+                .iter()
+                .filter(|x| x.0 == n)
+                .map(|x| x.2)
+                .collect();
             if f.is_empty() {
                 continue;
             }
@@ -725,7 +771,10 @@ fn consumer_section(w: &mut String, r: &Results) {
         let _ = writeln!(w);
     }
     if !r.peer_clients.is_empty() {
-        let _ = writeln!(w, "| Consumers | lepus consume rate / best peer | lepus startup / best peer | target (rate) |");
+        let _ = writeln!(
+            w,
+            "| Consumers | lepus consume rate / best peer | lepus startup / best peer | target (rate) |"
+        );
         let _ = writeln!(w, "|---|---|---|---|");
         for &n in &r.consumer_counts {
             let ratio = consume_ratio_best(r, n);
@@ -744,7 +793,7 @@ fn consumer_section(w: &mut String, r: &Results) {
             } else if ratio >= 1.0 {
                 "✅ ≥ 1.0×".into()
             } else {
-                format!("❌ ≥ 1.0× ({:.0} % short)", (1.0 - ratio) * 100.0)
+                format!("❌ ≥ 1.0× ({:.1} % short)", (1.0 - ratio) * 100.0)
             };
             let _ = writeln!(w, "| {n} | {} | {} | {status} |", x(ratio), x(startup));
         }
@@ -762,13 +811,13 @@ fn recovery_section(w: &mut String, r: &Results) {
         let _ = writeln!(w, "### Recovery by Failure Type\n");
         let _ = writeln!(
             w,
-            "T threads publish with confirms (waiting for each) through an in-process TCP proxy; the fault is injected while they run. All times from the injection (the proxy's reset, or the start of the partition). **Detection**: lepus's `FailureDetected` event. **Woken**: lepus's `WaitersWoken` event. **Last told**: the last thread that was waiting on the link got its error (threads between two calls are not told: they wait for the recovery inside their next call, within its deadline; *told* counts those that were). **Full recovery**: the first publish confirmed on a new connection, verified (`generation()` increased and `local_addr()` changed); **all**: the last thread's. No sleep of the harness is inside any figure. Latency and bandwidth faults stay on during recovery. Medians over repetitions (worst in brackets).\n"
+            "T threads publish with confirms (waiting for each) through an in-process TCP proxy; the fault is injected while they run. All times from the injection (the proxy's reset, or the start of the partition). **Detection**: lepus's `FailureDetected` event. **Woken**: lepus's `WaitersWoken` event. **Last told**: the last thread that was waiting on the link got its error (threads between two calls are not told: they wait for the recovery inside their next call, within its deadline; *told* counts those that were). **Reconnected**: the new connection's handshake is done (`Connected` event). **Channels restored**: lepus reopened every channel with its qos, confirm mode and consumers (`ConsumersRestored`). **Full recovery**: the first publish confirmed on a new connection, verified (`generation()` increased and `local_addr()` changed); **all**: the last thread's. No sleep of the harness is inside any figure. Latency and bandwidth faults stay on during recovery. Medians over repetitions (worst in brackets).\n"
         );
         let _ = writeln!(
             w,
-            "| Failure Type | Threads | Runs | Detection | Woken | Last told | Told | Full Recovery | All threads | New connection verified | Deadlocks |"
+            "| Failure Type | Threads | Runs | Detection | Woken | Last told | Told | Reconnected | Channels restored | Full Recovery | All threads | New connection verified | Deadlocks |"
         );
-        let _ = writeln!(w, "|---|---|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(w, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
         let mut groups: BTreeMap<(String, usize), Vec<&RecoveryRun>> = BTreeMap::new();
         let mut order = Vec::new();
         for x in &r.recovery {
@@ -782,7 +831,11 @@ fn recovery_section(w: &mut String, r: &Results) {
             let g = &groups[&k];
             let mw = |f: &dyn Fn(&RecoveryRun) -> f64| {
                 let v: Vec<f64> = g.iter().map(|x| f(x)).collect();
-                let worst = v.iter().copied().filter(|x| x.is_finite()).fold(f64::NAN, f64::max);
+                let worst = v
+                    .iter()
+                    .copied()
+                    .filter(|x| x.is_finite())
+                    .fold(f64::NAN, f64::max);
                 if g.len() > 1 {
                     format!("{} ({})", ms(median(&v)), ms(worst))
                 } else {
@@ -794,7 +847,7 @@ fn recovery_section(w: &mut String, r: &Results) {
             let verified = g.iter().filter(|x| x.new_connection).count();
             let _ = writeln!(
                 w,
-                "| {} | {} | {} | {} | {} | {} | {told_min}+/{} | **{}** | {} ({rec_min}+/{} threads) | {verified}/{} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {told_min}+/{} | {} | {} | **{}** | {} ({rec_min}+/{} threads) | {verified}/{} | {} |",
                 k.0,
                 k.1,
                 g.len(),
@@ -802,6 +855,8 @@ fn recovery_section(w: &mut String, r: &Results) {
                 mw(&|x| x.woken_ms),
                 mw(&|x| x.told_last_ms),
                 k.1,
+                mw(&|x| x.connected_ms),
+                mw(&|x| x.restored_ms),
                 mw(&|x| x.recovery_first_ms),
                 mw(&|x| x.recovery_all_ms),
                 k.1,
@@ -818,16 +873,36 @@ fn recovery_section(w: &mut String, r: &Results) {
             "Each iteration resets the link through the proxy (a background publisher keeps traffic going), then publishes with a confirm until one succeeds on a verified new connection; the figure is reset → that confirm.\n"
         );
         let _ = writeln!(w, "| Metric | Value |\n|---|---|");
-        let _ = writeln!(w, "| Iterations (real reconnects asked for) | {} |", thousands(rep.iterations as f64));
-        let _ = writeln!(w, "| New connections verified | **{}** |", thousands(rep.verified as f64));
-        let _ = writeln!(w, "| TCP connections the proxy accepted meanwhile | {} |", thousands(rep.links_accepted as f64));
+        let _ = writeln!(
+            w,
+            "| Iterations (real reconnects asked for) | {} |",
+            thousands(rep.iterations as f64)
+        );
+        let _ = writeln!(
+            w,
+            "| New connections verified | **{}** |",
+            thousands(rep.verified as f64)
+        );
+        let _ = writeln!(
+            w,
+            "| TCP connections the proxy accepted meanwhile | {} |",
+            thousands(rep.links_accepted as f64)
+        );
         let _ = writeln!(w, "| Not recovered within 20 s | {} |", rep.failed);
         let _ = writeln!(w, "| Recovery P50 | **{}** |", ms(rep.lat.p50_ms));
         let _ = writeln!(w, "| Recovery P99 | **{}** |", ms(rep.lat.p99_ms));
         let _ = writeln!(w, "| Recovery max | {} |", ms(rep.lat.max_ms));
         let _ = writeln!(w, "| Samples | {} |", rep.lat.samples);
-        let _ = writeln!(w, "| Stale errors (error of an earlier generation after recovery) | **{}** |", rep.stale_errors);
-        let _ = writeln!(w, "| Other errors (expected: operations in flight at a reset) | {} |", rep.other_errors);
+        let _ = writeln!(
+            w,
+            "| Stale errors (error of an earlier generation after recovery) | **{}** |",
+            rep.stale_errors
+        );
+        let _ = writeln!(
+            w,
+            "| Other errors (expected: operations in flight at a reset) | {} |",
+            rep.other_errors
+        );
         let _ = writeln!(w, "| Duration | {:.1} s |", rep.secs);
         let _ = writeln!(w);
     }
@@ -846,7 +921,10 @@ fn stability_section(w: &mut String, r: &Results) {
         w,
         "| Test | Threads | Duration | Iterations | Kills | Generations | Deadlocks | Errors | Link errors (expected with kills) | Confirmed | Lost | Duplicates | Double hand-outs | Pool balanced | Stale errors | Recovered |"
     );
-    let _ = writeln!(w, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(
+        w,
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    );
     for c in &r.chaos {
         let _ = writeln!(
             w,
@@ -884,12 +962,30 @@ fn memory_section(w: &mut String, r: &Results) {
                 n = m.count
             );
             let _ = writeln!(w, "| Metric | Value |\n|---|---|");
-            let _ = writeln!(w, "| RSS before | {:.1} MiB |", m.rss_before as f64 / 1048576.0);
-            let _ = writeln!(w, "| RSS with {} channels | {:.1} MiB |", m.count, m.rss_channels as f64 / 1048576.0);
-            let _ = writeln!(w, "| RSS with {} consumers too | {:.1} MiB |", m.count, m.rss_consumers as f64 / 1048576.0);
+            let _ = writeln!(
+                w,
+                "| RSS before | {:.1} MiB |",
+                m.rss_before as f64 / 1048576.0
+            );
+            let _ = writeln!(
+                w,
+                "| RSS with {} channels | {:.1} MiB |",
+                m.count,
+                m.rss_channels as f64 / 1048576.0
+            );
+            let _ = writeln!(
+                w,
+                "| RSS with {} consumers too | {:.1} MiB |",
+                m.count,
+                m.rss_consumers as f64 / 1048576.0
+            );
             let _ = writeln!(w, "| **Per channel** | **{:.0} B** |", m.per_channel());
             let _ = writeln!(w, "| **Per consumer** | **{:.0} B** |", m.per_consumer());
-            let _ = writeln!(w, "| Peak RSS of the child (VmHWM) | {:.1} MiB |", m.hwm as f64 / 1048576.0);
+            let _ = writeln!(
+                w,
+                "| Peak RSS of the child (VmHWM) | {:.1} MiB |",
+                m.hwm as f64 / 1048576.0
+            );
             let _ = writeln!(w);
         }
         Err(e) => {
@@ -904,22 +1000,61 @@ fn health_section(w: &mut String, r: &Results) {
     let deadlocks: usize = r.chaos.iter().map(|c| c.deadlocks).sum::<usize>()
         + r.recovery.iter().map(|x| x.deadlocks).sum::<usize>();
     let lost: usize = r.chaos.iter().map(|c| c.lost).sum::<usize>()
-        + r.consume.iter().filter(|c| c.client == "lepus").map(|c| c.lost).sum::<usize>();
+        + r.consume
+            .iter()
+            .filter(|c| c.client == "lepus")
+            .map(|c| c.lost)
+            .sum::<usize>();
     let doubles: usize = r.chaos.iter().map(|c| c.double_handouts).sum();
     let stale: usize = r.chaos.iter().map(|c| c.stale_errors).sum::<usize>()
         + r.repeated.as_ref().map_or(0, |x| x.stale_errors);
     let threads: usize = r.chaos.iter().map(|c| c.threads).sum::<usize>()
         + r.recovery.iter().map(|x| x.threads).sum::<usize>();
     let recovered: usize = r.chaos.iter().map(|c| c.recovered_threads).sum::<usize>()
-        + r.recovery.iter().map(|x| x.recovered_threads).sum::<usize>();
-    let reconnects = r.repeated.as_ref().map_or((0, 0), |x| (x.verified, x.iterations));
+        + r.recovery
+            .iter()
+            .map(|x| x.recovered_threads)
+            .sum::<usize>();
+    let reconnects = r
+        .repeated
+        .as_ref()
+        .map_or((0, 0), |x| (x.verified, x.iterations));
     let checks = [
-        (deadlocks == 0, format!("**Deadlocks:** {deadlocks} (threads not joined by their deadline, chaos and recovery runs)")),
-        (lost == 0, format!("**Lost messages:** {lost} (confirmed in chaos runs but missing, plus consumer ids never received)")),
-        (doubles == 0, format!("**Double releases / hand-outs:** {doubles} (a pooled channel id held by two guards at once)")),
-        (stale == 0, format!("**Stale errors:** {stale} (an error of an earlier generation seen after recovery)")),
-        (recovered == threads, format!("**Threads recovered:** {recovered} of {threads}")),
-        (reconnects.0 == reconnects.1, format!("**Reconnects verified new:** {} of {}", reconnects.0, reconnects.1)),
+        (
+            deadlocks == 0,
+            format!(
+                "**Deadlocks:** {deadlocks} (threads not joined by their deadline, chaos and recovery runs)"
+            ),
+        ),
+        (
+            lost == 0,
+            format!(
+                "**Lost messages:** {lost} (confirmed in chaos runs but missing, plus consumer ids never received)"
+            ),
+        ),
+        (
+            doubles == 0,
+            format!(
+                "**Double releases / hand-outs:** {doubles} (a pooled channel id held by two guards at once)"
+            ),
+        ),
+        (
+            stale == 0,
+            format!(
+                "**Stale errors:** {stale} (an error of an earlier generation seen after recovery)"
+            ),
+        ),
+        (
+            recovered == threads,
+            format!("**Threads recovered:** {recovered} of {threads}"),
+        ),
+        (
+            reconnects.0 == reconnects.1,
+            format!(
+                "**Reconnects verified new:** {} of {}",
+                reconnects.0, reconnects.1
+            ),
+        ),
     ];
     for (ok, text) in checks {
         let _ = writeln!(w, "- [{}] {text}", if ok { "x" } else { " " });

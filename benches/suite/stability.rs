@@ -158,7 +158,13 @@ fn random_op(sh: &Shared, ch: &lepus::Channel, rng: &mut Rng, id: u64) -> Option
 
 /// `threads` threads doing random operations for `dur`; with `kill_every`, the links are
 /// reset through the proxy about that often.
-pub fn chaos(url: &str, name: &str, threads: usize, dur: Duration, kill_every: Option<Duration>) -> ChaosRun {
+pub fn chaos(
+    url: &str,
+    name: &str,
+    threads: usize,
+    dur: Duration,
+    kill_every: Option<Duration>,
+) -> ChaosRun {
     let proxy = Proxy::start(broker_addr(url));
     let sink = EventSink::default();
     let conn = proxied(url, &proxy, 10, &sink);
@@ -168,7 +174,13 @@ pub fn chaos(url: &str, name: &str, threads: usize, dur: Duration, kill_every: O
     declare(&admin, &queue);
     declare(&admin, &scratch);
     for i in 0..200u32 {
-        let _ = admin.basic_publish("", &scratch, &i.to_le_bytes(), &BasicProperties::new(), PublishOptions::default());
+        let _ = admin.basic_publish(
+            "",
+            &scratch,
+            &i.to_le_bytes(),
+            &BasicProperties::new(),
+            PublishOptions::default(),
+        );
     }
     let sh = Arc::new(Shared {
         conn: conn.clone(),
@@ -189,7 +201,8 @@ pub fn chaos(url: &str, name: &str, threads: usize, dur: Duration, kill_every: O
             spawn("chaos", move || {
                 let ch = sh.conn.open_channel().expect("chaos channel");
                 ch.confirm_select().expect("confirm.select");
-                let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (t as u64 + 1).wrapping_mul(0xA24B_AED4_963E_E407));
+                let mut rng =
+                    Rng(0x9E37_79B9_7F4A_7C15 ^ (t as u64 + 1).wrapping_mul(0xA24B_AED4_963E_E407));
                 let mut res = ThreadResult {
                     confirmed: Vec::new(),
                     final_ok: None,
@@ -208,7 +221,13 @@ pub fn chaos(url: &str, name: &str, threads: usize, dur: Duration, kill_every: O
                     seq += 1;
                     let id = ((t as u64) << 32) | seq;
                     let r = ch
-                        .basic_publish_confirmed("", &sh.queue, &id.to_le_bytes(), &BasicProperties::new(), PublishOptions::default())
+                        .basic_publish_confirmed(
+                            "",
+                            &sh.queue,
+                            &id.to_le_bytes(),
+                            &BasicProperties::new(),
+                            PublishOptions::default(),
+                        )
                         .and_then(|c| c.wait());
                     if let Ok(c) = r {
                         if c == lepus::Confirm::Ack {
@@ -248,12 +267,18 @@ pub fn chaos(url: &str, name: &str, threads: usize, dur: Duration, kill_every: O
         .iter()
         .filter(|r| r.final_ok.is_some_and(|g| g == final_gen))
         .count();
-    let confirmed: Vec<u64> = results.iter().flat_map(|r| r.confirmed.iter().copied()).collect();
+    let confirmed: Vec<u64> = results
+        .iter()
+        .flat_map(|r| r.confirmed.iter().copied())
+        .collect();
     let stats = sh.pool.stats();
     let pool_balanced = stats.acquired == stats.released && stats.in_use == 0;
     // Drain the queue and account for every confirmed id.
     let (found, duplicates) = drain(&conn, &queue);
-    let lost = confirmed.iter().filter(|id| !found.contains_key(id)).count();
+    let lost = confirmed
+        .iter()
+        .filter(|id| !found.contains_key(id))
+        .count();
     let (stale, _) = sh.checker.counts();
     delete(&admin, &queue);
     delete(&admin, &scratch);
@@ -336,9 +361,14 @@ pub fn contention(url: &str, threads: usize, per_thread: usize) -> ChaosRun {
                     match pool.acquire_timeout(Duration::from_secs(30)) {
                         Ok(g) => {
                             holds.take(&g);
-                            if g
-                                .basic_publish("", &queue, b"c", &BasicProperties::new(), PublishOptions::default())
-                                .is_err()
+                            if g.basic_publish(
+                                "",
+                                &queue,
+                                b"c",
+                                &BasicProperties::new(),
+                                PublishOptions::default(),
+                            )
+                            .is_err()
                             {
                                 errors.fetch_add(1, Ordering::Relaxed);
                             }
@@ -369,7 +399,11 @@ pub fn contention(url: &str, threads: usize, per_thread: usize) -> ChaosRun {
         iterations: iterations.load(Ordering::Relaxed),
         deadlocks,
         errors: errors.load(Ordering::Relaxed),
-        lost: if arrived { 0 } else { total.saturating_sub(count) },
+        lost: if arrived {
+            0
+        } else {
+            total.saturating_sub(count)
+        },
         confirmed: total,
         double_handouts: holds.doubles.load(Ordering::Relaxed),
         pool_balanced: stats.acquired == stats.released && stats.in_use == 0,

@@ -156,7 +156,10 @@ impl IdLedger {
         self.seen.iter().filter(|&&c| c == 0).count()
     }
     pub fn duplicates(&self) -> usize {
-        self.seen.iter().map(|&c| c.saturating_sub(1) as usize).sum()
+        self.seen
+            .iter()
+            .map(|&c| c.saturating_sub(1) as usize)
+            .sum()
     }
     pub fn unique(&self) -> usize {
         self.seen.iter().filter(|&&c| c > 0).count()

@@ -53,6 +53,8 @@ pub struct PublishRun {
     pub absorbed_secs: f64,
     pub lat: Percentiles,
     pub errors: usize,
+    /// The first error the client reported, if it said (peers: a line of stderr).
+    pub first_error: Option<String>,
 }
 
 impl PublishRun {
@@ -163,6 +165,7 @@ pub fn publish(url: &str, threads: usize, per_thread: usize, mode: Mode) -> Publ
         absorbed_secs: absorbed,
         lat: Percentiles::of(&mut lat),
         errors: errors.load(Ordering::Relaxed),
+        first_error: None,
     }
 }
 
@@ -256,6 +259,7 @@ pub struct ConsumeRun {
     pub lost: usize,
     pub duplicates: usize,
     pub errors: usize,
+    pub first_error: Option<String>,
 }
 
 impl ConsumeRun {
@@ -401,5 +405,6 @@ pub fn consumers(url: &str, n: usize, messages: usize) -> ConsumeRun {
         lost: ledger.missing(),
         duplicates: ledger.duplicates(),
         errors: errors.load(Ordering::Relaxed),
+        first_error: None,
     }
 }

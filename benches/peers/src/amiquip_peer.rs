@@ -52,7 +52,9 @@ pub fn publish(threads: usize, per: usize, mode: Mode) -> Result<PublishOut, Str
                 .stack_size(256 * 1024)
                 .spawn(move || {
                     let confirms = if mode != Mode::None {
-                        let rx = ch.listen_for_publisher_confirms().expect("listen for confirms");
+                        let rx = ch
+                            .listen_for_publisher_confirms()
+                            .expect("listen for confirms");
                         ch.enable_publisher_confirms().expect("confirm.select");
                         Some(rx)
                     } else {
@@ -123,7 +125,9 @@ pub fn publish(threads: usize, per: usize, mode: Mode) -> Result<PublishOut, Str
     let mut lat = Samples::with_capacity(threads * per);
     let mut chans = Vec::new();
     for h in handles {
-        let (l, ch) = h.join().map_err(|_| "publisher thread panicked".to_string())?;
+        let (l, ch) = h
+            .join()
+            .map_err(|_| "publisher thread panicked".to_string())?;
         lat.extend(l);
         chans.push(ch);
     }
@@ -176,53 +180,59 @@ pub fn consume(n: usize, messages: usize) -> Result<ConsumeOut, String> {
                 .stack_size(256 * 1024)
                 .spawn(move || {
                     let run = || {
-                    let mut ledger = IdLedger::new(messages);
-                    let mut lat = Samples::with_capacity(messages / n + 16);
-                    let consumer = ch
-                        .qos(0, PREFETCH, false)
-                        .and_then(|_| ch.basic_consume(queue.as_str(), ConsumerOptions::default()));
-                    let consumer = match consumer {
-                        Ok(c) => c,
-                        Err(e) => {
-                            eprintln!("amiquip consumer failed to start: {e}");
-                            errors.fetch_add(1, Ordering::Relaxed);
-                            ready.fetch_add(1, Ordering::AcqRel);
-                            return (ledger, lat);
-                        }
-                    };
-                    last_ready.fetch_max(now_ns(), Ordering::AcqRel);
-                    ready.fetch_add(1, Ordering::AcqRel);
-                    while !stop.load(Ordering::Acquire) {
-                        match consumer.receiver().recv_timeout(Duration::from_millis(20)) {
-                            Ok(ConsumerMessage::Delivery(d)) => {
-                                let now = now_ns();
-                                match read_stamp(&d.body) {
-                                    Some((id, sent)) if ledger.record(id) => {
-                                        lat.push_ns(now.saturating_sub(sent))
-                                    }
-                                    _ => {
-                                        errors.fetch_add(1, Ordering::Relaxed);
-                                    }
-                                }
-                                if consumer.ack(d).is_err() {
-                                    errors.fetch_add(1, Ordering::Relaxed);
-                                }
-                                last_recv.fetch_max(now, Ordering::AcqRel);
-                                received.fetch_add(1, Ordering::AcqRel);
-                            }
-                            Ok(_) => {
+                        let mut ledger = IdLedger::new(messages);
+                        let mut lat = Samples::with_capacity(messages / n + 16);
+                        let consumer = ch.qos(0, PREFETCH, false).and_then(|_| {
+                            ch.basic_consume(queue.as_str(), ConsumerOptions::default())
+                        });
+                        let consumer = match consumer {
+                            Ok(c) => c,
+                            Err(e) => {
+                                eprintln!("amiquip consumer failed to start: {e}");
                                 errors.fetch_add(1, Ordering::Relaxed);
-                                break;
+                                ready.fetch_add(1, Ordering::AcqRel);
+                                return (ledger, lat);
                             }
-                            Err(crossbeam_timeout) if crossbeam_timeout.is_timeout() => {}
-                            Err(_) => {
-                                errors.fetch_add(1, Ordering::Relaxed);
-                                break;
+                        };
+                        last_ready.fetch_max(now_ns(), Ordering::AcqRel);
+                        ready.fetch_add(1, Ordering::AcqRel);
+                        while !stop.load(Ordering::Acquire) {
+                            match consumer.receiver().recv_timeout(Duration::from_millis(20)) {
+                                Ok(ConsumerMessage::Delivery(d)) => {
+                                    let now = now_ns();
+                                    match read_stamp(&d.body) {
+                                        Some((id, sent)) if ledger.record(id) => {
+                                            lat.push_ns(now.saturating_sub(sent))
+                                        }
+                                        _ => {
+                                            errors.fetch_add(1, Ordering::Relaxed);
+                                        }
+                                    }
+                                    if let Err(e) = consumer.ack(d) {
+                                        if errors.fetch_add(1, Ordering::Relaxed) < 3 {
+                                            eprintln!("amiquip: ack failed: {e}");
+                                        }
+                                    }
+                                    last_recv.fetch_max(now, Ordering::AcqRel);
+                                    received.fetch_add(1, Ordering::AcqRel);
+                                }
+                                Ok(other) => {
+                                    if errors.fetch_add(1, Ordering::Relaxed) < 3 {
+                                        eprintln!("amiquip: consumer ended: {other:?}");
+                                    }
+                                    break;
+                                }
+                                Err(crossbeam_timeout) if crossbeam_timeout.is_timeout() => {}
+                                Err(e) => {
+                                    if errors.fetch_add(1, Ordering::Relaxed) < 3 {
+                                        eprintln!("amiquip: consumer receive failed: {e}");
+                                    }
+                                    break;
+                                }
                             }
                         }
-                    }
-                    drop(consumer);
-                    (ledger, lat)
+                        drop(consumer);
+                        (ledger, lat)
                     };
                     let (ledger, lat) = run();
                     (ledger, lat, ch)
@@ -257,7 +267,9 @@ pub fn consume(n: usize, messages: usize) -> Result<ConsumeOut, String> {
     let mut lat = Samples::with_capacity(messages);
     let mut chans = Vec::new();
     for h in handles {
-        let (l, s, ch) = h.join().map_err(|_| "consumer thread panicked".to_string())?;
+        let (l, s, ch) = h
+            .join()
+            .map_err(|_| "consumer thread panicked".to_string())?;
         ledger.merge(&l);
         lat.extend(s);
         chans.push(ch);

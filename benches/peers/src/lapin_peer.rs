@@ -93,8 +93,9 @@ pub fn publish(threads: usize, per: usize, mode: Mode) -> Result<PublishOut, Str
                         };
                         let ok = match mode {
                             Mode::None => block_on(publish()).is_ok(),
-                            Mode::Each => block_on(async { publish().await?.await })
-                                .is_ok_and(|c| c.is_ack()),
+                            Mode::Each => {
+                                block_on(async { publish().await?.await }).is_ok_and(|c| c.is_ack())
+                            }
                             Mode::Window(w) => {
                                 let ok = block_on(publish()).is_ok();
                                 window.push(t0);
@@ -128,7 +129,9 @@ pub fn publish(threads: usize, per: usize, mode: Mode) -> Result<PublishOut, Str
     let mut lat = Samples::with_capacity(threads * per);
     let mut chans = Vec::new();
     for h in handles {
-        let (l, ch) = h.join().map_err(|_| "publisher thread panicked".to_string())?;
+        let (l, ch) = h
+            .join()
+            .map_err(|_| "publisher thread panicked".to_string())?;
         lat.extend(l);
         chans.push(ch);
     }
@@ -273,7 +276,9 @@ pub fn consume(n: usize, messages: usize) -> Result<ConsumeOut, String> {
     let mut ledger = IdLedger::new(messages);
     let mut lat = Samples::with_capacity(messages);
     for h in handles {
-        let (l, s) = h.join().map_err(|_| "consumer thread panicked".to_string())?;
+        let (l, s) = h
+            .join()
+            .map_err(|_| "consumer thread panicked".to_string())?;
         ledger.merge(&l);
         lat.extend(s);
     }
