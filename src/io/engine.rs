@@ -1,7 +1,7 @@
 //! The connection engine: what to do on a frame, on a command and on a timer. A plain
 //! state machine over an output buffer, driven by the reactor (or a test) without a socket.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use amq_protocol::protocol::{AMQPClass, basic, channel, connection};
@@ -27,10 +27,32 @@ struct Pending {
     consumer: Option<ConsumerSink>,
 }
 
+/// The consumers of one channel by tag. Usually one or two: a vector is smaller than a
+/// map and as fast to search.
+#[derive(Default)]
+struct Consumers(Vec<(String, ConsumerSink)>);
+
+impl Consumers {
+    fn get(&self, tag: &str) -> Option<&ConsumerSink> {
+        self.0.iter().find(|(t, _)| t == tag).map(|(_, s)| s)
+    }
+    fn remove(&mut self, tag: &str) -> Option<ConsumerSink> {
+        let i = self.0.iter().position(|(t, _)| t == tag)?;
+        Some(self.0.swap_remove(i).1)
+    }
+    fn insert(&mut self, tag: String, sink: ConsumerSink) {
+        self.remove(&tag);
+        if self.0.capacity() == 0 {
+            self.0.reserve_exact(1);
+        }
+        self.0.push((tag, sink));
+    }
+}
+
 struct Slot {
     shared: Arc<ChannelShared>,
     pending: VecDeque<Pending>,
-    consumers: HashMap<String, ConsumerSink>,
+    consumers: Consumers,
     assembler: Assembler,
     closing: bool,
     close_reply: Option<ReplyTx>,
@@ -141,7 +163,7 @@ impl Engine {
             slot.shared.confirms.fail(err.clone(), recover);
             // Consumers hear it through their queue: a lost link they will survive
             // (recovery re-registers them), or their end.
-            for (_, sink) in slot.consumers {
+            for (_, sink) in slot.consumers.0 {
                 if recover {
                     let _ = sink.push(ConsumerMsg::Lost(err.clone()));
                 } else {
@@ -236,7 +258,7 @@ impl Engine {
                 let mut slot = Box::new(Slot {
                     shared,
                     pending: VecDeque::new(),
-                    consumers: HashMap::new(),
+                    consumers: Consumers::default(),
                     assembler: Assembler::default(),
                     closing: false,
                     close_reply: None,
@@ -583,7 +605,7 @@ impl Engine {
             slot.shared.set_closed(reason);
             // The channel handle keeps clones of its consumers' senders (for recovery), so
             // dropping the slot wakes nobody: end each consumer with the channel's reason.
-            for sink in slot.consumers.values() {
+            for (_, sink) in &slot.consumers.0 {
                 sink.end(slot.shared.error());
             }
             if let Some(r) = slot.close_reply {
