@@ -28,7 +28,7 @@ fn explore(name: &str, f: impl Fn() + Sync + Send + 'static) -> usize {
     let before = RUNS.load(SeqCst);
     let mut b = loom::model::Builder::new();
     if b.preemption_bound.is_none() {
-        b.preemption_bound = Some(2);
+        b.preemption_bound = Some(3);
     }
     let bound = b.preemption_bound;
     b.check(move || {
