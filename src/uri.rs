@@ -200,6 +200,7 @@ fn percent_decode(s: &str) -> Result<String> {
         if b[i] == b'%' {
             let hex = s
                 .get(i + 1..i + 3)
+                .filter(|h| h.bytes().all(|c| c.is_ascii_hexdigit()))
                 .and_then(|h| u8::from_str_radix(h, 16).ok())
                 .ok_or_else(|| Error::InvalidUri(format!("bad percent-escape in {s:?}")))?;
             out.push(hex);
@@ -351,6 +352,7 @@ mod tests {
             "amqp://h?heartbeat=x",
             "amqp://h?bogus=1",
             "amqp://h/%zz",
+            "amqp://h/%+f",
             "amqp://[::1",
             "amqp://h?frame_max=100",
         ] {

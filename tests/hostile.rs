@@ -1031,3 +1031,56 @@ fn deep_headers_through_rabbitmq_are_a_bad_delivery_and_the_next_message_arrives
         assert_no_large_allocation();
     });
 }
+
+#[test]
+fn channel_closed_by_us_in_the_middle_of_a_content_closes_cleanly() {
+    within(TEST_LIMIT, || {
+        let broker = FakeBroker::start(|p| {
+            p.handshake(Tune::default());
+            let ch1 = p.serve_channel_open();
+            let (_, tag) = p.serve_consume();
+            let ch2 = p.serve_channel_open();
+            // A delivery whose body is cut off: method and header, half of the body.
+            p.send(&deliver_frame(ch1, &tag, 1));
+            p.send(&header_frame(ch1, 10, &no_props()));
+            p.send(&body_frame(ch1, b"12345"));
+            p.expect("channel.close", |ch, m| {
+                (ch == ch1 && matches!(m, AMQPClass::Channel(channel::AMQPMethod::Close(_))))
+                    .then_some(())
+            });
+            // The rest of the content, then close-ok: neither is a protocol violation.
+            p.send(&body_frame(ch1, b"67890"));
+            p.send_method(
+                ch1,
+                AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})),
+            );
+            // The connection still works on channel 2.
+            let ch = p.expect("queue.declare", |ch, m| {
+                matches!(m, AMQPClass::Queue(queue::AMQPMethod::Declare(_))).then_some(ch)
+            });
+            assert_eq!(ch, ch2);
+            p.send_method(
+                ch2,
+                AMQPClass::Queue(queue::AMQPMethod::DeclareOk(queue::DeclareOk {
+                    queue: "after".into(),
+                    message_count: 0,
+                    consumer_count: 0,
+                })),
+            );
+            p.expect_connection_close().reply_code
+        });
+        let conn = Connection::open_with(broker.options()).unwrap();
+        let (ch1, _consumer) = consume(&conn);
+        let ch2 = conn.open_channel().unwrap();
+        // Let the cut-off content arrive before the close.
+        thread::sleep(Duration::from_millis(100));
+        ch1.close().unwrap();
+        let info = ch2
+            .queue_declare("after", &QueueDeclareOptions::default())
+            .unwrap();
+        assert_eq!(info.name, "after");
+        assert!(conn.is_open());
+        conn.close().unwrap();
+        assert_eq!(broker.finish(), reply_code::REPLY_SUCCESS);
+    });
+}

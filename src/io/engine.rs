@@ -349,7 +349,11 @@ impl Engine {
                 // Counted as sent when written; avoid queueing a second one meanwhile.
                 self.last_send = now;
             }
-            next = next.min(self.last_send + send_every);
+            // While output waits for the socket, the heartbeat waits too: scheduling it
+            // now would only spin the loop (a stalled write has its own deadline).
+            if self.out.is_empty() {
+                next = next.min(self.last_send + send_every);
+            }
             if self.stalled.is_some() {
                 // We stopped reading on purpose; silence tells nothing now.
                 self.last_recv = now;
@@ -440,7 +444,9 @@ impl Engine {
                 ));
             }
         };
-        if !slot.assembler.is_idle() {
+        // A closing channel ignores content frames (see `on_content_frame`), so a content
+        // cut off by our channel.close must not make its close-ok look out of order.
+        if !slot.closing && !slot.assembler.is_idle() {
             return Err(FrameError::new(
                 reply_code::UNEXPECTED_FRAME,
                 format!("method frame on channel {ch} in the middle of a content"),
