@@ -42,6 +42,20 @@
 //! [`Error::ConnectionLost`] (or [`Error::ServerClosedConnection`]) for a failure, which
 //! [`Error::is_connection_lost`] tells apart from [`Error::ConnectionClosed`] after an
 //! intentional [`Connection::close`].
+//!
+//! # Recovery
+//!
+//! Automatic recovery is on by default ([`RecoveryOptions`]). After a lost link, one
+//! recovery thread (never more, however many threads saw the failure) reconnects with
+//! jittered backoff over the address list, declares the recorded exchanges, queues and
+//! bindings again (a server-named queue gets a new name, reported as
+//! [`RecoveryEventKind::QueueRenamed`]; its bindings and consumers follow), and reopens
+//! every channel under its id with its qos, confirm mode and consumers. The same
+//! [`Channel`], [`PooledChannel`] and [`Consumer`] handles go on working; calls made
+//! meanwhile wait for the recovery within their deadline. Messages published in confirm
+//! mode and not yet confirmed are republished (or handed back, see
+//! [`UnconfirmedPolicy`]); nothing is dropped without the caller being told.
+//! [`Connection::recovery_events`] gives every step with its time.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 // Under loom only the synchronisation cores are built; much of the rest is unused.
