@@ -8,8 +8,8 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use lepus::{BasicProperties, Error, PublishOptions, QueueDeclareOptions};
-use support::{connect, rabbitmqctl, wait_until};
+use lepus::{BasicProperties, Error, PublishOptions};
+use support::{connect, exclusive_queue, rabbitmqctl, wait_until};
 
 /// The broker's normal watermark (RabbitMQ's default).
 const NORMAL_WATERMARK: &str = "0.4";
@@ -34,16 +34,7 @@ impl Drop for RestoreWatermark {
 fn memory_alarm_blocks_publishers_until_it_clears() {
     let conn = connect();
     let ch = conn.open_channel().unwrap();
-    let q = ch
-        .queue_declare(
-            "",
-            &QueueDeclareOptions {
-                exclusive: true,
-                ..Default::default()
-            },
-        )
-        .unwrap()
-        .name;
+    let q = exclusive_queue(&ch);
     ch.confirm_select().unwrap();
     let publish = |ch: &lepus::Channel, body: &[u8]| {
         ch.basic_publish(

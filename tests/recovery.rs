@@ -38,7 +38,7 @@ use lepus::{
     RecoveryOptions, UnconfirmedPolicy, reply_code,
 };
 use support::proxy::Proxy;
-use support::{Cleanup, publish_confirmed, rabbitmqctl, unique, wait_until};
+use support::{Cleanup, exclusive_queue, publish_confirmed, rabbitmqctl, unique, wait_until};
 
 // ---------------- settings ----------------
 
@@ -1103,16 +1103,7 @@ fn server_named_queue_is_renamed_and_its_consumer_follows() {
     let ex = cleanup.exchange(&unique("renamed-ex"));
     ch.exchange_declare(&ex, "direct", &Default::default())
         .unwrap();
-    let old = ch
-        .queue_declare(
-            "",
-            &QueueDeclareOptions {
-                exclusive: true,
-                ..Default::default()
-            },
-        )
-        .unwrap()
-        .name;
+    let old = exclusive_queue(&ch);
     ch.queue_bind(&old, &ex, "k", &FieldTable::new()).unwrap();
     let cch = conn.open_channel().unwrap();
     let consumer = cch.basic_consume(&old, &ConsumeOptions::default()).unwrap();
@@ -1182,16 +1173,7 @@ fn disabled_recovery_gives_raw_failures_and_no_reconnect() {
     let conn = open(proxy.options().recovery(RecoveryOptions::disabled()));
     let ch = conn.open_channel().unwrap();
     ch.confirm_select().unwrap();
-    let q = ch
-        .queue_declare(
-            "",
-            &QueueDeclareOptions {
-                exclusive: true,
-                ..Default::default()
-            },
-        )
-        .unwrap()
-        .name;
+    let q = exclusive_queue(&ch);
     let consumer = Arc::new(ch.basic_consume(&q, &ConsumeOptions::default()).unwrap());
     proxy.partition();
     let conf = ch
@@ -1604,16 +1586,7 @@ fn close_during_recovery_stops_it() {
         RecoveryOptions::new().backoff(Duration::from_millis(200), Duration::from_millis(400)),
     ));
     let ch = conn.open_channel().unwrap();
-    let q = ch
-        .queue_declare(
-            "",
-            &QueueDeclareOptions {
-                exclusive: true,
-                ..Default::default()
-            },
-        )
-        .unwrap()
-        .name;
+    let q = exclusive_queue(&ch);
     let consumer = ch.basic_consume(&q, &ConsumeOptions::default()).unwrap();
     proxy.refuse(true);
     proxy.reset();

@@ -157,6 +157,19 @@ pub fn publish_confirmed(ch: &Channel, exchange: &str, routing_key: &str, body: 
 }
 
 /// Poll `f` every 10 ms until it is true or `timeout` passes; returns whether it became true.
+/// Declare a server-named exclusive queue on `ch` and return its name.
+pub fn exclusive_queue(ch: &Channel) -> String {
+    ch.queue_declare(
+        "",
+        &lepus::QueueDeclareOptions {
+            exclusive: true,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+    .name
+}
+
 pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
