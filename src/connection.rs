@@ -119,7 +119,7 @@ fn prepare(opts: &ConnectionOptions, number: u64) -> Result<(Arc<ConnShared>, Re
     let shared = Arc::new(
         ConnShared::new(
             cmd_tx,
-            waker,
+            Arc::new(waker),
             est.tuned,
             opts.clone(),
             est.server_properties,

@@ -1100,7 +1100,7 @@ impl EngineHarness {
         };
         let conn = Arc::new(ConnShared::new(
             cmd_tx,
-            waker,
+            Arc::new(waker),
             tuned,
             opts,
             FieldTable::new(),

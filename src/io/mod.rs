@@ -4,6 +4,9 @@
 pub(crate) mod engine;
 pub(crate) mod handshake;
 pub(crate) mod reactor;
+mod wake;
+
+pub(crate) use wake::Wake;
 
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -119,7 +122,7 @@ impl IdAllocator {
 /// State shared by every handle of a connection and its I/O thread.
 pub(crate) struct ConnShared {
     cmd_tx: Sender<Command>,
-    waker: mio::Waker,
+    waker: Arc<dyn Wake>,
     wake_pending: AtomicBool,
     failed: AtomicBool,
     failure: Mutex<Option<Error>>,
@@ -151,7 +154,7 @@ pub(crate) trait LinkEvents: Send + Sync {
 impl ConnShared {
     pub(crate) fn new(
         cmd_tx: Sender<Command>,
-        waker: mio::Waker,
+        waker: Arc<dyn Wake>,
         tuned: Tuned,
         opts: ConnectionOptions,
         server_properties: FieldTable,
@@ -278,9 +281,7 @@ impl ConnShared {
     /// Ask the I/O thread to look at its queue; one wake-up per batch of commands.
     pub(crate) fn wake(&self) {
         if !self.wake_pending.swap(true, Ordering::AcqRel) {
-            if let Err(e) = self.waker.wake() {
-                log::error!("waking the I/O thread failed: {e}");
-            }
+            self.waker.wake();
         }
     }
 
