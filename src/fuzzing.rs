@@ -1128,14 +1128,14 @@ impl EngineHarness {
     /// What the reactor does with buffered frames.
     fn process_frames(&mut self) {
         loop {
-            let before = self.engine.out.len();
+            let before = self.engine.output().len();
             match self.decoder.next_frame() {
                 Ok(Some(f)) => {
                     self.engine.on_frame(f, self.now);
                     assert!(
-                        self.engine.out.len() <= before + MAX_REPLY_PER_FRAME,
+                        self.engine.output().len() <= before + MAX_REPLY_PER_FRAME,
                         "one frame made the engine queue {} bytes",
-                        self.engine.out.len() - before
+                        self.engine.output().len() - before
                     );
                     if self.engine.is_stalled() || self.engine.outcome().is_some() {
                         return;
@@ -1208,7 +1208,7 @@ impl EngineHarness {
             buf[..n].copy_from_slice(&bytes[..n]);
             self.decoder.filled(n);
             bytes = &bytes[n..];
-            self.engine.last_recv = self.now;
+            self.engine.received(self.now);
             self.process_frames();
         }
     }
@@ -1222,9 +1222,9 @@ impl EngineHarness {
             | Command::CloseChannel { bytes, .. }
             | Command::Close { bytes, .. } => bytes.len(),
         };
-        let before = self.engine.out.len();
+        let before = self.engine.output().len();
         self.engine.on_command(cmd, self.now);
-        assert!(self.engine.out.len() <= before + len);
+        assert!(self.engine.output().len() <= before + len);
     }
 
     fn channel_id(&self, inp: &mut Input<'_>) -> u16 {
@@ -1263,7 +1263,7 @@ impl EngineHarness {
         }
         // Everything queued for the broker is well-formed, and once a `connection.close`
         // is queued only close traffic and heartbeats follow.
-        let mut rest = &self.engine.out[self.checked..];
+        let mut rest = &self.engine.output()[self.checked..];
         while !rest.is_empty() {
             let (next, frame) = match parse_frame(rest) {
                 Ok(ok) => ok,
@@ -1289,11 +1289,11 @@ impl EngineHarness {
             }
             rest = next;
         }
-        self.checked = self.engine.out.len();
+        self.checked = self.engine.output().len();
         self.was_open = self.engine.is_open();
         // The socket takes everything now and then; the buffer must not grow unseen.
-        if self.engine.out.len() > 1 << 20 {
-            self.engine.out.clear();
+        if self.engine.output().len() > 1 << 20 {
+            self.engine.take_output();
             self.checked = 0;
         }
     }
@@ -1679,7 +1679,7 @@ pub fn engine(data: &[u8]) {
                 }
             }
             _ => {
-                h.engine.out.clear();
+                h.engine.take_output();
                 h.checked = 0;
             }
         }

@@ -21,6 +21,8 @@ use crate::sync::{Arc, Ordering};
 
 /// Heartbeats are never sent more often than this.
 const MIN_HEARTBEAT_SEND: Duration = Duration::from_millis(500);
+/// Stop taking commands while this much output is unwritten.
+const HIGH_WATER: usize = 4 * 1024 * 1024;
 
 struct Pending {
     reply: ReplyTx,
@@ -79,13 +81,16 @@ struct Stalled {
 pub(crate) struct Engine {
     pub(crate) conn: Arc<ConnShared>,
     slots: Vec<Option<Box<Slot>>>,
-    /// Bytes waiting to be written.
-    pub(crate) out: Vec<u8>,
+    /// Bytes to write; the socket has taken `out[..written]`.
+    out: Vec<u8>,
+    written: usize,
     state: State,
     stalled: Option<Stalled>,
     heartbeat: Option<Duration>,
-    pub(crate) last_recv: Instant,
-    pub(crate) last_send: Instant,
+    last_recv: Instant,
+    last_send: Instant,
+    /// When output last moved (or none was waiting): a write stall counts from here.
+    last_progress: Instant,
     max_depth: usize,
     max_message_size: u64,
 }
@@ -106,8 +111,10 @@ impl Engine {
             state: State::Open,
             stalled: None,
             heartbeat: (tuned.heartbeat > 0).then(|| Duration::from_secs(tuned.heartbeat.into())),
+            written: 0,
             last_recv: now,
             last_send: now,
+            last_progress: now,
             max_depth: conn.opts.max_table_depth,
             max_message_size: conn.opts.max_message_size,
             conn,
@@ -129,6 +136,62 @@ impl Engine {
     /// True while a delivery waits for room in its consumer's queue.
     pub(crate) fn is_stalled(&self) -> bool {
         self.stalled.is_some()
+    }
+
+    // ---------------- bytes in and out ----------------
+
+    /// The bytes waiting to be written, oldest first.
+    pub(crate) fn output(&self) -> &[u8] {
+        &self.out[self.written..]
+    }
+
+    /// The socket took the first `n` bytes of [`Engine::output`] at `now`.
+    pub(crate) fn wrote(&mut self, n: usize, now: Instant) {
+        self.written = (self.written + n).min(self.out.len());
+        self.last_progress = now;
+        self.last_send = now;
+    }
+
+    /// After a round of writes: forget what was written, and fail the link if output
+    /// has waited longer than `write_timeout` without the socket taking any of it.
+    pub(crate) fn settle_output(&mut self, now: Instant, write_timeout: Duration) {
+        if self.written == self.out.len() {
+            self.out.clear();
+            self.written = 0;
+            self.last_progress = now;
+            return;
+        }
+        // Written bytes stay in front of the rest until they are many: moving the rest
+        // down after every partial write would copy it over and over.
+        if self.written > HIGH_WATER {
+            self.out.drain(..self.written);
+            self.written = 0;
+        }
+        if now.duration_since(self.last_progress) > write_timeout {
+            self.fail(Error::ConnectionLost(format!(
+                "writes to the broker stalled for {write_timeout:?}"
+            )));
+        }
+    }
+
+    /// Everything waiting to be written, taken out as if written (without counting as
+    /// sent for the heartbeat): for tests and fuzzing, which have no socket.
+    pub(crate) fn take_output(&mut self) -> Vec<u8> {
+        let rest = self.out.split_off(self.written);
+        self.out.clear();
+        self.written = 0;
+        rest
+    }
+
+    /// Bytes arrived from the broker at `now`.
+    pub(crate) fn received(&mut self, now: Instant) {
+        self.last_recv = now;
+    }
+
+    /// False while so much output waits that commands must wait too: the bounded
+    /// command queue then fills and publishers wait (with their deadline).
+    pub(crate) fn wants_commands(&self) -> bool {
+        self.output().len() < HIGH_WATER
     }
 
     // ---------------- failure and close ----------------
@@ -344,14 +407,14 @@ impl Engine {
         }
         if let Some(hb) = self.heartbeat {
             let send_every = (hb / 2).max(MIN_HEARTBEAT_SEND);
-            if now >= self.last_send + send_every && self.out.is_empty() {
+            if now >= self.last_send + send_every && self.output().is_empty() {
                 put_heartbeat(&mut self.out);
                 // Counted as sent when written; avoid queueing a second one meanwhile.
                 self.last_send = now;
             }
             // While output waits for the socket, the heartbeat waits too: scheduling it
             // now would only spin the loop (a stalled write has its own deadline).
-            if self.out.is_empty() {
+            if self.output().is_empty() {
                 next = next.min(self.last_send + send_every);
             }
             if self.stalled.is_some() {

@@ -16,9 +16,6 @@ use crate::sync::queue::Receiver;
 pub(crate) const SOCKET: Token = Token(0);
 pub(crate) const WAKER: Token = Token(1);
 
-/// Stop taking commands while this much output is unwritten: the bounded command queue
-/// then fills and publishers wait (with their deadline).
-const HIGH_WATER: usize = 4 * 1024 * 1024;
 /// Reads per loop turn before writes and commands get their turn.
 const READS_PER_TURN: usize = 16;
 /// How long the last words (close-ok, close) get to leave when the engine is done.
@@ -33,8 +30,44 @@ pub(crate) struct Reactor {
     pub(crate) write_timeout: Duration,
 }
 
+/// What the socket may do without blocking, as far as we know: set by poll events,
+/// cleared by `WouldBlock`.
+struct Ready {
+    readable: bool,
+    writable: bool,
+}
+
 impl Reactor {
     pub(crate) fn run(mut self) {
+        self.register();
+        let mut events = Events::with_capacity(16);
+        let mut ready = Ready {
+            readable: true,
+            writable: true,
+        };
+        let mut next_timer = Instant::now();
+        let mut more = false;
+        while self.engine.outcome().is_none() {
+            let timeout = if more {
+                Duration::ZERO
+            } else {
+                next_timer.saturating_duration_since(Instant::now())
+            };
+            if !self.wait(&mut events, timeout, &mut ready) {
+                break;
+            }
+            let now = Instant::now();
+            self.drain_commands(now);
+            let reads = self.read(now, &mut ready.readable);
+            self.flush(now, &mut ready.writable);
+            next_timer = self.timers(now, ready.writable);
+            more = (ready.readable && reads >= READS_PER_TURN && !self.engine.is_stalled())
+                || (!self.commands.is_empty() && self.engine.wants_commands());
+        }
+        self.finish();
+    }
+
+    fn register(&mut self) {
         if let Err(e) = self.poll.registry().register(
             &mut self.sock,
             SOCKET,
@@ -44,126 +77,113 @@ impl Reactor {
                 "could not register the socket: {e}"
             )));
         }
-        let mut events = Events::with_capacity(16);
-        let mut readable = true;
-        let mut writable = true;
-        let mut out_pos = 0usize;
-        let mut last_progress = Instant::now();
-        let mut next_timer = Instant::now();
-        let mut more = false;
-        while self.engine.outcome().is_none() {
-            let timeout = if more {
-                Duration::ZERO
-            } else {
-                next_timer.saturating_duration_since(Instant::now())
-            };
-            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
-                if e.kind() != ErrorKind::Interrupted {
+    }
+
+    /// Wait for socket events, a wake-up or `timeout`. False when polling itself failed
+    /// (the engine has failed then).
+    fn wait(&mut self, events: &mut Events, timeout: Duration, ready: &mut Ready) -> bool {
+        if let Err(e) = self.poll.poll(events, Some(timeout)) {
+            if e.kind() != ErrorKind::Interrupted {
+                self.engine
+                    .fail(Error::ConnectionLost(format!("poll failed: {e}")));
+                return false;
+            }
+        }
+        for ev in events.iter() {
+            if ev.token() == SOCKET {
+                ready.readable |= ev.is_readable() || ev.is_read_closed() || ev.is_error();
+                ready.writable |= ev.is_writable() || ev.is_write_closed() || ev.is_error();
+            }
+        }
+        true
+    }
+
+    /// Commands: everything queued, up to the output high-water mark.
+    fn drain_commands(&mut self, now: Instant) {
+        self.engine.conn.clear_wake();
+        while self.engine.wants_commands() {
+            match self.commands.try_recv() {
+                Ok(cmd) => self.engine.on_command(cmd, now),
+                Err(_) => break,
+            }
+        }
+    }
+
+    /// Inbound: a stalled delivery first, then frames already buffered, then the socket
+    /// (a bounded number of reads). Returns how many reads took bytes.
+    fn read(&mut self, now: Instant, readable: &mut bool) -> usize {
+        let mut reads = 0;
+        if !self.engine.retry_stalled() {
+            return reads;
+        }
+        self.process_frames(now);
+        while *readable
+            && reads < READS_PER_TURN
+            && !self.engine.is_stalled()
+            && self.engine.outcome().is_none()
+        {
+            match self.sock.read(self.decoder.read_buf()) {
+                Ok(0) => {
+                    self.engine.fail(Error::ConnectionLost(
+                        "the broker closed the TCP connection".into(),
+                    ));
+                }
+                Ok(n) => {
+                    reads += 1;
+                    self.decoder.filled(n);
+                    self.engine.received(now);
+                    self.process_frames(now);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => *readable = false,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => {
                     self.engine
-                        .fail(Error::ConnectionLost(format!("poll failed: {e}")));
+                        .fail(Error::ConnectionLost(format!("socket read failed: {e}")));
+                }
+            }
+        }
+        reads
+    }
+
+    /// Outbound: everything pending, in as few writes as the socket allows; then a
+    /// check for writes that stall.
+    fn flush(&mut self, now: Instant, writable: &mut bool) {
+        while *writable && !self.engine.output().is_empty() {
+            match self.sock.write(self.engine.output()) {
+                Ok(0) => {
+                    self.engine
+                        .fail(Error::ConnectionLost("socket write returned 0".into()));
+                    break;
+                }
+                Ok(n) => self.engine.wrote(n, now),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => *writable = false,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.engine
+                        .fail(Error::ConnectionLost(format!("socket write failed: {e}")));
                     break;
                 }
             }
-            for ev in events.iter() {
-                if ev.token() == SOCKET {
-                    readable |= ev.is_readable() || ev.is_read_closed() || ev.is_error();
-                    writable |= ev.is_writable() || ev.is_write_closed() || ev.is_error();
-                }
-            }
-            let now = Instant::now();
-
-            // Commands: everything queued, up to the output high-water mark.
-            self.engine.conn.clear_wake();
-            while self.engine.out.len() - out_pos < HIGH_WATER {
-                match self.commands.try_recv() {
-                    Ok(cmd) => self.engine.on_command(cmd, now),
-                    Err(_) => break,
-                }
-            }
-
-            // Inbound: frames already buffered, then the socket.
-            let mut reads = 0;
-            if self.engine.retry_stalled() {
-                self.process_frames(now);
-                while readable
-                    && reads < READS_PER_TURN
-                    && !self.engine.is_stalled()
-                    && self.engine.outcome().is_none()
-                {
-                    let buf = self.decoder.read_buf();
-                    match self.sock.read(buf) {
-                        Ok(0) => {
-                            self.engine.fail(Error::ConnectionLost(
-                                "the broker closed the TCP connection".into(),
-                            ));
-                        }
-                        Ok(n) => {
-                            reads += 1;
-                            self.decoder.filled(n);
-                            self.engine.last_recv = now;
-                            self.process_frames(now);
-                        }
-                        Err(e) if e.kind() == ErrorKind::WouldBlock => readable = false,
-                        Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                        Err(e) => {
-                            self.engine
-                                .fail(Error::ConnectionLost(format!("socket read failed: {e}")));
-                        }
-                    }
-                }
-            }
-
-            // Outbound: everything pending, in as few writes as the socket allows.
-            while writable && out_pos < self.engine.out.len() {
-                match self.sock.write(&self.engine.out[out_pos..]) {
-                    Ok(0) => {
-                        self.engine
-                            .fail(Error::ConnectionLost("socket write returned 0".into()));
-                        break;
-                    }
-                    Ok(n) => {
-                        out_pos += n;
-                        last_progress = now;
-                        self.engine.last_send = now;
-                    }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => writable = false,
-                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        self.engine
-                            .fail(Error::ConnectionLost(format!("socket write failed: {e}")));
-                        break;
-                    }
-                }
-            }
-            if out_pos == self.engine.out.len() {
-                self.engine.out.clear();
-                out_pos = 0;
-                last_progress = now;
-            } else {
-                if out_pos > HIGH_WATER {
-                    self.engine.out.drain(..out_pos);
-                    out_pos = 0;
-                }
-                if now.duration_since(last_progress) > self.write_timeout {
-                    self.engine.fail(Error::ConnectionLost(format!(
-                        "writes to the broker stalled for {:?}",
-                        self.write_timeout
-                    )));
-                }
-            }
-
-            next_timer = self.engine.on_timer(now);
-            if self.engine.out.len() > out_pos && writable {
-                // Heartbeat or timer output to write at once.
-                next_timer = now;
-            }
-            more = (readable && reads >= READS_PER_TURN && !self.engine.is_stalled())
-                || (!self.commands.is_empty() && self.engine.out.len() - out_pos < HIGH_WATER);
         }
+        self.engine.settle_output(now, self.write_timeout);
+    }
+
+    /// The engine's timers; returns when the loop must turn next.
+    fn timers(&mut self, now: Instant, writable: bool) -> Instant {
+        let next = self.engine.on_timer(now);
+        if !self.engine.output().is_empty() && writable {
+            // Heartbeat or timer output to write at once.
+            return now;
+        }
+        next
+    }
+
+    /// The engine is done: last words, close the socket, wake whoever still waits.
+    fn finish(mut self) {
         // Last words (close, close-ok) matter on a working link; on a lost one they
         // would only delay the recovery.
         if !matches!(self.engine.outcome(), Some(Error::ConnectionLost(_))) {
-            self.final_flush(out_pos);
+            self.final_flush();
         }
         let _ = self.sock.shutdown(std::net::Shutdown::Both);
         // Queued commands hold reply senders: drop them now so their waiters wake. The
@@ -205,13 +225,13 @@ impl Reactor {
         }
     }
 
-    fn final_flush(&mut self, mut pos: usize) {
+    fn final_flush(&mut self) {
         let until = Instant::now() + FINAL_FLUSH;
         let mut events = Events::with_capacity(4);
-        while pos < self.engine.out.len() && Instant::now() < until {
-            match self.sock.write(&self.engine.out[pos..]) {
+        while !self.engine.output().is_empty() && Instant::now() < until {
+            match self.sock.write(self.engine.output()) {
                 Ok(0) => return,
-                Ok(n) => pos += n,
+                Ok(n) => self.engine.wrote(n, Instant::now()),
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {
                     let _ = self.poll.poll(
                         &mut events,
