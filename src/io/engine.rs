@@ -17,6 +17,7 @@ use crate::protocol::frame::{
     FRAME_BODY, FRAME_HEADER, FRAME_HEARTBEAT, FRAME_METHOD, FrameError, RawFrame, put_heartbeat,
     put_method,
 };
+use crate::protocol::properties::BasicProperties;
 use crate::sync::{Arc, Ordering};
 
 /// Heartbeats are never sent more often than this.
@@ -310,47 +311,12 @@ impl Engine {
                 shared,
                 bytes,
                 reply,
-            } => {
-                let id = shared.id as usize;
-                if id == 0 || id >= self.slots.len() || self.slots[id].is_some() {
-                    let _ = reply.send(Err(Error::InvalidArgument(format!(
-                        "channel id {id} is not free"
-                    ))));
-                    return;
-                }
-                let mut slot = Box::new(Slot {
-                    shared,
-                    pending: VecDeque::new(),
-                    consumers: Consumers::default(),
-                    assembler: Assembler::default(),
-                    closing: false,
-                    close_reply: None,
-                });
-                slot.pending.push_back(Pending {
-                    reply,
-                    consumer: None,
-                });
-                self.slots[id] = Some(slot);
-                self.out.extend_from_slice(&bytes);
-            }
+            } => self.open_channel(shared, &bytes, reply),
             Command::CloseChannel {
                 channel,
                 bytes,
                 reply,
-            } => match self.open_slot(channel) {
-                Some(slot) => {
-                    slot.closing = true;
-                    slot.close_reply = reply;
-                    self.out.extend_from_slice(&bytes);
-                }
-                None => {
-                    if let Some(r) = reply {
-                        let _ = r.send(Ok(Reply::Method(AMQPClass::Channel(
-                            channel::AMQPMethod::CloseOk(channel::CloseOk {}),
-                        ))));
-                    }
-                }
-            },
+            } => self.close_channel(channel, &bytes, reply),
             Command::Close { bytes, reply } => {
                 self.end_link(&Error::ConnectionClosed);
                 self.out.extend_from_slice(&bytes);
@@ -359,6 +325,49 @@ impl Engine {
                     outcome: Error::ConnectionClosed,
                     reply: Some(reply),
                 };
+            }
+        }
+    }
+
+    /// Register a channel (its id was allocated by the handle) and send its open.
+    fn open_channel(&mut self, shared: Arc<ChannelShared>, bytes: &[u8], reply: ReplyTx) {
+        let id = shared.id as usize;
+        if id == 0 || id >= self.slots.len() || self.slots[id].is_some() {
+            let _ = reply.send(Err(Error::InvalidArgument(format!(
+                "channel id {id} is not free"
+            ))));
+            return;
+        }
+        let mut slot = Box::new(Slot {
+            shared,
+            pending: VecDeque::new(),
+            consumers: Consumers::default(),
+            assembler: Assembler::default(),
+            closing: false,
+            close_reply: None,
+        });
+        slot.pending.push_back(Pending {
+            reply,
+            consumer: None,
+        });
+        self.slots[id] = Some(slot);
+        self.out.extend_from_slice(bytes);
+    }
+
+    /// Send the application's `channel.close`; the id is freed on `close-ok`.
+    fn close_channel(&mut self, ch: u16, bytes: &[u8], reply: Option<ReplyTx>) {
+        match self.open_slot(ch) {
+            Some(slot) => {
+                slot.closing = true;
+                slot.close_reply = reply;
+                self.out.extend_from_slice(bytes);
+            }
+            None => {
+                if let Some(r) = reply {
+                    let _ = r.send(Ok(Reply::Method(AMQPClass::Channel(
+                        channel::AMQPMethod::CloseOk(channel::CloseOk {}),
+                    ))));
+                }
             }
         }
     }
@@ -494,79 +503,93 @@ impl Engine {
         if !self.is_open() {
             return Ok(());
         }
-        let slot = match self
-            .slots
-            .get_mut(ch as usize)
-            .and_then(|s| s.as_deref_mut())
-        {
-            Some(s) => s,
-            None => {
-                return Err(FrameError::new(
-                    reply_code::CHANNEL_ERROR,
-                    format!("method on channel {ch} which is not open"),
-                ));
-            }
+        let Some(slot) = slot_in(&mut self.slots, ch) else {
+            return Err(FrameError::new(
+                reply_code::CHANNEL_ERROR,
+                format!("method on channel {ch} which is not open"),
+            ));
         };
         // A closing channel ignores content frames (see `on_content_frame`), so a content
         // cut off by our channel.close must not make its close-ok look out of order.
-        if !slot.closing && !slot.assembler.is_idle() {
+        if slot.closing {
+            self.on_closing_channel_method(ch, m);
+            return Ok(());
+        }
+        if !slot.assembler.is_idle() {
             return Err(FrameError::new(
                 reply_code::UNEXPECTED_FRAME,
                 format!("method frame on channel {ch} in the middle of a content"),
             ));
         }
-        if slot.closing {
-            match m {
-                AMQPClass::Channel(channel::AMQPMethod::CloseOk(_)) => {
-                    self.finish_channel(ch, Error::ChannelClosed(ch));
-                }
-                AMQPClass::Channel(channel::AMQPMethod::Close(c)) => {
-                    method_bytes(
-                        &mut self.out,
-                        ch,
-                        AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})),
-                    );
-                    self.finish_channel(ch, server_channel_error(ch, &c));
-                }
-                _ => {} // the channel is going away; the broker discards too
-            }
-            return Ok(());
-        }
-        use basic::AMQPMethod as B;
         match m {
-            AMQPClass::Basic(B::Deliver(d)) => slot.assembler.start(ContentMethod::Deliver {
+            AMQPClass::Basic(b) => self.on_basic_method(ch, b),
+            AMQPClass::Channel(c) => self.on_channel_method(ch, c),
+            AMQPClass::Connection(_) => Err(FrameError::new(
+                reply_code::COMMAND_INVALID,
+                format!("connection method on channel {ch}"),
+            )),
+            reply => self.on_reply(ch, reply),
+        }
+    }
+
+    /// A method on a channel we are closing: only its close-ok or a crossing close count.
+    fn on_closing_channel_method(&mut self, ch: u16, m: AMQPClass) {
+        match m {
+            AMQPClass::Channel(channel::AMQPMethod::CloseOk(_)) => {
+                self.finish_channel(ch, Error::ChannelClosed(ch));
+            }
+            AMQPClass::Channel(channel::AMQPMethod::Close(c)) => {
+                method_bytes(
+                    &mut self.out,
+                    ch,
+                    AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})),
+                );
+                self.finish_channel(ch, server_channel_error(ch, &c));
+            }
+            _ => {} // the channel is going away; the broker discards too
+        }
+    }
+
+    /// `basic.*` on an open channel, idle between contents.
+    fn on_basic_method(&mut self, ch: u16, m: basic::AMQPMethod) -> Result<(), FrameError> {
+        use basic::AMQPMethod as B;
+        let Some(slot) = slot_in(&mut self.slots, ch) else {
+            return Ok(()); // checked by `on_method`
+        };
+        match m {
+            B::Deliver(d) => slot.assembler.start(ContentMethod::Deliver {
                 consumer_tag: d.consumer_tag.to_string(),
                 delivery_tag: d.delivery_tag,
                 redelivered: d.redelivered,
                 exchange: d.exchange.to_string(),
                 routing_key: d.routing_key.to_string(),
             }),
-            AMQPClass::Basic(B::GetOk(g)) => slot.assembler.start(ContentMethod::GetOk {
+            B::GetOk(g) => slot.assembler.start(ContentMethod::GetOk {
                 delivery_tag: g.delivery_tag,
                 redelivered: g.redelivered,
                 exchange: g.exchange.to_string(),
                 routing_key: g.routing_key.to_string(),
                 message_count: g.message_count,
             }),
-            AMQPClass::Basic(B::Return(r)) => slot.assembler.start(ContentMethod::Return {
+            B::Return(r) => slot.assembler.start(ContentMethod::Return {
                 reply_code: r.reply_code,
                 reply_text: r.reply_text.to_string(),
                 exchange: r.exchange.to_string(),
                 routing_key: r.routing_key.to_string(),
             }),
-            AMQPClass::Basic(B::Ack(a)) => {
+            B::Ack(a) => {
                 slot.shared
                     .confirms
                     .resolve(a.delivery_tag, a.multiple, true);
                 Ok(())
             }
-            AMQPClass::Basic(B::Nack(n)) => {
+            B::Nack(n) => {
                 slot.shared
                     .confirms
                     .resolve(n.delivery_tag, n.multiple, false);
                 Ok(())
             }
-            AMQPClass::Basic(B::Cancel(c)) => {
+            B::Cancel(c) => {
                 let tag = c.consumer_tag.to_string();
                 if let Some(sink) = slot.consumers.remove(&tag) {
                     log::info!("broker cancelled consumer {tag:?} on channel {ch}");
@@ -587,85 +610,94 @@ impl Engine {
                 }
                 Ok(())
             }
-            AMQPClass::Channel(channel::AMQPMethod::Close(c)) => {
+            reply => self.on_reply(ch, AMQPClass::Basic(reply)),
+        }
+    }
+
+    /// `channel.*` on an open channel, idle between contents.
+    fn on_channel_method(&mut self, ch: u16, m: channel::AMQPMethod) -> Result<(), FrameError> {
+        use channel::AMQPMethod as Ch;
+        match m {
+            Ch::Close(c) => {
                 let err = server_channel_error(ch, &c);
                 log::warn!("{err}");
                 method_bytes(
                     &mut self.out,
                     ch,
-                    AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})),
+                    AMQPClass::Channel(Ch::CloseOk(channel::CloseOk {})),
                 );
                 self.finish_channel(ch, err);
                 Ok(())
             }
-            AMQPClass::Channel(channel::AMQPMethod::Flow(f)) => {
+            Ch::Flow(f) => {
                 log::info!("broker set flow active={} on channel {ch}", f.active);
                 method_bytes(
                     &mut self.out,
                     ch,
-                    AMQPClass::Channel(channel::AMQPMethod::FlowOk(channel::FlowOk {
-                        active: f.active,
-                    })),
+                    AMQPClass::Channel(Ch::FlowOk(channel::FlowOk { active: f.active })),
                 );
                 Ok(())
             }
-            AMQPClass::Channel(channel::AMQPMethod::CloseOk(_)) => Err(FrameError::new(
+            Ch::CloseOk(_) => Err(FrameError::new(
                 reply_code::UNEXPECTED_FRAME,
                 format!("channel.close-ok on channel {ch} which was not closing"),
             )),
-            AMQPClass::Connection(_) => Err(FrameError::new(
-                reply_code::COMMAND_INVALID,
-                format!("connection method on channel {ch}"),
-            )),
-            reply => {
-                let Some(p) = slot.pending.pop_front() else {
-                    return Err(FrameError::new(
-                        reply_code::UNEXPECTED_FRAME,
-                        format!("reply {reply:?} on channel {ch} without a request"),
-                    ));
-                };
-                let mut consumed = None;
-                if let AMQPClass::Basic(B::ConsumeOk(ok)) = &reply {
-                    if let Some(sink) = p.consumer {
-                        slot.consumers.insert(ok.consumer_tag.to_string(), sink);
-                        consumed = Some(ok.consumer_tag.clone());
-                    }
-                }
-                if let AMQPClass::Basic(B::CancelOk(ok)) = &reply {
-                    let tag = ok.consumer_tag.to_string();
-                    if let Some(sink) = slot.consumers.remove(&tag) {
-                        sink.end(Error::ConsumerCancelled {
-                            tag,
-                            reason: "cancelled by the application".into(),
-                        });
-                    }
-                }
-                let reply = if let AMQPClass::Basic(B::GetEmpty(_)) = reply {
-                    Reply::Get(None)
-                } else {
-                    Reply::Method(reply)
-                };
-                // The waiter may have timed out and left: nothing to do then, unless it
-                // was a basic.consume. Nobody will ever take that consumer's deliveries:
-                // cancel it at the broker, or they would bounce (requeued) forever.
-                if p.reply.send(Ok(reply)).is_err() {
-                    if let Some(tag) = consumed {
-                        if let Some(sink) = slot.consumers.get(tag.as_str()) {
-                            sink.shared.active.store(false, Ordering::Release);
-                        }
-                        method_bytes(
-                            &mut self.out,
-                            ch,
-                            AMQPClass::Basic(B::Cancel(basic::Cancel {
-                                consumer_tag: tag,
-                                nowait: true,
-                            })),
-                        );
-                    }
-                }
-                Ok(())
+            reply => self.on_reply(ch, AMQPClass::Channel(reply)),
+        }
+    }
+
+    /// The reply to the oldest RPC waiting on channel `ch`.
+    fn on_reply(&mut self, ch: u16, reply: AMQPClass) -> Result<(), FrameError> {
+        use basic::AMQPMethod as B;
+        let Some(slot) = slot_in(&mut self.slots, ch) else {
+            return Ok(()); // checked by `on_method`
+        };
+        let Some(p) = slot.pending.pop_front() else {
+            return Err(FrameError::new(
+                reply_code::UNEXPECTED_FRAME,
+                format!("reply {reply:?} on channel {ch} without a request"),
+            ));
+        };
+        let mut consumed = None;
+        if let AMQPClass::Basic(B::ConsumeOk(ok)) = &reply {
+            if let Some(sink) = p.consumer {
+                slot.consumers.insert(ok.consumer_tag.to_string(), sink);
+                consumed = Some(ok.consumer_tag.clone());
             }
         }
+        if let AMQPClass::Basic(B::CancelOk(ok)) = &reply {
+            let tag = ok.consumer_tag.to_string();
+            if let Some(sink) = slot.consumers.remove(&tag) {
+                sink.end(Error::ConsumerCancelled {
+                    tag,
+                    reason: "cancelled by the application".into(),
+                });
+            }
+        }
+        let reply = if let AMQPClass::Basic(B::GetEmpty(_)) = reply {
+            Reply::Get(None)
+        } else {
+            Reply::Method(reply)
+        };
+        // The waiter may have timed out and left: nothing to do then, unless it was a
+        // basic.consume. Nobody will ever take that consumer's deliveries: cancel it at
+        // the broker, or they would bounce (requeued) forever.
+        if p.reply.send(Ok(reply)).is_err() {
+            if let Some(tag) = consumed {
+                if let Some(sink) = slot.consumers.get(tag.as_str()) {
+                    sink.shared.active.store(false, Ordering::Release);
+                }
+                method_bytes(
+                    &mut self.out,
+                    ch,
+                    AMQPClass::Basic(B::Cancel(basic::Cancel {
+                        consumer_tag: tag,
+                        nowait: true,
+                    })),
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Remove a channel for good: wake its waiters with `reason`, free its id.
@@ -693,53 +725,20 @@ impl Engine {
         use connection::AMQPMethod as C;
         match m {
             AMQPClass::Connection(C::Close(c)) => {
-                let err = Error::ServerClosedConnection {
-                    code: c.reply_code,
-                    text: c.reply_text.to_string(),
-                    class_id: c.class_id,
-                    method_id: c.method_id,
-                };
-                log::warn!("{err}");
-                method_bytes(
-                    &mut self.out,
-                    0,
-                    AMQPClass::Connection(C::CloseOk(connection::CloseOk {})),
-                );
-                let err = match std::mem::replace(&mut self.state, State::Open) {
-                    State::Closing { outcome, reply, .. } => {
-                        if let Some(r) = reply {
-                            let _ = r.send(Ok(Reply::Method(AMQPClass::Connection(C::CloseOk(
-                                connection::CloseOk {},
-                            )))));
-                        }
-                        outcome
-                    }
-                    _ => err,
-                };
-                self.fail(err);
+                self.on_server_close(&c);
                 Ok(())
             }
-            AMQPClass::Connection(C::CloseOk(_)) => {
-                match std::mem::replace(&mut self.state, State::Open) {
-                    State::Closing { outcome, reply, .. } => {
-                        if let Some(r) = reply {
-                            let _ = r.send(Ok(Reply::Method(AMQPClass::Connection(C::CloseOk(
-                                connection::CloseOk {},
-                            )))));
-                        }
-                        log::debug!("connection closed");
-                        self.state = State::Done(outcome);
-                        Ok(())
-                    }
-                    other => {
-                        self.state = other;
-                        Err(FrameError::new(
-                            reply_code::UNEXPECTED_FRAME,
-                            "connection.close-ok without a close",
-                        ))
-                    }
+            AMQPClass::Connection(C::CloseOk(_)) => match self.end_closing() {
+                Some(outcome) => {
+                    log::debug!("connection closed");
+                    self.state = State::Done(outcome);
+                    Ok(())
                 }
-            }
+                None => Err(FrameError::new(
+                    reply_code::UNEXPECTED_FRAME,
+                    "connection.close-ok without a close",
+                )),
+            },
             AMQPClass::Connection(C::Blocked(b)) => {
                 log::warn!("broker blocked the connection: {}", b.reason);
                 self.conn.set_blocked(Some(b.reason.to_string()));
@@ -759,19 +758,49 @@ impl Engine {
         }
     }
 
+    /// The broker closes the connection: answer, and end with its reason (or with ours
+    /// when the closes crossed).
+    fn on_server_close(&mut self, c: &connection::Close) {
+        let err = Error::ServerClosedConnection {
+            code: c.reply_code,
+            text: c.reply_text.to_string(),
+            class_id: c.class_id,
+            method_id: c.method_id,
+        };
+        log::warn!("{err}");
+        method_bytes(
+            &mut self.out,
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::CloseOk(connection::CloseOk {})),
+        );
+        let err = self.end_closing().unwrap_or(err);
+        self.fail(err);
+    }
+
+    /// If we are closing: answer the waiter of our close and return the outcome; the
+    /// state is left to the caller to set. Otherwise `None`, state unchanged.
+    fn end_closing(&mut self) -> Option<Error> {
+        match std::mem::replace(&mut self.state, State::Open) {
+            State::Closing { outcome, reply, .. } => {
+                if let Some(r) = reply {
+                    let _ = r.send(Ok(Reply::Method(AMQPClass::Connection(
+                        connection::AMQPMethod::CloseOk(connection::CloseOk {}),
+                    ))));
+                }
+                Some(outcome)
+            }
+            other => {
+                self.state = other;
+                None
+            }
+        }
+    }
+
     // ---------------- content dispatch ----------------
 
     fn on_content(&mut self, ch: u16, c: Content) {
-        let Some(slot) = self
-            .slots
-            .get_mut(ch as usize)
-            .and_then(|s| s.as_deref_mut())
-        else {
+        let Some(slot) = slot_in(&mut self.slots, ch) else {
             return;
-        };
-        let problem = |p: ContentProblem| match p {
-            ContentProblem::Undecodable(s) => BadDeliveryKind::Undecodable(s),
-            ContentProblem::TooLarge { size, max } => BadDeliveryKind::TooLarge { size, max },
         };
         match c.method {
             ContentMethod::Deliver {
@@ -785,82 +814,47 @@ impl Engine {
                     channel: slot.shared.clone(),
                     delivery_tag,
                 };
-                let msg = match c.properties {
-                    Ok(properties) => ConsumerMsg::Delivery(Box::new(Delivery {
-                        body: c.body,
-                        properties,
-                        exchange,
-                        routing_key,
-                        redelivered,
-                        message_count: None,
-                        acker,
-                    })),
-                    Err(p) => {
-                        let bad = BadDelivery {
-                            kind: problem(p),
-                            body: c.body,
-                            exchange,
-                            routing_key,
-                            redelivered,
-                            acker,
-                        };
-                        log::warn!("{bad}");
-                        ConsumerMsg::Bad(Box::new(bad))
-                    }
-                };
+                let msg = consumer_msg(
+                    acker,
+                    c.properties,
+                    c.body,
+                    exchange,
+                    routing_key,
+                    redelivered,
+                );
                 self.deliver(ch, consumer_tag, msg);
             }
-            ContentMethod::GetOk {
-                delivery_tag,
-                redelivered,
-                exchange,
-                routing_key,
-                message_count,
-            } => {
-                let Some(p) = slot.pending.pop_front() else {
-                    self.violation(
-                        FrameError::new(reply_code::UNEXPECTED_FRAME, "basic.get-ok without a get"),
-                        Instant::now(),
-                    );
-                    return;
-                };
-                let _ = p.reply.send(Ok(Reply::Get(Some(Box::new(Content {
-                    method: ContentMethod::GetOk {
-                        delivery_tag,
-                        redelivered,
-                        exchange,
-                        routing_key,
-                        message_count,
-                    },
-                    properties: c.properties,
-                    body: c.body,
-                })))));
-            }
+            ContentMethod::GetOk { .. } => self.on_get_ok(ch, c),
             ContentMethod::Return {
                 reply_code,
                 reply_text,
                 exchange,
                 routing_key,
-            } => {
-                let shared = &slot.shared;
-                if shared.returns_rx.len() >= RETURNS_CAPACITY {
-                    let n = shared.returns_dropped.fetch_add(1, Ordering::Relaxed) + 1;
-                    log::error!(
-                        "channel {ch}: returned message to {exchange:?}/{routing_key:?} dropped: \
-                         {RETURNS_CAPACITY} returns are queued unread ({n} dropped so far)"
-                    );
-                    return;
-                }
-                let _ = shared.returns_tx.send(Returned {
+            } => queue_return(
+                &slot.shared,
+                ch,
+                Returned {
                     reply_code,
                     reply_text,
                     exchange,
                     routing_key,
-                    properties: c.properties.map_err(problem),
+                    properties: c.properties.map_err(bad_kind),
                     body: c.body,
-                });
-            }
+                },
+            ),
         }
+    }
+
+    /// A whole `basic.get-ok`: the reply to the oldest RPC of the channel.
+    fn on_get_ok(&mut self, ch: u16, c: Content) {
+        let Some(p) = slot_in(&mut self.slots, ch).and_then(|s| s.pending.pop_front()) else {
+            self.violation(
+                FrameError::new(reply_code::UNEXPECTED_FRAME, "basic.get-ok without a get"),
+                Instant::now(),
+            );
+            return;
+        };
+        let _ = p.reply.send(Ok(Reply::Get(Some(Box::new(c)))));
     }
 
     fn deliver(&mut self, ch: u16, tag: String, msg: ConsumerMsg) {
@@ -940,6 +934,68 @@ impl Engine {
             })),
         );
     }
+}
+
+fn bad_kind(p: ContentProblem) -> BadDeliveryKind {
+    match p {
+        ContentProblem::Undecodable(s) => BadDeliveryKind::Undecodable(s),
+        ContentProblem::TooLarge { size, max } => BadDeliveryKind::TooLarge { size, max },
+    }
+}
+
+/// What a consumer gets for a delivered content: the delivery, or a bad delivery it can
+/// still ack or reject when the properties could not be decoded.
+fn consumer_msg(
+    acker: Acker,
+    properties: Result<BasicProperties, ContentProblem>,
+    body: Vec<u8>,
+    exchange: String,
+    routing_key: String,
+    redelivered: bool,
+) -> ConsumerMsg {
+    match properties {
+        Ok(properties) => ConsumerMsg::Delivery(Box::new(Delivery {
+            body,
+            properties,
+            exchange,
+            routing_key,
+            redelivered,
+            message_count: None,
+            acker,
+        })),
+        Err(p) => {
+            let bad = BadDelivery {
+                kind: bad_kind(p),
+                body,
+                exchange,
+                routing_key,
+                redelivered,
+                acker,
+            };
+            log::warn!("{bad}");
+            ConsumerMsg::Bad(Box::new(bad))
+        }
+    }
+}
+
+/// Queue a returned message for the channel's handle, unless too many wait unread.
+fn queue_return(shared: &ChannelShared, ch: u16, r: Returned) {
+    if shared.returns_rx.len() >= RETURNS_CAPACITY {
+        let n = shared.returns_dropped.fetch_add(1, Ordering::Relaxed) + 1;
+        log::error!(
+            "channel {ch}: returned message to {:?}/{:?} dropped: {RETURNS_CAPACITY} returns \
+             are queued unread ({n} dropped so far)",
+            r.exchange,
+            r.routing_key
+        );
+        return;
+    }
+    let _ = shared.returns_tx.send(r);
+}
+
+/// Channel `ch` if it is registered (open or closing).
+fn slot_in(slots: &mut [Option<Box<Slot>>], ch: u16) -> Option<&mut Slot> {
+    slots.get_mut(ch as usize).and_then(|s| s.as_deref_mut())
 }
 
 fn server_channel_error(ch: u16, c: &channel::Close) -> Error {

@@ -138,73 +138,9 @@ impl<'a> Handshake<'a> {
         })?;
         use connection::AMQPMethod as C;
         match (self.expect, m) {
-            (stage, AMQPClass::Connection(C::Close(c))) => {
-                let text = c.reply_text.to_string();
-                let _ = put_method(
-                    out,
-                    0,
-                    AMQPClass::Connection(C::CloseOk(connection::CloseOk {})),
-                );
-                Err(match stage {
-                    Expect::Tune if c.reply_code == reply_code::ACCESS_REFUSED => {
-                        Error::AuthenticationFailed(text)
-                    }
-                    Expect::OpenOk
-                        if matches!(
-                            c.reply_code,
-                            reply_code::NOT_ALLOWED
-                                | reply_code::ACCESS_REFUSED
-                                | reply_code::INVALID_PATH
-                        ) =>
-                    {
-                        Error::VhostRefused {
-                            vhost: self.opts.vhost.clone(),
-                            code: c.reply_code,
-                            text,
-                        }
-                    }
-                    _ => Error::ServerClosedConnection {
-                        code: c.reply_code,
-                        text,
-                        class_id: c.class_id,
-                        method_id: c.method_id,
-                    },
-                })
-            }
+            (stage, AMQPClass::Connection(C::Close(c))) => Err(self.on_close(stage, &c, out)),
             (Expect::Start, AMQPClass::Connection(C::Start(s))) => {
-                if (s.version_major, s.version_minor) != (0, 9) {
-                    return Err(Error::NotAmqp(format!(
-                        "server speaks AMQP {}-{}, not 0-9",
-                        s.version_major, s.version_minor
-                    )));
-                }
-                self.server_properties = table_from_amqp(s.server_properties);
-                let offered = String::from_utf8_lossy(s.mechanisms.as_bytes()).to_string();
-                let mech = self.opts.auth.name();
-                if !offered.split_whitespace().any(|m| m == mech) {
-                    return Err(Error::AuthenticationFailed(format!(
-                        "the broker does not offer {mech}; it offers {offered:?}"
-                    )));
-                }
-                let creds = Credentials::new(
-                    self.opts.username.clone().into(),
-                    self.opts.password.clone().into(),
-                );
-                let response = creds.sasl_auth_string(match self.opts.auth {
-                    AuthMechanism::Plain => SASLMechanism::Plain,
-                    AuthMechanism::AmqPlain => SASLMechanism::AMQPlain,
-                });
-                put_method(
-                    out,
-                    0,
-                    AMQPClass::Connection(C::StartOk(connection::StartOk {
-                        client_properties: table_to_amqp(&client_properties(self.opts)),
-                        mechanism: mech.into(),
-                        response,
-                        locale: "en_US".into(),
-                    })),
-                )
-                .map_err(Error::InvalidArgument)?;
+                self.on_start(s, out)?;
                 self.expect = Expect::Tune;
                 Ok(None)
             }
@@ -214,58 +150,136 @@ impl<'a> Handshake<'a> {
                 ))
             }
             (Expect::Tune, AMQPClass::Connection(C::Tune(t))) => {
-                let mut channel_max =
-                    negotiate(self.opts.channel_max.into(), t.channel_max.into()) as u16;
-                if channel_max == 0 {
-                    channel_max = u16::MAX;
-                }
-                let mut frame_max = negotiate(self.opts.frame_max, t.frame_max);
-                if frame_max == 0 {
-                    frame_max = 131_072;
-                }
-                let frame_max = frame_max.clamp(4096, FRAME_MAX_CAP);
-                // 0 from us means we want no heartbeats; 0 from the broker means it has
-                // no preference.
-                let heartbeat = match (self.opts.heartbeat, t.heartbeat) {
-                    (0, _) => 0,
-                    (c, 0) => c,
-                    (c, s) => c.min(s),
-                };
-                let tuned = Tuned {
-                    channel_max,
-                    frame_max,
-                    heartbeat,
-                };
-                put_method(
-                    out,
-                    0,
-                    AMQPClass::Connection(C::TuneOk(connection::TuneOk {
-                        channel_max,
-                        frame_max,
-                        heartbeat,
-                    })),
-                )
-                .map_err(Error::InvalidArgument)?;
-                put_method(
-                    out,
-                    0,
-                    AMQPClass::Connection(C::Open(connection::Open {
-                        virtual_host: self.opts.vhost.clone().into(),
-                    })),
-                )
-                .map_err(Error::InvalidArgument)?;
-                self.tuned = Some(tuned);
+                self.tuned = Some(self.on_tune(&t, out)?);
                 self.expect = Expect::OpenOk;
                 Ok(None)
             }
-            (Expect::OpenOk, AMQPClass::Connection(C::OpenOk(_))) => {
-                let tuned = self.tuned.expect("tuned before open");
-                Ok(Some((tuned, std::mem::take(&mut self.server_properties))))
-            }
+            (Expect::OpenOk, AMQPClass::Connection(C::OpenOk(_))) => match self.tuned {
+                Some(tuned) => Ok(Some((tuned, std::mem::take(&mut self.server_properties)))),
+                None => Err(Error::Protocol {
+                    code: reply_code::INTERNAL_ERROR,
+                    text: "connection.open-ok before tune".into(),
+                }),
+            },
             (stage, other) => Err(Error::Protocol {
                 code: reply_code::COMMAND_INVALID,
                 text: format!("unexpected {other:?} while {}", stage.stage()),
             }),
+        }
+    }
+
+    /// `connection.start`: check the version and the mechanism, answer `start-ok`.
+    fn on_start(&mut self, s: connection::Start, out: &mut Vec<u8>) -> Result<()> {
+        if (s.version_major, s.version_minor) != (0, 9) {
+            return Err(Error::NotAmqp(format!(
+                "server speaks AMQP {}-{}, not 0-9",
+                s.version_major, s.version_minor
+            )));
+        }
+        self.server_properties = table_from_amqp(s.server_properties);
+        let offered = String::from_utf8_lossy(s.mechanisms.as_bytes()).to_string();
+        let mech = self.opts.auth.name();
+        if !offered.split_whitespace().any(|m| m == mech) {
+            return Err(Error::AuthenticationFailed(format!(
+                "the broker does not offer {mech}; it offers {offered:?}"
+            )));
+        }
+        let creds = Credentials::new(
+            self.opts.username.clone().into(),
+            self.opts.password.clone().into(),
+        );
+        let response = creds.sasl_auth_string(match self.opts.auth {
+            AuthMechanism::Plain => SASLMechanism::Plain,
+            AuthMechanism::AmqPlain => SASLMechanism::AMQPlain,
+        });
+        put_method(
+            out,
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::StartOk(connection::StartOk {
+                client_properties: table_to_amqp(&client_properties(self.opts)),
+                mechanism: mech.into(),
+                response,
+                locale: "en_US".into(),
+            })),
+        )
+        .map_err(Error::InvalidArgument)
+    }
+
+    /// `connection.tune`: agree on the limits, answer `tune-ok` and `open`.
+    fn on_tune(&self, t: &connection::Tune, out: &mut Vec<u8>) -> Result<Tuned> {
+        let mut channel_max = negotiate(self.opts.channel_max.into(), t.channel_max.into()) as u16;
+        if channel_max == 0 {
+            channel_max = u16::MAX;
+        }
+        let mut frame_max = negotiate(self.opts.frame_max, t.frame_max);
+        if frame_max == 0 {
+            frame_max = 131_072;
+        }
+        let frame_max = frame_max.clamp(4096, FRAME_MAX_CAP);
+        // 0 from us means we want no heartbeats; 0 from the broker means it has no
+        // preference.
+        let heartbeat = match (self.opts.heartbeat, t.heartbeat) {
+            (0, _) => 0,
+            (c, 0) => c,
+            (c, s) => c.min(s),
+        };
+        use connection::AMQPMethod as C;
+        put_method(
+            out,
+            0,
+            AMQPClass::Connection(C::TuneOk(connection::TuneOk {
+                channel_max,
+                frame_max,
+                heartbeat,
+            })),
+        )
+        .map_err(Error::InvalidArgument)?;
+        put_method(
+            out,
+            0,
+            AMQPClass::Connection(C::Open(connection::Open {
+                virtual_host: self.opts.vhost.clone().into(),
+            })),
+        )
+        .map_err(Error::InvalidArgument)?;
+        Ok(Tuned {
+            channel_max,
+            frame_max,
+            heartbeat,
+        })
+    }
+
+    /// `connection.close` during the handshake: answer `close-ok`; what the close means
+    /// depends on the stage (credentials refused after start-ok, vhost refused after open).
+    fn on_close(&self, stage: Expect, c: &connection::Close, out: &mut Vec<u8>) -> Error {
+        let text = c.reply_text.to_string();
+        let _ = put_method(
+            out,
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::CloseOk(connection::CloseOk {})),
+        );
+        match stage {
+            Expect::Tune if c.reply_code == reply_code::ACCESS_REFUSED => {
+                Error::AuthenticationFailed(text)
+            }
+            Expect::OpenOk
+                if matches!(
+                    c.reply_code,
+                    reply_code::NOT_ALLOWED | reply_code::ACCESS_REFUSED | reply_code::INVALID_PATH
+                ) =>
+            {
+                Error::VhostRefused {
+                    vhost: self.opts.vhost.clone(),
+                    code: c.reply_code,
+                    text,
+                }
+            }
+            _ => Error::ServerClosedConnection {
+                code: c.reply_code,
+                text,
+                class_id: c.class_id,
+                method_id: c.method_id,
+            },
         }
     }
 }
