@@ -359,6 +359,19 @@ pub(crate) fn tune_socket(stream: &TcpStream, heartbeat: u16) -> std::io::Result
     Ok(())
 }
 
+/// What bytes that are not `connection.start` tell about the peer: a protocol header
+/// (the server refuses our version and names its own) or something else entirely.
+pub(crate) fn not_amqp(pending: &[u8]) -> Error {
+    if pending.starts_with(b"AMQP") && pending.len() >= 8 {
+        Error::NotAmqp(format!(
+            "the server refused AMQP 0-9-1 and offers protocol {}-{}-{}",
+            pending[5], pending[6], pending[7]
+        ))
+    } else {
+        Error::NotAmqp(describe_garbage(pending))
+    }
+}
+
 fn describe_garbage(bytes: &[u8]) -> String {
     let shown: String = bytes
         .iter()
@@ -402,15 +415,7 @@ pub(crate) fn connect(opts: &ConnectionOptions) -> Result<Established> {
                 Ok(None) => break,
                 Err(e) => {
                     return Err(if hs.expect == Expect::Start {
-                        let pending = decoder.pending();
-                        if pending.starts_with(b"AMQP") && pending.len() >= 8 {
-                            Error::NotAmqp(format!(
-                                "the server refused AMQP 0-9-1 and offers protocol {}-{}-{}",
-                                pending[5], pending[6], pending[7]
-                            ))
-                        } else {
-                            Error::NotAmqp(describe_garbage(pending))
-                        }
+                        not_amqp(decoder.pending())
                     } else {
                         Error::Protocol {
                             code: e.code,
@@ -449,16 +454,8 @@ pub(crate) fn connect(opts: &ConnectionOptions) -> Result<Established> {
         let buf = decoder.read_buf();
         match stream.read(buf) {
             Ok(0) => {
-                let pending = decoder.pending();
-                if hs.expect == Expect::Start && pending.starts_with(b"AMQP") && pending.len() >= 8
-                {
-                    return Err(Error::NotAmqp(format!(
-                        "the server refused AMQP 0-9-1 and offers protocol {}-{}-{}",
-                        pending[5], pending[6], pending[7]
-                    )));
-                }
-                if hs.expect == Expect::Start && !pending.is_empty() {
-                    return Err(Error::NotAmqp(describe_garbage(pending)));
+                if hs.expect == Expect::Start && !decoder.pending().is_empty() {
+                    return Err(not_amqp(decoder.pending()));
                 }
                 return Err(hs.on_eof());
             }

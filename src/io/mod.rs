@@ -4,6 +4,8 @@
 pub(crate) mod engine;
 pub(crate) mod handshake;
 pub(crate) mod reactor;
+#[cfg(test)]
+mod scenario;
 mod wake;
 
 pub(crate) use wake::Wake;

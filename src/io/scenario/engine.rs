@@ -1,0 +1,1 @@
+//! The engine, state by state and violation by violation.
