@@ -56,10 +56,13 @@ pub(super) fn decode_all(bytes: &[u8], frame_max: u32) -> Vec<Sent> {
     let mut dec = FrameDecoder::new(frame_max);
     dec.feed(bytes);
     let mut sent = Vec::new();
-    while let Some(f) = dec.next_frame().expect("the engine wrote a malformed frame") {
+    while let Some(f) = dec
+        .next_frame()
+        .expect("the engine wrote a malformed frame")
+    {
         sent.push(match f.kind {
             FRAME_METHOD => match parse_class(f.payload) {
-                Ok((rest, m)) if rest.is_empty() => Sent::Method(f.channel, m),
+                Ok((&[], m)) => Sent::Method(f.channel, m),
                 other => panic!("undecodable method written: {other:?}"),
             },
             FRAME_HEADER => Sent::Header(
@@ -261,7 +264,12 @@ impl Scenario {
     }
 
     /// A consumer with tag `tag` on `ch` (consume, consume-ok) with a queue of `capacity`.
-    pub(super) fn consume(&mut self, ch: &ChannelShared, tag: &str, capacity: usize) -> TestConsumer {
+    pub(super) fn consume(
+        &mut self,
+        ch: &ChannelShared,
+        tag: &str,
+        capacity: usize,
+    ) -> TestConsumer {
         let (tx, rx) = queue::unbounded();
         let shared = Arc::new(ConsumerShared::new(capacity));
         let sink = ConsumerSink {

@@ -45,7 +45,10 @@ impl<'a> Hs<'a> {
     /// Through start: now expecting tune.
     fn started(opts: &'a ConnectionOptions) -> Self {
         let mut h = Hs::new(opts);
-        assert!(matches!(h.feed_method(start(0, 9, "PLAIN AMQPLAIN")), Ok(None)));
+        assert!(matches!(
+            h.feed_method(start(0, 9, "PLAIN AMQPLAIN")),
+            Ok(None)
+        ));
         h.sent();
         assert_eq!(h.hs.expect, Expect::Tune);
         h
@@ -99,7 +102,10 @@ fn close_ok() -> Sent {
 fn start_is_answered_with_start_ok_plain_credentials() {
     let opts = ConnectionOptions::default();
     let mut h = Hs::new(&opts);
-    assert!(matches!(h.feed_method(start(0, 9, "AMQPLAIN PLAIN")), Ok(None)));
+    assert!(matches!(
+        h.feed_method(start(0, 9, "AMQPLAIN PLAIN")),
+        Ok(None)
+    ));
     assert_eq!(h.hs.expect, Expect::Tune);
     let sent = h.sent();
     let [Sent::Method(0, AMQPClass::Connection(C::StartOk(ok)))] = &sent[..] else {
@@ -120,7 +126,10 @@ fn start_with_amqplain_chosen_sends_an_amqplain_response() {
         ..ConnectionOptions::default()
     };
     let mut h = Hs::new(&opts);
-    assert!(matches!(h.feed_method(start(0, 9, "PLAIN AMQPLAIN")), Ok(None)));
+    assert!(matches!(
+        h.feed_method(start(0, 9, "PLAIN AMQPLAIN")),
+        Ok(None)
+    ));
     let sent = h.sent();
     let [Sent::Method(0, AMQPClass::Connection(C::StartOk(ok)))] = &sent[..] else {
         panic!("expected start-ok, got {sent:?}");
@@ -145,7 +154,10 @@ fn start_of_another_protocol_version_is_not_amqp() {
     let opts = ConnectionOptions::default();
     let mut h = Hs::new(&opts);
     let err = h.feed_method(start(0, 8, "PLAIN")).unwrap_err();
-    assert!(matches!(&err, Error::NotAmqp(t) if t.contains("0-8")), "{err:?}");
+    assert!(
+        matches!(&err, Error::NotAmqp(t) if t.contains("0-8")),
+        "{err:?}"
+    );
     assert!(h.sent().is_empty());
 }
 
@@ -182,7 +194,10 @@ fn protocol_header_instead_of_start_names_the_servers_version() {
         "{err:?}"
     );
     let err = not_amqp(b"HTTP/1.1 400 Bad Request\r\n");
-    assert!(matches!(&err, Error::NotAmqp(t) if t.contains("HTTP/1.1")), "{err:?}");
+    assert!(
+        matches!(&err, Error::NotAmqp(t) if t.contains("HTTP/1.1")),
+        "{err:?}"
+    );
 }
 
 #[test]
@@ -202,7 +217,13 @@ fn a_content_frame_or_a_channel_frame_during_the_handshake_is_unexpected() {
     let mut h = Hs::new(&opts);
     let err = h.feed(&raw_frame(FRAME_BODY, 0, b"x")).unwrap_err();
     assert!(
-        matches!(err, Error::Protocol { code: reply_code::UNEXPECTED_FRAME, .. }),
+        matches!(
+            err,
+            Error::Protocol {
+                code: reply_code::UNEXPECTED_FRAME,
+                ..
+            }
+        ),
         "{err:?}"
     );
     let mut h = Hs::new(&opts);
@@ -210,7 +231,13 @@ fn a_content_frame_or_a_channel_frame_during_the_handshake_is_unexpected() {
         .feed(&method(1, AMQPClass::Connection(start(0, 9, "PLAIN"))))
         .unwrap_err();
     assert!(
-        matches!(err, Error::Protocol { code: reply_code::UNEXPECTED_FRAME, .. }),
+        matches!(
+            err,
+            Error::Protocol {
+                code: reply_code::UNEXPECTED_FRAME,
+                ..
+            }
+        ),
         "{err:?}"
     );
 }
@@ -221,7 +248,13 @@ fn a_method_out_of_turn_is_command_invalid() {
     let mut h = Hs::new(&opts);
     let err = h.feed_method(C::OpenOk(connection::OpenOk {})).unwrap_err();
     assert!(
-        matches!(err, Error::Protocol { code: reply_code::COMMAND_INVALID, .. }),
+        matches!(
+            err,
+            Error::Protocol {
+                code: reply_code::COMMAND_INVALID,
+                ..
+            }
+        ),
         "{err:?}"
     );
     let mut h = Hs::started(&opts);
@@ -232,7 +265,13 @@ fn a_method_out_of_turn_is_command_invalid() {
         ))
         .unwrap_err();
     assert!(
-        matches!(err, Error::Protocol { code: reply_code::COMMAND_INVALID, .. }),
+        matches!(
+            err,
+            Error::Protocol {
+                code: reply_code::COMMAND_INVALID,
+                ..
+            }
+        ),
         "{err:?}"
     );
 }
@@ -378,7 +417,10 @@ fn access_refused_close_after_start_ok_is_an_authentication_failure() {
     let opts = ConnectionOptions::default();
     let mut h = Hs::started(&opts);
     let err = h
-        .feed_method(close(reply_code::ACCESS_REFUSED, "ACCESS_REFUSED - Login was refused"))
+        .feed_method(close(
+            reply_code::ACCESS_REFUSED,
+            "ACCESS_REFUSED - Login was refused",
+        ))
         .unwrap_err();
     assert!(
         matches!(&err, Error::AuthenticationFailed(t) if t.contains("Login was refused")),
@@ -413,7 +455,9 @@ fn vhost_refused_by_close_after_open() {
         reply_code::INVALID_PATH,
     ] {
         let mut h = Hs::tuned(&opts);
-        let err = h.feed_method(close(code, "vhost nope not found")).unwrap_err();
+        let err = h
+            .feed_method(close(code, "vhost nope not found"))
+            .unwrap_err();
         assert!(
             matches!(&err, Error::VhostRefused { vhost, code: c, .. } if vhost == "nope" && *c == code),
             "{err:?}"
@@ -434,7 +478,13 @@ fn a_second_tune_while_expecting_open_ok_is_command_invalid() {
     let mut h = Hs::tuned(&opts);
     let err = h.feed_method(tune(1, 4096, 0)).unwrap_err();
     assert!(
-        matches!(err, Error::Protocol { code: reply_code::COMMAND_INVALID, .. }),
+        matches!(
+            err,
+            Error::Protocol {
+                code: reply_code::COMMAND_INVALID,
+                ..
+            }
+        ),
         "{err:?}"
     );
     assert!(h.sent().is_empty());
