@@ -97,8 +97,8 @@ impl Generation {
 fn prepare(opts: &ConnectionOptions, number: u64) -> Result<(Arc<ConnShared>, Reactor)> {
     let est = handshake::connect(opts)?;
     let io_err = |e: std::io::Error| Error::ConnectionLost(format!("I/O setup failed: {e}"));
-    est.stream.set_nonblocking(true).map_err(io_err)?;
-    let local = est.stream.local_addr().ok();
+    est.stream.sock().set_nonblocking(true).map_err(io_err)?;
+    let local = est.stream.sock().local_addr().ok();
     let poll = mio::Poll::new().map_err(io_err)?;
     let waker = mio::Waker::new(poll.registry(), WAKER).map_err(io_err)?;
     let (cmd_tx, cmd_rx) = queue::bounded(COMMAND_QUEUE);
@@ -128,7 +128,7 @@ fn prepare(opts: &ConnectionOptions, number: u64) -> Result<(Arc<ConnShared>, Re
     );
     let reactor = Reactor {
         poll,
-        sock: mio::net::TcpStream::from_std(est.stream),
+        transport: est.stream.map(mio::net::TcpStream::from_std),
         decoder: est.decoder,
         engine: Engine::new(shared.clone(), Instant::now()),
         commands: cmd_rx,

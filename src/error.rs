@@ -59,6 +59,8 @@ pub enum HandshakeStage {
     Tune,
     /// Waiting for `connection.open-ok`.
     Open,
+    /// The TLS handshake (`amqps://`).
+    Tls,
 }
 
 impl fmt::Display for HandshakeStage {
@@ -68,6 +70,53 @@ impl fmt::Display for HandshakeStage {
             HandshakeStage::Start => "waiting for connection.start",
             HandshakeStage::Tune => "waiting for connection.tune",
             HandshakeStage::Open => "waiting for connection.open-ok",
+            HandshakeStage::Tls => "TLS handshake",
+        })
+    }
+}
+
+/// Which TLS failure an [`Error::Tls`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TlsFailure {
+    /// The broker's certificate is not signed by a trusted CA.
+    UnknownCa,
+    /// The broker's certificate does not name the host (or the SNI name) connected to.
+    HostnameMismatch,
+    /// The broker's certificate has expired.
+    CertificateExpired,
+    /// The broker's certificate was refused for another reason.
+    InvalidCertificate,
+    /// The broker requires a client certificate and none was given.
+    ClientCertificateRequired,
+    /// The broker refused the client certificate given (unknown CA, expired, ...).
+    ClientCertificateRefused,
+    /// The peer on the TLS port does not speak TLS (a plaintext AMQP port?).
+    NotTlsServer,
+    /// A plaintext `amqp://` connection reached a TLS port.
+    TlsServerOnPlainPort,
+    /// The TLS options could not be used (unreadable PEM, no roots, bad server name).
+    Configuration,
+    /// `amqps://` in a build without the `tls` cargo feature.
+    NotCompiledIn,
+    /// Any other TLS failure.
+    Other,
+}
+
+impl fmt::Display for TlsFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TlsFailure::UnknownCa => "unknown certificate authority",
+            TlsFailure::HostnameMismatch => "hostname mismatch",
+            TlsFailure::CertificateExpired => "certificate expired",
+            TlsFailure::InvalidCertificate => "invalid certificate",
+            TlsFailure::ClientCertificateRequired => "client certificate required",
+            TlsFailure::ClientCertificateRefused => "client certificate refused",
+            TlsFailure::NotTlsServer => "not a TLS server",
+            TlsFailure::TlsServerOnPlainPort => "TLS server on a plaintext connection",
+            TlsFailure::Configuration => "configuration",
+            TlsFailure::NotCompiledIn => "not compiled in",
+            TlsFailure::Other => "failure",
         })
     }
 }
@@ -100,6 +149,15 @@ pub enum Error {
         stage: HandshakeStage,
         /// How long the attempt ran.
         elapsed_ms: u64,
+    },
+
+    /// A TLS connection could not be made (`amqps://`); `kind` says which failure.
+    #[error("TLS error ({kind}): {detail}")]
+    Tls {
+        /// Which failure.
+        kind: TlsFailure,
+        /// What happened, and what to do about it.
+        detail: String,
     },
 
     /// The peer does not speak AMQP 0-9-1.

@@ -82,6 +82,8 @@ mod protocol;
 mod recovery;
 mod sync;
 #[cfg(not(loom))]
+mod tls;
+#[cfg(not(loom))]
 mod uri;
 
 // The public interface is:
@@ -97,7 +99,7 @@ pub use confirm::Confirmation;
 pub use connection::Connection;
 #[cfg(not(loom))]
 pub use consumer::{BadDelivery, BadDeliveryKind, Consumer, Delivery, Iter, Returned};
-pub use error::{Error, HandshakeStage, Result, reply_code};
+pub use error::{Error, HandshakeStage, Result, TlsFailure, reply_code};
 #[cfg(not(loom))]
 pub use pool::{ChannelPool, PooledChannel};
 pub use pool::{DEFAULT_POOL_SIZE, PoolStats};
@@ -105,6 +107,11 @@ pub use protocol::properties::BasicProperties;
 pub use protocol::table::{FieldTable, FieldValue};
 #[cfg(not(loom))]
 pub use recovery::{RecoveryEvent, RecoveryEventKind, RecoveryOptions, UnconfirmedPolicy};
+/// The rustls version lepus is built with, for [`TlsOptions::client_config`].
+#[cfg(all(feature = "tls", not(loom)))]
+pub use rustls;
+#[cfg(not(loom))]
+pub use tls::TlsOptions;
 #[cfg(not(loom))]
 pub use uri::{AuthMechanism, ConnectionOptions};
 

@@ -5,6 +5,7 @@ use std::time::Duration;
 use crate::error::{Error, Result};
 use crate::protocol::table::{DEFAULT_MAX_TABLE_DEPTH, FieldTable, MAX_TABLE_DEPTH_CAP};
 use crate::recovery::RecoveryOptions;
+use crate::tls::{self, TlsOptions};
 
 /// SASL mechanism used to log in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -15,6 +16,10 @@ pub enum AuthMechanism {
     Plain,
     /// `AMQPLAIN`.
     AmqPlain,
+    /// `EXTERNAL`: the broker takes the identity from the TLS client certificate
+    /// (RabbitMQ's `rabbitmq_auth_mechanism_ssl` plugin; the user is the certificate's
+    /// CN by default). User name and password are not sent.
+    External,
 }
 
 impl AuthMechanism {
@@ -22,6 +27,7 @@ impl AuthMechanism {
         match self {
             AuthMechanism::Plain => "PLAIN",
             AuthMechanism::AmqPlain => "AMQPLAIN",
+            AuthMechanism::External => "EXTERNAL",
         }
     }
 }
@@ -48,6 +54,7 @@ pub struct ConnectionOptions {
     pub(crate) close_timeout: Duration,
     pub(crate) more_addresses: Vec<(String, u16)>,
     pub(crate) recovery: RecoveryOptions,
+    pub(crate) tls: TlsOptions,
 }
 
 impl Default for ConnectionOptions {
@@ -71,6 +78,7 @@ impl Default for ConnectionOptions {
             close_timeout: Duration::from_secs(5),
             more_addresses: Vec::new(),
             recovery: RecoveryOptions::default(),
+            tls: TlsOptions::default(),
         }
     }
 }
@@ -87,6 +95,12 @@ impl ConnectionOptions {
     /// &connection_timeout=..&connection_name=..&auth_mechanism=..`. User, password and
     /// vhost are percent-decoded; `connection_timeout` is in milliseconds, `heartbeat` in
     /// seconds. Unknown query keys are refused so that a typo does not go unnoticed.
+    ///
+    /// `amqps://` (port 5671 by default) connects with TLS and takes RabbitMQ's TLS
+    /// parameters: `cacertfile`, `certfile`, `keyfile` (PEM files), `verify`
+    /// (`verify_peer`, the default, or `verify_none`, which is unsafe: see
+    /// [`TlsOptions::danger_accept_invalid_certs`]), `server_name_indication`, and
+    /// `auth_mechanism=external` to log in with the client certificate.
     pub fn from_uri(uri: &str) -> Result<Self> {
         parse_uri(uri)
     }
@@ -179,6 +193,13 @@ impl ConnectionOptions {
         self.recovery = r;
         self
     }
+    /// Connect with TLS (as `amqps://` does); see [`TlsOptions`]. Set the port too
+    /// (RabbitMQ's TLS port is 5671).
+    pub fn tls(mut self, tls: TlsOptions) -> Self {
+        self.tls = tls;
+        self.tls.enabled = true;
+        self
+    }
     /// Every address, the primary first.
     pub(crate) fn addresses(&self) -> Vec<(String, u16)> {
         let mut v = vec![(self.host.clone(), self.port)];
@@ -221,12 +242,19 @@ fn num<T: std::str::FromStr>(key: &str, v: &str) -> Result<T> {
 
 fn parse_uri(uri: &str) -> Result<ConnectionOptions> {
     let bad = |why: &str| Error::InvalidUri(format!("{why}: {uri:?}"));
+    let mut o = ConnectionOptions::default();
     let rest = match uri.split_once("://") {
         Some(("amqp", rest)) => rest,
-        Some(("amqps", _)) => return Err(bad("amqps (TLS) is not supported yet")),
-        _ => return Err(bad("expected a URI starting with amqp://")),
+        Some(("amqps", rest)) => {
+            if cfg!(not(feature = "tls")) {
+                return Err(tls::disabled());
+            }
+            o.tls = TlsOptions::new();
+            o.port = 5671;
+            rest
+        }
+        _ => return Err(bad("expected a URI starting with amqp:// or amqps://")),
     };
-    let mut o = ConnectionOptions::default();
     let (rest, query) = match rest.split_once('?') {
         Some((r, q)) => (r, Some(q)),
         None => (rest, None),
@@ -288,6 +316,7 @@ fn parse_uri(uri: &str) -> Result<ConnectionOptions> {
                 o.auth = match v.to_ascii_lowercase().as_str() {
                     "plain" => AuthMechanism::Plain,
                     "amqplain" => AuthMechanism::AmqPlain,
+                    "external" => AuthMechanism::External,
                     _ => {
                         return Err(Error::InvalidUri(format!(
                             "unsupported auth_mechanism {v:?}"
@@ -295,9 +324,11 @@ fn parse_uri(uri: &str) -> Result<ConnectionOptions> {
                     }
                 }
             }
+            _ if tls::apply_query(&mut o.tls, k, &v)? => {}
             _ => return Err(Error::InvalidUri(format!("unknown URI option {k:?}"))),
         }
     }
+    tls::validate(&o.tls)?;
     if o.frame_max != 0 && o.frame_max < crate::protocol::frame::FRAME_MIN_SIZE {
         return Err(Error::InvalidUri(format!(
             "frame_max {} is below the protocol minimum of 4096",
@@ -343,10 +374,43 @@ mod tests {
     }
 
     #[test]
+    fn amqps_defaults_to_5671_and_takes_tls_parameters() {
+        let r = ConnectionOptions::from_uri(
+            "amqps://h?cacertfile=%2Ftmp%2Fca.pem&certfile=/c.pem&keyfile=/k.pem&verify=verify_peer&server_name_indication=rabbit&auth_mechanism=external",
+        );
+        #[cfg(feature = "tls")]
+        {
+            let o = r.unwrap();
+            assert_eq!(o.port, 5671);
+            assert!(o.tls.enabled);
+            assert!(o.tls.has_client_cert());
+            assert_eq!(o.tls.server_name.as_deref(), Some("rabbit"));
+            assert_eq!(o.auth, AuthMechanism::External);
+            assert_eq!(
+                ConnectionOptions::from_uri("amqps://h:1234").unwrap().port,
+                1234
+            );
+            assert!(!ConnectionOptions::from_uri("amqp://h").unwrap().tls.enabled);
+        }
+        #[cfg(not(feature = "tls"))]
+        match r {
+            Err(Error::Tls { kind, detail }) => {
+                assert_eq!(kind, crate::TlsFailure::NotCompiledIn);
+                assert!(detail.contains("`tls` cargo feature"), "{detail}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn bad_uris_are_refused() {
         for u in [
             "http://h",
-            "amqps://h",
+            "amqp://h?cacertfile=/ca.pem",
+            #[cfg(feature = "tls")]
+            "amqps://h?certfile=/c.pem",
+            #[cfg(feature = "tls")]
+            "amqps://h?verify=maybe",
             "amqp://h:notaport",
             "amqp://h/a/b",
             "amqp://h?heartbeat=x",

@@ -11,6 +11,7 @@ use amq_protocol::protocol::{AMQPClass, connection};
 use socket2::{SockRef, TcpKeepalive};
 
 use super::Tuned;
+use super::transport::Transport;
 use crate::error::{Error, HandshakeStage, Result, reply_code};
 use crate::protocol::decode_server_method;
 use crate::protocol::frame::{FRAME_HEARTBEAT, FRAME_METHOD, FrameDecoder, RawFrame, put_method};
@@ -178,19 +179,16 @@ impl<'a> Handshake<'a> {
         }
         self.server_properties = table_from_amqp(s.server_properties);
         let offered = String::from_utf8_lossy(s.mechanisms.as_bytes()).to_string();
-        let mech = self.opts.auth.name();
-        if !offered.split_whitespace().any(|m| m == mech) {
-            return Err(Error::AuthenticationFailed(format!(
-                "the broker does not offer {mech}; it offers {offered:?}"
-            )));
-        }
+        let auth = choose_mechanism(self.opts, &offered)?;
+        let mech = auth.name();
         let creds = Credentials::new(
             self.opts.username.clone().into(),
             self.opts.password.clone().into(),
         );
-        let response = creds.sasl_auth_string(match self.opts.auth {
+        let response = creds.sasl_auth_string(match auth {
             AuthMechanism::Plain => SASLMechanism::Plain,
             AuthMechanism::AmqPlain => SASLMechanism::AMQPlain,
+            AuthMechanism::External => SASLMechanism::External,
         });
         put_method(
             out,
@@ -284,9 +282,31 @@ impl<'a> Handshake<'a> {
     }
 }
 
+/// The SASL mechanism to use: the one asked for, if the broker offers it. A clear error
+/// when they share none, naming both sides (and the plugin EXTERNAL needs).
+fn choose_mechanism(opts: &ConnectionOptions, offered: &str) -> Result<AuthMechanism> {
+    let want = opts.auth;
+    if offered.split_whitespace().any(|m| m == want.name()) {
+        return Ok(want);
+    }
+    let hint = match want {
+        AuthMechanism::External if !opts.tls.has_client_cert() => {
+            " (EXTERNAL needs TLS with a client certificate, and none is configured)"
+        }
+        AuthMechanism::External => {
+            " (EXTERNAL needs the broker's rabbitmq_auth_mechanism_ssl plugin)"
+        }
+        _ => "",
+    };
+    Err(Error::AuthenticationFailed(format!(
+        "no SASL mechanism in common: lepus is set to use {}{hint}; the broker offers {offered:?}",
+        want.name()
+    )))
+}
+
 /// A connection that finished its handshake.
 pub(crate) struct Established {
-    pub(crate) stream: TcpStream,
+    pub(crate) stream: Transport<TcpStream>,
     pub(crate) decoder: FrameDecoder,
     pub(crate) tuned: Tuned,
     pub(crate) server_properties: FieldTable,
@@ -362,6 +382,13 @@ pub(crate) fn tune_socket(stream: &TcpStream, heartbeat: u16) -> std::io::Result
 /// What bytes that are not `connection.start` tell about the peer: a protocol header
 /// (the server refuses our version and names its own) or something else entirely.
 pub(crate) fn not_amqp(pending: &[u8]) -> Error {
+    // A TLS record header: content type alert (21) or handshake (22), version 3.x.
+    if pending.len() >= 2 && matches!(pending[0], 21 | 22) && pending[1] == 3 {
+        return Error::Tls {
+            kind: crate::error::TlsFailure::TlsServerOnPlainPort,
+            detail: "the server answered with TLS: use amqps:// (and the TLS port) for it".into(),
+        };
+    }
     if pending.starts_with(b"AMQP") && pending.len() >= 8 {
         Error::NotAmqp(format!(
             "the server refused AMQP 0-9-1 and offers protocol {}-{}-{}",
@@ -387,11 +414,31 @@ fn describe_garbage(bytes: &[u8]) -> String {
     format!("the peer sent {shown:?}, which is not an AMQP frame")
 }
 
+/// TLS on top of the TCP stream when the options ask for it.
+fn open_transport(
+    stream: TcpStream,
+    opts: &ConnectionOptions,
+    start: Instant,
+    deadline: Instant,
+) -> Result<Transport<TcpStream>> {
+    if !opts.tls.enabled {
+        return Ok(Transport::Plain(stream));
+    }
+    #[cfg(feature = "tls")]
+    return super::transport::tls_handshake(stream, opts, start, deadline);
+    #[cfg(not(feature = "tls"))]
+    {
+        let _ = (stream, start, deadline);
+        Err(crate::tls::disabled())
+    }
+}
+
 /// Connect and run the handshake, all within `opts.connection_timeout`.
 pub(crate) fn connect(opts: &ConnectionOptions) -> Result<Established> {
     let start = Instant::now();
     let deadline = start + opts.connection_timeout;
-    let mut stream = tcp_connect(opts, start, deadline)?;
+    let stream = tcp_connect(opts, start, deadline)?;
+    let mut stream = open_transport(stream, opts, start, deadline)?;
     let io = |stage| {
         move |source| Error::Io {
             stage,
@@ -399,6 +446,7 @@ pub(crate) fn connect(opts: &ConnectionOptions) -> Result<Established> {
         }
     };
     stream
+        .sock()
         .set_nodelay(true)
         .map_err(io(HandshakeStage::Connect))?;
     stream
@@ -437,7 +485,7 @@ pub(crate) fn connect(opts: &ConnectionOptions) -> Result<Established> {
             }
             if let Some((tuned, server_properties)) = done? {
                 decoder.set_frame_max(tuned.frame_max);
-                let _ = tune_socket(&stream, tuned.heartbeat)
+                let _ = tune_socket(stream.sock(), tuned.heartbeat)
                     .map_err(|e| log::warn!("could not set socket options: {e}"));
                 return Ok(Established {
                     stream,
@@ -449,13 +497,23 @@ pub(crate) fn connect(opts: &ConnectionOptions) -> Result<Established> {
         }
         let left = remaining(deadline, hs.expect.stage(), start)?;
         stream
+            .sock()
             .set_read_timeout(Some(left))
+            .map_err(io(hs.expect.stage()))?;
+        stream
+            .sock()
+            .set_write_timeout(Some(left))
             .map_err(io(hs.expect.stage()))?;
         let buf = decoder.read_buf();
         match stream.read(buf) {
             Ok(0) => {
                 if hs.expect == Expect::Start && !decoder.pending().is_empty() {
                     return Err(not_amqp(decoder.pending()));
+                }
+                if hs.expect == Expect::Start {
+                    if let Some(e) = stream.explain_eof() {
+                        return Err(e);
+                    }
                 }
                 return Err(hs.on_eof());
             }
@@ -468,6 +526,14 @@ pub(crate) fn connect(opts: &ConnectionOptions) -> Result<Established> {
             }
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e) => {
+                if let Some(tls) = stream.explain(&e) {
+                    return Err(tls);
+                }
+                if hs.expect == Expect::Start && e.kind() == ErrorKind::ConnectionReset {
+                    if let Some(tls) = stream.explain_eof() {
+                        return Err(tls);
+                    }
+                }
                 return Err(match (hs.expect, e.kind()) {
                     (Expect::Tune, ErrorKind::ConnectionReset) => hs.on_eof(),
                     _ => Error::Io {

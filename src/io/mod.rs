@@ -6,6 +6,7 @@ pub(crate) mod handshake;
 pub(crate) mod reactor;
 #[cfg(test)]
 mod scenario;
+pub(crate) mod transport;
 mod wake;
 
 pub(crate) use wake::Wake;

@@ -9,6 +9,7 @@ use mio::{Events, Interest, Poll, Token};
 
 use super::Command;
 use super::engine::Engine;
+use super::transport::Transport;
 use crate::error::Error;
 use crate::protocol::frame::FrameDecoder;
 use crate::sync::queue::Receiver;
@@ -23,7 +24,8 @@ const FINAL_FLUSH: Duration = Duration::from_millis(200);
 
 pub(crate) struct Reactor {
     pub(crate) poll: Poll,
-    pub(crate) sock: TcpStream,
+    /// The socket, through TLS or not: the engine sees plaintext either way.
+    pub(crate) transport: Transport<TcpStream>,
     pub(crate) decoder: FrameDecoder,
     pub(crate) engine: Engine,
     pub(crate) commands: Receiver<Command>,
@@ -69,7 +71,7 @@ impl Reactor {
 
     fn register(&mut self) {
         if let Err(e) = self.poll.registry().register(
-            &mut self.sock,
+            self.transport.sock_mut(),
             SOCKET,
             Interest::READABLE | Interest::WRITABLE,
         ) {
@@ -122,7 +124,7 @@ impl Reactor {
             && !self.engine.is_stalled()
             && self.engine.outcome().is_none()
         {
-            match self.sock.read(self.decoder.read_buf()) {
+            match self.transport.read(self.decoder.read_buf()) {
                 Ok(0) => {
                     self.engine.fail(Error::ConnectionLost(
                         "the broker closed the TCP connection".into(),
@@ -137,8 +139,11 @@ impl Reactor {
                 Err(e) if e.kind() == ErrorKind::WouldBlock => *readable = false,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => {
-                    self.engine
-                        .fail(Error::ConnectionLost(format!("socket read failed: {e}")));
+                    let why = match self.transport.explain(&e) {
+                        Some(tls) => tls.to_string(),
+                        None => format!("socket read failed: {e}"),
+                    };
+                    self.engine.fail(Error::ConnectionLost(why));
                 }
             }
         }
@@ -148,8 +153,20 @@ impl Reactor {
     /// Outbound: everything pending, in as few writes as the socket allows; then a
     /// check for writes that stall.
     fn flush(&mut self, now: Instant, writable: &mut bool) {
+        // TLS records of plaintext taken earlier go first (none without TLS).
+        if *writable && self.transport.has_pending_output() {
+            match self.transport.flush_pending() {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => *writable = false,
+                Err(e) => {
+                    self.engine
+                        .fail(Error::ConnectionLost(format!("socket write failed: {e}")));
+                    return;
+                }
+            }
+        }
         while *writable && !self.engine.output().is_empty() {
-            match self.sock.write(self.engine.output()) {
+            match self.transport.write(self.engine.output()) {
                 Ok(0) => {
                     self.engine
                         .fail(Error::ConnectionLost("socket write returned 0".into()));
@@ -171,7 +188,7 @@ impl Reactor {
     /// The engine's timers; returns when the loop must turn next.
     fn timers(&mut self, now: Instant, writable: bool) -> Instant {
         let next = self.engine.on_timer(now);
-        if !self.engine.output().is_empty() && writable {
+        if (!self.engine.output().is_empty() || self.transport.has_pending_output()) && writable {
             // Heartbeat or timer output to write at once.
             return now;
         }
@@ -184,8 +201,9 @@ impl Reactor {
         // would only delay the recovery.
         if !matches!(self.engine.outcome(), Some(Error::ConnectionLost(_))) {
             self.final_flush();
+            self.transport.close_notify();
         }
-        let _ = self.sock.shutdown(std::net::Shutdown::Both);
+        let _ = self.transport.sock().shutdown(std::net::Shutdown::Both);
         // Queued commands hold reply senders: drop them now so their waiters wake. The
         // failure was recorded (with a fence) before this drain; a command queued after
         // it is seen as failed by its own waiter.
@@ -228,8 +246,16 @@ impl Reactor {
     fn final_flush(&mut self) {
         let until = Instant::now() + FINAL_FLUSH;
         let mut events = Events::with_capacity(4);
-        while !self.engine.output().is_empty() && Instant::now() < until {
-            match self.sock.write(self.engine.output()) {
+        while (!self.engine.output().is_empty() || self.transport.has_pending_output())
+            && Instant::now() < until
+        {
+            let wrote = if self.engine.output().is_empty() {
+                self.transport.flush_pending().map(|()| 0)
+            } else {
+                self.transport.write(self.engine.output())
+            };
+            match wrote {
+                Ok(0) if self.engine.output().is_empty() => {}
                 Ok(0) => return,
                 Ok(n) => self.engine.wrote(n, Instant::now()),
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {
