@@ -1,0 +1,680 @@
+//! TLS (`amqps://`) against a real RabbitMQ node with a TLS listener, started by
+//! `scripts/tls-node start` (once per test binary; a running node is reused): round
+//! trips, each TLS failure with its own error within the connection deadline, SASL
+//! EXTERNAL with a client certificate, recovery over TLS after an RST through the fault
+//! proxy, and the frame-size bound over TLS (a fake broker behind a TLS front).
+//!
+//! ```text
+//! scripts/with-rabbitmq cargo test --test tls -- --nocapture
+//! ```
+#![cfg(feature = "tls")]
+
+mod support;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::collections::HashMap;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use lepus::{
+    AuthMechanism, BasicProperties, Confirm, ConnectionOptions, ConsumeOptions, Error,
+    HandshakeStage, PublishOptions, QueueDeclareOptions, RecoveryOptions, TlsFailure, TlsOptions,
+    reply_code,
+};
+use support::fake_broker::{FakeBroker, Tune};
+
+// ---------------------------------------------------------------------------------------
+// The largest single allocation made by this test process (for the frame-size bound).
+// ---------------------------------------------------------------------------------------
+
+struct Counting;
+static LARGEST_ALLOC: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: every call is forwarded unchanged to the system allocator.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LARGEST_ALLOC.fetch_max(layout.size(), Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        LARGEST_ALLOC.fetch_max(layout.size(), Ordering::Relaxed);
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        LARGEST_ALLOC.fetch_max(new_size, Ordering::Relaxed);
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+// ---------------------------------------------------------------------------------------
+// The TLS node
+// ---------------------------------------------------------------------------------------
+
+/// Paths and ports printed by `scripts/tls-node env`.
+pub struct Node {
+    vars: HashMap<String, String>,
+}
+
+impl Node {
+    fn var(&self, k: &str) -> &str {
+        self.vars
+            .get(k)
+            .unwrap_or_else(|| panic!("scripts/tls-node env does not set {k}"))
+    }
+    fn path(&self, k: &str) -> PathBuf {
+        PathBuf::from(self.var(k))
+    }
+    fn tls_port(&self) -> u16 {
+        self.var("LEPUS_TLS_PORT").parse().unwrap()
+    }
+    fn plain_port(&self) -> u16 {
+        self.var("LEPUS_TLS_PLAIN_PORT").parse().unwrap()
+    }
+    /// Trust the test CA and show the known user's certificate.
+    fn tls(&self) -> TlsOptions {
+        TlsOptions::new()
+            .ca_file(self.path("LEPUS_TLS_CA"))
+            .client_cert_files(
+                self.path("LEPUS_TLS_CLIENT_CERT"),
+                self.path("LEPUS_TLS_CLIENT_KEY"),
+            )
+    }
+    /// Options for the node's TLS port with `tls`, short deadlines.
+    fn options(&self, tls: TlsOptions) -> ConnectionOptions {
+        ConnectionOptions::new()
+            .host("localhost")
+            .port(self.tls_port())
+            .tls(tls)
+            .connection_timeout(DEADLINE)
+            .operation_timeout(Duration::from_secs(10))
+            .close_timeout(Duration::from_secs(3))
+    }
+}
+
+fn script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/tls-node")
+}
+
+/// Start the node once for this test binary (or reuse the running one).
+fn node() -> &'static Node {
+    static NODE: OnceLock<Node> = OnceLock::new();
+    NODE.get_or_init(|| {
+        let st = Command::new(script())
+            .arg("start")
+            .status()
+            .expect("run scripts/tls-node start");
+        assert!(st.success(), "scripts/tls-node start failed: {st}");
+        let out = Command::new(script())
+            .arg("env")
+            .output()
+            .expect("run scripts/tls-node env");
+        let vars = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.strip_prefix("export "))
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Node { vars }
+    })
+}
+
+fn node_ctl(args: &[&str]) -> String {
+    let out = Command::new(script())
+        .arg("ctl")
+        .args(args)
+        .output()
+        .expect("run scripts/tls-node ctl");
+    assert!(
+        out.status.success(),
+        "tls-node ctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The connection deadline of every test here; each failure must come well within it.
+const DEADLINE: Duration = Duration::from_secs(5);
+
+/// Connect with `opts`, expecting a TLS failure of `kind` within the deadline; returns
+/// the error text (printed, for the record).
+fn expect_tls_failure(case: &str, opts: ConnectionOptions, kind: TlsFailure) -> String {
+    let t = Instant::now();
+    let r = lepus::Connection::open_with(opts);
+    let took = t.elapsed();
+    let err = match r {
+        Err(e) => e,
+        Ok(_) => panic!("{case}: connected"),
+    };
+    println!("{case}: {took:?}: {err}");
+    match &err {
+        Error::Tls { kind: k, .. } if *k == kind => {}
+        other => panic!("{case}: expected a TLS {kind:?} error, got {other:?}"),
+    }
+    assert!(took < DEADLINE, "{case}: took {took:?}");
+    err.to_string()
+}
+
+// ---------------------------------------------------------------------------------------
+// Round trips
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn publish_consume_confirm_round_trip_over_tls() {
+    let n = node();
+    let t = Instant::now();
+    let conn = lepus::Connection::open_with(n.options(n.tls())).expect("connect over TLS");
+    println!("TLS connect + AMQP handshake: {:?}", t.elapsed());
+    let ch = conn.open_channel().unwrap();
+    let q = support::exclusive_queue(&ch);
+    ch.confirm_select().unwrap();
+    // Small and large bodies: the large ones span many TLS records and frames.
+    let bodies: Vec<Vec<u8>> = (0..40)
+        .map(|i| support::pattern(if i % 10 == 0 { 1 << 20 } else { 100 + i }, i as u64))
+        .collect();
+    for b in &bodies {
+        let c = ch
+            .basic_publish_confirmed(
+                "",
+                &q,
+                b,
+                &BasicProperties::new(),
+                PublishOptions::default(),
+            )
+            .unwrap();
+        assert_eq!(c.wait().unwrap(), Confirm::Ack);
+    }
+    let consumer = ch.basic_consume(&q, &ConsumeOptions::default()).unwrap();
+    for (i, b) in bodies.iter().enumerate() {
+        let d = consumer
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("delivery {i}: {e}"));
+        assert_eq!(d.body(), &b[..], "delivery {i}");
+        d.ack().unwrap();
+    }
+    conn.close().unwrap();
+}
+
+#[test]
+fn amqps_uri_with_rabbitmq_parameters_connects() {
+    let n = node();
+    let uri = format!(
+        "amqps://guest:guest@localhost:{}/%2f?cacertfile={}&certfile={}&keyfile={}&verify=verify_peer&server_name_indication=localhost&connection_timeout=5000",
+        n.tls_port(),
+        n.var("LEPUS_TLS_CA"),
+        n.var("LEPUS_TLS_CLIENT_CERT"),
+        n.var("LEPUS_TLS_CLIENT_KEY"),
+    );
+    let conn = lepus::Connection::open(&uri).expect("connect with the URI");
+    let ch = conn.open_channel().unwrap();
+    support::exclusive_queue(&ch);
+    conn.close().unwrap();
+}
+
+#[test]
+fn verify_none_connects_without_the_ca() {
+    let n = node();
+    let tls = TlsOptions::new()
+        .client_cert_files(
+            n.path("LEPUS_TLS_CLIENT_CERT"),
+            n.path("LEPUS_TLS_CLIENT_KEY"),
+        )
+        .danger_accept_invalid_certs();
+    let conn = lepus::Connection::open_with(n.options(tls)).expect("connect, unverified");
+    conn.close().unwrap();
+}
+
+#[test]
+fn a_whole_rustls_client_config_can_be_given() {
+    use lepus::rustls;
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let n = node();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(n.path("LEPUS_TLS_CA")).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let certs: Vec<_> = CertificateDer::pem_file_iter(n.path("LEPUS_TLS_CLIENT_CERT"))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(n.path("LEPUS_TLS_CLIENT_KEY")).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS12])
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_client_auth_cert(certs, key)
+    .unwrap();
+    let opts = n.options(TlsOptions::new().client_config(Arc::new(config)));
+    let conn = lepus::Connection::open_with(opts).expect("connect with TLS 1.2 only");
+    conn.close().unwrap();
+}
+
+// ---------------------------------------------------------------------------------------
+// Each TLS failure: its own error, within the deadline
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn unknown_ca_is_refused() {
+    let n = node();
+    // The bundled Mozilla roots do not include the test CA.
+    let tls = TlsOptions::new().client_cert_files(
+        n.path("LEPUS_TLS_CLIENT_CERT"),
+        n.path("LEPUS_TLS_CLIENT_KEY"),
+    );
+    let text = expect_tls_failure("unknown CA", n.options(tls), TlsFailure::UnknownCa);
+    assert!(text.contains("not signed by a trusted CA"), "{text}");
+}
+
+#[test]
+fn hostname_mismatch_is_refused() {
+    let n = node();
+    let tls = n.tls().server_name("wrong.example");
+    let text = expect_tls_failure(
+        "hostname mismatch",
+        n.options(tls),
+        TlsFailure::HostnameMismatch,
+    );
+    assert!(text.contains("wrong.example"), "{text}");
+}
+
+#[test]
+fn expired_server_certificate_is_refused() {
+    let n = node();
+    let front = TlsFront::start(
+        &n.path("LEPUS_TLS_EXPIRED_SERVER_CERT"),
+        &n.path("LEPUS_TLS_EXPIRED_SERVER_KEY"),
+        n.plain_port(),
+    );
+    let opts = n.options(n.tls()).port(front.port);
+    let text = expect_tls_failure(
+        "expired server certificate",
+        opts,
+        TlsFailure::CertificateExpired,
+    );
+    assert!(text.contains("expired"), "{text}");
+}
+
+#[test]
+fn missing_client_certificate_is_refused_clearly() {
+    let n = node();
+    let tls = TlsOptions::new().ca_file(n.path("LEPUS_TLS_CA"));
+    let text = expect_tls_failure(
+        "no client certificate",
+        n.options(tls),
+        TlsFailure::ClientCertificateRequired,
+    );
+    assert!(text.contains("client certificate"), "{text}");
+}
+
+#[test]
+fn expired_client_certificate_is_refused() {
+    let n = node();
+    let tls = TlsOptions::new()
+        .ca_file(n.path("LEPUS_TLS_CA"))
+        .client_cert_files(
+            n.path("LEPUS_TLS_EXPIRED_CLIENT_CERT"),
+            n.path("LEPUS_TLS_EXPIRED_CLIENT_KEY"),
+        );
+    expect_tls_failure(
+        "expired client certificate",
+        n.options(tls),
+        TlsFailure::ClientCertificateRefused,
+    );
+}
+
+#[test]
+fn plaintext_amqp_server_on_the_tls_port_is_named() {
+    let n = node();
+    let opts = n.options(n.tls()).port(n.plain_port());
+    let text = expect_tls_failure(
+        "plaintext AMQP server on an amqps:// URI",
+        opts,
+        TlsFailure::NotTlsServer,
+    );
+    assert!(text.contains("plaintext AMQP"), "{text}");
+}
+
+#[test]
+fn tls_server_on_a_plaintext_uri_is_named() {
+    let n = node();
+    let opts = ConnectionOptions::new()
+        .host("localhost")
+        .port(n.tls_port())
+        .connection_timeout(DEADLINE);
+    let text = expect_tls_failure(
+        "TLS server on an amqp:// URI",
+        opts,
+        TlsFailure::TlsServerOnPlainPort,
+    );
+    assert!(text.contains("amqps://"), "{text}");
+}
+
+#[test]
+fn silent_server_times_out_in_the_tls_handshake_within_the_deadline() {
+    let n = node();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let opts = n
+        .options(n.tls())
+        .port(port)
+        .connection_timeout(Duration::from_millis(700));
+    let t = Instant::now();
+    let err = lepus::Connection::open_with(opts).unwrap_err();
+    let took = t.elapsed();
+    println!("silent TLS server: {took:?}: {err}");
+    assert!(
+        matches!(
+            err,
+            Error::ConnectTimeout {
+                stage: HandshakeStage::Tls,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(took >= Duration::from_millis(650) && took < Duration::from_millis(1500));
+    drop(l);
+}
+
+#[test]
+fn unreadable_ca_file_is_a_configuration_error() {
+    let n = node();
+    let tls = TlsOptions::new().ca_file("/nonexistent/ca.pem");
+    let text = expect_tls_failure("missing CA file", n.options(tls), TlsFailure::Configuration);
+    assert!(text.contains("/nonexistent/ca.pem"), "{text}");
+}
+
+// ---------------------------------------------------------------------------------------
+// SASL EXTERNAL
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn external_authenticates_as_the_certificate_user() {
+    let n = node();
+    let name = support::unique("external");
+    let opts = n
+        .options(n.tls())
+        .credentials("ignored", "ignored")
+        .auth_mechanism(AuthMechanism::External)
+        .connection_name(name.clone());
+    let conn = lepus::Connection::open_with(opts).expect("EXTERNAL login");
+    let ch = conn.open_channel().unwrap();
+    support::exclusive_queue(&ch);
+    let listed = node_ctl(&[
+        "list_connections",
+        "client_properties",
+        "user",
+        "auth_mechanism",
+    ]);
+    let line = listed
+        .lines()
+        .find(|l| l.contains(&name))
+        .unwrap_or_else(|| panic!("connection {name} not listed:\n{listed}"));
+    let user = n.var("LEPUS_TLS_EXTERNAL_USER");
+    assert!(line.contains(user), "not logged in as {user}: {line}");
+    assert!(line.contains("EXTERNAL"), "{line}");
+    conn.close().unwrap();
+}
+
+#[test]
+fn external_without_the_broker_offering_it_is_a_clear_error() {
+    let n = node();
+    // The plaintext port offers PLAIN and AMQPLAIN only (EXTERNAL needs TLS).
+    let opts = ConnectionOptions::new()
+        .host("127.0.0.1")
+        .port(n.plain_port())
+        .auth_mechanism(AuthMechanism::External)
+        .connection_timeout(DEADLINE);
+    let err = lepus::Connection::open_with(opts).unwrap_err();
+    println!("EXTERNAL not offered: {err}");
+    match &err {
+        Error::AuthenticationFailed(t) => {
+            assert!(t.contains("no SASL mechanism in common"), "{t}");
+            assert!(t.contains("EXTERNAL"), "{t}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Recovery over TLS
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn recovery_over_tls_after_a_reset_through_the_proxy() {
+    let n = node();
+    let proxy =
+        support::proxy::Proxy::start_to(format!("127.0.0.1:{}", n.tls_port()).parse().unwrap());
+    let opts = n
+        .options(n.tls())
+        .port(proxy.port())
+        .heartbeat(5)
+        .recovery(RecoveryOptions::default());
+    let conn = lepus::Connection::open_with(opts).expect("connect through the proxy");
+    let ch = conn.open_channel().unwrap();
+    ch.confirm_select().unwrap();
+    let q = ch
+        .queue_declare(
+            &support::unique("tls-recovery"),
+            &QueueDeclareOptions {
+                auto_delete: false,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+        .name;
+    let cleanup = Cleanup(n, q.clone());
+    let publish = |body: &[u8]| {
+        ch.basic_publish_confirmed(
+            "",
+            &q,
+            body,
+            &BasicProperties::new(),
+            PublishOptions::default(),
+        )
+        .and_then(|c| c.wait())
+    };
+    assert_eq!(publish(b"before").unwrap(), Confirm::Ack);
+    assert_eq!(conn.generation(), 1);
+    let t = Instant::now();
+    assert_eq!(proxy.reset(), 1, "one TLS link to reset");
+    assert!(
+        support::wait_until(Duration::from_secs(15), || conn.generation() == 2
+            && conn.is_open()),
+        "no recovery over TLS"
+    );
+    // The first successful operation on the new connection.
+    let mut after = None;
+    for _ in 0..200 {
+        if let Ok(Confirm::Ack) = publish(b"after") {
+            after = Some(t.elapsed());
+            break;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let after = after.expect("publish after the recovery");
+    println!("TLS recovery: reset to first confirmed publish {after:?}");
+    assert_eq!(
+        proxy.connections(),
+        2,
+        "exactly one new TCP (TLS) connection"
+    );
+    let consumer = ch.basic_consume(&q, &ConsumeOptions::default()).unwrap();
+    let mut got = Vec::new();
+    while let Ok(d) = consumer.recv_timeout(Duration::from_secs(2)) {
+        got.push(d.body().to_vec());
+        d.ack().unwrap();
+    }
+    assert!(got.contains(&b"before".to_vec()) && got.contains(&b"after".to_vec()));
+    conn.close().unwrap();
+    drop(cleanup);
+}
+
+/// Deletes a durable test queue on the TLS node.
+struct Cleanup<'a>(&'a Node, String);
+
+impl Drop for Cleanup<'_> {
+    fn drop(&mut self) {
+        if let Ok(c) = lepus::Connection::open_with(self.0.options(self.0.tls())) {
+            if let Ok(ch) = c.open_channel() {
+                let _ = ch.queue_delete(&self.1, Default::default());
+            }
+            let _ = c.close();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The frame-size bound holds after decryption
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn huge_frame_header_over_tls_is_refused_before_buffering() {
+    let n = node();
+    let broker = FakeBroker::start(|p| {
+        p.handshake(Tune::default());
+        let ch = p.serve_channel_open();
+        // A body frame announcing 4 GiB - 1, and nothing after it: a client that
+        // buffered before checking would wait (or allocate) instead of refusing.
+        let mut hostile = vec![3u8];
+        hostile.extend_from_slice(&ch.to_be_bytes());
+        hostile.extend_from_slice(&u32::MAX.to_be_bytes());
+        p.send(&hostile);
+        let close = p.expect_connection_close();
+        (close.reply_code, close.reply_text.to_string())
+    });
+    let front = TlsFront::start(
+        &n.path("LEPUS_TLS_SERVER_CERT"),
+        &n.path("LEPUS_TLS_SERVER_KEY"),
+        broker.port(),
+    );
+    let opts = broker
+        .options()
+        .host("localhost")
+        .port(front.port)
+        .tls(TlsOptions::new().ca_file(n.path("LEPUS_TLS_CA")))
+        .recovery(RecoveryOptions::disabled());
+    let conn = lepus::Connection::open_with(opts).expect("connect to the fake broker over TLS");
+    let _ch = conn.open_channel().unwrap();
+    let (code, text) = broker.finish();
+    assert_eq!(code, reply_code::FRAME_ERROR, "{text}");
+    assert!(text.contains("exceeds frame_max"), "{text}");
+    assert!(support::wait_until(Duration::from_secs(5), || !conn.is_open()));
+    match conn.close_reason() {
+        Some(Error::Protocol { code, .. }) => assert_eq!(code, reply_code::FRAME_ERROR),
+        other => panic!("{other:?}"),
+    }
+    let largest = LARGEST_ALLOC.load(Ordering::Relaxed);
+    assert!(largest < 64 << 20, "an allocation of {largest} bytes");
+}
+
+// ---------------------------------------------------------------------------------------
+// A TLS front: terminates TLS with a given certificate and forwards plaintext to a port
+// ---------------------------------------------------------------------------------------
+
+struct TlsFront {
+    port: u16,
+}
+
+impl TlsFront {
+    /// Serve one TLS client on an ephemeral port (for at most 20 s).
+    fn start(cert: &std::path::Path, key: &std::path::Path, upstream: u16) -> TlsFront {
+        use lepus::rustls;
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs: Vec<_> = CertificateDer::pem_file_iter(cert)
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let key = PrivateKeyDer::from_pem_file(key).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        thread::spawn(move || {
+            let Ok((mut client, _)) = listener.accept() else {
+                return;
+            };
+            let Ok(mut up) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                return;
+            };
+            let mut tls = rustls::ServerConnection::new(Arc::new(config)).unwrap();
+            client.set_nonblocking(true).unwrap();
+            up.set_nonblocking(true).unwrap();
+            let until = Instant::now() + Duration::from_secs(20);
+            let mut buf = vec![0u8; 64 * 1024];
+            while Instant::now() < until {
+                let mut idle = true;
+                match tls.read_tls(&mut client) {
+                    Ok(0) => return,
+                    Ok(_) => {
+                        idle = false;
+                        if tls.process_new_packets().is_err() {
+                            let _ = tls.write_tls(&mut client);
+                            return;
+                        }
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                    Err(_) => return,
+                }
+                loop {
+                    match tls.reader().read(&mut buf) {
+                        Ok(0) => return,
+                        Ok(k) => {
+                            if up.write_all(&buf[..k]).is_err() {
+                                return;
+                            }
+                        }
+                        Err(_) => break,
+                    }
+                }
+                if !tls.is_handshaking() {
+                    match up.read(&mut buf) {
+                        Ok(0) => {
+                            tls.send_close_notify();
+                            let _ = tls.write_tls(&mut client);
+                            return;
+                        }
+                        Ok(k) => {
+                            idle = false;
+                            tls.writer().write_all(&buf[..k]).unwrap();
+                        }
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                        Err(_) => return,
+                    }
+                }
+                while tls.wants_write() {
+                    match tls.write_tls(&mut client) {
+                        Ok(_) => idle = false,
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                        Err(_) => return,
+                    }
+                }
+                if idle {
+                    thread::sleep(Duration::from_millis(1));
+                }
+            }
+        });
+        TlsFront { port }
+    }
+}
