@@ -524,6 +524,42 @@ fn recovery_over_tls_after_a_reset_through_the_proxy() {
     drop(cleanup);
 }
 
+#[test]
+fn missed_heartbeats_over_tls_are_detected_and_recovered() {
+    let n = node();
+    let proxy = support::proxy::Proxy::start_to(
+        format!("127.0.0.1:{}", n.tls_port()).parse().unwrap(),
+    );
+    let opts = n.options(n.tls()).port(proxy.port()).heartbeat(1);
+    let conn = lepus::Connection::open_with(opts).expect("connect through the proxy");
+    let ch = conn.open_channel().unwrap();
+    support::exclusive_queue(&ch);
+    let t = Instant::now();
+    proxy.partition();
+    assert!(
+        support::wait_until(Duration::from_secs(6), || !conn.is_open()),
+        "silence over TLS not detected"
+    );
+    let detected = t.elapsed();
+    println!("TLS partition detected by heartbeats after {detected:?}");
+    assert!(
+        detected >= Duration::from_millis(1500) && detected < Duration::from_secs(4),
+        "{detected:?}"
+    );
+    assert!(conn.recovery_events().iter().any(|e| matches!(
+        &e.kind,
+        lepus::RecoveryEventKind::FailureDetected(why) if why.contains("heartbeat")
+    )));
+    proxy.heal();
+    assert!(
+        support::wait_until(Duration::from_secs(15), || conn.generation() == 2
+            && conn.is_open()),
+        "no recovery after the partition healed"
+    );
+    support::exclusive_queue(&ch);
+    conn.close().unwrap();
+}
+
 /// Deletes a durable test queue on the TLS node.
 struct Cleanup<'a>(&'a Node, String);
 
