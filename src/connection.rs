@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use amq_protocol::protocol::{AMQPClass, connection};
 
 use crate::channel::{Channel, ChannelInner};
+use crate::credentials::{self, Secrets};
 use crate::error::{Error, Result, reply_code};
 use crate::io::engine::Engine;
 use crate::io::reactor::{Reactor, WAKER};
@@ -94,7 +95,12 @@ impl Generation {
 }
 
 /// Connect and handshake; the I/O thread is not started yet.
-fn prepare(opts: &ConnectionOptions, number: u64) -> Result<(Arc<ConnShared>, Reactor)> {
+fn prepare(
+    opts: &ConnectionOptions,
+    number: u64,
+    secrets: &Secrets,
+) -> Result<(Arc<ConnShared>, Reactor)> {
+    let opts = &secrets.resolve(opts)?;
     let est = handshake::connect(opts)?;
     let io_err = |e: std::io::Error| Error::ConnectionLost(format!("I/O setup failed: {e}"));
     est.stream.sock().set_nonblocking(true).map_err(io_err)?;
@@ -158,7 +164,7 @@ pub(crate) fn start_generation(
     number: u64,
 ) -> Result<Arc<Generation>> {
     let opts = inner.opts.clone().host(host).port(port);
-    let (shared, reactor) = prepare(&opts, number)?;
+    let (shared, reactor) = prepare(&opts, number, &inner.secrets)?;
     let gen_ = Arc::new(Generation {
         shared,
         thread: Mutex::new(None),
@@ -200,6 +206,8 @@ pub(crate) struct ConnectionInner {
     /// channels under its own lock) need not take the link lock.
     dead: AtomicBool,
     generations: AtomicU64,
+    /// Credentials from a provider, the secret last updated, the refresh schedule.
+    pub(crate) secrets: Arc<Secrets>,
 }
 
 impl std::fmt::Debug for Connection {
@@ -232,8 +240,9 @@ impl Connection {
     pub fn open_with(opts: ConnectionOptions) -> Result<Connection> {
         let mut last = None;
         let mut first = None;
+        let secrets = Secrets::new(&opts);
         for (host, port) in opts.addresses() {
-            match prepare(&opts.clone().host(host).port(port), 1) {
+            match prepare(&opts.clone().host(host).port(port), 1, &secrets) {
                 Ok(p) => {
                     first = Some(p);
                     break;
@@ -265,9 +274,11 @@ impl Connection {
             closed: AtomicBool::new(false),
             dead: AtomicBool::new(false),
             generations: AtomicU64::new(1),
+            secrets: secrets.clone(),
         });
         let weak: Weak<ConnectionInner> = Arc::downgrade(&inner);
         launch(&gen_, reactor, weak)?;
+        credentials::start_refresher(&inner, secrets);
         Ok(Connection { inner })
     }
 
@@ -364,6 +375,22 @@ impl Connection {
         self.inner.link.lock().current.shared().tuned.heartbeat
     }
 
+    /// Send the broker a new secret for the logged-in user (`connection.update-secret`,
+    /// e.g. a fresh OAuth2 token) and wait for its `update-secret-ok` within the
+    /// operation timeout. The connection and its channels carry on; reconnects use the
+    /// new secret too (unless a credentials provider is set: it is asked instead). A
+    /// secret the broker refuses closes the connection.
+    ///
+    /// ```no_run
+    /// # let conn = lepus::Connection::open("amqp://127.0.0.1")?;
+    /// conn.update_secret("eyJhbGciOi...", "token refreshed")?;
+    /// # Ok::<(), lepus::Error>(())
+    /// ```
+    pub fn update_secret(&self, secret: &str, reason: &str) -> Result<()> {
+        let deadline = Instant::now() + self.inner.opts.operation_timeout;
+        self.inner.update_secret(secret, reason, deadline)
+    }
+
     /// Close the connection: send `connection.close`, wait for `close-ok` up to the
     /// close timeout, and join the I/O thread. Every waiter on the connection gets
     /// [`Error::ConnectionClosed`] and nothing recovers afterwards. Closing twice, or
@@ -381,6 +408,48 @@ impl ConnectionInner {
     /// Closed, or lost for good: nothing on it will work again.
     pub(crate) fn is_dead(&self) -> bool {
         self.is_closed() || self.dead.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn generation_number(&self) -> u64 {
+        self.link.lock().current.number()
+    }
+
+    /// `connection.update-secret` on the current link, waiting for its ok until
+    /// `deadline`.
+    pub(crate) fn update_secret(
+        &self,
+        secret: &str,
+        reason: &str,
+        deadline: Instant,
+    ) -> Result<()> {
+        let shared = self.current(deadline)?;
+        let mut bytes = Vec::with_capacity(secret.len() + reason.len() + 32);
+        put_method(
+            &mut bytes,
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::UpdateSecret(
+                connection::UpdateSecret {
+                    new_secret: secret.to_string().into(),
+                    reason: reason.to_string().into(),
+                },
+            )),
+        )
+        .map_err(Error::InvalidArgument)?;
+        let (tx, rx) = oneshot::channel();
+        shared.send(
+            Command::UpdateSecret { bytes, reply: tx },
+            deadline,
+            "room to send connection.update-secret",
+        )?;
+        match rx.recv_deadline(deadline) {
+            Ok(Ok(_)) => {
+                self.secrets.updated(secret);
+                Ok(())
+            }
+            Ok(Err(e)) => Err(e),
+            Err(oneshot::RecvError::Disconnected) => Err(shared.error()),
+            Err(oneshot::RecvError::Timeout) => Err(Error::Timeout("connection.update-secret-ok")),
+        }
     }
 
     pub(crate) fn next_generation(&self) -> u64 {
@@ -528,6 +597,7 @@ impl ConnectionInner {
         if self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
+        self.secrets.stop();
         self.notify();
         let gen_ = self.link.lock().current.clone();
         let r = gen_.close();

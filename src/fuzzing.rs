@@ -1220,6 +1220,7 @@ impl EngineHarness {
             Command::Rpc { bytes, .. }
             | Command::OpenChannel { bytes, .. }
             | Command::CloseChannel { bytes, .. }
+            | Command::UpdateSecret { bytes, .. }
             | Command::Close { bytes, .. } => bytes.len(),
         };
         let before = self.engine.output().len();

@@ -70,6 +70,8 @@ mod confirm;
 mod connection;
 #[cfg(not(loom))]
 mod consumer;
+#[cfg(not(loom))]
+mod credentials;
 mod delivery_queue;
 mod error;
 pub mod fuzzing;
@@ -99,6 +101,8 @@ pub use confirm::Confirmation;
 pub use connection::Connection;
 #[cfg(not(loom))]
 pub use consumer::{BadDelivery, BadDeliveryKind, Consumer, Delivery, Iter, Returned};
+#[cfg(not(loom))]
+pub use credentials::{Credentials, CredentialsProvider};
 pub use error::{Error, HandshakeStage, Result, TlsFailure, reply_code};
 #[cfg(not(loom))]
 pub use pool::{ChannelPool, PooledChannel};

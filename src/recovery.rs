@@ -73,6 +73,14 @@ pub enum RecoveryEventKind {
     Recovered,
     /// Recovery stopped trying (attempts exhausted); the connection is dead.
     GaveUp(String),
+    /// The credentials provider gave a new secret and the broker took it
+    /// (`connection.update-secret`); it is valid for this long, if the provider said.
+    SecretRefreshed {
+        /// The new secret's lifetime.
+        expires_in: Option<Duration>,
+    },
+    /// Refreshing the secret failed (provider or broker); it is retried.
+    SecretRefreshFailed(String),
 }
 
 /// One recovery event.

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use crate::credentials::{CredentialsProvider, ProviderRef};
 use crate::error::{Error, Result};
 use crate::protocol::table::{DEFAULT_MAX_TABLE_DEPTH, FieldTable, MAX_TABLE_DEPTH_CAP};
 use crate::recovery::RecoveryOptions;
@@ -55,6 +56,7 @@ pub struct ConnectionOptions {
     pub(crate) more_addresses: Vec<(String, u16)>,
     pub(crate) recovery: RecoveryOptions,
     pub(crate) tls: TlsOptions,
+    pub(crate) credentials_provider: Option<ProviderRef>,
 }
 
 impl Default for ConnectionOptions {
@@ -79,6 +81,7 @@ impl Default for ConnectionOptions {
             more_addresses: Vec::new(),
             recovery: RecoveryOptions::default(),
             tls: TlsOptions::default(),
+            credentials_provider: None,
         }
     }
 }
@@ -198,6 +201,15 @@ impl ConnectionOptions {
     pub fn tls(mut self, tls: TlsOptions) -> Self {
         self.tls = tls;
         self.tls.enabled = true;
+        self
+    }
+    /// Take user name and secret from `provider`, asked at every connect and reconnect;
+    /// when it says the secret expires, lepus asks again before it does and sends the
+    /// new secret to the broker (`connection.update-secret`) on a thread of its own.
+    /// Failures are logged, reported as recovery events and retried. Overrides
+    /// [`ConnectionOptions::credentials`].
+    pub fn credentials_provider(mut self, provider: impl CredentialsProvider) -> Self {
+        self.credentials_provider = Some(ProviderRef(crate::sync::Arc::new(provider)));
         self
     }
     /// Every address, the primary first.

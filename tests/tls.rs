@@ -527,9 +527,8 @@ fn recovery_over_tls_after_a_reset_through_the_proxy() {
 #[test]
 fn missed_heartbeats_over_tls_are_detected_and_recovered() {
     let n = node();
-    let proxy = support::proxy::Proxy::start_to(
-        format!("127.0.0.1:{}", n.tls_port()).parse().unwrap(),
-    );
+    let proxy =
+        support::proxy::Proxy::start_to(format!("127.0.0.1:{}", n.tls_port()).parse().unwrap());
     let opts = n.options(n.tls()).port(proxy.port()).heartbeat(1);
     let conn = lepus::Connection::open_with(opts).expect("connect through the proxy");
     let ch = conn.open_channel().unwrap();

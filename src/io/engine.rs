@@ -94,6 +94,8 @@ pub(crate) struct Engine {
     last_progress: Instant,
     max_depth: usize,
     max_message_size: u64,
+    /// Waiters for `connection.update-secret-ok`, in request order.
+    update_secret: VecDeque<ReplyTx>,
 }
 
 fn method_bytes(out: &mut Vec<u8>, channel: u16, m: AMQPClass) {
@@ -118,6 +120,7 @@ impl Engine {
             last_progress: now,
             max_depth: conn.opts.max_table_depth,
             max_message_size: conn.opts.max_message_size,
+            update_secret: VecDeque::new(),
             conn,
         }
     }
@@ -236,6 +239,7 @@ impl Engine {
             }
             // Dropping pending replies wakes their waiters, which then read the reason.
         }
+        self.update_secret.clear();
         self.conn.link_woken();
     }
 
@@ -317,6 +321,10 @@ impl Engine {
                 bytes,
                 reply,
             } => self.close_channel(channel, &bytes, reply),
+            Command::UpdateSecret { bytes, reply } => {
+                self.update_secret.push_back(reply);
+                self.out.extend_from_slice(&bytes);
+            }
             Command::Close { bytes, reply } => {
                 self.end_link(&Error::ConnectionClosed);
                 self.out.extend_from_slice(&bytes);
@@ -749,7 +757,14 @@ impl Engine {
                 self.conn.set_blocked(None);
                 Ok(())
             }
-            AMQPClass::Connection(C::UpdateSecretOk(_)) => Ok(()),
+            AMQPClass::Connection(C::UpdateSecretOk(ok)) => {
+                if let Some(reply) = self.update_secret.pop_front() {
+                    let _ = reply.send(Ok(Reply::Method(AMQPClass::Connection(
+                        C::UpdateSecretOk(ok),
+                    ))));
+                }
+                Ok(())
+            }
             _ if !self.is_open() => Ok(()),
             other => Err(FrameError::new(
                 reply_code::COMMAND_INVALID,

@@ -69,6 +69,8 @@ pub(crate) enum Command {
     },
     /// Close the connection.
     Close { bytes: Vec<u8>, reply: ReplyTx },
+    /// `connection.update-secret`; the reply is its `update-secret-ok`.
+    UpdateSecret { bytes: Vec<u8>, reply: ReplyTx },
 }
 
 /// Values agreed in `connection.tune`.

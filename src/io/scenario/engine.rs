@@ -879,3 +879,76 @@ fn opening_a_channel_twice_is_refused() {
     assert!(matches!(reply_now(&rx), Err(Error::InvalidArgument(_))));
     assert!(s.sent().is_empty());
 }
+
+#[test]
+fn update_secret_is_sent_and_its_ok_answers_the_waiter_in_order() {
+    let mut s = Scenario::new();
+    let update = |secret: &str| {
+        AMQPClass::Connection(C::UpdateSecret(connection::UpdateSecret {
+            new_secret: secret.to_string().into(),
+            reason: "refresh".into(),
+        }))
+    };
+    let (tx1, rx1) = oneshot::channel();
+    let (tx2, rx2) = oneshot::channel();
+    for (secret, tx) in [("one", tx1), ("two", tx2)] {
+        s.conn
+            .send(
+                Command::UpdateSecret {
+                    bytes: method(0, update(secret)),
+                    reply: tx,
+                },
+                s.deadline(),
+                "update-secret",
+            )
+            .unwrap();
+    }
+    s.drain();
+    assert_eq!(
+        s.sent(),
+        [
+            Sent::Method(0, update("one")),
+            Sent::Method(0, update("two"))
+        ]
+    );
+    let ok = AMQPClass::Connection(C::UpdateSecretOk(connection::UpdateSecretOk {}));
+    s.feed_method(0, ok.clone());
+    assert!(matches!(reply_now(&rx1), Ok(Reply::Method(m)) if m == ok));
+    assert!(rx2.try_recv().is_none(), "the second waits for its own ok");
+    s.feed_method(0, ok.clone());
+    assert!(matches!(reply_now(&rx2), Ok(Reply::Method(m)) if m == ok));
+    // An ok nobody waits for is harmless.
+    s.feed_method(0, ok);
+    assert!(s.engine.is_open());
+    assert!(s.sent().is_empty());
+}
+
+#[test]
+fn update_secret_waiter_wakes_when_the_link_fails() {
+    let mut s = Scenario::new();
+    let (tx, rx) = oneshot::channel();
+    s.conn
+        .send(
+            Command::UpdateSecret {
+                bytes: method(
+                    0,
+                    AMQPClass::Connection(C::UpdateSecret(connection::UpdateSecret {
+                        new_secret: "x".to_string().into(),
+                        reason: "r".into(),
+                    })),
+                ),
+                reply: tx,
+            },
+            s.deadline(),
+            "update-secret",
+        )
+        .unwrap();
+    s.drain();
+    s.engine.fail(Error::ConnectionLost(
+        "the broker closed the TCP connection".into(),
+    ));
+    assert!(matches!(
+        rx.recv_deadline(s.deadline()),
+        Err(oneshot::RecvError::Disconnected)
+    ));
+}
