@@ -713,3 +713,217 @@ impl TlsFront {
         TlsFront { port }
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Credentials that expire: OAuth2 tokens (HS256 JWTs signed with the node's test key)
+// ---------------------------------------------------------------------------------------
+
+fn base64url(bytes: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..=chunk.len() {
+            out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+const TOKEN_USER: &str = "lepus-token-user";
+
+/// A JWT for `TOKEN_USER` with full rights on every vhost, expiring `valid_for` seconds
+/// from now (negative: already expired).
+fn mint_token(n: &Node, valid_for: i64) -> String {
+    let key = std::fs::read_to_string(n.path("LEPUS_JWT_KEY_FILE")).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let header = r#"{"alg":"HS256","typ":"JWT","kid":"lepus-hs256"}"#;
+    let claims = format!(
+        r#"{{"sub":"{TOKEN_USER}","aud":["lepus"],"scope":"lepus.configure:*/* lepus.read:*/* lepus.write:*/*","iat":{now},"exp":{}}}"#,
+        now + valid_for
+    );
+    let signing_input = format!(
+        "{}.{}",
+        base64url(header.as_bytes()),
+        base64url(claims.as_bytes())
+    );
+    let k = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key.trim().as_bytes());
+    let sig = ring::hmac::sign(&k, signing_input.as_bytes());
+    format!("{signing_input}.{}", base64url(sig.as_ref()))
+}
+
+/// Options for the node's TLS port logging in with `token`.
+fn token_options(n: &Node, token: &str) -> ConnectionOptions {
+    n.options(n.tls()).credentials(TOKEN_USER, token)
+}
+
+/// Declare (and drop) a server-named queue on a fresh channel: needs a valid token.
+fn declare_works(conn: &lepus::Connection) -> Result<(), Error> {
+    let ch = conn.open_channel()?;
+    ch.queue_declare(
+        "",
+        &QueueDeclareOptions {
+            exclusive: true,
+            ..Default::default()
+        },
+    )?;
+    Ok(())
+}
+
+#[test]
+fn base64url_matches_known_vectors() {
+    assert_eq!(base64url(b""), "");
+    assert_eq!(base64url(b"f"), "Zg");
+    assert_eq!(base64url(b"fo"), "Zm8");
+    assert_eq!(base64url(b"foo"), "Zm9v");
+    assert_eq!(base64url(b"foob"), "Zm9vYg");
+    assert_eq!(base64url(&[0xfb, 0xff]), "-_8");
+}
+
+#[test]
+fn a_valid_token_logs_in() {
+    let n = node();
+    let conn = lepus::Connection::open_with(token_options(n, &mint_token(n, 60)))
+        .expect("log in with a JWT");
+    declare_works(&conn).unwrap();
+    conn.close().unwrap();
+}
+
+#[test]
+fn an_expired_token_is_refused_at_connect() {
+    let n = node();
+    let t = Instant::now();
+    let err = lepus::Connection::open_with(token_options(n, &mint_token(n, -60))).unwrap_err();
+    println!("expired token: {:?}: {err}", t.elapsed());
+    assert!(matches!(err, Error::AuthenticationFailed(_)), "{err:?}");
+    assert!(t.elapsed() < DEADLINE);
+    // A provider that says so is refused before connecting.
+    let opts = n.options(n.tls()).credentials_provider(|| {
+        Ok(lepus::Credentials::new(TOKEN_USER, "x").expires_in(Duration::ZERO))
+    });
+    let err = lepus::Connection::open_with(opts).unwrap_err();
+    println!("provider's expired secret: {err}");
+    match err {
+        Error::AuthenticationFailed(t) => assert!(t.contains("already expired"), "{t}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn update_secret_keeps_the_connection_working_past_the_old_tokens_expiry() {
+    let n = node();
+    // Two connections with a token valid for 3 s; only one gets a fresh token.
+    let short = mint_token(n, 3);
+    let updated = lepus::Connection::open_with(token_options(n, &short)).unwrap();
+    let control = lepus::Connection::open_with(token_options(n, &short)).unwrap();
+    let t = Instant::now();
+    updated
+        .update_secret(&mint_token(n, 120), "token refreshed")
+        .expect("update-secret");
+    println!("update-secret round trip: {:?}", t.elapsed());
+    thread::sleep(Duration::from_secs(5));
+    declare_works(&updated).expect("the updated connection works past the old expiry");
+    let refused = declare_works(&control).expect_err("the control's token has expired");
+    println!("control after expiry: {refused}");
+    assert!(
+        matches!(
+            &refused,
+            Error::ServerClosedChannel { code, .. } | Error::ServerClosedConnection { code, .. }
+                if *code == reply_code::ACCESS_REFUSED
+        ),
+        "{refused:?}"
+    );
+    updated.close().unwrap();
+    let _ = control.close();
+}
+
+#[test]
+fn update_secret_with_an_invalid_token_is_refused_by_the_broker() {
+    let n = node();
+    let conn = lepus::Connection::open_with(token_options(n, &mint_token(n, 60))).unwrap();
+    let err = conn.update_secret("not a token", "garbage").unwrap_err();
+    println!("update-secret with garbage: {err}");
+    assert!(
+        matches!(err, Error::ServerClosedConnection { code, .. } if code == reply_code::NOT_ALLOWED),
+        "{err:?}"
+    );
+    assert!(!conn.is_open());
+}
+
+#[test]
+fn the_provider_refreshes_the_token_before_it_expires() {
+    let n = node();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let node_ref: &'static Node = n;
+    let c = calls.clone();
+    let opts = n.options(n.tls()).credentials_provider(move || {
+        c.fetch_add(1, Ordering::SeqCst);
+        // `exp` has whole seconds: a token minted for 3 s is valid for 2 s at least.
+        Ok(lepus::Credentials::new(TOKEN_USER, mint_token(node_ref, 3))
+            .expires_in(Duration::from_secs(2)))
+    });
+    let conn = lepus::Connection::open_with(opts).expect("log in with the provider's token");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    // Over two lifetimes of the first token: refreshes at 1.6 s, 3.2 s, 4.8 s...
+    thread::sleep(Duration::from_secs(6));
+    declare_works(&conn).expect("works on refreshed tokens");
+    let refreshes: Vec<_> = conn
+        .recovery_events()
+        .into_iter()
+        .filter(|e| matches!(e.kind, lepus::RecoveryEventKind::SecretRefreshed { .. }))
+        .collect();
+    println!(
+        "provider calls {}, refreshes {}",
+        calls.load(Ordering::SeqCst),
+        refreshes.len()
+    );
+    assert!(refreshes.len() >= 3, "{refreshes:?}");
+    assert!(calls.load(Ordering::SeqCst) >= 3);
+    assert!(
+        !conn
+            .recovery_events()
+            .iter()
+            .any(|e| matches!(e.kind, lepus::RecoveryEventKind::SecretRefreshFailed(_)))
+    );
+    assert_eq!(conn.generation(), 1, "refreshed without reconnecting");
+    conn.close().unwrap();
+}
+
+#[test]
+fn a_failing_provider_is_reported_and_retried() {
+    let n = node();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let node_ref: &'static Node = n;
+    let c = calls.clone();
+    let opts = n.options(n.tls()).credentials_provider(move || {
+        // The first refresh fails; the one after succeeds.
+        match c.fetch_add(1, Ordering::SeqCst) {
+            1 => Err("identity provider unavailable".to_string()),
+            _ => Ok(lepus::Credentials::new(TOKEN_USER, mint_token(node_ref, 4))
+                .expires_in(Duration::from_secs(3))),
+        }
+    });
+    let conn = lepus::Connection::open_with(opts).unwrap();
+    thread::sleep(Duration::from_secs(5));
+    let events = conn.recovery_events();
+    let failed = events.iter().position(|e| {
+        matches!(&e.kind, lepus::RecoveryEventKind::SecretRefreshFailed(t) if t.contains("identity provider unavailable"))
+    });
+    let refreshed = events
+        .iter()
+        .position(|e| matches!(e.kind, lepus::RecoveryEventKind::SecretRefreshed { .. }));
+    assert!(
+        matches!((failed, refreshed), (Some(f), Some(r)) if f < r),
+        "{events:?}"
+    );
+    declare_works(&conn).expect("works after the retried refresh");
+    conn.close().unwrap();
+}
