@@ -57,6 +57,8 @@ pub struct ConnectionOptions {
     pub(crate) recovery: RecoveryOptions,
     pub(crate) tls: TlsOptions,
     pub(crate) credentials_provider: Option<ProviderRef>,
+    /// SASL mechanisms in order of preference; empty: `auth` alone.
+    pub(crate) auth_mechanisms: Vec<AuthMechanism>,
 }
 
 impl Default for ConnectionOptions {
@@ -82,6 +84,7 @@ impl Default for ConnectionOptions {
             recovery: RecoveryOptions::default(),
             tls: TlsOptions::default(),
             credentials_provider: None,
+            auth_mechanisms: Vec::new(),
         }
     }
 }
@@ -132,6 +135,17 @@ impl ConnectionOptions {
     /// SASL mechanism.
     pub fn auth_mechanism(mut self, m: AuthMechanism) -> Self {
         self.auth = m;
+        self.auth_mechanisms.clear();
+        self
+    }
+    /// SASL mechanisms in order of preference: the first one the broker offers is used
+    /// (e.g. `[External, Plain]`: the client certificate where the broker takes it, else
+    /// user and password). None in common is a clear error naming both lists.
+    pub fn auth_mechanisms(mut self, preference: &[AuthMechanism]) -> Self {
+        self.auth_mechanisms = preference.to_vec();
+        if let Some(&first) = preference.first() {
+            self.auth = first;
+        }
         self
     }
     /// Heartbeat interval in seconds asked for (0: no heartbeats). The broker's value

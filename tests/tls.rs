@@ -431,6 +431,40 @@ fn external_authenticates_as_the_certificate_user() {
 }
 
 #[test]
+fn mechanism_preference_follows_the_brokers_offer() {
+    let n = node();
+    let prefs = [AuthMechanism::External, AuthMechanism::Plain];
+    // Over TLS the broker offers EXTERNAL: the certificate's user logs in.
+    let name = support::unique("prefer-external");
+    let conn = lepus::Connection::open_with(
+        n.options(n.tls())
+            .credentials("guest", "guest")
+            .auth_mechanisms(&prefs)
+            .connection_name(name.clone()),
+    )
+    .unwrap();
+    let listed = node_ctl(&[
+        "list_connections",
+        "client_properties",
+        "user",
+        "auth_mechanism",
+    ]);
+    let line = listed.lines().find(|l| l.contains(&name)).unwrap();
+    assert!(line.contains("EXTERNAL"), "{line}");
+    conn.close().unwrap();
+    // On the plaintext port it does not: PLAIN with guest.
+    let conn = lepus::Connection::open_with(
+        ConnectionOptions::new()
+            .host("127.0.0.1")
+            .port(n.plain_port())
+            .auth_mechanisms(&prefs)
+            .connection_timeout(DEADLINE),
+    )
+    .unwrap();
+    conn.close().unwrap();
+}
+
+#[test]
 fn external_without_the_broker_offering_it_is_a_clear_error() {
     let n = node();
     // The plaintext port offers PLAIN and AMQPLAIN only (EXTERNAL needs TLS).

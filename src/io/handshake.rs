@@ -282,25 +282,32 @@ impl<'a> Handshake<'a> {
     }
 }
 
-/// The SASL mechanism to use: the one asked for, if the broker offers it. A clear error
-/// when they share none, naming both sides (and the plugin EXTERNAL needs).
-fn choose_mechanism(opts: &ConnectionOptions, offered: &str) -> Result<AuthMechanism> {
-    let want = opts.auth;
-    if offered.split_whitespace().any(|m| m == want.name()) {
-        return Ok(want);
+/// The SASL mechanism to use: the first of the user's preference that the broker offers.
+/// A clear error when they share none, naming both sides (and what EXTERNAL needs).
+pub(crate) fn choose_mechanism(opts: &ConnectionOptions, offered: &str) -> Result<AuthMechanism> {
+    let single = [opts.auth];
+    let prefs: &[AuthMechanism] = if opts.auth_mechanisms.is_empty() {
+        &single
+    } else {
+        &opts.auth_mechanisms
+    };
+    if let Some(&m) = prefs
+        .iter()
+        .find(|m| offered.split_whitespace().any(|o| o == m.name()))
+    {
+        return Ok(m);
     }
-    let hint = match want {
-        AuthMechanism::External if !opts.tls.has_client_cert() => {
-            " (EXTERNAL needs TLS with a client certificate, and none is configured)"
-        }
-        AuthMechanism::External => {
-            " (EXTERNAL needs the broker's rabbitmq_auth_mechanism_ssl plugin)"
-        }
-        _ => "",
+    let wanted: Vec<&str> = prefs.iter().map(|m| m.name()).collect();
+    let hint = if !prefs.contains(&AuthMechanism::External) {
+        ""
+    } else if !opts.tls.has_client_cert() {
+        " (EXTERNAL needs TLS with a client certificate, and none is configured)"
+    } else {
+        " (EXTERNAL needs the broker's rabbitmq_auth_mechanism_ssl plugin)"
     };
     Err(Error::AuthenticationFailed(format!(
         "no SASL mechanism in common: lepus is set to use {}{hint}; the broker offers {offered:?}",
-        want.name()
+        wanted.join(" or ")
     )))
 }
 

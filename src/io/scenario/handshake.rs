@@ -489,3 +489,64 @@ fn a_second_tune_while_expecting_open_ok_is_command_invalid() {
     );
     assert!(h.sent().is_empty());
 }
+
+#[test]
+fn external_sends_an_empty_response_and_no_password() {
+    let opts = ConnectionOptions::default().auth_mechanism(AuthMechanism::External);
+    let mut h = Hs::new(&opts);
+    assert!(matches!(
+        h.feed_method(start(0, 9, "PLAIN AMQPLAIN EXTERNAL")),
+        Ok(None)
+    ));
+    let sent = h.sent();
+    let [Sent::Method(0, AMQPClass::Connection(C::StartOk(ok)))] = &sent[..] else {
+        panic!("expected start-ok, got {sent:?}");
+    };
+    assert_eq!(ok.mechanism.as_str(), "EXTERNAL");
+    assert!(ok.response.as_bytes().is_empty());
+}
+
+#[test]
+fn the_first_preferred_mechanism_the_broker_offers_is_chosen() {
+    use super::super::handshake::choose_mechanism;
+    use AuthMechanism::*;
+    let prefs = ConnectionOptions::default().auth_mechanisms(&[External, AmqPlain, Plain]);
+    assert_eq!(
+        choose_mechanism(&prefs, "PLAIN AMQPLAIN EXTERNAL").unwrap(),
+        External
+    );
+    assert_eq!(
+        choose_mechanism(&prefs, "PLAIN AMQPLAIN").unwrap(),
+        AmqPlain
+    );
+    assert_eq!(choose_mechanism(&prefs, "PLAIN").unwrap(), Plain);
+    // The default is PLAIN alone.
+    let default = ConnectionOptions::default();
+    assert_eq!(choose_mechanism(&default, "AMQPLAIN PLAIN").unwrap(), Plain);
+    // A single choice replaces the list.
+    let single = prefs.clone().auth_mechanism(AmqPlain);
+    assert_eq!(
+        choose_mechanism(&single, "PLAIN AMQPLAIN").unwrap(),
+        AmqPlain
+    );
+}
+
+#[test]
+fn no_mechanism_in_common_names_both_sides() {
+    use super::super::handshake::choose_mechanism;
+    let opts = ConnectionOptions::default()
+        .auth_mechanisms(&[AuthMechanism::External, AuthMechanism::AmqPlain]);
+    let Err(Error::AuthenticationFailed(text)) = choose_mechanism(&opts, "PLAIN RABBIT-CR-DEMO")
+    else {
+        panic!("expected a refusal");
+    };
+    assert!(text.contains("no SASL mechanism in common"), "{text}");
+    assert!(text.contains("EXTERNAL or AMQPLAIN"), "{text}");
+    assert!(text.contains("PLAIN RABBIT-CR-DEMO"), "{text}");
+    // Through the handshake too, before anything is sent.
+    let mut h = Hs::new(&opts);
+    assert!(matches!(
+        h.feed_method(start(0, 9, "PLAIN")),
+        Err(Error::AuthenticationFailed(_))
+    ));
+}
