@@ -30,6 +30,12 @@
 //! [`Error::BadDelivery`] with its delivery tag; any other violation closes the connection
 //! with the matching reply code and a clear error, never a panic.
 //!
+//! With the `tls` feature (on by default), `amqps://` URIs and
+//! [`ConnectionOptions::tls`] put rustls between the socket and the frame decoder: the
+//! decoder and every bound above still see plaintext, and each TLS failure is its own
+//! [`Error::Tls`] kind. [`Connection::update_secret`] and a [`CredentialsProvider`] keep
+//! expiring credentials (OAuth2 tokens) fresh without reconnecting.
+//!
 //! # Threads
 //!
 //! [`Connection`], [`Channel`], [`Consumer`], [`Delivery`] and [`Confirmation`] are `Send`

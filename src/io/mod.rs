@@ -6,6 +6,8 @@ pub(crate) mod handshake;
 pub(crate) mod reactor;
 #[cfg(test)]
 mod scenario;
+#[cfg(feature = "tls")]
+pub(crate) mod tls_config;
 pub(crate) mod transport;
 mod wake;
 

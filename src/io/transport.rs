@@ -83,7 +83,7 @@ impl<S> Transport<S> {
             Transport::Tls(t) => {
                 let requested = t.cert_requested.load(std::sync::atomic::Ordering::Relaxed);
                 let inner = e.get_ref()?.downcast_ref::<rustls::Error>()?;
-                Some(crate::tls::classify(inner, requested, &t.host))
+                Some(super::tls_config::classify(inner, requested, &t.host))
             }
         }
     }
@@ -97,7 +97,7 @@ impl<S> Transport<S> {
             Transport::Tls(t) => t
                 .cert_requested
                 .load(std::sync::atomic::Ordering::Relaxed)
-                .then(|| crate::tls::classify_eof(true)),
+                .then(|| super::tls_config::classify_eof(true)),
         }
     }
 }
@@ -211,7 +211,7 @@ pub(crate) fn tls_handshake(
     use crate::error::{HandshakeStage, TlsFailure};
     use crate::sync::StdArc as Arc;
 
-    let prepared = crate::tls::prepare(&opts.tls, &opts.host)?;
+    let prepared = super::tls_config::prepare(&opts.tls, &opts.host)?;
     let host = prepared.server_name.to_str().into_owned();
     let mut conn =
         rustls::ClientConnection::new(prepared.config, prepared.server_name).map_err(|e| {
@@ -248,7 +248,11 @@ pub(crate) fn tls_handshake(
             continue;
         }
         let n = match sock.read(&mut buf) {
-            Ok(0) => return Err(crate::tls::classify_eof(requested.load(Ordering::Relaxed))),
+            Ok(0) => {
+                return Err(super::tls_config::classify_eof(
+                    requested.load(Ordering::Relaxed),
+                ));
+            }
             Ok(n) => n,
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(e) => return Err(io_err(e)),
@@ -269,7 +273,7 @@ pub(crate) fn tls_handshake(
             conn.read_tls(&mut chunk).map_err(io_err)?;
             if let Err(e) = conn.process_new_packets() {
                 let _ = conn.write_tls(&mut sock);
-                return Err(crate::tls::classify(
+                return Err(super::tls_config::classify(
                     &e,
                     requested.load(Ordering::Relaxed),
                     &host,

@@ -550,3 +550,21 @@ fn no_mechanism_in_common_names_both_sides() {
         Err(Error::AuthenticationFailed(_))
     ));
 }
+
+#[test]
+fn a_tls_answer_to_a_plaintext_connection_says_use_amqps() {
+    // A TLS alert record (unexpected_message) and a TLS handshake record.
+    for bytes in [
+        &b"\x15\x03\x01\x00\x02\x02\x0a"[..],
+        &b"\x16\x03\x03\x00\x40"[..],
+    ] {
+        match not_amqp(bytes) {
+            Error::Tls { kind, detail } => {
+                assert_eq!(kind, crate::error::TlsFailure::TlsServerOnPlainPort);
+                assert!(detail.contains("amqps://"), "{detail}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(matches!(not_amqp(b"\x15\x00garbage"), Error::NotAmqp(_)));
+}
