@@ -6,7 +6,8 @@
 //! cargo bench --bench suite -- --quick      # a small version of everything (minutes),
 //!                                           # written to benches/results/quick/
 //! options: --only 1,4,8   scenarios to run (1 publish, 2 pool, 3 consumers, 4 recovery,
-//!                         5 stability, 6 peers, 7 ceiling, 8 memory)
+//!                         5 stability, 6 peers, 7 ceiling, 8 memory, 9 TLS against
+//!                         plaintext on the node of scripts/tls-node)
 //!          --rounds N     rounds of the lepus/peer comparison (default 3, quick 1)
 //!          --no-peers     skip building and running lapin and amiquip
 //!          --out DIR      where the report goes
@@ -23,6 +24,7 @@ mod report;
 mod stability;
 mod stats;
 mod throughput;
+mod tls;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -30,7 +32,7 @@ use std::time::Duration;
 use common::{Settings, done, ms, note, section, settle, step, thousands};
 use throughput::Mode;
 
-const TOTAL: u32 = 8;
+const TOTAL: u32 = 9;
 
 /// Everything measured in one run.
 #[derive(Default)]
@@ -46,6 +48,7 @@ pub struct Results {
     pub repeated: Option<recovery::RepeatedRun>,
     pub chaos: Vec<stability::ChaosRun>,
     pub memory: Option<Result<memory::MemoryRun, String>>,
+    pub tls: Option<Result<tls::TlsResults, String>>,
     pub peer_clients: Vec<String>,
     pub peer_notes: Vec<String>,
     pub peer_versions: Vec<(String, String)>,
@@ -201,6 +204,7 @@ fn main() {
         guard(&mut r, "scenario_stability", |r| scenario_stability(&s, r));
         guard(&mut r, "scenario_memory", |r| scenario_memory(&s, r));
     }
+    guard(&mut r, "scenario_tls", |r| scenario_tls(&s, r));
 
     note("writing the report");
     std::fs::create_dir_all(&s.out_dir).expect("create the results directory");
@@ -558,6 +562,20 @@ fn scenario_memory(s: &Settings, r: &mut Results) {
             Err(e) => done(&format!("failed: {e}")),
         }
         r.memory = Some(m);
+    }
+}
+
+fn scenario_tls(s: &Settings, r: &mut Results) {
+    // 9: TLS against plaintext.
+    if s.wants(9) {
+        section(9, TOTAL, "TLS against plaintext (scripts/tls-node)");
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let t = tls::run(&root, s.quick, s.rounds);
+        if let Err(e) = &t {
+            done(&format!("not measured: {e}"));
+            r.errors.push(format!("TLS scenario: {e}"));
+        }
+        r.tls = Some(t);
     }
 }
 

@@ -496,6 +496,7 @@ pub fn render(r: &Results, env: &Environment, s: &Settings) -> String {
     recovery_section(w, r);
     stability_section(w, r);
     memory_section(w, r);
+    crate::tls::section(w, &r.tls);
     health_section(w, r);
 
     if !r.errors.is_empty() {
