@@ -570,7 +570,11 @@ fn scenario_tls(s: &Settings, r: &mut Results) {
     if s.wants(9) {
         section(9, TOTAL, "TLS against plaintext (scripts/tls-node)");
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-        let t = tls::run(&root, s.quick, s.rounds);
+        let t = if cfg!(feature = "tls") {
+            tls::run(&root, s.quick, s.rounds)
+        } else {
+            Err("lepus was built without its tls feature".into())
+        };
         if let Err(e) = &t {
             done(&format!("not measured: {e}"));
             r.errors.push(format!("TLS scenario: {e}"));
