@@ -250,6 +250,23 @@ mod tests {
     #[cfg(feature = "tls")]
     use crate::io::tls_config::{build_config, prepare};
 
+    #[cfg(not(feature = "tls"))]
+    #[test]
+    fn tls_options_without_the_feature_fail_clearly_at_connect() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let opts = crate::ConnectionOptions::new()
+            .port(l.local_addr().unwrap().port())
+            .tls(TlsOptions::new());
+        match crate::io::handshake::connect(&opts) {
+            Err(Error::Tls {
+                kind: TlsFailure::NotCompiledIn,
+                detail,
+            }) => assert!(detail.contains("`tls` cargo feature"), "{detail}"),
+            Err(other) => panic!("{other:?}"),
+            Ok(_) => panic!("connected without TLS support"),
+        }
+    }
+
     #[cfg(feature = "tls")]
     #[test]
     fn bad_pem_is_a_configuration_error() {
