@@ -204,7 +204,9 @@ fn main() {
         guard(&mut r, "scenario_stability", |r| scenario_stability(&s, r));
         guard(&mut r, "scenario_memory", |r| scenario_memory(&s, r));
     }
-    guard(&mut r, "scenario_tls", |r| scenario_tls(&s, r));
+    guard(&mut r, "scenario_tls", |r| {
+        scenario_tls(&s, r, peers.as_ref())
+    });
 
     note("writing the report");
     std::fs::create_dir_all(&s.out_dir).expect("create the results directory");
@@ -565,13 +567,13 @@ fn scenario_memory(s: &Settings, r: &mut Results) {
     }
 }
 
-fn scenario_tls(s: &Settings, r: &mut Results) {
+fn scenario_tls(s: &Settings, r: &mut Results, peers: Option<&peers::Peers>) {
     // 9: TLS against plaintext.
     if s.wants(9) {
         section(9, TOTAL, "TLS against plaintext (scripts/tls-node)");
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
         let t = if cfg!(feature = "tls") {
-            tls::run(&root, s.quick, s.rounds)
+            tls::run(&root, s.quick, s.rounds, peers.filter(|_| s.wants(6)))
         } else {
             Err("lepus was built without its tls feature".into())
         };

@@ -21,6 +21,8 @@ pub struct Peers {
     pub versions: Vec<(String, String)>,
     timeout: Duration,
     url: String,
+    /// Extra environment of each run (the TLS files of scenario 9).
+    env: Vec<(String, String)>,
 }
 
 fn cargo() -> String {
@@ -63,6 +65,7 @@ impl Peers {
             versions: Vec::new(),
             timeout: Duration::from_secs(if quick { 90 } else { 300 }),
             url: url.to_owned(),
+            env: Vec::new(),
         };
         let started = Instant::now();
         let budget_end = started + build_budget;
@@ -184,12 +187,26 @@ impl Peers {
         peers
     }
 
+    /// The same peers against another broker address, with extra environment.
+    pub fn at(&self, url: &str, env: Vec<(String, String)>) -> Peers {
+        Peers {
+            bin: self.bin.clone(),
+            clients: self.clients.clone(),
+            notes: Vec::new(),
+            versions: self.versions.clone(),
+            timeout: self.timeout,
+            url: url.to_owned(),
+            env,
+        }
+    }
+
     /// Run the peer binary with `args`; its JSON line.
     fn run(&self, args: &[String]) -> Result<Value, String> {
         let bin = self.bin.as_ref().ok_or("the peers are not built")?;
         let mut child = Command::new(bin)
             .args(args)
             .env("AMQP_URL", &self.url)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
