@@ -145,7 +145,7 @@ fn main() {
 
     // Peers: built first, or (quick mode, cold build) in the background while the
     // lepus-only scenarios run, so that a first run stays within its time budget.
-    let want_peers = s.peers && s.wants(6);
+    let want_peers = s.peers && (s.wants(6) || s.wants(9));
     let bin = root.join("benches/peers/target/release/lepus-bench-peers");
     let background = want_peers && s.quick && !bin.exists();
     let build = {
@@ -573,7 +573,7 @@ fn scenario_tls(s: &Settings, r: &mut Results, peers: Option<&peers::Peers>) {
         section(9, TOTAL, "TLS against plaintext (scripts/tls-node)");
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
         let t = if cfg!(feature = "tls") {
-            tls::run(&root, s.quick, s.rounds, peers.filter(|_| s.wants(6)))
+            tls::run(&root, s.quick, s.rounds, peers)
         } else {
             Err("lepus was built without its tls feature".into())
         };

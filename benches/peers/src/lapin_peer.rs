@@ -21,9 +21,38 @@ fn e2s(e: lapin::Error) -> String {
 }
 
 fn connect() -> Result<Arc<Connection>, String> {
-    block_on(Connection::connect(&url(), ConnectionProperties::default()))
+    let url = url();
+    if url.starts_with("amqps://") {
+        return connect_tls(&url);
+    }
+    block_on(Connection::connect(&url, ConnectionProperties::default()))
         .map(Arc::new)
         .map_err(e2s)
+}
+
+/// `amqps://` with the CA and client certificate named by `LEPUS_PEER_TLS_CA`,
+/// `LEPUS_PEER_TLS_CERT` and `LEPUS_PEER_TLS_KEY` (PEM files), through rustls.
+fn connect_tls(url: &str) -> Result<Arc<Connection>, String> {
+    let read = |var: &str| -> Result<Vec<u8>, String> {
+        let path = std::env::var(var).map_err(|_| format!("{var} is not set"))?;
+        std::fs::read(&path).map_err(|e| format!("{path}: {e}"))
+    };
+    let config = lapin::tcp::OwnedTLSConfig {
+        identity: Some(lapin::tcp::OwnedIdentity::PKCS8 {
+            pem: read("LEPUS_PEER_TLS_CERT")?,
+            key: read("LEPUS_PEER_TLS_KEY")?,
+        }),
+        cert_chain: Some(String::from_utf8_lossy(&read("LEPUS_PEER_TLS_CA")?).into_owned()),
+    };
+    let runtime = lapin::runtime::default_runtime().map_err(e2s)?;
+    block_on(Connection::connect_with_config(
+        url,
+        ConnectionProperties::default(),
+        config,
+        runtime,
+    ))
+    .map(Arc::new)
+    .map_err(e2s)
 }
 
 fn count(admin: &Channel, queue: &str) -> Result<u32, String> {
