@@ -6,9 +6,9 @@
 //! the things a real RabbitMQ never sends, or sends only when something went wrong. Every
 //! wait has a deadline, so a script cannot hang a test.
 
+use std::io::ErrorKind;
 use std::net::{Shutdown, SocketAddr, TcpListener};
 use std::panic::{self, AssertUnwindSafe};
-use std::io::ErrorKind;
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};

@@ -164,7 +164,9 @@ impl RawClient {
     pub fn confirm_select(&mut self, channel: u16) -> io::Result<()> {
         self.io.send_method(
             channel,
-            AMQPClass::Confirm(confirm::AMQPMethod::Select(confirm::Select { nowait: false })),
+            AMQPClass::Confirm(confirm::AMQPMethod::Select(confirm::Select {
+                nowait: false,
+            })),
         )?;
         match self.next_method("confirm.select-ok")? {
             (ch, AMQPClass::Confirm(confirm::AMQPMethod::SelectOk(_))) if ch == channel => Ok(()),

@@ -104,7 +104,8 @@ impl LinkCtl {
     }
 
     fn held(&self, st: &Shared, dir: Direction) -> bool {
-        st.held[dir as usize].load(Ordering::SeqCst) || self.held[dir as usize].load(Ordering::SeqCst)
+        st.held[dir as usize].load(Ordering::SeqCst)
+            || self.held[dir as usize].load(Ordering::SeqCst)
     }
 }
 
@@ -136,6 +137,9 @@ impl Drop for ExitGuard {
         }
     }
 }
+
+/// The body of one relay thread.
+type Job = Box<dyn FnOnce() + Send>;
 
 enum Chunk {
     Data { due: Instant, bytes: Vec<u8> },
@@ -175,11 +179,23 @@ pub(super) fn start(
     let (up, down) = (Direction::ToServer, Direction::ToClient);
     let (a, b, c, d) = (ctl.clone(), ctl.clone(), ctl.clone(), ctl.clone());
     let (s1, s2, s3, s4) = (st.clone(), st.clone(), st.clone(), st.clone());
-    let threads: [(&str, Box<dyn FnOnce() + Send>); 4] = [
-        ("proxy-read-up", Box::new(move || reader(c_read, up_tx, a, s1, up))),
-        ("proxy-write-up", Box::new(move || writer(s_write, up_rx, b, s2, up))),
-        ("proxy-read-down", Box::new(move || reader(s_read, down_tx, c, s3, down))),
-        ("proxy-write-down", Box::new(move || writer(c_write, down_rx, d, s4, down))),
+    let threads: [(&str, Job); 4] = [
+        (
+            "proxy-read-up",
+            Box::new(move || reader(c_read, up_tx, a, s1, up)),
+        ),
+        (
+            "proxy-write-up",
+            Box::new(move || writer(s_write, up_rx, b, s2, up)),
+        ),
+        (
+            "proxy-read-down",
+            Box::new(move || reader(s_read, down_tx, c, s3, down)),
+        ),
+        (
+            "proxy-write-down",
+            Box::new(move || writer(c_write, down_rx, d, s4, down)),
+        ),
     ];
     for (started, (name, f)) in threads.into_iter().enumerate() {
         let g = ExitGuard(ctl.clone());

@@ -125,10 +125,14 @@ fn partition_holds_bytes_until_healed() {
     p.partition();
     assert!(p.is_partitioned());
     s.write_all(b"held").unwrap();
-    s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
     let mut buf = [0u8; 4];
     let e = s.read(&mut buf).expect_err("nothing passes a partition");
-    assert!(matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut));
+    assert!(matches!(
+        e.kind(),
+        ErrorKind::WouldBlock | ErrorKind::TimedOut
+    ));
     p.heal();
     s.set_read_timeout(Some(WAIT)).unwrap();
     s.read_exact(&mut buf).unwrap();
@@ -141,7 +145,9 @@ fn hold_stops_one_direction_only() {
     let p = Proxy::start(addr).unwrap();
     let mut c = client(&p);
     let mut server = accepted.recv_timeout(WAIT).unwrap();
-    server.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    server
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
     p.hold(Direction::ToServer);
     c.write_all(b"up").unwrap();
     server.write_all(b"down").unwrap();
@@ -205,7 +211,11 @@ fn bandwidth_limits_throughput() {
     let data = pattern(20_000);
     assert_eq!(round_trip(&s, &data), data);
     // 20 KB at 100 KB/s is 0.2 s each way, in a pipeline: at least 0.2 s.
-    assert!(start.elapsed() >= Duration::from_millis(180), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() >= Duration::from_millis(180),
+        "{:?}",
+        start.elapsed()
+    );
 }
 
 #[test]
