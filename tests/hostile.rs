@@ -1,5 +1,5 @@
 //! Hostile input: what a broken or malicious peer can send, and what lepus must do about
-//! it. Most tests talk to a scripted fake broker (tests/support/fake_broker.rs) because
+//! it. Most tests talk to a scripted fake broker (lepus-testkit's `FakeBroker`) because
 //! RabbitMQ never sends these things; the last one goes through the real broker.
 //!
 //! Every case must end in a specific error (variant and reply code asserted), with every
@@ -19,7 +19,9 @@ use lepus::{
     BadDeliveryKind, Connection, ConsumeOptions, Consumer, Error, FieldTable, HandshakeStage,
     QueueDeclareOptions, RecoveryOptions, reply_code,
 };
-use support::fake_broker::*;
+use lepus_testkit::frames::*;
+use lepus_testkit::{FakeBroker, Peer, Tune, Waiter, within};
+use support::ClientOptions;
 
 // ---------------------------------------------------------------------------------------
 // The largest single allocation made by this test process.
@@ -982,8 +984,8 @@ fn deep_headers_through_rabbitmq_are_a_bad_delivery_and_the_next_message_arrives
         )
         .unwrap();
         // Through the broker, with a raw socket: lepus refuses to encode such a table.
-        support::raw_amqp::publish_raw(
-            &support::broker_addr().to_string(),
+        lepus_testkit::publish_raw(
+            support::broker_addr(),
             "",
             &q,
             &headers_props(&deep_table(20_000)),

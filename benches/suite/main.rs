@@ -17,7 +17,6 @@ mod charts;
 mod common;
 mod memory;
 mod peers;
-mod proxy;
 mod recovery;
 mod report;
 mod stability;
