@@ -703,6 +703,9 @@ impl Engine {
     /// Remove a channel for good: wake its waiters with `reason`, free its id.
     fn finish_channel(&mut self, ch: u16, reason: Error) {
         if let Some(slot) = self.slots.get_mut(ch as usize).and_then(Option::take) {
+            // Free the id before waking anyone: a thread whose `close()` returns may open a
+            // channel at once, and at `channel_max` it needs this id.
+            self.conn.ids.lock().free(ch);
             slot.shared.set_closed(reason);
             // The channel handle keeps clones of its consumers' senders (for recovery), so
             // dropping the slot wakes nobody: end each consumer with the channel's reason.
@@ -717,7 +720,6 @@ impl Engine {
             if self.stalled.as_ref().is_some_and(|s| s.channel == ch) {
                 self.stalled = None;
             }
-            self.conn.ids.lock().free(ch);
         }
     }
 
