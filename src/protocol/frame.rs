@@ -5,7 +5,7 @@ use amq_protocol::frame::{AMQPFrame, WriteContext, gen_frame};
 use amq_protocol::protocol::AMQPClass;
 
 use super::properties::BasicProperties;
-use crate::error::reply_code;
+use super::reply_code;
 
 pub const FRAME_METHOD: u8 = 1;
 pub const FRAME_HEADER: u8 = 2;
