@@ -7,13 +7,13 @@ use amq_protocol::types::ShortString;
 
 use crate::confirm::Confirmation;
 use crate::connection::Connection;
-use crate::consumer::{
-    Acker, BadDelivery, BadDeliveryKind, Consumer, ConsumerShared, ConsumerSink, Delivery,
-    QUEUE_MARGIN, Returned, UNLIMITED_PREFETCH_QUEUE,
+use crate::consumer::{Consumer, QUEUE_MARGIN, UNLIMITED_PREFETCH_QUEUE};
+use crate::delivery::{
+    Acker, BadDelivery, ConsumerShared, ConsumerSink, Delivery, RecvError, Returned,
 };
 use crate::error::{Error, Result, reply_code};
 use crate::io::{ChannelShared, Command, Reply};
-use crate::protocol::content::{ContentMethod, ContentProblem};
+use crate::protocol::content::ContentMethod;
 use crate::protocol::frame::{put_method, put_publish};
 use crate::protocol::properties::BasicProperties;
 use crate::protocol::table::{FieldTable, table_to_amqp};
@@ -137,7 +137,7 @@ impl ChannelInner {
         !self.closed_by_us.load(Ordering::Acquire) && !self.current_shared().is_channel_closed()
     }
     /// Unconfirmed messages the application gets back (hand-back policy).
-    pub(crate) fn hand_back(&self, entries: Vec<crate::confirm::Entry>) {
+    pub(crate) fn hand_back(&self, entries: Vec<crate::confirm_tracker::Entry>) {
         let mut v = self.handed_back.lock();
         for e in entries {
             e.hand_back();
@@ -636,8 +636,9 @@ impl Channel {
         Ok(slot.map(|s| Confirmation::new(seq, s, self.clone())))
     }
 
-    /// Fetch one message (`basic.get`); `Ok(None)` if the queue is empty.
-    pub fn basic_get(&self, queue: &str, no_ack: bool) -> Result<Option<Delivery>> {
+    /// Fetch one message (`basic.get`); `Ok(None)` if the queue is empty,
+    /// [`RecvError::Bad`] for a message that could not be decoded (ack or reject it).
+    pub fn basic_get(&self, queue: &str, no_ack: bool) -> Result<Option<Delivery>, RecvError> {
         let m = AMQPClass::Basic(basic::AMQPMethod::Get(basic::Get {
             queue: short("queue name", queue)?,
             no_ack,
@@ -651,7 +652,8 @@ impl Channel {
                 return Err(Error::UnexpectedReply {
                     operation: "basic.get",
                     got: format!("{other:?}"),
-                });
+                }
+                .into());
             }
         };
         let ContentMethod::GetOk {
@@ -665,12 +667,10 @@ impl Channel {
             return Err(Error::UnexpectedReply {
                 operation: "basic.get",
                 got: "a content that is not get-ok".into(),
-            });
+            }
+            .into());
         };
-        let acker = Acker {
-            channel: shared,
-            delivery_tag,
-        };
+        let acker = Acker::new(shared, delivery_tag);
         match content.properties {
             Ok(properties) => Ok(Some(Delivery {
                 body: content.body,
@@ -681,13 +681,8 @@ impl Channel {
                 message_count: Some(message_count),
                 acker,
             })),
-            Err(p) => Err(Error::BadDelivery(Box::new(BadDelivery {
-                kind: match p {
-                    ContentProblem::Undecodable(s) => BadDeliveryKind::Undecodable(s),
-                    ContentProblem::TooLarge { size, max } => {
-                        BadDeliveryKind::TooLarge { size, max }
-                    }
-                },
+            Err(p) => Err(RecvError::Bad(Box::new(BadDelivery {
+                kind: p.into(),
                 body: content.body,
                 exchange,
                 routing_key,
@@ -820,10 +815,7 @@ impl Channel {
     }
 
     fn acker(&self, delivery_tag: u64) -> Acker {
-        Acker {
-            channel: self.shared(),
-            delivery_tag,
-        }
+        Acker::new(self.shared(), delivery_tag)
     }
 
     /// A message the broker returned (mandatory publish with no route), waiting up to

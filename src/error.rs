@@ -4,11 +4,45 @@ use crate::sync::StdArc as Arc;
 use std::fmt;
 use std::io;
 
-#[cfg(not(loom))]
-use crate::consumer::BadDelivery;
+use crate::protocol::content::ContentProblem;
 
 /// AMQP reply codes (AMQP 0-9-1 section 1.3 and RabbitMQ's extensions) used by lepus.
 pub use crate::protocol::reply_code;
+
+/// Why a delivery could not be handed over as a `Delivery`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BadDeliveryKind {
+    /// Its properties could not be decoded (malformed, or headers nested too deep).
+    Undecodable(String),
+    /// Its body exceeds the maximum message size; the body was skipped, not buffered.
+    TooLarge {
+        /// The announced body size.
+        size: u64,
+        /// The configured maximum.
+        max: u64,
+    },
+}
+
+impl fmt::Display for BadDeliveryKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BadDeliveryKind::Undecodable(why) => f.write_str(why),
+            BadDeliveryKind::TooLarge { size, max } => {
+                write!(f, "body of {size} bytes exceeds the maximum of {max}")
+            }
+        }
+    }
+}
+
+impl From<ContentProblem> for BadDeliveryKind {
+    fn from(p: ContentProblem) -> Self {
+        match p {
+            ContentProblem::Undecodable(s) => BadDeliveryKind::Undecodable(s),
+            ContentProblem::TooLarge { size, max } => BadDeliveryKind::TooLarge { size, max },
+        }
+    }
+}
 
 /// Where a connection attempt stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,12 +181,23 @@ pub enum Error {
         reason: String,
     },
 
-    /// A delivery arrived that could not be decoded or was too large; it carries its
-    /// delivery tag so that it can be acked, rejected or dead-lettered. The consumer, the
-    /// channel and the connection carry on.
-    #[error("{0}")]
-    #[cfg(not(loom))]
-    BadDelivery(Box<BadDelivery>),
+    /// A delivery arrived that could not be decoded or was too large. The consumer, the
+    /// channel and the connection carry on. This is the plain-data form of a
+    /// [`crate::RecvError::Bad`] (which also lets you ack, reject or dead-letter the
+    /// message); it is what `?` makes of one in a function returning [`Result`].
+    #[error("delivery {delivery_tag} on channel {channel} could not be decoded: {kind}")]
+    BadDelivery {
+        /// The channel it came on.
+        channel: u16,
+        /// Its delivery tag.
+        delivery_tag: u64,
+        /// Why it is bad.
+        kind: BadDeliveryKind,
+        /// The exchange it was published to.
+        exchange: String,
+        /// The routing key it was published with.
+        routing_key: String,
+    },
 
     /// A message was larger than the configured maximum message size.
     #[error("message of {size} bytes exceeds the maximum message size of {max} bytes")]

@@ -22,7 +22,7 @@ use amq_protocol::frame::{AMQPFrame, parse_frame};
 use amq_protocol::protocol::{AMQPClass, basic, channel, connection, queue as amqp_queue};
 use amq_protocol::types::parsing::parse_field_table;
 
-use crate::consumer::{ConsumerMsg, ConsumerShared, ConsumerSink};
+use crate::delivery::{ConsumerMsg, ConsumerShared, ConsumerSink};
 use crate::error::{Error, reply_code};
 use crate::io::engine::Engine;
 use crate::io::{ChannelShared, Command, ConnShared, RETURNS_CAPACITY, ReplyRx, Tuned};
@@ -1168,14 +1168,14 @@ impl EngineHarness {
                     match msg {
                         ConsumerMsg::Delivery(d) => {
                             assert!(d.body.len() as u64 <= self.max_message_size);
-                            assert_eq!(d.acker.channel.id, c.channel);
+                            assert_eq!(d.acker.channel_id(), c.channel);
                             if let Some(h) = &d.properties.headers {
                                 assert!(h.depth() <= self.conn.opts.max_table_depth);
                             }
                         }
                         ConsumerMsg::Bad(b) => {
                             assert!(b.body.len() as u64 <= self.max_message_size);
-                            assert_eq!(b.acker.channel.id, c.channel);
+                            assert_eq!(b.acker.channel_id(), c.channel);
                         }
                         _ => {}
                     }

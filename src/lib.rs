@@ -27,8 +27,16 @@
 //! Everything the broker sends is checked before it is buffered or parsed: frame sizes
 //! against `frame_max`, message sizes against a maximum, field-table depth before the
 //! parser recurses. A delivery that cannot be decoded reaches its consumer as
-//! [`Error::BadDelivery`] with its delivery tag; any other violation closes the connection
+//! [`RecvError::Bad`] with its delivery tag; any other violation closes the connection
 //! with the matching reply code and a clear error, never a panic.
+//!
+//! [`Error`] is plain data: no variant holds a channel or any other live handle, so an
+//! error can be cloned, kept, logged or sent anywhere without keeping a channel alive,
+//! and it has the same shape in every build. That is why receiving has its own error,
+//! [`RecvError`], as a failed send in crossbeam gives the message back: a bad delivery
+//! comes back as [`RecvError::Bad`] with the [`BadDelivery`] that can still ack, reject
+//! or dead-letter it, and `?` turns it into the plain [`Error::BadDelivery`] (tag, kind,
+//! exchange, routing key) in a function returning [`Result`].
 //!
 //! # Threads
 //!
@@ -65,11 +73,15 @@
 // synchronisation cores below, not the socket and handle layers.
 #[cfg(not(loom))]
 mod channel;
+#[cfg(not(loom))]
 mod confirm;
+mod confirm_tracker;
 #[cfg(not(loom))]
 mod connection;
 #[cfg(not(loom))]
 mod consumer;
+#[cfg(not(loom))]
+mod delivery;
 mod delivery_queue;
 mod error;
 pub mod fuzzing;
@@ -90,14 +102,16 @@ pub use channel::{
     Channel, ConsumeOptions, ExchangeDeclareOptions, PublishOptions, QueueDeclareOptions,
     QueueDeleteOptions, QueueInfo, UnconfirmedMessage,
 };
-pub use confirm::Confirm;
 #[cfg(not(loom))]
 pub use confirm::Confirmation;
+pub use confirm_tracker::Confirm;
 #[cfg(not(loom))]
 pub use connection::Connection;
 #[cfg(not(loom))]
-pub use consumer::{BadDelivery, BadDeliveryKind, Consumer, Delivery, Iter, Returned};
-pub use error::{Error, HandshakeStage, Result, reply_code};
+pub use consumer::{Consumer, Iter};
+#[cfg(not(loom))]
+pub use delivery::{BadDelivery, Delivery, RecvError, Returned};
+pub use error::{BadDeliveryKind, Error, HandshakeStage, Result, reply_code};
 #[cfg(not(loom))]
 pub use pool::{ChannelPool, PooledChannel};
 pub use pool::{DEFAULT_POOL_SIZE, PoolStats};
@@ -113,13 +127,15 @@ pub use uri::{AuthMechanism, ConnectionOptions};
 pub mod internal {
     pub use crate::protocol::content::{Assembler, Content, ContentMethod, ContentProblem};
     pub use crate::protocol::decode_server_method;
-    pub use crate::protocol::frame::{FrameDecoder, FrameError, RawFrame, put_publish};
+    pub use crate::protocol::frame::{
+        DecodedPublish, FrameDecoder, FrameError, RawFrame, decode_publish, put_publish,
+    };
     pub use crate::protocol::properties::{decode_properties, header_prefix};
     pub use crate::protocol::table::{encode_table, scan_table};
 
     /// The synchronisation cores, as the model tests in `loom-tests/` drive them.
     pub mod model {
-        pub use crate::confirm::{ConfirmTracker, Entry, outcome};
+        pub use crate::confirm_tracker::{ConfirmTracker, Entry, outcome};
         pub use crate::delivery_queue::QueueShared;
         pub use crate::link::{Ended, LinkState};
         pub use crate::pool::{Lease, PoolCore, PoolStats, Poolable};

@@ -8,7 +8,7 @@ use amq_protocol::protocol::{AMQPClass, basic, confirm, exchange, queue};
 
 use crate::channel::{ChannelInner, ConsumeOptions, ExchangeDeclareOptions, QueueDeclareOptions};
 use crate::connection::{ConnectionInner, Generation};
-use crate::consumer::ConsumerSink;
+use crate::delivery::ConsumerSink;
 use crate::error::{Error, Result};
 use crate::io::{ChannelShared, Command, Reply, ReplyRx};
 use crate::protocol::table::{FieldTable, table_to_amqp};

@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use lepus::{
     AuthMechanism, BasicProperties, Channel, Confirm, Connection, ConnectionOptions,
     ConsumeOptions, Error, ExchangeDeclareOptions, FieldTable, FieldValue, HandshakeStage,
-    PublishOptions, QueueDeclareOptions, QueueDeleteOptions, RecoveryOptions, reply_code,
+    PublishOptions, QueueDeclareOptions, QueueDeleteOptions, RecoveryOptions, RecvError,
+    reply_code,
 };
 use support::{
     Cleanup, Forwarder, amqp_url, broker_addr, connect, free_port, pattern, publish_confirmed,
@@ -774,7 +775,10 @@ fn basic_qos_limits_unacked_deliveries() {
     let a = consumer.recv_timeout(WAIT).unwrap();
     let b = consumer.recv_timeout(WAIT).unwrap();
     assert!(
-        matches!(consumer.recv_timeout(QUIET), Err(Error::Timeout(_))),
+        matches!(
+            consumer.recv_timeout(QUIET),
+            Err(RecvError::Failed(Error::Timeout(_)))
+        ),
         "a third delivery arrived with prefetch 2"
     );
     a.ack().unwrap();
@@ -782,7 +786,7 @@ fn basic_qos_limits_unacked_deliveries() {
     assert_eq!(c.body(), b"q2");
     assert!(matches!(
         consumer.recv_timeout(QUIET),
-        Err(Error::Timeout(_))
+        Err(RecvError::Failed(Error::Timeout(_)))
     ));
     b.ack().unwrap();
     c.ack().unwrap();
@@ -822,7 +826,7 @@ fn consume_with_custom_and_server_tags() {
     // The cancelled consumer got nothing more.
     assert!(matches!(
         custom.recv_timeout(QUIET),
-        Err(Error::ConsumerCancelled { .. })
+        Err(RecvError::Failed(Error::ConsumerCancelled { .. }))
     ));
     conn.close().unwrap();
 }
@@ -885,7 +889,7 @@ fn no_ack_consumer_and_cancel() {
     ach.close().unwrap();
     assert!(matches!(
         c.recv_timeout(QUIET),
-        Err(Error::ChannelClosed(_))
+        Err(RecvError::Failed(Error::ChannelClosed(_)))
     ));
     assert!(matches!(
         ach.basic_publish(
@@ -912,13 +916,13 @@ fn no_ack_consumer_and_cancel() {
     c.cancel().unwrap();
     c.cancel().unwrap(); // twice is fine
     match c.recv_timeout(WAIT) {
-        Err(Error::ConsumerCancelled { tag, .. }) => assert_eq!(tag, c.tag()),
+        Err(RecvError::Failed(Error::ConsumerCancelled { tag, .. })) => assert_eq!(tag, c.tag()),
         other => panic!("expected ConsumerCancelled, got {other:?}"),
     }
     publish(&ch, "", &q, b"after cancel");
     assert!(matches!(
         c.recv_timeout(QUIET),
-        Err(Error::ConsumerCancelled { .. })
+        Err(RecvError::Failed(Error::ConsumerCancelled { .. }))
     ));
     nch.close().unwrap();
     assert!(wait_until(WAIT, || ready_count(&conn, &q) == 1));
@@ -960,7 +964,10 @@ fn ack_nack_reject_with_multiple_and_requeue() {
     assert_eq!(bodies, vec![&b"m2"[..], b"m3", b"m6"]);
     assert!(again.iter().all(|x| x.redelivered()));
     assert!(
-        matches!(consumer.recv_timeout(QUIET), Err(Error::Timeout(_))),
+        matches!(
+            consumer.recv_timeout(QUIET),
+            Err(RecvError::Failed(Error::Timeout(_)))
+        ),
         "a dropped or acked message came back"
     );
     // Channel-level helpers by delivery tag, with multiple.
@@ -1017,7 +1024,7 @@ fn basic_recover_redelivers_unacked() {
     again[1].ack_multiple().unwrap();
     assert!(matches!(
         consumer.recv_timeout(QUIET),
-        Err(Error::Timeout(_))
+        Err(RecvError::Failed(Error::Timeout(_)))
     ));
     conn.close().unwrap();
 }
@@ -1356,18 +1363,18 @@ fn deleting_the_queue_cancels_its_consumers() {
     );
 
     match c1.recv_timeout(WAIT) {
-        Err(Error::ConsumerCancelled { tag, .. }) => assert_eq!(tag, c1.tag()),
+        Err(RecvError::Failed(Error::ConsumerCancelled { tag, .. })) => assert_eq!(tag, c1.tag()),
         other => panic!("expected ConsumerCancelled, got {other:?}"),
     }
     // It stays ended.
     assert!(matches!(
         c1.recv_timeout(QUIET),
-        Err(Error::ConsumerCancelled { .. })
+        Err(RecvError::Failed(Error::ConsumerCancelled { .. }))
     ));
     let items = rx.recv_timeout(WAIT).expect("the iterator ended");
     assert_eq!(items.len(), 1, "{items:?}");
     match &items[0] {
-        Err(Error::ConsumerCancelled { tag, .. }) => assert_eq!(tag, c2.tag()),
+        Err(RecvError::Failed(Error::ConsumerCancelled { tag, .. })) => assert_eq!(tag, c2.tag()),
         other => panic!("expected ConsumerCancelled, got {other:?}"),
     }
     // The channels stay open.
@@ -1405,7 +1412,7 @@ fn sixty_four_publisher_threads_every_message_exactly_once() {
             while received.load(Ordering::SeqCst) < TOTAL && Instant::now() < deadline {
                 let d = match c.recv_timeout(Duration::from_millis(200)) {
                     Ok(d) => d,
-                    Err(Error::Timeout(_)) => continue,
+                    Err(RecvError::Failed(Error::Timeout(_))) => continue,
                     Err(e) => return Err(format!("consumer failed: {e}")),
                 };
                 let body = std::str::from_utf8(d.body()).map_err(|e| e.to_string())?;
@@ -1418,7 +1425,7 @@ fn sixty_four_publisher_threads_every_message_exactly_once() {
             }
             // Nothing more may arrive.
             match c.recv_timeout(QUIET) {
-                Err(Error::Timeout(_)) => Ok(mine),
+                Err(RecvError::Failed(Error::Timeout(_))) => Ok(mine),
                 Ok(d) => Err(format!(
                     "extra delivery {:?}",
                     String::from_utf8_lossy(d.body())
@@ -1580,14 +1587,14 @@ fn block_calls_with(
     let c = consumer.clone();
     spawn(
         "consumer recv",
-        Box::new(move || c.recv().map(|d| format!("{d:?}"))),
+        Box::new(move || c.recv().map(|d| format!("{d:?}")).map_err(Error::from)),
     );
     let c = consumer;
     if two_receivers {
         spawn(
             "consumer iter",
             Box::new(move || match c.iter().next() {
-                Some(r) => r.map(|d| format!("{d:?}")),
+                Some(r) => r.map(|d| format!("{d:?}")).map_err(Error::from),
                 None => Ok("iterator ended without an error".into()),
             }),
         );
@@ -1752,7 +1759,7 @@ fn close_on_a_live_connection_is_quick_and_ends_consumers() {
         t.elapsed()
     );
     match rx.recv_timeout(WAIT).expect("the consumer woke") {
-        Err(Error::ConnectionClosed) => {}
+        Err(RecvError::Failed(Error::ConnectionClosed)) => {}
         other => panic!("expected ConnectionClosed, got {other:?}"),
     }
     assert!(matches!(
@@ -2029,7 +2036,7 @@ fn slow_consumer_holds_deliveries_back_without_losing_any() {
     }
     assert!(matches!(
         consumer.recv_timeout(QUIET),
-        Err(Error::Timeout(_))
+        Err(RecvError::Failed(Error::Timeout(_)))
     ));
     // Reading resumed: the connection serves RPCs again.
     pubch.queue_declare(&q, &passive()).unwrap();
@@ -2177,13 +2184,16 @@ fn every_thread_receiving_from_a_consumer_sees_its_channel_closed() {
     ch.basic_ack(9_999, false).unwrap(); // unknown tag: the broker closes the channel
     for _ in 0..3 {
         match rx.recv_timeout(WAIT).expect("every receiver wakes") {
-            Err(Error::ServerClosedChannel { code: 406, .. }) => {}
+            Err(RecvError::Failed(Error::ServerClosedChannel { code: 406, .. })) => {}
             other => panic!("expected the channel closed with 406, got {other:?}"),
         }
     }
     assert!(matches!(
         consumer.recv_timeout(QUIET),
-        Err(Error::ServerClosedChannel { code: 406, .. })
+        Err(RecvError::Failed(Error::ServerClosedChannel {
+            code: 406,
+            ..
+        }))
     ));
     assert!(conn.is_open());
     conn.close().unwrap();

@@ -10,8 +10,8 @@ use std::time::Instant;
 
 use amq_protocol::protocol::AMQPClass;
 
-use crate::confirm::ConfirmTracker;
-use crate::consumer::{ConsumerSink, Returned};
+use crate::confirm_tracker::ConfirmTracker;
+use crate::delivery::{AckTarget, ConsumerSink, Returned};
 use crate::error::{Error, Result};
 use crate::protocol::content::Content;
 use crate::protocol::frame::put_method;
@@ -521,7 +521,7 @@ impl ChannelShared {
         let mut bytes = Vec::with_capacity(48);
         let m = AMQPClass::Channel(amq_protocol::protocol::channel::AMQPMethod::Close(
             amq_protocol::protocol::channel::Close {
-                reply_code: crate::error::reply_code::REPLY_SUCCESS,
+                reply_code: crate::protocol::reply_code::REPLY_SUCCESS,
                 reply_text: "closed by the application".into(),
                 class_id: 0,
                 method_id: 0,
@@ -557,6 +557,20 @@ impl ChannelShared {
             return Err(self.error());
         }
         self.conn.send(cmd, deadline, what)
+    }
+}
+
+impl AckTarget for ChannelShared {
+    fn channel_id(&self) -> u16 {
+        self.id
+    }
+
+    fn send_frames(&self, bytes: Vec<u8>, what: &'static str) -> Result<()> {
+        self.send(
+            bytes,
+            Instant::now() + self.conn.opts.operation_timeout,
+            what,
+        )
     }
 }
 
