@@ -13,77 +13,19 @@ use crate::delivery::{
 };
 use crate::error::{Error, Result, reply_code};
 use crate::io::{ChannelShared, Command, Reply};
+use crate::options::{
+    ConsumeOptions, ExchangeDeclareOptions, PublishOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
 use crate::protocol::content::ContentMethod;
-use crate::protocol::frame::{put_method, put_publish};
+use crate::protocol::frame::{decode_publish, put_method, put_publish};
 use crate::protocol::properties::BasicProperties;
 use crate::protocol::table::{FieldTable, table_to_amqp};
-use crate::recovery::{
-    BindingRecord, ChannelRecord, ConsumerRecord, ExchangeRecord, QueueRecord, Topology,
-};
 use crate::sync::oneshot;
 use crate::sync::queue::{self as q};
 use crate::sync::{Arc, AtomicBool, Mutex, Ordering};
-
-/// Options of `exchange.declare`.
-#[derive(Debug, Clone, Default)]
-pub struct ExchangeDeclareOptions {
-    /// Only check that it exists (404 closes the channel if not).
-    pub passive: bool,
-    /// Survive a broker restart.
-    pub durable: bool,
-    /// Delete when the last binding is removed.
-    pub auto_delete: bool,
-    /// Not publishable directly, only through exchange-to-exchange bindings.
-    pub internal: bool,
-    /// Extra arguments (e.g. `alternate-exchange`).
-    pub arguments: FieldTable,
-}
-
-/// Options of `queue.declare`.
-#[derive(Debug, Clone, Default)]
-pub struct QueueDeclareOptions {
-    /// Only check that it exists (404 closes the channel if not).
-    pub passive: bool,
-    /// Survive a broker restart.
-    pub durable: bool,
-    /// Used only by this connection and deleted when it closes.
-    pub exclusive: bool,
-    /// Delete when the last consumer goes.
-    pub auto_delete: bool,
-    /// Extra arguments (`x-message-ttl`, `x-queue-type`, `x-dead-letter-exchange`, ...).
-    pub arguments: FieldTable,
-}
-
-/// Options of `queue.delete`.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct QueueDeleteOptions {
-    /// Only if it has no consumers.
-    pub if_unused: bool,
-    /// Only if it is empty.
-    pub if_empty: bool,
-}
-
-/// Options of `basic.consume`.
-#[derive(Debug, Clone, Default)]
-pub struct ConsumeOptions {
-    /// Consumer tag; empty lets the broker choose one.
-    pub consumer_tag: String,
-    /// Deliveries need no acknowledgement.
-    pub no_ack: bool,
-    /// The only consumer of the queue.
-    pub exclusive: bool,
-    /// Do not deliver messages published on this connection.
-    pub no_local: bool,
-    /// Extra arguments (`x-priority`, ...).
-    pub arguments: FieldTable,
-}
-
-/// Options of `basic.publish`.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct PublishOptions {
-    /// Return the message (see [`Channel::recv_return`]) if no queue takes it.
-    pub mandatory: bool,
-}
+use crate::topology::{
+    BindingRecord, ChannelRecord, ConsumerRecord, ExchangeRecord, QueueRecord, Topology,
+};
 
 /// What `queue.declare` answered.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -397,8 +339,13 @@ impl Channel {
         }));
         let r = self.rpc(m, "exchange.bind-ok")?;
         expect_reply!(r, "exchange.bind", AMQPClass::Exchange(exchange::AMQPMethod::BindOk(_)) => ())?;
-        self.topology()
-            .add_binding(binding(true, destination, source, routing_key, arguments));
+        self.topology().add_binding(BindingRecord::new(
+            true,
+            destination,
+            source,
+            routing_key,
+            arguments,
+        ));
         Ok(())
     }
 
@@ -419,8 +366,13 @@ impl Channel {
         }));
         let r = self.rpc(m, "exchange.unbind-ok")?;
         expect_reply!(r, "exchange.unbind", AMQPClass::Exchange(exchange::AMQPMethod::UnbindOk(_)) => ())?;
-        self.topology()
-            .remove_binding(&binding(true, destination, source, routing_key, arguments));
+        self.topology().remove_binding(&BindingRecord::new(
+            true,
+            destination,
+            source,
+            routing_key,
+            arguments,
+        ));
         Ok(())
     }
 
@@ -472,8 +424,13 @@ impl Channel {
         }));
         let r = self.rpc(m, "queue.bind-ok")?;
         expect_reply!(r, "queue.bind", AMQPClass::Queue(queue::AMQPMethod::BindOk(_)) => ())?;
-        self.topology()
-            .add_binding(binding(false, queue, exchange, routing_key, arguments));
+        self.topology().add_binding(BindingRecord::new(
+            false,
+            queue,
+            exchange,
+            routing_key,
+            arguments,
+        ));
         Ok(())
     }
 
@@ -493,8 +450,13 @@ impl Channel {
         }));
         let r = self.rpc(m, "queue.unbind-ok")?;
         expect_reply!(r, "queue.unbind", AMQPClass::Queue(queue::AMQPMethod::UnbindOk(_)) => ())?;
-        self.topology()
-            .remove_binding(&binding(false, queue, exchange, routing_key, arguments));
+        self.topology().remove_binding(&BindingRecord::new(
+            false,
+            queue,
+            exchange,
+            routing_key,
+            arguments,
+        ));
         Ok(())
     }
 
@@ -934,22 +896,6 @@ impl Channel {
     }
 }
 
-fn binding(
-    to_exchange: bool,
-    destination: &str,
-    source: &str,
-    routing_key: &str,
-    arguments: &FieldTable,
-) -> BindingRecord {
-    BindingRecord {
-        to_exchange,
-        destination: destination.to_owned(),
-        source: source.to_owned(),
-        routing_key: routing_key.to_owned(),
-        arguments: arguments.clone(),
-    }
-}
-
 /// A message published in confirm mode and handed back unconfirmed after a connection
 /// loss.
 #[derive(Debug, Clone)]
@@ -969,29 +915,13 @@ pub struct UnconfirmedMessage {
 impl UnconfirmedMessage {
     /// Read back a publish unit that lepus itself encoded.
     fn decode(bytes: &[u8]) -> Option<Self> {
-        let mut dec = crate::protocol::frame::FrameDecoder::new(u32::MAX);
-        dec.feed(bytes);
-        let m = dec.next_frame().ok()??;
-        let p = m.payload;
-        let ex_len = *p.get(6)? as usize;
-        let exchange = String::from_utf8(p.get(7..7 + ex_len)?.to_vec()).ok()?;
-        let rk_at = 7 + ex_len;
-        let rk_len = *p.get(rk_at)? as usize;
-        let routing_key = String::from_utf8(p.get(rk_at + 1..rk_at + 1 + rk_len)?.to_vec()).ok()?;
-        let mandatory = p.get(rk_at + 1 + rk_len)? & 1 != 0;
-        let h = dec.next_frame().ok()??;
-        let properties =
-            crate::protocol::properties::decode_properties(h.payload, usize::MAX).ok()?;
-        let mut body = Vec::new();
-        while let Ok(Some(f)) = dec.next_frame() {
-            body.extend_from_slice(f.payload);
-        }
+        let p = decode_publish(bytes)?;
         Some(UnconfirmedMessage {
-            exchange,
-            routing_key,
-            mandatory,
-            properties,
-            body,
+            exchange: p.exchange,
+            routing_key: p.routing_key,
+            mandatory: p.mandatory,
+            properties: p.properties,
+            body: p.body,
         })
     }
 }

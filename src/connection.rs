@@ -11,16 +11,18 @@ use amq_protocol::protocol::{AMQPClass, connection};
 
 use crate::channel::{Channel, ChannelInner};
 use crate::error::{Error, Result, reply_code};
+use crate::events::{EventLog, RecoveryEvent, RecoveryEventKind};
 use crate::io::engine::Engine;
 use crate::io::reactor::{Reactor, WAKER};
 use crate::io::{Command, ConnShared, LinkEvents, handshake};
 use crate::link::{Ended, LinkState};
+use crate::options::ConnectionOptions;
 use crate::protocol::frame::put_method;
 use crate::protocol::table::FieldTable;
-use crate::recovery::{self, EventLog, RecoveryEvent, RecoveryEventKind, Topology};
+use crate::recovery;
 use crate::sync::{Arc, AtomicBool, AtomicU64, Condvar, CondvarExt, Mutex, Ordering, Weak};
 use crate::sync::{oneshot, queue};
-use crate::uri::ConnectionOptions;
+use crate::topology::Topology;
 
 /// Commands queued for the I/O thread before callers wait for room.
 const COMMAND_QUEUE: usize = 4096;

@@ -26,6 +26,7 @@ use crate::delivery::{ConsumerMsg, ConsumerShared, ConsumerSink};
 use crate::error::{Error, reply_code};
 use crate::io::engine::Engine;
 use crate::io::{ChannelShared, Command, ConnShared, RETURNS_CAPACITY, ReplyRx, Tuned};
+use crate::options::{AuthMechanism, ConnectionOptions};
 use crate::protocol::content::{Assembler, Content, ContentMethod, ContentProblem};
 use crate::protocol::frame::{
     FRAME_BODY, FRAME_END, FRAME_HEADER, FRAME_HEARTBEAT, FRAME_METHOD, FRAME_MIN_SIZE,
@@ -38,7 +39,6 @@ use crate::protocol::table::{
 use crate::sync::oneshot::{self, RecvError};
 use crate::sync::queue::{self, Receiver, TryRecvError};
 use crate::sync::{Arc, Ordering};
-use crate::uri::{AuthMechanism, ConnectionOptions};
 
 pub use crate::protocol::table::{DEFAULT_MAX_TABLE_DEPTH, MAX_TABLE_DEPTH_CAP};
 

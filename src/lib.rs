@@ -84,24 +84,27 @@ mod consumer;
 mod delivery;
 mod delivery_queue;
 mod error;
+#[cfg(not(loom))]
+mod events;
 pub mod fuzzing;
 #[cfg(not(loom))]
 mod io;
 mod link;
+#[cfg(not(loom))]
+mod options;
 mod pool;
 mod protocol;
 #[cfg(not(loom))]
 mod recovery;
 mod sync;
 #[cfg(not(loom))]
+mod topology;
+#[cfg(not(loom))]
 mod uri;
 
 // The public interface is:
 #[cfg(not(loom))]
-pub use channel::{
-    Channel, ConsumeOptions, ExchangeDeclareOptions, PublishOptions, QueueDeclareOptions,
-    QueueDeleteOptions, QueueInfo, UnconfirmedMessage,
-};
+pub use channel::{Channel, QueueInfo, UnconfirmedMessage};
 #[cfg(not(loom))]
 pub use confirm::Confirmation;
 pub use confirm_tracker::Confirm;
@@ -113,14 +116,17 @@ pub use consumer::{Consumer, Iter};
 pub use delivery::{BadDelivery, Delivery, RecvError, Returned};
 pub use error::{BadDeliveryKind, Error, HandshakeStage, Result, reply_code};
 #[cfg(not(loom))]
+pub use events::{RecoveryEvent, RecoveryEventKind};
+#[cfg(not(loom))]
+pub use options::{
+    AuthMechanism, ConnectionOptions, ConsumeOptions, ExchangeDeclareOptions, PublishOptions,
+    QueueDeclareOptions, QueueDeleteOptions, RecoveryOptions, UnconfirmedPolicy,
+};
+#[cfg(not(loom))]
 pub use pool::{ChannelPool, PooledChannel};
 pub use pool::{DEFAULT_POOL_SIZE, PoolStats};
 pub use protocol::properties::BasicProperties;
 pub use protocol::table::{FieldTable, FieldValue};
-#[cfg(not(loom))]
-pub use recovery::{RecoveryEvent, RecoveryEventKind, RecoveryOptions, UnconfirmedPolicy};
-#[cfg(not(loom))]
-pub use uri::{AuthMechanism, ConnectionOptions};
 
 /// Internals exposed for fuzzing, model checks and tests; not part of the stable API.
 #[doc(hidden)]

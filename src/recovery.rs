@@ -1,166 +1,21 @@
-//! Automatic recovery: options, the recorded topology, events with timestamps, jittered
-//! backoff, and the procedure that reconnects and replays everything.
+//! The recovery procedure: jittered backoff over the address list, reconnecting, and
+//! replaying the recorded topology (topology.rs) step by step.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use amq_protocol::protocol::{AMQPClass, basic, confirm, exchange, queue};
 
-use crate::channel::{ChannelInner, ConsumeOptions, ExchangeDeclareOptions, QueueDeclareOptions};
+use crate::channel::ChannelInner;
 use crate::connection::{ConnectionInner, Generation};
 use crate::delivery::ConsumerSink;
 use crate::error::{Error, Result};
+use crate::events::RecoveryEventKind;
 use crate::io::{ChannelShared, Command, Reply, ReplyRx};
-use crate::protocol::table::{FieldTable, table_to_amqp};
+use crate::options::{RecoveryOptions, UnconfirmedPolicy};
+use crate::protocol::table::table_to_amqp;
 use crate::sync::{Arc, Ordering};
-
-/// What happens to messages published in confirm mode but not yet confirmed when the
-/// link is lost.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub enum UnconfirmedPolicy {
-    /// Publish them again on the recovered channel (at-least-once; the broker may see a
-    /// message twice). Their [`crate::Confirmation`]s follow the new copies.
-    #[default]
-    Republish,
-    /// Keep them for the application: [`crate::Channel::take_unconfirmed`] returns them
-    /// and their confirmations fail.
-    HandBack,
-}
-
-/// A step of a recovery, with when it happened.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum RecoveryEventKind {
-    /// The link of `generation` failed with this error.
-    FailureDetected(String),
-    /// Every thread waiting on the failed link has been woken.
-    WaitersWoken,
-    /// A reconnection attempt failed.
-    AttemptFailed {
-        /// 1-based attempt number.
-        attempt: u32,
-        /// Why.
-        error: String,
-    },
-    /// A new connection is open (handshake done).
-    Connected {
-        /// Host connected to.
-        host: String,
-        /// Port connected to.
-        port: u16,
-    },
-    /// A server-named queue was declared again and got a new name; its bindings and
-    /// consumers follow it.
-    QueueRenamed {
-        /// The name before the failure.
-        old: String,
-        /// The name on the new connection.
-        new: String,
-    },
-    /// Exchanges, queues and bindings are declared again.
-    TopologyRecovered,
-    /// Channels, qos, confirm mode and consumers are restored.
-    ConsumersRestored {
-        /// Channels reopened.
-        channels: usize,
-        /// Consumers restored.
-        consumers: usize,
-        /// Unconfirmed messages republished.
-        republished: usize,
-    },
-    /// The new connection is in use.
-    Recovered,
-    /// Recovery stopped trying (attempts exhausted); the connection is dead.
-    GaveUp(String),
-}
-
-/// One recovery event.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RecoveryEvent {
-    /// When it happened.
-    pub at: Instant,
-    /// The connection generation it concerns (1 is the first connection).
-    pub generation: u64,
-    /// What happened.
-    pub kind: RecoveryEventKind,
-}
-
-/// Called for each recovery event, on the thread where it happens: keep it short.
-pub type RecoveryListener = Arc<dyn Fn(&RecoveryEvent) + Send + Sync>;
-
-/// Automatic recovery settings (on by default).
-#[derive(Clone)]
-pub struct RecoveryOptions {
-    pub(crate) enabled: bool,
-    pub(crate) max_attempts: Option<u32>,
-    pub(crate) initial_backoff: Duration,
-    pub(crate) max_backoff: Duration,
-    pub(crate) unconfirmed: UnconfirmedPolicy,
-    pub(crate) listener: Option<RecoveryListener>,
-}
-
-impl std::fmt::Debug for RecoveryOptions {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RecoveryOptions")
-            .field("enabled", &self.enabled)
-            .field("max_attempts", &self.max_attempts)
-            .field("initial_backoff", &self.initial_backoff)
-            .field("max_backoff", &self.max_backoff)
-            .field("unconfirmed", &self.unconfirmed)
-            .field("listener", &self.listener.is_some())
-            .finish()
-    }
-}
-
-impl Default for RecoveryOptions {
-    fn default() -> Self {
-        RecoveryOptions {
-            enabled: true,
-            max_attempts: None,
-            initial_backoff: Duration::from_millis(100),
-            max_backoff: Duration::from_secs(10),
-            unconfirmed: UnconfirmedPolicy::Republish,
-            listener: None,
-        }
-    }
-}
-
-impl RecoveryOptions {
-    /// Recovery on, unbounded attempts, backoff from 100 ms doubling to 10 s (jittered),
-    /// unconfirmed messages republished.
-    pub fn new() -> Self {
-        Self::default()
-    }
-    /// No recovery: a lost link is final and every waiter gets the raw failure.
-    pub fn disabled() -> Self {
-        RecoveryOptions {
-            enabled: false,
-            ..Self::default()
-        }
-    }
-    /// Give up after this many failed reconnection attempts (`None`: never give up).
-    pub fn max_attempts(mut self, n: Option<u32>) -> Self {
-        self.max_attempts = n;
-        self
-    }
-    /// Backoff before the second attempt (the first is immediate), doubling up to `max`.
-    pub fn backoff(mut self, initial: Duration, max: Duration) -> Self {
-        self.initial_backoff = initial;
-        self.max_backoff = max.max(initial);
-        self
-    }
-    /// What to do with unconfirmed messages.
-    pub fn unconfirmed(mut self, policy: UnconfirmedPolicy) -> Self {
-        self.unconfirmed = policy;
-        self
-    }
-    /// Hear every recovery event.
-    pub fn listener(mut self, f: impl Fn(&RecoveryEvent) + Send + Sync + 'static) -> Self {
-        self.listener = Some(Arc::new(f));
-        self
-    }
-}
+use crate::topology::ChannelRecord;
 
 /// Delay before attempt `n` (0-based; attempt 0 is immediate): exponential with ±25 %
 /// jitter, so that many clients of a restarted broker do not reconnect in lockstep.
@@ -183,119 +38,6 @@ pub(crate) fn backoff(opts: &RecoveryOptions, attempt: u32) -> Duration {
     x ^= x << 5;
     let jitter = 0.75 + (x % 1000) as f64 / 2000.0; // 0.75 ..= 1.25
     base.mul_f64(jitter)
-}
-
-// ---------------- topology records ----------------
-
-#[derive(Clone, Debug)]
-pub(crate) struct ExchangeRecord {
-    pub(crate) kind: String,
-    pub(crate) opts: ExchangeDeclareOptions,
-}
-
-#[derive(Clone, Debug)]
-pub(crate) struct QueueRecord {
-    pub(crate) server_named: bool,
-    pub(crate) opts: QueueDeclareOptions,
-}
-
-#[derive(Clone, Debug, PartialEq)]
-pub(crate) struct BindingRecord {
-    pub(crate) to_exchange: bool,
-    pub(crate) destination: String,
-    pub(crate) source: String,
-    pub(crate) routing_key: String,
-    pub(crate) arguments: FieldTable,
-}
-
-/// Everything declared through a connection, to declare again after a reconnect.
-#[derive(Clone, Debug, Default)]
-pub(crate) struct Topology {
-    pub(crate) exchanges: Vec<(String, ExchangeRecord)>,
-    pub(crate) queues: Vec<(String, QueueRecord)>,
-    pub(crate) bindings: Vec<BindingRecord>,
-}
-
-impl Topology {
-    pub(crate) fn add_exchange(&mut self, name: &str, rec: ExchangeRecord) {
-        self.exchanges.retain(|(n, _)| n != name);
-        self.exchanges.push((name.to_owned(), rec));
-    }
-    pub(crate) fn remove_exchange(&mut self, name: &str) {
-        self.exchanges.retain(|(n, _)| n != name);
-        self.bindings
-            .retain(|b| b.source != name && !(b.to_exchange && b.destination == name));
-    }
-    pub(crate) fn add_queue(&mut self, name: &str, rec: QueueRecord) {
-        self.queues.retain(|(n, _)| n != name);
-        self.queues.push((name.to_owned(), rec));
-    }
-    pub(crate) fn remove_queue(&mut self, name: &str) {
-        self.queues.retain(|(n, _)| n != name);
-        self.bindings
-            .retain(|b| b.to_exchange || b.destination != name);
-    }
-    pub(crate) fn add_binding(&mut self, b: BindingRecord) {
-        if !self.bindings.contains(&b) {
-            self.bindings.push(b);
-        }
-    }
-    pub(crate) fn remove_binding(&mut self, b: &BindingRecord) {
-        self.bindings.retain(|x| x != b);
-    }
-    fn rename_queue(&mut self, old: &str, new: &str) {
-        for (n, _) in &mut self.queues {
-            if n == old {
-                *n = new.to_owned();
-            }
-        }
-        for b in &mut self.bindings {
-            if !b.to_exchange && b.destination == old {
-                b.destination = new.to_owned();
-            }
-        }
-    }
-}
-
-/// A consumer to restore on the recovered channel.
-#[derive(Clone)]
-pub(crate) struct ConsumerRecord {
-    pub(crate) tag: String,
-    pub(crate) queue: String,
-    pub(crate) opts: ConsumeOptions,
-    pub(crate) sink: ConsumerSink,
-}
-
-/// Per-channel state to restore.
-#[derive(Clone, Default)]
-pub(crate) struct ChannelRecord {
-    pub(crate) qos: Option<(u16, bool)>,
-    pub(crate) confirm: bool,
-    pub(crate) consumers: Vec<ConsumerRecord>,
-}
-
-/// Bounded log of recent events.
-pub(crate) struct EventLog {
-    events: VecDeque<RecoveryEvent>,
-}
-
-const EVENT_LOG: usize = 4096;
-
-impl EventLog {
-    pub(crate) fn new() -> Self {
-        EventLog {
-            events: VecDeque::new(),
-        }
-    }
-    pub(crate) fn push(&mut self, e: RecoveryEvent) {
-        if self.events.len() == EVENT_LOG {
-            self.events.pop_front();
-        }
-        self.events.push_back(e);
-    }
-    pub(crate) fn snapshot(&self) -> Vec<RecoveryEvent> {
-        self.events.iter().cloned().collect()
-    }
 }
 
 // ---------------- the procedure ----------------
@@ -638,29 +380,5 @@ mod tests {
                 "{attempt}: {b:?}"
             );
         }
-    }
-
-    #[test]
-    fn renaming_a_server_named_queue_moves_its_bindings() {
-        let mut t = Topology::default();
-        t.add_queue(
-            "amq.gen_-1",
-            QueueRecord {
-                server_named: true,
-                opts: QueueDeclareOptions::default(),
-            },
-        );
-        t.add_binding(BindingRecord {
-            to_exchange: false,
-            destination: "amq.gen_-1".into(),
-            source: "ex".into(),
-            routing_key: "k".into(),
-            arguments: FieldTable::new(),
-        });
-        t.rename_queue("amq.gen_-1", "amq.gen_-2");
-        assert_eq!(t.queues[0].0, "amq.gen_-2");
-        assert_eq!(t.bindings[0].destination, "amq.gen_-2");
-        t.remove_queue("amq.gen_-2");
-        assert!(t.bindings.is_empty());
     }
 }

@@ -13,6 +13,7 @@ use amq_protocol::protocol::AMQPClass;
 use crate::confirm_tracker::ConfirmTracker;
 use crate::delivery::{AckTarget, ConsumerSink, Returned};
 use crate::error::{Error, Result};
+use crate::options::ConnectionOptions;
 use crate::protocol::content::Content;
 use crate::protocol::frame::put_method;
 use crate::protocol::table::FieldTable;
@@ -21,7 +22,6 @@ use crate::sync::queue::{self, Receiver, SendTimeoutError, Sender};
 use crate::sync::{
     Arc, AtomicBool, AtomicUsize, Condvar, CondvarExt, Mutex, Ordering, Weak, fence,
 };
-use crate::uri::ConnectionOptions;
 
 /// What an RPC gets back.
 #[derive(Debug)]
