@@ -18,6 +18,7 @@ use crate::options::{
 };
 use crate::protocol::content::ContentMethod;
 use crate::protocol::frame::{decode_publish, put_method, put_publish};
+use crate::protocol::methods;
 use crate::protocol::properties::BasicProperties;
 use crate::protocol::table::{FieldTable, table_to_amqp};
 use crate::sync::oneshot;
@@ -251,7 +252,7 @@ impl Channel {
         self.inner.conn.inner().topology.lock()
     }
 
-    fn args(&self, t: &FieldTable) -> Result<amq_protocol::types::FieldTable> {
+    fn check_args(&self, t: &FieldTable) -> Result<()> {
         let d = t.depth();
         if d > self.max_depth() {
             return Err(Error::InvalidArgument(format!(
@@ -259,6 +260,11 @@ impl Channel {
                 self.max_depth()
             )));
         }
+        Ok(())
+    }
+
+    fn args(&self, t: &FieldTable) -> Result<amq_protocol::types::FieldTable> {
+        self.check_args(t)?;
         Ok(table_to_amqp(t))
     }
 
@@ -285,16 +291,18 @@ impl Channel {
         kind: &str,
         opts: &ExchangeDeclareOptions,
     ) -> Result<()> {
-        let m = AMQPClass::Exchange(exchange::AMQPMethod::Declare(exchange::Declare {
-            exchange: short("exchange name", name)?,
-            kind: short("exchange type", kind)?,
-            passive: opts.passive,
-            durable: opts.durable,
-            auto_delete: opts.auto_delete,
-            internal: opts.internal,
-            nowait: false,
-            arguments: self.args(&opts.arguments)?,
-        }));
+        short("exchange name", name)?;
+        short("exchange type", kind)?;
+        self.check_args(&opts.arguments)?;
+        let m = methods::exchange_declare(
+            name,
+            kind,
+            opts.passive,
+            opts.durable,
+            opts.auto_delete,
+            opts.internal,
+            &opts.arguments,
+        );
         let r = self.rpc(m, "exchange.declare-ok")?;
         expect_reply!(r, "exchange.declare", AMQPClass::Exchange(exchange::AMQPMethod::DeclareOk(_)) => ())?;
         if !opts.passive {
@@ -330,13 +338,11 @@ impl Channel {
         routing_key: &str,
         arguments: &FieldTable,
     ) -> Result<()> {
-        let m = AMQPClass::Exchange(exchange::AMQPMethod::Bind(exchange::Bind {
-            destination: short("destination", destination)?,
-            source: short("source", source)?,
-            routing_key: short("routing key", routing_key)?,
-            nowait: false,
-            arguments: self.args(arguments)?,
-        }));
+        short("destination", destination)?;
+        short("source", source)?;
+        short("routing key", routing_key)?;
+        self.check_args(arguments)?;
+        let m = methods::bind(true, destination, source, routing_key, arguments);
         let r = self.rpc(m, "exchange.bind-ok")?;
         expect_reply!(r, "exchange.bind", AMQPClass::Exchange(exchange::AMQPMethod::BindOk(_)) => ())?;
         self.topology().add_binding(BindingRecord::new(
@@ -380,15 +386,16 @@ impl Channel {
 
     /// Declare a queue; an empty `name` asks the broker to choose one.
     pub fn queue_declare(&self, name: &str, opts: &QueueDeclareOptions) -> Result<QueueInfo> {
-        let m = AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
-            queue: short("queue name", name)?,
-            passive: opts.passive,
-            durable: opts.durable,
-            exclusive: opts.exclusive,
-            auto_delete: opts.auto_delete,
-            nowait: false,
-            arguments: self.args(&opts.arguments)?,
-        }));
+        short("queue name", name)?;
+        self.check_args(&opts.arguments)?;
+        let m = methods::queue_declare(
+            name,
+            opts.passive,
+            opts.durable,
+            opts.exclusive,
+            opts.auto_delete,
+            &opts.arguments,
+        );
         let r = self.rpc(m, "queue.declare-ok")?;
         let info = expect_reply!(r, "queue.declare", AMQPClass::Queue(queue::AMQPMethod::DeclareOk(ok)) => QueueInfo {
             name: ok.queue.to_string(),
@@ -415,13 +422,11 @@ impl Channel {
         routing_key: &str,
         arguments: &FieldTable,
     ) -> Result<()> {
-        let m = AMQPClass::Queue(queue::AMQPMethod::Bind(queue::Bind {
-            queue: short("queue name", queue)?,
-            exchange: short("exchange name", exchange)?,
-            routing_key: short("routing key", routing_key)?,
-            nowait: false,
-            arguments: self.args(arguments)?,
-        }));
+        short("queue name", queue)?;
+        short("exchange name", exchange)?;
+        short("routing key", routing_key)?;
+        self.check_args(arguments)?;
+        let m = methods::bind(false, queue, exchange, routing_key, arguments);
         let r = self.rpc(m, "queue.bind-ok")?;
         expect_reply!(r, "queue.bind", AMQPClass::Queue(queue::AMQPMethod::BindOk(_)) => ())?;
         self.topology().add_binding(BindingRecord::new(
@@ -489,10 +494,7 @@ impl Channel {
     /// Limit unacknowledged deliveries (per consumer, or per channel if `global`). Also
     /// sizes the local queue of consumers started afterwards.
     pub fn basic_qos(&self, prefetch_count: u16, global: bool) -> Result<()> {
-        let m = AMQPClass::Basic(basic::AMQPMethod::Qos(basic::Qos {
-            prefetch_count,
-            global,
-        }));
+        let m = methods::qos(prefetch_count, global);
         let deadline = self.deadline();
         let shared = self.usable(deadline)?;
         let r = shared.rpc(m, deadline, "basic.qos-ok", None)?;
@@ -673,15 +675,17 @@ impl Channel {
         };
         let record_sink = sink.clone();
         let relay = sink.tx.clone();
-        let m = AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
-            queue: short("queue name", queue)?,
-            consumer_tag: short("consumer tag", &opts.consumer_tag)?,
-            no_local: opts.no_local,
-            no_ack: opts.no_ack,
-            exclusive: opts.exclusive,
-            nowait: false,
-            arguments: self.args(&opts.arguments)?,
-        }));
+        short("queue name", queue)?;
+        short("consumer tag", &opts.consumer_tag)?;
+        self.check_args(&opts.arguments)?;
+        let m = methods::consume(
+            queue,
+            &opts.consumer_tag,
+            opts.no_local,
+            opts.no_ack,
+            opts.exclusive,
+            &opts.arguments,
+        );
         let r = ch.rpc(m, deadline, "basic.consume-ok", Some(sink))?;
         let tag = expect_reply!(r, "basic.consume", AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(ok)) => ok.consumer_tag.to_string())?;
         let mut record = self.inner.record.lock();
@@ -800,9 +804,7 @@ impl Channel {
         if shared.confirms.is_enabled() {
             return Ok(());
         }
-        let m = AMQPClass::Confirm(confirm::AMQPMethod::Select(confirm::Select {
-            nowait: false,
-        }));
+        let m = methods::confirm_select();
         let r = shared.rpc(m, deadline, "confirm.select-ok", None)?;
         expect_reply!(r, "confirm.select", AMQPClass::Confirm(confirm::AMQPMethod::SelectOk(_)) => ())?;
         shared.confirms.enable();

@@ -4,16 +4,16 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use amq_protocol::protocol::{AMQPClass, basic, confirm, exchange, queue};
+use amq_protocol::protocol::{AMQPClass, queue};
 
 use crate::channel::ChannelInner;
 use crate::connection::{ConnectionInner, Generation};
 use crate::delivery::ConsumerSink;
 use crate::error::{Error, Result};
 use crate::events::RecoveryEventKind;
-use crate::io::{ChannelShared, Command, Reply, ReplyRx};
+use crate::io::{ChannelShared, Command, ConnShared, Reply, ReplyRx};
 use crate::options::{RecoveryOptions, UnconfirmedPolicy};
-use crate::protocol::table::table_to_amqp;
+use crate::protocol::methods;
 use crate::sync::{Arc, Ordering};
 use crate::topology::ChannelRecord;
 
@@ -139,12 +139,11 @@ impl InFlight {
     }
 }
 
+/// One replay on a new connection generation: topology first (on a channel of its own),
+/// then every channel under its old id with its qos, confirm mode and consumers, then the
+/// unconfirmed messages; finally the generation becomes current.
 fn replay(inner: &Arc<ConnectionInner>, gen_: &Arc<Generation>) -> Result<()> {
     let conn = gen_.shared();
-    // Each step gets the operation timeout (not the whole replay, whose length grows with
-    // the round trip: one deadline for all of it could make recovery over a slow link
-    // time out on every attempt, forever).
-    let deadline = || Instant::now() + inner.opts.operation_timeout;
     let channels = inner.live_channels();
     // Channels keep their ids: reserve them before the topology channel takes one.
     {
@@ -153,61 +152,75 @@ fn replay(inner: &Arc<ConnectionInner>, gen_: &Arc<Generation>) -> Result<()> {
             ids.reserve(c.id());
         }
     }
-    let topo_ch = conn.open_channel(None, deadline())?;
-    let mut topology = inner.topology.lock().clone();
+    let renamed = replay_topology(inner, gen_)?;
+    inner.event(gen_.number(), RecoveryEventKind::TopologyRecovered);
 
-    // Exchanges and queues in one round trip; bindings (which may name a renamed
-    // server-named queue) in the next.
-    let d = deadline();
+    // Channels: reopen all under their ids at once, then qos, confirm mode and consumers,
+    // each a single round trip for all channels.
+    let restored = reopen_channels(inner, conn, &channels)?;
+    let records = channel_records(&restored, &renamed);
+    restore_qos_and_confirms(inner, &restored, &records)?;
+    let consumers = restore_consumers(inner, &restored, &records)?;
+    let republished = settle_unconfirmed(inner, conn, &restored)?;
+    inner.notify();
+    if !inner.install(gen_.clone()) {
+        return Err(Error::ConnectionLost(
+            "the new connection failed while it was being restored".into(),
+        ));
+    }
+    inner.event(
+        gen_.number(),
+        RecoveryEventKind::ConsumersRestored {
+            channels: restored.len(),
+            consumers,
+            republished,
+        },
+    );
+    Ok(())
+}
+
+/// Each step gets the operation timeout (not the whole replay, whose length grows with
+/// the round trip: one deadline for all of it could make recovery over a slow link time
+/// out on every attempt, forever).
+fn step_deadline(inner: &ConnectionInner) -> Instant {
+    Instant::now() + inner.opts.operation_timeout
+}
+
+/// Declare the recorded exchanges and queues again (one round trip), then the bindings,
+/// which may name a renamed server-named queue (a second one). Returns the renames.
+fn replay_topology(
+    inner: &Arc<ConnectionInner>,
+    gen_: &Arc<Generation>,
+) -> Result<HashMap<String, String>> {
+    let topo_ch = gen_.shared().open_channel(None, step_deadline(inner))?;
+    let mut topology = inner.topology.lock().clone();
+    let d = step_deadline(inner);
     let mut step = InFlight::new();
     for (name, rec) in &topology.exchanges {
-        let m = AMQPClass::Exchange(exchange::AMQPMethod::Declare(exchange::Declare {
-            exchange: name.as_str().into(),
-            kind: rec.kind.as_str().into(),
-            passive: false,
-            durable: rec.opts.durable,
-            auto_delete: rec.opts.auto_delete,
-            internal: rec.opts.internal,
-            nowait: false,
-            arguments: table_to_amqp(&rec.opts.arguments),
-        }));
-        step.start(&topo_ch, m, d, "exchange.declare-ok (recovery)", None)?;
+        step.start(
+            &topo_ch,
+            rec.declare(name),
+            d,
+            "exchange.declare-ok (recovery)",
+            None,
+        )?;
     }
     let queues = topology.queues.clone();
     for (name, rec) in &queues {
-        let m = AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
-            queue: if rec.server_named {
-                "".into()
-            } else {
-                name.as_str().into()
-            },
-            passive: false,
-            durable: rec.opts.durable,
-            exclusive: rec.opts.exclusive,
-            auto_delete: rec.opts.auto_delete,
-            nowait: false,
-            arguments: table_to_amqp(&rec.opts.arguments),
-        }));
-        step.start(&topo_ch, m, d, "queue.declare-ok (recovery)", None)?;
+        step.start(
+            &topo_ch,
+            rec.declare(name),
+            d,
+            "queue.declare-ok (recovery)",
+            None,
+        )?;
     }
     let replies = step.finish(d)?;
     let mut renamed: HashMap<String, String> = HashMap::new();
     for ((name, _), reply) in queues.iter().zip(&replies[topology.exchanges.len()..]) {
-        match reply {
+        let new = match reply {
             Reply::Method(AMQPClass::Queue(queue::AMQPMethod::DeclareOk(ok))) => {
-                let new = ok.queue.to_string();
-                if &new != name {
-                    log::info!("server-named queue {name:?} is now {new:?}");
-                    inner.event(
-                        gen_.number(),
-                        RecoveryEventKind::QueueRenamed {
-                            old: name.clone(),
-                            new: new.clone(),
-                        },
-                    );
-                    topology.rename_queue(name, &new);
-                    renamed.insert(name.clone(), new);
-                }
+                ok.queue.to_string()
             }
             other => {
                 return Err(Error::UnexpectedReply {
@@ -215,29 +228,24 @@ fn replay(inner: &Arc<ConnectionInner>, gen_: &Arc<Generation>) -> Result<()> {
                     got: format!("{other:?}"),
                 });
             }
+        };
+        if &new != name {
+            log::info!("server-named queue {name:?} is now {new:?}");
+            inner.event(
+                gen_.number(),
+                RecoveryEventKind::QueueRenamed {
+                    old: name.clone(),
+                    new: new.clone(),
+                },
+            );
+            topology.rename_queue(name, &new);
+            renamed.insert(name.clone(), new);
         }
     }
-    let d = deadline();
+    let d = step_deadline(inner);
     let mut step = InFlight::new();
     for b in &topology.bindings {
-        let m = if b.to_exchange {
-            AMQPClass::Exchange(exchange::AMQPMethod::Bind(exchange::Bind {
-                destination: b.destination.as_str().into(),
-                source: b.source.as_str().into(),
-                routing_key: b.routing_key.as_str().into(),
-                nowait: false,
-                arguments: table_to_amqp(&b.arguments),
-            }))
-        } else {
-            AMQPClass::Queue(queue::AMQPMethod::Bind(queue::Bind {
-                queue: b.destination.as_str().into(),
-                exchange: b.source.as_str().into(),
-                routing_key: b.routing_key.as_str().into(),
-                nowait: false,
-                arguments: table_to_amqp(&b.arguments),
-            }))
-        };
-        step.start(&topo_ch, m, d, "bind-ok (recovery)", None)?;
+        step.start(&topo_ch, b.bind(), d, "bind-ok (recovery)", None)?;
     }
     step.finish(d)?;
     topo_ch.close_nowait();
@@ -247,22 +255,34 @@ fn replay(inner: &Arc<ConnectionInner>, gen_: &Arc<Generation>) -> Result<()> {
             t.rename_queue(old, new);
         }
     }
-    inner.event(gen_.number(), RecoveryEventKind::TopologyRecovered);
+    Ok(renamed)
+}
 
-    // Channels: reopen all under their ids at once, then qos, confirm mode and consumers,
-    // each a single round trip for all channels.
-    let d = deadline();
+type Restored = Vec<(Arc<ChannelInner>, Arc<ChannelShared>)>;
+
+/// Reopen every channel under its old id: all `channel.open`s, then all replies.
+fn reopen_channels(
+    inner: &ConnectionInner,
+    conn: &Arc<ConnShared>,
+    channels: &[Arc<ChannelInner>],
+) -> Result<Restored> {
+    let d = step_deadline(inner);
     let mut opening = Vec::with_capacity(channels.len());
-    for c in &channels {
+    for c in channels {
         conn.ids.lock().free(c.id());
         opening.push(conn.open_channel_start(Some(c.id()), d)?);
     }
-    let mut restored: Vec<(Arc<ChannelInner>, Arc<ChannelShared>)> = Vec::new();
+    let mut restored = Vec::with_capacity(channels.len());
     for (c, (new, rx)) in channels.iter().zip(opening) {
         new.open_finish(&rx, d)?;
         restored.push((c.clone(), new));
     }
-    let records: Vec<ChannelRecord> = restored
+    Ok(restored)
+}
+
+/// Each channel's record, without its dropped consumers and with renamed queues.
+fn channel_records(restored: &Restored, renamed: &HashMap<String, String>) -> Vec<ChannelRecord> {
+    restored
         .iter()
         .map(|(c, _)| {
             let mut rec = c.record.lock();
@@ -274,43 +294,47 @@ fn replay(inner: &Arc<ConnectionInner>, gen_: &Arc<Generation>) -> Result<()> {
             }
             rec.clone()
         })
-        .collect();
-    let d = deadline();
+        .collect()
+}
+
+/// `basic.qos` and `confirm.select` on every channel that had them: one round trip.
+fn restore_qos_and_confirms(
+    inner: &ConnectionInner,
+    restored: &Restored,
+    records: &[ChannelRecord],
+) -> Result<()> {
+    let d = step_deadline(inner);
     let mut step = InFlight::new();
-    for ((_, new), record) in restored.iter().zip(&records) {
+    for ((_, new), record) in restored.iter().zip(records) {
         if let Some((prefetch, global)) = record.qos {
-            let m = AMQPClass::Basic(basic::AMQPMethod::Qos(basic::Qos {
-                prefetch_count: prefetch,
-                global,
-            }));
+            let m = methods::qos(prefetch, global);
             step.start(new, m, d, "basic.qos-ok (recovery)", None)?;
             new.prefetch.store(prefetch.into(), Ordering::Release);
         }
         if record.confirm {
-            let m = AMQPClass::Confirm(confirm::AMQPMethod::Select(confirm::Select {
-                nowait: false,
-            }));
+            let m = methods::confirm_select();
             step.start(new, m, d, "confirm.select-ok (recovery)", None)?;
         }
     }
     step.finish(d)?;
-    let d = deadline();
+    Ok(())
+}
+
+/// Every consumer under its tag, feeding its old queue: one round trip. Returns how many.
+fn restore_consumers(
+    inner: &ConnectionInner,
+    restored: &Restored,
+    records: &[ChannelRecord],
+) -> Result<usize> {
+    let d = step_deadline(inner);
     let mut step = InFlight::new();
-    let mut counts = (restored.len(), 0, 0);
-    for ((_, new), record) in restored.iter().zip(&records) {
+    let mut n = 0;
+    for ((_, new), record) in restored.iter().zip(records) {
         if record.confirm {
             new.confirms.enable();
         }
         for r in &record.consumers {
-            let m = AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
-                queue: r.queue.as_str().into(),
-                consumer_tag: r.tag.as_str().into(),
-                no_local: r.opts.no_local,
-                no_ack: r.opts.no_ack,
-                exclusive: r.opts.exclusive,
-                nowait: false,
-                arguments: table_to_amqp(&r.opts.arguments),
-            }));
+            let m = r.consume();
             step.start(
                 new,
                 m,
@@ -318,12 +342,22 @@ fn replay(inner: &Arc<ConnectionInner>, gen_: &Arc<Generation>) -> Result<()> {
                 "basic.consume-ok (recovery)",
                 Some(r.sink.clone()),
             )?;
-            counts.1 += 1;
+            n += 1;
         }
     }
     step.finish(d)?;
-    // Unconfirmed messages of the old channels, then make the new channels current.
-    for (c, new) in &restored {
+    Ok(n)
+}
+
+/// Unconfirmed messages of the old channels (republished or handed back, by policy),
+/// then make the new channels current. Returns how many were republished.
+fn settle_unconfirmed(
+    inner: &ConnectionInner,
+    conn: &Arc<ConnShared>,
+    restored: &Restored,
+) -> Result<usize> {
+    let mut republished = 0;
+    for (c, new) in restored {
         let old = c.current_shared();
         let entries = old.confirms.take_in_doubt();
         if !entries.is_empty() {
@@ -337,8 +371,12 @@ fn replay(inner: &Arc<ConnectionInner>, gen_: &Arc<Generation>) -> Result<()> {
                     // channel whose list was just emptied.
                     c.set_current(new.clone());
                     for bytes in frames {
-                        counts.2 += 1;
-                        conn.send(Command::SendShared(bytes), deadline(), "republish")?;
+                        republished += 1;
+                        conn.send(
+                            Command::SendShared(bytes),
+                            step_deadline(inner),
+                            "republish",
+                        )?;
                     }
                 }
                 _ => c.hand_back(entries),
@@ -346,21 +384,7 @@ fn replay(inner: &Arc<ConnectionInner>, gen_: &Arc<Generation>) -> Result<()> {
         }
         c.set_current(new.clone());
     }
-    inner.notify();
-    if !inner.install(gen_.clone()) {
-        return Err(Error::ConnectionLost(
-            "the new connection failed while it was being restored".into(),
-        ));
-    }
-    inner.event(
-        gen_.number(),
-        RecoveryEventKind::ConsumersRestored {
-            channels: counts.0,
-            consumers: counts.1,
-            republished: counts.2,
-        },
-    );
-    Ok(())
+    Ok(republished)
 }
 
 #[cfg(test)]

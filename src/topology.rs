@@ -4,7 +4,10 @@
 
 use crate::delivery::ConsumerSink;
 use crate::options::{ConsumeOptions, ExchangeDeclareOptions, QueueDeclareOptions};
+use crate::protocol::methods;
 use crate::protocol::table::FieldTable;
+
+use amq_protocol::protocol::AMQPClass;
 
 #[derive(Clone, Debug)]
 pub(crate) struct ExchangeRecord {
@@ -93,7 +96,65 @@ pub(crate) struct ChannelRecord {
     pub(crate) consumers: Vec<ConsumerRecord>,
 }
 
+impl ExchangeRecord {
+    /// The `exchange.declare` that declares it again.
+    pub(crate) fn declare(&self, name: &str) -> AMQPClass {
+        let o = &self.opts;
+        methods::exchange_declare(
+            name,
+            &self.kind,
+            false,
+            o.durable,
+            o.auto_delete,
+            o.internal,
+            &o.arguments,
+        )
+    }
+}
+
+impl QueueRecord {
+    /// The `queue.declare` that declares it again (a server-named queue gets a new name).
+    pub(crate) fn declare(&self, name: &str) -> AMQPClass {
+        let o = &self.opts;
+        let name = if self.server_named { "" } else { name };
+        methods::queue_declare(
+            name,
+            false,
+            o.durable,
+            o.exclusive,
+            o.auto_delete,
+            &o.arguments,
+        )
+    }
+}
+
+impl ConsumerRecord {
+    /// The `basic.consume` that restores it under its tag.
+    pub(crate) fn consume(&self) -> AMQPClass {
+        let o = &self.opts;
+        methods::consume(
+            &self.queue,
+            &self.tag,
+            o.no_local,
+            o.no_ack,
+            o.exclusive,
+            &o.arguments,
+        )
+    }
+}
+
 impl BindingRecord {
+    /// The `exchange.bind` or `queue.bind` that binds it again.
+    pub(crate) fn bind(&self) -> AMQPClass {
+        methods::bind(
+            self.to_exchange,
+            &self.destination,
+            &self.source,
+            &self.routing_key,
+            &self.arguments,
+        )
+    }
+
     pub(crate) fn new(
         to_exchange: bool,
         destination: &str,

@@ -3,6 +3,7 @@
 
 pub mod content;
 pub mod frame;
+pub(crate) mod methods;
 pub mod properties;
 pub mod reply_code;
 pub mod table;
