@@ -5,16 +5,13 @@ use std::time::{Duration, Instant};
 use amq_protocol::protocol::{AMQPClass, basic, channel as chan, confirm, exchange, queue, tx};
 use amq_protocol::types::ShortString;
 
-use crate::confirm::Confirmation;
 use crate::connection::Connection;
-use crate::consumer::{Consumer, QUEUE_MARGIN, UNLIMITED_PREFETCH_QUEUE};
-use crate::delivery::{
-    Acker, BadDelivery, ConsumerShared, ConsumerSink, Delivery, RecvError, Returned,
-};
+use crate::connection_state::ChannelSlot;
+use crate::delivery::{Acker, BadDelivery, ConsumerSink, Delivery, RecvError, Returned};
 use crate::error::{Error, Result, reply_code};
 use crate::io::{ChannelShared, Command, Reply};
 use crate::options::{
-    ConsumeOptions, ExchangeDeclareOptions, PublishOptions, QueueDeclareOptions, QueueDeleteOptions,
+    ExchangeDeclareOptions, PublishOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use crate::protocol::content::ContentMethod;
 use crate::protocol::frame::{decode_publish, put_method, put_publish};
@@ -22,11 +19,8 @@ use crate::protocol::methods;
 use crate::protocol::properties::BasicProperties;
 use crate::protocol::table::{FieldTable, table_to_amqp};
 use crate::sync::oneshot;
-use crate::sync::queue::{self as q};
-use crate::sync::{Arc, AtomicBool, Mutex, Ordering};
-use crate::topology::{
-    BindingRecord, ChannelRecord, ConsumerRecord, ExchangeRecord, QueueRecord, Topology,
-};
+use crate::sync::{Arc, AtomicBool, AtomicU8, Mutex, Ordering, Weak};
+use crate::topology::{BindingRecord, ChannelRecord, ExchangeRecord, QueueRecord, Topology};
 
 /// What `queue.declare` answered.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,6 +49,7 @@ pub struct Channel {
     timeout: Option<Duration>,
 }
 
+/// The lasting state of one channel handle, across connection generations.
 pub(crate) struct ChannelInner {
     id: u16,
     conn: Connection,
@@ -64,23 +59,23 @@ pub(crate) struct ChannelInner {
     handed_back: Mutex<Vec<Arc<Vec<u8>>>>,
 }
 
-impl ChannelInner {
-    pub(crate) fn id(&self) -> u16 {
+impl ChannelSlot for ChannelInner {
+    fn id(&self) -> u16 {
         self.id
     }
-    pub(crate) fn current_shared(&self) -> Arc<ChannelShared> {
+    fn current_shared(&self) -> Arc<ChannelShared> {
         self.current.lock().clone()
     }
-    /// Recovery installs the reopened channel.
-    pub(crate) fn set_current(&self, new: Arc<ChannelShared>) {
+    fn set_current(&self, new: Arc<ChannelShared>) {
         *self.current.lock() = new;
     }
-    /// Worth reopening after a connection failure.
-    pub(crate) fn wants_recovery(&self) -> bool {
+    fn wants_recovery(&self) -> bool {
         !self.closed_by_us.load(Ordering::Acquire) && !self.current_shared().is_channel_closed()
     }
-    /// Unconfirmed messages the application gets back (hand-back policy).
-    pub(crate) fn hand_back(&self, entries: Vec<crate::confirm_tracker::Entry>) {
+    fn record(&self) -> &Mutex<ChannelRecord> {
+        &self.record
+    }
+    fn hand_back(&self, entries: Vec<crate::confirm_tracker::Entry>) {
         let mut v = self.handed_back.lock();
         for e in entries {
             e.hand_back();
@@ -89,8 +84,7 @@ impl ChannelInner {
             }
         }
     }
-    /// The connection is gone for good: end every consumer of this channel.
-    pub(crate) fn end_consumers(&self, err: &Error) {
+    fn end_consumers(&self, err: &Error) {
         for r in self.record.lock().consumers.drain(..) {
             r.sink.end(err.clone());
         }
@@ -110,7 +104,7 @@ impl Drop for ChannelInner {
     fn drop(&mut self) {
         self.conn
             .inner()
-            .unregister_channel(self.id, self as *const ChannelInner);
+            .unregister_channel(self.id, self as *const ChannelInner as *const ());
         let shared = self.current.get_mut().clone();
         if self.closed_by_us.load(Ordering::Acquire) || shared.is_closed() {
             return;
@@ -128,7 +122,7 @@ fn close_method() -> AMQPClass {
     }))
 }
 
-fn short(what: &str, s: &str) -> Result<ShortString> {
+pub(crate) fn short(what: &str, s: &str) -> Result<ShortString> {
     if s.len() > 255 {
         return Err(Error::InvalidArgument(format!(
             "{what} is {} bytes long; AMQP short strings hold at most 255",
@@ -150,6 +144,23 @@ macro_rules! expect_reply {
     };
 }
 
+// Channels are opened from a connection; the method lives with the handle it creates, so
+// that imports point one way (channel -> connection).
+impl Connection {
+    /// Open a new channel, waiting up to the operation timeout (and for a recovery in
+    /// progress to finish, within that time).
+    pub fn open_channel(&self) -> Result<Channel> {
+        self.open_channel_until(Instant::now() + self.inner().opts.operation_timeout)
+    }
+
+    /// Open a new channel, waiting until `deadline`.
+    pub fn open_channel_until(&self, deadline: Instant) -> Result<Channel> {
+        let shared = self.inner().current(deadline)?;
+        let ch = shared.open_channel(None, deadline)?;
+        Ok(Channel::new(ch, self.clone()))
+    }
+}
+
 impl Channel {
     pub(crate) fn new(shared: Arc<ChannelShared>, conn: Connection) -> Self {
         let inner = Arc::new(ChannelInner {
@@ -160,7 +171,8 @@ impl Channel {
             record: Mutex::new(ChannelRecord::default()),
             handed_back: Mutex::new(Vec::new()),
         });
-        inner.conn.inner().register_channel(&inner);
+        let slot: Weak<dyn ChannelSlot> = Arc::downgrade(&inner) as Weak<ChannelInner>;
+        inner.conn.inner().register_channel(inner.id, slot);
         Channel {
             inner,
             timeout: None,
@@ -252,7 +264,7 @@ impl Channel {
         self.inner.conn.inner().topology.lock()
     }
 
-    fn check_args(&self, t: &FieldTable) -> Result<()> {
+    pub(crate) fn check_args(&self, t: &FieldTable) -> Result<()> {
         let d = t.depth();
         if d > self.max_depth() {
             return Err(Error::InvalidArgument(format!(
@@ -522,23 +534,10 @@ impl Channel {
             .map(|_| ())
     }
 
-    /// Publish in confirm mode and get the message's [`Confirmation`].
-    pub fn basic_publish_confirmed(
-        &self,
-        exchange: &str,
-        routing_key: &str,
-        body: &[u8],
-        properties: &BasicProperties,
-        opts: PublishOptions,
-    ) -> Result<Confirmation> {
-        if !self.inner.record.lock().confirm {
-            return Err(Error::NotInConfirmMode);
-        }
-        self.publish(exchange, routing_key, body, properties, opts, true)?
-            .ok_or(Error::NotInConfirmMode)
-    }
-
-    fn publish(
+    /// Publish; in confirm mode with `want_handle`, returns the sequence number and the
+    /// slot its confirmation is recorded in (confirm.rs makes the handle).
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn publish(
         &self,
         exchange: &str,
         routing_key: &str,
@@ -546,7 +545,7 @@ impl Channel {
         properties: &BasicProperties,
         opts: PublishOptions,
         want_handle: bool,
-    ) -> Result<Option<Confirmation>> {
+    ) -> Result<Option<(u64, Arc<AtomicU8>)>> {
         let deadline = self.deadline();
         let shared = self.usable(deadline)?;
         let conn = &shared.conn;
@@ -597,7 +596,7 @@ impl Channel {
             shared.confirms.unregister(seq);
             return Err(e);
         }
-        Ok(slot.map(|s| Confirmation::new(seq, s, self.clone())))
+        Ok(slot.map(|s| (seq, s)))
     }
 
     /// Fetch one message (`basic.get`); `Ok(None)` if the queue is empty,
@@ -656,60 +655,6 @@ impl Channel {
         }
     }
 
-    /// Start a consumer on `queue`.
-    pub fn basic_consume(&self, queue: &str, opts: &ConsumeOptions) -> Result<Consumer> {
-        let deadline = self.deadline();
-        let ch = self.usable(deadline)?;
-        let prefetch = ch.prefetch.load(Ordering::Acquire);
-        let capacity = if prefetch == 0 {
-            UNLIMITED_PREFETCH_QUEUE
-        } else {
-            prefetch + QUEUE_MARGIN
-        };
-        let (tx, rx) = q::unbounded();
-        let shared = Arc::new(ConsumerShared::new(capacity));
-        let sink = ConsumerSink {
-            tx,
-            shared: shared.clone(),
-            no_ack: opts.no_ack,
-        };
-        let record_sink = sink.clone();
-        let relay = sink.tx.clone();
-        short("queue name", queue)?;
-        short("consumer tag", &opts.consumer_tag)?;
-        self.check_args(&opts.arguments)?;
-        let m = methods::consume(
-            queue,
-            &opts.consumer_tag,
-            opts.no_local,
-            opts.no_ack,
-            opts.exclusive,
-            &opts.arguments,
-        );
-        let r = ch.rpc(m, deadline, "basic.consume-ok", Some(sink))?;
-        let tag = expect_reply!(r, "basic.consume", AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(ok)) => ok.consumer_tag.to_string())?;
-        let mut record = self.inner.record.lock();
-        if record.consumers.capacity() == 0 {
-            // Most channels carry one consumer: no room for three more (saves ~400 B).
-            record.consumers.reserve_exact(1);
-        }
-        record.consumers.push(ConsumerRecord {
-            tag: tag.clone(),
-            queue: queue.to_owned(),
-            opts: opts.clone(),
-            sink: record_sink,
-        });
-        drop(record);
-        Ok(Consumer::new(
-            tag,
-            rx,
-            relay,
-            shared,
-            self.clone(),
-            opts.no_ack,
-        ))
-    }
-
     /// Cancel a consumer by tag and wait for `cancel-ok`.
     pub fn basic_cancel(&self, consumer_tag: &str) -> Result<()> {
         let m = AMQPClass::Basic(basic::AMQPMethod::Cancel(basic::Cancel {
@@ -719,6 +664,11 @@ impl Channel {
         self.forget_consumer(consumer_tag);
         let r = self.rpc(m, "basic.cancel-ok")?;
         expect_reply!(r, "basic.cancel", AMQPClass::Basic(basic::AMQPMethod::CancelOk(_)) => ())
+    }
+
+    /// What recovery restores on this channel.
+    pub(crate) fn record(&self) -> &Mutex<ChannelRecord> {
+        &self.inner.record
     }
 
     /// Stop restoring a consumer after recovery.

@@ -6,7 +6,31 @@ use std::time::Instant;
 use crate::channel::Channel;
 use crate::confirm_tracker::{Confirm, FAILED, outcome};
 use crate::error::{Error, Result};
+use crate::options::PublishOptions;
+use crate::protocol::properties::BasicProperties;
 use crate::sync::{Arc, AtomicU8, Ordering};
+
+// A confirmation comes from a channel's publish; the method lives with the handle it
+// creates, so that imports point one way (confirm -> channel).
+impl Channel {
+    /// Publish in confirm mode and get the message's [`Confirmation`].
+    pub fn basic_publish_confirmed(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: &BasicProperties,
+        opts: PublishOptions,
+    ) -> Result<Confirmation> {
+        if !self.record().lock().confirm {
+            return Err(Error::NotInConfirmMode);
+        }
+        let (seq, slot) = self
+            .publish(exchange, routing_key, body, properties, opts, true)?
+            .ok_or(Error::NotInConfirmMode)?;
+        Ok(Confirmation::new(seq, slot, self.clone()))
+    }
+}
 
 /// The confirmation of one published message; wait on it from any thread.
 ///
@@ -29,7 +53,7 @@ impl std::fmt::Debug for Confirmation {
 }
 
 impl Confirmation {
-    pub(crate) fn new(seq: u64, slot: Arc<AtomicU8>, channel: Channel) -> Self {
+    fn new(seq: u64, slot: Arc<AtomicU8>, channel: Channel) -> Self {
         Confirmation { seq, slot, channel }
     }
 

@@ -3,17 +3,91 @@
 use std::fmt;
 use std::time::{Duration, Instant};
 
-use crate::channel::Channel;
-use crate::delivery::{ConsumerMsg, ConsumerShared, Delivery, RecvError};
+use amq_protocol::protocol::{AMQPClass, basic};
+
+use crate::channel::{Channel, short};
+use crate::delivery::{ConsumerMsg, ConsumerShared, ConsumerSink, Delivery, RecvError};
 use crate::error::{Error, Result};
-use crate::sync::queue::{Receiver, RecvTimeoutError, Sender, TryRecvError};
+use crate::io::Reply;
+use crate::options::ConsumeOptions;
+use crate::protocol::methods;
+use crate::sync::queue::{self as q, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use crate::sync::{Arc, AtomicBool, Mutex, Ordering};
+use crate::topology::ConsumerRecord;
 
 /// Queue slots beyond the prefetch count, for deliveries in flight when the consumer
 /// starts and for the cancel notice.
-pub(crate) const QUEUE_MARGIN: usize = 64;
+const QUEUE_MARGIN: usize = 64;
 /// Bound of a consumer's queue when the channel has no prefetch limit.
-pub(crate) const UNLIMITED_PREFETCH_QUEUE: usize = 1024;
+const UNLIMITED_PREFETCH_QUEUE: usize = 1024;
+
+// A consumer is started from a channel; the method lives with the handle it creates, so
+// that imports point one way (consumer -> channel).
+impl Channel {
+    /// Start a consumer on `queue`.
+    pub fn basic_consume(&self, queue: &str, opts: &ConsumeOptions) -> Result<Consumer> {
+        let deadline = self.deadline();
+        let ch = self.usable(deadline)?;
+        let prefetch = ch.prefetch.load(Ordering::Acquire);
+        let capacity = if prefetch == 0 {
+            UNLIMITED_PREFETCH_QUEUE
+        } else {
+            prefetch + QUEUE_MARGIN
+        };
+        let (tx, rx) = q::unbounded();
+        let shared = Arc::new(ConsumerShared::new(capacity));
+        let sink = ConsumerSink {
+            tx,
+            shared: shared.clone(),
+            no_ack: opts.no_ack,
+        };
+        let record_sink = sink.clone();
+        let relay = sink.tx.clone();
+        short("queue name", queue)?;
+        short("consumer tag", &opts.consumer_tag)?;
+        self.check_args(&opts.arguments)?;
+        let m = methods::consume(
+            queue,
+            &opts.consumer_tag,
+            opts.no_local,
+            opts.no_ack,
+            opts.exclusive,
+            &opts.arguments,
+        );
+        let r = ch.rpc(m, deadline, "basic.consume-ok", Some(sink))?;
+        let tag = match r {
+            Reply::Method(AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(ok))) => {
+                ok.consumer_tag.to_string()
+            }
+            other => {
+                return Err(Error::UnexpectedReply {
+                    operation: "basic.consume",
+                    got: format!("{other:?}"),
+                });
+            }
+        };
+        let mut record = self.record().lock();
+        if record.consumers.capacity() == 0 {
+            // Most channels carry one consumer: no room for three more (saves ~400 B).
+            record.consumers.reserve_exact(1);
+        }
+        record.consumers.push(ConsumerRecord {
+            tag: tag.clone(),
+            queue: queue.to_owned(),
+            opts: opts.clone(),
+            sink: record_sink,
+        });
+        drop(record);
+        Ok(Consumer::new(
+            tag,
+            rx,
+            relay,
+            shared,
+            self.clone(),
+            opts.no_ack,
+        ))
+    }
+}
 
 /// A stream of deliveries from one `basic.consume`.
 ///

@@ -79,6 +79,8 @@ mod confirm_tracker;
 #[cfg(not(loom))]
 mod connection;
 #[cfg(not(loom))]
+mod connection_state;
+#[cfg(not(loom))]
 mod consumer;
 #[cfg(not(loom))]
 mod delivery;

@@ -6,8 +6,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use amq_protocol::protocol::{AMQPClass, queue};
 
-use crate::channel::ChannelInner;
-use crate::connection::{ConnectionInner, Generation};
+use crate::connection_state::{ChannelSlot, ConnectionInner, Generation};
 use crate::delivery::ConsumerSink;
 use crate::error::{Error, Result};
 use crate::events::RecoveryEventKind;
@@ -67,7 +66,8 @@ pub(crate) fn run(inner: Arc<ConnectionInner>) {
         let (host, port) = addresses[attempt as usize % addresses.len()].clone();
         attempt += 1;
         let generation = inner.next_generation();
-        let gen_ = match crate::connection::start_generation(&inner, &host, port, generation) {
+        let gen_ = match crate::connection_state::start_generation(&inner, &host, port, generation)
+        {
             Ok(g) => g,
             Err(e) => {
                 log::warn!("reconnect attempt {attempt} to {host}:{port} failed: {e}");
@@ -258,13 +258,13 @@ fn replay_topology(
     Ok(renamed)
 }
 
-type Restored = Vec<(Arc<ChannelInner>, Arc<ChannelShared>)>;
+type Restored = Vec<(Arc<dyn ChannelSlot>, Arc<ChannelShared>)>;
 
 /// Reopen every channel under its old id: all `channel.open`s, then all replies.
 fn reopen_channels(
     inner: &ConnectionInner,
     conn: &Arc<ConnShared>,
-    channels: &[Arc<ChannelInner>],
+    channels: &[Arc<dyn ChannelSlot>],
 ) -> Result<Restored> {
     let d = step_deadline(inner);
     let mut opening = Vec::with_capacity(channels.len());
@@ -285,7 +285,7 @@ fn channel_records(restored: &Restored, renamed: &HashMap<String, String>) -> Ve
     restored
         .iter()
         .map(|(c, _)| {
-            let mut rec = c.record.lock();
+            let mut rec = c.record().lock();
             rec.consumers.retain(|r| r.sink.is_active());
             for r in &mut rec.consumers {
                 if let Some(n) = renamed.get(&r.queue) {
