@@ -15,11 +15,11 @@ use crate::recovery;
 use crate::sync::Arc;
 
 /// A connection to the broker. Cheap to clone, `Send + Sync`: share one between threads
-/// and give each thread its own [`Channel`]. The last handle dropped (connections and
+/// and give each thread its own [`Channel`](crate::Channel). The last handle dropped (connections and
 /// channels alike) closes it.
 ///
 /// With automatic recovery (the default, see [`crate::RecoveryOptions`]) a lost link is
-/// replaced by a new TCP connection: the same `Connection`, [`Channel`] and
+/// replaced by a new TCP connection: the same `Connection`, [`Channel`](crate::Channel) and
 /// [`crate::Consumer`] handles keep working on it.
 #[derive(Clone)]
 pub struct Connection {

@@ -38,6 +38,28 @@
 //! or dead-letter it, and `?` turns it into the plain [`Error::BadDelivery`] (tag, kind,
 //! exchange, routing key) in a function returning [`Result`].
 //!
+//! ## Module graph
+//!
+//! Imports point down this list and never up (`scripts/check-layers` checks it, and that
+//! there is no cycle):
+//!
+//! ```text
+//! pool                                          the channel pool
+//! connection, channel, consumer, confirm        handles (a method that creates a handle
+//!                                               lives with it: Channel::basic_consume in
+//!                                               consumer.rs, Connection::open_channel in
+//!                                               channel.rs)
+//! recovery, connection_state                    the procedure; the state behind Connection
+//!                                               (it reaches channels through a trait)
+//! topology                                      recorded exchanges, queues, bindings, channels
+//! io (reactor, engine, handshake)               the I/O thread
+//! delivery, confirm_tracker                     what the I/O thread produces
+//! options, uri, events                          plain data
+//! error                                         re-exports protocol's reply codes
+//! protocol (frame, methods, table, properties, content, reply_code)   bytes only
+//! sync, delivery_queue, link                    primitives and the loom-checked cores
+//! ```
+//!
 //! # Threads
 //!
 //! [`Connection`], [`Channel`], [`Consumer`], [`Delivery`] and [`Confirmation`] are `Send`

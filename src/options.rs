@@ -384,7 +384,7 @@ pub struct ConsumeOptions {
 /// Options of `basic.publish`.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PublishOptions {
-    /// Return the message (see [`Channel::recv_return`]) if no queue takes it.
+    /// Return the message (see [`Channel::recv_return`](crate::Channel::recv_return)) if no queue takes it.
     pub mandatory: bool,
 }
 
