@@ -14,7 +14,7 @@ use crate::io::{ChannelShared, Command, ConnShared, Reply, ReplyRx};
 use crate::options::{RecoveryOptions, UnconfirmedPolicy};
 use crate::protocol::methods;
 use crate::sync::{Arc, Ordering};
-use crate::topology::ChannelRecord;
+use crate::topology::{ChannelRecord, Topology};
 
 /// Delay before attempt `n` (0-based; attempt 0 is immediate): exponential with ±25 %
 /// jitter, so that many clients of a restarted broker do not reconnect in lockstep.
@@ -242,12 +242,7 @@ fn replay_topology(
             renamed.insert(name.clone(), new);
         }
     }
-    let d = step_deadline(inner);
-    let mut step = InFlight::new();
-    for b in &topology.bindings {
-        step.start(&topo_ch, b.bind(), d, "bind-ok (recovery)", None)?;
-    }
-    step.finish(d)?;
+    replay_bindings(inner, &topo_ch, &topology)?;
     topo_ch.close_nowait();
     if !renamed.is_empty() {
         let mut t = inner.topology.lock();
@@ -256,6 +251,21 @@ fn replay_topology(
         }
     }
     Ok(renamed)
+}
+
+/// Bind again (names already follow renamed queues): one round trip.
+fn replay_bindings(
+    inner: &ConnectionInner,
+    topo_ch: &Arc<ChannelShared>,
+    topology: &Topology,
+) -> Result<()> {
+    let d = step_deadline(inner);
+    let mut step = InFlight::new();
+    for b in &topology.bindings {
+        step.start(topo_ch, b.bind(), d, "bind-ok (recovery)", None)?;
+    }
+    step.finish(d)?;
+    Ok(())
 }
 
 type Restored = Vec<(Arc<dyn ChannelSlot>, Arc<ChannelShared>)>;
