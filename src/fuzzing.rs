@@ -22,10 +22,11 @@ use amq_protocol::frame::{AMQPFrame, parse_frame};
 use amq_protocol::protocol::{AMQPClass, basic, channel, connection, queue as amqp_queue};
 use amq_protocol::types::parsing::parse_field_table;
 
-use crate::consumer::{ConsumerMsg, ConsumerShared, ConsumerSink};
+use crate::delivery::{ConsumerMsg, ConsumerShared, ConsumerSink};
 use crate::error::{Error, reply_code};
 use crate::io::engine::Engine;
 use crate::io::{ChannelShared, Command, ConnShared, RETURNS_CAPACITY, ReplyRx, Tuned};
+use crate::options::{AuthMechanism, ConnectionOptions};
 use crate::protocol::content::{Assembler, Content, ContentMethod, ContentProblem};
 use crate::protocol::frame::{
     FRAME_BODY, FRAME_END, FRAME_HEADER, FRAME_HEARTBEAT, FRAME_METHOD, FRAME_MIN_SIZE,
@@ -38,7 +39,6 @@ use crate::protocol::table::{
 use crate::sync::oneshot::{self, RecvError};
 use crate::sync::queue::{self, Receiver, TryRecvError};
 use crate::sync::{Arc, Ordering};
-use crate::uri::{AuthMechanism, ConnectionOptions};
 
 pub use crate::protocol::table::{DEFAULT_MAX_TABLE_DEPTH, MAX_TABLE_DEPTH_CAP};
 
@@ -1168,14 +1168,14 @@ impl EngineHarness {
                     match msg {
                         ConsumerMsg::Delivery(d) => {
                             assert!(d.body.len() as u64 <= self.max_message_size);
-                            assert_eq!(d.acker.channel.id, c.channel);
+                            assert_eq!(d.acker.channel_id(), c.channel);
                             if let Some(h) = &d.properties.headers {
                                 assert!(h.depth() <= self.conn.opts.max_table_depth);
                             }
                         }
                         ConsumerMsg::Bad(b) => {
                             assert!(b.body.len() as u64 <= self.max_message_size);
-                            assert_eq!(b.acker.channel.id, c.channel);
+                            assert_eq!(b.acker.channel_id(), c.channel);
                         }
                         _ => {}
                     }

@@ -27,8 +27,38 @@
 //! Everything the broker sends is checked before it is buffered or parsed: frame sizes
 //! against `frame_max`, message sizes against a maximum, field-table depth before the
 //! parser recurses. A delivery that cannot be decoded reaches its consumer as
-//! [`Error::BadDelivery`] with its delivery tag; any other violation closes the connection
+//! [`RecvError::Bad`] with its delivery tag; any other violation closes the connection
 //! with the matching reply code and a clear error, never a panic.
+//!
+//! [`Error`] is plain data: no variant holds a channel or any other live handle, so an
+//! error can be cloned, kept, logged or sent anywhere without keeping a channel alive,
+//! and it has the same shape in every build. That is why receiving has its own error,
+//! [`RecvError`], as a failed send in crossbeam gives the message back: a bad delivery
+//! comes back as [`RecvError::Bad`] with the [`BadDelivery`] that can still ack, reject
+//! or dead-letter it, and `?` turns it into the plain [`Error::BadDelivery`] (tag, kind,
+//! exchange, routing key) in a function returning [`Result`].
+//!
+//! ## Module graph
+//!
+//! Imports point down this list and never up (`scripts/check-layers` checks it, and that
+//! there is no cycle):
+//!
+//! ```text
+//! pool                                          the channel pool
+//! connection, channel, consumer, confirm        handles (a method that creates a handle
+//!                                               lives with it: Channel::basic_consume in
+//!                                               consumer.rs, Connection::open_channel in
+//!                                               channel.rs)
+//! recovery, connection_state                    the procedure; the state behind Connection
+//!                                               (it reaches channels through a trait)
+//! topology                                      recorded exchanges, queues, bindings, channels
+//! io (reactor, engine, handshake)               the I/O thread
+//! delivery, confirm_tracker                     what the I/O thread produces
+//! options, uri, events                          plain data
+//! error                                         re-exports protocol's reply codes
+//! protocol (frame, methods, table, properties, content, reply_code)   bytes only
+//! sync, delivery_queue, link                    primitives and the loom-checked cores
+//! ```
 //!
 //! # Threads
 //!
@@ -65,61 +95,77 @@
 // synchronisation cores below, not the socket and handle layers.
 #[cfg(not(loom))]
 mod channel;
+#[cfg(not(loom))]
 mod confirm;
+mod confirm_tracker;
 #[cfg(not(loom))]
 mod connection;
 #[cfg(not(loom))]
+mod connection_state;
+#[cfg(not(loom))]
 mod consumer;
+#[cfg(not(loom))]
+mod delivery;
 mod delivery_queue;
 mod error;
+#[cfg(not(loom))]
+mod events;
 pub mod fuzzing;
 #[cfg(not(loom))]
 mod io;
 mod link;
+#[cfg(not(loom))]
+mod options;
 mod pool;
 mod protocol;
 #[cfg(not(loom))]
 mod recovery;
 mod sync;
 #[cfg(not(loom))]
+mod topology;
+#[cfg(not(loom))]
 mod uri;
 
 // The public interface is:
 #[cfg(not(loom))]
-pub use channel::{
-    Channel, ConsumeOptions, ExchangeDeclareOptions, PublishOptions, QueueDeclareOptions,
-    QueueDeleteOptions, QueueInfo, UnconfirmedMessage,
-};
-pub use confirm::Confirm;
+pub use channel::{Channel, QueueInfo, UnconfirmedMessage};
 #[cfg(not(loom))]
 pub use confirm::Confirmation;
+pub use confirm_tracker::Confirm;
 #[cfg(not(loom))]
 pub use connection::Connection;
 #[cfg(not(loom))]
-pub use consumer::{BadDelivery, BadDeliveryKind, Consumer, Delivery, Iter, Returned};
-pub use error::{Error, HandshakeStage, Result, reply_code};
+pub use consumer::{Consumer, Iter};
+#[cfg(not(loom))]
+pub use delivery::{BadDelivery, Delivery, RecvError, Returned};
+pub use error::{BadDeliveryKind, Error, HandshakeStage, Result, reply_code};
+#[cfg(not(loom))]
+pub use events::{RecoveryEvent, RecoveryEventKind};
+#[cfg(not(loom))]
+pub use options::{
+    AuthMechanism, ConnectionOptions, ConsumeOptions, ExchangeDeclareOptions, PublishOptions,
+    QueueDeclareOptions, QueueDeleteOptions, RecoveryOptions, UnconfirmedPolicy,
+};
 #[cfg(not(loom))]
 pub use pool::{ChannelPool, PooledChannel};
 pub use pool::{DEFAULT_POOL_SIZE, PoolStats};
 pub use protocol::properties::BasicProperties;
 pub use protocol::table::{FieldTable, FieldValue};
-#[cfg(not(loom))]
-pub use recovery::{RecoveryEvent, RecoveryEventKind, RecoveryOptions, UnconfirmedPolicy};
-#[cfg(not(loom))]
-pub use uri::{AuthMechanism, ConnectionOptions};
 
 /// Internals exposed for fuzzing, model checks and tests; not part of the stable API.
 #[doc(hidden)]
 pub mod internal {
     pub use crate::protocol::content::{Assembler, Content, ContentMethod, ContentProblem};
     pub use crate::protocol::decode_server_method;
-    pub use crate::protocol::frame::{FrameDecoder, FrameError, RawFrame, put_publish};
+    pub use crate::protocol::frame::{
+        DecodedPublish, FrameDecoder, FrameError, RawFrame, decode_publish, put_publish,
+    };
     pub use crate::protocol::properties::{decode_properties, header_prefix};
     pub use crate::protocol::table::{encode_table, scan_table};
 
     /// The synchronisation cores, as the model tests in `loom-tests/` drive them.
     pub mod model {
-        pub use crate::confirm::{ConfirmTracker, Entry, outcome};
+        pub use crate::confirm_tracker::{ConfirmTracker, Entry, outcome};
         pub use crate::delivery_queue::QueueShared;
         pub use crate::link::{Ended, LinkState};
         pub use crate::pool::{Lease, PoolCore, PoolStats, Poolable};

@@ -1,195 +1,26 @@
-//! `amqp://` URIs and [`ConnectionOptions`].
+//! The `amqp://` URI parser: a URI in, the plain values it names out. `options.rs`
+//! applies them to a `ConnectionOptions`.
 
 use std::time::Duration;
 
 use crate::error::{Error, Result};
-use crate::protocol::table::{DEFAULT_MAX_TABLE_DEPTH, FieldTable, MAX_TABLE_DEPTH_CAP};
-use crate::recovery::RecoveryOptions;
+use crate::protocol::frame::FRAME_MIN_SIZE;
 
-/// SASL mechanism used to log in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub enum AuthMechanism {
-    /// `PLAIN` (the default).
-    #[default]
-    Plain,
-    /// `AMQPLAIN`.
-    AmqPlain,
-}
-
-impl AuthMechanism {
-    pub(crate) fn name(self) -> &'static str {
-        match self {
-            AuthMechanism::Plain => "PLAIN",
-            AuthMechanism::AmqPlain => "AMQPLAIN",
-        }
-    }
-}
-
-/// Everything a connection is opened with. Build it with [`ConnectionOptions::new`] and
-/// the setters, or parse it from a URI with [`ConnectionOptions::from_uri`].
-#[derive(Debug, Clone)]
-pub struct ConnectionOptions {
-    pub(crate) host: String,
-    pub(crate) port: u16,
-    pub(crate) vhost: String,
-    pub(crate) username: String,
-    pub(crate) password: String,
-    pub(crate) auth: AuthMechanism,
-    pub(crate) heartbeat: u16,
-    pub(crate) frame_max: u32,
-    pub(crate) channel_max: u16,
-    pub(crate) connection_timeout: Duration,
+/// What a URI said; `None` where it said nothing (the default stays).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct ParsedUri {
+    pub(crate) username: Option<String>,
+    pub(crate) password: Option<String>,
+    pub(crate) host: Option<String>,
+    pub(crate) port: Option<u16>,
+    pub(crate) vhost: Option<String>,
+    pub(crate) heartbeat: Option<u16>,
+    pub(crate) frame_max: Option<u32>,
+    pub(crate) channel_max: Option<u16>,
+    pub(crate) connection_timeout: Option<Duration>,
     pub(crate) connection_name: Option<String>,
-    pub(crate) client_properties: FieldTable,
-    pub(crate) operation_timeout: Duration,
-    pub(crate) max_message_size: u64,
-    pub(crate) max_table_depth: usize,
-    pub(crate) close_timeout: Duration,
-    pub(crate) more_addresses: Vec<(String, u16)>,
-    pub(crate) recovery: RecoveryOptions,
-}
-
-impl Default for ConnectionOptions {
-    fn default() -> Self {
-        ConnectionOptions {
-            host: "127.0.0.1".into(),
-            port: 5672,
-            vhost: "/".into(),
-            username: "guest".into(),
-            password: "guest".into(),
-            auth: AuthMechanism::Plain,
-            heartbeat: 60,
-            frame_max: 131_072,
-            channel_max: 2047,
-            connection_timeout: Duration::from_secs(10),
-            connection_name: None,
-            client_properties: FieldTable::new(),
-            operation_timeout: Duration::from_secs(30),
-            max_message_size: 128 * 1024 * 1024,
-            max_table_depth: DEFAULT_MAX_TABLE_DEPTH,
-            close_timeout: Duration::from_secs(5),
-            more_addresses: Vec::new(),
-            recovery: RecoveryOptions::default(),
-        }
-    }
-}
-
-impl ConnectionOptions {
-    /// Defaults: `amqp://guest:guest@127.0.0.1:5672/`, heartbeat 60 s, frame_max 128 KiB,
-    /// channel_max 2047, connection timeout 10 s, operation timeout 30 s, maximum message
-    /// size 128 MiB, field tables at most 64 levels deep.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Parse `amqp://user:pass@host:port/vhost?heartbeat=..&frame_max=..&channel_max=..
-    /// &connection_timeout=..&connection_name=..&auth_mechanism=..`. User, password and
-    /// vhost are percent-decoded; `connection_timeout` is in milliseconds, `heartbeat` in
-    /// seconds. Unknown query keys are refused so that a typo does not go unnoticed.
-    pub fn from_uri(uri: &str) -> Result<Self> {
-        parse_uri(uri)
-    }
-
-    /// Broker host name or address.
-    pub fn host(mut self, host: impl Into<String>) -> Self {
-        self.host = host.into();
-        self
-    }
-    /// Broker port.
-    pub fn port(mut self, port: u16) -> Self {
-        self.port = port;
-        self
-    }
-    /// Virtual host.
-    pub fn vhost(mut self, vhost: impl Into<String>) -> Self {
-        self.vhost = vhost.into();
-        self
-    }
-    /// User name and password.
-    pub fn credentials(mut self, user: impl Into<String>, password: impl Into<String>) -> Self {
-        self.username = user.into();
-        self.password = password.into();
-        self
-    }
-    /// SASL mechanism.
-    pub fn auth_mechanism(mut self, m: AuthMechanism) -> Self {
-        self.auth = m;
-        self
-    }
-    /// Heartbeat interval in seconds asked for (0: no heartbeats). The broker's value
-    /// wins where it is lower.
-    pub fn heartbeat(mut self, seconds: u16) -> Self {
-        self.heartbeat = seconds;
-        self
-    }
-    /// Largest frame asked for (0: no limit from our side; the broker's value is used).
-    pub fn frame_max(mut self, bytes: u32) -> Self {
-        self.frame_max = bytes;
-        self
-    }
-    /// Most channels asked for (0: no limit from our side, i.e. 65535).
-    pub fn channel_max(mut self, n: u16) -> Self {
-        self.channel_max = n;
-        self
-    }
-    /// Deadline for the whole connection attempt: TCP connect and AMQP handshake.
-    pub fn connection_timeout(mut self, t: Duration) -> Self {
-        self.connection_timeout = t;
-        self
-    }
-    /// Name shown in the management UI.
-    pub fn connection_name(mut self, name: impl Into<String>) -> Self {
-        self.connection_name = Some(name.into());
-        self
-    }
-    /// Extra client properties sent in `connection.start-ok`.
-    pub fn client_property(
-        mut self,
-        key: impl Into<String>,
-        value: impl Into<crate::FieldValue>,
-    ) -> Self {
-        self.client_properties.insert(key, value);
-        self
-    }
-    /// Default deadline of every blocking call that is not given its own.
-    pub fn operation_timeout(mut self, t: Duration) -> Self {
-        self.operation_timeout = t;
-        self
-    }
-    /// Largest message body accepted from the broker; a larger delivery is skipped
-    /// unbuffered and reported with its delivery tag. Also the largest body published.
-    pub fn max_message_size(mut self, bytes: u64) -> Self {
-        self.max_message_size = bytes;
-        self
-    }
-    /// Deepest nesting of field tables and arrays accepted (at most 128).
-    pub fn max_table_depth(mut self, depth: usize) -> Self {
-        self.max_table_depth = depth.clamp(1, MAX_TABLE_DEPTH_CAP);
-        self
-    }
-    /// Another broker address to fail over to (tried after the URI's host, in order,
-    /// when connecting and when recovering).
-    pub fn address(mut self, host: impl Into<String>, port: u16) -> Self {
-        self.more_addresses.push((host.into(), port));
-        self
-    }
-    /// Automatic recovery settings ([`RecoveryOptions::disabled`] turns it off).
-    pub fn recovery(mut self, r: RecoveryOptions) -> Self {
-        self.recovery = r;
-        self
-    }
-    /// Every address, the primary first.
-    pub(crate) fn addresses(&self) -> Vec<(String, u16)> {
-        let mut v = vec![(self.host.clone(), self.port)];
-        v.extend(self.more_addresses.iter().cloned());
-        v
-    }
-    /// How long `close()` waits for the broker's `close-ok`.
-    pub fn close_timeout(mut self, t: Duration) -> Self {
-        self.close_timeout = t;
-        self
-    }
+    /// The `auth_mechanism` value as given; options.rs knows the mechanisms.
+    pub(crate) auth_mechanism: Option<String>,
 }
 
 fn percent_decode(s: &str) -> Result<String> {
@@ -219,14 +50,15 @@ fn num<T: std::str::FromStr>(key: &str, v: &str) -> Result<T> {
         .map_err(|_| Error::InvalidUri(format!("{key}={v:?} is not a valid number")))
 }
 
-fn parse_uri(uri: &str) -> Result<ConnectionOptions> {
+/// Parse `amqp://user:pass@host:port/vhost?key=value&..`.
+pub(crate) fn parse(uri: &str) -> Result<ParsedUri> {
     let bad = |why: &str| Error::InvalidUri(format!("{why}: {uri:?}"));
     let rest = match uri.split_once("://") {
         Some(("amqp", rest)) => rest,
         Some(("amqps", _)) => return Err(bad("amqps (TLS) is not supported yet")),
         _ => return Err(bad("expected a URI starting with amqp://")),
     };
-    let mut o = ConnectionOptions::default();
+    let mut o = ParsedUri::default();
     let (rest, query) = match rest.split_once('?') {
         Some((r, q)) => (r, Some(q)),
         None => (rest, None),
@@ -238,8 +70,8 @@ fn parse_uri(uri: &str) -> Result<ConnectionOptions> {
     let hostport = match authority.rsplit_once('@') {
         Some((userinfo, hp)) => {
             let (u, p) = userinfo.split_once(':').unwrap_or((userinfo, ""));
-            o.username = percent_decode(u)?;
-            o.password = percent_decode(p)?;
+            o.username = Some(percent_decode(u)?);
+            o.password = Some(percent_decode(p)?);
             hp
         }
         None => authority,
@@ -258,17 +90,17 @@ fn parse_uri(uri: &str) -> Result<ConnectionOptions> {
         }
     };
     if !host.is_empty() {
-        o.host = percent_decode(host)?;
+        o.host = Some(percent_decode(host)?);
     }
     if let Some(p) = port {
-        o.port = p.parse().map_err(|_| bad("invalid port"))?;
+        o.port = Some(p.parse().map_err(|_| bad("invalid port"))?);
     }
     if let Some(path) = path {
         if path.contains('/') {
             return Err(bad("vhost must be one path segment (encode '/' as %2f)"));
         }
         if !path.is_empty() {
-            o.vhost = percent_decode(path)?;
+            o.vhost = Some(percent_decode(path)?);
         }
     }
     for pair in query
@@ -279,29 +111,18 @@ fn parse_uri(uri: &str) -> Result<ConnectionOptions> {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         let v = percent_decode(v)?;
         match k {
-            "heartbeat" => o.heartbeat = num(k, &v)?,
-            "frame_max" => o.frame_max = num(k, &v)?,
-            "channel_max" => o.channel_max = num(k, &v)?,
-            "connection_timeout" => o.connection_timeout = Duration::from_millis(num(k, &v)?),
+            "heartbeat" => o.heartbeat = Some(num(k, &v)?),
+            "frame_max" => o.frame_max = Some(num(k, &v)?),
+            "channel_max" => o.channel_max = Some(num(k, &v)?),
+            "connection_timeout" => o.connection_timeout = Some(Duration::from_millis(num(k, &v)?)),
             "connection_name" => o.connection_name = Some(v),
-            "auth_mechanism" => {
-                o.auth = match v.to_ascii_lowercase().as_str() {
-                    "plain" => AuthMechanism::Plain,
-                    "amqplain" => AuthMechanism::AmqPlain,
-                    _ => {
-                        return Err(Error::InvalidUri(format!(
-                            "unsupported auth_mechanism {v:?}"
-                        )));
-                    }
-                }
-            }
+            "auth_mechanism" => o.auth_mechanism = Some(v),
             _ => return Err(Error::InvalidUri(format!("unknown URI option {k:?}"))),
         }
     }
-    if o.frame_max != 0 && o.frame_max < crate::protocol::frame::FRAME_MIN_SIZE {
+    if let Some(f) = o.frame_max.filter(|&f| f != 0 && f < FRAME_MIN_SIZE) {
         return Err(Error::InvalidUri(format!(
-            "frame_max {} is below the protocol minimum of 4096",
-            o.frame_max
+            "frame_max {f} is below the protocol minimum of 4096"
         )));
     }
     Ok(o)
@@ -312,54 +133,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn full_uri() {
-        let o = ConnectionOptions::from_uri(
-            "amqp://us%40r:p%3Ass@rabbit.local:5673/my%2fvh?heartbeat=5&frame_max=8192&channel_max=10&connection_timeout=1500&connection_name=app%201&auth_mechanism=AMQPLAIN",
-        )
-        .unwrap();
-        assert_eq!(o.username, "us@r");
-        assert_eq!(o.password, "p:ss");
-        assert_eq!(o.host, "rabbit.local");
-        assert_eq!(o.port, 5673);
-        assert_eq!(o.vhost, "my/vh");
-        assert_eq!(o.heartbeat, 5);
-        assert_eq!(o.frame_max, 8192);
-        assert_eq!(o.channel_max, 10);
-        assert_eq!(o.connection_timeout, Duration::from_millis(1500));
-        assert_eq!(o.connection_name.as_deref(), Some("app 1"));
-        assert_eq!(o.auth, AuthMechanism::AmqPlain);
-    }
-
-    #[test]
-    fn defaults_and_ipv6() {
-        let o = ConnectionOptions::from_uri("amqp://[::1]").unwrap();
-        assert_eq!(
-            (o.host.as_str(), o.port, o.vhost.as_str()),
-            ("::1", 5672, "/")
-        );
-        let o = ConnectionOptions::from_uri("amqp://h/").unwrap();
-        assert_eq!(o.vhost, "/");
-        assert_eq!(o.username, "guest");
-    }
-
-    #[test]
-    fn bad_uris_are_refused() {
-        for u in [
-            "http://h",
-            "amqps://h",
-            "amqp://h:notaport",
-            "amqp://h/a/b",
-            "amqp://h?heartbeat=x",
-            "amqp://h?bogus=1",
-            "amqp://h/%zz",
-            "amqp://h/%+f",
-            "amqp://[::1",
-            "amqp://h?frame_max=100",
-        ] {
-            assert!(
-                matches!(ConnectionOptions::from_uri(u), Err(Error::InvalidUri(_))),
-                "{u}"
-            );
-        }
+    fn says_only_what_the_uri_says() {
+        assert_eq!(parse("amqp://").unwrap(), ParsedUri::default());
+        let p = parse("amqp://u@h?auth_mechanism=Whatever").unwrap();
+        assert_eq!(p.username.as_deref(), Some("u"));
+        assert_eq!(p.password.as_deref(), Some(""));
+        assert_eq!(p.host.as_deref(), Some("h"));
+        assert_eq!(p.auth_mechanism.as_deref(), Some("Whatever"));
+        assert_eq!((p.port, p.vhost), (None, None));
     }
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use lepus::{
     BasicProperties, ConsumeOptions, Error, PublishOptions, QueueDeclareOptions,
-    QueueDeleteOptions, reply_code,
+    QueueDeleteOptions, RecvError, reply_code,
 };
 use support::fixtures::*;
 use support::{Cleanup, connect, publish_confirmed, unique, wait_until};
@@ -51,7 +51,10 @@ fn basic_qos_limits_unacked_deliveries() {
     let a = consumer.recv_timeout(WAIT).unwrap();
     let b = consumer.recv_timeout(WAIT).unwrap();
     assert!(
-        matches!(consumer.recv_timeout(QUIET), Err(Error::Timeout(_))),
+        matches!(
+            consumer.recv_timeout(QUIET),
+            Err(RecvError::Failed(Error::Timeout(_)))
+        ),
         "a third delivery arrived with prefetch 2"
     );
     a.ack().unwrap();
@@ -59,7 +62,7 @@ fn basic_qos_limits_unacked_deliveries() {
     assert_eq!(c.body(), b"q2");
     assert!(matches!(
         consumer.recv_timeout(QUIET),
-        Err(Error::Timeout(_))
+        Err(RecvError::Failed(Error::Timeout(_)))
     ));
     b.ack().unwrap();
     c.ack().unwrap();
@@ -99,7 +102,7 @@ fn consume_with_custom_and_server_tags() {
     // The cancelled consumer got nothing more.
     assert!(matches!(
         custom.recv_timeout(QUIET),
-        Err(Error::ConsumerCancelled { .. })
+        Err(RecvError::Failed(Error::ConsumerCancelled { .. }))
     ));
     conn.close().unwrap();
 }
@@ -162,7 +165,7 @@ fn no_ack_consumer_and_cancel() {
     ach.close().unwrap();
     assert!(matches!(
         c.recv_timeout(QUIET),
-        Err(Error::ChannelClosed(_))
+        Err(RecvError::Failed(Error::ChannelClosed(_)))
     ));
     assert!(matches!(
         ach.basic_publish(
@@ -189,13 +192,13 @@ fn no_ack_consumer_and_cancel() {
     c.cancel().unwrap();
     c.cancel().unwrap(); // twice is fine
     match c.recv_timeout(WAIT) {
-        Err(Error::ConsumerCancelled { tag, .. }) => assert_eq!(tag, c.tag()),
+        Err(RecvError::Failed(Error::ConsumerCancelled { tag, .. })) => assert_eq!(tag, c.tag()),
         other => panic!("expected ConsumerCancelled, got {other:?}"),
     }
     publish(&ch, "", &q, b"after cancel");
     assert!(matches!(
         c.recv_timeout(QUIET),
-        Err(Error::ConsumerCancelled { .. })
+        Err(RecvError::Failed(Error::ConsumerCancelled { .. }))
     ));
     nch.close().unwrap();
     assert!(wait_until(WAIT, || ready_count(&conn, &q) == 1));
@@ -237,7 +240,10 @@ fn ack_nack_reject_with_multiple_and_requeue() {
     assert_eq!(bodies, vec![&b"m2"[..], b"m3", b"m6"]);
     assert!(again.iter().all(|x| x.redelivered()));
     assert!(
-        matches!(consumer.recv_timeout(QUIET), Err(Error::Timeout(_))),
+        matches!(
+            consumer.recv_timeout(QUIET),
+            Err(RecvError::Failed(Error::Timeout(_)))
+        ),
         "a dropped or acked message came back"
     );
     // Channel-level helpers by delivery tag, with multiple.
@@ -294,7 +300,7 @@ fn basic_recover_redelivers_unacked() {
     again[1].ack_multiple().unwrap();
     assert!(matches!(
         consumer.recv_timeout(QUIET),
-        Err(Error::Timeout(_))
+        Err(RecvError::Failed(Error::Timeout(_)))
     ));
     conn.close().unwrap();
 }
@@ -328,18 +334,18 @@ fn deleting_the_queue_cancels_its_consumers() {
     );
 
     match c1.recv_timeout(WAIT) {
-        Err(Error::ConsumerCancelled { tag, .. }) => assert_eq!(tag, c1.tag()),
+        Err(RecvError::Failed(Error::ConsumerCancelled { tag, .. })) => assert_eq!(tag, c1.tag()),
         other => panic!("expected ConsumerCancelled, got {other:?}"),
     }
     // It stays ended.
     assert!(matches!(
         c1.recv_timeout(QUIET),
-        Err(Error::ConsumerCancelled { .. })
+        Err(RecvError::Failed(Error::ConsumerCancelled { .. }))
     ));
     let items = rx.recv_timeout(WAIT).expect("the iterator ended");
     assert_eq!(items.len(), 1, "{items:?}");
     match &items[0] {
-        Err(Error::ConsumerCancelled { tag, .. }) => assert_eq!(tag, c2.tag()),
+        Err(RecvError::Failed(Error::ConsumerCancelled { tag, .. })) => assert_eq!(tag, c2.tag()),
         other => panic!("expected ConsumerCancelled, got {other:?}"),
     }
     // The channels stay open.
@@ -384,7 +390,7 @@ fn slow_consumer_holds_deliveries_back_without_losing_any() {
     }
     assert!(matches!(
         consumer.recv_timeout(QUIET),
-        Err(Error::Timeout(_))
+        Err(RecvError::Failed(Error::Timeout(_)))
     ));
     // Reading resumed: the connection serves RPCs again.
     pubch.queue_declare(&q, &passive()).unwrap();
@@ -476,13 +482,16 @@ fn every_thread_receiving_from_a_consumer_sees_its_channel_closed() {
     ch.basic_ack(9_999, false).unwrap(); // unknown tag: the broker closes the channel
     for _ in 0..3 {
         match rx.recv_timeout(WAIT).expect("every receiver wakes") {
-            Err(Error::ServerClosedChannel { code: 406, .. }) => {}
+            Err(RecvError::Failed(Error::ServerClosedChannel { code: 406, .. })) => {}
             other => panic!("expected the channel closed with 406, got {other:?}"),
         }
     }
     assert!(matches!(
         consumer.recv_timeout(QUIET),
-        Err(Error::ServerClosedChannel { code: 406, .. })
+        Err(RecvError::Failed(Error::ServerClosedChannel {
+            code: 406,
+            ..
+        }))
     ));
     assert!(conn.is_open());
     conn.close().unwrap();

@@ -6,7 +6,9 @@ use std::sync::{Arc, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use lepus::{BasicProperties, Connection, ConsumeOptions, Error, PublishOptions, RecoveryOptions};
+use lepus::{
+    BasicProperties, Connection, ConsumeOptions, Error, PublishOptions, RecoveryOptions, RecvError,
+};
 use lepus_testkit::Proxy;
 use support::fixtures::*;
 use support::{ClientOptions, connect, start_proxy, wait_until};
@@ -64,14 +66,14 @@ fn block_calls_with(
     let c = consumer.clone();
     spawn(
         "consumer recv",
-        Box::new(move || c.recv().map(|d| format!("{d:?}"))),
+        Box::new(move || c.recv().map(|d| format!("{d:?}")).map_err(Error::from)),
     );
     let c = consumer;
     if two_receivers {
         spawn(
             "consumer iter",
             Box::new(move || match c.iter().next() {
-                Some(r) => r.map(|d| format!("{d:?}")),
+                Some(r) => r.map(|d| format!("{d:?}")).map_err(Error::from),
                 None => Ok("iterator ended without an error".into()),
             }),
         );
@@ -236,7 +238,7 @@ fn close_on_a_live_connection_is_quick_and_ends_consumers() {
         t.elapsed()
     );
     match rx.recv_timeout(WAIT).expect("the consumer woke") {
-        Err(Error::ConnectionClosed) => {}
+        Err(RecvError::Failed(Error::ConnectionClosed)) => {}
         other => panic!("expected ConnectionClosed, got {other:?}"),
     }
     assert!(matches!(

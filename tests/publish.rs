@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use lepus::{
     BasicProperties, Confirm, Connection, ConsumeOptions, Error, FieldTable, FieldValue,
-    PublishOptions, reply_code,
+    PublishOptions, RecvError, reply_code,
 };
 use support::fixtures::*;
 use support::{connect, pattern, publish_confirmed, test_options, unique};
@@ -240,7 +240,7 @@ fn sixty_four_publisher_threads_every_message_exactly_once() {
             while received.load(Ordering::SeqCst) < TOTAL && Instant::now() < deadline {
                 let d = match c.recv_timeout(Duration::from_millis(200)) {
                     Ok(d) => d,
-                    Err(Error::Timeout(_)) => continue,
+                    Err(RecvError::Failed(Error::Timeout(_))) => continue,
                     Err(e) => return Err(format!("consumer failed: {e}")),
                 };
                 let body = std::str::from_utf8(d.body()).map_err(|e| e.to_string())?;
@@ -253,7 +253,7 @@ fn sixty_four_publisher_threads_every_message_exactly_once() {
             }
             // Nothing more may arrive.
             match c.recv_timeout(QUIET) {
-                Err(Error::Timeout(_)) => Ok(mine),
+                Err(RecvError::Failed(Error::Timeout(_))) => Ok(mine),
                 Ok(d) => Err(format!(
                     "extra delivery {:?}",
                     String::from_utf8_lossy(d.body())

@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use lepus::{
     BasicProperties, ChannelPool, Confirm, Connection, ConnectionOptions, ConsumeOptions, Error,
     FieldTable, PublishOptions, QueueDeclareOptions, RecoveryEvent, RecoveryEventKind,
-    RecoveryOptions, UnconfirmedPolicy, reply_code,
+    RecoveryOptions, RecvError, UnconfirmedPolicy, reply_code,
 };
 use lepus_testkit::Proxy;
 use support::{
@@ -374,13 +374,13 @@ fn consumer(run: Arc<Run>) -> ThreadReport {
                     Err(e) => rep.error(&run, &e),
                 }
             }
-            Err(Error::Timeout(_)) => {}
+            Err(RecvError::Failed(Error::Timeout(_))) => {}
             Err(e) if e.is_connection_lost() => {
                 lost = true;
-                rep.error(&run, &e);
+                rep.error(&run, &e.into());
             }
             Err(e) => {
-                rep.error(&run, &e);
+                rep.error(&run, &e.into());
                 break;
             }
         }
@@ -926,7 +926,7 @@ fn close_is_not_a_failure() {
                             Err(e) => return Err(format!("ack got {e:?}")),
                         }
                     }
-                    Err(Error::ConnectionClosed) => return Ok(n),
+                    Err(RecvError::Failed(Error::ConnectionClosed)) => return Ok(n),
                     Err(e) => return Err(format!("consumer got {e:?}, not ConnectionClosed")),
                 }
             }
@@ -1192,7 +1192,7 @@ fn disabled_recovery_gives_raw_failures_and_no_reconnect() {
     crew.spawn("confirm-waiter".into(), move || conf.wait().unwrap_err());
     let c = consumer.clone();
     crew.spawn("consumer".into(), move || {
-        c.recv_timeout(Duration::from_secs(10)).unwrap_err()
+        c.recv_timeout(Duration::from_secs(10)).unwrap_err().into()
     });
     let rpc = ch.clone();
     crew.spawn("rpc".into(), move || {
@@ -1611,7 +1611,7 @@ fn close_during_recovery_stops_it() {
         loop {
             match consumer.recv_timeout(Duration::from_secs(10)) {
                 Err(e) if e.is_connection_lost() => continue,
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.into()),
                 Ok(_) => return Ok(()),
             }
         }

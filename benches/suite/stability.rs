@@ -131,10 +131,11 @@ fn random_op(sh: &Shared, ch: &lepus::Channel, rng: &mut Rng, id: u64) -> Option
             }
             Err(e) => Err(e),
         },
-        4 => ch.basic_get(&sh.scratch, false).and_then(|d| match d {
-            Some(d) => d.ack(),
-            None => Ok(()),
-        }),
+        4 => match ch.basic_get(&sh.scratch, false) {
+            Ok(Some(d)) => d.ack(),
+            Ok(None) => Ok(()),
+            Err(e) => Err(e.into()),
+        },
         5 => ch
             .queue_declare(
                 &sh.queue,

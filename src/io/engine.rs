@@ -7,10 +7,8 @@ use std::time::{Duration, Instant};
 use amq_protocol::protocol::{AMQPClass, basic, channel, connection};
 
 use super::{ChannelShared, Command, ConnShared, RETURNS_CAPACITY, Reply, ReplyTx};
-use crate::consumer::{
-    Acker, BadDelivery, BadDeliveryKind, ConsumerMsg, ConsumerSink, Delivery, Returned,
-};
-use crate::error::{Error, reply_code};
+use crate::delivery::{Acker, BadDelivery, ConsumerMsg, ConsumerSink, Delivery, Returned};
+use crate::error::{BadDeliveryKind, Error};
 use crate::protocol::content::{Assembler, Content, ContentMethod, ContentProblem};
 use crate::protocol::decode_server_method;
 use crate::protocol::frame::{
@@ -18,6 +16,7 @@ use crate::protocol::frame::{
     put_method,
 };
 use crate::protocol::properties::BasicProperties;
+use crate::protocol::reply_code;
 use crate::sync::{Arc, Ordering};
 
 /// Heartbeats are never sent more often than this.

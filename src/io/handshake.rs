@@ -12,10 +12,10 @@ use socket2::{SockRef, TcpKeepalive};
 
 use super::Tuned;
 use crate::error::{Error, HandshakeStage, Result, reply_code};
+use crate::options::{AuthMechanism, ConnectionOptions};
 use crate::protocol::decode_server_method;
 use crate::protocol::frame::{FRAME_HEARTBEAT, FRAME_METHOD, FrameDecoder, RawFrame, put_method};
 use crate::protocol::table::{FieldTable, table_from_amqp, table_to_amqp};
-use crate::uri::{AuthMechanism, ConnectionOptions};
 
 /// Largest frame_max lepus agrees to, whatever both sides propose: it bounds memory.
 pub(crate) const FRAME_MAX_CAP: u32 = 16 * 1024 * 1024;

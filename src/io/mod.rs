@@ -15,9 +15,10 @@ use std::time::Instant;
 
 use amq_protocol::protocol::AMQPClass;
 
-use crate::confirm::ConfirmTracker;
-use crate::consumer::{ConsumerSink, Returned};
+use crate::confirm_tracker::ConfirmTracker;
+use crate::delivery::{AckTarget, ConsumerSink, Returned};
 use crate::error::{Error, Result};
+use crate::options::ConnectionOptions;
 use crate::protocol::content::Content;
 use crate::protocol::frame::put_method;
 use crate::protocol::table::FieldTable;
@@ -26,7 +27,6 @@ use crate::sync::queue::{self, Receiver, SendTimeoutError, Sender};
 use crate::sync::{
     Arc, AtomicBool, AtomicUsize, Condvar, CondvarExt, Mutex, Ordering, Weak, fence,
 };
-use crate::uri::ConnectionOptions;
 
 /// What an RPC gets back.
 #[derive(Debug)]
@@ -524,7 +524,7 @@ impl ChannelShared {
         let mut bytes = Vec::with_capacity(48);
         let m = AMQPClass::Channel(amq_protocol::protocol::channel::AMQPMethod::Close(
             amq_protocol::protocol::channel::Close {
-                reply_code: crate::error::reply_code::REPLY_SUCCESS,
+                reply_code: crate::protocol::reply_code::REPLY_SUCCESS,
                 reply_text: "closed by the application".into(),
                 class_id: 0,
                 method_id: 0,
@@ -560,6 +560,20 @@ impl ChannelShared {
             return Err(self.error());
         }
         self.conn.send(cmd, deadline, what)
+    }
+}
+
+impl AckTarget for ChannelShared {
+    fn channel_id(&self) -> u16 {
+        self.id
+    }
+
+    fn send_frames(&self, bytes: Vec<u8>, what: &'static str) -> Result<()> {
+        self.send(
+            bytes,
+            Instant::now() + self.conn.opts.operation_timeout,
+            what,
+        )
     }
 }
 

@@ -12,8 +12,9 @@ use amq_protocol::protocol::{AMQPClass, basic, channel, parse_class};
 
 use super::engine::Engine;
 use super::{ChannelShared, Command, ConnShared, Reply, ReplyRx, Tuned, Wake};
-use crate::consumer::{ConsumerMsg, ConsumerShared, ConsumerSink};
+use crate::delivery::{ConsumerMsg, ConsumerShared, ConsumerSink};
 use crate::error::{Error, Result};
+use crate::options::ConnectionOptions;
 use crate::protocol::frame::{
     FRAME_BODY, FRAME_HEADER, FRAME_HEARTBEAT, FRAME_METHOD, FrameDecoder, put_heartbeat,
     put_method, put_publish,
@@ -22,7 +23,6 @@ use crate::protocol::properties::BasicProperties;
 use crate::protocol::table::FieldTable;
 use crate::sync::queue::{self, Receiver};
 use crate::sync::{Arc, AtomicUsize, Ordering};
-use crate::uri::ConnectionOptions;
 
 /// A waker that counts: the I/O thread of a test.
 #[derive(Default)]

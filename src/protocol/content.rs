@@ -3,7 +3,7 @@
 
 use super::frame::FrameError;
 use super::properties::{BasicProperties, decode_properties, header_prefix};
-use crate::error::reply_code;
+use super::reply_code;
 
 /// The method that announced a content.
 #[derive(Debug, Clone, PartialEq)]

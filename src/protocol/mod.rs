@@ -3,12 +3,13 @@
 
 pub mod content;
 pub mod frame;
+pub(crate) mod methods;
 pub mod properties;
+pub mod reply_code;
 pub mod table;
 
 use amq_protocol::protocol::{AMQPClass, parse_class};
 
-use crate::error::reply_code;
 use frame::FrameError;
 
 /// Methods a server may send to a client: (class id, method id).

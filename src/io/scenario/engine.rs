@@ -8,13 +8,14 @@ use amq_protocol::protocol::{AMQPClass, basic, channel, queue};
 use super::{
     FRAME_MAX, Scenario, Sent, content, deliver, is_close_with, method, raw_frame, reply_now,
 };
-use crate::consumer::{BadDeliveryKind, ConsumerMsg};
+use crate::delivery::ConsumerMsg;
+use crate::error::BadDeliveryKind;
 use crate::error::{Error, reply_code};
 use crate::io::{Command, Reply};
+use crate::options::ConnectionOptions;
 use crate::protocol::frame::{FRAME_BODY, FRAME_HEARTBEAT};
 use crate::protocol::properties::BasicProperties;
 use crate::sync::oneshot;
-use crate::uri::ConnectionOptions;
 
 fn declare(name: &str) -> AMQPClass {
     AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
@@ -707,8 +708,8 @@ fn consume_ok_after_the_waiter_left_cancels_the_consumer() {
     let mut s = Scenario::new();
     let ch = s.open(1);
     let (tx, _rx) = crate::sync::queue::unbounded();
-    let shared = std::sync::Arc::new(crate::consumer::ConsumerShared::new(4));
-    let sink = crate::consumer::ConsumerSink {
+    let shared = std::sync::Arc::new(crate::delivery::ConsumerShared::new(4));
+    let sink = crate::delivery::ConsumerSink {
         tx,
         shared: shared.clone(),
         no_ack: false,
@@ -751,7 +752,7 @@ fn consume_ok_after_the_waiter_left_cancels_the_consumer() {
 
 #[test]
 fn confirms_resolve_single_multiple_and_nacks() {
-    use crate::confirm::{Confirm, outcome};
+    use crate::confirm_tracker::{Confirm, outcome};
     let mut s = Scenario::new();
     let ch = s.open(1);
     ch.confirms.enable();

@@ -7,9 +7,9 @@ use super::super::handshake::{Expect, FRAME_MAX_CAP, Handshake, not_amqp};
 use super::{Sent, decode_all, method, raw_frame};
 use crate::error::{Error, Result, reply_code};
 use crate::io::Tuned;
+use crate::options::{AuthMechanism, ConnectionOptions};
 use crate::protocol::frame::{FRAME_BODY, FrameDecoder, put_heartbeat};
 use crate::protocol::table::{FieldTable, FieldValue, table_from_amqp, table_to_amqp};
-use crate::uri::{AuthMechanism, ConnectionOptions};
 
 type Done = Option<(Tuned, FieldTable)>;
 

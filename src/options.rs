@@ -1,0 +1,446 @@
+//! Plain option values: how a connection is opened ([`ConnectionOptions`], with the
+//! `amqp://` URI applied through `uri.rs`), how it recovers ([`RecoveryOptions`]), and the
+//! options of the AMQP methods a channel sends.
+
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::events::RecoveryEvent;
+use crate::protocol::table::{DEFAULT_MAX_TABLE_DEPTH, FieldTable, MAX_TABLE_DEPTH_CAP};
+use crate::sync::Arc;
+use crate::uri::ParsedUri;
+
+// ---------------- connection ----------------
+
+/// SASL mechanism used to log in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum AuthMechanism {
+    /// `PLAIN` (the default).
+    #[default]
+    Plain,
+    /// `AMQPLAIN`.
+    AmqPlain,
+}
+
+impl AuthMechanism {
+    /// The mechanism an `auth_mechanism=` URI value names (any case).
+    fn from_uri_value(v: &str) -> Option<Self> {
+        match v.to_ascii_lowercase().as_str() {
+            "plain" => Some(AuthMechanism::Plain),
+            "amqplain" => Some(AuthMechanism::AmqPlain),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            AuthMechanism::Plain => "PLAIN",
+            AuthMechanism::AmqPlain => "AMQPLAIN",
+        }
+    }
+}
+
+/// Everything a connection is opened with. Build it with [`ConnectionOptions::new`] and
+/// the setters, or parse it from a URI with [`ConnectionOptions::from_uri`].
+#[derive(Debug, Clone)]
+pub struct ConnectionOptions {
+    pub(crate) host: String,
+    pub(crate) port: u16,
+    pub(crate) vhost: String,
+    pub(crate) username: String,
+    pub(crate) password: String,
+    pub(crate) auth: AuthMechanism,
+    pub(crate) heartbeat: u16,
+    pub(crate) frame_max: u32,
+    pub(crate) channel_max: u16,
+    pub(crate) connection_timeout: Duration,
+    pub(crate) connection_name: Option<String>,
+    pub(crate) client_properties: FieldTable,
+    pub(crate) operation_timeout: Duration,
+    pub(crate) max_message_size: u64,
+    pub(crate) max_table_depth: usize,
+    pub(crate) close_timeout: Duration,
+    pub(crate) more_addresses: Vec<(String, u16)>,
+    pub(crate) recovery: RecoveryOptions,
+}
+
+impl Default for ConnectionOptions {
+    fn default() -> Self {
+        ConnectionOptions {
+            host: "127.0.0.1".into(),
+            port: 5672,
+            vhost: "/".into(),
+            username: "guest".into(),
+            password: "guest".into(),
+            auth: AuthMechanism::Plain,
+            heartbeat: 60,
+            frame_max: 131_072,
+            channel_max: 2047,
+            connection_timeout: Duration::from_secs(10),
+            connection_name: None,
+            client_properties: FieldTable::new(),
+            operation_timeout: Duration::from_secs(30),
+            max_message_size: 128 * 1024 * 1024,
+            max_table_depth: DEFAULT_MAX_TABLE_DEPTH,
+            close_timeout: Duration::from_secs(5),
+            more_addresses: Vec::new(),
+            recovery: RecoveryOptions::default(),
+        }
+    }
+}
+
+impl ConnectionOptions {
+    /// Defaults: `amqp://guest:guest@127.0.0.1:5672/`, heartbeat 60 s, frame_max 128 KiB,
+    /// channel_max 2047, connection timeout 10 s, operation timeout 30 s, maximum message
+    /// size 128 MiB, field tables at most 64 levels deep.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Parse `amqp://user:pass@host:port/vhost?heartbeat=..&frame_max=..&channel_max=..
+    /// &connection_timeout=..&connection_name=..&auth_mechanism=..`. User, password and
+    /// vhost are percent-decoded; `connection_timeout` is in milliseconds, `heartbeat` in
+    /// seconds. Unknown query keys are refused so that a typo does not go unnoticed.
+    pub fn from_uri(uri: &str) -> Result<Self> {
+        Self::default().apply_uri(crate::uri::parse(uri)?)
+    }
+
+    /// These options with what a URI said put over them.
+    fn apply_uri(mut self, p: ParsedUri) -> Result<Self> {
+        if let Some(m) = p.auth_mechanism {
+            self.auth = AuthMechanism::from_uri_value(&m)
+                .ok_or_else(|| Error::InvalidUri(format!("unsupported auth_mechanism {m:?}")))?;
+        }
+        fn set<T>(slot: &mut T, v: Option<T>) {
+            if let Some(v) = v {
+                *slot = v;
+            }
+        }
+        set(&mut self.username, p.username);
+        set(&mut self.password, p.password);
+        set(&mut self.host, p.host);
+        set(&mut self.port, p.port);
+        set(&mut self.vhost, p.vhost);
+        set(&mut self.heartbeat, p.heartbeat);
+        set(&mut self.frame_max, p.frame_max);
+        set(&mut self.channel_max, p.channel_max);
+        set(&mut self.connection_timeout, p.connection_timeout);
+        if p.connection_name.is_some() {
+            self.connection_name = p.connection_name;
+        }
+        Ok(self)
+    }
+
+    /// Broker host name or address.
+    pub fn host(mut self, host: impl Into<String>) -> Self {
+        self.host = host.into();
+        self
+    }
+    /// Broker port.
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = port;
+        self
+    }
+    /// Virtual host.
+    pub fn vhost(mut self, vhost: impl Into<String>) -> Self {
+        self.vhost = vhost.into();
+        self
+    }
+    /// User name and password.
+    pub fn credentials(mut self, user: impl Into<String>, password: impl Into<String>) -> Self {
+        self.username = user.into();
+        self.password = password.into();
+        self
+    }
+    /// SASL mechanism.
+    pub fn auth_mechanism(mut self, m: AuthMechanism) -> Self {
+        self.auth = m;
+        self
+    }
+    /// Heartbeat interval in seconds asked for (0: no heartbeats). The broker's value
+    /// wins where it is lower.
+    pub fn heartbeat(mut self, seconds: u16) -> Self {
+        self.heartbeat = seconds;
+        self
+    }
+    /// Largest frame asked for (0: no limit from our side; the broker's value is used).
+    pub fn frame_max(mut self, bytes: u32) -> Self {
+        self.frame_max = bytes;
+        self
+    }
+    /// Most channels asked for (0: no limit from our side, i.e. 65535).
+    pub fn channel_max(mut self, n: u16) -> Self {
+        self.channel_max = n;
+        self
+    }
+    /// Deadline for the whole connection attempt: TCP connect and AMQP handshake.
+    pub fn connection_timeout(mut self, t: Duration) -> Self {
+        self.connection_timeout = t;
+        self
+    }
+    /// Name shown in the management UI.
+    pub fn connection_name(mut self, name: impl Into<String>) -> Self {
+        self.connection_name = Some(name.into());
+        self
+    }
+    /// Extra client properties sent in `connection.start-ok`.
+    pub fn client_property(
+        mut self,
+        key: impl Into<String>,
+        value: impl Into<crate::FieldValue>,
+    ) -> Self {
+        self.client_properties.insert(key, value);
+        self
+    }
+    /// Default deadline of every blocking call that is not given its own.
+    pub fn operation_timeout(mut self, t: Duration) -> Self {
+        self.operation_timeout = t;
+        self
+    }
+    /// Largest message body accepted from the broker; a larger delivery is skipped
+    /// unbuffered and reported with its delivery tag. Also the largest body published.
+    pub fn max_message_size(mut self, bytes: u64) -> Self {
+        self.max_message_size = bytes;
+        self
+    }
+    /// Deepest nesting of field tables and arrays accepted (at most 128).
+    pub fn max_table_depth(mut self, depth: usize) -> Self {
+        self.max_table_depth = depth.clamp(1, MAX_TABLE_DEPTH_CAP);
+        self
+    }
+    /// Another broker address to fail over to (tried after the URI's host, in order,
+    /// when connecting and when recovering).
+    pub fn address(mut self, host: impl Into<String>, port: u16) -> Self {
+        self.more_addresses.push((host.into(), port));
+        self
+    }
+    /// Automatic recovery settings ([`RecoveryOptions::disabled`] turns it off).
+    pub fn recovery(mut self, r: RecoveryOptions) -> Self {
+        self.recovery = r;
+        self
+    }
+    /// Every address, the primary first.
+    pub(crate) fn addresses(&self) -> Vec<(String, u16)> {
+        let mut v = vec![(self.host.clone(), self.port)];
+        v.extend(self.more_addresses.iter().cloned());
+        v
+    }
+    /// How long `close()` waits for the broker's `close-ok`.
+    pub fn close_timeout(mut self, t: Duration) -> Self {
+        self.close_timeout = t;
+        self
+    }
+}
+
+// ---------------- recovery ----------------
+
+/// What happens to messages published in confirm mode but not yet confirmed when the
+/// link is lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum UnconfirmedPolicy {
+    /// Publish them again on the recovered channel (at-least-once; the broker may see a
+    /// message twice). Their [`crate::Confirmation`]s follow the new copies.
+    #[default]
+    Republish,
+    /// Keep them for the application: [`crate::Channel::take_unconfirmed`] returns them
+    /// and their confirmations fail.
+    HandBack,
+}
+
+/// Called for each recovery event, on the thread where it happens: keep it short.
+pub type RecoveryListener = Arc<dyn Fn(&RecoveryEvent) + Send + Sync>;
+
+/// Automatic recovery settings (on by default).
+#[derive(Clone)]
+pub struct RecoveryOptions {
+    pub(crate) enabled: bool,
+    pub(crate) max_attempts: Option<u32>,
+    pub(crate) initial_backoff: Duration,
+    pub(crate) max_backoff: Duration,
+    pub(crate) unconfirmed: UnconfirmedPolicy,
+    pub(crate) listener: Option<RecoveryListener>,
+}
+
+impl std::fmt::Debug for RecoveryOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecoveryOptions")
+            .field("enabled", &self.enabled)
+            .field("max_attempts", &self.max_attempts)
+            .field("initial_backoff", &self.initial_backoff)
+            .field("max_backoff", &self.max_backoff)
+            .field("unconfirmed", &self.unconfirmed)
+            .field("listener", &self.listener.is_some())
+            .finish()
+    }
+}
+
+impl Default for RecoveryOptions {
+    fn default() -> Self {
+        RecoveryOptions {
+            enabled: true,
+            max_attempts: None,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(10),
+            unconfirmed: UnconfirmedPolicy::Republish,
+            listener: None,
+        }
+    }
+}
+
+impl RecoveryOptions {
+    /// Recovery on, unbounded attempts, backoff from 100 ms doubling to 10 s (jittered),
+    /// unconfirmed messages republished.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// No recovery: a lost link is final and every waiter gets the raw failure.
+    pub fn disabled() -> Self {
+        RecoveryOptions {
+            enabled: false,
+            ..Self::default()
+        }
+    }
+    /// Give up after this many failed reconnection attempts (`None`: never give up).
+    pub fn max_attempts(mut self, n: Option<u32>) -> Self {
+        self.max_attempts = n;
+        self
+    }
+    /// Backoff before the second attempt (the first is immediate), doubling up to `max`.
+    pub fn backoff(mut self, initial: Duration, max: Duration) -> Self {
+        self.initial_backoff = initial;
+        self.max_backoff = max.max(initial);
+        self
+    }
+    /// What to do with unconfirmed messages.
+    pub fn unconfirmed(mut self, policy: UnconfirmedPolicy) -> Self {
+        self.unconfirmed = policy;
+        self
+    }
+    /// Hear every recovery event.
+    pub fn listener(mut self, f: impl Fn(&RecoveryEvent) + Send + Sync + 'static) -> Self {
+        self.listener = Some(Arc::new(f));
+        self
+    }
+}
+
+// ---------------- methods ----------------
+
+/// Options of `exchange.declare`.
+#[derive(Debug, Clone, Default)]
+pub struct ExchangeDeclareOptions {
+    /// Only check that it exists (404 closes the channel if not).
+    pub passive: bool,
+    /// Survive a broker restart.
+    pub durable: bool,
+    /// Delete when the last binding is removed.
+    pub auto_delete: bool,
+    /// Not publishable directly, only through exchange-to-exchange bindings.
+    pub internal: bool,
+    /// Extra arguments (e.g. `alternate-exchange`).
+    pub arguments: FieldTable,
+}
+
+/// Options of `queue.declare`.
+#[derive(Debug, Clone, Default)]
+pub struct QueueDeclareOptions {
+    /// Only check that it exists (404 closes the channel if not).
+    pub passive: bool,
+    /// Survive a broker restart.
+    pub durable: bool,
+    /// Used only by this connection and deleted when it closes.
+    pub exclusive: bool,
+    /// Delete when the last consumer goes.
+    pub auto_delete: bool,
+    /// Extra arguments (`x-message-ttl`, `x-queue-type`, `x-dead-letter-exchange`, ...).
+    pub arguments: FieldTable,
+}
+
+/// Options of `queue.delete`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct QueueDeleteOptions {
+    /// Only if it has no consumers.
+    pub if_unused: bool,
+    /// Only if it is empty.
+    pub if_empty: bool,
+}
+
+/// Options of `basic.consume`.
+#[derive(Debug, Clone, Default)]
+pub struct ConsumeOptions {
+    /// Consumer tag; empty lets the broker choose one.
+    pub consumer_tag: String,
+    /// Deliveries need no acknowledgement.
+    pub no_ack: bool,
+    /// The only consumer of the queue.
+    pub exclusive: bool,
+    /// Do not deliver messages published on this connection.
+    pub no_local: bool,
+    /// Extra arguments (`x-priority`, ...).
+    pub arguments: FieldTable,
+}
+
+/// Options of `basic.publish`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PublishOptions {
+    /// Return the message (see [`Channel::recv_return`](crate::Channel::recv_return)) if no queue takes it.
+    pub mandatory: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_uri() {
+        let o = ConnectionOptions::from_uri(
+            "amqp://us%40r:p%3Ass@rabbit.local:5673/my%2fvh?heartbeat=5&frame_max=8192&channel_max=10&connection_timeout=1500&connection_name=app%201&auth_mechanism=AMQPLAIN",
+        )
+        .unwrap();
+        assert_eq!(o.username, "us@r");
+        assert_eq!(o.password, "p:ss");
+        assert_eq!(o.host, "rabbit.local");
+        assert_eq!(o.port, 5673);
+        assert_eq!(o.vhost, "my/vh");
+        assert_eq!(o.heartbeat, 5);
+        assert_eq!(o.frame_max, 8192);
+        assert_eq!(o.channel_max, 10);
+        assert_eq!(o.connection_timeout, Duration::from_millis(1500));
+        assert_eq!(o.connection_name.as_deref(), Some("app 1"));
+        assert_eq!(o.auth, AuthMechanism::AmqPlain);
+    }
+
+    #[test]
+    fn defaults_and_ipv6() {
+        let o = ConnectionOptions::from_uri("amqp://[::1]").unwrap();
+        assert_eq!(
+            (o.host.as_str(), o.port, o.vhost.as_str()),
+            ("::1", 5672, "/")
+        );
+        let o = ConnectionOptions::from_uri("amqp://h/").unwrap();
+        assert_eq!(o.vhost, "/");
+        assert_eq!(o.username, "guest");
+    }
+
+    #[test]
+    fn bad_uris_are_refused() {
+        for u in [
+            "http://h",
+            "amqps://h",
+            "amqp://h:notaport",
+            "amqp://h/a/b",
+            "amqp://h?heartbeat=x",
+            "amqp://h?bogus=1",
+            "amqp://h/%zz",
+            "amqp://h/%+f",
+            "amqp://[::1",
+            "amqp://h?frame_max=100",
+        ] {
+            assert!(
+                matches!(ConnectionOptions::from_uri(u), Err(Error::InvalidUri(_))),
+                "{u}"
+            );
+        }
+    }
+}
