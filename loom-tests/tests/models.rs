@@ -283,6 +283,67 @@ fn consumer_queue_close_races_delivery_and_ack() {
     assert!(explore("consumer queue", queue_model) > 1);
 }
 
+/// The I/O thread's wake-up as mio's `Waker` behaves: sticky (a wake before the wait is
+/// not lost) and the only way the stalled I/O thread learns it may read again. No
+/// re-poll: a lost wake-up leaves the I/O thread asleep for good, which loom reports.
+#[derive(Default)]
+struct Waker {
+    woken: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl Waker {
+    fn wake(&self) {
+        *self.woken.lock().unwrap() = true;
+        self.cv.notify_one();
+    }
+    fn wait(&self) {
+        let mut w = self.woken.lock().unwrap();
+        while !*w {
+            w = self.cv.wait(w).unwrap();
+        }
+        *w = false;
+    }
+}
+
+/// The I/O side and one consumer alone, as the engine drives them: the I/O thread
+/// delivers three messages into a queue bounded at one; when `reserve_or_wait` says
+/// full it stalls until the consumer's `took_one` asks for a wake-up, then retries (the
+/// engine's `retry_stalled`). Nobody else wakes it. After each push the bound holds.
+fn queue_alone_model() {
+    const N: usize = 3;
+    let shared = Arc::new(QueueShared::new(1));
+    let (tx, rx) = queue::unbounded::<usize>();
+    let waker = Arc::new(Waker::default());
+    let io = {
+        let (shared, waker) = (shared.clone(), waker.clone());
+        thread::spawn(move || {
+            for m in 0..N {
+                while !shared.reserve_or_wait() {
+                    waker.wait();
+                }
+                shared.pushed();
+                let queued = shared.queued.load(SeqCst);
+                assert!(queued <= shared.capacity, "{queued} queued over the bound");
+                tx.send(m).unwrap();
+            }
+        })
+    };
+    for m in 0..N {
+        assert_eq!(rx.recv().unwrap(), m);
+        if shared.took_one() {
+            waker.wake();
+        }
+    }
+    io.join().unwrap();
+    assert_eq!(shared.queued.load(SeqCst), 0);
+}
+
+#[test]
+fn consumer_queue_io_and_consumer_alone() {
+    assert!(explore("consumer queue alone", queue_alone_model) > 1);
+}
+
 // ---------------------------------------------------------------- 5. confirms
 
 /// Three publishes are outstanding; the broker's multiple-ack of 1..=2 and nack of 3
