@@ -84,9 +84,13 @@ for name in "${names[@]}"; do
     else
         # The failing models cargo lists, or (loom aborts the process on some
         # deadlocks) the model that was running.
-        by="$(sed -n '/^failures:$/,/^test result/p' "$log" | grep -E '^    [a-z0-9_]+$' | tr -d ' ' | paste -sd, -)"
-        [ -n "$by" ] || by="$(grep -oE '^test [a-z0-9_]+ \.\.\.' "$log" | tail -1 | awk '{print $2}')"
-        how="$(grep -oE 'deadlock|pool over its bound|panicked at [^ ]+' "$log" | head -1)"
+        by="$(sed -n '/^failures:$/,/^test result/p' "$log" | grep -E '^    [a-z0-9_]+$' | tr -d ' ' | paste -sd, - || true)"
+        [ -n "$by" ] || by="$(grep -oE '^test [a-z0-9_]+ \.\.\.' "$log" | tail -1 | awk '{print $2}' || true)"
+        if grep -q '^deadlock;' "$log"; then
+            how="loom: deadlock"
+        else
+            how="$(grep -A1 -m1 'panicked at' "$log" | tail -1 | cut -c1-60 || true)"
+        fi
         printf '%-36s %-14s %s\n' "$name" "caught" "$by ($how)"
         caught=$((caught + 1))
     fi

@@ -89,7 +89,11 @@ impl Opener {
     }
     fn open(&self) -> Result<Res, Error> {
         let k = self.opened.fetch_add(1, SeqCst);
-        Ok(Res::new(self.alive.get(k).expect("more items opened than the model allows")))
+        Ok(Res::new(
+            self.alive
+                .get(k)
+                .expect("more items opened than the model allows"),
+        ))
     }
     fn kill(&self, k: usize) {
         self.alive[k].store(false, SeqCst);
@@ -160,7 +164,6 @@ fn pool_acquire_release_drop_and_link_failure() {
     assert!(explore("pool", pool_model) > 1);
 }
 
-
 /// A full pool (max 2) whose two leased items both die: two waiters block in `acquire`
 /// while the owner of the dead leases reclaims them, which must wake both (each opens
 /// a fresh item). The waiters keep their leases until the end, so only the reclaim can
@@ -188,7 +191,10 @@ fn pool_reclaim_model() {
     core.reclaim_dead();
     assert_bound(&core);
     let (l1, l2) = (w1.join().unwrap(), w2.join().unwrap());
-    assert!(!Arc::ptr_eq(&l1.item().alive, &l2.item().alive), "one item leased twice");
+    assert!(
+        !Arc::ptr_eq(&l1.item().alive, &l2.item().alive),
+        "one item leased twice"
+    );
     drop((first, second)); // already released by the reclaim: nothing happens
     assert_bound(&core);
     drop((l1, l2));
@@ -202,6 +208,42 @@ fn pool_reclaim_model() {
 #[test]
 fn pool_reclaim_wakes_two_waiters() {
     assert!(explore("pool reclaim, two waiters", pool_reclaim_model) > 1);
+}
+
+/// A pool of one: the first open fails (the broker refused the channel) while a second
+/// thread waits for the place that open reserved; the failure must hand the place on
+/// (the waiter then opens its own).
+fn pool_failed_open_model() {
+    let core = Arc::new(PoolCore::new(1));
+    let opener = Opener::new(2);
+    let failing = {
+        let core = core.clone();
+        thread::spawn(move || {
+            // Every open of this thread fails; it may still get the other's item back.
+            let r = PoolCore::<Res>::acquire(&core, far(), || {
+                Err(Error::ConnectionLost("channel.open refused".into()))
+            });
+            assert_bound(&core);
+            r.is_ok()
+        })
+    };
+    let lease = PoolCore::acquire(&core, far(), || opener.open()).expect("acquire");
+    assert_bound(&core);
+    drop(lease);
+    let reused = failing.join().unwrap();
+    let s = core.stats();
+    let acquired = if reused { 2 } else { 1 };
+    assert_eq!(
+        (s.opened, s.acquired, s.released),
+        (1, acquired, acquired),
+        "{s:?}"
+    );
+    assert_eq!((s.in_use, s.waiters), (0, 0), "{s:?}");
+}
+
+#[test]
+fn pool_failed_open_hands_its_place_on() {
+    assert!(explore("pool failed open", pool_failed_open_model) > 1);
 }
 
 // ---------------------------------------------------------------- 2. replies
@@ -227,7 +269,6 @@ fn reply_model() {
 fn rpc_waiter_races_reply_and_connection_loss() {
     assert!(explore("reply", reply_model) > 1);
 }
-
 
 // ---------------------------------------------------------------- 3. single flight
 
@@ -410,6 +451,40 @@ fn consumer_queue_io_and_consumer_alone() {
     assert!(explore("consumer queue alone", queue_alone_model) > 1);
 }
 
+/// A consumer that never takes is cancelled (its handle dropped) while the I/O thread
+/// stalls on its full queue: the cancel clears `active` and wakes the I/O thread (the
+/// cancel command does that in lepus), which must then go on delivering instead of
+/// waiting for room nobody will make.
+fn queue_cancel_model() {
+    let shared = Arc::new(QueueShared::new(1));
+    let (tx, rx) = queue::unbounded::<usize>();
+    let waker = Arc::new(Waker::default());
+    let io = {
+        let (shared, waker) = (shared.clone(), waker.clone());
+        thread::spawn(move || {
+            for m in 0..2 {
+                while !shared.reserve_or_wait() {
+                    waker.wait();
+                }
+                shared.pushed();
+                if tx.send(m).is_err() {
+                    shared.unpushed();
+                }
+            }
+        })
+    };
+    shared.active.store(false, SeqCst);
+    drop(rx);
+    waker.wake();
+    // The I/O thread got through both deliveries: nothing held it back.
+    io.join().unwrap();
+}
+
+#[test]
+fn consumer_queue_cancel_releases_the_io_side() {
+    assert!(explore("consumer queue cancel", queue_cancel_model) > 1);
+}
+
 // ---------------------------------------------------------------- 5. confirms
 
 /// Three publishes are outstanding; the broker's multiple-ack of 1..=2 and nack of 3
@@ -535,15 +610,30 @@ fn confirm_recovery_model() {
     // The next attempt (hand-back policy) gets everything not acked, once.
     let again = new.take_in_doubt();
     assert!(new.take_in_doubt().is_empty(), "in doubt twice");
-    assert_eq!(old.take_in_doubt().len(), 0, "left behind on the old generation");
+    assert_eq!(
+        old.take_in_doubt().len(),
+        0,
+        "left behind on the old generation"
+    );
     for e in &again {
         e.hand_back();
     }
-    assert_eq!(again.len() + acked, 2, "{} in doubt, {acked} acked", again.len());
+    assert_eq!(
+        again.len() + acked,
+        2,
+        "{} in doubt, {acked} acked",
+        again.len()
+    );
     assert_eq!(new.outstanding(), 0);
     let ends: Vec<_> = slots.iter().map(|s| outcome(s)).collect();
-    let acks = ends.iter().filter(|o| matches!(o, Ok(Some(Confirm::Ack)))).count();
-    let handed = ends.iter().filter(|o| matches!(o, Err(Error::ConnectionLost(m)) if m.contains("handed"))).count();
+    let acks = ends
+        .iter()
+        .filter(|o| matches!(o, Ok(Some(Confirm::Ack))))
+        .count();
+    let handed = ends
+        .iter()
+        .filter(|o| matches!(o, Err(Error::ConnectionLost(m)) if m.contains("handed")))
+        .count();
     assert_eq!((acks, handed), (acked, again.len()), "{ends:?}");
 }
 
