@@ -127,9 +127,29 @@ impl<R: Poolable> PoolCore<R> {
         self.max
     }
 
+    /// Channels held open or being opened never exceed the bound. Checked (in debug
+    /// builds and the model tests) after every change of the state.
+    fn check_bound(&self, st: &State<R>) {
+        debug_assert!(
+            st.leased.len() + st.idle.len() + st.opening <= self.max,
+            "pool over its bound: {} leased + {} idle + {} opening > {}",
+            st.leased.len(),
+            st.idle.len(),
+            st.opening,
+            self.max
+        );
+    }
+
+    /// Places taken: leased, idle and being opened (at most [`PoolCore::max`]).
+    pub fn occupied(&self) -> usize {
+        let st = self.state.lock();
+        st.leased.len() + st.idle.len() + st.opening
+    }
+
     fn lease(this: &Arc<Self>, st: &mut State<R>, item: R) -> Lease<R> {
         let flag = Arc::new(LeaseFlag::default());
         st.leased.push((flag.clone(), item.clone()));
+        this.check_bound(st);
         this.acquired.fetch_add(1, Ordering::AcqRel);
         Lease {
             item,
@@ -189,6 +209,7 @@ impl<R: Poolable> PoolCore<R> {
             self.discarded.fetch_add(1, Ordering::AcqRel);
             Some(item)
         };
+        self.check_bound(&st);
         self.cv.notify_one();
         drop(st);
         // Dropping a dead item may do I/O (a channel sends close): outside the lock.
@@ -217,6 +238,7 @@ impl<R: Poolable> PoolCore<R> {
             }
             if st.leased.len() + st.opening < self_.max {
                 st.opening += 1;
+                self_.check_bound(&st);
                 drop(st);
                 let opened = open();
                 let mut st = self_.state.lock();
