@@ -9,7 +9,7 @@
 #   MUTANT         names of files in mutants/ without .patch (default: all)
 #   --generated    instead, the mutants cargo-mutants generates (`cargo install
 #                  cargo-mutants --locked`) in the synchronisation cores (src/sync.rs,
-#                  pool.rs, link.rs, delivery_queue.rs, confirm.rs; MUTANT_FILES overrides,
+#                  pool.rs, link.rs, delivery_queue.rs, confirm_tracker.rs; MUTANT_FILES overrides,
 #                  MUTANT_RE keeps only names matching a regex). Hours for all of them.
 #   --models-at    run the models (tests/models.rs and the package's Cargo.toml) as they
 #                  were at git revision REV, against today's src/: the kill rate "before"
@@ -48,7 +48,7 @@ if [ -n "$generated" ]; then
     # models of the file it mutates.
     patch_dir="$scratch/generated"
     rm -rf "$patch_dir" && mkdir -p "$patch_dir"
-    files="${MUTANT_FILES:-src/sync.rs src/pool.rs src/link.rs src/delivery_queue.rs src/confirm.rs}"
+    files="${MUTANT_FILES:-src/sync.rs src/pool.rs src/link.rs src/delivery_queue.rs src/confirm_tracker.rs}"
     args=()
     for f in $files; do args+=(-f "$f"); done
     (cd "$repo" && cargo mutants --list --json --diff "${args[@]}") >"$scratch/generated.json"
@@ -56,7 +56,7 @@ if [ -n "$generated" ]; then
 import json, re, sys
 models = {"src/sync.rs": "rpc_waiter", "src/pool.rs": "pool",
           "src/link.rs": "recovery_is_single_flight",
-          "src/delivery_queue.rs": "consumer_queue", "src/confirm.rs": "confirms"}
+          "src/delivery_queue.rs": "consumer_queue", "src/confirm_tracker.rs": "confirms"}
 keep = re.compile(sys.argv[3])
 for i, m in enumerate(json.load(open(sys.argv[1]))):
     if not keep.search(m["name"]):
