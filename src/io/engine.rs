@@ -15,6 +15,7 @@ use crate::protocol::frame::{
     FRAME_BODY, FRAME_HEADER, FRAME_HEARTBEAT, FRAME_METHOD, FrameError, RawFrame, put_heartbeat,
     put_method,
 };
+use crate::protocol::lenient::decode_content_method;
 use crate::protocol::properties::BasicProperties;
 use crate::protocol::reply_code;
 use crate::sync::{Arc, Ordering};
@@ -450,9 +451,15 @@ impl Engine {
     pub(crate) fn on_frame(&mut self, f: RawFrame<'_>, now: Instant) {
         let r = match f.kind {
             FRAME_HEARTBEAT => Ok(()),
-            FRAME_METHOD => match decode_server_method(f.payload, self.max_depth) {
-                Ok(m) => self.on_method(f.channel, m, now),
-                Err(e) => Err(e),
+            // A content method is decoded leniently: its routing key and exchange are
+            // the publisher's bytes, and a bad one must cost only that message.
+            FRAME_METHOD => match decode_content_method(f.payload) {
+                Some(Ok((m, problem))) => self.on_content_method(f.channel, m, problem),
+                Some(Err(e)) => Err(e),
+                None => match decode_server_method(f.payload, self.max_depth) {
+                    Ok(m) => self.on_method(f.channel, m, now),
+                    Err(e) => Err(e),
+                },
             },
             FRAME_HEADER | FRAME_BODY => self.on_content_frame(f),
             _ => Err(FrameError::new(
@@ -495,12 +502,31 @@ impl Engine {
         Ok(())
     }
 
-    fn on_method(&mut self, ch: u16, m: AMQPClass, now: Instant) -> Result<(), FrameError> {
+    /// `basic.deliver`, `basic.return` or `basic.get-ok`, decoded leniently: `problem`
+    /// says why its message will reach the application as a bad delivery.
+    fn on_content_method(
+        &mut self,
+        ch: u16,
+        m: ContentMethod,
+        problem: Option<String>,
+    ) -> Result<(), FrameError> {
         if ch == 0 {
-            return self.on_connection_method(m, now);
+            return Err(FrameError::new(
+                reply_code::COMMAND_INVALID,
+                "content method on channel 0",
+            ));
         }
+        match self.channel_for_method(ch)? {
+            Some(slot) => slot.assembler.start_flagged(m, problem),
+            None => Ok(()), // closing: ignored like its content frames
+        }
+    }
+
+    /// The open, idle channel a method on `ch` (not 0) is for; `None` when it must be
+    /// ignored (connection or channel closing).
+    fn channel_for_method(&mut self, ch: u16) -> Result<Option<&mut Slot>, FrameError> {
         if !self.is_open() {
-            return Ok(());
+            return Ok(None);
         }
         let Some(slot) = slot_in(&mut self.slots, ch) else {
             return Err(FrameError::new(
@@ -508,17 +534,33 @@ impl Engine {
                 format!("method on channel {ch} which is not open"),
             ));
         };
-        // A closing channel ignores content frames (see `on_content_frame`), so a content
-        // cut off by our channel.close must not make its close-ok look out of order.
         if slot.closing {
-            self.on_closing_channel_method(ch, m);
-            return Ok(());
+            return Ok(None);
         }
         if !slot.assembler.is_idle() {
             return Err(FrameError::new(
                 reply_code::UNEXPECTED_FRAME,
                 format!("method frame on channel {ch} in the middle of a content"),
             ));
+        }
+        Ok(Some(slot))
+    }
+
+    fn on_method(&mut self, ch: u16, m: AMQPClass, now: Instant) -> Result<(), FrameError> {
+        if ch == 0 {
+            return self.on_connection_method(m, now);
+        }
+        if !self.is_open() {
+            return Ok(());
+        }
+        // A closing channel ignores content frames (see `on_content_frame`), so a content
+        // cut off by our channel.close must not make its close-ok look out of order.
+        if slot_in(&mut self.slots, ch).is_some_and(|s| s.closing) {
+            self.on_closing_channel_method(ch, m);
+            return Ok(());
+        }
+        if self.channel_for_method(ch)?.is_none() {
+            return Ok(());
         }
         match m {
             AMQPClass::Basic(b) => self.on_basic_method(ch, b),
