@@ -643,6 +643,7 @@ impl Channel {
                 redelivered,
                 message_count: Some(message_count),
                 acker,
+                charge: Default::default(),
             })),
             Err(p) => Err(RecvError::Bad(Box::new(BadDelivery {
                 kind: p.into(),
@@ -651,6 +652,7 @@ impl Channel {
                 routing_key,
                 redelivered,
                 acker,
+                charge: Default::default(),
             }))),
         }
     }

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use amq_protocol::protocol::{AMQPClass, basic, channel, connection};
 
 use super::{ChannelShared, Command, ConnShared, RETURNS_CAPACITY, Reply, ReplyTx};
-use crate::delivery::{Acker, BadDelivery, ConsumerMsg, ConsumerSink, Delivery, Returned};
+use crate::delivery::{
+    Acker, BadDelivery, ByteBudget, Charge, ConsumerMsg, ConsumerSink, Delivery, Returned,
+};
 use crate::error::{BadDeliveryKind, Error};
 use crate::protocol::content::{Assembler, Content, ContentMethod, ContentProblem};
 use crate::protocol::decode_server_method;
@@ -18,6 +20,7 @@ use crate::protocol::frame::{
 use crate::protocol::lenient::decode_content_method;
 use crate::protocol::properties::BasicProperties;
 use crate::protocol::reply_code;
+use crate::protocol::size::properties_heap;
 use crate::sync::{Arc, Ordering};
 
 /// Heartbeats are never sent more often than this.
@@ -94,6 +97,10 @@ pub(crate) struct Engine {
     last_progress: Instant,
     max_depth: usize,
     max_message_size: u64,
+    /// Bytes of deliveries queued for all consumers of this connection.
+    queued_bytes: Arc<ByteBudget>,
+    /// The broker said `connection.blocked` (and not yet `unblocked`).
+    blocked: bool,
 }
 
 fn method_bytes(out: &mut Vec<u8>, channel: u16, m: AMQPClass) {
@@ -118,6 +125,18 @@ impl Engine {
             last_progress: now,
             max_depth: conn.opts.max_table_depth,
             max_message_size: conn.opts.max_message_size,
+            queued_bytes: Arc::new(ByteBudget::new(
+                conn.opts.connection_queue_bytes,
+                Some(Box::new({
+                    let conn = Arc::downgrade(&conn);
+                    move || {
+                        if let Some(c) = conn.upgrade() {
+                            c.wake();
+                        }
+                    }
+                })),
+            )),
+            blocked: false,
             conn,
         }
     }
@@ -134,9 +153,15 @@ impl Engine {
         matches!(self.state, State::Open)
     }
 
-    /// True while a delivery waits for room in its consumer's queue.
+    /// True while reading must pause: a delivery waits for room in its consumer's queue
+    /// (or the connection's byte bound), or more output waits than `max_output_bytes` (a
+    /// peer that stops reading but keeps sending what we answer cannot grow it further).
     pub(crate) fn is_stalled(&self) -> bool {
-        self.stalled.is_some()
+        self.stalled.is_some() || self.output_full()
+    }
+
+    fn output_full(&self) -> bool {
+        self.out.len() - self.written >= self.conn.opts.max_output_bytes
     }
 
     // ---------------- bytes in and out ----------------
@@ -168,9 +193,17 @@ impl Engine {
             self.out.drain(..self.written);
             self.written = 0;
         }
-        if now.duration_since(self.last_progress) > write_timeout {
+        // A broker that blocked the connection stops reading on purpose: then only the
+        // heartbeat-based limit applies. Otherwise a peer that reads none of our bytes
+        // for `write_stall_timeout` is a dead link.
+        let limit = if self.blocked {
+            write_timeout
+        } else {
+            write_timeout.min(self.conn.opts.write_stall_timeout)
+        };
+        if now.duration_since(self.last_progress) > limit {
             self.fail(Error::ConnectionLost(format!(
-                "writes to the broker stalled for {write_timeout:?}"
+                "writes to the broker stalled: it read none of our bytes for {limit:?}"
             )));
         }
     }
@@ -426,7 +459,7 @@ impl Engine {
             if self.output().is_empty() {
                 next = next.min(self.last_send + send_every);
             }
-            if self.stalled.is_some() {
+            if self.is_stalled() {
                 // We stopped reading on purpose; silence tells nothing now.
                 self.last_recv = now;
             } else if now >= self.last_recv + hb * 2 {
@@ -438,7 +471,7 @@ impl Engine {
             }
             next = next.min(self.last_recv + hb * 2);
         }
-        if self.stalled.is_some() {
+        if self.is_stalled() {
             // Safety net for a wake-up lost between the consumer and us.
             next = next.min(now + Duration::from_millis(20));
         }
@@ -784,11 +817,13 @@ impl Engine {
             },
             AMQPClass::Connection(C::Blocked(b)) => {
                 log::warn!("broker blocked the connection: {}", b.reason);
+                self.blocked = true;
                 self.conn.set_blocked(Some(b.reason.to_string()));
                 Ok(())
             }
             AMQPClass::Connection(C::Unblocked(_)) => {
                 log::info!("broker unblocked the connection");
+                self.blocked = false;
                 self.conn.set_blocked(None);
                 Ok(())
             }
@@ -900,7 +935,7 @@ impl Engine {
         let _ = p.reply.send(Ok(Reply::Get(Some(Box::new(c)))));
     }
 
-    fn deliver(&mut self, ch: u16, tag: String, msg: ConsumerMsg) {
+    fn deliver(&mut self, ch: u16, tag: String, mut msg: ConsumerMsg) {
         let Some(slot) = self
             .slots
             .get_mut(ch as usize)
@@ -923,7 +958,8 @@ impl Engine {
             }
             return;
         }
-        if !sink.shared.reserve_or_wait() {
+        let cost = msg_cost(&msg);
+        if !has_room(sink, cost, &self.queued_bytes) {
             self.stalled = Some(Stalled {
                 channel: ch,
                 tag,
@@ -931,7 +967,9 @@ impl Engine {
             });
             return;
         }
-        if let Err(msg) = sink.push(msg) {
+        msg.charge(cost, sink.shared.clone(), self.queued_bytes.clone());
+        if let Err(mut msg) = sink.push(msg) {
+            msg.release();
             if !sink.no_ack {
                 log::debug!("consumer {tag:?} on channel {ch} is gone; delivery requeued");
                 self.requeue(ch, &msg);
@@ -944,12 +982,13 @@ impl Engine {
         let Some(s) = self.stalled.take() else {
             return true;
         };
+        let cost = msg_cost(&s.msg);
         let full = self
             .slots
             .get(s.channel as usize)
             .and_then(|s| s.as_deref())
             .and_then(|slot| slot.consumers.get(&s.tag))
-            .map(|sink| !sink.shared.reserve_or_wait());
+            .map(|sink| !has_room(sink, cost, &self.queued_bytes));
         match full {
             Some(true) => {
                 self.stalled = Some(s);
@@ -986,6 +1025,43 @@ fn bad_kind(p: ContentProblem) -> BadDeliveryKind {
     }
 }
 
+/// True if a delivery of `cost` bytes fits its consumer's queue (count and bytes) and the
+/// connection's byte bound; if not, the I/O thread is registered to be woken when it may.
+/// A cancelled or dropped consumer never holds reading back (see `QueueShared::is_full`).
+fn has_room(sink: &ConsumerSink, cost: usize, conn: &ByteBudget) -> bool {
+    if !sink.is_active() {
+        return true;
+    }
+    sink.shared.reserve_or_wait()
+        && sink.shared.bytes.reserve_or_wait(cost)
+        && conn.reserve_or_wait(cost)
+}
+
+/// What a queued message costs in memory, decoded: the body, the properties (headers
+/// may decode to many times their wire size), the names and the boxed struct.
+fn msg_cost(msg: &ConsumerMsg) -> usize {
+    match msg {
+        ConsumerMsg::Delivery(d) => {
+            std::mem::size_of::<Delivery>()
+                + d.body.capacity()
+                + properties_heap(&d.properties)
+                + d.exchange.capacity()
+                + d.routing_key.capacity()
+        }
+        ConsumerMsg::Bad(b) => {
+            std::mem::size_of::<BadDelivery>()
+                + b.body.capacity()
+                + b.exchange.capacity()
+                + b.routing_key.capacity()
+                + match &b.kind {
+                    BadDeliveryKind::Undecodable(s) => s.capacity(),
+                    BadDeliveryKind::TooLarge { .. } => 0,
+                }
+        }
+        ConsumerMsg::Lost(_) | ConsumerMsg::End(_) => 0,
+    }
+}
+
 /// What a consumer gets for a delivered content: the delivery, or a bad delivery it can
 /// still ack or reject when the properties could not be decoded.
 fn consumer_msg(
@@ -1005,6 +1081,7 @@ fn consumer_msg(
             redelivered,
             message_count: None,
             acker,
+            charge: Charge::default(),
         })),
         Err(p) => {
             let bad = BadDelivery {
@@ -1014,6 +1091,7 @@ fn consumer_msg(
                 routing_key,
                 redelivered,
                 acker,
+                charge: Charge::default(),
             };
             log::warn!("{bad}");
             ConsumerMsg::Bad(Box::new(bad))

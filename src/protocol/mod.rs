@@ -7,6 +7,7 @@ pub mod lenient;
 pub(crate) mod methods;
 pub mod properties;
 pub mod reply_code;
+pub(crate) mod size;
 pub mod table;
 
 use amq_protocol::protocol::{AMQPClass, parse_class};

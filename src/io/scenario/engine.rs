@@ -544,7 +544,11 @@ fn a_heartbeat_waits_behind_unwritten_output() {
 
 #[test]
 fn writes_that_stall_past_the_write_timeout_end_the_link() {
-    let mut s = Scenario::new();
+    // The stall limit above the heartbeat-based one: the latter applies.
+    let mut s = Scenario::with(
+        0,
+        ConnectionOptions::default().write_stall_timeout(Duration::from_secs(60)),
+    );
     let ch = s.open(1);
     s.rpc(&ch, declare("a"), None);
     let timeout = Duration::from_secs(30);
@@ -565,6 +569,78 @@ fn writes_that_stall_past_the_write_timeout_end_the_link() {
         "{:?}",
         s.outcome()
     );
+}
+
+#[test]
+fn a_peer_that_reads_nothing_for_the_stall_time_is_a_dead_link_unless_it_blocked_us() {
+    let opts = ConnectionOptions::default().write_stall_timeout(Duration::from_secs(3));
+    let heartbeat_limit = Duration::from_secs(120);
+    let mut s = Scenario::with(0, opts.clone());
+    let ch = s.open(1);
+    s.rpc(&ch, declare("a"), None);
+    let t0 = s.now;
+    s.engine
+        .settle_output(t0 + Duration::from_secs(3), heartbeat_limit);
+    assert!(s.outcome().is_none());
+    s.engine
+        .settle_output(t0 + Duration::from_millis(3_001), heartbeat_limit);
+    assert!(
+        matches!(s.outcome(), Some(Error::ConnectionLost(t)) if t.contains("read none of our bytes for 3s")),
+        "{:?}",
+        s.outcome()
+    );
+    // connection.blocked: the broker stops reading on purpose; only the heartbeat-based
+    // limit applies until it unblocks.
+    let mut s = Scenario::with(0, opts);
+    let ch = s.open(1);
+    s.feed_method(
+        0,
+        AMQPClass::Connection(C::Blocked(connection::Blocked {
+            reason: "low on memory".into(),
+        })),
+    );
+    s.rpc(&ch, declare("a"), None);
+    let t0 = s.now;
+    s.engine
+        .settle_output(t0 + Duration::from_secs(60), heartbeat_limit);
+    assert!(s.outcome().is_none());
+    s.feed_method(
+        0,
+        AMQPClass::Connection(C::Unblocked(connection::Unblocked {})),
+    );
+    s.engine
+        .settle_output(t0 + Duration::from_secs(61), heartbeat_limit);
+    assert!(
+        matches!(s.outcome(), Some(Error::ConnectionLost(_))),
+        "{:?}",
+        s.outcome()
+    );
+}
+
+#[test]
+fn answers_to_a_peer_that_does_not_read_are_bounded_in_bytes() {
+    // channel.flow after channel.flow: each needs a flow-ok, and nothing is written.
+    let limit = 64 * 1024;
+    let mut s = Scenario::with(0, ConnectionOptions::default().max_output_bytes(limit));
+    s.open(1);
+    let flow = method(
+        1,
+        AMQPClass::Channel(channel::AMQPMethod::Flow(channel::Flow { active: true })),
+    );
+    let mut fed = 0;
+    while !s.engine.is_stalled() {
+        s.feed(&flow);
+        fed += 1;
+        assert!(fed < 100_000, "reading never paused");
+    }
+    let out = s.engine.output().len();
+    assert!(out >= limit && out < limit + 64, "{out} bytes of output");
+    // Once the peer reads, reading resumes.
+    let n = s.engine.output().len();
+    s.engine.wrote(n, s.now);
+    s.engine.settle_output(s.now, Duration::from_secs(30));
+    assert!(!s.engine.is_stalled());
+    assert!(s.outcome().is_none());
 }
 
 #[test]
@@ -879,4 +955,71 @@ fn opening_a_channel_twice_is_refused() {
     );
     assert!(matches!(reply_now(&rx), Err(Error::InvalidArgument(_))));
     assert!(s.sent().is_empty());
+}
+
+// ---------------- byte bounds of consumer queues ----------------
+
+#[test]
+fn a_consumer_queue_full_in_bytes_stops_reading_until_the_consumer_takes_one() {
+    let mut s = Scenario::new();
+    let ch = s.open(1);
+    let c = s.consume_bounded(&ch, "c", 1000, 10_000);
+    let body = vec![7u8; 4000];
+    for tag in 1..=2 {
+        s.feed(&deliver(1, "c", tag, &body));
+        assert!(!s.engine.is_stalled(), "delivery {tag} fits");
+    }
+    let held = c.shared.bytes.queued();
+    assert!((8000..10_000).contains(&held), "{held} bytes charged");
+    s.feed(&deliver(1, "c", 3, &body));
+    assert!(s.engine.is_stalled(), "the third does not fit 10,000 bytes");
+    assert_eq!(c.shared.queued.load(crate::sync::Ordering::Acquire), 2);
+    let wakes = s.wakes.count();
+    let (msg, _) = c.take().unwrap();
+    assert!(matches!(msg, ConsumerMsg::Delivery(d) if d.delivery_tag() == 1));
+    assert_eq!(s.wakes.count(), wakes + 1, "taking one woke the I/O thread");
+    assert!(s.engine.retry_stalled());
+    assert_eq!(c.shared.queued.load(crate::sync::Ordering::Acquire), 2);
+    // Taken and dropped: everything given back.
+    while c.take().is_some() {}
+    assert_eq!(c.shared.bytes.queued(), 0);
+}
+
+#[test]
+fn an_empty_consumer_queue_takes_one_message_larger_than_its_byte_bound() {
+    let mut s = Scenario::new();
+    let ch = s.open(1);
+    let c = s.consume_bounded(&ch, "c", 1000, 100);
+    s.feed(&deliver(1, "c", 1, &[1; 5000]));
+    assert!(!s.engine.is_stalled());
+    s.feed(&deliver(1, "c", 2, b"x"));
+    assert!(s.engine.is_stalled());
+    drop(c.take());
+    assert!(s.engine.retry_stalled());
+}
+
+#[test]
+fn the_connection_byte_bound_holds_across_consumers() {
+    let mut s = Scenario::with(
+        0,
+        ConnectionOptions::default().connection_queue_bytes(10_000),
+    );
+    let ch = s.open(1);
+    let a = s.consume(&ch, "a", 1000);
+    let b = s.consume(&ch, "b", 1000);
+    let body = vec![7u8; 4000];
+    s.feed(&deliver(1, "a", 1, &body));
+    s.feed(&deliver(1, "a", 2, &body));
+    assert!(!s.engine.is_stalled());
+    s.feed(&deliver(1, "b", 3, &body));
+    assert!(
+        s.engine.is_stalled(),
+        "b's queue is empty, but the connection is full"
+    );
+    assert!(b.take().is_none());
+    let wakes = s.wakes.count();
+    drop(a.take().unwrap());
+    assert!(s.wakes.count() > wakes, "a's take woke the I/O thread");
+    assert!(s.engine.retry_stalled());
+    assert!(matches!(b.take(), Some((ConsumerMsg::Delivery(d), _)) if d.delivery_tag() == 3));
 }
