@@ -179,6 +179,14 @@ impl Channel {
         }
     }
 
+    /// Deliveries the broker sent on this channel for no consumer of ours (a tag we never
+    /// had, or one already cancelled), since the channel was last (re)opened. lepus
+    /// rejects them with requeue, so that they go to another consumer instead of staying
+    /// unacknowledged until the channel closes.
+    pub fn orphan_deliveries(&self) -> u64 {
+        self.shared().orphan_deliveries.load(Ordering::Relaxed) as u64
+    }
+
     /// The channel state of the current connection generation.
     pub(crate) fn shared(&self) -> Arc<ChannelShared> {
         self.inner.current_shared()

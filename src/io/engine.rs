@@ -25,6 +25,8 @@ use crate::sync::{Arc, Ordering};
 
 /// Heartbeats are never sent more often than this.
 const MIN_HEARTBEAT_SEND: Duration = Duration::from_millis(500);
+/// At most one log line per channel for deliveries to unknown consumers in this time.
+const ORPHAN_LOG_EVERY: Duration = Duration::from_secs(10);
 /// Stop taking commands while this much output is unwritten.
 const HIGH_WATER: usize = 4 * 1024 * 1024;
 
@@ -59,6 +61,11 @@ struct Slot {
     shared: Arc<ChannelShared>,
     pending: VecDeque<Pending>,
     consumers: Consumers,
+    /// A no-ack consumer was ever registered here: a delivery for an unknown tag may then
+    /// need no settling, and a reject of it would close the channel (406).
+    had_no_ack: bool,
+    /// When an orphan delivery was last logged (one line per burst).
+    orphan_logged: Option<Instant>,
     assembler: Assembler,
     closing: bool,
     close_reply: Option<ReplyTx>,
@@ -101,6 +108,8 @@ pub(crate) struct Engine {
     queued_bytes: Arc<ByteBudget>,
     /// The broker said `connection.blocked` (and not yet `unblocked`).
     blocked: bool,
+    /// The time of the latest frame or timer (for what has no `now` of its own).
+    clock: Instant,
 }
 
 fn method_bytes(out: &mut Vec<u8>, channel: u16, m: AMQPClass) {
@@ -137,6 +146,7 @@ impl Engine {
                 })),
             )),
             blocked: false,
+            clock: now,
             conn,
         }
     }
@@ -375,6 +385,8 @@ impl Engine {
             shared,
             pending: VecDeque::new(),
             consumers: Consumers::default(),
+            had_no_ack: false,
+            orphan_logged: None,
             assembler: Assembler::default(),
             closing: false,
             close_reply: None,
@@ -482,6 +494,7 @@ impl Engine {
 
     /// Handle one decoded frame.
     pub(crate) fn on_frame(&mut self, f: RawFrame<'_>, now: Instant) {
+        self.clock = now;
         let r = match f.kind {
             FRAME_HEARTBEAT => Ok(()),
             // A content method is decoded leniently: its routing key and exchange are
@@ -652,12 +665,14 @@ impl Engine {
                 routing_key: r.routing_key.to_string(),
             }),
             B::Ack(a) => {
+                check_confirm(ch, &slot.shared, "basic.ack", a.delivery_tag, a.multiple)?;
                 slot.shared
                     .confirms
                     .resolve(a.delivery_tag, a.multiple, true);
                 Ok(())
             }
             B::Nack(n) => {
+                check_confirm(ch, &slot.shared, "basic.nack", n.delivery_tag, n.multiple)?;
                 slot.shared
                     .confirms
                     .resolve(n.delivery_tag, n.multiple, false);
@@ -735,6 +750,7 @@ impl Engine {
         let mut consumed = None;
         if let AMQPClass::Basic(B::ConsumeOk(ok)) = &reply {
             if let Some(sink) = p.consumer {
+                slot.had_no_ack |= sink.no_ack;
                 slot.consumers.insert(ok.consumer_tag.to_string(), sink);
                 consumed = Some(ok.consumer_tag.clone());
             }
@@ -944,9 +960,7 @@ impl Engine {
             return;
         };
         let Some(sink) = slot.consumers.get(&tag) else {
-            // Whether it needs an ack is unknown (no_ack is per consumer), and a wrong
-            // reject would close the channel: report it loudly instead.
-            log::error!("delivery for unknown consumer {tag:?} on channel {ch} discarded");
+            self.orphan(ch, &tag, &msg);
             return;
         };
         if !sink.is_active() && sink.shared.queued.load(Ordering::Acquire) >= sink.shared.capacity {
@@ -998,6 +1012,43 @@ impl Engine {
                 self.deliver(s.channel, s.tag, s.msg);
                 self.stalled.is_none()
             }
+        }
+    }
+
+    /// A delivery for no consumer of ours: an unknown tag, a channel without consumers, a
+    /// consumer whose cancel-ok came already. Left alone it would stay unacknowledged
+    /// until the channel closes: reject it (requeue) so another consumer gets it, count
+    /// it, and log once per burst. Only on a channel that never had a no-ack consumer:
+    /// there every delivery needs settling, while a reject of a no-ack delivery would
+    /// close the channel (406 unknown delivery tag).
+    fn orphan(&mut self, ch: u16, tag: &str, msg: &ConsumerMsg) {
+        let now = self.clock;
+        let Some(slot) = slot_in(&mut self.slots, ch) else {
+            return;
+        };
+        let n = slot
+            .shared
+            .orphan_deliveries
+            .fetch_add(1, Ordering::Relaxed)
+            + 1;
+        let reject = !slot.had_no_ack;
+        if slot
+            .orphan_logged
+            .is_none_or(|at| now.duration_since(at) >= ORPHAN_LOG_EVERY)
+        {
+            slot.orphan_logged = Some(now);
+            log::warn!(
+                "channel {ch}: delivery for unknown consumer {tag:?} {} ({n} so far on this \
+                 channel; further ones within {ORPHAN_LOG_EVERY:?} are not logged)",
+                if reject {
+                    "rejected with requeue"
+                } else {
+                    "dropped (a no-ack consumer was here: a reject could close the channel)"
+                }
+            );
+        }
+        if reject {
+            self.requeue(ch, msg);
         }
     }
 
@@ -1112,6 +1163,37 @@ fn queue_return(shared: &ChannelShared, ch: u16, r: Returned) {
         return;
     }
     let _ = shared.returns_tx.send(r);
+}
+
+/// A confirm from the broker must be for a message we published: acking a tag never
+/// used (or `multiple` past the last one) would mark real messages confirmed that the
+/// broker never saw. That is a protocol violation, not something to guess around.
+fn check_confirm(
+    ch: u16,
+    shared: &ChannelShared,
+    what: &str,
+    tag: u64,
+    multiple: bool,
+) -> Result<(), FrameError> {
+    if !shared.confirms.is_enabled() {
+        return Err(FrameError::new(
+            reply_code::COMMAND_INVALID,
+            format!("{what} (delivery tag {tag}) on channel {ch}, which is not in confirm mode"),
+        ));
+    }
+    let last = shared.confirms.last_seq();
+    // multiple with tag 0 means "everything so far" in AMQP 0-9-1.
+    if tag > last || (tag == 0 && !multiple) {
+        return Err(FrameError::new(
+            reply_code::COMMAND_INVALID,
+            format!(
+                "{what} for delivery tag {tag}{} on channel {ch}, but the last message \
+                 published there has tag {last}",
+                if multiple { " (multiple)" } else { "" }
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Channel `ch` if it is registered (open or closing).

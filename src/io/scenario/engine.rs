@@ -743,13 +743,81 @@ fn a_stall_keeps_the_heartbeat_watchdog_quiet() {
     assert!(next <= t0 + Duration::from_secs(60) + Duration::from_millis(20));
 }
 
+fn reject(ch: u16, tag: u64) -> Sent {
+    Sent::Method(
+        ch,
+        AMQPClass::Basic(basic::AMQPMethod::Reject(basic::Reject {
+            delivery_tag: tag,
+            requeue: true,
+        })),
+    )
+}
+
 #[test]
-fn a_delivery_for_an_unknown_consumer_is_discarded() {
+fn deliveries_for_no_consumer_of_ours_are_rejected_and_counted() {
     let mut s = Scenario::new();
-    s.open(1);
+    let ch = s.open(1);
+    // A channel without consumers.
     s.feed(&deliver(1, "nobody", 1, b"x"));
-    assert!(s.sent().is_empty());
+    assert_eq!(s.sent(), [reject(1, 1)]);
+    // An unknown tag beside a known one.
+    let c = s.consume(&ch, "known", 4);
+    s.feed(&deliver(1, "other", 2, b"x"));
+    s.feed(&deliver(1, "known", 3, b"y"));
+    assert_eq!(s.sent(), [reject(1, 2)]);
+    assert!(matches!(c.take(), Some((ConsumerMsg::Delivery(d), _)) if d.delivery_tag() == 3));
+    // A consumer whose cancel-ok came already.
+    let cancel = AMQPClass::Basic(basic::AMQPMethod::Cancel(basic::Cancel {
+        consumer_tag: "known".into(),
+        nowait: false,
+    }));
+    let r = s.rpc(&ch, cancel, None);
+    s.sent();
+    s.feed_method(
+        1,
+        AMQPClass::Basic(basic::AMQPMethod::CancelOk(basic::CancelOk {
+            consumer_tag: "known".into(),
+        })),
+    );
+    assert!(reply_now(&r).is_ok());
+    s.feed(&deliver(1, "known", 4, b"z"));
+    assert_eq!(s.sent(), [reject(1, 4)]);
+    assert_eq!(ch.orphan_deliveries.load(crate::sync::Ordering::Relaxed), 3);
     assert!(s.engine.is_open());
+}
+
+#[test]
+fn deliveries_for_no_consumer_are_not_rejected_where_a_no_ack_consumer_was() {
+    let mut s = Scenario::new();
+    let ch = s.open(1);
+    let (tx, _rx) = crate::sync::queue::unbounded();
+    let sink = crate::delivery::ConsumerSink {
+        tx,
+        shared: std::sync::Arc::new(crate::delivery::ConsumerShared::new(4)),
+        no_ack: true,
+    };
+    let consume = AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
+        queue: "q".into(),
+        consumer_tag: "auto".into(),
+        no_local: false,
+        no_ack: true,
+        exclusive: false,
+        nowait: false,
+        arguments: Default::default(),
+    }));
+    let r = s.rpc(&ch, consume, Some(sink));
+    s.sent();
+    s.feed_method(
+        1,
+        AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(basic::ConsumeOk {
+            consumer_tag: "auto".into(),
+        })),
+    );
+    assert!(reply_now(&r).is_ok());
+    // A no-ack delivery needs no settling: a reject would be a 406 closing the channel.
+    s.feed(&deliver(1, "gone", 1, b"x"));
+    assert!(s.sent().is_empty());
+    assert_eq!(ch.orphan_deliveries.load(crate::sync::Ordering::Relaxed), 1);
 }
 
 #[test]
