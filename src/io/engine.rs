@@ -1182,7 +1182,7 @@ fn check_confirm(
         ));
     }
     let last = shared.confirms.last_seq();
-    // multiple with tag 0 means "everything so far" in AMQP 0-9-1.
+    // Tag 0 with `multiple` is "all outstanding" in AMQP 0-9-1, not a tag of its own.
     if tag > last || (tag == 0 && !multiple) {
         return Err(FrameError::new(
             reply_code::COMMAND_INVALID,

@@ -56,6 +56,7 @@ pub struct Peer {
     /// frame_max agreed in tune-ok (content is split to fit it).
     pub frame_max: u32,
     next_ctag: u32,
+    reset: bool,
 }
 
 impl Peer {
@@ -296,6 +297,13 @@ impl Peer {
         c
     }
 
+    /// End the connection with a TCP reset (RST) when the script returns, instead of a
+    /// clean close (`SO_LINGER` 0).
+    pub fn reset_on_end(&mut self) {
+        let _ = socket2::SockRef::from(self.io.stream()).set_linger(Some(Duration::ZERO));
+        self.reset = true;
+    }
+
     /// True if the client closed the socket within `timeout`.
     pub fn wait_eof(&mut self, timeout: Duration) -> bool {
         self.io.wait_eof(Instant::now() + timeout)
@@ -381,9 +389,12 @@ impl<R: Send + 'static> FakeBroker<R> {
                             io: FrameIo::new(stream),
                             frame_max: 131_072,
                             next_ctag: 0,
+                            reset: false,
                         };
                         results.push(script(i, &mut peer));
-                        let _ = peer.io.stream().shutdown(Shutdown::Both);
+                        if !peer.reset {
+                            let _ = peer.io.stream().shutdown(Shutdown::Both);
+                        }
                     }
                     results
                 }));

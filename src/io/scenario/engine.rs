@@ -934,6 +934,81 @@ fn confirms_resolve_single_multiple_and_nacks() {
     assert!(s.sent().is_empty());
 }
 
+/// A confirm for a tag never published, a `multiple` past the last one, or any confirm
+/// on a channel not in confirm mode: the connection closes (503), and no real message is
+/// marked confirmed.
+#[test]
+fn confirms_for_tags_never_published_are_a_protocol_violation() {
+    use crate::confirm_tracker::outcome;
+    let ack = |tag, multiple| {
+        AMQPClass::Basic(basic::AMQPMethod::Ack(basic::Ack {
+            delivery_tag: tag,
+            multiple,
+        }))
+    };
+    let nack = |tag, multiple| {
+        AMQPClass::Basic(basic::AMQPMethod::Nack(basic::Nack {
+            delivery_tag: tag,
+            multiple,
+            requeue: false,
+        }))
+    };
+    for (m, why) in [
+        (ack(3, false), "tag 3"),
+        (ack(5, true), "tag 5 (multiple)"),
+        (nack(3, false), "basic.nack"),
+        (ack(0, false), "tag 0"),
+    ] {
+        let mut s = Scenario::new();
+        let ch = s.open(1);
+        ch.confirms.enable();
+        let slots: Vec<_> = (0..2)
+            .map(|_| ch.confirms.register(true, None).unwrap().1.unwrap())
+            .collect();
+        s.feed_method(1, m);
+        let sent = s.sent();
+        assert!(
+            sent.iter()
+                .any(|f| is_close_with(f, reply_code::COMMAND_INVALID)),
+            "{why}: {sent:?}"
+        );
+        match s.outcome().or_else(|| Some(ch.error())) {
+            Some(Error::Protocol { code, text }) => {
+                assert_eq!(code, reply_code::COMMAND_INVALID);
+                assert!(
+                    text.contains(why) && text.contains("last message"),
+                    "{text}"
+                );
+            }
+            other => panic!("{why}: {other:?}"),
+        }
+        for slot in &slots {
+            assert!(
+                !matches!(outcome(slot), Ok(Some(_))),
+                "{why}: a message was marked confirmed"
+            );
+        }
+    }
+    // Not in confirm mode at all.
+    let mut s = Scenario::new();
+    let ch = s.open(1);
+    s.feed_method(1, ack(1, false));
+    assert!(
+        matches!(ch.error(), Error::Protocol { code: 503, text } if text.contains("not in confirm mode"))
+    );
+    // Multiple with tag 0 ("all outstanding") and the last tag itself are no violation.
+    let mut s = Scenario::new();
+    let ch = s.open(1);
+    ch.confirms.enable();
+    for _ in 0..3 {
+        ch.confirms.register(false, None).unwrap();
+    }
+    s.feed_method(1, ack(3, false));
+    s.feed_method(1, ack(0, true));
+    assert!(s.sent().is_empty());
+    assert!(s.engine.is_open());
+}
+
 #[test]
 fn returned_messages_reach_their_channel() {
     let mut s = Scenario::new();
