@@ -745,14 +745,22 @@ impl Channel {
     }
 
     /// A message the broker returned (mandatory publish with no route), waiting up to
-    /// `timeout`. Up to 1024 returns are kept per channel; more are logged and dropped.
+    /// `timeout`. Up to 1024 returns, and up to
+    /// [`consumer_queue_bytes`](crate::ConnectionOptions::consumer_queue_bytes) of them,
+    /// are kept per channel; more are logged, counted and dropped.
     pub fn recv_return(&self, timeout: Duration) -> Option<Returned> {
-        self.shared().returns_rx.recv_timeout(timeout).ok()
+        let shared = self.shared();
+        let r = shared.returns_rx.recv_timeout(timeout).ok()?;
+        shared.returns_bytes.fetch_sub(r.cost(), Ordering::AcqRel);
+        Some(r)
     }
 
     /// A returned message, if one is waiting.
     pub fn try_recv_return(&self) -> Option<Returned> {
-        self.shared().returns_rx.try_recv().ok()
+        let shared = self.shared();
+        let r = shared.returns_rx.try_recv().ok()?;
+        shared.returns_bytes.fetch_sub(r.cost(), Ordering::AcqRel);
+        Some(r)
     }
 
     // ---------------- confirms and transactions ----------------

@@ -461,6 +461,22 @@ pub struct Returned {
     pub body: Vec<u8>,
 }
 
+impl Returned {
+    /// What it costs in memory while queued (decoded size), for the returns' byte bound.
+    pub(crate) fn cost(&self) -> usize {
+        std::mem::size_of::<Returned>()
+            + self.reply_text.capacity()
+            + self.exchange.capacity()
+            + self.routing_key.capacity()
+            + self.body.capacity()
+            + match &self.properties {
+                Ok(p) => crate::protocol::size::properties_heap(p),
+                Err(BadDeliveryKind::Undecodable(s)) => s.capacity(),
+                Err(BadDeliveryKind::TooLarge { .. }) => 0,
+            }
+    }
+}
+
 /// Why [`Consumer::recv`](crate::Consumer::recv) (and its variants, the consumer's
 /// iterator and [`Channel::basic_get`](crate::Channel::basic_get)) returned no
 /// [`Delivery`].

@@ -1152,17 +1152,27 @@ fn consumer_msg(
 
 /// Queue a returned message for the channel's handle, unless too many wait unread.
 fn queue_return(shared: &ChannelShared, ch: u16, r: Returned) {
-    if shared.returns_rx.len() >= RETURNS_CAPACITY {
+    let cost = r.cost();
+    let bytes = shared.returns_bytes.load(Ordering::Acquire);
+    let byte_limit = shared.conn.opts.consumer_queue_bytes;
+    // Returns are not worth stopping the connection for: over either bound they are
+    // dropped (an empty queue always takes one).
+    if shared.returns_rx.len() >= RETURNS_CAPACITY || (bytes > 0 && bytes + cost > byte_limit) {
         let n = shared.returns_dropped.fetch_add(1, Ordering::Relaxed) + 1;
         log::error!(
-            "channel {ch}: returned message to {:?}/{:?} dropped: {RETURNS_CAPACITY} returns \
-             are queued unread ({n} dropped so far)",
+            "channel {ch}: returned message to {:?}/{:?} dropped: {} returns ({bytes} bytes) \
+             are queued unread, the bound is {RETURNS_CAPACITY} and {byte_limit} bytes \
+             ({n} dropped so far)",
             r.exchange,
-            r.routing_key
+            r.routing_key,
+            shared.returns_rx.len(),
         );
         return;
     }
-    let _ = shared.returns_tx.send(r);
+    shared.returns_bytes.fetch_add(cost, Ordering::AcqRel);
+    if shared.returns_tx.send(r).is_err() {
+        shared.returns_bytes.fetch_sub(cost, Ordering::AcqRel);
+    }
 }
 
 /// A confirm from the broker must be for a message we published: acking a tag never

@@ -1041,6 +1041,45 @@ fn returned_messages_reach_their_channel() {
 }
 
 #[test]
+fn returns_queued_unread_are_bounded_in_bytes() {
+    let mut s = Scenario::with(0, ConnectionOptions::default().consumer_queue_bytes(10_000));
+    let ch = s.open(1);
+    let ret = |body: &[u8]| {
+        let mut bytes = method(
+            1,
+            AMQPClass::Basic(basic::AMQPMethod::Return(basic::Return {
+                reply_code: reply_code::NO_ROUTE,
+                reply_text: "NO_ROUTE".into(),
+                exchange: "ex".into(),
+                routing_key: "nowhere".into(),
+            })),
+        );
+        bytes.extend(content(1, &BasicProperties::new(), body, FRAME_MAX));
+        bytes
+    };
+    for _ in 0..3 {
+        s.feed(&ret(&[1; 4000]));
+    }
+    assert_eq!(ch.returns_rx.len(), 2, "the third is over 10,000 bytes");
+    assert_eq!(ch.returns_dropped.load(crate::sync::Ordering::Relaxed), 1);
+    // Taking one gives its bytes back (as Channel::recv_return does).
+    let r = ch.returns_rx.try_recv().unwrap();
+    ch.returns_bytes
+        .fetch_sub(r.cost(), crate::sync::Ordering::AcqRel);
+    s.feed(&ret(&[2; 4000]));
+    assert_eq!(ch.returns_rx.len(), 2);
+    // An empty queue takes one larger than the bound.
+    while let Ok(r) = ch.returns_rx.try_recv() {
+        ch.returns_bytes
+            .fetch_sub(r.cost(), crate::sync::Ordering::AcqRel);
+    }
+    assert_eq!(ch.returns_bytes.load(crate::sync::Ordering::Acquire), 0);
+    s.feed(&ret(&[3; 20_000]));
+    assert_eq!(ch.returns_rx.len(), 1);
+    assert!(s.engine.is_open());
+}
+
+#[test]
 fn blocked_and_unblocked_are_recorded() {
     let mut s = Scenario::new();
     s.feed_method(
