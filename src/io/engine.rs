@@ -559,7 +559,7 @@ impl Engine {
         if ch == 0 {
             return Err(FrameError::new(
                 reply_code::COMMAND_INVALID,
-                "content method on channel 0",
+                format!("content method on channel 0: {m:?}"),
             ));
         }
         match self.channel_for_method(ch)? {
