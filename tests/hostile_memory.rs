@@ -162,22 +162,81 @@ fn consumer_queue_is_bounded_in_bytes() {
 #[test]
 fn headers_are_counted_at_their_decoded_size() {
     let bound = 4 * MIB;
-    let mut table = Vec::new();
-    let mut entry = vec![1, b'a', b'A'];
-    entry.extend_from_slice(&10_000u32.to_be_bytes());
-    entry.extend(std::iter::repeat_n(b'V', 10_000));
-    table.extend_from_slice(&(entry.len() as u32).to_be_bytes());
-    table.extend(entry);
     let peak = offered_case(
         move |o| o.consumer_queue_bytes(bound),
         1,
         200,
-        headers_props(&table),
+        void_array_headers(10_000),
         16,
     );
     // Offered: 200 × ~320 KB decoded (about 60 MiB, all of it queued under the count
     // bound alone).
     assert!(peak < bound + 4 * MIB, "peak {} KiB", peak / 1024);
+}
+
+fn void_array_headers(n: u32) -> Vec<u8> {
+    let mut table = Vec::new();
+    let mut entry = vec![1, b'a', b'A'];
+    entry.extend_from_slice(&n.to_be_bytes());
+    entry.extend(std::iter::repeat_n(b'V', n as usize));
+    table.extend_from_slice(&(entry.len() as u32).to_be_bytes());
+    table.extend(entry);
+    headers_props(&table)
+}
+
+/// Through RabbitMQ: a raw-socket publisher sends 200 messages whose headers are 10 KB on
+/// the wire and ~320 KB decoded; a consumer without prefetch that holds back keeps about
+/// its byte bound, then receives all of them.
+#[test]
+fn decoded_header_size_is_bounded_through_rabbitmq() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    within(Duration::from_secs(90), || {
+        let cleanup = support::Cleanup::new();
+        let conn =
+            Connection::open_with(support::test_options().consumer_queue_bytes(4 * MIB)).unwrap();
+        let ch = conn.open_channel().unwrap();
+        let q = cleanup.queue(&support::unique("hostile-void-headers"));
+        ch.queue_declare(
+            &q,
+            &lepus::QueueDeclareOptions {
+                arguments: lepus::FieldTable::new().with("x-expires", 120_000),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let count = 200u64;
+        let props = void_array_headers(10_000);
+        let mut c =
+            lepus_testkit::RawClient::connect(support::broker_addr(), "guest", "guest", "/")
+                .unwrap();
+        c.open_channels(1..=1).unwrap();
+        c.confirm_select(1).unwrap();
+        for i in 1..=count {
+            c.publish(1, "", &q, &props, b"v").unwrap();
+            c.expect_ack(1, i)
+                .expect("RabbitMQ accepts void values in headers");
+        }
+        c.close().unwrap();
+
+        let base = reset_peak();
+        let consumer = ch.basic_consume(&q, &ConsumeOptions::default()).unwrap();
+        std::thread::sleep(Duration::from_millis(1500));
+        let peak = peak_since(base);
+        let queued = consumer.queued();
+        assert!((queued as u64) < count, "all {queued} were queued");
+        for _ in 0..count {
+            let d = consumer.recv_timeout(Duration::from_secs(10)).unwrap();
+            d.ack().unwrap();
+        }
+        eprintln!(
+            "{count} messages of ~320 KB decoded offered; {queued} queued; peak live heap {} KiB",
+            peak / 1024
+        );
+        assert!(peak < 4 * MIB + 4 * MIB, "peak {} KiB", peak / 1024);
+        drop(consumer);
+        ch.queue_delete(&q, Default::default()).unwrap();
+        conn.close().unwrap();
+    });
 }
 
 /// Four consumers, each allowed 64 MiB, on a connection allowed 6 MiB in all.

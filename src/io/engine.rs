@@ -33,6 +33,41 @@ const HIGH_WATER: usize = 4 * 1024 * 1024;
 struct Pending {
     reply: ReplyTx,
     consumer: Option<ConsumerSink>,
+    /// Class and method id of the request.
+    request: (u16, u16),
+}
+
+/// Class and method id of the method frame at the start of `bytes` ((0, 0) if none).
+fn request_ids(bytes: &[u8]) -> (u16, u16) {
+    bytes
+        .get(7..11)
+        .filter(|_| bytes[0] == FRAME_METHOD)
+        .map(|b| {
+            (
+                u16::from_be_bytes([b[0], b[1]]),
+                u16::from_be_bytes([b[2], b[3]]),
+            )
+        })
+        .unwrap_or((0, 0))
+}
+
+/// True if `reply` answers `request`: each `-ok` is its request's method id plus one, and
+/// `basic.get` is answered by `get-ok` (71) or `get-empty` (72).
+fn answers(request: (u16, u16), reply: (u16, u16)) -> bool {
+    request.0 == reply.0 && (reply.1 == request.1 + 1 || (request == (60, 70) && reply.1 == 72))
+}
+
+/// The waiter a reply belongs to: the oldest request it answers. Replies come in order,
+/// except that RabbitMQ may answer a `queue.delete` before the `basic.cancel-ok` of a
+/// consumer on that queue sent just before it (the cancel goes through the queue
+/// process): matching by method keeps each reply with its own waiter. A reply that
+/// answers nothing pending goes to the oldest waiter, which reports it as unexpected.
+fn take_pending(pending: &mut VecDeque<Pending>, reply: (u16, u16)) -> Option<Pending> {
+    let i = pending
+        .iter()
+        .position(|p| answers(p.request, reply))
+        .unwrap_or(0);
+    pending.remove(i)
 }
 
 /// The consumers of one channel by tag. Usually one or two: a vector is smaller than a
@@ -346,7 +381,11 @@ impl Engine {
                 consumer,
             } => {
                 if let Some(slot) = self.open_slot(channel) {
-                    slot.pending.push_back(Pending { reply, consumer });
+                    slot.pending.push_back(Pending {
+                        reply,
+                        consumer,
+                        request: request_ids(&bytes),
+                    });
                     self.out.extend_from_slice(&bytes);
                 }
             }
@@ -394,6 +433,7 @@ impl Engine {
         slot.pending.push_back(Pending {
             reply,
             consumer: None,
+            request: (20, 10),
         });
         self.slots[id] = Some(slot);
         self.out.extend_from_slice(bytes);
@@ -741,7 +781,8 @@ impl Engine {
         let Some(slot) = slot_in(&mut self.slots, ch) else {
             return Ok(()); // checked by `on_method`
         };
-        let Some(p) = slot.pending.pop_front() else {
+        let ids = (reply.get_amqp_class_id(), reply.get_amqp_method_id());
+        let Some(p) = take_pending(&mut slot.pending, ids) else {
             return Err(FrameError::new(
                 reply_code::UNEXPECTED_FRAME,
                 format!("reply {reply:?} on channel {ch} without a request"),
@@ -941,7 +982,9 @@ impl Engine {
 
     /// A whole `basic.get-ok`: the reply to the oldest RPC of the channel.
     fn on_get_ok(&mut self, ch: u16, c: Content) {
-        let Some(p) = slot_in(&mut self.slots, ch).and_then(|s| s.pending.pop_front()) else {
+        let Some(p) =
+            slot_in(&mut self.slots, ch).and_then(|s| take_pending(&mut s.pending, (60, 71)))
+        else {
             self.violation(
                 FrameError::new(reply_code::UNEXPECTED_FRAME, "basic.get-ok without a get"),
                 Instant::now(),

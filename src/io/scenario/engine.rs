@@ -1205,3 +1205,56 @@ fn the_connection_byte_bound_holds_across_consumers() {
     assert!(s.engine.retry_stalled());
     assert!(matches!(b.take(), Some((ConsumerMsg::Delivery(d), _)) if d.delivery_tag() == 3));
 }
+
+/// RabbitMQ answers a `queue.delete` before the `basic.cancel-ok` of a consumer of that
+/// queue cancelled just before: each reply still reaches its own waiter.
+#[test]
+fn replies_reach_the_waiter_of_the_request_they_answer() {
+    let mut s = Scenario::new();
+    let ch = s.open(1);
+    let _c = s.consume(&ch, "t", 4);
+    let cancel = s.rpc(
+        &ch,
+        AMQPClass::Basic(basic::AMQPMethod::Cancel(basic::Cancel {
+            consumer_tag: "t".into(),
+            nowait: false,
+        })),
+        None,
+    );
+    let delete = s.rpc(
+        &ch,
+        AMQPClass::Queue(queue::AMQPMethod::Delete(queue::Delete {
+            queue: "q".into(),
+            if_unused: false,
+            if_empty: false,
+            nowait: false,
+        })),
+        None,
+    );
+    s.sent();
+    s.feed_method(
+        1,
+        AMQPClass::Queue(queue::AMQPMethod::DeleteOk(queue::DeleteOk {
+            message_count: 3,
+        })),
+    );
+    s.feed_method(
+        1,
+        AMQPClass::Basic(basic::AMQPMethod::CancelOk(basic::CancelOk {
+            consumer_tag: "t".into(),
+        })),
+    );
+    assert!(matches!(
+        reply_now(&delete),
+        Ok(Reply::Method(AMQPClass::Queue(
+            queue::AMQPMethod::DeleteOk(_)
+        )))
+    ));
+    assert!(matches!(
+        reply_now(&cancel),
+        Ok(Reply::Method(AMQPClass::Basic(
+            basic::AMQPMethod::CancelOk(_)
+        )))
+    ));
+    assert!(s.engine.is_open());
+}
