@@ -161,10 +161,10 @@ pub use protocol::table::{FieldTable, FieldValue};
 pub mod internal {
     pub use crate::protocol::content::{Assembler, Content, ContentMethod, ContentProblem};
     pub use crate::protocol::decode_server_method;
-    pub use crate::protocol::lenient::{LenientClose, decode_close, decode_content_method};
     pub use crate::protocol::frame::{
         DecodedPublish, FrameDecoder, FrameError, RawFrame, decode_publish, put_publish,
     };
+    pub use crate::protocol::lenient::{LenientClose, decode_close, decode_content_method};
     pub use crate::protocol::properties::{decode_properties, header_prefix};
     pub use crate::protocol::table::{encode_table, scan_table};
 
