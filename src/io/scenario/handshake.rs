@@ -565,3 +565,25 @@ fn eof_after_start_ok_is_an_io_error_when_the_broker_reports_auth_failures() {
         .unwrap_err();
     assert!(matches!(err, Error::AuthenticationFailed(_)), "{err:?}");
 }
+
+#[test]
+fn close_with_malformed_text_during_the_handshake_keeps_its_code() {
+    let opts = ConnectionOptions::default();
+    let mut h = Hs::started(&opts);
+    // connection.close 403, text announced as 40 bytes, 6 present and not UTF-8.
+    let mut payload = vec![0, 10, 0, 50, 1, 147, 40];
+    payload.extend_from_slice(b"no \xff\xfe!");
+    let err = h.feed(&raw_frame(1, 0, &payload)).unwrap_err();
+    assert!(
+        matches!(&err, Error::AuthenticationFailed(t) if t == "no \u{fffd}\u{fffd}!"),
+        "{err:?}"
+    );
+    assert_eq!(h.sent(), [close_ok()]);
+    let mut h = Hs::tuned(&opts);
+    let mut payload = vec![0, 10, 0, 50, 1, 64, 2, 0xC3, 0x28, 0, 0, 0, 0, 7, 7, 7];
+    let err = h.feed(&raw_frame(1, 0, &payload)).unwrap_err();
+    assert!(
+        matches!(&err, Error::ServerClosedConnection { code: 320, .. }),
+        "{err:?}"
+    );
+}
