@@ -580,7 +580,7 @@ fn close_with_malformed_text_during_the_handshake_keeps_its_code() {
     );
     assert_eq!(h.sent(), [close_ok()]);
     let mut h = Hs::tuned(&opts);
-    let mut payload = vec![0, 10, 0, 50, 1, 64, 2, 0xC3, 0x28, 0, 0, 0, 0, 7, 7, 7];
+    let payload = vec![0, 10, 0, 50, 1, 64, 2, 0xC3, 0x28, 0, 0, 0, 0, 7, 7, 7];
     let err = h.feed(&raw_frame(1, 0, &payload)).unwrap_err();
     assert!(
         matches!(&err, Error::ServerClosedConnection { code: 320, .. }),
