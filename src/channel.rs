@@ -179,6 +179,14 @@ impl Channel {
         }
     }
 
+    /// Deliveries the broker sent on this channel for no consumer of ours (a tag we never
+    /// had, or one already cancelled), since the channel was last (re)opened. lepus
+    /// rejects them with requeue, so that they go to another consumer instead of staying
+    /// unacknowledged until the channel closes.
+    pub fn orphan_deliveries(&self) -> u64 {
+        self.shared().orphan_deliveries.load(Ordering::Relaxed) as u64
+    }
+
     /// The channel state of the current connection generation.
     pub(crate) fn shared(&self) -> Arc<ChannelShared> {
         self.inner.current_shared()
@@ -643,6 +651,7 @@ impl Channel {
                 redelivered,
                 message_count: Some(message_count),
                 acker,
+                charge: Default::default(),
             })),
             Err(p) => Err(RecvError::Bad(Box::new(BadDelivery {
                 kind: p.into(),
@@ -651,6 +660,7 @@ impl Channel {
                 routing_key,
                 redelivered,
                 acker,
+                charge: Default::default(),
             }))),
         }
     }
@@ -735,14 +745,22 @@ impl Channel {
     }
 
     /// A message the broker returned (mandatory publish with no route), waiting up to
-    /// `timeout`. Up to 1024 returns are kept per channel; more are logged and dropped.
+    /// `timeout`. Up to 1024 returns, and up to
+    /// [`consumer_queue_bytes`](crate::ConnectionOptions::consumer_queue_bytes) of them,
+    /// are kept per channel; more are logged, counted and dropped.
     pub fn recv_return(&self, timeout: Duration) -> Option<Returned> {
-        self.shared().returns_rx.recv_timeout(timeout).ok()
+        let shared = self.shared();
+        let r = shared.returns_rx.recv_timeout(timeout).ok()?;
+        shared.returns_bytes.fetch_sub(r.cost(), Ordering::AcqRel);
+        Some(r)
     }
 
     /// A returned message, if one is waiting.
     pub fn try_recv_return(&self) -> Option<Returned> {
-        self.shared().returns_rx.try_recv().ok()
+        let shared = self.shared();
+        let r = shared.returns_rx.try_recv().ok()?;
+        shared.returns_bytes.fetch_sub(r.cost(), Ordering::AcqRel);
+        Some(r)
     }
 
     // ---------------- confirms and transactions ----------------

@@ -35,7 +35,10 @@ impl Channel {
             prefetch + QUEUE_MARGIN
         };
         let (tx, rx) = q::unbounded();
-        let shared = Arc::new(ConsumerShared::new(capacity));
+        let shared = Arc::new(ConsumerShared::bounded(
+            capacity,
+            ch.conn.opts.consumer_queue_bytes,
+        ));
         let sink = ConsumerSink {
             tx,
             shared: shared.clone(),
@@ -92,7 +95,10 @@ impl Channel {
 /// A stream of deliveries from one `basic.consume`.
 ///
 /// Its queue is bounded by the channel's prefetch count plus a margin (or 1024 without
-/// a prefetch limit); when it is full the I/O thread stops reading from the socket, so a
+/// a prefetch limit), and in bytes (16 MiB by default, see
+/// [`ConnectionOptions::consumer_queue_bytes`](crate::ConnectionOptions::consumer_queue_bytes)
+/// and the connection-wide
+/// [`connection_queue_bytes`](crate::ConnectionOptions::connection_queue_bytes)); when it is full the I/O thread stops reading from the socket, so a
 /// slow consumer holds the broker back instead of growing memory. Set a prefetch with
 /// [`Channel::basic_qos`] before consuming.
 pub struct Consumer {
@@ -154,13 +160,20 @@ impl Consumer {
         self.shared.queued.load(Ordering::Acquire)
     }
 
+    /// Bytes (decoded size) of the deliveries waiting in the local queue.
+    pub fn queued_bytes(&self) -> usize {
+        self.shared.bytes.queued()
+    }
+
     fn took_one(&self) {
         if self.shared.took_one() {
             self.channel.shared().conn.wake();
         }
     }
 
-    fn on_msg(&self, msg: ConsumerMsg) -> Result<Delivery, RecvError> {
+    fn on_msg(&self, mut msg: ConsumerMsg) -> Result<Delivery, RecvError> {
+        // Bytes first: the count's wake-up may let the I/O thread retry at once.
+        msg.release();
         self.took_one();
         match msg {
             ConsumerMsg::Delivery(d) => Ok(*d),
@@ -264,8 +277,11 @@ impl Drop for Consumer {
         }
         // Deliveries nobody will read go back to the queue now, not when the channel
         // closes (a no-ack consumer's are already settled; an ack for them would be a
-        // 406 that closes the channel).
-        if !self.no_ack {
+        // 406 that closes the channel). Either way they leave the queue now, giving
+        // back what they hold of the connection's byte bound.
+        if self.no_ack {
+            while self.rx.try_recv().is_ok() {}
+        } else {
             while let Ok(msg) = self.rx.try_recv() {
                 let requeued = match msg {
                     ConsumerMsg::Delivery(d) => d.reject(true),

@@ -146,6 +146,10 @@ pub use options::{
     AuthMechanism, ConnectionOptions, ConsumeOptions, ExchangeDeclareOptions, PublishOptions,
     QueueDeclareOptions, QueueDeleteOptions, RecoveryOptions, UnconfirmedPolicy,
 };
+pub use options::{
+    DEFAULT_CONNECTION_QUEUE_BYTES, DEFAULT_CONSUMER_QUEUE_BYTES, DEFAULT_MAX_OUTPUT_BYTES,
+    DEFAULT_WRITE_STALL_TIMEOUT,
+};
 #[cfg(not(loom))]
 pub use pool::{ChannelPool, PooledChannel};
 pub use pool::{DEFAULT_POOL_SIZE, PoolStats};
@@ -160,6 +164,7 @@ pub mod internal {
     pub use crate::protocol::frame::{
         DecodedPublish, FrameDecoder, FrameError, RawFrame, decode_publish, put_publish,
     };
+    pub use crate::protocol::lenient::{LenientClose, decode_close, decode_content_method};
     pub use crate::protocol::properties::{decode_properties, header_prefix};
     pub use crate::protocol::table::{encode_table, scan_table};
 

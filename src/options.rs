@@ -63,7 +63,20 @@ pub struct ConnectionOptions {
     pub(crate) close_timeout: Duration,
     pub(crate) more_addresses: Vec<(String, u16)>,
     pub(crate) recovery: RecoveryOptions,
+    pub(crate) consumer_queue_bytes: usize,
+    pub(crate) connection_queue_bytes: usize,
+    pub(crate) max_output_bytes: usize,
+    pub(crate) write_stall_timeout: Duration,
 }
+
+/// Default bound of one consumer's local queue in bytes (decoded size).
+pub const DEFAULT_CONSUMER_QUEUE_BYTES: usize = 16 * 1024 * 1024;
+/// Default bound of all consumer queues of a connection together, in bytes.
+pub const DEFAULT_CONNECTION_QUEUE_BYTES: usize = 64 * 1024 * 1024;
+/// Default bound of the bytes waiting to be written before the I/O thread stops reading.
+pub const DEFAULT_MAX_OUTPUT_BYTES: usize = 16 * 1024 * 1024;
+/// Default time the broker may leave our bytes unread before the link counts as dead.
+pub const DEFAULT_WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(20);
 
 impl Default for ConnectionOptions {
     fn default() -> Self {
@@ -86,6 +99,10 @@ impl Default for ConnectionOptions {
             close_timeout: Duration::from_secs(5),
             more_addresses: Vec::new(),
             recovery: RecoveryOptions::default(),
+            consumer_queue_bytes: DEFAULT_CONSUMER_QUEUE_BYTES,
+            connection_queue_bytes: DEFAULT_CONNECTION_QUEUE_BYTES,
+            max_output_bytes: DEFAULT_MAX_OUTPUT_BYTES,
+            write_stall_timeout: DEFAULT_WRITE_STALL_TIMEOUT,
         }
     }
 }
@@ -229,6 +246,37 @@ impl ConnectionOptions {
     /// How long `close()` waits for the broker's `close-ok`.
     pub fn close_timeout(mut self, t: Duration) -> Self {
         self.close_timeout = t;
+        self
+    }
+    /// Bound of each consumer's local queue in bytes, counted on the decoded messages
+    /// (body, properties, headers): when a delivery does not fit, the I/O thread stops
+    /// reading until the consumer takes some (an empty queue always takes one message,
+    /// up to [`max_message_size`](Self::max_message_size)). Default 16 MiB
+    /// ([`DEFAULT_CONSUMER_QUEUE_BYTES`]).
+    pub fn consumer_queue_bytes(mut self, bytes: usize) -> Self {
+        self.consumer_queue_bytes = bytes.max(1);
+        self
+    }
+    /// Bound of all consumer queues of the connection together, in bytes (decoded size);
+    /// same backpressure as [`consumer_queue_bytes`](Self::consumer_queue_bytes).
+    /// Default 64 MiB ([`DEFAULT_CONNECTION_QUEUE_BYTES`]).
+    pub fn connection_queue_bytes(mut self, bytes: usize) -> Self {
+        self.connection_queue_bytes = bytes.max(1);
+        self
+    }
+    /// Bytes waiting to be written above which the I/O thread stops reading (a broker
+    /// that stops reading but keeps sending things we must answer cannot grow our output
+    /// without limit). Default 16 MiB ([`DEFAULT_MAX_OUTPUT_BYTES`]).
+    pub fn max_output_bytes(mut self, bytes: usize) -> Self {
+        self.max_output_bytes = bytes.max(64 * 1024);
+        self
+    }
+    /// How long output may wait without the broker reading a byte of it before the link
+    /// counts as dead (lost, recovered if recovery is on). While the broker has blocked
+    /// the connection (`connection.blocked`) the limit is two heartbeat intervals
+    /// instead. Default 20 s ([`DEFAULT_WRITE_STALL_TIMEOUT`]).
+    pub fn write_stall_timeout(mut self, t: Duration) -> Self {
+        self.write_stall_timeout = t.max(Duration::from_millis(100));
         self
     }
 }
