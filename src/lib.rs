@@ -110,6 +110,8 @@ mod delivery_queue;
 mod error;
 #[cfg(not(loom))]
 mod events;
+// The fuzz harnesses: only with the `fuzzing` feature (fuzz/ and lepus's own tests).
+#[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 #[cfg(not(loom))]
 mod io;
