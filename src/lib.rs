@@ -44,6 +44,8 @@
 //! there is no cycle):
 //!
 //! ```text
+//! fuzzing                                       fuzz harnesses: only with the `fuzzing`
+//!                                               feature (fuzz/ and lepus's tests), no API
 //! pool                                          the channel pool
 //! connection, channel, consumer, confirm        handles (a method that creates a handle
 //!                                               lives with it: Channel::basic_consume in
