@@ -44,6 +44,8 @@
 //! there is no cycle):
 //!
 //! ```text
+//! fuzzing                                       fuzz harnesses: only with the `fuzzing`
+//!                                               feature (fuzz/ and lepus's tests), no API
 //! pool                                          the channel pool
 //! connection, channel, consumer, confirm        handles (a method that creates a handle
 //!                                               lives with it: Channel::basic_consume in
@@ -110,6 +112,8 @@ mod delivery_queue;
 mod error;
 #[cfg(not(loom))]
 mod events;
+// The fuzz harnesses: only with the `fuzzing` feature (fuzz/ and lepus's own tests).
+#[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 #[cfg(not(loom))]
 mod io;

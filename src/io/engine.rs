@@ -255,6 +255,7 @@ impl Engine {
 
     /// Everything waiting to be written, taken out as if written (without counting as
     /// sent for the heartbeat): for tests and fuzzing, which have no socket.
+    #[cfg(any(test, feature = "fuzzing"))]
     pub(crate) fn take_output(&mut self) -> Vec<u8> {
         let rest = self.out.split_off(self.written);
         self.out.clear();
