@@ -94,7 +94,11 @@ fn offered_case(
                 let tag = &tags[(t as usize - 1) % tags.len()];
                 p.deliver(ch, tag, t, &props, &body);
             }
-            p.expect_connection_close().reply_code
+            // The client drains everything before it closes: at its own pace, which on a
+            // loaded machine (10,000 header values per message in a debug build) can take
+            // longer than one scripted step.
+            p.expect_connection_close_until(Instant::now() + Duration::from_secs(45))
+                .reply_code
         });
         let conn = Connection::open_with(opts(broker.options())).unwrap();
         let ch = conn.open_channel().unwrap();

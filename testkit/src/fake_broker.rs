@@ -112,7 +112,17 @@ impl Peer {
 
     /// Like [`Peer::expect`], but frames `f` refuses are skipped.
     pub fn wait_for<T>(&mut self, what: &str, f: impl Fn(u16, &AMQPClass) -> Option<T>) -> T {
-        let deadline = Self::deadline();
+        self.wait_for_until(what, Self::deadline(), f)
+    }
+
+    /// Like [`Peer::wait_for`], with a deadline of the caller's (for a step that waits on
+    /// the client's own pace, such as draining many queued messages).
+    pub fn wait_for_until<T>(
+        &mut self,
+        what: &str,
+        deadline: Instant,
+        f: impl Fn(u16, &AMQPClass) -> Option<T>,
+    ) -> T {
         loop {
             let fr = self
                 .io
@@ -286,7 +296,12 @@ impl Peer {
     /// Skip frames until `connection.close`, answer `close-ok` (if the client still
     /// listens) and return the close.
     pub fn expect_connection_close(&mut self) -> connection::Close {
-        let c = self.wait_for("connection.close", |ch, m| match m {
+        self.expect_connection_close_until(Self::deadline())
+    }
+
+    /// Like [`Peer::expect_connection_close`], waiting until `deadline`.
+    pub fn expect_connection_close_until(&mut self, deadline: Instant) -> connection::Close {
+        let c = self.wait_for_until("connection.close", deadline, |ch, m| match m {
             AMQPClass::Connection(connection::AMQPMethod::Close(c)) if ch == 0 => Some(c.clone()),
             _ => None,
         });
