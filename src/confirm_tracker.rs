@@ -283,7 +283,7 @@ pub fn outcome(slot: &AtomicU8) -> Result<Option<Confirm>> {
     }
 }
 
-#[cfg(all(test, not(loom)))]
+#[cfg(all(test, not(lepus_loom)))]
 mod tests {
     use super::*;
 

@@ -95,7 +95,8 @@ impl std::ops::Deref for ConsumerShared {
 }
 
 impl ConsumerShared {
-    /// A queue bounded by `capacity` messages only.
+    /// A queue bounded by `capacity` messages only (tests and the fuzz harness).
+    #[cfg(any(test, feature = "fuzzing"))]
     pub(crate) fn new(capacity: usize) -> Self {
         Self::bounded(capacity, usize::MAX)
     }

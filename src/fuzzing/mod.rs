@@ -27,7 +27,7 @@
 
 #![doc(hidden)]
 // Built on the socket and handle layers, which the loom models leave out.
-#![cfg(not(loom))]
+#![cfg(not(lepus_loom))]
 
 mod content;
 mod engine;
