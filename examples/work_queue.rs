@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use lepus::{
     BasicProperties, Connection, ConsumeOptions, Error, PublishOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
+    QueueDeleteOptions, RecvError,
 };
 
 const PRODUCERS: usize = 8;
@@ -42,8 +42,8 @@ fn main() -> Result<(), Error> {
                             done.fetch_add(1, Ordering::AcqRel);
                             job.ack()?;
                         }
-                        Err(Error::Timeout(_)) => continue,
-                        Err(e) => return Err(e),
+                        Err(RecvError::Failed(Error::Timeout(_))) => continue,
+                        Err(e) => return Err(e.into()),
                     }
                 }
                 println!("worker {w} did {mine} jobs");

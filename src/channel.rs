@@ -5,85 +5,22 @@ use std::time::{Duration, Instant};
 use amq_protocol::protocol::{AMQPClass, basic, channel as chan, confirm, exchange, queue, tx};
 use amq_protocol::types::ShortString;
 
-use crate::confirm::Confirmation;
 use crate::connection::Connection;
-use crate::consumer::{
-    Acker, BadDelivery, BadDeliveryKind, Consumer, ConsumerShared, ConsumerSink, Delivery,
-    QUEUE_MARGIN, Returned, UNLIMITED_PREFETCH_QUEUE,
-};
+use crate::connection_state::ChannelSlot;
+use crate::delivery::{Acker, BadDelivery, ConsumerSink, Delivery, RecvError, Returned};
 use crate::error::{Error, Result, reply_code};
 use crate::io::{ChannelShared, Command, Reply};
-use crate::protocol::content::{ContentMethod, ContentProblem};
-use crate::protocol::frame::{put_method, put_publish};
+use crate::options::{
+    ExchangeDeclareOptions, PublishOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use crate::protocol::content::ContentMethod;
+use crate::protocol::frame::{decode_publish, put_method, put_publish};
+use crate::protocol::methods;
 use crate::protocol::properties::BasicProperties;
 use crate::protocol::table::{FieldTable, table_to_amqp};
-use crate::recovery::{
-    BindingRecord, ChannelRecord, ConsumerRecord, ExchangeRecord, QueueRecord, Topology,
-};
 use crate::sync::oneshot;
-use crate::sync::queue::{self as q};
-use crate::sync::{Arc, AtomicBool, Mutex, Ordering};
-
-/// Options of `exchange.declare`.
-#[derive(Debug, Clone, Default)]
-pub struct ExchangeDeclareOptions {
-    /// Only check that it exists (404 closes the channel if not).
-    pub passive: bool,
-    /// Survive a broker restart.
-    pub durable: bool,
-    /// Delete when the last binding is removed.
-    pub auto_delete: bool,
-    /// Not publishable directly, only through exchange-to-exchange bindings.
-    pub internal: bool,
-    /// Extra arguments (e.g. `alternate-exchange`).
-    pub arguments: FieldTable,
-}
-
-/// Options of `queue.declare`.
-#[derive(Debug, Clone, Default)]
-pub struct QueueDeclareOptions {
-    /// Only check that it exists (404 closes the channel if not).
-    pub passive: bool,
-    /// Survive a broker restart.
-    pub durable: bool,
-    /// Used only by this connection and deleted when it closes.
-    pub exclusive: bool,
-    /// Delete when the last consumer goes.
-    pub auto_delete: bool,
-    /// Extra arguments (`x-message-ttl`, `x-queue-type`, `x-dead-letter-exchange`, ...).
-    pub arguments: FieldTable,
-}
-
-/// Options of `queue.delete`.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct QueueDeleteOptions {
-    /// Only if it has no consumers.
-    pub if_unused: bool,
-    /// Only if it is empty.
-    pub if_empty: bool,
-}
-
-/// Options of `basic.consume`.
-#[derive(Debug, Clone, Default)]
-pub struct ConsumeOptions {
-    /// Consumer tag; empty lets the broker choose one.
-    pub consumer_tag: String,
-    /// Deliveries need no acknowledgement.
-    pub no_ack: bool,
-    /// The only consumer of the queue.
-    pub exclusive: bool,
-    /// Do not deliver messages published on this connection.
-    pub no_local: bool,
-    /// Extra arguments (`x-priority`, ...).
-    pub arguments: FieldTable,
-}
-
-/// Options of `basic.publish`.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct PublishOptions {
-    /// Return the message (see [`Channel::recv_return`]) if no queue takes it.
-    pub mandatory: bool,
-}
+use crate::sync::{Arc, AtomicBool, AtomicU8, Mutex, Ordering, Weak};
+use crate::topology::{BindingRecord, ChannelRecord, ExchangeRecord, QueueRecord, Topology};
 
 /// What `queue.declare` answered.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,6 +49,7 @@ pub struct Channel {
     timeout: Option<Duration>,
 }
 
+/// The lasting state of one channel handle, across connection generations.
 pub(crate) struct ChannelInner {
     id: u16,
     conn: Connection,
@@ -121,23 +59,23 @@ pub(crate) struct ChannelInner {
     handed_back: Mutex<Vec<Arc<Vec<u8>>>>,
 }
 
-impl ChannelInner {
-    pub(crate) fn id(&self) -> u16 {
+impl ChannelSlot for ChannelInner {
+    fn id(&self) -> u16 {
         self.id
     }
-    pub(crate) fn current_shared(&self) -> Arc<ChannelShared> {
+    fn current_shared(&self) -> Arc<ChannelShared> {
         self.current.lock().clone()
     }
-    /// Recovery installs the reopened channel.
-    pub(crate) fn set_current(&self, new: Arc<ChannelShared>) {
+    fn set_current(&self, new: Arc<ChannelShared>) {
         *self.current.lock() = new;
     }
-    /// Worth reopening after a connection failure.
-    pub(crate) fn wants_recovery(&self) -> bool {
+    fn wants_recovery(&self) -> bool {
         !self.closed_by_us.load(Ordering::Acquire) && !self.current_shared().is_channel_closed()
     }
-    /// Unconfirmed messages the application gets back (hand-back policy).
-    pub(crate) fn hand_back(&self, entries: Vec<crate::confirm::Entry>) {
+    fn record(&self) -> &Mutex<ChannelRecord> {
+        &self.record
+    }
+    fn hand_back(&self, entries: Vec<crate::confirm_tracker::Entry>) {
         let mut v = self.handed_back.lock();
         for e in entries {
             e.hand_back();
@@ -146,8 +84,7 @@ impl ChannelInner {
             }
         }
     }
-    /// The connection is gone for good: end every consumer of this channel.
-    pub(crate) fn end_consumers(&self, err: &Error) {
+    fn end_consumers(&self, err: &Error) {
         for r in self.record.lock().consumers.drain(..) {
             r.sink.end(err.clone());
         }
@@ -167,7 +104,7 @@ impl Drop for ChannelInner {
     fn drop(&mut self) {
         self.conn
             .inner()
-            .unregister_channel(self.id, self as *const ChannelInner);
+            .unregister_channel(self.id, self as *const ChannelInner as *const ());
         let shared = self.current.get_mut().clone();
         if self.closed_by_us.load(Ordering::Acquire) || shared.is_closed() {
             return;
@@ -185,7 +122,7 @@ fn close_method() -> AMQPClass {
     }))
 }
 
-fn short(what: &str, s: &str) -> Result<ShortString> {
+pub(crate) fn short(what: &str, s: &str) -> Result<ShortString> {
     if s.len() > 255 {
         return Err(Error::InvalidArgument(format!(
             "{what} is {} bytes long; AMQP short strings hold at most 255",
@@ -207,6 +144,23 @@ macro_rules! expect_reply {
     };
 }
 
+// Channels are opened from a connection; the method lives with the handle it creates, so
+// that imports point one way (channel -> connection).
+impl Connection {
+    /// Open a new channel, waiting up to the operation timeout (and for a recovery in
+    /// progress to finish, within that time).
+    pub fn open_channel(&self) -> Result<Channel> {
+        self.open_channel_until(Instant::now() + self.inner().opts.operation_timeout)
+    }
+
+    /// Open a new channel, waiting until `deadline`.
+    pub fn open_channel_until(&self, deadline: Instant) -> Result<Channel> {
+        let shared = self.inner().current(deadline)?;
+        let ch = shared.open_channel(None, deadline)?;
+        Ok(Channel::new(ch, self.clone()))
+    }
+}
+
 impl Channel {
     pub(crate) fn new(shared: Arc<ChannelShared>, conn: Connection) -> Self {
         let inner = Arc::new(ChannelInner {
@@ -217,11 +171,20 @@ impl Channel {
             record: Mutex::new(ChannelRecord::default()),
             handed_back: Mutex::new(Vec::new()),
         });
-        inner.conn.inner().register_channel(&inner);
+        let slot: Weak<dyn ChannelSlot> = Arc::downgrade(&inner) as Weak<ChannelInner>;
+        inner.conn.inner().register_channel(inner.id, slot);
         Channel {
             inner,
             timeout: None,
         }
+    }
+
+    /// Deliveries the broker sent on this channel for no consumer of ours (a tag we never
+    /// had, or one already cancelled), since the channel was last (re)opened. lepus
+    /// rejects them with requeue, so that they go to another consumer instead of staying
+    /// unacknowledged until the channel closes.
+    pub fn orphan_deliveries(&self) -> u64 {
+        self.shared().orphan_deliveries.load(Ordering::Relaxed) as u64
     }
 
     /// The channel state of the current connection generation.
@@ -309,7 +272,7 @@ impl Channel {
         self.inner.conn.inner().topology.lock()
     }
 
-    fn args(&self, t: &FieldTable) -> Result<amq_protocol::types::FieldTable> {
+    pub(crate) fn check_args(&self, t: &FieldTable) -> Result<()> {
         let d = t.depth();
         if d > self.max_depth() {
             return Err(Error::InvalidArgument(format!(
@@ -317,6 +280,11 @@ impl Channel {
                 self.max_depth()
             )));
         }
+        Ok(())
+    }
+
+    fn args(&self, t: &FieldTable) -> Result<amq_protocol::types::FieldTable> {
+        self.check_args(t)?;
         Ok(table_to_amqp(t))
     }
 
@@ -343,16 +311,18 @@ impl Channel {
         kind: &str,
         opts: &ExchangeDeclareOptions,
     ) -> Result<()> {
-        let m = AMQPClass::Exchange(exchange::AMQPMethod::Declare(exchange::Declare {
-            exchange: short("exchange name", name)?,
-            kind: short("exchange type", kind)?,
-            passive: opts.passive,
-            durable: opts.durable,
-            auto_delete: opts.auto_delete,
-            internal: opts.internal,
-            nowait: false,
-            arguments: self.args(&opts.arguments)?,
-        }));
+        short("exchange name", name)?;
+        short("exchange type", kind)?;
+        self.check_args(&opts.arguments)?;
+        let m = methods::exchange_declare(
+            name,
+            kind,
+            opts.passive,
+            opts.durable,
+            opts.auto_delete,
+            opts.internal,
+            &opts.arguments,
+        );
         let r = self.rpc(m, "exchange.declare-ok")?;
         expect_reply!(r, "exchange.declare", AMQPClass::Exchange(exchange::AMQPMethod::DeclareOk(_)) => ())?;
         if !opts.passive {
@@ -388,17 +358,20 @@ impl Channel {
         routing_key: &str,
         arguments: &FieldTable,
     ) -> Result<()> {
-        let m = AMQPClass::Exchange(exchange::AMQPMethod::Bind(exchange::Bind {
-            destination: short("destination", destination)?,
-            source: short("source", source)?,
-            routing_key: short("routing key", routing_key)?,
-            nowait: false,
-            arguments: self.args(arguments)?,
-        }));
+        short("destination", destination)?;
+        short("source", source)?;
+        short("routing key", routing_key)?;
+        self.check_args(arguments)?;
+        let m = methods::bind(true, destination, source, routing_key, arguments);
         let r = self.rpc(m, "exchange.bind-ok")?;
         expect_reply!(r, "exchange.bind", AMQPClass::Exchange(exchange::AMQPMethod::BindOk(_)) => ())?;
-        self.topology()
-            .add_binding(binding(true, destination, source, routing_key, arguments));
+        self.topology().add_binding(BindingRecord::new(
+            true,
+            destination,
+            source,
+            routing_key,
+            arguments,
+        ));
         Ok(())
     }
 
@@ -419,8 +392,13 @@ impl Channel {
         }));
         let r = self.rpc(m, "exchange.unbind-ok")?;
         expect_reply!(r, "exchange.unbind", AMQPClass::Exchange(exchange::AMQPMethod::UnbindOk(_)) => ())?;
-        self.topology()
-            .remove_binding(&binding(true, destination, source, routing_key, arguments));
+        self.topology().remove_binding(&BindingRecord::new(
+            true,
+            destination,
+            source,
+            routing_key,
+            arguments,
+        ));
         Ok(())
     }
 
@@ -428,15 +406,16 @@ impl Channel {
 
     /// Declare a queue; an empty `name` asks the broker to choose one.
     pub fn queue_declare(&self, name: &str, opts: &QueueDeclareOptions) -> Result<QueueInfo> {
-        let m = AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
-            queue: short("queue name", name)?,
-            passive: opts.passive,
-            durable: opts.durable,
-            exclusive: opts.exclusive,
-            auto_delete: opts.auto_delete,
-            nowait: false,
-            arguments: self.args(&opts.arguments)?,
-        }));
+        short("queue name", name)?;
+        self.check_args(&opts.arguments)?;
+        let m = methods::queue_declare(
+            name,
+            opts.passive,
+            opts.durable,
+            opts.exclusive,
+            opts.auto_delete,
+            &opts.arguments,
+        );
         let r = self.rpc(m, "queue.declare-ok")?;
         let info = expect_reply!(r, "queue.declare", AMQPClass::Queue(queue::AMQPMethod::DeclareOk(ok)) => QueueInfo {
             name: ok.queue.to_string(),
@@ -463,17 +442,20 @@ impl Channel {
         routing_key: &str,
         arguments: &FieldTable,
     ) -> Result<()> {
-        let m = AMQPClass::Queue(queue::AMQPMethod::Bind(queue::Bind {
-            queue: short("queue name", queue)?,
-            exchange: short("exchange name", exchange)?,
-            routing_key: short("routing key", routing_key)?,
-            nowait: false,
-            arguments: self.args(arguments)?,
-        }));
+        short("queue name", queue)?;
+        short("exchange name", exchange)?;
+        short("routing key", routing_key)?;
+        self.check_args(arguments)?;
+        let m = methods::bind(false, queue, exchange, routing_key, arguments);
         let r = self.rpc(m, "queue.bind-ok")?;
         expect_reply!(r, "queue.bind", AMQPClass::Queue(queue::AMQPMethod::BindOk(_)) => ())?;
-        self.topology()
-            .add_binding(binding(false, queue, exchange, routing_key, arguments));
+        self.topology().add_binding(BindingRecord::new(
+            false,
+            queue,
+            exchange,
+            routing_key,
+            arguments,
+        ));
         Ok(())
     }
 
@@ -493,8 +475,13 @@ impl Channel {
         }));
         let r = self.rpc(m, "queue.unbind-ok")?;
         expect_reply!(r, "queue.unbind", AMQPClass::Queue(queue::AMQPMethod::UnbindOk(_)) => ())?;
-        self.topology()
-            .remove_binding(&binding(false, queue, exchange, routing_key, arguments));
+        self.topology().remove_binding(&BindingRecord::new(
+            false,
+            queue,
+            exchange,
+            routing_key,
+            arguments,
+        ));
         Ok(())
     }
 
@@ -527,10 +514,7 @@ impl Channel {
     /// Limit unacknowledged deliveries (per consumer, or per channel if `global`). Also
     /// sizes the local queue of consumers started afterwards.
     pub fn basic_qos(&self, prefetch_count: u16, global: bool) -> Result<()> {
-        let m = AMQPClass::Basic(basic::AMQPMethod::Qos(basic::Qos {
-            prefetch_count,
-            global,
-        }));
+        let m = methods::qos(prefetch_count, global);
         let deadline = self.deadline();
         let shared = self.usable(deadline)?;
         let r = shared.rpc(m, deadline, "basic.qos-ok", None)?;
@@ -558,23 +542,10 @@ impl Channel {
             .map(|_| ())
     }
 
-    /// Publish in confirm mode and get the message's [`Confirmation`].
-    pub fn basic_publish_confirmed(
-        &self,
-        exchange: &str,
-        routing_key: &str,
-        body: &[u8],
-        properties: &BasicProperties,
-        opts: PublishOptions,
-    ) -> Result<Confirmation> {
-        if !self.inner.record.lock().confirm {
-            return Err(Error::NotInConfirmMode);
-        }
-        self.publish(exchange, routing_key, body, properties, opts, true)?
-            .ok_or(Error::NotInConfirmMode)
-    }
-
-    fn publish(
+    /// Publish; in confirm mode with `want_handle`, returns the sequence number and the
+    /// slot its confirmation is recorded in (confirm.rs makes the handle).
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn publish(
         &self,
         exchange: &str,
         routing_key: &str,
@@ -582,7 +553,7 @@ impl Channel {
         properties: &BasicProperties,
         opts: PublishOptions,
         want_handle: bool,
-    ) -> Result<Option<Confirmation>> {
+    ) -> Result<Option<(u64, Arc<AtomicU8>)>> {
         let deadline = self.deadline();
         let shared = self.usable(deadline)?;
         let conn = &shared.conn;
@@ -633,11 +604,12 @@ impl Channel {
             shared.confirms.unregister(seq);
             return Err(e);
         }
-        Ok(slot.map(|s| Confirmation::new(seq, s, self.clone())))
+        Ok(slot.map(|s| (seq, s)))
     }
 
-    /// Fetch one message (`basic.get`); `Ok(None)` if the queue is empty.
-    pub fn basic_get(&self, queue: &str, no_ack: bool) -> Result<Option<Delivery>> {
+    /// Fetch one message (`basic.get`); `Ok(None)` if the queue is empty,
+    /// [`RecvError::Bad`] for a message that could not be decoded (ack or reject it).
+    pub fn basic_get(&self, queue: &str, no_ack: bool) -> Result<Option<Delivery>, RecvError> {
         let m = AMQPClass::Basic(basic::AMQPMethod::Get(basic::Get {
             queue: short("queue name", queue)?,
             no_ack,
@@ -651,7 +623,8 @@ impl Channel {
                 return Err(Error::UnexpectedReply {
                     operation: "basic.get",
                     got: format!("{other:?}"),
-                });
+                }
+                .into());
             }
         };
         let ContentMethod::GetOk {
@@ -665,12 +638,10 @@ impl Channel {
             return Err(Error::UnexpectedReply {
                 operation: "basic.get",
                 got: "a content that is not get-ok".into(),
-            });
+            }
+            .into());
         };
-        let acker = Acker {
-            channel: shared,
-            delivery_tag,
-        };
+        let acker = Acker::new(shared, delivery_tag);
         match content.properties {
             Ok(properties) => Ok(Some(Delivery {
                 body: content.body,
@@ -680,73 +651,18 @@ impl Channel {
                 redelivered,
                 message_count: Some(message_count),
                 acker,
+                charge: Default::default(),
             })),
-            Err(p) => Err(Error::BadDelivery(Box::new(BadDelivery {
-                kind: match p {
-                    ContentProblem::Undecodable(s) => BadDeliveryKind::Undecodable(s),
-                    ContentProblem::TooLarge { size, max } => {
-                        BadDeliveryKind::TooLarge { size, max }
-                    }
-                },
+            Err(p) => Err(RecvError::Bad(Box::new(BadDelivery {
+                kind: p.into(),
                 body: content.body,
                 exchange,
                 routing_key,
                 redelivered,
                 acker,
+                charge: Default::default(),
             }))),
         }
-    }
-
-    /// Start a consumer on `queue`.
-    pub fn basic_consume(&self, queue: &str, opts: &ConsumeOptions) -> Result<Consumer> {
-        let deadline = self.deadline();
-        let ch = self.usable(deadline)?;
-        let prefetch = ch.prefetch.load(Ordering::Acquire);
-        let capacity = if prefetch == 0 {
-            UNLIMITED_PREFETCH_QUEUE
-        } else {
-            prefetch + QUEUE_MARGIN
-        };
-        let (tx, rx) = q::unbounded();
-        let shared = Arc::new(ConsumerShared::new(capacity));
-        let sink = ConsumerSink {
-            tx,
-            shared: shared.clone(),
-            no_ack: opts.no_ack,
-        };
-        let record_sink = sink.clone();
-        let relay = sink.tx.clone();
-        let m = AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
-            queue: short("queue name", queue)?,
-            consumer_tag: short("consumer tag", &opts.consumer_tag)?,
-            no_local: opts.no_local,
-            no_ack: opts.no_ack,
-            exclusive: opts.exclusive,
-            nowait: false,
-            arguments: self.args(&opts.arguments)?,
-        }));
-        let r = ch.rpc(m, deadline, "basic.consume-ok", Some(sink))?;
-        let tag = expect_reply!(r, "basic.consume", AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(ok)) => ok.consumer_tag.to_string())?;
-        let mut record = self.inner.record.lock();
-        if record.consumers.capacity() == 0 {
-            // Most channels carry one consumer: no room for three more (saves ~400 B).
-            record.consumers.reserve_exact(1);
-        }
-        record.consumers.push(ConsumerRecord {
-            tag: tag.clone(),
-            queue: queue.to_owned(),
-            opts: opts.clone(),
-            sink: record_sink,
-        });
-        drop(record);
-        Ok(Consumer::new(
-            tag,
-            rx,
-            relay,
-            shared,
-            self.clone(),
-            opts.no_ack,
-        ))
     }
 
     /// Cancel a consumer by tag and wait for `cancel-ok`.
@@ -758,6 +674,11 @@ impl Channel {
         self.forget_consumer(consumer_tag);
         let r = self.rpc(m, "basic.cancel-ok")?;
         expect_reply!(r, "basic.cancel", AMQPClass::Basic(basic::AMQPMethod::CancelOk(_)) => ())
+    }
+
+    /// What recovery restores on this channel.
+    pub(crate) fn record(&self) -> &Mutex<ChannelRecord> {
+        &self.inner.record
     }
 
     /// Stop restoring a consumer after recovery.
@@ -820,21 +741,26 @@ impl Channel {
     }
 
     fn acker(&self, delivery_tag: u64) -> Acker {
-        Acker {
-            channel: self.shared(),
-            delivery_tag,
-        }
+        Acker::new(self.shared(), delivery_tag)
     }
 
     /// A message the broker returned (mandatory publish with no route), waiting up to
-    /// `timeout`. Up to 1024 returns are kept per channel; more are logged and dropped.
+    /// `timeout`. Up to 1024 returns, and up to
+    /// [`consumer_queue_bytes`](crate::ConnectionOptions::consumer_queue_bytes) of them,
+    /// are kept per channel; more are logged, counted and dropped.
     pub fn recv_return(&self, timeout: Duration) -> Option<Returned> {
-        self.shared().returns_rx.recv_timeout(timeout).ok()
+        let shared = self.shared();
+        let r = shared.returns_rx.recv_timeout(timeout).ok()?;
+        shared.returns_bytes.fetch_sub(r.cost(), Ordering::AcqRel);
+        Some(r)
     }
 
     /// A returned message, if one is waiting.
     pub fn try_recv_return(&self) -> Option<Returned> {
-        self.shared().returns_rx.try_recv().ok()
+        let shared = self.shared();
+        let r = shared.returns_rx.try_recv().ok()?;
+        shared.returns_bytes.fetch_sub(r.cost(), Ordering::AcqRel);
+        Some(r)
     }
 
     // ---------------- confirms and transactions ----------------
@@ -846,9 +772,7 @@ impl Channel {
         if shared.confirms.is_enabled() {
             return Ok(());
         }
-        let m = AMQPClass::Confirm(confirm::AMQPMethod::Select(confirm::Select {
-            nowait: false,
-        }));
+        let m = methods::confirm_select();
         let r = shared.rpc(m, deadline, "confirm.select-ok", None)?;
         expect_reply!(r, "confirm.select", AMQPClass::Confirm(confirm::AMQPMethod::SelectOk(_)) => ())?;
         shared.confirms.enable();
@@ -942,22 +866,6 @@ impl Channel {
     }
 }
 
-fn binding(
-    to_exchange: bool,
-    destination: &str,
-    source: &str,
-    routing_key: &str,
-    arguments: &FieldTable,
-) -> BindingRecord {
-    BindingRecord {
-        to_exchange,
-        destination: destination.to_owned(),
-        source: source.to_owned(),
-        routing_key: routing_key.to_owned(),
-        arguments: arguments.clone(),
-    }
-}
-
 /// A message published in confirm mode and handed back unconfirmed after a connection
 /// loss.
 #[derive(Debug, Clone)]
@@ -977,29 +885,13 @@ pub struct UnconfirmedMessage {
 impl UnconfirmedMessage {
     /// Read back a publish unit that lepus itself encoded.
     fn decode(bytes: &[u8]) -> Option<Self> {
-        let mut dec = crate::protocol::frame::FrameDecoder::new(u32::MAX);
-        dec.feed(bytes);
-        let m = dec.next_frame().ok()??;
-        let p = m.payload;
-        let ex_len = *p.get(6)? as usize;
-        let exchange = String::from_utf8(p.get(7..7 + ex_len)?.to_vec()).ok()?;
-        let rk_at = 7 + ex_len;
-        let rk_len = *p.get(rk_at)? as usize;
-        let routing_key = String::from_utf8(p.get(rk_at + 1..rk_at + 1 + rk_len)?.to_vec()).ok()?;
-        let mandatory = p.get(rk_at + 1 + rk_len)? & 1 != 0;
-        let h = dec.next_frame().ok()??;
-        let properties =
-            crate::protocol::properties::decode_properties(h.payload, usize::MAX).ok()?;
-        let mut body = Vec::new();
-        while let Ok(Some(f)) = dec.next_frame() {
-            body.extend_from_slice(f.payload);
-        }
+        let p = decode_publish(bytes)?;
         Some(UnconfirmedMessage {
-            exchange,
-            routing_key,
-            mandatory,
-            properties,
-            body,
+            exchange: p.exchange,
+            routing_key: p.routing_key,
+            mandatory: p.mandatory,
+            properties: p.properties,
+            body: p.body,
         })
     }
 }

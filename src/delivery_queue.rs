@@ -45,12 +45,19 @@ impl QueueShared {
         if !self.is_full() {
             return true;
         }
-        self.io_waiting.store(true, Ordering::SeqCst);
+        // The flag's writes are all read-modify-writes (here and in `took_one`), so they
+        // form one chain: if the consumer's swap comes after this one it sees the flag
+        // and wakes us; if it came before, this swap reads what it wrote and so sees the
+        // `queued` it lowered first (release/acquire through the flag). A plain store
+        // here is the store-then-load race of both sides, where each may miss the
+        // other's write and the I/O thread stalls with nobody left to wake it (the loom
+        // model of the I/O side and one consumer alone deadlocks: variant `queue-store`).
+        set_flag(&self.io_waiting, true);
         // Re-check: the consumer may have taken one before it could see the flag.
         if self.is_full() {
             return false;
         }
-        self.io_waiting.store(false, Ordering::SeqCst);
+        set_flag(&self.io_waiting, false);
         true
     }
 
@@ -69,5 +76,15 @@ impl QueueShared {
     pub fn took_one(&self) -> bool {
         self.queued.fetch_sub(1, Ordering::SeqCst);
         self.io_waiting.swap(false, Ordering::SeqCst)
+    }
+}
+
+/// Write the I/O side's flag as a read-modify-write (see `reserve_or_wait`); the model
+/// tests' broken variant `queue-store` writes it with a plain store, as before.
+fn set_flag(flag: &AtomicBool, v: bool) {
+    if crate::sync::broken("queue-store") {
+        flag.store(v, Ordering::SeqCst);
+    } else {
+        flag.swap(v, Ordering::SeqCst);
     }
 }

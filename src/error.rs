@@ -4,47 +4,44 @@ use crate::sync::StdArc as Arc;
 use std::fmt;
 use std::io;
 
-#[cfg(not(loom))]
-use crate::consumer::BadDelivery;
+use crate::protocol::content::ContentProblem;
 
 /// AMQP reply codes (AMQP 0-9-1 section 1.3 and RabbitMQ's extensions) used by lepus.
-pub mod reply_code {
-    /// 200: normal close.
-    pub const REPLY_SUCCESS: u16 = 200;
-    /// 311: content too large (soft error).
-    pub const CONTENT_TOO_LARGE: u16 = 311;
-    /// 312: mandatory message had no route (used in basic.return).
-    pub const NO_ROUTE: u16 = 312;
-    /// 320: the broker or an operator closed the connection.
-    pub const CONNECTION_FORCED: u16 = 320;
-    /// 402: the vhost path is invalid.
-    pub const INVALID_PATH: u16 = 402;
-    /// 403: access refused (e.g. to a vhost or resource).
-    pub const ACCESS_REFUSED: u16 = 403;
-    /// 404: entity not found.
-    pub const NOT_FOUND: u16 = 404;
-    /// 405: resource locked (exclusive queue of another connection).
-    pub const RESOURCE_LOCKED: u16 = 405;
-    /// 406: precondition failed (e.g. unknown delivery tag).
-    pub const PRECONDITION_FAILED: u16 = 406;
-    /// 501: malformed frame.
-    pub const FRAME_ERROR: u16 = 501;
-    /// 502: a field value could not be decoded.
-    pub const SYNTAX_ERROR: u16 = 502;
-    /// 503: a method that is invalid in this state.
-    pub const COMMAND_INVALID: u16 = 503;
-    /// 504: a frame on a channel that is not open.
-    pub const CHANNEL_ERROR: u16 = 504;
-    /// 505: a frame that the peer did not expect.
-    pub const UNEXPECTED_FRAME: u16 = 505;
-    /// 506: the peer ran out of a resource.
-    pub const RESOURCE_ERROR: u16 = 506;
-    /// 530: the action is not allowed.
-    pub const NOT_ALLOWED: u16 = 530;
-    /// 540: not implemented.
-    pub const NOT_IMPLEMENTED: u16 = 540;
-    /// 541: internal error.
-    pub const INTERNAL_ERROR: u16 = 541;
+pub use crate::protocol::reply_code;
+
+/// Why a delivery could not be handed over as a `Delivery`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BadDeliveryKind {
+    /// Its properties could not be decoded (malformed, or headers nested too deep).
+    Undecodable(String),
+    /// Its body exceeds the maximum message size; the body was skipped, not buffered.
+    TooLarge {
+        /// The announced body size.
+        size: u64,
+        /// The configured maximum.
+        max: u64,
+    },
+}
+
+impl fmt::Display for BadDeliveryKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BadDeliveryKind::Undecodable(why) => f.write_str(why),
+            BadDeliveryKind::TooLarge { size, max } => {
+                write!(f, "body of {size} bytes exceeds the maximum of {max}")
+            }
+        }
+    }
+}
+
+impl From<ContentProblem> for BadDeliveryKind {
+    fn from(p: ContentProblem) -> Self {
+        match p {
+            ContentProblem::Undecodable(s) => BadDeliveryKind::Undecodable(s),
+            ContentProblem::TooLarge { size, max } => BadDeliveryKind::TooLarge { size, max },
+        }
+    }
 }
 
 /// Where a connection attempt stopped.
@@ -242,12 +239,23 @@ pub enum Error {
         reason: String,
     },
 
-    /// A delivery arrived that could not be decoded or was too large; it carries its
-    /// delivery tag so that it can be acked, rejected or dead-lettered. The consumer, the
-    /// channel and the connection carry on.
-    #[error("{0}")]
-    #[cfg(not(loom))]
-    BadDelivery(Box<BadDelivery>),
+    /// A delivery arrived that could not be decoded or was too large. The consumer, the
+    /// channel and the connection carry on. This is the plain-data form of a
+    /// [`crate::RecvError::Bad`] (which also lets you ack, reject or dead-letter the
+    /// message); it is what `?` makes of one in a function returning [`Result`].
+    #[error("delivery {delivery_tag} on channel {channel} could not be decoded: {kind}")]
+    BadDelivery {
+        /// The channel it came on.
+        channel: u16,
+        /// Its delivery tag.
+        delivery_tag: u64,
+        /// Why it is bad.
+        kind: BadDeliveryKind,
+        /// The exchange it was published to.
+        exchange: String,
+        /// The routing key it was published with.
+        routing_key: String,
+    },
 
     /// A message was larger than the configured maximum message size.
     #[error("message of {size} bytes exceeds the maximum message size of {max} bytes")]

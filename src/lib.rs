@@ -27,14 +27,50 @@
 //! Everything the broker sends is checked before it is buffered or parsed: frame sizes
 //! against `frame_max`, message sizes against a maximum, field-table depth before the
 //! parser recurses. A delivery that cannot be decoded reaches its consumer as
-//! [`Error::BadDelivery`] with its delivery tag; any other violation closes the connection
+//! [`RecvError::Bad`] with its delivery tag; any other violation closes the connection
 //! with the matching reply code and a clear error, never a panic.
+//!
+//! [`Error`] is plain data: no variant holds a channel or any other live handle, so an
+//! error can be cloned, kept, logged or sent anywhere without keeping a channel alive,
+//! and it has the same shape in every build. That is why receiving has its own error,
+//! [`RecvError`], as a failed send in crossbeam gives the message back: a bad delivery
+//! comes back as [`RecvError::Bad`] with the [`BadDelivery`] that can still ack, reject
+//! or dead-letter it, and `?` turns it into the plain [`Error::BadDelivery`] (tag, kind,
+//! exchange, routing key) in a function returning [`Result`].
 //!
 //! With the `tls` feature (on by default), `amqps://` URIs and
 //! [`ConnectionOptions::tls`] put rustls between the socket and the frame decoder: the
 //! decoder and every bound above still see plaintext, and each TLS failure is its own
 //! [`Error::Tls`] kind. [`Connection::update_secret`] and a [`CredentialsProvider`] keep
 //! expiring credentials (OAuth2 tokens) fresh without reconnecting.
+//!
+//! ## Module graph
+//!
+//! Imports point down this list and never up (`scripts/check-layers` checks it, and that
+//! there is no cycle):
+//!
+//! ```text
+//! fuzzing                                       fuzz harnesses: only with the `fuzzing`
+//!                                               feature (fuzz/ and lepus's tests), no API
+//! pool                                          the channel pool
+//! connection, channel, consumer, confirm        handles (a method that creates a handle
+//!                                               lives with it: Channel::basic_consume in
+//!                                               consumer.rs, Connection::open_channel in
+//!                                               channel.rs)
+//! refresher                                     renews a connection's expiring secret
+//!                                               (holds the connection weakly)
+//! recovery, connection_state, secrets           the procedure; the state behind Connection
+//!                                               (it reaches channels through a trait); the
+//!                                               secret each connect logs in with
+//! topology                                      recorded exchanges, queues, bindings, channels
+//! io (reactor, engine, handshake)               the I/O thread
+//! delivery, confirm_tracker, pool_core          what the I/O thread produces; the pool's books
+//! options, uri, events, tls, credentials        plain data (TLS options, the credentials
+//!                                               provider)
+//! error                                         re-exports protocol's reply codes
+//! protocol (frame, methods, table, properties, content, reply_code)   bytes only
+//! sync, delivery_queue, link                    primitives and the loom-checked cores
+//! ```
 //!
 //! # Threads
 //!
@@ -65,81 +101,95 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 // Under loom only the synchronisation cores are built; much of the rest is unused.
-#![cfg_attr(loom, allow(dead_code, missing_docs))]
+#![cfg_attr(lepus_loom, allow(dead_code, missing_docs))]
 
-// Under `cfg(loom)` only the code the model tests explore is built: the
-// synchronisation cores below, not the socket and handle layers.
-#[cfg(not(loom))]
-mod channel;
-mod confirm;
-#[cfg(not(loom))]
-mod connection;
-#[cfg(not(loom))]
-mod consumer;
-#[cfg(not(loom))]
-mod credentials;
+/// Items built everywhere except in the loom model build (`--cfg lepus_loom`, a name of
+/// lepus's own so that a `--cfg loom` meant for another crate changes nothing here), which
+/// compiles only the synchronisation cores that `loom-tests/` explores.
+macro_rules! not_under_loom {
+    ($($item:item)*) => { $( #[cfg(not(lepus_loom))] $item )* };
+}
+
+// The synchronisation cores (checked by the loom models) and what they need: built in
+// every configuration.
+mod confirm_tracker;
 mod delivery_queue;
 mod error;
-pub mod fuzzing;
-#[cfg(not(loom))]
-mod io;
 mod link;
-mod pool;
+mod pool_core;
 mod protocol;
-#[cfg(not(loom))]
-mod recovery;
 mod sync;
-#[cfg(not(loom))]
-mod tls;
-#[cfg(not(loom))]
-mod uri;
+
+// Everything else: the I/O thread, the handles, options, topology and recovery.
+not_under_loom! {
+    mod channel;
+    mod confirm;
+    mod connection;
+    mod connection_state;
+    mod consumer;
+    mod credentials;
+    mod delivery;
+    mod events;
+    mod io;
+    mod options;
+    mod pool;
+    mod recovery;
+    mod refresher;
+    mod secrets;
+    mod tls;
+    mod topology;
+    mod uri;
+}
+
+// The fuzz harnesses: only with the `fuzzing` feature (fuzz/ and lepus's own tests).
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 
 // The public interface is:
-#[cfg(not(loom))]
-pub use channel::{
-    Channel, ConsumeOptions, ExchangeDeclareOptions, PublishOptions, QueueDeclareOptions,
-    QueueDeleteOptions, QueueInfo, UnconfirmedMessage,
-};
-pub use confirm::Confirm;
-#[cfg(not(loom))]
-pub use confirm::Confirmation;
-#[cfg(not(loom))]
-pub use connection::Connection;
-#[cfg(not(loom))]
-pub use consumer::{BadDelivery, BadDeliveryKind, Consumer, Delivery, Iter, Returned};
-#[cfg(not(loom))]
-pub use credentials::{Credentials, CredentialsProvider};
-pub use error::{Error, HandshakeStage, Result, TlsFailure, reply_code};
-#[cfg(not(loom))]
-pub use pool::{ChannelPool, PooledChannel};
-pub use pool::{DEFAULT_POOL_SIZE, PoolStats};
+pub use confirm_tracker::Confirm;
+pub use error::{BadDeliveryKind, Error, HandshakeStage, Result, TlsFailure, reply_code};
+pub use pool_core::{DEFAULT_POOL_SIZE, PoolStats};
 pub use protocol::properties::BasicProperties;
 pub use protocol::table::{FieldTable, FieldValue};
-#[cfg(not(loom))]
-pub use recovery::{RecoveryEvent, RecoveryEventKind, RecoveryOptions, UnconfirmedPolicy};
-/// The rustls version lepus is built with, for [`TlsOptions::client_config`].
-#[cfg(all(feature = "tls", not(loom)))]
-pub use rustls;
-#[cfg(not(loom))]
-pub use tls::TlsOptions;
-#[cfg(not(loom))]
-pub use uri::{AuthMechanism, ConnectionOptions};
+not_under_loom! {
+    pub use channel::{Channel, QueueInfo, UnconfirmedMessage};
+    pub use confirm::Confirmation;
+    pub use connection::Connection;
+    pub use consumer::{Consumer, Iter};
+    pub use credentials::{Credentials, CredentialsProvider};
+    pub use delivery::{BadDelivery, Delivery, RecvError, Returned};
+    pub use events::{RecoveryEvent, RecoveryEventKind};
+    pub use options::{
+        AuthMechanism, ConnectionOptions, ConsumeOptions, DEFAULT_CONNECTION_QUEUE_BYTES,
+        DEFAULT_CONSUMER_QUEUE_BYTES, DEFAULT_MAX_OUTPUT_BYTES, DEFAULT_WRITE_STALL_TIMEOUT,
+        ExchangeDeclareOptions, PublishOptions, QueueDeclareOptions, QueueDeleteOptions,
+        RecoveryOptions, UnconfirmedPolicy,
+    };
+    pub use pool::{ChannelPool, PooledChannel};
+    /// The rustls version lepus is built with, for [`TlsOptions::client_config`].
+    #[cfg(feature = "tls")]
+    pub use rustls;
+    pub use tls::TlsOptions;
+}
 
 /// Internals exposed for fuzzing, model checks and tests; not part of the stable API.
 #[doc(hidden)]
 pub mod internal {
     pub use crate::protocol::content::{Assembler, Content, ContentMethod, ContentProblem};
     pub use crate::protocol::decode_server_method;
-    pub use crate::protocol::frame::{FrameDecoder, FrameError, RawFrame, put_publish};
+    pub use crate::protocol::frame::{
+        DecodedPublish, FrameDecoder, FrameError, RawFrame, decode_publish, put_publish,
+    };
+    pub use crate::protocol::lenient::{LenientClose, decode_close, decode_content_method};
     pub use crate::protocol::properties::{decode_properties, header_prefix};
     pub use crate::protocol::table::{encode_table, scan_table};
 
     /// The synchronisation cores, as the model tests in `loom-tests/` drive them.
     pub mod model {
-        pub use crate::confirm::{ConfirmTracker, Entry, outcome};
+        pub use crate::confirm_tracker::{ConfirmTracker, Entry, outcome};
         pub use crate::delivery_queue::QueueShared;
         pub use crate::link::{Ended, LinkState};
-        pub use crate::pool::{Lease, PoolCore, PoolStats, Poolable};
+        pub use crate::pool_core::{Lease, PoolCore, PoolStats, Poolable};
         pub use crate::sync::{oneshot, queue};
     }
 }

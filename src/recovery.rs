@@ -1,174 +1,20 @@
-//! Automatic recovery: options, the recorded topology, events with timestamps, jittered
-//! backoff, and the procedure that reconnects and replays everything.
+//! The recovery procedure: jittered backoff over the address list, reconnecting, and
+//! replaying the recorded topology (topology.rs) step by step.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use amq_protocol::protocol::{AMQPClass, basic, confirm, exchange, queue};
+use amq_protocol::protocol::{AMQPClass, queue};
 
-use crate::channel::{ChannelInner, ConsumeOptions, ExchangeDeclareOptions, QueueDeclareOptions};
-use crate::connection::{ConnectionInner, Generation};
-use crate::consumer::ConsumerSink;
+use crate::connection_state::{ChannelSlot, ConnectionInner, Generation};
+use crate::delivery::ConsumerSink;
 use crate::error::{Error, Result};
-use crate::io::{ChannelShared, Command, Reply, ReplyRx};
-use crate::protocol::table::{FieldTable, table_to_amqp};
+use crate::events::RecoveryEventKind;
+use crate::io::{ChannelShared, Command, ConnShared, Reply, ReplyRx};
+use crate::options::{RecoveryOptions, UnconfirmedPolicy};
+use crate::protocol::methods;
 use crate::sync::{Arc, Ordering};
-
-/// What happens to messages published in confirm mode but not yet confirmed when the
-/// link is lost.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub enum UnconfirmedPolicy {
-    /// Publish them again on the recovered channel (at-least-once; the broker may see a
-    /// message twice). Their [`crate::Confirmation`]s follow the new copies.
-    #[default]
-    Republish,
-    /// Keep them for the application: [`crate::Channel::take_unconfirmed`] returns them
-    /// and their confirmations fail.
-    HandBack,
-}
-
-/// A step of a recovery, with when it happened.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum RecoveryEventKind {
-    /// The link of `generation` failed with this error.
-    FailureDetected(String),
-    /// Every thread waiting on the failed link has been woken.
-    WaitersWoken,
-    /// A reconnection attempt failed.
-    AttemptFailed {
-        /// 1-based attempt number.
-        attempt: u32,
-        /// Why.
-        error: String,
-    },
-    /// A new connection is open (handshake done).
-    Connected {
-        /// Host connected to.
-        host: String,
-        /// Port connected to.
-        port: u16,
-    },
-    /// A server-named queue was declared again and got a new name; its bindings and
-    /// consumers follow it.
-    QueueRenamed {
-        /// The name before the failure.
-        old: String,
-        /// The name on the new connection.
-        new: String,
-    },
-    /// Exchanges, queues and bindings are declared again.
-    TopologyRecovered,
-    /// Channels, qos, confirm mode and consumers are restored.
-    ConsumersRestored {
-        /// Channels reopened.
-        channels: usize,
-        /// Consumers restored.
-        consumers: usize,
-        /// Unconfirmed messages republished.
-        republished: usize,
-    },
-    /// The new connection is in use.
-    Recovered,
-    /// Recovery stopped trying (attempts exhausted); the connection is dead.
-    GaveUp(String),
-    /// The credentials provider gave a new secret and the broker took it
-    /// (`connection.update-secret`); it is valid for this long, if the provider said.
-    SecretRefreshed {
-        /// The new secret's lifetime.
-        expires_in: Option<Duration>,
-    },
-    /// Refreshing the secret failed (provider or broker); it is retried.
-    SecretRefreshFailed(String),
-}
-
-/// One recovery event.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RecoveryEvent {
-    /// When it happened.
-    pub at: Instant,
-    /// The connection generation it concerns (1 is the first connection).
-    pub generation: u64,
-    /// What happened.
-    pub kind: RecoveryEventKind,
-}
-
-/// Called for each recovery event, on the thread where it happens: keep it short.
-pub type RecoveryListener = Arc<dyn Fn(&RecoveryEvent) + Send + Sync>;
-
-/// Automatic recovery settings (on by default).
-#[derive(Clone)]
-pub struct RecoveryOptions {
-    pub(crate) enabled: bool,
-    pub(crate) max_attempts: Option<u32>,
-    pub(crate) initial_backoff: Duration,
-    pub(crate) max_backoff: Duration,
-    pub(crate) unconfirmed: UnconfirmedPolicy,
-    pub(crate) listener: Option<RecoveryListener>,
-}
-
-impl std::fmt::Debug for RecoveryOptions {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RecoveryOptions")
-            .field("enabled", &self.enabled)
-            .field("max_attempts", &self.max_attempts)
-            .field("initial_backoff", &self.initial_backoff)
-            .field("max_backoff", &self.max_backoff)
-            .field("unconfirmed", &self.unconfirmed)
-            .field("listener", &self.listener.is_some())
-            .finish()
-    }
-}
-
-impl Default for RecoveryOptions {
-    fn default() -> Self {
-        RecoveryOptions {
-            enabled: true,
-            max_attempts: None,
-            initial_backoff: Duration::from_millis(100),
-            max_backoff: Duration::from_secs(10),
-            unconfirmed: UnconfirmedPolicy::Republish,
-            listener: None,
-        }
-    }
-}
-
-impl RecoveryOptions {
-    /// Recovery on, unbounded attempts, backoff from 100 ms doubling to 10 s (jittered),
-    /// unconfirmed messages republished.
-    pub fn new() -> Self {
-        Self::default()
-    }
-    /// No recovery: a lost link is final and every waiter gets the raw failure.
-    pub fn disabled() -> Self {
-        RecoveryOptions {
-            enabled: false,
-            ..Self::default()
-        }
-    }
-    /// Give up after this many failed reconnection attempts (`None`: never give up).
-    pub fn max_attempts(mut self, n: Option<u32>) -> Self {
-        self.max_attempts = n;
-        self
-    }
-    /// Backoff before the second attempt (the first is immediate), doubling up to `max`.
-    pub fn backoff(mut self, initial: Duration, max: Duration) -> Self {
-        self.initial_backoff = initial;
-        self.max_backoff = max.max(initial);
-        self
-    }
-    /// What to do with unconfirmed messages.
-    pub fn unconfirmed(mut self, policy: UnconfirmedPolicy) -> Self {
-        self.unconfirmed = policy;
-        self
-    }
-    /// Hear every recovery event.
-    pub fn listener(mut self, f: impl Fn(&RecoveryEvent) + Send + Sync + 'static) -> Self {
-        self.listener = Some(Arc::new(f));
-        self
-    }
-}
+use crate::topology::{ChannelRecord, Topology};
 
 /// Delay before attempt `n` (0-based; attempt 0 is immediate): exponential with ±25 %
 /// jitter, so that many clients of a restarted broker do not reconnect in lockstep.
@@ -191,119 +37,6 @@ pub(crate) fn backoff(opts: &RecoveryOptions, attempt: u32) -> Duration {
     x ^= x << 5;
     let jitter = 0.75 + (x % 1000) as f64 / 2000.0; // 0.75 ..= 1.25
     base.mul_f64(jitter)
-}
-
-// ---------------- topology records ----------------
-
-#[derive(Clone, Debug)]
-pub(crate) struct ExchangeRecord {
-    pub(crate) kind: String,
-    pub(crate) opts: ExchangeDeclareOptions,
-}
-
-#[derive(Clone, Debug)]
-pub(crate) struct QueueRecord {
-    pub(crate) server_named: bool,
-    pub(crate) opts: QueueDeclareOptions,
-}
-
-#[derive(Clone, Debug, PartialEq)]
-pub(crate) struct BindingRecord {
-    pub(crate) to_exchange: bool,
-    pub(crate) destination: String,
-    pub(crate) source: String,
-    pub(crate) routing_key: String,
-    pub(crate) arguments: FieldTable,
-}
-
-/// Everything declared through a connection, to declare again after a reconnect.
-#[derive(Clone, Debug, Default)]
-pub(crate) struct Topology {
-    pub(crate) exchanges: Vec<(String, ExchangeRecord)>,
-    pub(crate) queues: Vec<(String, QueueRecord)>,
-    pub(crate) bindings: Vec<BindingRecord>,
-}
-
-impl Topology {
-    pub(crate) fn add_exchange(&mut self, name: &str, rec: ExchangeRecord) {
-        self.exchanges.retain(|(n, _)| n != name);
-        self.exchanges.push((name.to_owned(), rec));
-    }
-    pub(crate) fn remove_exchange(&mut self, name: &str) {
-        self.exchanges.retain(|(n, _)| n != name);
-        self.bindings
-            .retain(|b| b.source != name && !(b.to_exchange && b.destination == name));
-    }
-    pub(crate) fn add_queue(&mut self, name: &str, rec: QueueRecord) {
-        self.queues.retain(|(n, _)| n != name);
-        self.queues.push((name.to_owned(), rec));
-    }
-    pub(crate) fn remove_queue(&mut self, name: &str) {
-        self.queues.retain(|(n, _)| n != name);
-        self.bindings
-            .retain(|b| b.to_exchange || b.destination != name);
-    }
-    pub(crate) fn add_binding(&mut self, b: BindingRecord) {
-        if !self.bindings.contains(&b) {
-            self.bindings.push(b);
-        }
-    }
-    pub(crate) fn remove_binding(&mut self, b: &BindingRecord) {
-        self.bindings.retain(|x| x != b);
-    }
-    fn rename_queue(&mut self, old: &str, new: &str) {
-        for (n, _) in &mut self.queues {
-            if n == old {
-                *n = new.to_owned();
-            }
-        }
-        for b in &mut self.bindings {
-            if !b.to_exchange && b.destination == old {
-                b.destination = new.to_owned();
-            }
-        }
-    }
-}
-
-/// A consumer to restore on the recovered channel.
-#[derive(Clone)]
-pub(crate) struct ConsumerRecord {
-    pub(crate) tag: String,
-    pub(crate) queue: String,
-    pub(crate) opts: ConsumeOptions,
-    pub(crate) sink: ConsumerSink,
-}
-
-/// Per-channel state to restore.
-#[derive(Clone, Default)]
-pub(crate) struct ChannelRecord {
-    pub(crate) qos: Option<(u16, bool)>,
-    pub(crate) confirm: bool,
-    pub(crate) consumers: Vec<ConsumerRecord>,
-}
-
-/// Bounded log of recent events.
-pub(crate) struct EventLog {
-    events: VecDeque<RecoveryEvent>,
-}
-
-const EVENT_LOG: usize = 4096;
-
-impl EventLog {
-    pub(crate) fn new() -> Self {
-        EventLog {
-            events: VecDeque::new(),
-        }
-    }
-    pub(crate) fn push(&mut self, e: RecoveryEvent) {
-        if self.events.len() == EVENT_LOG {
-            self.events.pop_front();
-        }
-        self.events.push_back(e);
-    }
-    pub(crate) fn snapshot(&self) -> Vec<RecoveryEvent> {
-        self.events.iter().cloned().collect()
-    }
 }
 
 // ---------------- the procedure ----------------
@@ -333,7 +66,8 @@ pub(crate) fn run(inner: Arc<ConnectionInner>) {
         let (host, port) = addresses[attempt as usize % addresses.len()].clone();
         attempt += 1;
         let generation = inner.next_generation();
-        let gen_ = match crate::connection::start_generation(&inner, &host, port, generation) {
+        let gen_ = match crate::connection_state::start_generation(&inner, &host, port, generation)
+        {
             Ok(g) => g,
             Err(e) => {
                 log::warn!("reconnect attempt {attempt} to {host}:{port} failed: {e}");
@@ -405,12 +139,11 @@ impl InFlight {
     }
 }
 
+/// One replay on a new connection generation: topology first (on a channel of its own),
+/// then every channel under its old id with its qos, confirm mode and consumers, then the
+/// unconfirmed messages; finally the generation becomes current.
 fn replay(inner: &Arc<ConnectionInner>, gen_: &Arc<Generation>) -> Result<()> {
     let conn = gen_.shared();
-    // Each step gets the operation timeout (not the whole replay, whose length grows with
-    // the round trip: one deadline for all of it could make recovery over a slow link
-    // time out on every attempt, forever).
-    let deadline = || Instant::now() + inner.opts.operation_timeout;
     let channels = inner.live_channels();
     // Channels keep their ids: reserve them before the topology channel takes one.
     {
@@ -419,61 +152,75 @@ fn replay(inner: &Arc<ConnectionInner>, gen_: &Arc<Generation>) -> Result<()> {
             ids.reserve(c.id());
         }
     }
-    let topo_ch = conn.open_channel(None, deadline())?;
-    let mut topology = inner.topology.lock().clone();
+    let renamed = replay_topology(inner, gen_)?;
+    inner.event(gen_.number(), RecoveryEventKind::TopologyRecovered);
 
-    // Exchanges and queues in one round trip; bindings (which may name a renamed
-    // server-named queue) in the next.
-    let d = deadline();
+    // Channels: reopen all under their ids at once, then qos, confirm mode and consumers,
+    // each a single round trip for all channels.
+    let restored = reopen_channels(inner, conn, &channels)?;
+    let records = channel_records(&restored, &renamed);
+    restore_qos_and_confirms(inner, &restored, &records)?;
+    let consumers = restore_consumers(inner, &restored, &records)?;
+    let republished = settle_unconfirmed(inner, conn, &restored)?;
+    inner.notify();
+    if !inner.install(gen_.clone()) {
+        return Err(Error::ConnectionLost(
+            "the new connection failed while it was being restored".into(),
+        ));
+    }
+    inner.event(
+        gen_.number(),
+        RecoveryEventKind::ConsumersRestored {
+            channels: restored.len(),
+            consumers,
+            republished,
+        },
+    );
+    Ok(())
+}
+
+/// Each step gets the operation timeout (not the whole replay, whose length grows with
+/// the round trip: one deadline for all of it could make recovery over a slow link time
+/// out on every attempt, forever).
+fn step_deadline(inner: &ConnectionInner) -> Instant {
+    Instant::now() + inner.opts.operation_timeout
+}
+
+/// Declare the recorded exchanges and queues again (one round trip), then the bindings,
+/// which may name a renamed server-named queue (a second one). Returns the renames.
+fn replay_topology(
+    inner: &Arc<ConnectionInner>,
+    gen_: &Arc<Generation>,
+) -> Result<HashMap<String, String>> {
+    let topo_ch = gen_.shared().open_channel(None, step_deadline(inner))?;
+    let mut topology = inner.topology.lock().clone();
+    let d = step_deadline(inner);
     let mut step = InFlight::new();
     for (name, rec) in &topology.exchanges {
-        let m = AMQPClass::Exchange(exchange::AMQPMethod::Declare(exchange::Declare {
-            exchange: name.as_str().into(),
-            kind: rec.kind.as_str().into(),
-            passive: false,
-            durable: rec.opts.durable,
-            auto_delete: rec.opts.auto_delete,
-            internal: rec.opts.internal,
-            nowait: false,
-            arguments: table_to_amqp(&rec.opts.arguments),
-        }));
-        step.start(&topo_ch, m, d, "exchange.declare-ok (recovery)", None)?;
+        step.start(
+            &topo_ch,
+            rec.declare(name),
+            d,
+            "exchange.declare-ok (recovery)",
+            None,
+        )?;
     }
     let queues = topology.queues.clone();
     for (name, rec) in &queues {
-        let m = AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
-            queue: if rec.server_named {
-                "".into()
-            } else {
-                name.as_str().into()
-            },
-            passive: false,
-            durable: rec.opts.durable,
-            exclusive: rec.opts.exclusive,
-            auto_delete: rec.opts.auto_delete,
-            nowait: false,
-            arguments: table_to_amqp(&rec.opts.arguments),
-        }));
-        step.start(&topo_ch, m, d, "queue.declare-ok (recovery)", None)?;
+        step.start(
+            &topo_ch,
+            rec.declare(name),
+            d,
+            "queue.declare-ok (recovery)",
+            None,
+        )?;
     }
     let replies = step.finish(d)?;
     let mut renamed: HashMap<String, String> = HashMap::new();
     for ((name, _), reply) in queues.iter().zip(&replies[topology.exchanges.len()..]) {
-        match reply {
+        let new = match reply {
             Reply::Method(AMQPClass::Queue(queue::AMQPMethod::DeclareOk(ok))) => {
-                let new = ok.queue.to_string();
-                if &new != name {
-                    log::info!("server-named queue {name:?} is now {new:?}");
-                    inner.event(
-                        gen_.number(),
-                        RecoveryEventKind::QueueRenamed {
-                            old: name.clone(),
-                            new: new.clone(),
-                        },
-                    );
-                    topology.rename_queue(name, &new);
-                    renamed.insert(name.clone(), new);
-                }
+                ok.queue.to_string()
             }
             other => {
                 return Err(Error::UnexpectedReply {
@@ -481,31 +228,21 @@ fn replay(inner: &Arc<ConnectionInner>, gen_: &Arc<Generation>) -> Result<()> {
                     got: format!("{other:?}"),
                 });
             }
+        };
+        if &new != name {
+            log::info!("server-named queue {name:?} is now {new:?}");
+            inner.event(
+                gen_.number(),
+                RecoveryEventKind::QueueRenamed {
+                    old: name.clone(),
+                    new: new.clone(),
+                },
+            );
+            topology.rename_queue(name, &new);
+            renamed.insert(name.clone(), new);
         }
     }
-    let d = deadline();
-    let mut step = InFlight::new();
-    for b in &topology.bindings {
-        let m = if b.to_exchange {
-            AMQPClass::Exchange(exchange::AMQPMethod::Bind(exchange::Bind {
-                destination: b.destination.as_str().into(),
-                source: b.source.as_str().into(),
-                routing_key: b.routing_key.as_str().into(),
-                nowait: false,
-                arguments: table_to_amqp(&b.arguments),
-            }))
-        } else {
-            AMQPClass::Queue(queue::AMQPMethod::Bind(queue::Bind {
-                queue: b.destination.as_str().into(),
-                exchange: b.source.as_str().into(),
-                routing_key: b.routing_key.as_str().into(),
-                nowait: false,
-                arguments: table_to_amqp(&b.arguments),
-            }))
-        };
-        step.start(&topo_ch, m, d, "bind-ok (recovery)", None)?;
-    }
-    step.finish(d)?;
+    replay_bindings(inner, &topo_ch, &topology)?;
     topo_ch.close_nowait();
     if !renamed.is_empty() {
         let mut t = inner.topology.lock();
@@ -513,25 +250,52 @@ fn replay(inner: &Arc<ConnectionInner>, gen_: &Arc<Generation>) -> Result<()> {
             t.rename_queue(old, new);
         }
     }
-    inner.event(gen_.number(), RecoveryEventKind::TopologyRecovered);
+    Ok(renamed)
+}
 
-    // Channels: reopen all under their ids at once, then qos, confirm mode and consumers,
-    // each a single round trip for all channels.
-    let d = deadline();
+/// Bind again (names already follow renamed queues): one round trip.
+fn replay_bindings(
+    inner: &ConnectionInner,
+    topo_ch: &Arc<ChannelShared>,
+    topology: &Topology,
+) -> Result<()> {
+    let d = step_deadline(inner);
+    let mut step = InFlight::new();
+    for b in &topology.bindings {
+        step.start(topo_ch, b.bind(), d, "bind-ok (recovery)", None)?;
+    }
+    step.finish(d)?;
+    Ok(())
+}
+
+type Restored = Vec<(Arc<dyn ChannelSlot>, Arc<ChannelShared>)>;
+
+/// Reopen every channel under its old id: all `channel.open`s, then all replies.
+fn reopen_channels(
+    inner: &ConnectionInner,
+    conn: &Arc<ConnShared>,
+    channels: &[Arc<dyn ChannelSlot>],
+) -> Result<Restored> {
+    let d = step_deadline(inner);
     let mut opening = Vec::with_capacity(channels.len());
-    for c in &channels {
+    for c in channels {
         conn.ids.lock().free(c.id());
         opening.push(conn.open_channel_start(Some(c.id()), d)?);
     }
-    let mut restored: Vec<(Arc<ChannelInner>, Arc<ChannelShared>)> = Vec::new();
+    let mut restored = Vec::with_capacity(channels.len());
     for (c, (new, rx)) in channels.iter().zip(opening) {
         new.open_finish(&rx, d)?;
         restored.push((c.clone(), new));
     }
-    let records: Vec<ChannelRecord> = restored
+    Ok(restored)
+}
+
+/// Each channel's record, without its dropped consumers and with renamed queues.
+fn channel_records(restored: &Restored, renamed: &HashMap<String, String>) -> Vec<ChannelRecord> {
+    restored
         .iter()
         .map(|(c, _)| {
-            let mut rec = c.record.lock();
+            let mut rec = c.record().lock();
             rec.consumers.retain(|r| r.sink.is_active());
             for r in &mut rec.consumers {
                 if let Some(n) = renamed.get(&r.queue) {
@@ -540,43 +304,47 @@ fn replay(inner: &Arc<ConnectionInner>, gen_: &Arc<Generation>) -> Result<()> {
             }
             rec.clone()
         })
-        .collect();
-    let d = deadline();
+        .collect()
+}
+
+/// `basic.qos` and `confirm.select` on every channel that had them: one round trip.
+fn restore_qos_and_confirms(
+    inner: &ConnectionInner,
+    restored: &Restored,
+    records: &[ChannelRecord],
+) -> Result<()> {
+    let d = step_deadline(inner);
     let mut step = InFlight::new();
-    for ((_, new), record) in restored.iter().zip(&records) {
+    for ((_, new), record) in restored.iter().zip(records) {
         if let Some((prefetch, global)) = record.qos {
-            let m = AMQPClass::Basic(basic::AMQPMethod::Qos(basic::Qos {
-                prefetch_count: prefetch,
-                global,
-            }));
+            let m = methods::qos(prefetch, global);
             step.start(new, m, d, "basic.qos-ok (recovery)", None)?;
             new.prefetch.store(prefetch.into(), Ordering::Release);
         }
         if record.confirm {
-            let m = AMQPClass::Confirm(confirm::AMQPMethod::Select(confirm::Select {
-                nowait: false,
-            }));
+            let m = methods::confirm_select();
             step.start(new, m, d, "confirm.select-ok (recovery)", None)?;
         }
     }
     step.finish(d)?;
-    let d = deadline();
+    Ok(())
+}
+
+/// Every consumer under its tag, feeding its old queue: one round trip. Returns how many.
+fn restore_consumers(
+    inner: &ConnectionInner,
+    restored: &Restored,
+    records: &[ChannelRecord],
+) -> Result<usize> {
+    let d = step_deadline(inner);
     let mut step = InFlight::new();
-    let mut counts = (restored.len(), 0, 0);
-    for ((_, new), record) in restored.iter().zip(&records) {
+    let mut n = 0;
+    for ((_, new), record) in restored.iter().zip(records) {
         if record.confirm {
             new.confirms.enable();
         }
         for r in &record.consumers {
-            let m = AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
-                queue: r.queue.as_str().into(),
-                consumer_tag: r.tag.as_str().into(),
-                no_local: r.opts.no_local,
-                no_ack: r.opts.no_ack,
-                exclusive: r.opts.exclusive,
-                nowait: false,
-                arguments: table_to_amqp(&r.opts.arguments),
-            }));
+            let m = r.consume();
             step.start(
                 new,
                 m,
@@ -584,12 +352,22 @@ fn replay(inner: &Arc<ConnectionInner>, gen_: &Arc<Generation>) -> Result<()> {
                 "basic.consume-ok (recovery)",
                 Some(r.sink.clone()),
             )?;
-            counts.1 += 1;
+            n += 1;
         }
     }
     step.finish(d)?;
-    // Unconfirmed messages of the old channels, then make the new channels current.
-    for (c, new) in &restored {
+    Ok(n)
+}
+
+/// Unconfirmed messages of the old channels (republished or handed back, by policy),
+/// then make the new channels current. Returns how many were republished.
+fn settle_unconfirmed(
+    inner: &ConnectionInner,
+    conn: &Arc<ConnShared>,
+    restored: &Restored,
+) -> Result<usize> {
+    let mut republished = 0;
+    for (c, new) in restored {
         let old = c.current_shared();
         let entries = old.confirms.take_in_doubt();
         if !entries.is_empty() {
@@ -603,8 +381,12 @@ fn replay(inner: &Arc<ConnectionInner>, gen_: &Arc<Generation>) -> Result<()> {
                     // channel whose list was just emptied.
                     c.set_current(new.clone());
                     for bytes in frames {
-                        counts.2 += 1;
-                        conn.send(Command::SendShared(bytes), deadline(), "republish")?;
+                        republished += 1;
+                        conn.send(
+                            Command::SendShared(bytes),
+                            step_deadline(inner),
+                            "republish",
+                        )?;
                     }
                 }
                 _ => c.hand_back(entries),
@@ -612,21 +394,7 @@ fn replay(inner: &Arc<ConnectionInner>, gen_: &Arc<Generation>) -> Result<()> {
         }
         c.set_current(new.clone());
     }
-    inner.notify();
-    if !inner.install(gen_.clone()) {
-        return Err(Error::ConnectionLost(
-            "the new connection failed while it was being restored".into(),
-        ));
-    }
-    inner.event(
-        gen_.number(),
-        RecoveryEventKind::ConsumersRestored {
-            channels: counts.0,
-            consumers: counts.1,
-            republished: counts.2,
-        },
-    );
-    Ok(())
+    Ok(republished)
 }
 
 #[cfg(test)]
@@ -646,29 +414,5 @@ mod tests {
                 "{attempt}: {b:?}"
             );
         }
-    }
-
-    #[test]
-    fn renaming_a_server_named_queue_moves_its_bindings() {
-        let mut t = Topology::default();
-        t.add_queue(
-            "amq.gen_-1",
-            QueueRecord {
-                server_named: true,
-                opts: QueueDeclareOptions::default(),
-            },
-        );
-        t.add_binding(BindingRecord {
-            to_exchange: false,
-            destination: "amq.gen_-1".into(),
-            source: "ex".into(),
-            routing_key: "k".into(),
-            arguments: FieldTable::new(),
-        });
-        t.rename_queue("amq.gen_-1", "amq.gen_-2");
-        assert_eq!(t.queues[0].0, "amq.gen_-2");
-        assert_eq!(t.bindings[0].destination, "amq.gen_-2");
-        t.remove_queue("amq.gen_-2");
-        assert!(t.bindings.is_empty());
     }
 }

@@ -1,5 +1,5 @@
 //! Hostile input: what a broken or malicious peer can send, and what lepus must do about
-//! it. Most tests talk to a scripted fake broker (tests/support/fake_broker.rs) because
+//! it. Most tests talk to a scripted fake broker (lepus-testkit's `FakeBroker`) because
 //! RabbitMQ never sends these things; the last one goes through the real broker.
 //!
 //! Every case must end in a specific error (variant and reply code asserted), with every
@@ -17,9 +17,11 @@ use std::time::{Duration, Instant};
 use amq_protocol::protocol::{AMQPClass, basic, channel, connection, queue};
 use lepus::{
     BadDeliveryKind, Connection, ConsumeOptions, Consumer, Error, FieldTable, HandshakeStage,
-    QueueDeclareOptions, RecoveryOptions, reply_code,
+    QueueDeclareOptions, RecoveryOptions, RecvError, reply_code,
 };
-use support::fake_broker::*;
+use lepus_testkit::frames::*;
+use lepus_testkit::{FakeBroker, Peer, Tune, Waiter, within};
+use support::ClientOptions;
 
 // ---------------------------------------------------------------------------------------
 // The largest single allocation made by this test process.
@@ -87,10 +89,22 @@ fn expect_protocol(e: &Error, code: u16) {
     }
 }
 
-fn bad_delivery(r: lepus::Result<lepus::Delivery>) -> Box<lepus::BadDelivery> {
+fn bad_delivery(r: Result<lepus::Delivery, RecvError>) -> Box<lepus::BadDelivery> {
     match r {
-        Err(Error::BadDelivery(b)) => b,
-        other => panic!("expected Error::BadDelivery, got {other:?}"),
+        Err(RecvError::Bad(b)) => {
+            // `?` in a function returning lepus::Result keeps the facts, not the handle.
+            match Error::from(RecvError::Bad(b.clone())) {
+                Error::BadDelivery {
+                    delivery_tag, kind, ..
+                } => {
+                    assert_eq!(delivery_tag, b.delivery_tag());
+                    assert_eq!(&kind, b.kind());
+                }
+                other => panic!("RecvError::Bad became {other:?}"),
+            }
+            b
+        }
+        other => panic!("expected RecvError::Bad, got {other:?}"),
     }
 }
 
@@ -162,7 +176,7 @@ fn oversized_frame_case(tune: Tune, opts_frame_max: u32, kind: u8, size: u32) {
     assert!(text.contains("exceeds frame_max"), "{text}");
 
     let (r, at) = recv.wait(PROMPT * 5);
-    expect_protocol(&r.unwrap_err(), reply_code::FRAME_ERROR);
+    expect_protocol(&r.unwrap_err().into(), reply_code::FRAME_ERROR);
     assert!(at.duration_since(sent) < PROMPT, "consumer woke late");
     let (r, at) = rpc.wait(PROMPT * 5);
     expect_protocol(&r.unwrap_err(), reply_code::FRAME_ERROR);
@@ -556,7 +570,7 @@ fn silent_broker_is_lost_after_two_heartbeat_intervals() {
         let (silent_from, eof) = broker.finish();
         let e = r.unwrap_err();
         assert!(
-            matches!(e, Error::ConnectionLost(_)) && e.is_connection_lost(),
+            matches!(e, RecvError::Failed(Error::ConnectionLost(_))) && e.is_connection_lost(),
             "expected ConnectionLost, got {e:?}"
         );
         let after = at.duration_since(silent_from);
@@ -656,7 +670,7 @@ fn violation_case(code: u16, hostile: impl FnOnce(&mut Peer, u16, &str) + Send +
         close.reply_text
     );
     let (r, at) = recv.wait(PROMPT * 5);
-    expect_protocol(&r.unwrap_err(), code);
+    expect_protocol(&r.unwrap_err().into(), code);
     assert!(at.duration_since(sent) < PROMPT, "consumer woke late");
     expect_protocol(&conn.close_reason().unwrap(), code);
     assert!(!conn.is_open() && !ch.is_open());
@@ -830,7 +844,7 @@ fn violation_is_reported_at_once_even_if_the_peer_never_answers_close() {
         let conn = Connection::open_with(broker.options().close_timeout(close_timeout)).unwrap();
         let (ch, consumer) = consume(&conn);
         let e = consumer.recv_timeout(Duration::from_secs(5)).unwrap_err();
-        expect_protocol(&e, reply_code::COMMAND_INVALID);
+        expect_protocol(&e.into(), reply_code::COMMAND_INVALID);
         // Ended for good at once, not only when the I/O thread is done waiting.
         assert!(!conn.is_open() && !ch.is_open());
         expect_protocol(&conn.close_reason().unwrap(), reply_code::COMMAND_INVALID);
@@ -929,13 +943,13 @@ fn server_channel_close_ends_only_that_channel() {
         .wait(Duration::from_secs(10));
         let (r, _consumer1) = r;
         match r.unwrap_err() {
-            Error::ServerClosedChannel {
+            RecvError::Failed(Error::ServerClosedChannel {
                 channel,
                 code: 404,
                 class_id: 50,
                 method_id: 10,
                 text,
-            } => {
+            }) => {
                 assert_eq!(channel, ch1.id());
                 assert!(text.contains("NOT_FOUND"), "{text}");
             }
@@ -982,8 +996,8 @@ fn deep_headers_through_rabbitmq_are_a_bad_delivery_and_the_next_message_arrives
         )
         .unwrap();
         // Through the broker, with a raw socket: lepus refuses to encode such a table.
-        support::raw_amqp::publish_raw(
-            &support::broker_addr().to_string(),
+        lepus_testkit::publish_raw(
+            support::broker_addr(),
             "",
             &q,
             &headers_props(&deep_table(20_000)),

@@ -14,8 +14,7 @@ use lepus::{
     BasicProperties, Channel, ChannelPool, Confirm, Connection, Error, PoolStats, PublishOptions,
     QueueDeclareOptions, RecoveryEventKind, RecoveryOptions, reply_code,
 };
-use support::proxy::Proxy;
-use support::{Cleanup, connect, unique, wait_until};
+use support::{Cleanup, ClientOptions, connect, start_proxy, unique, wait_until};
 
 fn exclusive() -> QueueDeclareOptions {
     QueueDeclareOptions {
@@ -331,7 +330,7 @@ fn counters_balance_after_100_threads_of_200_acquire_release_pairs() {
 fn pool_keeps_working_across_a_recovery() {
     const THREADS: usize = 8;
     let cleanup = Cleanup::new();
-    let proxy = Proxy::start();
+    let proxy = start_proxy();
     let conn = Connection::open_with(proxy.options().recovery(
         RecoveryOptions::new().backoff(Duration::from_millis(50), Duration::from_secs(1)),
     ))

@@ -35,10 +35,13 @@ use std::time::{Duration, Instant};
 use lepus::{
     BasicProperties, ChannelPool, Confirm, Connection, ConnectionOptions, ConsumeOptions, Error,
     FieldTable, PublishOptions, QueueDeclareOptions, RecoveryEvent, RecoveryEventKind,
-    RecoveryOptions, UnconfirmedPolicy, reply_code,
+    RecoveryOptions, RecvError, UnconfirmedPolicy, reply_code,
 };
-use support::proxy::Proxy;
-use support::{Cleanup, exclusive_queue, publish_confirmed, rabbitmqctl, unique, wait_until};
+use lepus_testkit::Proxy;
+use support::{
+    Cleanup, ClientOptions, exclusive_queue, publish_confirmed, rabbitmqctl, start_proxy, unique,
+    wait_until,
+};
 
 // ---------------- settings ----------------
 
@@ -371,13 +374,13 @@ fn consumer(run: Arc<Run>) -> ThreadReport {
                     Err(e) => rep.error(&run, &e),
                 }
             }
-            Err(Error::Timeout(_)) => {}
+            Err(RecvError::Failed(Error::Timeout(_))) => {}
             Err(e) if e.is_connection_lost() => {
                 lost = true;
-                rep.error(&run, &e);
+                rep.error(&run, &e.into());
             }
             Err(e) => {
-                rep.error(&run, &e);
+                rep.error(&run, &e.into());
                 break;
             }
         }
@@ -419,7 +422,7 @@ fn fault_test(fault: Fault) -> Measured {
         (Duration::from_millis(700), Duration::from_millis(300))
     };
     let cleanup = Cleanup::new();
-    let proxy = Proxy::start();
+    let proxy = start_proxy();
     let name = unique(&format!("recovery-{fault:?}"));
     let mut opts = proxy
         .options()
@@ -780,7 +783,7 @@ fn repeated_resets_each_open_a_new_connection() {
     let _turn = heavy();
     let cycles = if long() { 1000 } else { 20 };
     let cleanup = Cleanup::new();
-    let proxy = Proxy::start();
+    let proxy = start_proxy();
     // Counted by a listener: the event log keeps only the most recent 4096 events.
     let recovered = Arc::new(AtomicUsize::new(0));
     let failed_attempts = Arc::new(AtomicUsize::new(0));
@@ -870,7 +873,7 @@ fn repeated_resets_each_open_a_new_connection() {
 fn close_is_not_a_failure() {
     let _turn = heavy();
     let cleanup = Cleanup::new();
-    let proxy = Proxy::start();
+    let proxy = start_proxy();
     let conn = open(proxy.options().recovery(quick_recovery()));
     let queue = cleanup.queue(&unique("close-q"));
     conn.open_channel()
@@ -923,7 +926,7 @@ fn close_is_not_a_failure() {
                             Err(e) => return Err(format!("ack got {e:?}")),
                         }
                     }
-                    Err(Error::ConnectionClosed) => return Ok(n),
+                    Err(RecvError::Failed(Error::ConnectionClosed)) => return Ok(n),
                     Err(e) => return Err(format!("consumer got {e:?}, not ConnectionClosed")),
                 }
             }
@@ -968,7 +971,7 @@ fn close_is_not_a_failure() {
 #[test]
 fn hand_back_policy_returns_unconfirmed_messages() {
     let cleanup = Cleanup::new();
-    let proxy = Proxy::start();
+    let proxy = start_proxy();
     let conn = open(
         proxy
             .options()
@@ -1090,7 +1093,7 @@ fn hand_back_policy_returns_unconfirmed_messages() {
 #[test]
 fn server_named_queue_is_renamed_and_its_consumer_follows() {
     let cleanup = Cleanup::new();
-    let proxy = Proxy::start();
+    let proxy = start_proxy();
     let heard = Arc::new(Mutex::new(Vec::<RecoveryEvent>::new()));
     let h = heard.clone();
     let conn = open(
@@ -1169,7 +1172,7 @@ fn server_named_queue_is_renamed_and_its_consumer_follows() {
 
 #[test]
 fn disabled_recovery_gives_raw_failures_and_no_reconnect() {
-    let proxy = Proxy::start();
+    let proxy = start_proxy();
     let conn = open(proxy.options().recovery(RecoveryOptions::disabled()));
     let ch = conn.open_channel().unwrap();
     ch.confirm_select().unwrap();
@@ -1189,7 +1192,7 @@ fn disabled_recovery_gives_raw_failures_and_no_reconnect() {
     crew.spawn("confirm-waiter".into(), move || conf.wait().unwrap_err());
     let c = consumer.clone();
     crew.spawn("consumer".into(), move || {
-        c.recv_timeout(Duration::from_secs(10)).unwrap_err()
+        c.recv_timeout(Duration::from_secs(10)).unwrap_err().into()
     });
     let rpc = ch.clone();
     crew.spawn("rpc".into(), move || {
@@ -1247,7 +1250,7 @@ fn disabled_recovery_gives_raw_failures_and_no_reconnect() {
 #[test]
 fn bounded_attempts_give_up_and_end_consumers() {
     let cleanup = Cleanup::new();
-    let proxy = Proxy::start();
+    let proxy = start_proxy();
     let conn = open(
         proxy.options().recovery(
             RecoveryOptions::new()
@@ -1356,7 +1359,7 @@ fn echo_server() -> std::net::SocketAddr {
 fn proxy_modes_behave() {
     use std::io::{ErrorKind, Read, Write};
     use std::net::TcpStream;
-    let proxy = Proxy::start_to(echo_server());
+    let proxy = Proxy::start(echo_server()).expect("start the proxy");
     let connect = || {
         let s = TcpStream::connect(proxy.addr()).unwrap();
         s.set_nodelay(true).unwrap();
@@ -1470,7 +1473,7 @@ fn reset_during_republish_strands_no_message() {
 fn republish_cut_by_a_reset() -> bool {
     const THREADS: usize = 8;
     let cleanup = Cleanup::new();
-    let proxy = Proxy::start();
+    let proxy = start_proxy();
     let conn = open(proxy.options().recovery(quick_recovery()));
     let queue = cleanup.queue(&unique("republish-q"));
     let channels: Vec<_> = (0..THREADS)
@@ -1581,7 +1584,7 @@ fn republish_cut_by_a_reset() -> bool {
 /// `ConnectionClosed`, and no attempt follows.
 #[test]
 fn close_during_recovery_stops_it() {
-    let proxy = Proxy::start();
+    let proxy = start_proxy();
     let conn = open(proxy.options().recovery(
         RecoveryOptions::new().backoff(Duration::from_millis(200), Duration::from_millis(400)),
     ));
@@ -1608,7 +1611,7 @@ fn close_during_recovery_stops_it() {
         loop {
             match consumer.recv_timeout(Duration::from_secs(10)) {
                 Err(e) if e.is_connection_lost() => continue,
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.into()),
                 Ok(_) => return Ok(()),
             }
         }
@@ -1639,7 +1642,7 @@ fn close_during_recovery_stops_it() {
 fn slow_replay_of_many_channels_still_recovers() {
     let _turn = heavy();
     const CHANNELS: usize = 40;
-    let proxy = Proxy::start();
+    let proxy = start_proxy();
     let conn = open(
         proxy
             .options()
@@ -1682,7 +1685,7 @@ fn slow_replay_of_many_channels_still_recovers() {
 #[test]
 fn brief_partition_is_not_a_failure() {
     let cleanup = Cleanup::new();
-    let proxy = Proxy::start();
+    let proxy = start_proxy();
     let conn = open(proxy.options().heartbeat(1).recovery(quick_recovery()));
     let ch = conn.open_channel().unwrap();
     ch.confirm_select().unwrap();

@@ -27,7 +27,8 @@ use lepus::{
     HandshakeStage, PublishOptions, QueueDeclareOptions, RecoveryOptions, TlsFailure, TlsOptions,
     reply_code,
 };
-use support::fake_broker::{FakeBroker, Tune};
+use lepus_testkit::{FakeBroker, Proxy, Tune};
+use support::ClientOptions;
 
 // ---------------------------------------------------------------------------------------
 // The largest single allocation made by this test process (for the frame-size bound).
@@ -491,8 +492,7 @@ fn external_without_the_broker_offering_it_is_a_clear_error() {
 #[test]
 fn recovery_over_tls_after_a_reset_through_the_proxy() {
     let n = node();
-    let proxy =
-        support::proxy::Proxy::start_to(format!("127.0.0.1:{}", n.tls_port()).parse().unwrap());
+    let proxy = Proxy::start(("127.0.0.1", n.tls_port())).expect("start the fault proxy");
     let opts = n
         .options(n.tls())
         .port(proxy.port())
@@ -561,8 +561,7 @@ fn recovery_over_tls_after_a_reset_through_the_proxy() {
 #[test]
 fn missed_heartbeats_over_tls_are_detected_and_recovered() {
     let n = node();
-    let proxy =
-        support::proxy::Proxy::start_to(format!("127.0.0.1:{}", n.tls_port()).parse().unwrap());
+    let proxy = Proxy::start(("127.0.0.1", n.tls_port())).expect("start the fault proxy");
     let opts = n.options(n.tls()).port(proxy.port()).heartbeat(1);
     let conn = lepus::Connection::open_with(opts).expect("connect through the proxy");
     let ch = conn.open_channel().unwrap();

@@ -7,9 +7,9 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
 use lepus::{BasicProperties, Connection, PublishOptions, RecoveryEventKind, RecoveryOptions};
+use lepus_testkit::Proxy;
 
 use crate::common::{self, declare, delete, join_all, spawn};
-use crate::proxy::Proxy;
 use crate::stats::{Percentiles, Samples};
 
 /// The broker's socket address (for the proxy).
@@ -54,6 +54,18 @@ impl EventSink {
     pub fn failed_at(&self, g: u64) -> Option<Instant> {
         self.first(g, |k| matches!(k, RecoveryEventKind::FailureDetected(_)))
     }
+}
+
+/// A fault proxy in front of the broker.
+pub fn start_proxy(url: &str) -> Proxy {
+    Proxy::start(broker_addr(url)).expect("start the fault proxy")
+}
+
+/// RST every link through `proxy`; returns the instant just before the first reset.
+pub fn reset_all(proxy: &Proxy) -> Instant {
+    let at = Instant::now();
+    proxy.reset();
+    at
 }
 
 /// A connection to the broker through `proxy`, recovering, with heartbeat `hb`.
@@ -136,7 +148,7 @@ struct ThreadOutcome {
 
 /// T publishers (confirm each) through the proxy; inject `fault`; measure.
 pub fn run(url: &str, fault: Fault, threads: usize) -> RecoveryRun {
-    let proxy = Proxy::start(broker_addr(url));
+    let proxy = start_proxy(url);
     let sink = EventSink::default();
     let hb = if matches!(fault, Fault::Partition(_)) {
         1
@@ -203,28 +215,24 @@ pub fn run(url: &str, fault: Fault, threads: usize) -> RecoveryRun {
     barrier.wait();
     std::thread::sleep(Duration::from_millis(200));
     let inject_at = match fault {
-        Fault::Rst => {
-            let (at, _) = proxy.reset_all();
-            at
-        }
+        Fault::Rst => reset_all(&proxy),
         Fault::Partition(d) => {
-            let at = proxy.partition();
+            let at = Instant::now();
+            proxy.partition();
             std::thread::sleep(d);
             proxy.heal();
             at
         }
         Fault::LatencyThenRst(l) => {
-            proxy.set_latency(l);
+            proxy.set_latency(l, Duration::ZERO);
             std::thread::sleep(Duration::from_millis(500));
-            let (at, _) = proxy.reset_all();
-            at
+            reset_all(&proxy)
         }
         Fault::SlowThenRst(rate) => {
-            proxy.set_rate(rate);
-            proxy.set_latency(Duration::from_millis(5));
+            proxy.set_bandwidth(Some(rate));
+            proxy.set_latency(Duration::from_millis(5), Duration::ZERO);
             std::thread::sleep(Duration::from_millis(500));
-            let (at, _) = proxy.reset_all();
-            at
+            reset_all(&proxy)
         }
     };
     // Wait (bounded) until the new connection is in use, then give every thread time
@@ -268,8 +276,7 @@ pub fn run(url: &str, fault: Fault, threads: usize) -> RecoveryRun {
         generations: (g0, g1),
         deadlocks,
     };
-    proxy.set_latency(Duration::ZERO);
-    proxy.set_rate(0);
+    proxy.pass_through();
     delete(&admin, &queue);
     let _ = conn.close();
     drop(proxy);
@@ -293,7 +300,7 @@ pub struct RepeatedRun {
 /// `n` times: reset the link while a publisher runs, then publish (confirmed) until it
 /// succeeds on a verified new connection; the time from the reset to that success.
 pub fn repeated(url: &str, n: usize) -> RepeatedRun {
-    let proxy = Proxy::start(broker_addr(url));
+    let proxy = start_proxy(url);
     let sink = EventSink::default();
     let conn = proxied(url, &proxy, 10, &sink);
     let admin = conn.open_channel().expect("admin channel");
@@ -330,14 +337,14 @@ pub fn repeated(url: &str, n: usize) -> RepeatedRun {
     let mut lat = Samples::with_capacity(n);
     let (mut verified, mut failed) = (0, 0);
     let started = Instant::now();
-    let accepted_before = proxy.accepted();
+    let accepted_before = proxy.connections() as u64;
     for i in 0..n {
         if n >= 10 && i % (n / 10).max(1) == 0 {
             common::note(&format!("repeated recovery {i}/{n}"));
         }
         let g0 = conn.generation();
         let a0 = conn.local_addr();
-        let (at, _) = proxy.reset_all();
+        let at = reset_all(&proxy);
         let limit = at + Duration::from_secs(20);
         let mut ok = false;
         while Instant::now() < limit {
@@ -361,7 +368,7 @@ pub fn repeated(url: &str, n: usize) -> RepeatedRun {
         }
     }
     let secs = started.elapsed().as_secs_f64();
-    let links_accepted = proxy.accepted() - accepted_before;
+    let links_accepted = proxy.connections() as u64 - accepted_before;
     stop.store(true, Ordering::Release);
     let _ = join_all(vec![bg], Instant::now() + Duration::from_secs(30));
     let (stale, other) = checker.counts();

@@ -15,8 +15,7 @@ use lepus::{
 };
 
 use crate::common::{self, declare, delete, join_all, spawn};
-use crate::proxy::Proxy;
-use crate::recovery::{EventSink, StaleChecker, broker_addr, proxied};
+use crate::recovery::{EventSink, StaleChecker, proxied, start_proxy};
 
 #[derive(Debug, Clone, Default)]
 pub struct ChaosRun {
@@ -132,10 +131,11 @@ fn random_op(sh: &Shared, ch: &lepus::Channel, rng: &mut Rng, id: u64) -> Option
             }
             Err(e) => Err(e),
         },
-        4 => ch.basic_get(&sh.scratch, false).and_then(|d| match d {
-            Some(d) => d.ack(),
-            None => Ok(()),
-        }),
+        4 => match ch.basic_get(&sh.scratch, false) {
+            Ok(Some(d)) => d.ack(),
+            Ok(None) => Ok(()),
+            Err(e) => Err(e.into()),
+        },
         5 => ch
             .queue_declare(
                 &sh.queue,
@@ -165,7 +165,7 @@ pub fn chaos(
     dur: Duration,
     kill_every: Option<Duration>,
 ) -> ChaosRun {
-    let proxy = Proxy::start(broker_addr(url));
+    let proxy = start_proxy(url);
     let sink = EventSink::default();
     let conn = proxied(url, &proxy, 10, &sink);
     let admin = conn.open_channel().expect("admin channel");
@@ -252,7 +252,7 @@ pub fn chaos(
                 let jitter = every.mul_f64(0.67 + (rng.next() % 1000) as f64 / 1500.0);
                 std::thread::sleep(jitter.min(dur.saturating_sub(start.elapsed())));
                 if start.elapsed() < dur {
-                    proxy.reset_all();
+                    proxy.reset();
                     kills += 1;
                 }
             }

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, OnceLock};
 use std::time::{Duration, Instant};
 
-use lepus::{BasicProperties, ChannelPool, ConsumeOptions, PublishOptions};
+use lepus::{BasicProperties, ChannelPool, ConsumeOptions, PublishOptions, RecvError};
 
 use crate::common::{self, connect, declare, delete, spawn, wait_count};
 use crate::stats::{IdLedger, Percentiles, Samples, read_stamp, stamp_body};
@@ -342,7 +342,7 @@ pub fn consumers(url: &str, n: usize, messages: usize) -> ConsumeRun {
                             last_recv.fetch_max(now, Ordering::AcqRel);
                             received.fetch_add(1, Ordering::AcqRel);
                         }
-                        Err(lepus::Error::Timeout(_)) => {}
+                        Err(RecvError::Failed(lepus::Error::Timeout(_))) => {}
                         Err(_) => {
                             errors.fetch_add(1, Ordering::Relaxed);
                             break;

@@ -1,13 +1,14 @@
-//! loom models of lepus's own synchronisation code (built with `--cfg loom`, where
+//! loom models of lepus's own synchronisation code (built with `--cfg lepus_loom`, where
 //! lepus's `sync` module maps every primitive and queue to loom's).
 //!
 //! Each model counts the interleavings it explored, prints the count and asserts there
-//! was more than one. Two deliberately broken variants of lepus's code, switched on with
-//! `LEPUS_LOOM_BROKEN=pool` (a release without its once-guard) and
-//! `LEPUS_LOOM_BROKEN=oneshot` (a reply sender whose drop forgets the wake-up), must be
-//! caught: their tests are `#[ignore]`d and `run.sh` runs each with `--ignored` and
-//! its variable set.
-#![cfg(loom)]
+//! was more than one. Deliberately broken variants of lepus's code, switched on with
+//! `LEPUS_LOOM_BROKEN=<name>` (`pool`: a release without its once-guard; `oneshot`: a
+//! reply sender whose drop forgets the wake-up; `queue-store`: the consumer queue's
+//! waiting flag written with a plain store, the lost wake-up this suite found), must make
+//! the model that covers them fail: `run.sh` runs each model again with its variable set
+//! and expects the failure. `mutants.sh` plants more slips (see `mutants/`).
+#![cfg(lepus_loom)]
 
 use std::sync::atomic::{AtomicUsize as StdAtomicUsize, Ordering::SeqCst};
 use std::time::{Duration, Instant};
@@ -71,16 +72,52 @@ impl Res {
     }
 }
 
+/// Items with an alive flag each: the `k`-th item opened gets flag `k`, so a model can
+/// kill one item (a channel the broker closed) and leave the others working.
+#[derive(Clone)]
+struct Opener {
+    alive: Arc<Vec<Arc<AtomicBool>>>,
+    opened: Arc<AtomicUsize>,
+}
+
+impl Opener {
+    fn new(n: usize) -> Opener {
+        Opener {
+            alive: Arc::new((0..n).map(|_| Arc::new(AtomicBool::new(true))).collect()),
+            opened: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+    fn open(&self) -> Result<Res, Error> {
+        let k = self.opened.fetch_add(1, SeqCst);
+        Ok(Res::new(
+            self.alive
+                .get(k)
+                .expect("more items opened than the model allows"),
+        ))
+    }
+    fn kill(&self, k: usize) {
+        self.alive[k].store(false, SeqCst);
+    }
+}
+
+/// The bound, read under the pool's lock (lepus also checks it with a debug assertion
+/// inside `PoolCore` at every change, which the model builds keep on).
+fn assert_bound<R: Poolable>(core: &PoolCore<R>) {
+    let n = core.occupied();
+    assert!(n <= core.max(), "pool over its bound: {n} > {}", core.max());
+}
+
 /// Two threads acquire and release one pooled item (max 1) — one releases explicitly
-/// and then drops its guard — while a third kills the link and reclaims dead leases.
+/// and then drops its guard — while a third closes the first item opened and reclaims
+/// dead leases. The bound holds after every step.
 fn pool_model() {
     let core = Arc::new(PoolCore::new(1));
-    let alive = Arc::new(AtomicBool::new(true));
+    let opener = Opener::new(3);
     let user = |explicit: bool| {
-        let core = core.clone();
-        let alive = alive.clone();
+        let (core, opener) = (core.clone(), opener.clone());
         thread::spawn(move || {
-            let lease = PoolCore::acquire(&core, far(), || Ok(Res::new(&alive))).expect("acquire");
+            let lease = PoolCore::acquire(&core, far(), || opener.open()).expect("acquire");
+            assert_bound(&core);
             // Never handed to two holders at once.
             assert_eq!(
                 lease.item().holders.fetch_add(1, SeqCst),
@@ -90,17 +127,20 @@ fn pool_model() {
             lease.item().holders.fetch_sub(1, SeqCst);
             if explicit {
                 lease.release();
+                assert_bound(&core);
             }
             drop(lease);
+            assert_bound(&core);
         })
     };
     let a = user(true);
     let b = user(false);
     let killer = {
-        let (core, alive) = (core.clone(), alive.clone());
+        let (core, opener) = (core.clone(), opener.clone());
         thread::spawn(move || {
-            alive.store(false, SeqCst);
+            opener.kill(0);
             core.reclaim_dead();
+            assert_bound(&core);
         })
     };
     a.join().unwrap();
@@ -116,6 +156,7 @@ fn pool_model() {
     );
     assert!(s.opened >= 1 && s.opened <= 2, "{s:?}");
     assert_eq!(s.waiters, 0);
+    assert_bound(&core);
 }
 
 #[test]
@@ -123,12 +164,86 @@ fn pool_acquire_release_drop_and_link_failure() {
     assert!(explore("pool", pool_model) > 1);
 }
 
+/// A full pool (max 2) whose two leased items both die: two waiters block in `acquire`
+/// while the owner of the dead leases reclaims them, which must wake both (each opens
+/// a fresh item). The waiters keep their leases until the end, so only the reclaim can
+/// wake them.
+fn pool_reclaim_model() {
+    let core = Arc::new(PoolCore::new(2));
+    let opener = Opener::new(4);
+    let first = PoolCore::acquire(&core, far(), || opener.open()).unwrap();
+    let second = PoolCore::acquire(&core, far(), || opener.open()).unwrap();
+    let waiter = || {
+        let (core, opener) = (core.clone(), opener.clone());
+        thread::spawn(move || {
+            let lease = PoolCore::acquire(&core, far(), || opener.open()).expect("acquire");
+            assert_bound(&core);
+            assert!(lease.item().usable(), "a dead item handed out");
+            lease
+        })
+    };
+    let w1 = waiter();
+    let w2 = waiter();
+    opener.kill(0);
+    assert_bound(&core);
+    opener.kill(1);
+    assert_bound(&core);
+    core.reclaim_dead();
+    assert_bound(&core);
+    let (l1, l2) = (w1.join().unwrap(), w2.join().unwrap());
+    assert!(
+        !Arc::ptr_eq(&l1.item().alive, &l2.item().alive),
+        "one item leased twice"
+    );
+    drop((first, second)); // already released by the reclaim: nothing happens
+    assert_bound(&core);
+    drop((l1, l2));
+    let s = core.stats();
+    assert_eq!((s.acquired, s.released, s.in_use), (4, 4, 0), "{s:?}");
+    assert_eq!((s.opened, s.discarded, s.idle), (4, 2, 2), "{s:?}");
+    assert_eq!(s.waiters, 0);
+    assert_bound(&core);
+}
+
 #[test]
-#[ignore = "run by run.sh with LEPUS_LOOM_BROKEN=pool"]
-#[should_panic]
-fn broken_pool_without_once_guard_is_caught() {
-    assert_eq!(std::env::var("LEPUS_LOOM_BROKEN").as_deref(), Ok("pool"));
-    explore("pool (broken: no once-guard)", pool_model);
+fn pool_reclaim_wakes_two_waiters() {
+    assert!(explore("pool reclaim, two waiters", pool_reclaim_model) > 1);
+}
+
+/// A pool of one: the first open fails (the broker refused the channel) while a second
+/// thread waits for the place that open reserved; the failure must hand the place on
+/// (the waiter then opens its own).
+fn pool_failed_open_model() {
+    let core = Arc::new(PoolCore::new(1));
+    let opener = Opener::new(2);
+    let failing = {
+        let core = core.clone();
+        thread::spawn(move || {
+            // Every open of this thread fails; it may still get the other's item back.
+            let r = PoolCore::<Res>::acquire(&core, far(), || {
+                Err(Error::ConnectionLost("channel.open refused".into()))
+            });
+            assert_bound(&core);
+            r.is_ok()
+        })
+    };
+    let lease = PoolCore::acquire(&core, far(), || opener.open()).expect("acquire");
+    assert_bound(&core);
+    drop(lease);
+    let reused = failing.join().unwrap();
+    let s = core.stats();
+    let acquired = if reused { 2 } else { 1 };
+    assert_eq!(
+        (s.opened, s.acquired, s.released),
+        (1, acquired, acquired),
+        "{s:?}"
+    );
+    assert_eq!((s.in_use, s.waiters), (0, 0), "{s:?}");
+}
+
+#[test]
+fn pool_failed_open_hands_its_place_on() {
+    assert!(explore("pool failed open", pool_failed_open_model) > 1);
 }
 
 // ---------------------------------------------------------------- 2. replies
@@ -153,14 +268,6 @@ fn reply_model() {
 #[test]
 fn rpc_waiter_races_reply_and_connection_loss() {
     assert!(explore("reply", reply_model) > 1);
-}
-
-#[test]
-#[ignore = "run by run.sh with LEPUS_LOOM_BROKEN=oneshot"]
-#[should_panic]
-fn broken_oneshot_without_wakeup_is_caught() {
-    assert_eq!(std::env::var("LEPUS_LOOM_BROKEN").as_deref(), Ok("oneshot"));
-    explore("reply (broken: no wake-up on drop)", reply_model);
 }
 
 // ---------------------------------------------------------------- 3. single flight
@@ -283,6 +390,101 @@ fn consumer_queue_close_races_delivery_and_ack() {
     assert!(explore("consumer queue", queue_model) > 1);
 }
 
+/// The I/O thread's wake-up as mio's `Waker` behaves: sticky (a wake before the wait is
+/// not lost) and the only way the stalled I/O thread learns it may read again. No
+/// re-poll: a lost wake-up leaves the I/O thread asleep for good, which loom reports.
+#[derive(Default)]
+struct Waker {
+    woken: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl Waker {
+    fn wake(&self) {
+        *self.woken.lock().unwrap() = true;
+        self.cv.notify_one();
+    }
+    fn wait(&self) {
+        let mut w = self.woken.lock().unwrap();
+        while !*w {
+            w = self.cv.wait(w).unwrap();
+        }
+        *w = false;
+    }
+}
+
+/// The I/O side and one consumer alone, as the engine drives them: the I/O thread
+/// delivers three messages into a queue bounded at one; when `reserve_or_wait` says
+/// full it stalls until the consumer's `took_one` asks for a wake-up, then retries (the
+/// engine's `retry_stalled`). Nobody else wakes it. After each push the bound holds.
+fn queue_alone_model() {
+    const N: usize = 3;
+    let shared = Arc::new(QueueShared::new(1));
+    let (tx, rx) = queue::unbounded::<usize>();
+    let waker = Arc::new(Waker::default());
+    let io = {
+        let (shared, waker) = (shared.clone(), waker.clone());
+        thread::spawn(move || {
+            for m in 0..N {
+                while !shared.reserve_or_wait() {
+                    waker.wait();
+                }
+                shared.pushed();
+                let queued = shared.queued.load(SeqCst);
+                assert!(queued <= shared.capacity, "{queued} queued over the bound");
+                tx.send(m).unwrap();
+            }
+        })
+    };
+    for m in 0..N {
+        assert_eq!(rx.recv().unwrap(), m);
+        if shared.took_one() {
+            waker.wake();
+        }
+    }
+    io.join().unwrap();
+    assert_eq!(shared.queued.load(SeqCst), 0);
+}
+
+#[test]
+fn consumer_queue_io_and_consumer_alone() {
+    assert!(explore("consumer queue alone", queue_alone_model) > 1);
+}
+
+/// A consumer that never takes is cancelled (its handle dropped) while the I/O thread
+/// stalls on its full queue: the cancel clears `active` and wakes the I/O thread (the
+/// cancel command does that in lepus), which must then go on delivering instead of
+/// waiting for room nobody will make.
+fn queue_cancel_model() {
+    let shared = Arc::new(QueueShared::new(1));
+    let (tx, rx) = queue::unbounded::<usize>();
+    let waker = Arc::new(Waker::default());
+    let io = {
+        let (shared, waker) = (shared.clone(), waker.clone());
+        thread::spawn(move || {
+            for m in 0..2 {
+                while !shared.reserve_or_wait() {
+                    waker.wait();
+                }
+                shared.pushed();
+                if tx.send(m).is_err() {
+                    shared.unpushed();
+                }
+            }
+        })
+    };
+    shared.active.store(false, SeqCst);
+    drop(rx);
+    waker.wake();
+    // The I/O thread got through both deliveries: nothing held it back.
+    io.join().unwrap();
+}
+
+#[test]
+fn consumer_queue_cancel_releases_the_io_side() {
+    assert!(explore("consumer queue cancel", queue_cancel_model) > 1);
+}
+
 // ---------------------------------------------------------------- 5. confirms
 
 /// Three publishes are outstanding; the broker's multiple-ack of 1..=2 and nack of 3
@@ -357,4 +559,85 @@ fn confirms_race_waiters() {
 #[test]
 fn confirms_race_a_failure() {
     assert!(explore("confirms + failure", confirm_failure_model) > 1);
+}
+
+/// Recovery (this thread) takes the unconfirmed messages of the failed generation and
+/// adopts them into the new one (republish policy), while the new generation's I/O
+/// thread acks whatever was republished and then fails too (keeping what is in doubt),
+/// and a publisher waits on the first message's handle. A second recovery attempt
+/// then hands back what is still in doubt. Every message ends exactly once — acked,
+/// or handed back — and the waiter wakes with exactly one outcome.
+fn confirm_recovery_model() {
+    let old = ConfirmTracker::new();
+    old.enable();
+    let mut slots = Vec::new();
+    for i in 0..2u8 {
+        let (_, slot) = old.register(true, Some(Arc::new(vec![i]))).unwrap();
+        slots.push(slot.unwrap());
+    }
+    old.fail(Error::ConnectionLost("rst".into()), true);
+    let new = Arc::new(ConfirmTracker::new());
+    new.enable();
+    // How many frames recovery has republished (the broker can ack only those).
+    let sent = Arc::new(AtomicUsize::new(0));
+    let io = {
+        let (new, sent) = (new.clone(), sent.clone());
+        thread::spawn(move || {
+            let mut acked = 0;
+            let n = sent.load(SeqCst);
+            if n > 0 {
+                new.resolve(1, false, true); // the broker acks the first republished copy
+                acked = 1;
+            }
+            new.fail(Error::ConnectionLost("rst again".into()), true);
+            acked
+        })
+    };
+    let waiter = {
+        let (new, slot) = (new.clone(), slots[0].clone());
+        thread::spawn(move || new.wait_slot(&slot, far()))
+    };
+    let entries = old.take_in_doubt();
+    assert_eq!(entries.len(), 2);
+    let frames = new.adopt(entries);
+    sent.store(frames.len(), SeqCst);
+    let acked = io.join().unwrap();
+    match waiter.join().unwrap() {
+        Ok(Some(Confirm::Ack)) => assert_eq!(acked, 1, "an ack nobody sent"),
+        Err(Error::ConnectionLost(_)) => {}
+        other => panic!("waiter woke with {other:?}"),
+    }
+    // The next attempt (hand-back policy) gets everything not acked, once.
+    let again = new.take_in_doubt();
+    assert!(new.take_in_doubt().is_empty(), "in doubt twice");
+    assert_eq!(
+        old.take_in_doubt().len(),
+        0,
+        "left behind on the old generation"
+    );
+    for e in &again {
+        e.hand_back();
+    }
+    assert_eq!(
+        again.len() + acked,
+        2,
+        "{} in doubt, {acked} acked",
+        again.len()
+    );
+    assert_eq!(new.outstanding(), 0);
+    let ends: Vec<_> = slots.iter().map(|s| outcome(s)).collect();
+    let acks = ends
+        .iter()
+        .filter(|o| matches!(o, Ok(Some(Confirm::Ack))))
+        .count();
+    let handed = ends
+        .iter()
+        .filter(|o| matches!(o, Err(Error::ConnectionLost(m)) if m.contains("handed")))
+        .count();
+    assert_eq!((acks, handed), (acked, again.len()), "{ends:?}");
+}
+
+#[test]
+fn confirms_recovery_adopts_while_the_new_link_acks_and_fails() {
+    assert!(explore("confirms recovery", confirm_recovery_model) > 1);
 }

@@ -18,9 +18,10 @@ use std::time::Instant;
 
 use amq_protocol::protocol::AMQPClass;
 
-use crate::confirm::ConfirmTracker;
-use crate::consumer::{ConsumerSink, Returned};
+use crate::confirm_tracker::ConfirmTracker;
+use crate::delivery::{AckTarget, ConsumerSink, Returned};
 use crate::error::{Error, Result};
+use crate::options::ConnectionOptions;
 use crate::protocol::content::Content;
 use crate::protocol::frame::put_method;
 use crate::protocol::table::FieldTable;
@@ -29,7 +30,6 @@ use crate::sync::queue::{self, Receiver, SendTimeoutError, Sender};
 use crate::sync::{
     Arc, AtomicBool, AtomicUsize, Condvar, CondvarExt, Mutex, Ordering, Weak, fence,
 };
-use crate::uri::ConnectionOptions;
 
 /// What an RPC gets back.
 #[derive(Debug)]
@@ -384,6 +384,10 @@ pub(crate) struct ChannelShared {
     pub(crate) returns_tx: Sender<Returned>,
     pub(crate) returns_rx: Receiver<Returned>,
     pub(crate) returns_dropped: AtomicUsize,
+    /// Bytes (decoded size) of the returns queued unread.
+    pub(crate) returns_bytes: AtomicUsize,
+    /// Deliveries for no consumer of ours (unknown or cancelled tag), rejected.
+    pub(crate) orphan_deliveries: AtomicUsize,
     pub(crate) prefetch: AtomicUsize,
     /// RPCs on one channel are serialised.
     rpc_lock: Mutex<()>,
@@ -403,6 +407,8 @@ impl ChannelShared {
             returns_tx,
             returns_rx,
             returns_dropped: AtomicUsize::new(0),
+            returns_bytes: AtomicUsize::new(0),
+            orphan_deliveries: AtomicUsize::new(0),
             prefetch: AtomicUsize::new(0),
             rpc_lock: Mutex::new(()),
             publish_lock: Mutex::new(()),
@@ -529,7 +535,7 @@ impl ChannelShared {
         let mut bytes = Vec::with_capacity(48);
         let m = AMQPClass::Channel(amq_protocol::protocol::channel::AMQPMethod::Close(
             amq_protocol::protocol::channel::Close {
-                reply_code: crate::error::reply_code::REPLY_SUCCESS,
+                reply_code: crate::protocol::reply_code::REPLY_SUCCESS,
                 reply_text: "closed by the application".into(),
                 class_id: 0,
                 method_id: 0,
@@ -565,6 +571,20 @@ impl ChannelShared {
             return Err(self.error());
         }
         self.conn.send(cmd, deadline, what)
+    }
+}
+
+impl AckTarget for ChannelShared {
+    fn channel_id(&self) -> u16 {
+        self.id
+    }
+
+    fn send_frames(&self, bytes: Vec<u8>, what: &'static str) -> Result<()> {
+        self.send(
+            bytes,
+            Instant::now() + self.conn.opts.operation_timeout,
+            what,
+        )
     }
 }
 

@@ -204,7 +204,7 @@ impl<S: Read + Write> Write for Transport<S> {
 #[cfg(feature = "tls")]
 pub(crate) fn tls_handshake(
     mut sock: std::net::TcpStream,
-    opts: &crate::uri::ConnectionOptions,
+    opts: &crate::options::ConnectionOptions,
     start: std::time::Instant,
     deadline: std::time::Instant,
 ) -> crate::error::Result<Transport<std::net::TcpStream>> {

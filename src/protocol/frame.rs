@@ -5,7 +5,7 @@ use amq_protocol::frame::{AMQPFrame, WriteContext, gen_frame};
 use amq_protocol::protocol::AMQPClass;
 
 use super::properties::BasicProperties;
-use crate::error::reply_code;
+use super::reply_code;
 
 pub const FRAME_METHOD: u8 = 1;
 pub const FRAME_HEADER: u8 = 2;
@@ -264,6 +264,86 @@ pub fn put_publish(
     Ok(())
 }
 
+/// Append a `basic.ack`, encoded by hand: acks are as frequent as deliveries.
+pub fn put_ack(out: &mut Vec<u8>, channel: u16, delivery_tag: u64, multiple: bool) {
+    put_tag_method(out, channel, 80, delivery_tag, multiple as u8);
+}
+
+/// Append a `basic.nack`.
+pub fn put_nack(out: &mut Vec<u8>, channel: u16, delivery_tag: u64, multiple: bool, requeue: bool) {
+    put_tag_method(
+        out,
+        channel,
+        120,
+        delivery_tag,
+        multiple as u8 | (requeue as u8) << 1,
+    );
+}
+
+/// Append a `basic.reject`.
+pub fn put_reject(out: &mut Vec<u8>, channel: u16, delivery_tag: u64, requeue: bool) {
+    put_tag_method(out, channel, 90, delivery_tag, requeue as u8);
+}
+
+/// A basic-class method whose arguments are a delivery tag and one octet of bit flags
+/// (ack, nack, reject): 13 bytes of payload.
+fn put_tag_method(out: &mut Vec<u8>, channel: u16, method_id: u16, tag: u64, bits: u8) {
+    let ch = channel.to_be_bytes();
+    let m = method_id.to_be_bytes();
+    out.extend_from_slice(&[FRAME_METHOD, ch[0], ch[1], 0, 0, 0, 13, 0, 60, m[0], m[1]]);
+    out.extend_from_slice(&tag.to_be_bytes());
+    out.push(bits);
+    out.push(FRAME_END);
+}
+
+/// A `basic.publish` unit as [`put_publish`] encoded it, read back.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecodedPublish {
+    /// Exchange.
+    pub exchange: String,
+    /// Routing key.
+    pub routing_key: String,
+    /// Mandatory flag.
+    pub mandatory: bool,
+    /// Properties.
+    pub properties: BasicProperties,
+    /// Body, its frames joined.
+    pub body: Vec<u8>,
+}
+
+/// Read back a publish unit that [`put_publish`] wrote (recovery hands unconfirmed
+/// messages back to the application this way). `None` if the bytes are not one.
+pub fn decode_publish(bytes: &[u8]) -> Option<DecodedPublish> {
+    let mut dec = FrameDecoder::new(u32::MAX);
+    dec.feed(bytes);
+    let m = dec.next_frame().ok()??;
+    let p = m.payload;
+    // class 60, method 40, reserved short, then exchange and routing key as short
+    // strings and the flags octet.
+    if m.kind != FRAME_METHOD || p.get(..4)? != [0, 60, 0, 40] {
+        return None;
+    }
+    let ex_len = *p.get(6)? as usize;
+    let exchange = String::from_utf8(p.get(7..7 + ex_len)?.to_vec()).ok()?;
+    let rk_at = 7 + ex_len;
+    let rk_len = *p.get(rk_at)? as usize;
+    let routing_key = String::from_utf8(p.get(rk_at + 1..rk_at + 1 + rk_len)?.to_vec()).ok()?;
+    let mandatory = p.get(rk_at + 1 + rk_len)? & 1 != 0;
+    let h = dec.next_frame().ok()??;
+    let properties = super::properties::decode_properties(h.payload, usize::MAX).ok()?;
+    let mut body = Vec::new();
+    while let Ok(Some(f)) = dec.next_frame() {
+        body.extend_from_slice(f.payload);
+    }
+    Some(DecodedPublish {
+        exchange,
+        routing_key,
+        mandatory,
+        properties,
+        body,
+    })
+}
+
 fn close_frame(out: &mut Vec<u8>, at: usize) -> Result<(), String> {
     let size = u32::try_from(out.len() - at - 7).map_err(|_| "frame over 4 GiB".to_owned())?;
     out[at + 3..at + 7].copy_from_slice(&size.to_be_bytes());
@@ -274,6 +354,100 @@ fn close_frame(out: &mut Vec<u8>, at: usize) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ack_nack_reject_bytes_equal_amq_protocols_encoding() {
+        use amq_protocol::protocol::basic;
+        for (tag, a, b) in [
+            (0u64, false, false),
+            (1, true, false),
+            (u64::MAX, false, true),
+            (0x0102_0304_0506_0708, true, true),
+        ] {
+            let channel = 0x1234;
+            let expect = |m: basic::AMQPMethod| {
+                let mut v = Vec::new();
+                put_method(&mut v, channel, AMQPClass::Basic(m)).unwrap();
+                v
+            };
+            let mut got = Vec::new();
+            put_ack(&mut got, channel, tag, a);
+            let want = expect(basic::AMQPMethod::Ack(basic::Ack {
+                delivery_tag: tag,
+                multiple: a,
+            }));
+            assert_eq!(got, want, "ack {tag} {a}");
+            got.clear();
+            put_nack(&mut got, channel, tag, a, b);
+            let want = expect(basic::AMQPMethod::Nack(basic::Nack {
+                delivery_tag: tag,
+                multiple: a,
+                requeue: b,
+            }));
+            assert_eq!(got, want, "nack {tag} {a} {b}");
+            got.clear();
+            put_reject(&mut got, channel, tag, b);
+            let want = expect(basic::AMQPMethod::Reject(basic::Reject {
+                delivery_tag: tag,
+                requeue: b,
+            }));
+            assert_eq!(got, want, "reject {tag} {b}");
+        }
+    }
+
+    #[test]
+    fn a_publish_decodes_back_to_what_was_encoded() {
+        let props = BasicProperties::new()
+            .content_type("text/plain")
+            .delivery_mode(2);
+        for (exchange, routing_key, mandatory, body, frame_max) in [
+            ("", "", false, Vec::new(), 4096u32),
+            ("ex", "rk.é", true, vec![1u8, 2, 3], 4096),
+            (
+                "x",
+                "long",
+                false,
+                (0..20_000u32).map(|i| i as u8).collect(),
+                4096,
+            ),
+            (
+                &*"e".repeat(255),
+                &*"k".repeat(255),
+                true,
+                vec![9; 5],
+                131_072,
+            ),
+        ] {
+            let mut bytes = Vec::new();
+            put_publish(
+                &mut bytes,
+                7,
+                exchange,
+                routing_key,
+                mandatory,
+                &props,
+                &body,
+                frame_max,
+                8,
+            )
+            .unwrap();
+            let d = decode_publish(&bytes).expect("decodes");
+            assert_eq!(
+                d,
+                DecodedPublish {
+                    exchange: exchange.to_owned(),
+                    routing_key: routing_key.to_owned(),
+                    mandatory,
+                    properties: props.clone(),
+                    body,
+                }
+            );
+        }
+        let mut ack = Vec::new();
+        put_ack(&mut ack, 1, 1, false);
+        assert_eq!(decode_publish(&ack), None, "not a publish");
+        assert_eq!(decode_publish(&[FRAME_METHOD, 0]), None, "truncated");
+    }
 
     #[test]
     fn decodes_frames_split_at_every_byte() {

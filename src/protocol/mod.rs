@@ -3,12 +3,15 @@
 
 pub mod content;
 pub mod frame;
+pub mod lenient;
+pub(crate) mod methods;
 pub mod properties;
+pub mod reply_code;
+pub(crate) mod size;
 pub mod table;
 
 use amq_protocol::protocol::{AMQPClass, parse_class};
 
-use crate::error::reply_code;
 use frame::FrameError;
 
 /// Methods a server may send to a client: (class id, method id).
@@ -74,6 +77,14 @@ pub fn decode_server_method(payload: &[u8], max_depth: usize) -> Result<AMQPClas
             format!("method {}.{} is not one a server sends", ids.0, ids.1),
         ));
     }
+    // Strings another party chose, and close reasons, are decoded leniently (see
+    // `lenient`): amq-protocol would refuse the whole method for one non-UTF-8 byte.
+    if let Some(close) = lenient::decode_close(payload) {
+        return close.map(|c| close_class(ids.0, c));
+    }
+    if let Some(content) = lenient::decode_content_method(payload) {
+        return content.map(|(m, _)| content_class(m));
+    }
     if ids == (10, 10) {
         let table = payload.get(6..).ok_or_else(|| {
             FrameError::new(reply_code::SYNTAX_ERROR, "connection.start truncated")
@@ -98,6 +109,69 @@ pub fn decode_server_method(payload: &[u8], max_depth: usize) -> Result<AMQPClas
             format!("method {}.{} could not be decoded: {e}", ids.0, ids.1),
         )),
     }
+}
+
+fn close_class(class: u16, c: lenient::LenientClose) -> AMQPClass {
+    use amq_protocol::protocol::{channel, connection};
+    if class == 10 {
+        AMQPClass::Connection(connection::AMQPMethod::Close(connection::Close {
+            reply_code: c.reply_code,
+            reply_text: c.reply_text.into(),
+            class_id: c.class_id,
+            method_id: c.method_id,
+        }))
+    } else {
+        AMQPClass::Channel(channel::AMQPMethod::Close(channel::Close {
+            reply_code: c.reply_code,
+            reply_text: c.reply_text.into(),
+            class_id: c.class_id,
+            method_id: c.method_id,
+        }))
+    }
+}
+
+fn content_class(m: content::ContentMethod) -> AMQPClass {
+    use amq_protocol::protocol::basic::{AMQPMethod as B, Deliver, GetOk, Return};
+    use content::ContentMethod as M;
+    AMQPClass::Basic(match m {
+        M::Deliver {
+            consumer_tag,
+            delivery_tag,
+            redelivered,
+            exchange,
+            routing_key,
+        } => B::Deliver(Deliver {
+            consumer_tag: consumer_tag.into(),
+            delivery_tag,
+            redelivered,
+            exchange: exchange.into(),
+            routing_key: routing_key.into(),
+        }),
+        M::GetOk {
+            delivery_tag,
+            redelivered,
+            exchange,
+            routing_key,
+            message_count,
+        } => B::GetOk(GetOk {
+            delivery_tag,
+            redelivered,
+            exchange: exchange.into(),
+            routing_key: routing_key.into(),
+            message_count,
+        }),
+        M::Return {
+            reply_code,
+            reply_text,
+            exchange,
+            routing_key,
+        } => B::Return(Return {
+            reply_code,
+            reply_text: reply_text.into(),
+            exchange: exchange.into(),
+            routing_key: routing_key.into(),
+        }),
+    })
 }
 
 #[cfg(test)]

@@ -1,18 +1,22 @@
-//! Helpers shared by the integration tests that talk to a real RabbitMQ broker.
+//! lepus-specific helpers shared by the integration tests; the generic tools (fault
+//! proxy, fake broker, frames) are in the `lepus-testkit` crate.
 //!
 //! The broker address comes from `AMQP_URL` (default `amqp://guest:guest@127.0.0.1:5672/%2f`).
 //! Only add functions here: several test files use this module.
 #![allow(dead_code)]
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lepus::{BasicProperties, Channel, Confirm, Connection, ConnectionOptions, PublishOptions};
+use lepus_testkit::{FakeBroker, Proxy};
+
+// Not every test binary polls.
+#[allow(unused_imports)]
+pub use lepus_testkit::wait_until;
 
 /// The broker URI used by the tests.
 pub fn amqp_url() -> String {
@@ -156,7 +160,6 @@ pub fn publish_confirmed(ch: &Channel, exchange: &str, routing_key: &str, body: 
     assert_eq!(c.wait().expect("confirm"), Confirm::Ack);
 }
 
-/// Poll `f` every 10 ms until it is true or `timeout` passes; returns whether it became true.
 /// Declare a server-named exclusive queue on `ch` and return its name.
 pub fn exclusive_queue(ch: &Channel) -> String {
     ch.queue_declare(
@@ -168,19 +171,6 @@ pub fn exclusive_queue(ch: &Channel) -> String {
     )
     .unwrap()
     .name
-}
-
-pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if f() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 /// Deterministic pseudo-random bytes (xorshift64*), for large bodies.
@@ -197,166 +187,38 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
     out
 }
 
-/// A TCP forwarder between lepus and the broker that the test controls: it can hold
-/// traffic back (`pause`) and cut every link at once (`kill`: both directions of both
-/// sockets of every connection are shut down).
-pub struct Forwarder {
-    addr: SocketAddr,
-    state: Arc<FwdState>,
-    accept: Option<JoinHandle<()>>,
+/// A fault proxy in front of the test broker.
+pub fn start_proxy() -> Proxy {
+    Proxy::start(broker_addr()).expect("start the fault proxy")
 }
 
-struct FwdState {
-    upstream: SocketAddr,
-    sockets: Mutex<Vec<TcpStream>>,
-    paused: AtomicBool,
-    killed: AtomicBool,
-    relays: Mutex<Vec<JoinHandle<()>>>,
+/// lepus connection options for a kit's listener.
+pub trait ClientOptions {
+    /// Options that connect lepus to this listener.
+    fn options(&self) -> ConnectionOptions;
 }
 
-impl Forwarder {
-    /// Listen on an ephemeral port of 127.0.0.1 and forward to the test broker.
-    pub fn start() -> Forwarder {
-        Self::start_to(broker_addr())
-    }
-
-    /// Listen on an ephemeral port of 127.0.0.1 and forward to `upstream`.
-    pub fn start_to(upstream: SocketAddr) -> Forwarder {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the forwarder");
-        listener
-            .set_nonblocking(true)
-            .expect("non-blocking listener");
-        let addr = listener.local_addr().expect("forwarder address");
-        let state = Arc::new(FwdState {
-            upstream,
-            sockets: Mutex::new(Vec::new()),
-            paused: AtomicBool::new(false),
-            killed: AtomicBool::new(false),
-            relays: Mutex::new(Vec::new()),
-        });
-        let st = state.clone();
-        let accept = std::thread::Builder::new()
-            .name("forwarder-accept".into())
-            .spawn(move || accept_loop(listener, st))
-            .expect("spawn the forwarder");
-        Forwarder {
-            addr,
-            state,
-            accept: Some(accept),
-        }
-    }
-
-    /// The port lepus should connect to.
-    pub fn port(&self) -> u16 {
-        self.addr.port()
-    }
-
-    /// Connection options for the test broker, through this forwarder.
-    pub fn options(&self) -> ConnectionOptions {
+impl ClientOptions for Proxy {
+    /// Test options (short deadlines) that connect through this proxy.
+    fn options(&self) -> ConnectionOptions {
         test_options().host("127.0.0.1").port(self.port())
     }
+}
 
-    /// Hold back all traffic in both directions (bytes already read wait in the relay).
-    pub fn pause(&self) {
-        self.state.paused.store(true, Ordering::SeqCst);
-    }
-
-    /// Let traffic flow again.
-    pub fn resume(&self) {
-        self.state.paused.store(false, Ordering::SeqCst);
-    }
-
-    /// Cut every forwarded connection (shutdown both ways of both sockets) and stop
-    /// accepting new ones.
-    pub fn kill(&self) {
-        self.state.killed.store(true, Ordering::SeqCst);
-        for s in self.state.sockets.lock().unwrap().iter() {
-            let _ = s.shutdown(Shutdown::Both);
-        }
-    }
-
-    /// Connections accepted so far.
-    pub fn connections(&self) -> usize {
-        self.state.sockets.lock().unwrap().len() / 2
+impl<R: Send + 'static> ClientOptions for FakeBroker<R> {
+    /// Client options for this broker: no heartbeats, short timeouts. Automatic recovery
+    /// stays on (the default); a test of a lost link must turn it off, since the fake
+    /// broker serves one connection only.
+    fn options(&self) -> ConnectionOptions {
+        ConnectionOptions::new()
+            .host("127.0.0.1")
+            .port(self.port())
+            .heartbeat(0)
+            .connection_timeout(Duration::from_secs(3))
+            .operation_timeout(Duration::from_secs(5))
+            .close_timeout(Duration::from_secs(2))
     }
 }
 
-impl Drop for Forwarder {
-    fn drop(&mut self) {
-        self.kill();
-        if let Some(t) = self.accept.take() {
-            let _ = t.join();
-        }
-        let relays = std::mem::take(&mut *self.state.relays.lock().unwrap());
-        for t in relays {
-            let _ = t.join();
-        }
-    }
-}
-
-fn accept_loop(listener: TcpListener, st: Arc<FwdState>) {
-    while !st.killed.load(Ordering::SeqCst) {
-        match listener.accept() {
-            Ok((client, _)) => {
-                let _ = client.set_nonblocking(false);
-                let Ok(server) = TcpStream::connect_timeout(&st.upstream, Duration::from_secs(5))
-                else {
-                    let _ = client.shutdown(Shutdown::Both);
-                    continue;
-                };
-                let _ = client.set_nodelay(true);
-                let _ = server.set_nodelay(true);
-                let (Ok(c2), Ok(s2), Ok(c3), Ok(s3)) = (
-                    client.try_clone(),
-                    server.try_clone(),
-                    client.try_clone(),
-                    server.try_clone(),
-                ) else {
-                    continue;
-                };
-                {
-                    let mut socks = st.sockets.lock().unwrap();
-                    socks.push(c3);
-                    socks.push(s3);
-                }
-                if st.killed.load(Ordering::SeqCst) {
-                    let _ = client.shutdown(Shutdown::Both);
-                    let _ = server.shutdown(Shutdown::Both);
-                    return;
-                }
-                let (a, b) = (st.clone(), st.clone());
-                let up = std::thread::spawn(move || relay(client, s2, a));
-                let down = std::thread::spawn(move || relay(server, c2, b));
-                st.relays.lock().unwrap().extend([up, down]);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(5)),
-        }
-    }
-}
-
-fn relay(mut from: TcpStream, mut to: TcpStream, st: Arc<FwdState>) {
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = match from.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        while st.paused.load(Ordering::SeqCst) && !st.killed.load(Ordering::SeqCst) {
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        if st.killed.load(Ordering::SeqCst) || to.write_all(&buf[..n]).is_err() {
-            break;
-        }
-    }
-    let _ = to.shutdown(Shutdown::Write);
-}
-
-/// A scripted fake broker for hostile-input tests (tests/hostile.rs).
-pub mod fake_broker;
-/// A fault-injection TCP proxy for the recovery and pool tests (tests/recovery.rs, tests/pool.rs).
-pub mod proxy;
-/// A raw-socket publisher for what lepus refuses to encode (tests/hostile.rs).
-pub mod raw_amqp;
+/// Small helpers of the broker tests split by topic.
+pub mod fixtures;

@@ -1,0 +1,317 @@
+//! The confirm tracker of a channel: sequence numbers, acks and nacks (single and
+//! multiple) resolved by the I/O thread, waiting for everything outstanding, and what
+//! happens to unconfirmed messages when the link is lost (kept for republishing, or
+//! handed back). The per-publish handle, `Confirmation`, is in `confirm.rs`.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use crate::error::{Error, Result};
+use crate::sync::{Arc, AtomicBool, AtomicU8, Condvar, CondvarExt, Mutex, Ordering};
+
+const PENDING: u8 = 0;
+const ACKED: u8 = 1;
+const NACKED: u8 = 2;
+pub(crate) const FAILED: u8 = 3;
+const HANDED_BACK: u8 = 4;
+
+/// What the broker said about a published message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Confirm {
+    /// The broker took responsibility for the message.
+    Ack,
+    /// The broker could not take it (e.g. a queue's overflow policy rejected it).
+    Nack,
+}
+
+/// An unconfirmed publish: its frames (to republish) and its handle's slot.
+#[doc(hidden)]
+pub struct Entry {
+    seq: u64,
+    slot: Option<Arc<AtomicU8>>,
+    /// The frames of the publish, kept for recovery.
+    pub bytes: Option<Arc<Vec<u8>>>,
+}
+
+impl Entry {
+    /// Mark handed back: its waiter learns the message is with the application.
+    pub fn hand_back(&self) {
+        if let Some(slot) = &self.slot {
+            slot.store(HANDED_BACK, Ordering::Release);
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    next_seq: u64,
+    pending: VecDeque<Entry>,
+    nacked_since_wait: bool,
+    failure: Option<Error>,
+    /// The failure kept the unconfirmed messages (`fail`'s `keep`).
+    kept: bool,
+    /// Unconfirmed when the link was lost, kept for recovery to republish or hand back.
+    in_doubt: Vec<Entry>,
+}
+
+/// Confirm bookkeeping of one channel on one connection generation; the I/O thread
+/// resolves, publishers wait.
+#[doc(hidden)]
+pub struct ConfirmTracker {
+    enabled: AtomicBool,
+    state: Mutex<State>,
+    cv: Condvar,
+}
+
+impl Default for ConfirmTracker {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ConfirmTracker {
+    pub fn new() -> Self {
+        ConfirmTracker {
+            enabled: AtomicBool::new(false),
+            state: Mutex::new(State {
+                next_seq: 1,
+                ..State::default()
+            }),
+            cv: Condvar::new(),
+        }
+    }
+
+    pub fn enable(&self) {
+        self.enabled.store(true, Ordering::Release);
+    }
+
+    pub fn is_enabled(&self) -> bool {
+        self.enabled.load(Ordering::Acquire)
+    }
+
+    /// Take the next sequence number. Call with the channel's publish lock held, so that
+    /// numbers follow the order in which frames reach the I/O thread. `bytes` is kept
+    /// until the broker confirms, for recovery.
+    pub fn register(
+        &self,
+        want_handle: bool,
+        bytes: Option<Arc<Vec<u8>>>,
+    ) -> Option<(u64, Option<Arc<AtomicU8>>)> {
+        if !self.is_enabled() {
+            return None;
+        }
+        let mut s = self.state.lock();
+        let seq = s.next_seq;
+        s.next_seq += 1;
+        let slot = want_handle.then(|| Arc::new(AtomicU8::new(PENDING)));
+        s.pending.push_back(Entry {
+            seq,
+            slot: slot.clone(),
+            bytes,
+        });
+        Some((seq, slot))
+    }
+
+    /// Undo the last registration when the publish could not be queued.
+    pub fn unregister(&self, seq: u64) {
+        let mut s = self.state.lock();
+        if s.pending.back().is_some_and(|e| e.seq == seq) {
+            s.pending.pop_back();
+            s.next_seq = seq;
+        }
+    }
+
+    /// Take over the unconfirmed messages of the previous generation (recovery,
+    /// republish policy): each gets a new sequence number and keeps its handle. Returns
+    /// the frames to send, in order. Call with the publish lock held.
+    pub fn adopt(&self, entries: Vec<Entry>) -> Vec<Arc<Vec<u8>>> {
+        let mut s = self.state.lock();
+        if s.failure.is_some() {
+            // This generation failed already (during recovery): nothing to send; the
+            // messages stay in doubt for the next attempt, as if they had been pending.
+            if s.kept {
+                s.in_doubt.extend(entries);
+            } else {
+                for e in &entries {
+                    if let Some(slot) = &e.slot {
+                        slot.store(FAILED, Ordering::Release);
+                    }
+                }
+            }
+            return Vec::new();
+        }
+        let mut out = Vec::with_capacity(entries.len());
+        for mut e in entries {
+            e.seq = s.next_seq;
+            s.next_seq += 1;
+            if let Some(b) = &e.bytes {
+                out.push(b.clone());
+            }
+            s.pending.push_back(e);
+        }
+        out
+    }
+
+    /// The highest sequence number taken so far (0 before the first publish): the broker
+    /// cannot confirm anything beyond it.
+    pub fn last_seq(&self) -> u64 {
+        self.state.lock().next_seq - 1
+    }
+
+    /// `basic.ack` / `basic.nack` from the broker.
+    pub fn resolve(&self, tag: u64, multiple: bool, ack: bool) {
+        let mut s = self.state.lock();
+        let outcome = if ack { ACKED } else { NACKED };
+        if !ack {
+            s.nacked_since_wait = true;
+        }
+        if multiple {
+            while s.pending.front().is_some_and(|e| e.seq <= tag) {
+                let e = s.pending.pop_front().expect("front checked");
+                if let Some(slot) = e.slot {
+                    slot.store(outcome, Ordering::Release);
+                }
+            }
+        } else if let Ok(i) = s.pending.binary_search_by_key(&tag, |e| e.seq) {
+            let e = s.pending.remove(i).expect("index from search");
+            if let Some(slot) = e.slot {
+                slot.store(outcome, Ordering::Release);
+            }
+        } else {
+            log::warn!("broker confirmed unknown delivery tag {tag}");
+        }
+        drop(s);
+        self.cv.notify_all();
+    }
+
+    /// The channel or connection ended: every waiter wakes with `err`. If `keep`, the
+    /// unconfirmed messages are kept (their handles stay pending) for recovery to
+    /// republish or hand back; otherwise their handles fail.
+    pub fn fail(&self, err: Error, keep: bool) {
+        let mut s = self.state.lock();
+        if s.failure.is_some() {
+            return;
+        }
+        let pending: Vec<Entry> = s.pending.drain(..).collect();
+        if keep {
+            s.in_doubt = pending;
+        } else {
+            for e in &pending {
+                if let Some(slot) = &e.slot {
+                    slot.store(FAILED, Ordering::Release);
+                }
+            }
+        }
+        s.failure = Some(err);
+        s.kept = keep;
+        drop(s);
+        self.cv.notify_all();
+    }
+
+    /// The messages kept at failure (empty unless `fail` was told to keep them).
+    pub fn take_in_doubt(&self) -> Vec<Entry> {
+        std::mem::take(&mut self.state.lock().in_doubt)
+    }
+
+    /// Published messages not yet confirmed (including those kept for recovery).
+    pub fn outstanding(&self) -> usize {
+        let s = self.state.lock();
+        s.pending.len() + s.in_doubt.len()
+    }
+
+    /// Wait for one message's outcome; returns the tracker's failure if it fails first.
+    pub fn wait_slot(&self, slot: &AtomicU8, deadline: Instant) -> Result<Option<Confirm>> {
+        let mut s = self.state.lock();
+        loop {
+            match outcome(slot) {
+                Ok(Some(c)) => return Ok(Some(c)),
+                Ok(None) => {}
+                // Failed with its channel: say why the channel ended.
+                Err(e) if slot.load(Ordering::Acquire) == FAILED => {
+                    return Err(s.failure.as_ref().map_or(e, Error::clone));
+                }
+                Err(e) => return Err(e),
+            }
+            if let Some(e) = &s.failure {
+                return Err(e.clone());
+            }
+            if self.cv.wait_until_deadline(&mut s, deadline)
+                && slot.load(Ordering::Acquire) == PENDING
+                && s.failure.is_none()
+            {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Wait until nothing is outstanding: `Ok(true)` if all were acked since the last
+    /// call, `Ok(false)` if any was nacked.
+    pub fn wait_all(&self, deadline: Instant) -> Result<bool> {
+        let mut s = self.state.lock();
+        loop {
+            if let Some(e) = &s.failure {
+                return Err(e.clone());
+            }
+            if s.pending.is_empty() {
+                return Ok(!std::mem::take(&mut s.nacked_since_wait));
+            }
+            if self.cv.wait_until_deadline(&mut s, deadline)
+                && !s.pending.is_empty()
+                && s.failure.is_none()
+            {
+                return Err(Error::Timeout("publisher confirms"));
+            }
+        }
+    }
+}
+
+/// The outcome recorded in a confirm slot, if any.
+#[doc(hidden)]
+pub fn outcome(slot: &AtomicU8) -> Result<Option<Confirm>> {
+    match slot.load(Ordering::Acquire) {
+        ACKED => Ok(Some(Confirm::Ack)),
+        NACKED => Ok(Some(Confirm::Nack)),
+        FAILED => Err(Error::ConnectionLost(
+            "the link was lost before the broker confirmed this message".into(),
+        )),
+        HANDED_BACK => Err(Error::ConnectionLost(
+            "the link was lost before the broker confirmed this message; it was handed \
+             back (see Channel::take_unconfirmed)"
+                .into(),
+        )),
+        _ => Ok(None),
+    }
+}
+
+#[cfg(all(test, not(lepus_loom)))]
+mod tests {
+    use super::*;
+
+    /// Recovery adopts unconfirmed messages into a generation that has failed already
+    /// (it failed during the recovery): they stay in doubt for the next attempt.
+    #[test]
+    fn adopting_into_a_failed_tracker_keeps_the_messages_in_doubt() {
+        let old = ConfirmTracker::new();
+        old.enable();
+        let (_, slot) = old.register(true, Some(Arc::new(vec![1, 2, 3]))).unwrap();
+        old.fail(Error::ConnectionLost("gone".into()), true);
+        let entries = old.take_in_doubt();
+        assert_eq!(entries.len(), 1);
+
+        let candidate = ConfirmTracker::new();
+        candidate.enable();
+        candidate.fail(Error::ConnectionLost("gone too".into()), true);
+        assert!(candidate.adopt(entries).is_empty(), "nothing to send");
+        let kept = candidate.take_in_doubt();
+        assert_eq!(kept.len(), 1, "still in doubt for the next attempt");
+        assert_eq!(slot.as_ref().unwrap().load(Ordering::Acquire), PENDING);
+
+        // A tracker that failed for good (not kept) fails them instead.
+        let closed = ConfirmTracker::new();
+        closed.enable();
+        closed.fail(Error::ConnectionClosed, false);
+        assert!(closed.adopt(kept).is_empty());
+        assert!(closed.take_in_doubt().is_empty());
+        assert_eq!(slot.unwrap().load(Ordering::Acquire), FAILED);
+    }
+}

@@ -1,0 +1,547 @@
+//! The state behind every `Connection` handle: the current generation (one TCP connection
+//! and its I/O thread), how a failing link is handled (single-flight recovery, started
+//! through the procedure the handle installs), the registry of channels, the recorded
+//! topology and the event log. Channels are reached through `ChannelSlot`, so this file
+//! imports no handle.
+
+use std::collections::HashMap;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use amq_protocol::protocol::{AMQPClass, connection};
+
+use crate::confirm_tracker::Entry;
+use crate::error::{Error, Result, reply_code};
+use crate::events::{EventLog, RecoveryEvent, RecoveryEventKind};
+use crate::io::engine::Engine;
+use crate::io::reactor::{Reactor, WAKER};
+use crate::io::{ChannelShared, Command, ConnShared, LinkEvents, handshake};
+use crate::link::{Ended, LinkState};
+use crate::options::ConnectionOptions;
+use crate::protocol::frame::put_method;
+use crate::secrets::Secrets;
+use crate::sync::{Arc, AtomicBool, AtomicU64, Condvar, CondvarExt, Mutex, Ordering, Weak};
+use crate::sync::{oneshot, queue};
+use crate::topology::{ChannelRecord, Topology};
+
+/// Commands queued for the I/O thread before callers wait for room.
+const COMMAND_QUEUE: usize = 4096;
+/// Stack of the I/O thread: field tables are parsed there, up to the depth cap.
+const IO_THREAD_STACK: usize = 8 * 1024 * 1024;
+
+/// One TCP connection of a `Connection`'s life, with its I/O thread.
+pub(crate) struct Generation {
+    shared: Arc<ConnShared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Generation {
+    pub(crate) fn shared(&self) -> &Arc<ConnShared> {
+        &self.shared
+    }
+    pub(crate) fn number(&self) -> u64 {
+        self.shared.generation
+    }
+
+    /// Close this generation's connection and wait (bounded) for its I/O thread.
+    fn close(&self) -> Result<()> {
+        let shared = &self.shared;
+        let mut result = Ok(());
+        if !shared.is_failed() {
+            let mut bytes = Vec::with_capacity(64);
+            put_method(
+                &mut bytes,
+                0,
+                AMQPClass::Connection(connection::AMQPMethod::Close(connection::Close {
+                    reply_code: reply_code::REPLY_SUCCESS,
+                    reply_text: "closed by the application".into(),
+                    class_id: 0,
+                    method_id: 0,
+                })),
+            )
+            .map_err(Error::InvalidArgument)?;
+            let (tx, rx) = oneshot::channel();
+            let deadline = Instant::now() + shared.opts.close_timeout + Duration::from_millis(500);
+            if shared
+                .send(
+                    Command::Close { bytes, reply: tx },
+                    deadline,
+                    "room to send connection.close",
+                )
+                .is_ok()
+            {
+                result = match rx.recv_deadline(deadline) {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e)) => Err(e),
+                    // The I/O thread ended first: the link was gone anyway.
+                    Err(oneshot::RecvError::Disconnected) => Ok(()),
+                    Err(oneshot::RecvError::Timeout) => Err(Error::Timeout("connection.close-ok")),
+                };
+            }
+        }
+        // The I/O thread ends on its own once closing is over (bounded by the close
+        // timeout), so this join is bounded too.
+        if let Some(t) = self.thread.lock().take() {
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
+        }
+        result
+    }
+
+    /// A recovery candidate that could not be restored: close it.
+    pub(crate) fn abandon(&self) {
+        let _ = self.close();
+    }
+}
+
+/// Connect and handshake; the I/O thread is not started yet.
+fn prepare(
+    opts: &ConnectionOptions,
+    number: u64,
+    secrets: &Secrets,
+) -> Result<(Arc<ConnShared>, Reactor)> {
+    let opts = &secrets.resolve(opts)?;
+    let est = handshake::connect(opts)?;
+    let io_err = |e: std::io::Error| Error::ConnectionLost(format!("I/O setup failed: {e}"));
+    est.stream.sock().set_nonblocking(true).map_err(io_err)?;
+    let local = est.stream.sock().local_addr().ok();
+    let poll = mio::Poll::new().map_err(io_err)?;
+    let waker = mio::Waker::new(poll.registry(), WAKER).map_err(io_err)?;
+    let (cmd_tx, cmd_rx) = queue::bounded(COMMAND_QUEUE);
+    let write_timeout = if est.tuned.heartbeat > 0 {
+        Duration::from_secs(u64::from(est.tuned.heartbeat) * 2)
+    } else {
+        Duration::from_secs(30)
+    };
+    log::info!(
+        "connected to {}:{} vhost {:?} (generation {number}, channel_max {}, frame_max {}, heartbeat {} s)",
+        opts.host,
+        opts.port,
+        opts.vhost,
+        est.tuned.channel_max,
+        est.tuned.frame_max,
+        est.tuned.heartbeat
+    );
+    let shared = Arc::new(
+        ConnShared::new(
+            cmd_tx,
+            Arc::new(waker),
+            est.tuned,
+            opts.clone(),
+            est.server_properties,
+        )
+        .with_generation(number, local),
+    );
+    let reactor = Reactor {
+        poll,
+        transport: est.stream.map(mio::net::TcpStream::from_std),
+        decoder: est.decoder,
+        engine: Engine::new(shared.clone(), Instant::now()),
+        commands: cmd_rx,
+        write_timeout,
+    };
+    Ok((shared, reactor))
+}
+
+fn launch(gen_: &Generation, reactor: Reactor, link: Weak<dyn LinkEvents>) -> Result<()> {
+    gen_.shared.set_link(link);
+    let o = &gen_.shared.opts;
+    let name = format!("lepus-io {}:{} #{}", o.host, o.port, gen_.shared.generation);
+    let thread = std::thread::Builder::new()
+        .name(name)
+        .stack_size(IO_THREAD_STACK)
+        .spawn(move || reactor.run())
+        .map_err(|e| Error::ConnectionLost(format!("could not start the I/O thread: {e}")))?;
+    *gen_.thread.lock() = Some(thread);
+    Ok(())
+}
+
+/// Open a new generation of `inner` to `host:port` (recovery).
+pub(crate) fn start_generation(
+    inner: &Arc<ConnectionInner>,
+    host: &str,
+    port: u16,
+    number: u64,
+) -> Result<Arc<Generation>> {
+    let opts = inner.opts.clone().host(host).port(port);
+    let (shared, reactor) = prepare(&opts, number, &inner.secrets)?;
+    let gen_ = Arc::new(Generation {
+        shared,
+        thread: Mutex::new(None),
+    });
+    let weak: Weak<ConnectionInner> = Arc::downgrade(inner);
+    launch(&gen_, reactor, weak)?;
+    Ok(gen_)
+}
+
+pub(crate) struct Link {
+    pub(crate) current: Arc<Generation>,
+    /// Single-flight recovery bookkeeping (numbers and flags only).
+    pub(crate) flight: LinkState,
+    /// Why the connection is dead for good, once it is.
+    pub(crate) terminal: Option<Error>,
+}
+
+/// What the connection needs of a channel handle it keeps track of: ending its consumers
+/// when the connection ends for good, and what recovery restores. Implemented by the
+/// channel handle's state (channel.rs), which sits above this file.
+pub(crate) trait ChannelSlot: Send + Sync {
+    fn id(&self) -> u16;
+    /// The channel state of the current connection generation.
+    fn current_shared(&self) -> Arc<ChannelShared>;
+    /// Recovery installs the reopened channel.
+    fn set_current(&self, new: Arc<ChannelShared>);
+    /// Worth reopening after a connection failure.
+    fn wants_recovery(&self) -> bool;
+    /// What to restore on the reopened channel.
+    fn record(&self) -> &Mutex<ChannelRecord>;
+    /// Unconfirmed messages the application gets back (hand-back policy).
+    fn hand_back(&self, entries: Vec<Entry>);
+    /// The connection is gone for good: end every consumer of this channel.
+    fn end_consumers(&self, err: &Error);
+}
+
+/// The recovery procedure, run on its own thread after a link failure.
+pub(crate) type Recover = fn(Arc<ConnectionInner>);
+
+/// State shared by every handle of one `Connection`, across its generations.
+pub(crate) struct ConnectionInner {
+    pub(crate) opts: ConnectionOptions,
+    pub(crate) link: Mutex<Link>,
+    link_cv: Condvar,
+    pub(crate) topology: Mutex<Topology>,
+    channels: Mutex<HashMap<u16, Weak<dyn ChannelSlot>>>,
+    pub(crate) events: Mutex<EventLog>,
+    closed: AtomicBool,
+    /// Mirrors `link.terminal.is_some()`, so that hot paths (a pool checking its
+    /// channels under its own lock) need not take the link lock.
+    dead: AtomicBool,
+    generations: AtomicU64,
+    recover: Recover,
+    /// Credentials from a provider, the secret last updated, the refresh schedule.
+    pub(crate) secrets: Arc<Secrets>,
+}
+
+impl ConnectionInner {
+    /// Connect to the first address that answers and start its I/O thread; `recover`
+    /// runs after a link failure that recovery should handle.
+    pub(crate) fn open(opts: ConnectionOptions, recover: Recover) -> Result<Arc<Self>> {
+        let mut last = None;
+        let mut first = None;
+        let secrets = Secrets::new(&opts);
+        for (host, port) in opts.addresses() {
+            match prepare(&opts.clone().host(host).port(port), 1, &secrets) {
+                Ok(p) => {
+                    first = Some(p);
+                    break;
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        let (shared, reactor) = match first {
+            Some(p) => p,
+            None => {
+                return Err(last.unwrap_or(Error::InvalidUri("no address to connect to".into())));
+            }
+        };
+        let gen_ = Arc::new(Generation {
+            shared,
+            thread: Mutex::new(None),
+        });
+        let inner = Arc::new(ConnectionInner {
+            opts,
+            link: Mutex::new(Link {
+                current: gen_.clone(),
+                flight: LinkState::new(),
+                terminal: None,
+            }),
+            link_cv: Condvar::new(),
+            topology: Mutex::new(Topology::default()),
+            channels: Mutex::new(HashMap::new()),
+            events: Mutex::new(EventLog::new()),
+            closed: AtomicBool::new(false),
+            dead: AtomicBool::new(false),
+            generations: AtomicU64::new(1),
+            recover,
+            secrets,
+        });
+        let weak: Weak<ConnectionInner> = Arc::downgrade(&inner);
+        launch(&gen_, reactor, weak)?;
+        Ok(inner)
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Closed, or lost for good: nothing on it will work again.
+    pub(crate) fn is_dead(&self) -> bool {
+        self.is_closed() || self.dead.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn generation_number(&self) -> u64 {
+        self.link.lock().current.number()
+    }
+
+    /// `connection.update-secret` on the current link, waiting for its ok until
+    /// `deadline`.
+    pub(crate) fn update_secret(
+        &self,
+        secret: &str,
+        reason: &str,
+        deadline: Instant,
+    ) -> Result<()> {
+        let shared = self.current(deadline)?;
+        let mut bytes = Vec::with_capacity(secret.len() + reason.len() + 32);
+        put_method(
+            &mut bytes,
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::UpdateSecret(
+                connection::UpdateSecret {
+                    new_secret: secret.to_string().into(),
+                    reason: reason.to_string().into(),
+                },
+            )),
+        )
+        .map_err(Error::InvalidArgument)?;
+        let (tx, rx) = oneshot::channel();
+        shared.send(
+            Command::UpdateSecret { bytes, reply: tx },
+            deadline,
+            "room to send connection.update-secret",
+        )?;
+        match rx.recv_deadline(deadline) {
+            Ok(Ok(_)) => {
+                self.secrets.updated(secret);
+                Ok(())
+            }
+            Ok(Err(e)) => Err(e),
+            Err(oneshot::RecvError::Disconnected) => Err(shared.error()),
+            Err(oneshot::RecvError::Timeout) => Err(Error::Timeout("connection.update-secret-ok")),
+        }
+    }
+
+    pub(crate) fn next_generation(&self) -> u64 {
+        self.generations.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    pub(crate) fn event(&self, generation: u64, kind: RecoveryEventKind) {
+        let e = RecoveryEvent {
+            at: Instant::now(),
+            generation,
+            kind,
+        };
+        if let Some(l) = &self.opts.recovery.listener {
+            l(&e);
+        }
+        self.events.lock().push(e);
+    }
+
+    /// The usable connection state, waiting for a recovery in progress until `deadline`.
+    pub(crate) fn current(&self, deadline: Instant) -> Result<Arc<ConnShared>> {
+        let mut link = self.link.lock();
+        loop {
+            if self.is_closed() {
+                return Err(Error::ConnectionClosed);
+            }
+            if let Some(t) = &link.terminal {
+                return Err(t.clone());
+            }
+            let shared = link.current.shared().clone();
+            if !shared.is_failed() {
+                return Ok(shared);
+            }
+            if !shared.will_recover() {
+                return Err(shared.error());
+            }
+            if self.link_cv.wait_until_deadline(&mut link, deadline) {
+                return Err(shared.error());
+            }
+        }
+    }
+
+    /// Wait until `done()` holds, or the connection is closed or dead, or `deadline`.
+    /// `lost` is the error to report if the deadline passes.
+    pub(crate) fn wait_for(
+        &self,
+        done: impl Fn() -> bool,
+        deadline: Instant,
+        lost: impl Fn() -> Error,
+    ) -> Result<()> {
+        let mut link = self.link.lock();
+        loop {
+            if done() {
+                return Ok(());
+            }
+            if self.is_closed() {
+                return Err(Error::ConnectionClosed);
+            }
+            if let Some(t) = &link.terminal {
+                return Err(t.clone());
+            }
+            if self.link_cv.wait_until_deadline(&mut link, deadline) {
+                return if done() { Ok(()) } else { Err(lost()) };
+            }
+        }
+    }
+
+    pub(crate) fn notify(&self) {
+        let _l = self.link.lock();
+        self.link_cv.notify_all();
+    }
+
+    /// Sleep for `d` unless the connection is closed meanwhile (then true).
+    pub(crate) fn sleep_unless_closed(&self, d: Duration) -> bool {
+        let deadline = Instant::now() + d;
+        let mut link = self.link.lock();
+        while !self.is_closed() {
+            if self.link_cv.wait_until_deadline(&mut link, deadline) {
+                break;
+            }
+        }
+        self.is_closed()
+    }
+
+    pub(crate) fn register_channel(&self, id: u16, ch: Weak<dyn ChannelSlot>) {
+        let mut map = self.channels.lock();
+        map.retain(|_, w| w.strong_count() > 0);
+        map.insert(id, ch);
+    }
+
+    /// Forget channel `id` if it is still the one at `ch` (its state's address).
+    pub(crate) fn unregister_channel(&self, id: u16, ch: *const ()) {
+        let mut map = self.channels.lock();
+        if map
+            .get(&id)
+            .is_some_and(|w| std::ptr::eq(w.as_ptr() as *const (), ch))
+        {
+            map.remove(&id);
+        }
+    }
+
+    /// Channels to restore: alive, and not closed by themselves.
+    pub(crate) fn live_channels(&self) -> Vec<Arc<dyn ChannelSlot>> {
+        let mut v: Vec<_> = self
+            .channels
+            .lock()
+            .values()
+            .filter_map(Weak::upgrade)
+            .filter(|c| c.wants_recovery())
+            .collect();
+        v.sort_by_key(|c| c.id());
+        v
+    }
+
+    /// Make a recovered generation current. Refused (false) if it failed meanwhile: the
+    /// recovery loop then goes on.
+    pub(crate) fn install(&self, gen_: Arc<Generation>) -> bool {
+        let mut link = self.link.lock();
+        if !link
+            .flight
+            .install(gen_.number(), gen_.shared().is_failed())
+        {
+            log::warn!(
+                "recovered generation {} failed before it was installed",
+                gen_.number()
+            );
+            return false;
+        }
+        link.current = gen_;
+        self.link_cv.notify_all();
+        true
+    }
+
+    /// Recovery is over without a connection.
+    pub(crate) fn give_up(&self, err: Error) {
+        let mut link = self.link.lock();
+        link.flight.give_up();
+        if link.terminal.is_none() {
+            link.terminal = Some(err.clone());
+            self.dead.store(true, Ordering::Release);
+        }
+        self.link_cv.notify_all();
+        drop(link);
+        for c in self.channels.lock().values().filter_map(Weak::upgrade) {
+            c.end_consumers(&err);
+        }
+    }
+
+    pub(crate) fn close(&self) -> Result<()> {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        self.secrets.stop();
+        self.notify();
+        let gen_ = self.link.lock().current.clone();
+        let r = gen_.close();
+        for c in self.channels.lock().values().filter_map(Weak::upgrade) {
+            c.end_consumers(&Error::ConnectionClosed);
+        }
+        r
+    }
+}
+
+impl LinkEvents for ConnectionInner {
+    fn failing(&self, generation: u64, err: &Error) -> bool {
+        let recoverable =
+            !self.is_closed() && self.opts.recovery.enabled && err.is_connection_lost();
+        let mut link = self.link.lock();
+        let candidate = generation > link.flight.current();
+        if !link.flight.failing(generation, recoverable) {
+            return false;
+        }
+        drop(link);
+        if candidate {
+            return true;
+        }
+        log::warn!("connection lost (generation {generation}): {err}; recovering");
+        self.event(
+            generation,
+            RecoveryEventKind::FailureDetected(err.to_string()),
+        );
+        true
+    }
+
+    fn woken(&self, generation: u64) {
+        if self.link.lock().flight.is_recovering() {
+            self.event(generation, RecoveryEventKind::WaitersWoken);
+        }
+    }
+
+    fn ended(self: Arc<Self>, generation: u64, err: Error) {
+        let mut link = self.link.lock();
+        match link.flight.ended(generation, self.is_closed()) {
+            Ended::Nothing => return,
+            Ended::Terminal => {
+                if link.terminal.is_none() && !self.is_closed() {
+                    link.terminal = Some(err);
+                    self.dead.store(true, Ordering::Release);
+                }
+                self.link_cv.notify_all();
+                return;
+            }
+            Ended::StartRecovery => {}
+        }
+        drop(link);
+        let inner = self.clone();
+        let recover = self.recover;
+        if let Err(e) = std::thread::Builder::new()
+            .name("lepus-recovery".into())
+            .spawn(move || recover(inner))
+        {
+            log::error!("could not start the recovery thread: {e}");
+            self.give_up(Error::ConnectionLost(format!(
+                "recovery could not start: {e}"
+            )));
+        }
+    }
+}
+
+impl Drop for ConnectionInner {
+    fn drop(&mut self) {
+        if let Err(e) = self.close() {
+            log::warn!("closing the connection on drop: {e}");
+        }
+    }
+}

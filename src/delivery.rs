@@ -1,0 +1,597 @@
+//! What the I/O thread produces for consumers and publishers: deliveries, bad deliveries,
+//! returned messages, the consumer queue's sending end, and the acknowledgement handle
+//! they carry. Handles (`Consumer`, `Channel`) consume these; this file knows no handle.
+
+use std::fmt;
+
+use crate::error::{BadDeliveryKind, Error, Result};
+use crate::protocol::frame::{put_ack, put_nack, put_reject};
+use crate::protocol::properties::BasicProperties;
+use crate::sync::queue::Sender;
+use crate::sync::{Arc, AtomicBool, AtomicUsize, Ordering};
+
+pub(crate) enum ConsumerMsg {
+    // Boxed: queue slots stay small whatever the size of a delivery.
+    Delivery(Box<Delivery>),
+    Bad(Box<BadDelivery>),
+    /// The link was lost and the consumer will be restored by recovery.
+    Lost(Error),
+    End(Error),
+}
+
+/// A byte count with a bound, shared by the I/O thread (which charges it before queueing
+/// a delivery, and stops reading when a delivery does not fit) and whoever takes the
+/// delivery out (which releases it and wakes the I/O thread if it waits). The same
+/// hand-shake as the count bound of [`QueueShared`](crate::delivery_queue::QueueShared).
+pub(crate) struct ByteBudget {
+    queued: AtomicUsize,
+    limit: usize,
+    io_waiting: AtomicBool,
+    /// Wakes the I/O thread that charged this budget (none for a consumer's own budget:
+    /// the connection's budget, charged with it, wakes).
+    wake: Option<Box<dyn Fn() + Send + Sync>>,
+}
+
+impl ByteBudget {
+    pub(crate) fn new(limit: usize, wake: Option<Box<dyn Fn() + Send + Sync>>) -> Self {
+        ByteBudget {
+            queued: AtomicUsize::new(0),
+            limit,
+            io_waiting: AtomicBool::new(false),
+            wake,
+        }
+    }
+
+    /// Bytes charged and not yet released.
+    pub(crate) fn queued(&self) -> usize {
+        self.queued.load(Ordering::Acquire)
+    }
+
+    // An empty budget always takes one message, whatever its size (at most
+    // max_message_size): otherwise a message larger than the bound would wait forever.
+    fn over(&self, n: usize) -> bool {
+        let q = self.queued.load(Ordering::SeqCst);
+        q > 0 && q.saturating_add(n) > self.limit
+    }
+
+    /// I/O side: true if `n` more bytes fit; if not, the I/O thread is registered for a
+    /// wake-up by the next release and must stop reading until then.
+    pub(crate) fn reserve_or_wait(&self, n: usize) -> bool {
+        if !self.over(n) {
+            return true;
+        }
+        self.io_waiting.store(true, Ordering::SeqCst);
+        // Re-check: a release may have come before it could see the flag.
+        if self.over(n) {
+            return false;
+        }
+        self.io_waiting.store(false, Ordering::SeqCst);
+        true
+    }
+
+    fn charge(&self, n: usize) {
+        self.queued.fetch_add(n, Ordering::SeqCst);
+    }
+
+    /// Release `n` bytes; true if the I/O thread waited for room.
+    fn release(&self, n: usize) -> bool {
+        self.queued.fetch_sub(n, Ordering::SeqCst);
+        self.io_waiting.swap(false, Ordering::SeqCst)
+    }
+}
+
+/// Queue state shared by a consumer and the I/O thread: the count bound (the loom-tested
+/// core) and the byte bound.
+pub(crate) struct ConsumerShared {
+    queue: crate::delivery_queue::QueueShared,
+    pub(crate) bytes: ByteBudget,
+}
+
+impl std::ops::Deref for ConsumerShared {
+    type Target = crate::delivery_queue::QueueShared;
+    fn deref(&self) -> &Self::Target {
+        &self.queue
+    }
+}
+
+impl ConsumerShared {
+    /// A queue bounded by `capacity` messages only (tests and the fuzz harness).
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub(crate) fn new(capacity: usize) -> Self {
+        Self::bounded(capacity, usize::MAX)
+    }
+
+    /// A queue bounded by `capacity` messages and `bytes` bytes (decoded size).
+    pub(crate) fn bounded(capacity: usize, bytes: usize) -> Self {
+        ConsumerShared {
+            queue: crate::delivery_queue::QueueShared::new(capacity),
+            bytes: ByteBudget::new(bytes, None),
+        }
+    }
+}
+
+/// What a queued delivery holds of its consumer's and its connection's byte budgets.
+/// Released when the delivery is taken from the queue, or when it is dropped unread.
+#[derive(Default)]
+pub(crate) struct Charge {
+    bytes: usize,
+    consumer: Option<Arc<ConsumerShared>>,
+    conn: Option<Arc<ByteBudget>>,
+}
+
+impl Charge {
+    /// Charge `bytes` to both budgets.
+    pub(crate) fn new(bytes: usize, consumer: Arc<ConsumerShared>, conn: Arc<ByteBudget>) -> Self {
+        consumer.bytes.charge(bytes);
+        conn.charge(bytes);
+        Charge {
+            bytes,
+            consumer: Some(consumer),
+            conn: Some(conn),
+        }
+    }
+
+    /// Give the bytes back (once) and wake the I/O thread if it waits for them.
+    pub(crate) fn release(&mut self) {
+        let mut wake = false;
+        if let Some(c) = self.consumer.take() {
+            wake |= c.bytes.release(self.bytes);
+        }
+        if let Some(b) = self.conn.take() {
+            wake |= b.release(self.bytes);
+            if wake {
+                if let Some(w) = &b.wake {
+                    w();
+                }
+            }
+        }
+        self.bytes = 0;
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+impl Clone for Charge {
+    /// A copy is not in any queue: it holds nothing.
+    fn clone(&self) -> Self {
+        Charge::default()
+    }
+}
+
+impl ConsumerMsg {
+    /// Charge this message's `bytes` to its consumer's and its connection's budgets.
+    pub(crate) fn charge(
+        &mut self,
+        bytes: usize,
+        consumer: Arc<ConsumerShared>,
+        conn: Arc<ByteBudget>,
+    ) {
+        let c = match self {
+            ConsumerMsg::Delivery(d) => &mut d.charge,
+            ConsumerMsg::Bad(b) => &mut b.charge,
+            ConsumerMsg::Lost(_) | ConsumerMsg::End(_) => return,
+        };
+        *c = Charge::new(bytes, consumer, conn);
+    }
+
+    /// Release what this message holds of the byte budgets (when it is taken).
+    pub(crate) fn release(&mut self) {
+        match self {
+            ConsumerMsg::Delivery(d) => d.charge.release(),
+            ConsumerMsg::Bad(b) => b.charge.release(),
+            ConsumerMsg::Lost(_) | ConsumerMsg::End(_) => {}
+        }
+    }
+}
+
+/// The I/O thread's end of a consumer (also kept by the channel, for recovery).
+#[derive(Clone)]
+pub(crate) struct ConsumerSink {
+    pub(crate) tx: Sender<ConsumerMsg>,
+    pub(crate) shared: Arc<ConsumerShared>,
+    pub(crate) no_ack: bool,
+}
+
+impl ConsumerSink {
+    pub(crate) fn is_active(&self) -> bool {
+        self.shared.active.load(Ordering::Acquire)
+    }
+
+    /// End the consumer for good.
+    pub(crate) fn end(&self, err: Error) {
+        self.shared.active.store(false, Ordering::Release);
+        let _ = self.push(ConsumerMsg::End(err));
+    }
+
+    /// Push; gives the message back if the consumer is gone.
+    pub(crate) fn push(&self, msg: ConsumerMsg) -> std::result::Result<(), ConsumerMsg> {
+        self.shared.pushed();
+        self.tx.send(msg).map_err(|e| {
+            self.shared.unpushed();
+            e.0
+        })
+    }
+}
+
+/// Where an acknowledgement goes: the channel a delivery came on. The I/O side's channel
+/// state implements it; a trait keeps this file (which the I/O thread fills) from
+/// importing the I/O module back.
+pub(crate) trait AckTarget: Send + Sync {
+    /// The channel id.
+    fn channel_id(&self) -> u16;
+    /// Queue frames that need no reply, waiting for room at most the operation timeout.
+    fn send_frames(&self, bytes: Vec<u8>, what: &'static str) -> Result<()>;
+}
+
+/// Acknowledgement handle shared by deliveries and bad deliveries.
+#[derive(Clone)]
+pub(crate) struct Acker {
+    pub(crate) channel: Arc<dyn AckTarget>,
+    pub(crate) delivery_tag: u64,
+}
+
+impl Acker {
+    pub(crate) fn new(channel: Arc<dyn AckTarget>, delivery_tag: u64) -> Self {
+        Acker {
+            channel,
+            delivery_tag,
+        }
+    }
+
+    pub(crate) fn channel_id(&self) -> u16 {
+        self.channel.channel_id()
+    }
+
+    pub(crate) fn ack(&self, multiple: bool) -> Result<()> {
+        let mut bytes = Vec::with_capacity(21);
+        put_ack(&mut bytes, self.channel_id(), self.delivery_tag, multiple);
+        self.channel.send_frames(bytes, "room to send basic.ack")
+    }
+
+    pub(crate) fn nack(&self, multiple: bool, requeue: bool) -> Result<()> {
+        let mut bytes = Vec::with_capacity(21);
+        put_nack(
+            &mut bytes,
+            self.channel_id(),
+            self.delivery_tag,
+            multiple,
+            requeue,
+        );
+        self.channel
+            .send_frames(bytes, "room to send an acknowledgement")
+    }
+
+    pub(crate) fn reject(&self, requeue: bool) -> Result<()> {
+        let mut bytes = Vec::with_capacity(21);
+        put_reject(&mut bytes, self.channel_id(), self.delivery_tag, requeue);
+        self.channel
+            .send_frames(bytes, "room to send an acknowledgement")
+    }
+}
+
+/// A message delivered to a consumer or fetched with `basic.get`.
+pub struct Delivery {
+    pub(crate) body: Vec<u8>,
+    pub(crate) properties: BasicProperties,
+    pub(crate) exchange: String,
+    pub(crate) routing_key: String,
+    pub(crate) redelivered: bool,
+    pub(crate) message_count: Option<u32>,
+    pub(crate) acker: Acker,
+    /// Bytes held of the queue bounds while it waits in a consumer's queue.
+    pub(crate) charge: Charge,
+}
+
+impl fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Delivery")
+            .field("delivery_tag", &self.acker.delivery_tag)
+            .field("channel", &self.acker.channel_id())
+            .field("exchange", &self.exchange)
+            .field("routing_key", &self.routing_key)
+            .field("redelivered", &self.redelivered)
+            .field("body_len", &self.body.len())
+            .finish()
+    }
+}
+
+impl Delivery {
+    /// The body.
+    pub fn body(&self) -> &[u8] {
+        &self.body
+    }
+    /// Take the body out.
+    pub fn into_body(self) -> Vec<u8> {
+        self.body
+    }
+    /// The properties.
+    pub fn properties(&self) -> &BasicProperties {
+        &self.properties
+    }
+    /// The delivery tag (per channel).
+    pub fn delivery_tag(&self) -> u64 {
+        self.acker.delivery_tag
+    }
+    /// True if the broker delivered it before.
+    pub fn redelivered(&self) -> bool {
+        self.redelivered
+    }
+    /// The exchange it was published to.
+    pub fn exchange(&self) -> &str {
+        &self.exchange
+    }
+    /// The routing key it was published with.
+    pub fn routing_key(&self) -> &str {
+        &self.routing_key
+    }
+    /// For `basic.get`: messages left in the queue.
+    pub fn message_count(&self) -> Option<u32> {
+        self.message_count
+    }
+    /// The id of the channel it came on.
+    pub fn channel_id(&self) -> u16 {
+        self.acker.channel_id()
+    }
+    /// Acknowledge this delivery.
+    pub fn ack(&self) -> Result<()> {
+        self.acker.ack(false)
+    }
+    /// Acknowledge this and every earlier unacknowledged delivery of the channel.
+    pub fn ack_multiple(&self) -> Result<()> {
+        self.acker.ack(true)
+    }
+    /// Negatively acknowledge; `requeue` puts it back, otherwise it is dropped or
+    /// dead-lettered.
+    pub fn nack(&self, requeue: bool) -> Result<()> {
+        self.acker.nack(false, requeue)
+    }
+    /// Negatively acknowledge this and every earlier unacknowledged delivery.
+    pub fn nack_multiple(&self, requeue: bool) -> Result<()> {
+        self.acker.nack(true, requeue)
+    }
+    /// Reject this delivery.
+    pub fn reject(&self, requeue: bool) -> Result<()> {
+        self.acker.reject(requeue)
+    }
+}
+
+/// A delivery that reached its consumer but could not be decoded. It keeps its delivery
+/// tag so the application can ack, reject or dead-letter it.
+#[derive(Clone)]
+pub struct BadDelivery {
+    pub(crate) kind: BadDeliveryKind,
+    pub(crate) body: Vec<u8>,
+    pub(crate) exchange: String,
+    pub(crate) routing_key: String,
+    pub(crate) redelivered: bool,
+    pub(crate) acker: Acker,
+    /// Bytes held of the queue bounds while it waits in a consumer's queue.
+    pub(crate) charge: Charge,
+}
+
+impl fmt::Debug for BadDelivery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BadDelivery")
+            .field("delivery_tag", &self.acker.delivery_tag)
+            .field("kind", &self.kind)
+            .field("routing_key", &self.routing_key)
+            .finish()
+    }
+}
+
+impl fmt::Display for BadDelivery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "delivery {} on channel {} could not be decoded: {}",
+            self.acker.delivery_tag,
+            self.acker.channel_id(),
+            self.kind
+        )
+    }
+}
+
+impl BadDelivery {
+    /// The same facts as plain data, without the acknowledgement handle: what
+    /// [`Error::BadDelivery`] carries.
+    pub(crate) fn to_error(&self) -> Error {
+        Error::BadDelivery {
+            channel: self.acker.channel_id(),
+            delivery_tag: self.acker.delivery_tag,
+            kind: self.kind.clone(),
+            exchange: self.exchange.clone(),
+            routing_key: self.routing_key.clone(),
+        }
+    }
+    /// Why it is bad.
+    pub fn kind(&self) -> &BadDeliveryKind {
+        &self.kind
+    }
+    /// The delivery tag.
+    pub fn delivery_tag(&self) -> u64 {
+        self.acker.delivery_tag
+    }
+    /// The body, when it was within the size limit.
+    pub fn body(&self) -> &[u8] {
+        &self.body
+    }
+    /// Exchange it was published to.
+    pub fn exchange(&self) -> &str {
+        &self.exchange
+    }
+    /// Routing key.
+    pub fn routing_key(&self) -> &str {
+        &self.routing_key
+    }
+    /// Redelivered flag.
+    pub fn redelivered(&self) -> bool {
+        self.redelivered
+    }
+    /// Acknowledge (drop) it.
+    pub fn ack(&self) -> Result<()> {
+        self.acker.ack(false)
+    }
+    /// Reject it; without requeue it is dropped or dead-lettered.
+    pub fn reject(&self, requeue: bool) -> Result<()> {
+        self.acker.reject(requeue)
+    }
+    /// Negatively acknowledge it.
+    pub fn nack(&self, requeue: bool) -> Result<()> {
+        self.acker.nack(false, requeue)
+    }
+}
+
+/// A mandatory message the broker could not route, sent back with `basic.return`.
+#[derive(Debug, Clone)]
+pub struct Returned {
+    /// Reply code (312 NO_ROUTE, ...).
+    pub reply_code: u16,
+    /// Reply text.
+    pub reply_text: String,
+    /// Exchange it was published to.
+    pub exchange: String,
+    /// Routing key it was published with.
+    pub routing_key: String,
+    /// Properties, or why they could not be decoded.
+    pub properties: std::result::Result<BasicProperties, BadDeliveryKind>,
+    /// Body (empty if too large).
+    pub body: Vec<u8>,
+}
+
+impl Returned {
+    /// What it costs in memory while queued (decoded size), for the returns' byte bound.
+    pub(crate) fn cost(&self) -> usize {
+        std::mem::size_of::<Returned>()
+            + self.reply_text.capacity()
+            + self.exchange.capacity()
+            + self.routing_key.capacity()
+            + self.body.capacity()
+            + match &self.properties {
+                Ok(p) => crate::protocol::size::properties_heap(p),
+                Err(BadDeliveryKind::Undecodable(s)) => s.capacity(),
+                Err(BadDeliveryKind::TooLarge { .. }) => 0,
+            }
+    }
+}
+
+/// Why [`Consumer::recv`](crate::Consumer::recv) (and its variants, the consumer's
+/// iterator and [`Channel::basic_get`](crate::Channel::basic_get)) returned no
+/// [`Delivery`].
+///
+/// A bad delivery is not a failure of the consumer: it comes back here with its
+/// acknowledgement handle, the way a failed send gives the message back, and the
+/// consumer carries on. `?` turns either case into an [`Error`] (a bad delivery becomes
+/// the plain-data [`Error::BadDelivery`], dropping the handle).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RecvError {
+    /// A delivery that could not be decoded; ack, reject or dead-letter it.
+    #[error("{0}")]
+    Bad(Box<BadDelivery>),
+    /// The call failed: timeout, consumer cancelled, channel or connection closed or lost.
+    #[error(transparent)]
+    Failed(#[from] Error),
+}
+
+impl RecvError {
+    /// True when the link was lost (see [`Error::is_connection_lost`]); false for a bad
+    /// delivery.
+    pub fn is_connection_lost(&self) -> bool {
+        self.as_error().is_some_and(Error::is_connection_lost)
+    }
+
+    /// The failure, unless this is a bad delivery.
+    pub fn as_error(&self) -> Option<&Error> {
+        match self {
+            RecvError::Failed(e) => Some(e),
+            RecvError::Bad(_) => None,
+        }
+    }
+
+    /// The bad delivery, if this is one.
+    pub fn bad_delivery(&self) -> Option<&BadDelivery> {
+        match self {
+            RecvError::Bad(b) => Some(b),
+            RecvError::Failed(_) => None,
+        }
+    }
+}
+
+impl From<RecvError> for Error {
+    fn from(e: RecvError) -> Error {
+        match e {
+            RecvError::Bad(b) => b.to_error(),
+            RecvError::Failed(e) => e,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sync::Mutex;
+
+    /// Records what an acknowledgement would send.
+    struct Recorder(Mutex<Vec<Vec<u8>>>);
+
+    impl AckTarget for Recorder {
+        fn channel_id(&self) -> u16 {
+            9
+        }
+        fn send_frames(&self, bytes: Vec<u8>, _what: &'static str) -> Result<()> {
+            self.0.lock().push(bytes);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_bad_delivery_acks_through_its_channel_and_converts_to_plain_data() {
+        let target = Arc::new(Recorder(Mutex::new(Vec::new())));
+        let bad = BadDelivery {
+            kind: BadDeliveryKind::Undecodable("headers nested too deep".into()),
+            body: vec![1, 2],
+            exchange: "ex".into(),
+            routing_key: "rk".into(),
+            redelivered: false,
+            acker: Acker::new(target.clone(), 42),
+            charge: Charge::default(),
+        };
+        bad.reject(false).unwrap();
+        let mut want = Vec::new();
+        put_reject(&mut want, 9, 42, false);
+        assert_eq!(target.0.lock().as_slice(), &[want]);
+
+        let err: RecvError = RecvError::Bad(Box::new(bad));
+        assert!(!err.is_connection_lost());
+        assert!(err.as_error().is_none());
+        let text = err.to_string();
+        match Error::from(err) {
+            e @ Error::BadDelivery { .. } => {
+                assert_eq!(e.to_string(), text);
+                let Error::BadDelivery {
+                    channel,
+                    delivery_tag,
+                    kind,
+                    exchange,
+                    routing_key,
+                } = e
+                else {
+                    unreachable!()
+                };
+                assert_eq!((channel, delivery_tag), (9, 42));
+                assert_eq!(
+                    kind,
+                    BadDeliveryKind::Undecodable("headers nested too deep".into())
+                );
+                assert_eq!((exchange.as_str(), routing_key.as_str()), ("ex", "rk"));
+            }
+            other => panic!("became {other:?}"),
+        }
+        let failed = RecvError::from(Error::ConnectionLost("gone".into()));
+        assert!(failed.is_connection_lost());
+        assert!(matches!(Error::from(failed), Error::ConnectionLost(_)));
+    }
+}

@@ -1,0 +1,588 @@
+//! Plain option values: how a connection is opened ([`ConnectionOptions`], with the
+//! `amqp://` or `amqps://` URI applied through `uri.rs`, TLS through [`TlsOptions`]), how it recovers ([`RecoveryOptions`]), and the
+//! options of the AMQP methods a channel sends.
+
+use std::time::Duration;
+
+use crate::credentials::{CredentialsProvider, ProviderRef};
+use crate::error::{Error, Result};
+use crate::events::RecoveryEvent;
+use crate::protocol::table::{DEFAULT_MAX_TABLE_DEPTH, FieldTable, MAX_TABLE_DEPTH_CAP};
+use crate::sync::Arc;
+use crate::tls::{self, TlsOptions};
+use crate::uri::ParsedUri;
+
+// ---------------- connection ----------------
+
+/// SASL mechanism used to log in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum AuthMechanism {
+    /// `PLAIN` (the default).
+    #[default]
+    Plain,
+    /// `AMQPLAIN`.
+    AmqPlain,
+    /// `EXTERNAL`: the broker takes the identity from the TLS client certificate
+    /// (RabbitMQ's `rabbitmq_auth_mechanism_ssl` plugin; the user is the certificate's
+    /// CN by default). User name and password are not sent.
+    External,
+}
+
+impl AuthMechanism {
+    /// The mechanism an `auth_mechanism=` URI value names (any case).
+    fn from_uri_value(v: &str) -> Option<Self> {
+        match v.to_ascii_lowercase().as_str() {
+            "plain" => Some(AuthMechanism::Plain),
+            "amqplain" => Some(AuthMechanism::AmqPlain),
+            "external" => Some(AuthMechanism::External),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            AuthMechanism::Plain => "PLAIN",
+            AuthMechanism::AmqPlain => "AMQPLAIN",
+            AuthMechanism::External => "EXTERNAL",
+        }
+    }
+}
+
+/// Everything a connection is opened with. Build it with [`ConnectionOptions::new`] and
+/// the setters, or parse it from a URI with [`ConnectionOptions::from_uri`].
+#[derive(Debug, Clone)]
+pub struct ConnectionOptions {
+    pub(crate) host: String,
+    pub(crate) port: u16,
+    pub(crate) vhost: String,
+    pub(crate) username: String,
+    pub(crate) password: String,
+    pub(crate) auth: AuthMechanism,
+    pub(crate) heartbeat: u16,
+    pub(crate) frame_max: u32,
+    pub(crate) channel_max: u16,
+    pub(crate) connection_timeout: Duration,
+    pub(crate) connection_name: Option<String>,
+    pub(crate) client_properties: FieldTable,
+    pub(crate) operation_timeout: Duration,
+    pub(crate) max_message_size: u64,
+    pub(crate) max_table_depth: usize,
+    pub(crate) close_timeout: Duration,
+    pub(crate) more_addresses: Vec<(String, u16)>,
+    pub(crate) recovery: RecoveryOptions,
+    pub(crate) consumer_queue_bytes: usize,
+    pub(crate) connection_queue_bytes: usize,
+    pub(crate) max_output_bytes: usize,
+    pub(crate) write_stall_timeout: Duration,
+    pub(crate) tls: TlsOptions,
+    pub(crate) credentials_provider: Option<ProviderRef>,
+    /// SASL mechanisms in order of preference; empty: `auth` alone.
+    pub(crate) auth_mechanisms: Vec<AuthMechanism>,
+}
+
+/// Default bound of one consumer's local queue in bytes (decoded size).
+pub const DEFAULT_CONSUMER_QUEUE_BYTES: usize = 16 * 1024 * 1024;
+/// Default bound of all consumer queues of a connection together, in bytes.
+pub const DEFAULT_CONNECTION_QUEUE_BYTES: usize = 64 * 1024 * 1024;
+/// Default bound of the bytes waiting to be written before the I/O thread stops reading.
+pub const DEFAULT_MAX_OUTPUT_BYTES: usize = 16 * 1024 * 1024;
+/// Default time the broker may leave our bytes unread before the link counts as dead.
+pub const DEFAULT_WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(20);
+
+impl Default for ConnectionOptions {
+    fn default() -> Self {
+        ConnectionOptions {
+            host: "127.0.0.1".into(),
+            port: 5672,
+            vhost: "/".into(),
+            username: "guest".into(),
+            password: "guest".into(),
+            auth: AuthMechanism::Plain,
+            heartbeat: 60,
+            frame_max: 131_072,
+            channel_max: 2047,
+            connection_timeout: Duration::from_secs(10),
+            connection_name: None,
+            client_properties: FieldTable::new(),
+            operation_timeout: Duration::from_secs(30),
+            max_message_size: 128 * 1024 * 1024,
+            max_table_depth: DEFAULT_MAX_TABLE_DEPTH,
+            close_timeout: Duration::from_secs(5),
+            more_addresses: Vec::new(),
+            recovery: RecoveryOptions::default(),
+            consumer_queue_bytes: DEFAULT_CONSUMER_QUEUE_BYTES,
+            connection_queue_bytes: DEFAULT_CONNECTION_QUEUE_BYTES,
+            max_output_bytes: DEFAULT_MAX_OUTPUT_BYTES,
+            write_stall_timeout: DEFAULT_WRITE_STALL_TIMEOUT,
+            tls: TlsOptions::default(),
+            credentials_provider: None,
+            auth_mechanisms: Vec::new(),
+        }
+    }
+}
+
+impl ConnectionOptions {
+    /// Defaults: `amqp://guest:guest@127.0.0.1:5672/`, heartbeat 60 s, frame_max 128 KiB,
+    /// channel_max 2047, connection timeout 10 s, operation timeout 30 s, maximum message
+    /// size 128 MiB, field tables at most 64 levels deep.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Parse `amqp://user:pass@host:port/vhost?heartbeat=..&frame_max=..&channel_max=..
+    /// &connection_timeout=..&connection_name=..&auth_mechanism=..`. User, password and
+    /// vhost are percent-decoded; `connection_timeout` is in milliseconds, `heartbeat` in
+    /// seconds. Unknown query keys are refused so that a typo does not go unnoticed.
+    ///
+    /// `amqps://` (port 5671 by default) connects with TLS and takes RabbitMQ's TLS
+    /// parameters: `cacertfile`, `certfile`, `keyfile` (PEM files), `verify`
+    /// (`verify_peer`, the default, or `verify_none`, which is unsafe: see
+    /// [`TlsOptions::danger_accept_invalid_certs`]), `server_name_indication`, and
+    /// `auth_mechanism=external` to log in with the client certificate.
+    pub fn from_uri(uri: &str) -> Result<Self> {
+        Self::default().apply_uri(crate::uri::parse(uri)?)
+    }
+
+    /// These options with what a URI said put over them.
+    fn apply_uri(mut self, p: ParsedUri) -> Result<Self> {
+        if p.amqps {
+            if cfg!(not(feature = "tls")) {
+                return Err(tls::disabled());
+            }
+            self.tls = TlsOptions::new();
+            self.port = 5671;
+        }
+        for (k, v) in &p.other {
+            if !tls::apply_query(&mut self.tls, k, v)? {
+                return Err(Error::InvalidUri(format!("unknown URI option {k:?}")));
+            }
+        }
+        tls::validate(&self.tls)?;
+        if let Some(m) = p.auth_mechanism {
+            self.auth = AuthMechanism::from_uri_value(&m)
+                .ok_or_else(|| Error::InvalidUri(format!("unsupported auth_mechanism {m:?}")))?;
+        }
+        fn set<T>(slot: &mut T, v: Option<T>) {
+            if let Some(v) = v {
+                *slot = v;
+            }
+        }
+        set(&mut self.username, p.username);
+        set(&mut self.password, p.password);
+        set(&mut self.host, p.host);
+        set(&mut self.port, p.port);
+        set(&mut self.vhost, p.vhost);
+        set(&mut self.heartbeat, p.heartbeat);
+        set(&mut self.frame_max, p.frame_max);
+        set(&mut self.channel_max, p.channel_max);
+        set(&mut self.connection_timeout, p.connection_timeout);
+        if p.connection_name.is_some() {
+            self.connection_name = p.connection_name;
+        }
+        Ok(self)
+    }
+
+    /// Broker host name or address.
+    pub fn host(mut self, host: impl Into<String>) -> Self {
+        self.host = host.into();
+        self
+    }
+    /// Broker port.
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = port;
+        self
+    }
+    /// Virtual host.
+    pub fn vhost(mut self, vhost: impl Into<String>) -> Self {
+        self.vhost = vhost.into();
+        self
+    }
+    /// User name and password.
+    pub fn credentials(mut self, user: impl Into<String>, password: impl Into<String>) -> Self {
+        self.username = user.into();
+        self.password = password.into();
+        self
+    }
+    /// SASL mechanism.
+    pub fn auth_mechanism(mut self, m: AuthMechanism) -> Self {
+        self.auth = m;
+        self.auth_mechanisms.clear();
+        self
+    }
+    /// SASL mechanisms in order of preference: the first one the broker offers is used
+    /// (e.g. `[External, Plain]`: the client certificate where the broker takes it, else
+    /// user and password). None in common is a clear error naming both lists.
+    pub fn auth_mechanisms(mut self, preference: &[AuthMechanism]) -> Self {
+        self.auth_mechanisms = preference.to_vec();
+        if let Some(&first) = preference.first() {
+            self.auth = first;
+        }
+        self
+    }
+    /// Heartbeat interval in seconds asked for (0: no heartbeats). The broker's value
+    /// wins where it is lower.
+    pub fn heartbeat(mut self, seconds: u16) -> Self {
+        self.heartbeat = seconds;
+        self
+    }
+    /// Largest frame asked for (0: no limit from our side; the broker's value is used).
+    pub fn frame_max(mut self, bytes: u32) -> Self {
+        self.frame_max = bytes;
+        self
+    }
+    /// Most channels asked for (0: no limit from our side, i.e. 65535).
+    pub fn channel_max(mut self, n: u16) -> Self {
+        self.channel_max = n;
+        self
+    }
+    /// Deadline for the whole connection attempt: TCP connect and AMQP handshake.
+    pub fn connection_timeout(mut self, t: Duration) -> Self {
+        self.connection_timeout = t;
+        self
+    }
+    /// Name shown in the management UI.
+    pub fn connection_name(mut self, name: impl Into<String>) -> Self {
+        self.connection_name = Some(name.into());
+        self
+    }
+    /// Extra client properties sent in `connection.start-ok`.
+    pub fn client_property(
+        mut self,
+        key: impl Into<String>,
+        value: impl Into<crate::FieldValue>,
+    ) -> Self {
+        self.client_properties.insert(key, value);
+        self
+    }
+    /// Default deadline of every blocking call that is not given its own.
+    pub fn operation_timeout(mut self, t: Duration) -> Self {
+        self.operation_timeout = t;
+        self
+    }
+    /// Largest message body accepted from the broker; a larger delivery is skipped
+    /// unbuffered and reported with its delivery tag. Also the largest body published.
+    pub fn max_message_size(mut self, bytes: u64) -> Self {
+        self.max_message_size = bytes;
+        self
+    }
+    /// Deepest nesting of field tables and arrays accepted (at most 128).
+    pub fn max_table_depth(mut self, depth: usize) -> Self {
+        self.max_table_depth = depth.clamp(1, MAX_TABLE_DEPTH_CAP);
+        self
+    }
+    /// Another broker address to fail over to (tried after the URI's host, in order,
+    /// when connecting and when recovering).
+    pub fn address(mut self, host: impl Into<String>, port: u16) -> Self {
+        self.more_addresses.push((host.into(), port));
+        self
+    }
+    /// Automatic recovery settings ([`RecoveryOptions::disabled`] turns it off).
+    pub fn recovery(mut self, r: RecoveryOptions) -> Self {
+        self.recovery = r;
+        self
+    }
+    /// Connect with TLS (as `amqps://` does); see [`TlsOptions`]. Set the port too
+    /// (RabbitMQ's TLS port is 5671).
+    pub fn tls(mut self, tls: TlsOptions) -> Self {
+        self.tls = tls;
+        self.tls.enabled = true;
+        self
+    }
+    /// Take user name and secret from `provider`, asked at every connect and reconnect;
+    /// when it says the secret expires, lepus asks again before it does and sends the
+    /// new secret to the broker (`connection.update-secret`) on a thread of its own.
+    /// Failures are logged, reported as recovery events and retried. Overrides
+    /// [`ConnectionOptions::credentials`].
+    pub fn credentials_provider(mut self, provider: impl CredentialsProvider) -> Self {
+        self.credentials_provider = Some(ProviderRef(Arc::new(provider)));
+        self
+    }
+    /// Every address, the primary first.
+    pub(crate) fn addresses(&self) -> Vec<(String, u16)> {
+        let mut v = vec![(self.host.clone(), self.port)];
+        v.extend(self.more_addresses.iter().cloned());
+        v
+    }
+    /// How long `close()` waits for the broker's `close-ok`.
+    pub fn close_timeout(mut self, t: Duration) -> Self {
+        self.close_timeout = t;
+        self
+    }
+    /// Bound of each consumer's local queue in bytes, counted on the decoded messages
+    /// (body, properties, headers): when a delivery does not fit, the I/O thread stops
+    /// reading until the consumer takes some (an empty queue always takes one message,
+    /// up to [`max_message_size`](Self::max_message_size)). Default 16 MiB
+    /// ([`DEFAULT_CONSUMER_QUEUE_BYTES`]).
+    pub fn consumer_queue_bytes(mut self, bytes: usize) -> Self {
+        self.consumer_queue_bytes = bytes.max(1);
+        self
+    }
+    /// Bound of all consumer queues of the connection together, in bytes (decoded size);
+    /// same backpressure as [`consumer_queue_bytes`](Self::consumer_queue_bytes).
+    /// Default 64 MiB ([`DEFAULT_CONNECTION_QUEUE_BYTES`]).
+    pub fn connection_queue_bytes(mut self, bytes: usize) -> Self {
+        self.connection_queue_bytes = bytes.max(1);
+        self
+    }
+    /// Bytes waiting to be written above which the I/O thread stops reading (a broker
+    /// that stops reading but keeps sending things we must answer cannot grow our output
+    /// without limit). Default 16 MiB ([`DEFAULT_MAX_OUTPUT_BYTES`]).
+    pub fn max_output_bytes(mut self, bytes: usize) -> Self {
+        self.max_output_bytes = bytes.max(64 * 1024);
+        self
+    }
+    /// How long output may wait without the broker reading a byte of it before the link
+    /// counts as dead (lost, recovered if recovery is on). While the broker has blocked
+    /// the connection (`connection.blocked`) the limit is two heartbeat intervals
+    /// instead. Default 20 s ([`DEFAULT_WRITE_STALL_TIMEOUT`]).
+    pub fn write_stall_timeout(mut self, t: Duration) -> Self {
+        self.write_stall_timeout = t.max(Duration::from_millis(100));
+        self
+    }
+}
+
+// ---------------- recovery ----------------
+
+/// What happens to messages published in confirm mode but not yet confirmed when the
+/// link is lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum UnconfirmedPolicy {
+    /// Publish them again on the recovered channel (at-least-once; the broker may see a
+    /// message twice). Their [`crate::Confirmation`]s follow the new copies.
+    #[default]
+    Republish,
+    /// Keep them for the application: [`crate::Channel::take_unconfirmed`] returns them
+    /// and their confirmations fail.
+    HandBack,
+}
+
+/// Called for each recovery event, on the thread where it happens: keep it short.
+pub type RecoveryListener = Arc<dyn Fn(&RecoveryEvent) + Send + Sync>;
+
+/// Automatic recovery settings (on by default).
+#[derive(Clone)]
+pub struct RecoveryOptions {
+    pub(crate) enabled: bool,
+    pub(crate) max_attempts: Option<u32>,
+    pub(crate) initial_backoff: Duration,
+    pub(crate) max_backoff: Duration,
+    pub(crate) unconfirmed: UnconfirmedPolicy,
+    pub(crate) listener: Option<RecoveryListener>,
+}
+
+impl std::fmt::Debug for RecoveryOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecoveryOptions")
+            .field("enabled", &self.enabled)
+            .field("max_attempts", &self.max_attempts)
+            .field("initial_backoff", &self.initial_backoff)
+            .field("max_backoff", &self.max_backoff)
+            .field("unconfirmed", &self.unconfirmed)
+            .field("listener", &self.listener.is_some())
+            .finish()
+    }
+}
+
+impl Default for RecoveryOptions {
+    fn default() -> Self {
+        RecoveryOptions {
+            enabled: true,
+            max_attempts: None,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(10),
+            unconfirmed: UnconfirmedPolicy::Republish,
+            listener: None,
+        }
+    }
+}
+
+impl RecoveryOptions {
+    /// Recovery on, unbounded attempts, backoff from 100 ms doubling to 10 s (jittered),
+    /// unconfirmed messages republished.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// No recovery: a lost link is final and every waiter gets the raw failure.
+    pub fn disabled() -> Self {
+        RecoveryOptions {
+            enabled: false,
+            ..Self::default()
+        }
+    }
+    /// Give up after this many failed reconnection attempts (`None`: never give up).
+    pub fn max_attempts(mut self, n: Option<u32>) -> Self {
+        self.max_attempts = n;
+        self
+    }
+    /// Backoff before the second attempt (the first is immediate), doubling up to `max`.
+    pub fn backoff(mut self, initial: Duration, max: Duration) -> Self {
+        self.initial_backoff = initial;
+        self.max_backoff = max.max(initial);
+        self
+    }
+    /// What to do with unconfirmed messages.
+    pub fn unconfirmed(mut self, policy: UnconfirmedPolicy) -> Self {
+        self.unconfirmed = policy;
+        self
+    }
+    /// Hear every recovery event.
+    pub fn listener(mut self, f: impl Fn(&RecoveryEvent) + Send + Sync + 'static) -> Self {
+        self.listener = Some(Arc::new(f));
+        self
+    }
+}
+
+// ---------------- methods ----------------
+
+/// Options of `exchange.declare`.
+#[derive(Debug, Clone, Default)]
+pub struct ExchangeDeclareOptions {
+    /// Only check that it exists (404 closes the channel if not).
+    pub passive: bool,
+    /// Survive a broker restart.
+    pub durable: bool,
+    /// Delete when the last binding is removed.
+    pub auto_delete: bool,
+    /// Not publishable directly, only through exchange-to-exchange bindings.
+    pub internal: bool,
+    /// Extra arguments (e.g. `alternate-exchange`).
+    pub arguments: FieldTable,
+}
+
+/// Options of `queue.declare`.
+#[derive(Debug, Clone, Default)]
+pub struct QueueDeclareOptions {
+    /// Only check that it exists (404 closes the channel if not).
+    pub passive: bool,
+    /// Survive a broker restart.
+    pub durable: bool,
+    /// Used only by this connection and deleted when it closes.
+    pub exclusive: bool,
+    /// Delete when the last consumer goes.
+    pub auto_delete: bool,
+    /// Extra arguments (`x-message-ttl`, `x-queue-type`, `x-dead-letter-exchange`, ...).
+    pub arguments: FieldTable,
+}
+
+/// Options of `queue.delete`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct QueueDeleteOptions {
+    /// Only if it has no consumers.
+    pub if_unused: bool,
+    /// Only if it is empty.
+    pub if_empty: bool,
+}
+
+/// Options of `basic.consume`.
+#[derive(Debug, Clone, Default)]
+pub struct ConsumeOptions {
+    /// Consumer tag; empty lets the broker choose one.
+    pub consumer_tag: String,
+    /// Deliveries need no acknowledgement.
+    pub no_ack: bool,
+    /// The only consumer of the queue.
+    pub exclusive: bool,
+    /// Do not deliver messages published on this connection.
+    pub no_local: bool,
+    /// Extra arguments (`x-priority`, ...).
+    pub arguments: FieldTable,
+}
+
+/// Options of `basic.publish`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PublishOptions {
+    /// Return the message (see [`Channel::recv_return`](crate::Channel::recv_return)) if no queue takes it.
+    pub mandatory: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_uri() {
+        let o = ConnectionOptions::from_uri(
+            "amqp://us%40r:p%3Ass@rabbit.local:5673/my%2fvh?heartbeat=5&frame_max=8192&channel_max=10&connection_timeout=1500&connection_name=app%201&auth_mechanism=AMQPLAIN",
+        )
+        .unwrap();
+        assert_eq!(o.username, "us@r");
+        assert_eq!(o.password, "p:ss");
+        assert_eq!(o.host, "rabbit.local");
+        assert_eq!(o.port, 5673);
+        assert_eq!(o.vhost, "my/vh");
+        assert_eq!(o.heartbeat, 5);
+        assert_eq!(o.frame_max, 8192);
+        assert_eq!(o.channel_max, 10);
+        assert_eq!(o.connection_timeout, Duration::from_millis(1500));
+        assert_eq!(o.connection_name.as_deref(), Some("app 1"));
+        assert_eq!(o.auth, AuthMechanism::AmqPlain);
+    }
+
+    #[test]
+    fn defaults_and_ipv6() {
+        let o = ConnectionOptions::from_uri("amqp://[::1]").unwrap();
+        assert_eq!(
+            (o.host.as_str(), o.port, o.vhost.as_str()),
+            ("::1", 5672, "/")
+        );
+        let o = ConnectionOptions::from_uri("amqp://h/").unwrap();
+        assert_eq!(o.vhost, "/");
+        assert_eq!(o.username, "guest");
+    }
+
+    #[test]
+    fn amqps_defaults_to_5671_and_takes_tls_parameters() {
+        let r = ConnectionOptions::from_uri(
+            "amqps://h?cacertfile=%2Ftmp%2Fca.pem&certfile=/c.pem&keyfile=/k.pem&verify=verify_peer&server_name_indication=rabbit&auth_mechanism=external",
+        );
+        #[cfg(feature = "tls")]
+        {
+            let o = r.unwrap();
+            assert_eq!(o.port, 5671);
+            assert!(o.tls.enabled);
+            assert!(o.tls.has_client_cert());
+            assert_eq!(o.tls.server_name.as_deref(), Some("rabbit"));
+            assert_eq!(o.auth, AuthMechanism::External);
+            assert_eq!(
+                ConnectionOptions::from_uri("amqps://h:1234").unwrap().port,
+                1234
+            );
+            assert!(!ConnectionOptions::from_uri("amqp://h").unwrap().tls.enabled);
+        }
+        #[cfg(not(feature = "tls"))]
+        match r {
+            Err(Error::Tls { kind, detail }) => {
+                assert_eq!(kind, crate::TlsFailure::NotCompiledIn);
+                assert!(detail.contains("`tls` cargo feature"), "{detail}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_uris_are_refused() {
+        for u in [
+            "http://h",
+            "amqp://h?cacertfile=/ca.pem",
+            #[cfg(feature = "tls")]
+            "amqps://h?certfile=/c.pem",
+            #[cfg(feature = "tls")]
+            "amqps://h?verify=maybe",
+            "amqp://h:notaport",
+            "amqp://h/a/b",
+            "amqp://h?heartbeat=x",
+            "amqp://h?bogus=1",
+            "amqp://h/%zz",
+            "amqp://h/%+f",
+            "amqp://[::1",
+            "amqp://h?frame_max=100",
+        ] {
+            assert!(
+                matches!(ConnectionOptions::from_uri(u), Err(Error::InvalidUri(_))),
+                "{u}"
+            );
+        }
+    }
+}

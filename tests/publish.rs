@@ -1,0 +1,414 @@
+//! Publishing against the real broker: every property round trip, transactions, mandatory returns, many publisher threads, large bodies and frame boundaries.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use lepus::{
+    BasicProperties, Confirm, Connection, ConsumeOptions, Error, FieldTable, FieldValue,
+    PublishOptions, RecvError, reply_code,
+};
+use support::fixtures::*;
+use support::{connect, pattern, publish_confirmed, test_options, unique};
+
+fn all_properties() -> BasicProperties {
+    let nested = FieldTable::new()
+        .with("inner-str", "inner")
+        .with("inner-int", 7i32)
+        .with(
+            "deeper",
+            FieldTable::new()
+                .with("leaf", true)
+                .with("list", FieldValue::Array(vec![FieldValue::I64(-1)])),
+        );
+    let headers = FieldTable::new()
+        .with("bool", true)
+        .with("i8", FieldValue::I8(-8))
+        .with("u8", FieldValue::U8(200))
+        .with("i16", FieldValue::I16(-1600))
+        .with("u16", FieldValue::U16(60_000))
+        .with("i32", -320_000i32)
+        .with("u32", 4_000_000_000u32)
+        .with("i64", -64_000_000_000i64)
+        .with("f32", FieldValue::F32(1.5))
+        .with("f64", FieldValue::F64(-2.25))
+        .with(
+            "decimal",
+            FieldValue::Decimal {
+                scale: 2,
+                value: 12_345,
+            },
+        )
+        .with("string", "h\u{e9}llo w\u{f6}rld")
+        .with("bytes", FieldValue::Bytes(vec![0, 1, 2, 254, 255]))
+        .with("timestamp", FieldValue::Timestamp(1_700_000_000))
+        .with("void", FieldValue::Void)
+        .with(
+            "array",
+            FieldValue::Array(vec![
+                1i32.into(),
+                "two".into(),
+                FieldValue::Table(FieldTable::new().with("three", 3i32)),
+                FieldValue::Array(vec![FieldValue::Bool(false)]),
+            ]),
+        )
+        .with("nested", nested);
+    BasicProperties::new()
+        .content_type("application/octet-stream")
+        .content_encoding("identity")
+        .headers(headers)
+        .delivery_mode(2)
+        .priority(5)
+        .correlation_id("corr-1")
+        .reply_to("reply-queue")
+        .expiration("600000")
+        .message_id("msg-1")
+        .timestamp(1_700_000_001)
+        .kind("lepus.test")
+        .user_id("guest")
+        .app_id("lepus-tests")
+        .cluster_id("cluster-x")
+}
+
+#[test]
+fn publish_round_trips_every_property_and_nested_headers() {
+    let conn = connect();
+    let ch = conn.open_channel().unwrap();
+    ch.confirm_select().unwrap();
+    let q = temp_queue(&ch);
+    let props = all_properties();
+    for body in [&b"via get"[..], b"via consume"] {
+        let c = ch
+            .basic_publish_confirmed("", &q, body, &props, PublishOptions::default())
+            .unwrap();
+        assert_eq!(c.wait().unwrap(), Confirm::Ack);
+    }
+
+    let d = ch.basic_get(&q, false).unwrap().expect("a message");
+    assert_eq!(d.body(), b"via get");
+    assert_eq!(d.properties(), &props);
+    assert_eq!((d.exchange(), d.routing_key()), ("", q.as_str()));
+    assert!(!d.redelivered());
+    assert_eq!(d.message_count(), Some(1));
+    d.ack().unwrap();
+
+    let consumer = ch.basic_consume(&q, &ConsumeOptions::default()).unwrap();
+    let d = consumer.recv_timeout(WAIT).unwrap();
+    assert_eq!(d.body(), b"via consume");
+    assert_eq!(d.properties(), &props);
+    assert_eq!(d.message_count(), None);
+    assert_eq!(d.channel_id(), ch.id());
+    d.ack().unwrap();
+
+    // An empty property set stays empty.
+    publish(&ch, "", &q, b"");
+    let d = consumer.recv_timeout(WAIT).unwrap();
+    assert_eq!(d.properties(), &BasicProperties::new());
+    assert!(d.body().is_empty());
+    d.ack().unwrap();
+    conn.close().unwrap();
+}
+
+#[test]
+fn tx_commit_and_rollback_of_publishes_and_acks() {
+    let conn = connect();
+    let ch = conn.open_channel().unwrap();
+    ch.confirm_select().unwrap();
+    let q = temp_queue(&ch);
+
+    let tx = conn.open_channel().unwrap();
+    tx.tx_select().unwrap();
+    publish(&tx, "", &q, b"rolled back");
+    tx.tx_rollback().unwrap();
+    publish(&tx, "", &q, b"committed");
+    assert_eq!(ready_count(&conn, &q), 0, "visible before commit");
+    tx.tx_commit().unwrap();
+    let d = ch
+        .basic_get(&q, true)
+        .unwrap()
+        .expect("the committed message");
+    assert_eq!(d.body(), b"committed");
+    assert_eq!(
+        d.message_count(),
+        Some(0),
+        "the rolled-back publish arrived"
+    );
+
+    // An ack rolled back leaves the message unacked: it comes back when the channel closes.
+    publish_confirmed(&ch, "", &q, b"to ack");
+    let d = tx.basic_get(&q, false).unwrap().unwrap();
+    d.ack().unwrap();
+    tx.tx_rollback().unwrap();
+    assert_eq!(ready_count(&conn, &q), 0, "still unacked, not ready");
+    tx.close().unwrap();
+    // (Requeued when the broker has processed the close: allow it a moment.)
+    let back = get_eventually(&ch, &q, false);
+    assert_eq!(back.body(), b"to ack");
+    assert!(back.redelivered());
+    back.reject(true).unwrap();
+
+    // A committed ack sticks.
+    let tx = conn.open_channel().unwrap();
+    tx.tx_select().unwrap();
+    let d = get_eventually(&tx, &q, false); // the reject above is asynchronous
+    assert_eq!(d.body(), b"to ack");
+    d.ack().unwrap();
+    tx.tx_commit().unwrap();
+    tx.close().unwrap();
+    thread::sleep(QUIET); // an unacked message would be back by now
+    assert_eq!(ready_count(&conn, &q), 0);
+    assert!(ch.basic_get(&q, true).unwrap().is_none());
+    conn.close().unwrap();
+}
+
+#[test]
+fn mandatory_unroutable_publish_is_returned() {
+    let conn = connect();
+    let ch = conn.open_channel().unwrap();
+    ch.confirm_select().unwrap();
+    let key = unique("nowhere");
+    let props = BasicProperties::new().message_id("returned-1");
+    // Unroutable but not mandatory: silently dropped, nothing returned.
+    ch.basic_publish(
+        "amq.direct",
+        &key,
+        b"dropped",
+        &props,
+        PublishOptions::default(),
+    )
+    .unwrap();
+    ch.basic_publish(
+        "amq.direct",
+        &key,
+        b"come back",
+        &props,
+        PublishOptions { mandatory: true },
+    )
+    .unwrap();
+    // The return precedes the confirm.
+    assert!(ch.wait_for_confirms().unwrap());
+    let r = ch.recv_return(WAIT).expect("a basic.return");
+    assert_eq!(r.reply_code, reply_code::NO_ROUTE);
+    assert_eq!(r.reply_text, "NO_ROUTE");
+    assert_eq!(r.exchange, "amq.direct");
+    assert_eq!(r.routing_key, key);
+    assert_eq!(r.body, b"come back");
+    assert_eq!(r.properties.as_ref().ok(), Some(&props));
+    assert!(ch.try_recv_return().is_none());
+    assert!(ch.recv_return(QUIET).is_none());
+
+    // A routable mandatory publish is not returned.
+    let q = temp_queue(&ch);
+    ch.basic_publish(
+        "",
+        &q,
+        b"routed",
+        &props,
+        PublishOptions { mandatory: true },
+    )
+    .unwrap();
+    assert!(ch.wait_for_confirms().unwrap());
+    assert!(ch.try_recv_return().is_none());
+    assert_eq!(ch.basic_get(&q, true).unwrap().unwrap().body(), b"routed");
+    conn.close().unwrap();
+}
+
+#[test]
+fn sixty_four_publisher_threads_every_message_exactly_once() {
+    const THREADS: usize = 64;
+    const PER_THREAD: usize = 1000;
+    const TOTAL: usize = THREADS * PER_THREAD;
+    let deadline = Instant::now() + Duration::from_secs(90);
+
+    let consume_conn = connect();
+    let setup = consume_conn.open_channel().unwrap();
+    let q = temp_queue(&setup);
+
+    let seen: Arc<Vec<AtomicU8>> = Arc::new((0..TOTAL).map(|_| AtomicU8::new(0)).collect());
+    let received = Arc::new(AtomicUsize::new(0));
+    let mut consumers = Vec::new();
+    for _ in 0..4 {
+        let ch = consume_conn.open_channel().unwrap();
+        ch.basic_qos(300, false).unwrap();
+        let c = ch.basic_consume(&q, &ConsumeOptions::default()).unwrap();
+        let (seen, received) = (seen.clone(), received.clone());
+        consumers.push(thread::spawn(move || -> Result<usize, String> {
+            let mut mine = 0;
+            while received.load(Ordering::SeqCst) < TOTAL && Instant::now() < deadline {
+                let d = match c.recv_timeout(Duration::from_millis(200)) {
+                    Ok(d) => d,
+                    Err(RecvError::Failed(Error::Timeout(_))) => continue,
+                    Err(e) => return Err(format!("consumer failed: {e}")),
+                };
+                let body = std::str::from_utf8(d.body()).map_err(|e| e.to_string())?;
+                let (t, i) = body.split_once(':').ok_or("bad body")?;
+                let id = t.parse::<usize>().unwrap() * PER_THREAD + i.parse::<usize>().unwrap();
+                seen[id].fetch_add(1, Ordering::SeqCst);
+                received.fetch_add(1, Ordering::SeqCst);
+                mine += 1;
+                d.ack().map_err(|e| e.to_string())?;
+            }
+            // Nothing more may arrive.
+            match c.recv_timeout(QUIET) {
+                Err(RecvError::Failed(Error::Timeout(_))) => Ok(mine),
+                Ok(d) => Err(format!(
+                    "extra delivery {:?}",
+                    String::from_utf8_lossy(d.body())
+                )),
+                Err(e) => Err(format!("consumer failed at the end: {e}")),
+            }
+        }));
+    }
+
+    let pub_conn = connect();
+    let publishers: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let (conn, q) = (pub_conn.clone(), q.clone());
+            thread::spawn(move || -> lepus::Result<()> {
+                let ch = conn.open_channel()?;
+                let confirm = t % 2 == 0;
+                if confirm {
+                    ch.confirm_select()?;
+                }
+                for i in 0..PER_THREAD {
+                    ch.basic_publish(
+                        "",
+                        &q,
+                        format!("{t}:{i}").as_bytes(),
+                        &BasicProperties::new(),
+                        PublishOptions::default(),
+                    )?;
+                }
+                if confirm {
+                    assert!(ch.wait_for_confirms()?, "publisher {t}: nacked");
+                }
+                ch.close()
+            })
+        })
+        .collect();
+    for (t, p) in publishers.into_iter().enumerate() {
+        p.join()
+            .expect("publisher panicked")
+            .unwrap_or_else(|e| panic!("publisher {t}: {e}"));
+    }
+    let mut per_consumer = Vec::new();
+    for c in consumers {
+        per_consumer.push(c.join().expect("consumer panicked").expect("consumer"));
+    }
+    let total: usize = per_consumer.iter().sum();
+    let missing: Vec<usize> = (0..TOTAL)
+        .filter(|&i| seen[i].load(Ordering::SeqCst) == 0)
+        .collect();
+    let dups: Vec<usize> = (0..TOTAL)
+        .filter(|&i| seen[i].load(Ordering::SeqCst) > 1)
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} lost, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+    assert!(
+        dups.is_empty(),
+        "{} duplicated, e.g. {:?}",
+        dups.len(),
+        &dups[..dups.len().min(10)]
+    );
+    assert_eq!(total, TOTAL, "per consumer: {per_consumer:?}");
+    assert!(pub_conn.is_open() && consume_conn.is_open());
+    pub_conn.close().unwrap();
+    consume_conn.close().unwrap();
+}
+
+#[test]
+fn ten_mebibyte_body_round_trips_byte_exact() {
+    let conn = connect();
+    let ch = conn.open_channel().unwrap();
+    ch.confirm_select().unwrap();
+    let q = temp_queue(&ch);
+    let body = pattern(10 * 1024 * 1024 + 3, 0x1e905);
+    assert!(body.len() > 64 * conn.frame_max() as usize);
+    let c = ch
+        .basic_publish_confirmed(
+            "",
+            &q,
+            &body,
+            &BasicProperties::new(),
+            PublishOptions::default(),
+        )
+        .unwrap();
+    assert_eq!(c.wait().unwrap(), Confirm::Ack);
+    // A small message right after it, on the same channel, is not mixed into it.
+    publish(&ch, "", &q, b"small");
+
+    let consumer = ch.basic_consume(&q, &ConsumeOptions::default()).unwrap();
+    let d = consumer
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the large message");
+    assert_eq!(d.body().len(), body.len());
+    assert!(d.body() == &body[..], "body differs");
+    d.ack().unwrap();
+    assert_eq!(recv_body(&consumer), b"small");
+
+    // And through basic.get.
+    consumer.cancel().unwrap();
+    publish(&ch, "", &q, &body);
+    let got = get_eventually(&ch, &q, true);
+    assert!(got.body() == &body[..], "body differs (basic.get)");
+    conn.close().unwrap();
+}
+
+#[test]
+fn bodies_at_frame_boundaries_round_trip() {
+    let conn = Connection::open_with(test_options().frame_max(4096)).unwrap();
+    assert_eq!(conn.frame_max(), 4096);
+    let ch = conn.open_channel().unwrap();
+    ch.confirm_select().unwrap();
+    let q = temp_queue(&ch);
+    // A body frame carries frame_max - 8 bytes.
+    let per_frame = 4096 - 8;
+    let sizes = [
+        0,
+        1,
+        per_frame - 1,
+        per_frame,
+        per_frame + 1,
+        2 * per_frame,
+        2 * per_frame + 1,
+        100_000,
+    ];
+    for (i, &n) in sizes.iter().enumerate() {
+        let props = BasicProperties::new().message_id(format!("{i}"));
+        ch.basic_publish(
+            "",
+            &q,
+            &pattern(n, i as u64 + 1),
+            &props,
+            PublishOptions::default(),
+        )
+        .unwrap();
+    }
+    assert!(ch.wait_for_confirms().unwrap());
+    let consumer = ch
+        .basic_consume(
+            &q,
+            &ConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    for (i, &n) in sizes.iter().enumerate() {
+        let d = consumer.recv_timeout(WAIT).unwrap();
+        assert_eq!(d.properties().message_id.as_deref(), Some(&*format!("{i}")));
+        assert_eq!(d.body().len(), n, "message {i}");
+        assert!(
+            d.body() == &pattern(n, i as u64 + 1)[..],
+            "message {i} differs"
+        );
+    }
+    conn.close().unwrap();
+}

@@ -1,0 +1,121 @@
+//! Small helpers of the broker tests (tests/connection.rs, topology.rs, publish.rs,
+//! consume.rs, confirms.rs, channel.rs, dead_link.rs).
+
+use std::thread;
+use std::time::{Duration, Instant};
+
+use lepus::{
+    BasicProperties, Channel, Connection, Error, FieldTable, FieldValue, PublishOptions,
+    QueueDeclareOptions,
+};
+
+use super::amqp_url;
+
+/// How long a message that should arrive may take.
+pub const WAIT: Duration = Duration::from_secs(5);
+/// How long we watch for something that must not happen.
+pub const QUIET: Duration = Duration::from_millis(300);
+
+pub fn exclusive() -> QueueDeclareOptions {
+    QueueDeclareOptions {
+        exclusive: true,
+        ..Default::default()
+    }
+}
+
+pub fn passive() -> QueueDeclareOptions {
+    QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    }
+}
+
+pub fn args(pairs: &[(&str, FieldValue)]) -> FieldTable {
+    pairs.iter().cloned().collect()
+}
+
+/// A server-named exclusive queue (deleted with its connection).
+pub fn temp_queue(ch: &Channel) -> String {
+    ch.queue_declare("", &exclusive())
+        .expect("declare a server-named queue")
+        .name
+}
+
+pub fn no_args() -> FieldTable {
+    FieldTable::new()
+}
+
+pub fn publish(ch: &Channel, exchange: &str, routing_key: &str, body: &[u8]) {
+    ch.basic_publish(
+        exchange,
+        routing_key,
+        body,
+        &BasicProperties::new(),
+        PublishOptions::default(),
+    )
+    .expect("publish");
+}
+
+/// The URI of the test broker with extra query options.
+pub fn uri_with(query: &str) -> String {
+    let base = amqp_url();
+    let sep = if base.contains('?') { '&' } else { '?' };
+    format!("{base}{sep}{query}")
+}
+
+/// Messages ready in `queue`, asked on a fresh channel (a passive declare).
+pub fn ready_count(conn: &Connection, queue: &str) -> u32 {
+    let ch = conn.open_channel().expect("open a channel");
+    let n = ch
+        .queue_declare(queue, &passive())
+        .expect("passive declare")
+        .message_count;
+    ch.close().expect("close the channel");
+    n
+}
+
+/// True if `queue` exists, asked on a fresh channel (a 404 closes that channel only).
+pub fn queue_exists(conn: &Connection, queue: &str) -> bool {
+    let ch = conn.open_channel().expect("open a channel");
+    match ch.queue_declare(queue, &passive()) {
+        Ok(_) => true,
+        Err(Error::ServerClosedChannel { code: 404, .. }) => false,
+        Err(e) => panic!("passive declare of {queue}: {e}"),
+    }
+}
+
+/// Assert that `r` failed because the broker closed channel `channel` with `code`.
+#[track_caller]
+pub fn assert_channel_closed<T: std::fmt::Debug>(r: lepus::Result<T>, channel: u16, code: u16) {
+    match r {
+        Err(Error::ServerClosedChannel {
+            channel: c,
+            code: got,
+            ..
+        }) if c == channel && got == code => {}
+        other => {
+            panic!("expected channel {channel} closed by the broker with {code}, got {other:?}")
+        }
+    }
+}
+
+/// `basic.get` until a message is there (published on another channel, so it may take a
+/// moment), for at most `WAIT`.
+#[track_caller]
+pub fn get_eventually(ch: &Channel, queue: &str, no_ack: bool) -> lepus::Delivery {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(d) = ch.basic_get(queue, no_ack).expect("basic.get") {
+            return d;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no message in {queue} within {WAIT:?}"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+pub fn recv_body(consumer: &lepus::Consumer) -> Vec<u8> {
+    consumer.recv_timeout(WAIT).expect("a delivery").into_body()
+}
