@@ -221,8 +221,8 @@ impl ConnectionInner {
     pub(crate) fn open(opts: ConnectionOptions, recover: Recover) -> Result<Arc<Self>> {
         let mut last = None;
         let mut first = None;
-        for (host, port) in opts.addresses() {
-            match prepare(&opts.clone().host(host).port(port), 1) {
+        for a in opts.address_order(None)? {
+            match prepare(&opts.clone().host(a.host).port(a.port), 1) {
                 Ok(p) => {
                     first = Some(p);
                     break;
@@ -259,6 +259,13 @@ impl ConnectionInner {
         let weak: Weak<ConnectionInner> = Arc::downgrade(&inner);
         launch(&gen_, reactor, weak)?;
         Ok(inner)
+    }
+
+    /// The address of the current generation's connection.
+    pub(crate) fn current_address(&self) -> crate::addresses::Address {
+        let link = self.link.lock();
+        let o = &link.current.shared().opts;
+        crate::addresses::Address::new(o.host.clone(), o.port)
     }
 
     pub(crate) fn is_closed(&self) -> bool {

@@ -94,6 +94,7 @@
 // Under `cfg(loom)` only the code the model tests explore is built: the
 // synchronisation cores below, not the socket and handle layers.
 #[cfg(not(loom))]
+mod addresses;
 mod channel;
 #[cfg(not(loom))]
 mod confirm;
@@ -128,6 +129,7 @@ mod uri;
 
 // The public interface is:
 #[cfg(not(loom))]
+pub use addresses::{Address, AddressResolver, DnsResolver};
 pub use channel::{Channel, QueueInfo, UnconfirmedMessage};
 #[cfg(not(loom))]
 pub use confirm::Confirmation;

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use crate::addresses::{Address, AddressResolver};
 use crate::error::{Error, Result};
 use crate::events::RecoveryEvent;
 use crate::protocol::table::{DEFAULT_MAX_TABLE_DEPTH, FieldTable, MAX_TABLE_DEPTH_CAP};
@@ -43,7 +44,7 @@ impl AuthMechanism {
 
 /// Everything a connection is opened with. Build it with [`ConnectionOptions::new`] and
 /// the setters, or parse it from a URI with [`ConnectionOptions::from_uri`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ConnectionOptions {
     pub(crate) host: String,
     pub(crate) port: u16,
@@ -63,6 +64,19 @@ pub struct ConnectionOptions {
     pub(crate) close_timeout: Duration,
     pub(crate) more_addresses: Vec<(String, u16)>,
     pub(crate) recovery: RecoveryOptions,
+    /// Try the addresses in a random order (the default) rather than as listed.
+    pub(crate) shuffle_addresses: bool,
+    /// Where the addresses come from instead of host, port and `more_addresses`.
+    pub(crate) resolver: Option<Arc<dyn AddressResolver>>,
+}
+
+/// Prints whether a resolver is set (it has no `Debug` of its own).
+struct ResolverSet<'a>(&'a Option<Arc<dyn AddressResolver>>);
+
+impl std::fmt::Debug for ResolverSet<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", if self.0.is_some() { "Some(..)" } else { "None" })
+    }
 }
 
 impl Default for ConnectionOptions {
@@ -86,7 +100,35 @@ impl Default for ConnectionOptions {
             close_timeout: Duration::from_secs(5),
             more_addresses: Vec::new(),
             recovery: RecoveryOptions::default(),
+            shuffle_addresses: true,
+            resolver: None,
         }
+    }
+}
+
+impl std::fmt::Debug for ConnectionOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // No password in logs.
+        f.debug_struct("ConnectionOptions")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("vhost", &self.vhost)
+            .field("username", &self.username)
+            .field("auth", &self.auth)
+            .field("heartbeat", &self.heartbeat)
+            .field("frame_max", &self.frame_max)
+            .field("channel_max", &self.channel_max)
+            .field("connection_timeout", &self.connection_timeout)
+            .field("connection_name", &self.connection_name)
+            .field("operation_timeout", &self.operation_timeout)
+            .field("max_message_size", &self.max_message_size)
+            .field("max_table_depth", &self.max_table_depth)
+            .field("close_timeout", &self.close_timeout)
+            .field("more_addresses", &self.more_addresses)
+            .field("recovery", &self.recovery)
+            .field("shuffle_addresses", &self.shuffle_addresses)
+            .field("resolver", &ResolverSet(&self.resolver))
+            .finish_non_exhaustive()
     }
 }
 
@@ -102,8 +144,18 @@ impl ConnectionOptions {
     /// &connection_timeout=..&connection_name=..&auth_mechanism=..`. User, password and
     /// vhost are percent-decoded; `connection_timeout` is in milliseconds, `heartbeat` in
     /// seconds. Unknown query keys are refused so that a typo does not go unnoticed.
+    ///
+    /// A cluster is several hosts separated by commas, each with its own port (5672 when
+    /// left out): `amqp://user:pass@node1:5672,node2:5673,[::1]:5674/vhost`. They are
+    /// tried in a random order (see [`ConnectionOptions::shuffle_addresses`]).
     pub fn from_uri(uri: &str) -> Result<Self> {
-        Self::default().apply_uri(crate::uri::parse(uri)?)
+        let (parsed, more) = crate::uri::parse_multi(uri)?;
+        let mut o = Self::default().apply_uri(parsed)?;
+        o.more_addresses = more
+            .into_iter()
+            .map(|(h, p)| (h, p.unwrap_or(5672)))
+            .collect();
+        Ok(o)
     }
 
     /// These options with what a URI said put over them.
@@ -225,6 +277,55 @@ impl ConnectionOptions {
         let mut v = vec![(self.host.clone(), self.port)];
         v.extend(self.more_addresses.iter().cloned());
         v
+    }
+    /// Connect to these addresses (replacing the host, port and addresses set so far).
+    /// They are tried in a random order unless [`ConnectionOptions::shuffle_addresses`]
+    /// says otherwise; each attempt is bounded by the connection timeout, so a node that
+    /// drops packets costs at most that.
+    pub fn addresses_list(mut self, list: impl IntoIterator<Item = Address>) -> Self {
+        let mut it = list.into_iter();
+        if let Some(first) = it.next() {
+            self.host = first.host;
+            self.port = first.port;
+            self.more_addresses = it.map(|a| (a.host, a.port)).collect();
+        }
+        self
+    }
+    /// Try the addresses in a random order (`true`, the default: the clients of a
+    /// cluster spread over its nodes) or in the order given (`false`). Either way a
+    /// recovery starts with the address after the one whose connection failed.
+    pub fn shuffle_addresses(mut self, shuffle: bool) -> Self {
+        self.shuffle_addresses = shuffle;
+        self
+    }
+    /// Ask `resolver` for the addresses at every connection and recovery, instead of the
+    /// host, port and addresses set here ([`crate::DnsResolver`]: every A/AAAA record of
+    /// a name).
+    pub fn address_resolver(mut self, resolver: impl AddressResolver + 'static) -> Self {
+        self.resolver = Some(Arc::new(resolver));
+        self
+    }
+    /// The addresses to try now, in the order to try them: from the resolver (or the
+    /// list), shuffled if asked, starting after `failed`.
+    pub(crate) fn address_order(&self, failed: Option<&Address>) -> Result<Vec<Address>> {
+        let list = match &self.resolver {
+            Some(r) => r.resolve()?,
+            None => self
+                .addresses()
+                .into_iter()
+                .map(|(h, p)| Address::new(h, p))
+                .collect(),
+        };
+        if list.is_empty() {
+            return Err(Error::InvalidArgument(
+                "the address resolver returned no address".into(),
+            ));
+        }
+        Ok(crate::addresses::order(
+            list,
+            self.shuffle_addresses,
+            failed,
+        ))
     }
     /// How long `close()` waits for the broker's `close-ok`.
     pub fn close_timeout(mut self, t: Duration) -> Self {
@@ -442,5 +543,34 @@ mod tests {
                 "{u}"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod address_tests {
+    use super::*;
+
+    #[test]
+    fn uri_with_several_hosts_and_address_order() {
+        let o = ConnectionOptions::from_uri("amqp://u:p@h1:5681,h2:5682,h3/v").unwrap();
+        assert_eq!((o.host.as_str(), o.port), ("h1", 5681));
+        assert_eq!(
+            o.more_addresses,
+            vec![("h2".into(), 5682), ("h3".into(), 5672)]
+        );
+        let o = o.shuffle_addresses(false);
+        let order = o.address_order(Some(&Address::new("h1", 5681))).unwrap();
+        assert_eq!(order[0], Address::new("h2", 5682));
+        assert_eq!(order[2], Address::new("h1", 5681));
+        let o = ConnectionOptions::new()
+            .addresses_list([Address::new("a", 1), Address::new("b", 2)])
+            .address_resolver(vec![Address::new("r", 3)]);
+        assert_eq!(o.address_order(None).unwrap(), vec![Address::new("r", 3)]);
+        let o = o.address_resolver(Vec::<Address>::new());
+        assert!(o.address_order(None).is_err());
+        assert!(
+            !format!("{o:?}").contains("password"),
+            "no password in Debug"
+        );
     }
 }

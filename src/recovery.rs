@@ -6,6 +6,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use amq_protocol::protocol::{AMQPClass, queue};
 
+use crate::addresses::Address;
 use crate::connection_state::{ChannelSlot, ConnectionInner, Generation};
 use crate::delivery::ConsumerSink;
 use crate::error::{Error, Result};
@@ -44,67 +45,124 @@ pub(crate) fn backoff(opts: &RecoveryOptions, attempt: u32) -> Duration {
 /// Reconnect (with backoff, over the address list) and replay until it works, the
 /// attempts run out, or the application closes the connection. Runs on its own thread;
 /// only one runs per connection at a time.
+///
+/// Each pass tries every address once, starting after the one that failed (shuffled if
+/// the options say so), each bounded by the connection timeout; passes are separated by
+/// the jittered backoff, which starts again from its initial value whenever an address
+/// accepts a connection (a node that answers is worth trying again soon).
 pub(crate) fn run(inner: Arc<ConnectionInner>) {
     let opts = inner.opts.recovery.clone();
-    let addresses = inner.opts.addresses();
+    let mut failed = Some(inner.current_address());
     let mut attempt: u32 = 0;
+    let mut pass: u32 = 0;
     loop {
         if inner.is_closed() {
             inner.give_up(Error::ConnectionClosed);
             return;
         }
-        if opts.max_attempts.is_some_and(|max| attempt >= max) {
-            let err = Error::ConnectionLost(format!("recovery gave up after {attempt} attempts"));
-            inner.event(0, RecoveryEventKind::GaveUp(err.to_string()));
-            inner.give_up(err);
-            return;
-        }
-        let wait = backoff(&opts, attempt);
+        let wait = backoff(&opts, pass);
         if !wait.is_zero() && inner.sleep_unless_closed(wait) {
             continue;
         }
-        let (host, port) = addresses[attempt as usize % addresses.len()].clone();
-        attempt += 1;
-        let generation = inner.next_generation();
-        let gen_ = match crate::connection_state::start_generation(&inner, &host, port, generation)
-        {
-            Ok(g) => g,
+        pass += 1;
+        let order = match inner.opts.address_order(failed.as_ref()) {
+            Ok(o) => o,
             Err(e) => {
-                log::warn!("reconnect attempt {attempt} to {host}:{port} failed: {e}");
+                attempt += 1;
                 inner.event(
-                    generation,
+                    0,
                     RecoveryEventKind::AttemptFailed {
                         attempt,
                         error: e.to_string(),
                     },
                 );
+                if gave_up(&inner, &opts, attempt) {
+                    return;
+                }
                 continue;
             }
         };
-        inner.event(
-            generation,
-            RecoveryEventKind::Connected {
-                host: host.clone(),
-                port,
-            },
-        );
-        match replay(&inner, &gen_) {
-            Ok(()) => {
-                inner.event(generation, RecoveryEventKind::Recovered);
-                log::info!("connection recovered (generation {generation}, {host}:{port})");
-                return;
+        for addr in order {
+            if inner.is_closed() || gave_up(&inner, &opts, attempt) {
+                break;
             }
-            Err(e) => {
-                log::warn!("recovery on {host}:{port} failed while restoring: {e}");
-                inner.event(
-                    generation,
-                    RecoveryEventKind::AttemptFailed {
-                        attempt,
-                        error: e.to_string(),
-                    },
-                );
-                gen_.abandon();
+            attempt += 1;
+            match try_address(&inner, &addr, attempt) {
+                Tried::Recovered => return,
+                Tried::Refused => failed = Some(addr),
+                Tried::ReplayFailed => {
+                    failed = Some(addr);
+                    // The node answered: back off from the start, not from where the
+                    // dead nodes left the backoff.
+                    pass = 1;
+                    break;
+                }
             }
+        }
+    }
+}
+
+/// The attempts ran out: recovery is over (true).
+fn gave_up(inner: &ConnectionInner, opts: &RecoveryOptions, attempt: u32) -> bool {
+    if opts.max_attempts.is_none_or(|max| attempt < max) {
+        return false;
+    }
+    let err = Error::ConnectionLost(format!("recovery gave up after {attempt} attempts"));
+    inner.event(0, RecoveryEventKind::GaveUp(err.to_string()));
+    inner.give_up(err);
+    true
+}
+
+enum Tried {
+    Recovered,
+    /// No connection (refused, timed out, handshake failed).
+    Refused,
+    /// Connected, but restoring failed.
+    ReplayFailed,
+}
+
+/// One attempt: connect to `addr` and replay there.
+fn try_address(inner: &Arc<ConnectionInner>, addr: &Address, attempt: u32) -> Tried {
+    let (host, port) = (addr.host.as_str(), addr.port);
+    let generation = inner.next_generation();
+    let gen_ = match crate::connection_state::start_generation(inner, host, port, generation) {
+        Ok(g) => g,
+        Err(e) => {
+            log::warn!("reconnect attempt {attempt} to {addr} failed: {e}");
+            inner.event(
+                generation,
+                RecoveryEventKind::AttemptFailed {
+                    attempt,
+                    error: format!("{addr}: {e}"),
+                },
+            );
+            return Tried::Refused;
+        }
+    };
+    inner.event(
+        generation,
+        RecoveryEventKind::Connected {
+            host: host.to_owned(),
+            port,
+        },
+    );
+    match replay(inner, &gen_) {
+        Ok(()) => {
+            inner.event(generation, RecoveryEventKind::Recovered);
+            log::info!("connection recovered (generation {generation}, {addr})");
+            Tried::Recovered
+        }
+        Err(e) => {
+            log::warn!("recovery on {addr} failed while restoring: {e}");
+            inner.event(
+                generation,
+                RecoveryEventKind::AttemptFailed {
+                    attempt,
+                    error: format!("{addr}: {e}"),
+                },
+            );
+            gen_.abandon();
+            Tried::ReplayFailed
         }
     }
 }
