@@ -673,11 +673,18 @@ impl Channel {
 
     /// Stop restoring a consumer after recovery.
     pub(crate) fn forget_consumer(&self, consumer_tag: &str) {
-        self.inner
-            .record
-            .lock()
-            .consumers
-            .retain(|r| r.tag != consumer_tag);
+        let mut queue = None;
+        self.inner.record.lock().consumers.retain(|r| {
+            if r.tag == consumer_tag {
+                queue = Some(r.queue.clone());
+            }
+            r.tag != consumer_tag
+        });
+        // As the Java client: an auto-delete queue whose last consumer is cancelled is
+        // deleted by the broker, so recovery must not declare it again.
+        if let Some(q) = queue {
+            self.inner.conn.inner().forget_auto_delete_queue(&q);
+        }
     }
 
     /// Send `basic.cancel` without waiting (used when a consumer is dropped).
@@ -788,12 +795,13 @@ impl Channel {
     }
 
     /// Put the channel in transaction mode (`tx.select`).
+    /// Recovery puts the reopened channel in transaction mode again (a transaction open
+    /// at the failure is lost: the broker rolled it back; commit fails with the error).
     pub fn tx_select(&self) -> Result<()> {
-        let r = self.rpc(
-            AMQPClass::Tx(tx::AMQPMethod::Select(tx::Select {})),
-            "tx.select-ok",
-        )?;
-        expect_reply!(r, "tx.select", AMQPClass::Tx(tx::AMQPMethod::SelectOk(_)) => ())
+        let r = self.rpc(crate::topology::tx_select(), "tx.select-ok")?;
+        expect_reply!(r, "tx.select", AMQPClass::Tx(tx::AMQPMethod::SelectOk(_)) => ())?;
+        self.inner.record.lock().tx = true;
+        Ok(())
     }
 
     /// Commit the transaction.

@@ -95,6 +95,7 @@
 // synchronisation cores below, not the socket and handle layers.
 #[cfg(not(loom))]
 mod addresses;
+#[cfg(not(loom))]
 mod channel;
 #[cfg(not(loom))]
 mod confirm;
@@ -108,6 +109,8 @@ mod consumer;
 #[cfg(not(loom))]
 mod delivery;
 mod delivery_queue;
+#[cfg(not(loom))]
+mod entity_recovery;
 mod error;
 #[cfg(not(loom))]
 mod events;
@@ -130,6 +133,7 @@ mod uri;
 // The public interface is:
 #[cfg(not(loom))]
 pub use addresses::{Address, AddressResolver, DnsResolver};
+#[cfg(not(loom))]
 pub use channel::{Channel, QueueInfo, UnconfirmedMessage};
 #[cfg(not(loom))]
 pub use confirm::Confirmation;
@@ -142,11 +146,11 @@ pub use consumer::{Consumer, Iter};
 pub use delivery::{BadDelivery, Delivery, RecvError, Returned};
 pub use error::{BadDeliveryKind, Error, HandshakeStage, Result, reply_code};
 #[cfg(not(loom))]
-pub use events::{RecoveryEvent, RecoveryEventKind};
+pub use events::{RecoveryEvent, RecoveryEventKind, TopologyEntity};
 #[cfg(not(loom))]
 pub use options::{
     AuthMechanism, ConnectionOptions, ConsumeOptions, ExchangeDeclareOptions, PublishOptions,
-    QueueDeclareOptions, QueueDeleteOptions, RecoveryOptions, UnconfirmedPolicy,
+    QueueDeclareOptions, QueueDeleteOptions, RecoveryOptions, TopologyFilter, UnconfirmedPolicy,
 };
 #[cfg(not(loom))]
 pub use pool::{ChannelPool, PooledChannel};

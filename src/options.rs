@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::addresses::{Address, AddressResolver};
 use crate::error::{Error, Result};
-use crate::events::RecoveryEvent;
+use crate::events::{RecoveryEvent, TopologyEntity};
 use crate::protocol::table::{DEFAULT_MAX_TABLE_DEPTH, FieldTable, MAX_TABLE_DEPTH_CAP};
 use crate::sync::Arc;
 use crate::uri::ParsedUri;
@@ -353,9 +353,13 @@ pub enum UnconfirmedPolicy {
 /// Called for each recovery event, on the thread where it happens: keep it short.
 pub type RecoveryListener = Arc<dyn Fn(&RecoveryEvent) + Send + Sync>;
 
+/// Says whether recovery restores an entity (true) or leaves it out (false).
+pub type TopologyFilter = Arc<dyn Fn(&TopologyEntity) -> bool + Send + Sync>;
+
 /// Automatic recovery settings (on by default).
 #[derive(Clone)]
 pub struct RecoveryOptions {
+    pub(crate) filter: Option<TopologyFilter>,
     pub(crate) enabled: bool,
     pub(crate) max_attempts: Option<u32>,
     pub(crate) initial_backoff: Duration,
@@ -373,6 +377,7 @@ impl std::fmt::Debug for RecoveryOptions {
             .field("max_backoff", &self.max_backoff)
             .field("unconfirmed", &self.unconfirmed)
             .field("listener", &self.listener.is_some())
+            .field("topology_filter", &self.filter.is_some())
             .finish()
     }
 }
@@ -386,6 +391,7 @@ impl Default for RecoveryOptions {
             max_backoff: Duration::from_secs(10),
             unconfirmed: UnconfirmedPolicy::Republish,
             listener: None,
+            filter: None,
         }
     }
 }
@@ -418,6 +424,21 @@ impl RecoveryOptions {
     pub fn unconfirmed(mut self, policy: UnconfirmedPolicy) -> Self {
         self.unconfirmed = policy;
         self
+    }
+    /// Restore only the entities for which `keep` says true (exchanges, queues,
+    /// bindings, consumers; see [`TopologyEntity`]). What is left out is neither
+    /// declared again nor retried; its records stay, so a later filter change is not
+    /// needed to keep the application's own declarations working.
+    pub fn topology_filter(
+        mut self,
+        keep: impl Fn(&TopologyEntity) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        self.filter = Some(Arc::new(keep));
+        self
+    }
+    /// Whether recovery restores `e` (the filter's answer; true without a filter).
+    pub(crate) fn keeps(&self, e: &TopologyEntity) -> bool {
+        self.filter.as_ref().is_none_or(|f| f(e))
     }
     /// Hear every recovery event.
     pub fn listener(mut self, f: impl Fn(&RecoveryEvent) + Send + Sync + 'static) -> Self {

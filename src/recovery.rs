@@ -9,13 +9,14 @@ use amq_protocol::protocol::{AMQPClass, queue};
 use crate::addresses::Address;
 use crate::connection_state::{ChannelSlot, ConnectionInner, Generation};
 use crate::delivery::ConsumerSink;
+use crate::entity_recovery::{each_on_own, entity_failed};
 use crate::error::{Error, Result};
-use crate::events::RecoveryEventKind;
+use crate::events::{RecoveryEventKind, TopologyEntity};
 use crate::io::{ChannelShared, Command, ConnShared, Reply, ReplyRx};
 use crate::options::{RecoveryOptions, UnconfirmedPolicy};
 use crate::protocol::methods;
 use crate::sync::{Arc, Ordering};
-use crate::topology::{ChannelRecord, Topology};
+use crate::topology::{ChannelRecord, PendingTopology, Topology};
 
 /// Delay before attempt `n` (0-based; attempt 0 is immediate): exponential with ±25 %
 /// jitter, so that many clients of a restarted broker do not reconnect in lockstep.
@@ -210,7 +211,10 @@ fn replay(inner: &Arc<ConnectionInner>, gen_: &Arc<Generation>) -> Result<()> {
             ids.reserve(c.id());
         }
     }
-    let renamed = replay_topology(inner, gen_)?;
+    let TopologyOutcome {
+        renamed,
+        mut pending,
+    } = replay_topology(inner, gen_)?;
     inner.event(gen_.number(), RecoveryEventKind::TopologyRecovered);
 
     // Channels: reopen all under their ids at once, then qos, confirm mode and consumers,
@@ -218,7 +222,7 @@ fn replay(inner: &Arc<ConnectionInner>, gen_: &Arc<Generation>) -> Result<()> {
     let restored = reopen_channels(inner, conn, &channels)?;
     let records = channel_records(&restored, &renamed);
     restore_qos_and_confirms(inner, &restored, &records)?;
-    let consumers = restore_consumers(inner, &restored, &records)?;
+    let consumers = restore_consumers(inner, gen_, &restored, &records, &mut pending)?;
     let republished = settle_unconfirmed(inner, conn, &restored)?;
     inner.notify();
     if !inner.install(gen_.clone()) {
@@ -234,6 +238,7 @@ fn replay(inner: &Arc<ConnectionInner>, gen_: &Arc<Generation>) -> Result<()> {
             republished,
         },
     );
+    crate::entity_recovery::start(inner, pending);
     Ok(())
 }
 
@@ -244,47 +249,65 @@ fn step_deadline(inner: &ConnectionInner) -> Instant {
     Instant::now() + inner.opts.operation_timeout
 }
 
-/// Declare the recorded exchanges and queues again (one round trip), then the bindings,
-/// which may name a renamed server-named queue (a second one). Returns the renames.
+/// What the topology step restored and what it could not.
+struct TopologyOutcome {
+    renamed: HashMap<String, String>,
+    pending: PendingTopology,
+}
+
+/// Declare the recorded exchanges and queues again, then the bindings, which may name a
+/// renamed server-named queue. Each entity on its own: one that fails is reported and
+/// left pending (with the bindings that need it) for the background retry.
 fn replay_topology(
     inner: &Arc<ConnectionInner>,
     gen_: &Arc<Generation>,
-) -> Result<HashMap<String, String>> {
-    let topo_ch = gen_.shared().open_channel(None, step_deadline(inner))?;
+) -> Result<TopologyOutcome> {
+    let conn = gen_.shared();
+    let opts = &inner.opts.recovery;
     let mut topology = inner.topology.lock().clone();
-    let d = step_deadline(inner);
-    let mut step = InFlight::new();
-    for (name, rec) in &topology.exchanges {
-        step.start(
-            &topo_ch,
-            rec.declare(name),
-            d,
-            "exchange.declare-ok (recovery)",
-            None,
-        )?;
+    let mut pending = PendingTopology::default();
+    let exchanges: Vec<_> = topology
+        .exchanges
+        .iter()
+        .filter(|(n, _)| opts.keeps(&TopologyEntity::Exchange(n.clone())))
+        .cloned()
+        .collect();
+    let queues: Vec<_> = topology
+        .queues
+        .iter()
+        .filter(|(n, _)| opts.keeps(&TopologyEntity::Queue(n.clone())))
+        .cloned()
+        .collect();
+    let mut methods: Vec<AMQPClass> = exchanges.iter().map(|(n, r)| r.declare(n)).collect();
+    methods.extend(queues.iter().map(|(n, r)| r.declare(n)));
+    let replies = each_on_own(inner, conn, &methods, "declare-ok (recovery)")?;
+    for ((name, _), r) in exchanges.iter().zip(&replies) {
+        if let Err(e) = r {
+            entity_failed(
+                inner,
+                gen_.number(),
+                TopologyEntity::Exchange(name.clone()),
+                e,
+            );
+            pending.exchanges.push(name.clone());
+        }
     }
-    let queues = topology.queues.clone();
-    for (name, rec) in &queues {
-        step.start(
-            &topo_ch,
-            rec.declare(name),
-            d,
-            "queue.declare-ok (recovery)",
-            None,
-        )?;
-    }
-    let replies = step.finish(d)?;
     let mut renamed: HashMap<String, String> = HashMap::new();
-    for ((name, _), reply) in queues.iter().zip(&replies[topology.exchanges.len()..]) {
+    for ((name, _), reply) in queues.iter().zip(&replies[exchanges.len()..]) {
         let new = match reply {
-            Reply::Method(AMQPClass::Queue(queue::AMQPMethod::DeclareOk(ok))) => {
+            Ok(Reply::Method(AMQPClass::Queue(queue::AMQPMethod::DeclareOk(ok)))) => {
                 ok.queue.to_string()
             }
-            other => {
+            Ok(other) => {
                 return Err(Error::UnexpectedReply {
                     operation: "queue.declare (recovery)",
                     got: format!("{other:?}"),
                 });
+            }
+            Err(e) => {
+                entity_failed(inner, gen_.number(), TopologyEntity::Queue(name.clone()), e);
+                pending.queues.push(name.clone());
+                continue;
             }
         };
         if &new != name {
@@ -300,29 +323,44 @@ fn replay_topology(
             renamed.insert(name.clone(), new);
         }
     }
-    replay_bindings(inner, &topo_ch, &topology)?;
-    topo_ch.close_nowait();
+    replay_bindings(inner, gen_, &topology, &mut pending)?;
     if !renamed.is_empty() {
         let mut t = inner.topology.lock();
         for (old, new) in &renamed {
             t.rename_queue(old, new);
         }
     }
-    Ok(renamed)
+    Ok(TopologyOutcome { renamed, pending })
 }
 
-/// Bind again (names already follow renamed queues): one round trip.
+/// Bind again (names already follow renamed queues), each binding on its own; one whose
+/// source or destination failed waits with it.
 fn replay_bindings(
     inner: &ConnectionInner,
-    topo_ch: &Arc<ChannelShared>,
+    gen_: &Arc<Generation>,
     topology: &Topology,
+    pending: &mut PendingTopology,
 ) -> Result<()> {
-    let d = step_deadline(inner);
-    let mut step = InFlight::new();
+    let opts = &inner.opts.recovery;
+    let mut todo = Vec::new();
     for b in &topology.bindings {
-        step.start(topo_ch, b.bind(), d, "bind-ok (recovery)", None)?;
+        if !opts.keeps(&b.entity()) {
+            continue;
+        }
+        if pending.blocks(b) {
+            pending.bindings.push(b.clone());
+        } else {
+            todo.push(b.clone());
+        }
     }
-    step.finish(d)?;
+    let methods: Vec<AMQPClass> = todo.iter().map(|b| b.bind()).collect();
+    let replies = each_on_own(inner, gen_.shared(), &methods, "bind-ok (recovery)")?;
+    for (b, r) in todo.into_iter().zip(replies) {
+        if let Err(e) = r {
+            entity_failed(inner, gen_.number(), b.entity(), &e);
+            pending.bindings.push(b);
+        }
+    }
     Ok(())
 }
 
@@ -383,17 +421,59 @@ fn restore_qos_and_confirms(
             let m = methods::confirm_select();
             step.start(new, m, d, "confirm.select-ok (recovery)", None)?;
         }
+        if record.tx {
+            let m = crate::topology::tx_select();
+            step.start(new, m, d, "tx.select-ok (recovery)", None)?;
+        }
     }
     step.finish(d)?;
     Ok(())
 }
 
-/// Every consumer under its tag, feeding its old queue: one round trip. Returns how many.
+/// Every consumer under its tag, feeding its old queue: one round trip. A consumer whose
+/// queue failed to recover, or (for a queue declared elsewhere) does not answer a passive
+/// declare, is left pending instead: a `basic.consume` on a missing queue would close its
+/// channel and everything else on it. Returns how many were restored.
 fn restore_consumers(
     inner: &ConnectionInner,
+    gen_: &Arc<Generation>,
     restored: &Restored,
     records: &[ChannelRecord],
+    pending: &mut PendingTopology,
 ) -> Result<usize> {
+    let opts = &inner.opts.recovery;
+    let declared: Vec<String> = inner
+        .topology
+        .lock()
+        .queues
+        .iter()
+        .map(|(n, _)| n.clone())
+        .collect();
+    // Queues declared elsewhere: probe them, each on its own.
+    let mut probe: Vec<String> = Vec::new();
+    for record in records {
+        for r in &record.consumers {
+            if !declared.contains(&r.queue) && !probe.contains(&r.queue) {
+                probe.push(r.queue.clone());
+            }
+        }
+    }
+    let methods: Vec<AMQPClass> = probe
+        .iter()
+        .map(|q| crate::topology::queue_probe(q))
+        .collect();
+    let replies = each_on_own(
+        inner,
+        gen_.shared(),
+        &methods,
+        "queue.declare-ok (passive, recovery)",
+    )?;
+    let mut missing: HashMap<String, Error> = HashMap::new();
+    for (q, r) in probe.into_iter().zip(replies) {
+        if let Err(e) = r {
+            missing.insert(q, e);
+        }
+    }
     let d = step_deadline(inner);
     let mut step = InFlight::new();
     let mut n = 0;
@@ -402,6 +482,22 @@ fn restore_consumers(
             new.confirms.enable();
         }
         for r in &record.consumers {
+            let entity = TopologyEntity::Consumer {
+                tag: r.tag.clone(),
+                queue: r.queue.clone(),
+                channel: new.id,
+            };
+            if !opts.keeps(&entity) {
+                continue;
+            }
+            if pending.queues.contains(&r.queue) || missing.contains_key(&r.queue) {
+                let e = missing.get(&r.queue).cloned().unwrap_or_else(|| {
+                    Error::InvalidArgument(format!("its queue {:?} did not recover", r.queue))
+                });
+                entity_failed(inner, gen_.number(), entity, &e);
+                pending.consumers.push((new.id, r.tag.clone()));
+                continue;
+            }
             let m = r.consume();
             step.start(
                 new,
