@@ -770,13 +770,26 @@ impl Channel {
     }
 
     /// Wait until every message published so far is confirmed: `Ok(true)` if all were
-    /// acked, `Ok(false)` if the broker nacked any since the last call.
+    /// acked, `Ok(false)` if the broker nacked any since the last call. Keeps waiting
+    /// through a recovery that republishes them (see [`crate::Confirmation::wait_until`]).
     pub fn wait_for_confirms(&self) -> Result<bool> {
         if !self.inner.record.lock().confirm {
             return Err(Error::NotInConfirmMode);
         }
         let deadline = self.deadline();
-        self.usable(deadline)?.confirms.wait_all(deadline)
+        loop {
+            let shared = self.usable(deadline)?;
+            match shared.confirms.wait_all(deadline) {
+                // Lost with messages outstanding that recovery republishes: wait for the
+                // recovered channel and their new copies (see `Confirmation::wait_until`).
+                Err(_)
+                    if shared.conn.is_failed()
+                        && shared.conn.will_recover()
+                        && shared.conn.opts.recovery.unconfirmed
+                            == crate::UnconfirmedPolicy::Republish => {}
+                r => return r,
+            }
+        }
     }
 
     /// Published messages not yet confirmed.

@@ -124,6 +124,8 @@ mod pool;
 mod protocol;
 #[cfg(not(loom))]
 mod recovery;
+#[cfg(not(loom))]
+mod reliable;
 mod sync;
 #[cfg(not(loom))]
 mod topology;
