@@ -671,6 +671,11 @@ impl Channel {
         &self.inner.record
     }
 
+    /// The state of the connection this channel belongs to.
+    pub(crate) fn connection_inner(&self) -> &Arc<crate::connection_state::ConnectionInner> {
+        self.inner.conn.inner()
+    }
+
     /// Stop restoring a consumer after recovery.
     pub(crate) fn forget_consumer(&self, consumer_tag: &str) {
         let mut queue = None;

@@ -264,6 +264,11 @@ impl ConnectionInner {
         Ok(inner)
     }
 
+    /// The number of the current generation.
+    pub(crate) fn current_generation(&self) -> u64 {
+        self.link.lock().current.number()
+    }
+
     /// The address of the current generation's connection.
     pub(crate) fn current_address(&self) -> crate::addresses::Address {
         let link = self.link.lock();

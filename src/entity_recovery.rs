@@ -109,6 +109,36 @@ pub(crate) fn start(inner: &Arc<ConnectionInner>, pending: PendingTopology) {
     }
 }
 
+/// A consumer the broker cancelled: keep it pending (its handle stays active) and start
+/// the retry that subscribes it again once its queue answers.
+pub(crate) fn resubscribe_later(
+    inner: &Arc<ConnectionInner>,
+    channel: u16,
+    tag: &str,
+    queue: &str,
+) {
+    inner.event(
+        inner.current_generation(),
+        RecoveryEventKind::EntityFailed {
+            entity: TopologyEntity::Consumer {
+                tag: tag.to_owned(),
+                queue: queue.to_owned(),
+                channel,
+            },
+            error: "cancelled by the broker (queue deleted or its node down)".into(),
+        },
+    );
+    let mut pending = inner.pending.lock().clone();
+    if !pending
+        .consumers
+        .iter()
+        .any(|(c, t)| *c == channel && t == tag)
+    {
+        pending.consumers.push((channel, tag.to_owned()));
+    }
+    start(inner, pending);
+}
+
 /// Sleep `d` in short slices, holding the connection only weakly (a retry must not keep
 /// a dropped connection alive). False if the connection is gone or closed.
 fn sleep_weak(weak: &Weak<ConnectionInner>, d: Duration) -> bool {

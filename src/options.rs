@@ -360,6 +360,7 @@ pub type TopologyFilter = Arc<dyn Fn(&TopologyEntity) -> bool + Send + Sync>;
 #[derive(Clone)]
 pub struct RecoveryOptions {
     pub(crate) filter: Option<TopologyFilter>,
+    pub(crate) resubscribe_cancelled: bool,
     pub(crate) enabled: bool,
     pub(crate) max_attempts: Option<u32>,
     pub(crate) initial_backoff: Duration,
@@ -378,6 +379,7 @@ impl std::fmt::Debug for RecoveryOptions {
             .field("unconfirmed", &self.unconfirmed)
             .field("listener", &self.listener.is_some())
             .field("topology_filter", &self.filter.is_some())
+            .field("resubscribe_cancelled", &self.resubscribe_cancelled)
             .finish()
     }
 }
@@ -392,6 +394,7 @@ impl Default for RecoveryOptions {
             unconfirmed: UnconfirmedPolicy::Republish,
             listener: None,
             filter: None,
+            resubscribe_cancelled: false,
         }
     }
 }
@@ -434,6 +437,23 @@ impl RecoveryOptions {
         keep: impl Fn(&TopologyEntity) -> bool + Send + Sync + 'static,
     ) -> Self {
         self.filter = Some(Arc::new(keep));
+        self
+    }
+    /// Bring back a consumer the broker cancelled (its queue was deleted, or its node went
+    /// down): the consumer's next receive returns the cancellation as a passing error (as
+    /// for a lost link: the consumer carries on), a
+    /// [`RecoveryEventKind::EntityFailed`](crate::RecoveryEventKind::EntityFailed) names
+    /// it, and it is subscribed again under its tag, with backoff, once a passive declare
+    /// finds its queue; the same [`crate::Consumer`] keeps receiving
+    /// ([`RecoveryEventKind::EntityRecovered`](crate::RecoveryEventKind::EntityRecovered)).
+    ///
+    /// Off by default: a broker cancel is final in AMQP and in the other clients, it is
+    /// often deliberate (the queue was deleted), and an application that stops or
+    /// re-declares on `ConsumerCancelled` would otherwise see a consumer that lives on and
+    /// polls for a queue that may never come back. Turn it on for queues on cluster nodes
+    /// that come and go.
+    pub fn resubscribe_cancelled_consumers(mut self, on: bool) -> Self {
+        self.resubscribe_cancelled = on;
         self
     }
     /// Whether recovery restores `e` (the filter's answer; true without a filter).
