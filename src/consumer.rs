@@ -200,8 +200,11 @@ impl Consumer {
             .find(|r| r.tag == self.tag)
             .map(|r| r.queue.clone());
         let Some(queue) = queue else { return false };
-        self.shared.active.store(true, Ordering::Release);
-        crate::entity_recovery::resubscribe_later(inner, self.channel.id(), &self.tag, &queue);
+        // Already active again: a recovery since the cancel restored it (or left it
+        // pending); subscribing it a second time would reuse its tag.
+        if !self.shared.active.swap(true, Ordering::AcqRel) {
+            crate::entity_recovery::resubscribe_later(inner, self.channel.id(), &self.tag, &queue);
+        }
         true
     }
 

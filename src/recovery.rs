@@ -220,7 +220,7 @@ fn replay(inner: &Arc<ConnectionInner>, gen_: &Arc<Generation>) -> Result<()> {
     // Channels: reopen all under their ids at once, then qos, confirm mode and consumers,
     // each a single round trip for all channels.
     let restored = reopen_channels(inner, conn, &channels)?;
-    let records = channel_records(&restored, &renamed);
+    let records = channel_records(inner, &restored, &renamed);
     restore_qos_and_confirms(inner, &restored, &records)?;
     let consumers = restore_consumers(inner, gen_, &restored, &records, &mut pending)?;
     let republished = settle_unconfirmed(inner, conn, &restored)?;
@@ -387,11 +387,24 @@ fn reopen_channels(
 }
 
 /// Each channel's record, without its dropped consumers and with renamed queues.
-fn channel_records(restored: &Restored, renamed: &HashMap<String, String>) -> Vec<ChannelRecord> {
+/// A consumer the broker cancelled keeps its record (only the application's cancel, drop
+/// or close forgets it); with `resubscribe_cancelled_consumers` it is restored (or left
+/// pending) with the rest, its handle active again.
+fn channel_records(
+    inner: &ConnectionInner,
+    restored: &Restored,
+    renamed: &HashMap<String, String>,
+) -> Vec<ChannelRecord> {
+    let resubscribe = inner.opts.recovery.resubscribe_cancelled;
     restored
         .iter()
         .map(|(c, _)| {
             let mut rec = c.record().lock();
+            if resubscribe {
+                for r in &rec.consumers {
+                    r.sink.shared.active.store(true, Ordering::Release);
+                }
+            }
             rec.consumers.retain(|r| r.sink.is_active());
             for r in &mut rec.consumers {
                 if let Some(n) = renamed.get(&r.queue) {
