@@ -157,6 +157,152 @@ impl Counts {
     }
 }
 
+/// 20 threads publishing with confirms (each message `publish_reliably`, unique id) and 4
+/// consuming (prefetch 200, ack each) one queue, all on one connection.
+struct Load {
+    counts: Arc<Mutex<Counts>>,
+    stop_pub: Arc<AtomicBool>,
+    stop_cons: Arc<AtomicBool>,
+    /// When the fault was injected: deliveries and confirmations after it are counted.
+    fault_at: Arc<OnceLock<Instant>>,
+    first_confirm_after_fault: Arc<Mutex<Option<Instant>>>,
+    publishers: Vec<thread::JoinHandle<()>>,
+    consumers: Vec<thread::JoinHandle<(usize, u64)>>,
+}
+
+impl Load {
+    fn start(conn: &lepus::Connection, q: &str) -> Load {
+        let counts = Arc::new(Mutex::new(Counts::default()));
+        let stop_pub = Arc::new(AtomicBool::new(false));
+        let stop_cons = Arc::new(AtomicBool::new(false));
+        let fault_at: Arc<OnceLock<Instant>> = Arc::new(OnceLock::new());
+        let first_confirm_after_fault: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
+        let mut consumers = Vec::new();
+        for c in 0..4 {
+            let ch = conn.open_channel().unwrap();
+            ch.basic_qos(200, false).unwrap();
+            let consumer = ch.basic_consume(q, &ConsumeOptions::default()).unwrap();
+            let (counts, stop, fault_at) = (counts.clone(), stop_cons.clone(), fault_at.clone());
+            consumers.push(thread::spawn(move || {
+                let mut after_fault = 0u64;
+                let mut errors = 0u64;
+                while !stop.load(Ordering::Acquire) {
+                    match consumer.recv_timeout(Duration::from_millis(200)) {
+                        Ok(d) => {
+                            let id = String::from_utf8_lossy(d.body()).into_owned();
+                            *counts.lock().unwrap().consumed.entry(id).or_insert(0) += 1;
+                            if fault_at.get().is_some() {
+                                after_fault += 1;
+                            }
+                            // A delivery of the lost link cannot be acked: it is redelivered.
+                            let _ = d.ack();
+                        }
+                        Err(RecvError::Failed(Error::Timeout(_))) => {}
+                        Err(e) => {
+                            errors += 1;
+                            if errors == 1 || errors % 200 == 0 {
+                                eprintln!("consumer {c}: {e:?}");
+                            }
+                            if errors >= 1000 {
+                                eprintln!("consumer {c} keeps failing: {e:?}");
+                                return (c, 0);
+                            }
+                        }
+                    }
+                }
+                (c, after_fault)
+            }));
+        }
+        let mut publishers = Vec::new();
+        for t in 0..20 {
+            let ch = conn.open_channel().unwrap();
+            ch.confirm_select().unwrap();
+            let (q, counts, stop) = (q.to_string(), counts.clone(), stop_pub.clone());
+            let (fault_at, first) = (fault_at.clone(), first_confirm_after_fault.clone());
+            publishers.push(thread::spawn(move || {
+                let mut i = 0u64;
+                while !stop.load(Ordering::Acquire) {
+                    let id = format!("{t}-{i}");
+                    i += 1;
+                    let started_after_fault = fault_at.get().is_some();
+                    counts.lock().unwrap().published += 1;
+                    let r = ch.publish_reliably(
+                        "",
+                        &q,
+                        id.as_bytes(),
+                        &BasicProperties::default(),
+                        PublishOptions::default(),
+                        Instant::now() + Duration::from_secs(30),
+                    );
+                    let mut c = counts.lock().unwrap();
+                    match r {
+                        Ok(attempts) => {
+                            c.attempts += u64::from(attempts);
+                            c.confirmed.insert(id);
+                            // A publish begun after the fault is confirmed by the node
+                            // that took over (directly or as the republished copy).
+                            if started_after_fault {
+                                first.lock().unwrap().get_or_insert_with(Instant::now);
+                            }
+                        }
+                        Err(e) => c.failed.push(format!("{id}: {e}")),
+                    }
+                }
+            }));
+        }
+        Load {
+            counts,
+            stop_pub,
+            stop_cons,
+            fault_at,
+            first_confirm_after_fault,
+            publishers,
+            consumers,
+        }
+    }
+
+    fn confirmed(&self) -> usize {
+        self.counts.lock().unwrap().confirmed.len()
+    }
+
+    /// Stop publishing, wait until every confirmed message is consumed (bounded), stop
+    /// consuming. Returns the counts, deliveries after the fault per consumer, and the
+    /// first confirmation of a publish begun after the fault.
+    fn finish(self) -> (Counts, Vec<(usize, u64)>, Option<Instant>) {
+        self.stop_pub.store(true, Ordering::Release);
+        for p in self.publishers {
+            p.join().unwrap();
+        }
+        let counts = self.counts.clone();
+        let end = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < end {
+            let c = counts.lock().unwrap();
+            if c.confirmed.iter().all(|id| c.consumed.contains_key(id)) {
+                break;
+            }
+            drop(c);
+            thread::sleep(Duration::from_millis(50));
+        }
+        thread::sleep(Duration::from_millis(500));
+        self.stop_cons.store(true, Ordering::Release);
+        let per_consumer = self
+            .consumers
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect();
+        let first = *self.first_confirm_after_fault.lock().unwrap();
+        let counts = std::mem::take(&mut *counts.lock().unwrap());
+        (counts, per_consumer, first)
+    }
+}
+
+fn recovered_after(conn: &lepus::Connection, t: Instant) -> Option<Instant> {
+    conn.recovery_events()
+        .iter()
+        .find(|e| e.kind == RecoveryEventKind::Recovered && e.at > t)
+        .map(|e| e.at)
+}
+
 /// kill -9 of the node the client is connected to, while 20 threads publish with confirms
 /// and 4 consume a quorum queue replicated on all three nodes.
 #[test]
@@ -168,130 +314,29 @@ fn kill_connected_node_under_load() {
     let q = unique("quorum");
     let setup = conn.open_channel().unwrap();
     setup.queue_declare(&q, &quorum()).unwrap();
-
-    let counts = Arc::new(Mutex::new(Counts::default()));
-    let stop_pub = Arc::new(AtomicBool::new(false));
-    let stop_cons = Arc::new(AtomicBool::new(false));
-    let kill_at: Arc<OnceLock<Instant>> = Arc::new(OnceLock::new());
-    let first_confirm_after_kill: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
-
-    let mut consumers = Vec::new();
-    for c in 0..4 {
-        let ch = conn.open_channel().unwrap();
-        ch.basic_qos(200, false).unwrap();
-        let consumer = ch.basic_consume(&q, &ConsumeOptions::default()).unwrap();
-        let (counts, stop, kill_at) = (counts.clone(), stop_cons.clone(), kill_at.clone());
-        consumers.push(thread::spawn(move || {
-            let mut after_kill = 0u64;
-            let mut errors = 0u64;
-            while !stop.load(Ordering::Acquire) {
-                match consumer.recv_timeout(Duration::from_millis(200)) {
-                    Ok(d) => {
-                        let id = String::from_utf8_lossy(d.body()).into_owned();
-                        *counts.lock().unwrap().consumed.entry(id).or_insert(0) += 1;
-                        if kill_at.get().is_some() {
-                            after_kill += 1;
-                        }
-                        // A delivery of the lost link cannot be acked: it is redelivered.
-                        let _ = d.ack();
-                    }
-                    Err(RecvError::Failed(Error::Timeout(_))) => {}
-                    Err(e) => {
-                        errors += 1;
-                        assert!(errors < 1000, "consumer {c} keeps failing: {e:?}");
-                    }
-                }
-            }
-            (c, after_kill)
-        }));
-    }
-
-    let mut publishers = Vec::new();
-    for t in 0..20 {
-        let ch = conn.open_channel().unwrap();
-        ch.confirm_select().unwrap();
-        let (q, counts, stop) = (q.clone(), counts.clone(), stop_pub.clone());
-        let (kill_at, first) = (kill_at.clone(), first_confirm_after_kill.clone());
-        publishers.push(thread::spawn(move || {
-            let mut i = 0u64;
-            while !stop.load(Ordering::Acquire) {
-                let id = format!("{t}-{i}");
-                i += 1;
-                let started_after_kill = kill_at.get().is_some();
-                counts.lock().unwrap().published += 1;
-                let r = ch.publish_reliably(
-                    "",
-                    &q,
-                    id.as_bytes(),
-                    &BasicProperties::default(),
-                    PublishOptions::default(),
-                    Instant::now() + Duration::from_secs(30),
-                );
-                let mut c = counts.lock().unwrap();
-                match r {
-                    Ok(attempts) => {
-                        c.attempts += u64::from(attempts);
-                        c.confirmed.insert(id);
-                        // A publish begun after the kill is confirmed by the node that
-                        // took over (directly or as the republished copy).
-                        if started_after_kill {
-                            first.lock().unwrap().get_or_insert_with(Instant::now);
-                        }
-                    }
-                    Err(e) => c.failed.push(format!("{id}: {e}")),
-                }
-            }
-        }));
-    }
+    let load = Load::start(&conn, &q);
 
     thread::sleep(Duration::from_secs(2));
-    let before = counts.lock().unwrap().confirmed.len();
+    let before = load.confirmed();
     assert!(before > 0, "nothing confirmed before the kill");
     let killed = Instant::now();
-    kill_at.set(killed).unwrap();
+    load.fault_at.set(killed).unwrap();
     kill(node.port);
     wait_until("the recovery", Duration::from_secs(30), || {
-        conn.recovery_events()
-            .iter()
-            .any(|e| e.kind == RecoveryEventKind::Recovered && e.at > killed)
+        recovered_after(&conn, killed).is_some()
     });
-    let events = conn.recovery_events();
-    let recovered_at = events
-        .iter()
-        .find(|e| e.kind == RecoveryEventKind::Recovered && e.at > killed)
-        .unwrap()
-        .at;
+    let recovered_at = recovered_after(&conn, killed).unwrap();
     let new_node = conn.address();
     assert_ne!(new_node, node, "recovered onto the killed node");
     assert!(conn.generation() > 1);
     thread::sleep(Duration::from_secs(3));
-    stop_pub.store(true, Ordering::Release);
-    for p in publishers {
-        p.join().unwrap();
-    }
-    wait_until(
-        "every confirmed message consumed",
-        Duration::from_secs(30),
-        || {
-            let c = counts.lock().unwrap();
-            c.confirmed.iter().all(|id| c.consumed.contains_key(id))
-        },
-    );
-    thread::sleep(Duration::from_millis(500));
-    stop_cons.store(true, Ordering::Release);
-    let mut per_consumer = Vec::new();
-    for h in consumers {
-        per_consumer.push(h.join().unwrap());
-    }
-    let counts = counts.lock().unwrap();
-    let first = first_confirm_after_kill
-        .lock()
-        .unwrap()
-        .map(|t| t.duration_since(killed).as_millis());
+    let (counts, per_consumer, first) = load.finish();
+    let first = first.map(|t| t.duration_since(killed).as_millis());
     let (lost, _) = counts.report(
         "kill_connected_node_under_load",
         &format!(
-            "killed={node} recovered_on={new_node} recovery_ms={} first_confirm_of_a_publish_begun_after_kill_ms={first:?} \
+            "killed={node} recovered_on={new_node} recovery_ms={} \
+             first_confirm_of_a_publish_begun_after_kill_ms={first:?} \
              consumed_after_kill_per_consumer={per_consumer:?}",
             recovered_at.duration_since(killed).as_millis()
         ),
@@ -308,6 +353,74 @@ fn kill_connected_node_under_load() {
     );
     for (c, n) in per_consumer {
         assert!(n > 0, "consumer {c} got nothing after the recovery");
+    }
+    let _ = setup.queue_delete(&q, Default::default());
+}
+
+/// A rolling restart (graceful stop and start of each node in turn) under the same load.
+#[test]
+fn rolling_restart_under_load() {
+    let _c = cluster();
+    let _restore = Restore;
+    let conn = lepus::Connection::open_with(options(&PORTS).recovery(recovery())).unwrap();
+    let q = unique("quorum-rolling");
+    let setup = conn.open_channel().unwrap();
+    setup.queue_declare(&q, &quorum()).unwrap();
+    let load = Load::start(&conn, &q);
+    thread::sleep(Duration::from_secs(1));
+    let started = Instant::now();
+    load.fault_at.set(started).unwrap();
+    let mut recoveries = Vec::new();
+    for n in 1..=3u16 {
+        let on = conn.address();
+        let t = Instant::now();
+        let (ok, out) = script(&["stop-node", &n.to_string()]);
+        assert!(ok, "stop-node {n}: {out}");
+        if on.port == 5680 + n {
+            wait_until("the recovery", Duration::from_secs(30), || {
+                recovered_after(&conn, t).is_some()
+            });
+            let at = recovered_after(&conn, t).unwrap();
+            recoveries.push((n, at.duration_since(t).as_millis()));
+            assert_ne!(conn.address().port, 5680 + n);
+        }
+        let before = load.confirmed();
+        let (ok, out) = script(&["start"]);
+        assert!(ok, "restarting node {n}: {out}");
+        wait_until("traffic after the restart", Duration::from_secs(30), || {
+            load.confirmed() > before
+        });
+    }
+    let took = started.elapsed();
+    let (counts, per_consumer, _) = load.finish();
+    for e in conn.recovery_events() {
+        eprintln!(
+            "EVENT {:?} gen {} {:?}",
+            e.at.duration_since(started),
+            e.generation,
+            e.kind
+        );
+    }
+    let (lost, _) = counts.report(
+        "rolling_restart_under_load",
+        &format!(
+            "rolling_restart_s={:.1} recoveries(node, ms from its stop command)={recoveries:?} \
+             consumed_during_restart_per_consumer={per_consumer:?}",
+            took.as_secs_f64()
+        ),
+    );
+    assert!(
+        counts.failed.is_empty(),
+        "unconfirmed: {:?}",
+        &counts.failed[..counts.failed.len().min(5)]
+    );
+    assert_eq!(lost, 0, "confirmed messages lost");
+    assert!(
+        !recoveries.is_empty(),
+        "the connected node was never stopped?"
+    );
+    for (c, n) in per_consumer {
+        assert!(n > 0, "consumer {c} got nothing during the restart");
     }
     let _ = setup.queue_delete(&q, Default::default());
 }
