@@ -783,7 +783,13 @@ impl Channel {
         }
         let deadline = self.deadline();
         loop {
-            let shared = self.usable(deadline)?;
+            let shared = match self.usable(deadline) {
+                Ok(s) => s,
+                Err(e) if e.is_connection_lost() && Instant::now() >= deadline => {
+                    return Err(Error::Timeout("publisher confirms"));
+                }
+                Err(e) => return Err(e),
+            };
             match shared.confirms.wait_all(deadline) {
                 // Lost with messages outstanding that recovery republishes: wait for the
                 // recovered channel and their new copies (see `Confirmation::wait_until`).

@@ -96,7 +96,15 @@ impl Confirmation {
                 }
                 Err(e) => return Err(e),
             }
-            let shared = self.channel.usable(deadline)?;
+            let shared = match self.channel.usable(deadline) {
+                Ok(s) => s,
+                // The deadline passed while recovery ran: a timeout, not a loss (the
+                // message will still be republished and may yet be confirmed).
+                Err(e) if e.is_connection_lost() && Instant::now() >= deadline => {
+                    return Err(Error::Timeout("a publisher confirm"));
+                }
+                Err(e) => return Err(e),
+            };
             match shared.confirms.wait_slot(&self.slot, deadline) {
                 Ok(Some(c)) => return Ok(c),
                 Ok(None) => return Err(Error::Timeout("a publisher confirm")),

@@ -181,3 +181,50 @@ fn filter_tx_mode_and_forgotten_auto_delete_queue() {
             .any(|e| matches!(e.kind, RecoveryEventKind::EntityFailed { .. }))
     );
 }
+
+/// A thread waiting on a confirmation keeps waiting through the recovery and gets the
+/// republished copy's outcome (not `ConnectionLost`); so does `wait_for_confirms`.
+#[test]
+fn a_confirmation_waiter_follows_the_republished_copy() {
+    let clean = Cleanup::new();
+    let q = clean.queue(&unique("republished"));
+    let fwd = start_proxy();
+    let conn = Connection::open_with(fwd.options().heartbeat(0).recovery(
+        RecoveryOptions::new().backoff(Duration::from_millis(50), Duration::from_millis(300)),
+    ))
+    .unwrap();
+    let ch = conn.open_channel().unwrap();
+    ch.queue_declare(&q, &QueueDeclareOptions::default())
+        .unwrap();
+    ch.confirm_select().unwrap();
+    // Held back: the broker never sees it on this connection.
+    fwd.partition();
+    let c = ch
+        .basic_publish_confirmed(
+            "",
+            &q,
+            b"held",
+            &BasicProperties::default(),
+            PublishOptions::default(),
+        )
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let waiter = std::thread::spawn(move || c.wait_until(deadline));
+    let ch2 = ch.clone();
+    let all = std::thread::spawn(move || ch2.wait_for_confirms());
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!waiter.is_finished() && !all.is_finished());
+    let t = Instant::now();
+    fwd.reset();
+    fwd.heal();
+    assert_eq!(waiter.join().unwrap().unwrap(), lepus::Confirm::Ack);
+    assert!(all.join().unwrap().unwrap(), "wait_for_confirms");
+    assert!(recovered_after(&conn, t));
+    assert!(conn.generation() > 1);
+    assert!(conn.recovery_events().iter().any(|e| matches!(
+        e.kind,
+        RecoveryEventKind::ConsumersRestored { republished, .. } if republished >= 1
+    )));
+    // The broker has the message exactly once here (it never saw the first copy).
+    assert_eq!(ready_count(&connect(), &q), 1);
+}
