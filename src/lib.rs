@@ -112,17 +112,20 @@ mod sync;
 
 // Everything else: the I/O thread, the handles, options, topology and recovery.
 not_under_loom! {
+    mod addresses;
     mod channel;
     mod confirm;
     mod connection;
     mod connection_state;
     mod consumer;
     mod delivery;
+    mod entity_recovery;
     mod events;
     mod io;
     mod options;
     mod pool;
     mod recovery;
+    mod reliable;
     mod topology;
     mod uri;
 }
@@ -138,17 +141,18 @@ pub use pool_core::{DEFAULT_POOL_SIZE, PoolStats};
 pub use protocol::properties::BasicProperties;
 pub use protocol::table::{FieldTable, FieldValue};
 not_under_loom! {
+    pub use addresses::{Address, AddressResolver, DnsResolver};
     pub use channel::{Channel, QueueInfo, UnconfirmedMessage};
     pub use confirm::Confirmation;
     pub use connection::Connection;
     pub use consumer::{Consumer, Iter};
     pub use delivery::{BadDelivery, Delivery, RecvError, Returned};
-    pub use events::{RecoveryEvent, RecoveryEventKind};
+    pub use events::{RecoveryEvent, RecoveryEventKind, TopologyEntity};
     pub use options::{
         AuthMechanism, ConnectionOptions, ConsumeOptions, DEFAULT_CONNECTION_QUEUE_BYTES,
         DEFAULT_CONSUMER_QUEUE_BYTES, DEFAULT_MAX_OUTPUT_BYTES, DEFAULT_WRITE_STALL_TIMEOUT,
         ExchangeDeclareOptions, PublishOptions, QueueDeclareOptions, QueueDeleteOptions,
-        RecoveryOptions, UnconfirmedPolicy,
+        RecoveryOptions, TopologyFilter, UnconfirmedPolicy,
     };
     pub use pool::{ChannelPool, PooledChannel};
 }
