@@ -22,7 +22,7 @@ use crate::protocol::frame::put_method;
 use crate::secrets::Secrets;
 use crate::sync::{Arc, AtomicBool, AtomicU64, Condvar, CondvarExt, Mutex, Ordering, Weak};
 use crate::sync::{oneshot, queue};
-use crate::topology::{ChannelRecord, Topology};
+use crate::topology::{ChannelRecord, PendingTopology, Topology};
 
 /// Commands queued for the I/O thread before callers wait for room.
 const COMMAND_QUEUE: usize = 4096;
@@ -211,6 +211,8 @@ pub(crate) struct ConnectionInner {
     pub(crate) link: Mutex<Link>,
     link_cv: Condvar,
     pub(crate) topology: Mutex<Topology>,
+    /// What the last recovery could not restore, retried in the background.
+    pub(crate) pending: Mutex<PendingTopology>,
     channels: Mutex<HashMap<u16, Weak<dyn ChannelSlot>>>,
     pub(crate) events: Mutex<EventLog>,
     closed: AtomicBool,
@@ -230,8 +232,8 @@ impl ConnectionInner {
         let mut last = None;
         let mut first = None;
         let secrets = Secrets::new(&opts);
-        for (host, port) in opts.addresses() {
-            match prepare(&opts.clone().host(host).port(port), 1, &secrets) {
+        for a in opts.address_order(None)? {
+            match prepare(&opts.clone().host(a.host).port(a.port), 1, &secrets) {
                 Ok(p) => {
                     first = Some(p);
                     break;
@@ -258,6 +260,7 @@ impl ConnectionInner {
             }),
             link_cv: Condvar::new(),
             topology: Mutex::new(Topology::default()),
+            pending: Mutex::new(PendingTopology::default()),
             channels: Mutex::new(HashMap::new()),
             events: Mutex::new(EventLog::new()),
             closed: AtomicBool::new(false),
@@ -269,6 +272,18 @@ impl ConnectionInner {
         let weak: Weak<ConnectionInner> = Arc::downgrade(&inner);
         launch(&gen_, reactor, weak)?;
         Ok(inner)
+    }
+
+    /// The number of the current generation.
+    pub(crate) fn current_generation(&self) -> u64 {
+        self.link.lock().current.number()
+    }
+
+    /// The address of the current generation's connection.
+    pub(crate) fn current_address(&self) -> crate::addresses::Address {
+        let link = self.link.lock();
+        let o = &link.current.shared().opts;
+        crate::addresses::Address::new(o.host.clone(), o.port)
     }
 
     pub(crate) fn is_closed(&self) -> bool {
@@ -417,6 +432,28 @@ impl ConnectionInner {
             .is_some_and(|w| std::ptr::eq(w.as_ptr() as *const (), ch))
         {
             map.remove(&id);
+        }
+    }
+
+    /// Forget `queue` if it is auto-delete and no recorded consumer uses it any more.
+    pub(crate) fn forget_auto_delete_queue(&self, queue: &str) {
+        let auto_delete = self
+            .topology
+            .lock()
+            .queues
+            .iter()
+            .any(|(n, r)| n == queue && r.opts.auto_delete);
+        if !auto_delete {
+            return;
+        }
+        let used = self
+            .channels
+            .lock()
+            .values()
+            .filter_map(Weak::upgrade)
+            .any(|c| c.record().lock().consumers.iter().any(|r| r.queue == queue));
+        if !used {
+            self.topology.lock().remove_queue(queue);
         }
     }
 

@@ -179,6 +179,10 @@ impl Consumer {
             ConsumerMsg::Delivery(d) => Ok(*d),
             ConsumerMsg::Bad(b) => Err(RecvError::Bad(b)),
             ConsumerMsg::Lost(e) => Err(e.into()),
+            ConsumerMsg::End(e) if self.comes_back(&e) => {
+                // Still active: the retry subscribes it again under its tag.
+                Err(e.into())
+            }
             ConsumerMsg::End(e) => {
                 let e = self.end_with(e);
                 // Other threads may be blocked on this consumer too: wake the next one.
@@ -187,6 +191,34 @@ impl Consumer {
                 Err(e.into())
             }
         }
+    }
+
+    /// A broker cancel of a consumer the application still has, with
+    /// `resubscribe_cancelled_consumers` on: keep it and have it subscribed again.
+    fn comes_back(&self, e: &Error) -> bool {
+        if !matches!(e, Error::ConsumerCancelled { .. }) || self.cancelled.load(Ordering::Acquire) {
+            return false;
+        }
+        let inner = self.channel.connection_inner();
+        if !inner.opts.recovery.resubscribe_cancelled || inner.is_dead() {
+            return false;
+        }
+        // An application cancel forgets the record first: only a broker cancel finds it.
+        let queue = self
+            .channel
+            .record()
+            .lock()
+            .consumers
+            .iter()
+            .find(|r| r.tag == self.tag)
+            .map(|r| r.queue.clone());
+        let Some(queue) = queue else { return false };
+        // Already active again: a recovery since the cancel restored it (or left it
+        // pending); subscribing it a second time would reuse its tag.
+        if !self.shared.active.swap(true, Ordering::AcqRel) {
+            crate::entity_recovery::resubscribe_later(inner, self.channel.id(), &self.tag, &queue);
+        }
+        true
     }
 
     fn end_with(&self, e: Error) -> Error {

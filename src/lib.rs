@@ -57,16 +57,17 @@
 //!                                               lives with it: Channel::basic_consume in
 //!                                               consumer.rs, Connection::open_channel in
 //!                                               channel.rs)
-//! refresher                                     renews a connection's expiring secret
-//!                                               (holds the connection weakly)
-//! recovery, connection_state, secrets           the procedure; the state behind Connection
-//!                                               (it reaches channels through a trait); the
+//! reliable, refresher                           publish until confirmed; renews a
+//!                                               connection's expiring secret (holds the
+//!                                               connection weakly)
+//! recovery, entity_recovery, connection_state,  the procedure; the state behind Connection
+//! secrets                                       (it reaches channels through a trait); the
 //!                                               secret each connect logs in with
 //! topology                                      recorded exchanges, queues, bindings, channels
 //! io (reactor, engine, handshake)               the I/O thread
 //! delivery, confirm_tracker, pool_core          what the I/O thread produces; the pool's books
-//! options, uri, events, tls, credentials        plain data (TLS options, the credentials
-//!                                               provider)
+//! options, uri, events, addresses, tls,        plain data (TLS options, the credentials
+//! credentials                                   provider)
 //! error                                         re-exports protocol's reply codes
 //! protocol (frame, methods, table, properties, content, reply_code)   bytes only
 //! sync, delivery_queue, link                    primitives and the loom-checked cores
@@ -122,6 +123,7 @@ mod sync;
 
 // Everything else: the I/O thread, the handles, options, topology and recovery.
 not_under_loom! {
+    mod addresses;
     mod channel;
     mod confirm;
     mod connection;
@@ -129,12 +131,14 @@ not_under_loom! {
     mod consumer;
     mod credentials;
     mod delivery;
+    mod entity_recovery;
     mod events;
     mod io;
     mod options;
     mod pool;
     mod recovery;
     mod refresher;
+    mod reliable;
     mod secrets;
     mod tls;
     mod topology;
@@ -152,18 +156,19 @@ pub use pool_core::{DEFAULT_POOL_SIZE, PoolStats};
 pub use protocol::properties::BasicProperties;
 pub use protocol::table::{FieldTable, FieldValue};
 not_under_loom! {
+    pub use addresses::{Address, AddressResolver, DnsResolver};
     pub use channel::{Channel, QueueInfo, UnconfirmedMessage};
     pub use confirm::Confirmation;
     pub use connection::Connection;
     pub use consumer::{Consumer, Iter};
     pub use credentials::{Credentials, CredentialsProvider};
     pub use delivery::{BadDelivery, Delivery, RecvError, Returned};
-    pub use events::{RecoveryEvent, RecoveryEventKind};
+    pub use events::{RecoveryEvent, RecoveryEventKind, TopologyEntity};
     pub use options::{
         AuthMechanism, ConnectionOptions, ConsumeOptions, DEFAULT_CONNECTION_QUEUE_BYTES,
         DEFAULT_CONSUMER_QUEUE_BYTES, DEFAULT_MAX_OUTPUT_BYTES, DEFAULT_WRITE_STALL_TIMEOUT,
         ExchangeDeclareOptions, PublishOptions, QueueDeclareOptions, QueueDeleteOptions,
-        RecoveryOptions, UnconfirmedPolicy,
+        RecoveryOptions, TopologyFilter, UnconfirmedPolicy,
     };
     pub use pool::{ChannelPool, PooledChannel};
     /// The rustls version lepus is built with, for [`TlsOptions::client_config`].

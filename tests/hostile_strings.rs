@@ -410,11 +410,36 @@ fn connection_forced_with_non_utf8_text_still_recovers() {
                 });
                 0
             } else {
-                // Recovery: a channel for the topology replay, then channel 1 again.
-                p.serve_channel_close();
-                p.serve_channel_open();
-                p.serve_qos();
-                p.expect_connection_close().reply_code
+                // Recovery: whatever channels the replay opens and closes (channel 1
+                // again, maybe a scratch channel for the topology), then the test's qos.
+                loop {
+                    use amq_protocol::protocol::{basic, channel, connection};
+                    let m = p.wait_for("recovery traffic", |ch, m| Some((ch, m.clone())));
+                    match m {
+                        (ch, AMQPClass::Channel(channel::AMQPMethod::Open(_))) => p.send_method(
+                            ch,
+                            AMQPClass::Channel(channel::AMQPMethod::OpenOk(channel::OpenOk {})),
+                        ),
+                        (ch, AMQPClass::Channel(channel::AMQPMethod::Close(_))) => p.send_method(
+                            ch,
+                            AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})),
+                        ),
+                        (ch, AMQPClass::Basic(basic::AMQPMethod::Qos(_))) => p.send_method(
+                            ch,
+                            AMQPClass::Basic(basic::AMQPMethod::QosOk(basic::QosOk {})),
+                        ),
+                        (0, AMQPClass::Connection(connection::AMQPMethod::Close(c))) => {
+                            p.send_method(
+                                0,
+                                AMQPClass::Connection(connection::AMQPMethod::CloseOk(
+                                    connection::CloseOk {},
+                                )),
+                            );
+                            break c.reply_code;
+                        }
+                        (ch, other) => panic!("fake broker: unexpected {other:?} on {ch}"),
+                    }
+                }
             }
         });
         let conn = Connection::open_with(broker.options()).unwrap();
