@@ -472,6 +472,40 @@ fn describe_garbage(bytes: &[u8]) -> String {
     format!("the peer sent {shown:?}, which is not an AMQP frame")
 }
 
+/// The error for a failed write during the handshake. Over TLS the broker may have sent
+/// an alert (a refused client certificate) and reset the connection before this write: the
+/// reset fails the write while the alert still waits unread, so read it and say what TLS
+/// says. The read is bounded by the socket timeouts set for this stage.
+fn write_failure(
+    stream: &mut Transport<TcpStream>,
+    e: std::io::Error,
+    stage: HandshakeStage,
+) -> Error {
+    #[cfg(feature = "tls")]
+    if let Transport::Tls(_) = stream {
+        let mut scratch = [0u8; 256];
+        let explained = match stream.read(&mut scratch) {
+            Err(read) => stream.explain(&read),
+            Ok(0) => stream.explain_eof(),
+            Ok(_) => None,
+        };
+        let explained = explained.or_else(|| stream.explain(&e)).or_else(|| {
+            (e.kind() == ErrorKind::ConnectionReset)
+                .then(|| stream.explain_eof())
+                .flatten()
+        });
+        if let Some(tls) = explained {
+            return tls;
+        }
+    }
+    #[cfg(not(feature = "tls"))]
+    let _ = &stream;
+    Error::Io {
+        stage,
+        source: Arc::new(e),
+    }
+}
+
 /// TLS on top of the TCP stream when the options ask for it.
 fn open_transport(
     stream: TcpStream,
@@ -507,9 +541,9 @@ pub(crate) fn connect(opts: &ConnectionOptions) -> Result<Established> {
         .sock()
         .set_nodelay(true)
         .map_err(io(HandshakeStage::Connect))?;
-    stream
-        .write_all(b"AMQP\x00\x00\x09\x01")
-        .map_err(io(HandshakeStage::Start))?;
+    if let Err(e) = stream.write_all(b"AMQP\x00\x00\x09\x01") {
+        return Err(write_failure(&mut stream, e, HandshakeStage::Start));
+    }
     let mut hs = Handshake::new(opts);
     let mut decoder = FrameDecoder::new(PRE_TUNE_FRAME_MAX);
     let mut out = Vec::new();
@@ -536,10 +570,7 @@ pub(crate) fn connect(opts: &ConnectionOptions) -> Result<Established> {
                 let w = stream.write_all(&out);
                 out.clear();
                 if let (Ok(_), Err(e)) = (&done, w) {
-                    return Err(Error::Io {
-                        stage: hs.expect.stage(),
-                        source: Arc::new(e),
-                    });
+                    return Err(write_failure(&mut stream, e, hs.expect.stage()));
                 }
             }
             if let Some((tuned, server_properties)) = done? {
