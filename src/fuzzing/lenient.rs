@@ -21,7 +21,9 @@ const IDS: [(u16, u16); 5] = [(60, 60), (60, 71), (60, 50), (10, 50), (20, 40)];
 /// way only, which is the point of it: what amq-protocol refuses after the fields that
 /// identify the message (delivery tag; reply code for a return or a close) costs that
 /// message, with the identifying fields kept as they were on the wire; only a payload cut
-/// before them is an error (502), and amq-protocol refuses those too.
+/// before them is an error (502), and amq-protocol refuses those too. One refusal is not
+/// even a problem for lepus: a close cut off before its class and method ids, which read
+/// as 0 (see [`ids_cut_off`]).
 pub fn lenient(data: &[u8]) {
     let Some((&first, rest)) = data.split_first() else {
         return;
@@ -103,12 +105,27 @@ pub fn lenient(data: &[u8]) {
                         assert!(p.contains(&format!("{trailing} trailing bytes")), "{p}");
                         assert_eq!(Some(ours), strict_close(class.clone()), "fields differ");
                     }
-                    None => assert!(c.problem.is_some(), "amq-protocol refused, lepus did not"),
+                    None => assert!(
+                        c.problem.is_some() || ids_cut_off(payload),
+                        "amq-protocol refused, lepus did not"
+                    ),
                 }
                 check_close_text(&c, payload);
             }
         }
     }
+}
+
+/// A close whose text is whole and whose class and method ids are missing (both, or the
+/// method id): lepus reads a missing id as 0 without noting a problem (documented in
+/// `decode_close`: the ids only say which method caused the close), amq-protocol refuses.
+/// Half an id is one trailing byte, noted as such.
+fn ids_cut_off(payload: &[u8]) -> bool {
+    let Some(&len) = payload.get(6) else {
+        return false;
+    };
+    let ids_at = 7 + usize::from(len);
+    matches!(payload.len().checked_sub(ids_at), Some(0 | 2))
 }
 
 /// The identifying fields are the bytes on the wire, whatever follows them.
