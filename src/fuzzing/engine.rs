@@ -46,6 +46,9 @@ struct Bounds {
     consumer_queue_bytes: usize,
     connection_queue_bytes: usize,
     max_output_bytes: usize,
+    /// The broker reads what we send while it sends (else only the step that drains
+    /// the output takes it, and reading stalls on a full output until then).
+    reader: bool,
 }
 
 impl Bounds {
@@ -58,16 +61,18 @@ impl Bounds {
                 consumer_queue_bytes: DEFAULT_CONSUMER_QUEUE_BYTES,
                 connection_queue_bytes: DEFAULT_CONNECTION_QUEUE_BYTES,
                 max_output_bytes: DEFAULT_MAX_OUTPUT_BYTES,
+                reader: false,
             };
         }
         let unit = [64, 512, 4096][usize::from(class - 1) % 3];
-        let pick = |bits: u8| 1 + usize::from(bits & 7) * unit;
+        let pick = |bits: u8| 1 + usize::from(bits & 3) * 2 * unit;
         Bounds {
             small: true,
             consumer_queue_bytes: pick(seed),
-            connection_queue_bytes: pick(seed >> 3) * 2,
+            connection_queue_bytes: pick(seed >> 2) * 2,
             // Far below the 64 KiB the builder allows: the engine must hold it anyway.
-            max_output_bytes: unit * (1 + usize::from(seed >> 6)),
+            max_output_bytes: unit * (1 + 3 * usize::from(seed >> 4 & 1)),
+            reader: seed & 0x20 != 0,
         }
     }
 }
@@ -252,6 +257,9 @@ impl EngineHarness {
             // Unlike `Reactor::read`, which goes on to buffered frames whenever no
             // delivery is stalled: with the output over its bound the reactor answers one
             // more frame per turn of its loop.
+            if self.engine.is_stalled() && self.bounds.reader {
+                self.drain_output();
+            }
             if self.engine.is_stalled() {
                 return;
             }
