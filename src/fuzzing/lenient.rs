@@ -5,7 +5,7 @@ use amq_protocol::protocol::{AMQPClass, basic, channel, connection, parse_class}
 
 use crate::protocol::content::ContentMethod;
 use crate::protocol::lenient::{LenientClose, decode_close, decode_content_method};
-use crate::protocol::reply_code;
+use crate::protocol::{decode_server_method, reply_code};
 
 /// The methods lepus decodes itself, by the first input byte (any other value: the ids
 /// come from the input too).
@@ -57,6 +57,31 @@ pub fn lenient(data: &[u8]) {
         "lenient decoding claimed the wrong methods ({ids:?})"
     );
     assert!(content.is_none() || close.is_none());
+
+    // What the engine and the handshake do with any server method: the lenient result
+    // turned into amq-protocol's types, which must hold it (its short strings panic past
+    // 255 bytes, and lossy decoding makes a byte three).
+    let whole = decode_server_method(payload, 8);
+    if let Some(Ok((m, _))) = &content {
+        let class = whole.as_ref().expect("a lenient decode refused as a whole");
+        let tag = |m: &ContentMethod| match m {
+            ContentMethod::Deliver { delivery_tag, .. }
+            | ContentMethod::GetOk { delivery_tag, .. } => *delivery_tag,
+            ContentMethod::Return { reply_code, .. } => u64::from(*reply_code),
+        };
+        assert_eq!(
+            strict_content(class.clone()).as_ref().map(tag),
+            Some(tag(m))
+        );
+    }
+    if let Some(Ok(c)) = &close {
+        let class = whole.as_ref().expect("a lenient close refused as a whole");
+        assert_eq!(
+            strict_close(class.clone()).map(|s| s.0),
+            Some(c.reply_code),
+            "the reply code lost on the way to amq-protocol's types"
+        );
+    }
 
     if let Some(r) = content {
         match r {
