@@ -12,8 +12,11 @@ use super::Input;
 use crate::delivery::{ConsumerMsg, ConsumerShared};
 use crate::error::{Error, reply_code};
 use crate::io::engine::Engine;
-use crate::io::{ChannelShared, Command, ConnShared, RETURNS_CAPACITY, ReplyRx, Tuned};
-use crate::options::ConnectionOptions;
+use crate::io::{ChannelShared, Command, ConnShared, RETURNS_CAPACITY, Reply, ReplyRx, Tuned};
+use crate::options::{
+    ConnectionOptions, DEFAULT_CONNECTION_QUEUE_BYTES, DEFAULT_CONSUMER_QUEUE_BYTES,
+    DEFAULT_MAX_OUTPUT_BYTES,
+};
 use crate::protocol::frame::{FRAME_MIN_SIZE, FrameDecoder, READ_CHUNK};
 use crate::protocol::table::FieldTable;
 use crate::sync::oneshot::RecvError;
@@ -35,6 +38,45 @@ struct FuzzChannel {
     shared: Arc<ChannelShared>,
 }
 
+/// The byte bounds of a run: lepus's defaults, or small ones chosen by the input.
+#[derive(Debug, Clone, Copy)]
+struct Bounds {
+    /// Chosen by the input (not lepus's defaults).
+    small: bool,
+    consumer_queue_bytes: usize,
+    connection_queue_bytes: usize,
+    max_output_bytes: usize,
+    /// The broker reads what we send while it sends (else only the step that drains
+    /// the output takes it, and reading stalls on a full output until then).
+    reader: bool,
+}
+
+impl Bounds {
+    /// `class` 0 keeps the defaults (what every input saved before the bounds existed
+    /// gets: its depth byte was below 70); 1 to 3 choose small bounds from `seed`.
+    fn choose(class: u8, seed: u8) -> Self {
+        if class == 0 {
+            return Bounds {
+                small: false,
+                consumer_queue_bytes: DEFAULT_CONSUMER_QUEUE_BYTES,
+                connection_queue_bytes: DEFAULT_CONNECTION_QUEUE_BYTES,
+                max_output_bytes: DEFAULT_MAX_OUTPUT_BYTES,
+                reader: false,
+            };
+        }
+        let unit = [64, 512, 4096][usize::from(class - 1) % 3];
+        let pick = |bits: u8| 1 + usize::from(bits & 3) * 2 * unit;
+        Bounds {
+            small: true,
+            consumer_queue_bytes: pick(seed),
+            connection_queue_bytes: pick(seed >> 2) * 2,
+            // Far below the 64 KiB the builder allows: the engine must hold it anyway.
+            max_output_bytes: unit * (1 + 3 * usize::from(seed >> 4 & 1)),
+            reader: seed & 0x20 != 0,
+        }
+    }
+}
+
 struct EngineHarness {
     engine: Engine,
     conn: Arc<ConnShared>,
@@ -46,6 +88,16 @@ struct EngineHarness {
     channels: Vec<FuzzChannel>,
     consumers: Vec<FuzzConsumer>,
     replies: Vec<ReplyRx>,
+    /// `confirm.select` RPCs whose reply has not been seen: the channel's handle turns
+    /// confirm mode on when `select-ok` arrives, as `Channel::confirm_select` does.
+    selects: Vec<(Arc<ChannelShared>, ReplyRx)>,
+    bounds: Bounds,
+    /// A generous bound on what one queued message may cost (decoded), for the "one
+    /// message over the bound" allowance where the exact count cannot be seen.
+    one_msg: usize,
+    /// Bytes the handles' commands queued since the socket last took the output (the
+    /// output bound is about answers to the broker, not what the application sends).
+    cmd_added: usize,
     /// We sent `connection.close` ourselves (reply code 200 is then ours).
     closed_by_us: bool,
     /// A `connection.close` is queued.
@@ -66,15 +118,24 @@ impl EngineHarness {
         } else {
             1 + u16::from(cfg >> 5)
         };
-        let max_message_size = match inp.u8() % 4 {
+        let size_choice = inp.u8();
+        let max_message_size = match size_choice % 4 {
             0 => 0,
             1 => 100,
             2 => 5000,
             _ => 1 << 20,
         };
+        // The bound class rides on choice bytes whose values were aliases before (the
+        // depth byte was read `% 70`, the size byte `% 4`), so inputs saved before the
+        // bounds existed replay unchanged when their depth byte is below 70.
+        let depth = inp.u8();
+        let bounds = Bounds::choose(depth / 70, size_choice >> 2);
         let opts = ConnectionOptions {
             max_message_size,
-            max_table_depth: 1 + inp.below(70),
+            max_table_depth: 1 + usize::from(depth % 70),
+            consumer_queue_bytes: bounds.consumer_queue_bytes,
+            connection_queue_bytes: bounds.connection_queue_bytes,
+            max_output_bytes: bounds.max_output_bytes,
             ..ConnectionOptions::default()
         };
         let poll = mio::Poll::new().expect("a poll instance");
@@ -104,6 +165,12 @@ impl EngineHarness {
             channels: Vec::new(),
             consumers: Vec::new(),
             replies: Vec::new(),
+            selects: Vec::new(),
+            bounds,
+            // Body, names, boxed struct, and properties decoded from at most one frame
+            // (a void in an array is one byte on the wire, a `FieldValue` decoded).
+            one_msg: 4096 + 2 * max_message_size as usize + 64 * frame_max as usize,
+            cmd_added: 0,
             closed_by_us: false,
             close_sent: false,
             checked: 0,
@@ -150,7 +217,9 @@ impl EngineHarness {
         };
         for _ in 0..n {
             match c.rx.try_recv() {
-                Ok(msg) => {
+                Ok(mut msg) => {
+                    // As `Consumer::recv`: the bytes first, then the count.
+                    msg.release();
                     c.shared.took_one();
                     match msg {
                         ConsumerMsg::Delivery(d) => {
@@ -185,6 +254,15 @@ impl EngineHarness {
                     return;
                 }
             }
+            // Unlike `Reactor::read`, which goes on to buffered frames whenever no
+            // delivery is stalled: with the output over its bound the reactor answers one
+            // more frame per turn of its loop.
+            if self.engine.is_stalled() && self.bounds.reader {
+                self.drain_output();
+            }
+            if self.engine.is_stalled() {
+                return;
+            }
             self.process_frames();
             if bytes.is_empty() || self.engine.is_stalled() || self.engine.outcome().is_some() {
                 return;
@@ -212,7 +290,102 @@ impl EngineHarness {
         };
         let before = self.engine.output().len();
         self.engine.on_command(cmd, self.now);
-        assert!(self.engine.output().len() <= before + len);
+        let after = self.engine.output().len();
+        assert!(after <= before + len);
+        self.cmd_added += after.saturating_sub(before);
+    }
+
+    /// The socket took everything queued for it.
+    fn drain_output(&mut self) {
+        self.engine.take_output();
+        self.checked = 0;
+        self.cmd_added = 0;
+    }
+
+    /// A `select-ok` came for a `confirm.select`: that channel is now in confirm mode.
+    fn poll_selects(&mut self) {
+        self.selects.retain(|(shared, rx)| match rx.try_recv() {
+            Some(Ok(Reply::Method(AMQPClass::Confirm(_)))) => {
+                shared.confirms.enable();
+                false
+            }
+            Some(_) => false,
+            None => true,
+        });
+    }
+
+    /// The application takes up to `n` returned messages from channel `i`, as
+    /// `Channel::try_recv_return` does.
+    fn take_returns(&mut self, i: usize, n: usize) {
+        let Some(ch) = self.channels.get(i) else {
+            return;
+        };
+        for _ in 0..n {
+            let Ok(r) = ch.shared.returns_rx.try_recv() else {
+                return;
+            };
+            ch.shared
+                .returns_bytes
+                .fetch_sub(r.cost(), Ordering::AcqRel);
+        }
+    }
+
+    /// The byte bounds: each consumer's queue, the connection's total, the returns, the
+    /// output (answers to the broker; the handles' own commands aside).
+    fn check_bytes(&self) {
+        let b = self.bounds;
+        let mut sum = 0;
+        let mut unchecked = 0;
+        for c in &self.consumers {
+            let q = c.shared.bytes.queued();
+            sum += q;
+            if c.shared.active.load(Ordering::Acquire) && b.small {
+                // Over the bound only with one message alone (an empty queue takes one
+                // message whatever its size).
+                assert!(
+                    q <= b.consumer_queue_bytes || c.rx.len() <= 1,
+                    "consumer queue holds {q} bytes in {} messages, over its bound {}",
+                    c.rx.len(),
+                    b.consumer_queue_bytes
+                );
+            } else {
+                // A cancelled consumer no longer holds reading back: its queue is bounded
+                // by its count only (see `Engine::deliver`).
+                unchecked += q;
+            }
+        }
+        let total = self.engine.queued_bytes();
+        assert_eq!(
+            total, sum,
+            "connection byte total out of step with its consumers'"
+        );
+        assert!(
+            total <= b.connection_queue_bytes + unchecked + self.one_msg,
+            "connection queues hold {total} bytes, over the bound {}",
+            b.connection_queue_bytes
+        );
+        for ch in &self.channels {
+            let r = ch.shared.returns_bytes.load(Ordering::Acquire);
+            assert!(
+                r <= b.consumer_queue_bytes || ch.shared.returns_rx.len() <= 1,
+                "returns hold {r} bytes in {} messages, over the bound {}",
+                ch.shared.returns_rx.len(),
+                b.consumer_queue_bytes
+            );
+        }
+        let out = self.engine.output().len();
+        assert!(
+            out <= b.max_output_bytes + MAX_REPLY_PER_FRAME + self.cmd_added,
+            "{out} bytes of output ({} from commands), over the bound {}",
+            self.cmd_added,
+            b.max_output_bytes
+        );
+        if out >= b.max_output_bytes {
+            assert!(
+                self.engine.is_stalled(),
+                "output over its bound, reading goes on"
+            );
+        }
     }
 
     /// Invariants after every step.
@@ -235,6 +408,7 @@ impl EngineHarness {
         for ch in &self.channels {
             assert!(ch.shared.returns_rx.len() <= RETURNS_CAPACITY);
         }
+        self.check_bytes();
         if self.engine.outcome().is_some() || !self.engine.is_open() {
             assert!(self.conn.is_failed(), "engine ended without recording why");
         }
@@ -273,8 +447,7 @@ impl EngineHarness {
         self.was_open = self.engine.is_open();
         // The socket takes everything now and then; the buffer must not grow unseen.
         if self.engine.output().len() > 1 << 20 {
-            self.engine.take_output();
-            self.checked = 0;
+            self.drain_output();
         }
     }
 }
@@ -299,6 +472,7 @@ pub fn engine(data: &[u8]) {
         while let Ok(cmd) = h.commands.try_recv() {
             h.command(cmd);
         }
+        h.poll_selects();
         match inp.u8() % 16 {
             0..=5 => {
                 let mut bytes = Vec::new();
@@ -317,9 +491,16 @@ pub fn engine(data: &[u8]) {
             11 => h.publish(&mut inp),
             12 => {
                 let i = inp.below(h.consumers.len());
-                match inp.u8() % 8 {
+                let k = inp.u8();
+                match k % 8 {
                     0 => h.cancel_consumer(i, false),
                     1 => h.cancel_consumer(i, true),
+                    // Values 8 apart were the same choice before returns could be taken.
+                    _ if k >= 240 => {
+                        let i = inp.below(h.channels.len());
+                        let n = inp.below(4);
+                        h.take_returns(i, n);
+                    }
                     _ => {
                         let n = inp.below(4);
                         h.take(i, n);
@@ -332,10 +513,7 @@ pub fn engine(data: &[u8]) {
                 assert!(next <= h.now + Duration::from_secs(3600));
             }
             14 => h.close(&mut inp),
-            _ => {
-                h.engine.take_output();
-                h.checked = 0;
-            }
+            _ => h.drain_output(),
         }
         h.check();
     }
@@ -368,8 +546,28 @@ pub fn engine(data: &[u8]) {
             "an RPC waiter was not woken when the connection ended"
         );
     }
+    for i in 0..h.channels.len() {
+        h.take_returns(i, usize::MAX);
+        let ch = &h.channels[i].shared;
+        assert_eq!(
+            ch.returns_bytes.load(Ordering::Acquire),
+            0,
+            "returns' bytes kept"
+        );
+    }
+    for (_, rx) in &h.selects {
+        assert!(
+            !matches!(rx.recv_deadline(Instant::now()), Err(RecvError::Timeout)),
+            "a confirm.select waiter was not woken when the connection ended"
+        );
+    }
     for i in 0..h.consumers.len() {
         h.take(i, usize::MAX);
+        assert_eq!(
+            h.consumers[i].shared.bytes.queued(),
+            0,
+            "a consumer's bytes kept with its queue empty"
+        );
         assert!(
             matches!(
                 h.consumers[i].rx.try_recv(),
@@ -378,6 +576,11 @@ pub fn engine(data: &[u8]) {
             "a consumer was not woken when the connection ended"
         );
     }
+    assert_eq!(
+        h.engine.queued_bytes(),
+        0,
+        "connection's bytes kept, all taken"
+    );
     for ch in &h.channels {
         assert!(ch.shared.is_closed());
     }

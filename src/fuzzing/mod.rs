@@ -33,6 +33,7 @@ mod content;
 mod engine;
 mod field_table;
 mod frame_decoder;
+mod lenient;
 mod uri;
 
 use crate::protocol::properties::BasicProperties;
@@ -45,6 +46,7 @@ pub use field_table::{
     RefTable, decode_table, field_table, nested_table_bytes, reference_table, table_bytes,
 };
 pub use frame_decoder::frame_decoder;
+pub use lenient::lenient;
 pub use uri::uri;
 
 /// A harness: takes the fuzzer's bytes, panics when a property does not hold.
@@ -57,6 +59,7 @@ pub const TARGETS: &[(&str, Harness)] = &[
     ("content", content),
     ("engine", engine),
     ("uri", uri),
+    ("lenient", lenient),
 ];
 
 // ====================================================================================

@@ -266,6 +266,12 @@ impl Engine {
         rest
     }
 
+    /// Bytes of deliveries queued for all consumers (the connection's byte budget).
+    #[cfg(feature = "fuzzing")]
+    pub(crate) fn queued_bytes(&self) -> usize {
+        self.queued_bytes.queued()
+    }
+
     /// Bytes arrived from the broker at `now`.
     pub(crate) fn received(&mut self, now: Instant) {
         self.last_recv = now;

@@ -111,19 +111,33 @@ pub fn decode_server_method(payload: &[u8], max_depth: usize) -> Result<AMQPClas
     }
 }
 
+/// A leniently decoded string as an amq-protocol short string: lossy decoding turns each
+/// invalid byte into a 3-byte U+FFFD (and a close's cut-off text keeps what follows), so
+/// it may be longer than the 255 bytes `ShortString` holds, whose `From` panics then.
+fn short_lossy(mut s: String) -> amq_protocol::types::ShortString {
+    if s.len() > 255 {
+        let mut n = 255;
+        while !s.is_char_boundary(n) {
+            n -= 1;
+        }
+        s.truncate(n);
+    }
+    s.into()
+}
+
 fn close_class(class: u16, c: lenient::LenientClose) -> AMQPClass {
     use amq_protocol::protocol::{channel, connection};
     if class == 10 {
         AMQPClass::Connection(connection::AMQPMethod::Close(connection::Close {
             reply_code: c.reply_code,
-            reply_text: c.reply_text.into(),
+            reply_text: short_lossy(c.reply_text),
             class_id: c.class_id,
             method_id: c.method_id,
         }))
     } else {
         AMQPClass::Channel(channel::AMQPMethod::Close(channel::Close {
             reply_code: c.reply_code,
-            reply_text: c.reply_text.into(),
+            reply_text: short_lossy(c.reply_text),
             class_id: c.class_id,
             method_id: c.method_id,
         }))
@@ -141,11 +155,11 @@ fn content_class(m: content::ContentMethod) -> AMQPClass {
             exchange,
             routing_key,
         } => B::Deliver(Deliver {
-            consumer_tag: consumer_tag.into(),
+            consumer_tag: short_lossy(consumer_tag),
             delivery_tag,
             redelivered,
-            exchange: exchange.into(),
-            routing_key: routing_key.into(),
+            exchange: short_lossy(exchange),
+            routing_key: short_lossy(routing_key),
         }),
         M::GetOk {
             delivery_tag,
@@ -156,8 +170,8 @@ fn content_class(m: content::ContentMethod) -> AMQPClass {
         } => B::GetOk(GetOk {
             delivery_tag,
             redelivered,
-            exchange: exchange.into(),
-            routing_key: routing_key.into(),
+            exchange: short_lossy(exchange),
+            routing_key: short_lossy(routing_key),
             message_count,
         }),
         M::Return {
@@ -167,9 +181,9 @@ fn content_class(m: content::ContentMethod) -> AMQPClass {
             routing_key,
         } => B::Return(Return {
             reply_code,
-            reply_text: reply_text.into(),
-            exchange: exchange.into(),
-            routing_key: routing_key.into(),
+            reply_text: short_lossy(reply_text),
+            exchange: short_lossy(exchange),
+            routing_key: short_lossy(routing_key),
         }),
     })
 }

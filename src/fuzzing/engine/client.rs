@@ -1,6 +1,6 @@
 //! What the engine harness's handles do: open, consume, get, declare, publish, cancel, close.
 
-use amq_protocol::protocol::{AMQPClass, basic, channel, connection, queue as amqp_queue};
+use amq_protocol::protocol::{AMQPClass, basic, channel, confirm, connection, queue as amqp_queue};
 
 use super::{EngineHarness, FuzzChannel, FuzzConsumer};
 use crate::delivery::{ConsumerShared, ConsumerSink};
@@ -75,15 +75,39 @@ impl EngineHarness {
         let Some(ch) = self.channels.get(inp.below(self.channels.len())) else {
             return;
         };
-        let id = ch.id;
+        let (id, shared) = (ch.id, ch.shared.clone());
         let (reply, rx) = oneshot::channel();
-        self.replies.push(rx);
         let mut bytes = Vec::new();
-        let (m, consumer) = match inp.u8() % 4 {
+        let k = inp.u8();
+        let (m, consumer) = match k % 4 {
+            // The upper half of what was `queue.declare` before confirms were fuzzed.
+            3 if k >= 128 => {
+                self.selects.push((shared, rx));
+                put_method(
+                    &mut bytes,
+                    id,
+                    AMQPClass::Confirm(confirm::AMQPMethod::Select(confirm::Select {
+                        nowait: false,
+                    })),
+                )
+                .expect("confirm.select encodes");
+                self.command(Command::Rpc {
+                    channel: id,
+                    bytes,
+                    reply,
+                    consumer: None,
+                });
+                return;
+            }
             0 | 1 => {
                 let capacity = 1 + inp.below(4);
                 let (tx, crx) = queue::unbounded();
-                let shared = Arc::new(ConsumerShared::new(capacity));
+                // Inputs saved before the byte bounds keep queues bounded by count only.
+                let shared = Arc::new(if self.bounds.small {
+                    ConsumerShared::bounded(capacity, self.conn.opts.consumer_queue_bytes)
+                } else {
+                    ConsumerShared::new(capacity)
+                });
                 let no_ack = inp.bool();
                 self.consumers.push(FuzzConsumer {
                     channel: id,
@@ -123,6 +147,7 @@ impl EngineHarness {
                 None,
             ),
         };
+        self.replies.push(rx);
         put_method(&mut bytes, id, m).expect("client method encodes");
         self.command(Command::Rpc {
             channel: id,
@@ -151,6 +176,9 @@ impl EngineHarness {
             8,
         )
         .expect("publish encodes");
+        // In confirm mode a publish takes the next sequence number, as
+        // `Channel::publish` does: the broker's acks are checked against it.
+        ch.shared.confirms.register(false, None);
         self.command(Command::Send(bytes));
     }
 

@@ -4,7 +4,7 @@ use amq_protocol::protocol::{AMQPClass, basic, channel, connection, queue as amq
 
 use super::EngineHarness;
 use crate::fuzzing::{Input, gen_properties, header_payload};
-use crate::protocol::frame::{FRAME_BODY, FRAME_END, FRAME_HEADER, put_method};
+use crate::protocol::frame::{FRAME_BODY, FRAME_END, FRAME_HEADER, FRAME_METHOD, put_method};
 
 impl EngineHarness {
     pub(super) fn channel_id(&self, inp: &mut Input<'_>) -> u16 {
@@ -33,7 +33,12 @@ impl EngineHarness {
                 inp.string(8)
             }
         };
-        let method = match inp.u8() % 22 {
+        let choice = inp.u8();
+        if choice >= 242 {
+            // Appended after the first 22 choices (values 242.. were aliases of 0..=13).
+            return self.hostile_frame(ch, choice - 242, inp);
+        }
+        let method = match choice % 22 {
             0 => AMQPClass::Channel(channel::AMQPMethod::OpenOk(channel::OpenOk {})),
             1 => AMQPClass::Basic(B::ConsumeOk(basic::ConsumeOk {
                 consumer_tag: tag(inp).into(),
@@ -151,6 +156,169 @@ impl EngineHarness {
             out.clear();
         }
         out
+    }
+}
+
+/// How a hand-built method ends: as it should, with trailing bytes, or cut off.
+#[derive(Clone, Copy, PartialEq)]
+enum Tail {
+    Whole,
+    Trailing,
+    /// Cut somewhere after the fields that identify the message.
+    CutAfterId,
+    /// Cut before them (a connection error: there is nothing to reject).
+    CutBeforeId,
+}
+
+impl EngineHarness {
+    /// Shapes a broker (or a publisher, through it) can make and amq-protocol would not
+    /// encode: short strings of any bytes, lengths that lie, trailing bytes, tails cut
+    /// off; and confirms for tags at the edges of what was published.
+    fn hostile_frame(&mut self, ch: u16, choice: u8, inp: &mut Input<'_>) -> Vec<u8> {
+        let tail = match inp.u8() % 8 {
+            0..=3 => Tail::Whole,
+            4 | 5 => Tail::Trailing,
+            6 => Tail::CutAfterId,
+            _ => Tail::CutBeforeId,
+        };
+        let mut p = Vec::new();
+        // Where the identifying fields end (the payload may be cut after this).
+        let id_end;
+        match choice {
+            0..=3 => {
+                p.extend_from_slice(&[0, 60, 0, 60]);
+                consumer_tag(&mut p, inp);
+                p.extend_from_slice(&u64::from(inp.u8()).to_be_bytes());
+                id_end = p.len();
+                p.push(inp.u8());
+                hostile_short(&mut p, inp);
+                hostile_short(&mut p, inp);
+            }
+            4 | 5 => {
+                p.extend_from_slice(&[0, 60, 0, 71]);
+                p.extend_from_slice(&u64::from(inp.u8()).to_be_bytes());
+                id_end = p.len();
+                p.push(inp.u8());
+                hostile_short(&mut p, inp);
+                hostile_short(&mut p, inp);
+                p.extend_from_slice(&inp.u32().to_be_bytes());
+            }
+            6 | 7 => {
+                p.extend_from_slice(&[0, 60, 0, 50]);
+                p.extend_from_slice(&[1, 56]);
+                id_end = p.len();
+                hostile_short(&mut p, inp);
+                hostile_short(&mut p, inp);
+                hostile_short(&mut p, inp);
+            }
+            8 | 9 => {
+                // connection.close on channel 0 / channel.close on the chosen channel.
+                let ch = if choice == 8 { 0 } else { ch };
+                p.extend_from_slice(if choice == 8 {
+                    &[0, 10, 0, 50]
+                } else {
+                    &[0, 20, 0, 40]
+                });
+                let code: u16 = [200, 320, 403, 404, 406, 501, 541][inp.below(7)];
+                p.extend_from_slice(&code.to_be_bytes());
+                id_end = p.len();
+                hostile_short(&mut p, inp);
+                p.extend_from_slice(&inp.u16().to_be_bytes());
+                p.extend_from_slice(&inp.u16().to_be_bytes());
+                finish(&mut p, id_end, tail, inp);
+                return frame_bytes(FRAME_METHOD, ch, &p);
+            }
+            10 | 11 => {
+                // basic.ack / basic.nack for tag 0, the last published, or one past it.
+                let last = self
+                    .channels
+                    .iter()
+                    .find(|c| c.id == ch)
+                    .map_or(0, |c| c.shared.confirms.last_seq());
+                let tag = match inp.u8() % 4 {
+                    0 => 0,
+                    1 => last,
+                    2 => last + 1,
+                    _ => last.saturating_sub(1),
+                };
+                let bits = inp.u8() & 3;
+                p.extend_from_slice(if choice == 10 {
+                    &[0, 60, 0, 80]
+                } else {
+                    &[0, 60, 0, 120]
+                });
+                p.extend_from_slice(&tag.to_be_bytes());
+                p.push(bits);
+                return frame_bytes(FRAME_METHOD, ch, &p);
+            }
+            12 => {
+                // confirm.select-ok: what turns a `confirm.select` into confirm mode.
+                return frame_bytes(FRAME_METHOD, ch, &[0, 85, 0, 11]);
+            }
+            _ => {
+                // basic.consume-ok with a tag of any bytes.
+                p.extend_from_slice(&[0, 60, 0, 21]);
+                id_end = p.len();
+                consumer_tag(&mut p, inp);
+            }
+        }
+        finish(&mut p, id_end, tail, inp);
+        frame_bytes(FRAME_METHOD, ch, &p)
+    }
+}
+
+/// A consumer tag: mostly one the engine knows, else any bytes.
+fn consumer_tag(p: &mut Vec<u8>, inp: &mut Input<'_>) {
+    match inp.u8() % 4 {
+        0 => p.push(0),
+        1 => p.extend_from_slice(b"\x02c1"),
+        2 => p.extend_from_slice(b"\x02c2"),
+        _ => hostile_short(p, inp),
+    }
+}
+
+/// A short string of any bytes (not UTF-8, up to 255 of them), or a length that lies.
+fn hostile_short(p: &mut Vec<u8>, inp: &mut Input<'_>) {
+    match inp.u8() % 4 {
+        0 => {
+            let s = inp.some_bytes(12);
+            p.push(s.len() as u8);
+            p.extend_from_slice(s);
+        }
+        1 => {
+            // Invalid UTF-8 for sure: a lone continuation byte among the chosen ones.
+            let s = inp.some_bytes(20);
+            p.push(s.len() as u8 + 1);
+            p.push(0x80);
+            p.extend_from_slice(s);
+        }
+        2 => {
+            let n = 200 + inp.below(56);
+            p.push(n as u8);
+            let b = inp.u8() | 0x80;
+            p.extend(std::iter::repeat_n(b, n));
+        }
+        _ => {
+            // The length says more (or less) than follows.
+            p.push(inp.u8());
+            p.extend_from_slice(inp.some_bytes(8));
+        }
+    }
+}
+
+/// End a hand-built method payload as `tail` says.
+fn finish(p: &mut Vec<u8>, id_end: usize, tail: Tail, inp: &mut Input<'_>) {
+    match tail {
+        Tail::Whole => {}
+        Tail::Trailing => p.extend_from_slice(inp.some_bytes(16)),
+        Tail::CutAfterId => {
+            let keep = id_end + inp.below(p.len() - id_end + 1);
+            p.truncate(keep);
+        }
+        Tail::CutBeforeId => {
+            let keep = 4 + inp.below(id_end.saturating_sub(4));
+            p.truncate(keep.min(p.len()));
+        }
     }
 }
 
