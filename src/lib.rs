@@ -57,7 +57,7 @@
 //! options, uri, events                          plain data
 //! error                                         re-exports protocol's reply codes
 //! protocol (frame, methods, table, properties, content, reply_code)   bytes only
-//! sync, delivery_queue, link                    primitives and the loom-checked cores
+//! sync, delivery_queue, link, send_core         primitives and the loom-checked cores
 //! ```
 //!
 //! # Threads
@@ -120,6 +120,7 @@ mod pool;
 mod protocol;
 #[cfg(not(loom))]
 mod recovery;
+mod send_core;
 mod sync;
 #[cfg(not(loom))]
 mod topology;
@@ -169,6 +170,7 @@ pub mod internal {
         pub use crate::delivery_queue::QueueShared;
         pub use crate::link::{Ended, LinkState};
         pub use crate::pool::{Lease, PoolCore, PoolStats, Poolable};
+        pub use crate::send_core::{FailFlag, WakeFlag};
         pub use crate::sync::{oneshot, queue};
     }
 }

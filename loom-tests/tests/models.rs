@@ -10,11 +10,13 @@
 //! and expects the failure. `mutants.sh` plants more slips (see `mutants/`).
 #![cfg(loom)]
 
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use std::sync::atomic::{AtomicUsize as StdAtomicUsize, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 
 use lepus::internal::model::{
-    ConfirmTracker, Ended, LinkState, PoolCore, Poolable, QueueShared, oneshot, outcome, queue,
+    ConfirmTracker, Ended, FailFlag, LinkState, PoolCore, Poolable, QueueShared, WakeFlag,
+    oneshot, outcome, queue,
 };
 use lepus::{Confirm, Error};
 use loom::sync::atomic::{AtomicBool, AtomicUsize};
@@ -640,4 +642,131 @@ fn confirm_recovery_model() {
 #[test]
 fn confirms_recovery_adopts_while_the_new_link_acks_and_fails() {
     assert!(explore("confirms recovery", confirm_recovery_model) > 1);
+}
+
+// ---------------------------------------------------------------- 6. sending a command
+
+/// A one-command stand-in for the command queue (crossbeam's) that orders no more than
+/// crossbeam does: a push publishes with a release store, a pop that finds nothing has
+/// only done an acquire load. lepus's loom queue is a Mutex + Condvar queue, which orders
+/// everything and would hide a missing fence; the hand-shakes in `send_core` must not
+/// rely on more than this.
+struct CommandSlot<T> {
+    item: Mutex<Option<T>>,
+    full: AtomicBool,
+}
+
+impl<T> CommandSlot<T> {
+    fn new() -> Self {
+        CommandSlot {
+            item: Mutex::new(None),
+            full: AtomicBool::new(false),
+        }
+    }
+    fn push(&self, v: T) -> Result<(), ()> {
+        *self.item.lock().unwrap() = Some(v);
+        self.full.store(true, Release);
+        Ok(())
+    }
+    fn pop(&self) -> Option<T> {
+        if !self.full.load(Acquire) {
+            return None;
+        }
+        self.full.store(false, Relaxed);
+        self.item.lock().unwrap().take()
+    }
+}
+
+/// An RPC waiter races a link failure: the handle queues its command (with its reply
+/// sender) through `FailFlag::send` and waits through `FailFlag::wait_reply`; the I/O
+/// thread sets the failure and does its final drain, which drops whatever it finds. The
+/// waiter must always wake (loom reports a deadlock if it sleeps on a sender nobody will
+/// drop), with "disconnected", never a reply.
+fn fail_fence_model() {
+    let flag = Arc::new(FailFlag::new());
+    let slot = Arc::new(CommandSlot::<oneshot::Sender<u32>>::new());
+    let io = {
+        let (flag, slot) = (flag.clone(), slot.clone());
+        thread::spawn(move || {
+            flag.set();
+            flag.drain_failed(|| slot.pop().is_some());
+        })
+    };
+    let (tx, rx) = oneshot::channel::<u32>();
+    match flag.send(|| slot.push(tx)) {
+        // Failed before queuing: the caller gets the error at once.
+        None => assert!(flag.is_set()),
+        Some(r) => {
+            assert!(r.is_ok());
+            assert_eq!(
+                flag.wait_reply(&rx, far()),
+                Err(oneshot::RecvError::Disconnected)
+            );
+        }
+    }
+    io.join().unwrap();
+}
+
+#[test]
+fn rpc_waiter_races_link_failure_and_final_drain() {
+    assert!(explore("fail_fence", fail_fence_model) > 1);
+}
+
+/// mio's `Waker` and `Poll` as the I/O thread sees them: a wake-up is kept until the
+/// next poll takes it.
+struct PollWaker {
+    woken: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl PollWaker {
+    fn wake(&self) {
+        *self.woken.lock().unwrap() = true;
+        self.cv.notify_all();
+    }
+    fn poll(&self) {
+        let mut w = self.woken.lock().unwrap();
+        while !*w {
+            w = self.cv.wait(w).unwrap();
+        }
+        *w = false;
+    }
+}
+
+/// The wake flag's hand-shake: a wake-up from an earlier batch is pending and the I/O
+/// thread is about to clear the flag and drain, while a handle queues a command (through
+/// `FailFlag::send`, whose fence is the handle's half) and wakes through the flag. The
+/// I/O thread polls, clears, drains, and polls again until it got the command: if the
+/// handle skipped its wake-up because the flag still looked set while the drain missed
+/// its command, the I/O thread sleeps with nobody to wake it (a loom deadlock).
+fn wake_flag_model() {
+    let wake = Arc::new(WakeFlag::new());
+    let fail = Arc::new(FailFlag::new());
+    let slot = Arc::new(CommandSlot::<u32>::new());
+    let waker = Arc::new(PollWaker {
+        woken: Mutex::new(false),
+        cv: Condvar::new(),
+    });
+    wake.wake(|| waker.wake());
+    let handle = {
+        let (wake, fail, slot, waker) = (wake.clone(), fail.clone(), slot.clone(), waker.clone());
+        thread::spawn(move || {
+            assert_eq!(fail.send(|| slot.push(7)), Some(Ok(())));
+            wake.wake(|| waker.wake());
+        })
+    };
+    loop {
+        waker.poll();
+        wake.clear();
+        if let Some(v) = slot.pop() {
+            assert_eq!(v, 7);
+            break;
+        }
+    }
+    handle.join().unwrap();
+}
+
+#[test]
+fn wake_flag_never_loses_a_wake_up() {
+    assert!(explore("wake_flag", wake_flag_model) > 1);
 }
