@@ -708,7 +708,7 @@ fn fail_fence_model() {
 }
 
 #[test]
-fn rpc_waiter_races_link_failure_and_final_drain() {
+fn send_rpc_waiter_races_link_failure_and_final_drain() {
     assert!(explore("fail_fence", fail_fence_model) > 1);
 }
 
@@ -767,6 +767,6 @@ fn wake_flag_model() {
 }
 
 #[test]
-fn wake_flag_never_loses_a_wake_up() {
+fn send_wake_flag_never_loses_a_wake_up() {
     assert!(explore("wake_flag", wake_flag_model) > 1);
 }
