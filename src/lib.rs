@@ -57,7 +57,8 @@
 //! options, uri, events                          plain data
 //! error                                         re-exports protocol's reply codes
 //! protocol (frame, methods, table, properties, content, reply_code)   bytes only
-//! sync, delivery_queue, link, send_core         primitives and the loom-checked cores
+//! sync, delivery_queue, link, send_core,
+//! end_relay                                     primitives and the loom-checked cores
 //! ```
 //!
 //! # Threads
@@ -107,6 +108,7 @@ mod consumer;
 #[cfg(not(loom))]
 mod delivery;
 mod delivery_queue;
+mod end_relay;
 mod error;
 #[cfg(not(loom))]
 mod events;
@@ -168,6 +170,7 @@ pub mod internal {
     pub mod model {
         pub use crate::confirm_tracker::{ConfirmTracker, Entry, outcome};
         pub use crate::delivery_queue::QueueShared;
+        pub use crate::end_relay::EndRelay;
         pub use crate::link::{Ended, LinkState};
         pub use crate::pool::{Lease, PoolCore, PoolStats, Poolable};
         pub use crate::send_core::{FailFlag, WakeFlag};

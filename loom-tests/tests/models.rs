@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicUsize as StdAtomicUsize, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 
 use lepus::internal::model::{
-    ConfirmTracker, Ended, FailFlag, LinkState, PoolCore, Poolable, QueueShared, WakeFlag,
+    ConfirmTracker, EndRelay, Ended, FailFlag, LinkState, PoolCore, Poolable, QueueShared, WakeFlag,
     oneshot, outcome, queue,
 };
 use lepus::{Confirm, Error};
@@ -769,4 +769,82 @@ fn wake_flag_model() {
 #[test]
 fn send_wake_flag_never_loses_a_wake_up() {
     assert!(explore("wake_flag", wake_flag_model) > 1);
+}
+
+// ---------------------------------------------------------------- 7. a consumer's end
+
+enum Msg {
+    Delivery(u32),
+    End(u64),
+}
+
+/// A consumer as `Consumer::recv` uses it: its queue, its bound and its end relay.
+struct RelayConsumer {
+    rx: queue::Receiver<Msg>,
+    shared: QueueShared,
+    end: EndRelay<Msg, u64>,
+}
+
+impl RelayConsumer {
+    /// `Consumer::recv` and `on_msg`, step for step.
+    fn recv(&self) -> Result<u32, u64> {
+        if let Some(e) = self.end.ended() {
+            return Err(e);
+        }
+        match self.rx.recv() {
+            Ok(m) => {
+                self.shared.took_one();
+                match m {
+                    Msg::Delivery(v) => Ok(v),
+                    Msg::End(e) => Err(self.end.took_end(e, &self.shared, Msg::End)),
+                }
+            }
+            Err(_) => Err(self.end.end_with(99)),
+        }
+    }
+}
+
+/// Two threads block in `recv()` on one consumer while the I/O thread queues a delivery
+/// and then the consumer's end: each thread gets the delivery or the end, the delivery
+/// reaches exactly one of them, both end with the end the I/O thread sent (a thread left
+/// asleep is a loom deadlock), and the queue's count matches what is left in it.
+fn relay_model() {
+    let (tx, rx) = queue::unbounded::<Msg>();
+    let c = Arc::new(RelayConsumer {
+        rx,
+        shared: QueueShared::new(4),
+        end: EndRelay::new(tx.clone()),
+    });
+    let receivers: Vec<_> = (0..2)
+        .map(|_| {
+            let c = c.clone();
+            thread::spawn(move || {
+                let mut got = 0;
+                loop {
+                    match c.recv() {
+                        Ok(v) => got += v,
+                        Err(e) => return (got, e),
+                    }
+                }
+            })
+        })
+        .collect();
+    assert!(c.shared.reserve_or_wait());
+    c.shared.pushed();
+    tx.send(Msg::Delivery(1)).ok();
+    c.shared.pushed();
+    tx.send(Msg::End(7)).ok();
+    let mut delivered = 0;
+    for r in receivers {
+        let (got, e) = r.join().unwrap();
+        assert_eq!(e, 7, "a receiver ended with another end");
+        delivered += got;
+    }
+    assert_eq!(delivered, 1, "the delivery reached exactly one receiver");
+    assert_eq!(c.shared.queued.load(SeqCst), c.rx.len(), "the count left behind");
+}
+
+#[test]
+fn consumer_end_reaches_every_blocked_receiver() {
+    assert!(explore("relay", relay_model) > 1);
 }
