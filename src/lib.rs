@@ -171,7 +171,7 @@ pub mod internal {
         pub use crate::confirm_tracker::{ConfirmTracker, Entry, outcome};
         pub use crate::delivery_queue::QueueShared;
         pub use crate::end_relay::EndRelay;
-        pub use crate::link::{Ended, LinkState};
+        pub use crate::link::{Ended, Link, LinkCell, LinkGen, LinkState};
         pub use crate::pool::{Lease, PoolCore, PoolStats, Poolable};
         pub use crate::send_core::{FailFlag, WakeFlag};
         pub use crate::sync::{oneshot, queue};

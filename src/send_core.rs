@@ -18,6 +18,7 @@ use std::time::Instant;
 #[derive(Debug, Default)]
 pub struct FailFlag {
     failed: AtomicBool,
+    will_recover: AtomicBool,
 }
 
 impl FailFlag {
@@ -25,6 +26,7 @@ impl FailFlag {
     pub fn new() -> Self {
         FailFlag {
             failed: AtomicBool::new(false),
+            will_recover: AtomicBool::new(false),
         }
     }
 
@@ -61,6 +63,26 @@ impl FailFlag {
             return rx.try_recv().ok_or(oneshot::RecvError::Disconnected);
         }
         rx.recv_deadline(deadline)
+    }
+
+    /// True when the failure will be followed by a recovery (right once
+    /// [`FailFlag::is_set`] is true).
+    pub fn will_recover(&self) -> bool {
+        self.will_recover.load(Ordering::Acquire)
+    }
+
+    /// I/O side: the link fails. In this order: `failing` tells the owner (which
+    /// decides and records whether a recovery follows: true if so), `record` keeps the
+    /// reason, and only then the flag is set. A thread that sees the flag then also sees
+    /// whether a recovery follows and why the link failed: a waiter for the connection
+    /// (`LinkCell::current`) waits for the recovery instead of reporting a loss as final.
+    /// Returns what `failing` said.
+    pub fn fail(&self, failing: impl FnOnce() -> bool, record: impl FnOnce()) -> bool {
+        let recover = failing();
+        self.will_recover.store(recover, Ordering::Release);
+        record();
+        self.set();
+        recover
     }
 
     /// I/O side: the link failed. The fence pairs with the one in [`FailFlag::send`]

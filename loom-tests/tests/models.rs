@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicUsize as StdAtomicUsize, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 
 use lepus::internal::model::{
-    ConfirmTracker, EndRelay, Ended, FailFlag, LinkState, PoolCore, Poolable, QueueShared, WakeFlag,
+    ConfirmTracker, EndRelay, Ended, FailFlag, LinkCell, LinkGen, LinkState, PoolCore, Poolable, QueueShared, WakeFlag,
     oneshot, outcome, queue,
 };
 use lepus::{Confirm, Error};
@@ -847,4 +847,151 @@ fn relay_model() {
 #[test]
 fn consumer_end_reaches_every_blocked_receiver() {
     assert!(explore("relay", relay_model) > 1);
+}
+
+// ---------------------------------------------------------------- 8. the connection's lock
+
+/// A connection generation as `LinkCell` sees it: its number and its failure flag (the
+/// real `FailFlag`, with the failing side's order in `FailFlag::fail`). Its error is its
+/// number; `CLOSED` is "closed by the application".
+#[derive(Clone)]
+struct ModelGen {
+    n: u64,
+    fail: Arc<FailFlag>,
+}
+
+const CLOSED: u64 = 0;
+
+impl ModelGen {
+    fn new(n: u64) -> Self {
+        ModelGen {
+            n,
+            fail: Arc::new(FailFlag::new()),
+        }
+    }
+    /// The I/O thread's failure path: `ConnShared::fail_link` (tell the owner through
+    /// `LinkCell::failing`, then set the flag), then, when the thread ends,
+    /// `LinkCell::ended`. Returns true if this thread must run the recovery.
+    fn link_lost(&self, cell: &LinkCell<ModelGen>) -> bool {
+        self.fail
+            .fail(|| cell.failing(self.n, true).is_some(), || {});
+        cell.ended(self.n, self.n)
+    }
+}
+
+impl LinkGen for ModelGen {
+    type Error = u64;
+    fn number(&self) -> u64 {
+        self.n
+    }
+    fn is_failed(&self) -> bool {
+        self.fail.is_set()
+    }
+    fn will_recover(&self) -> bool {
+        self.fail.will_recover()
+    }
+    fn error(&self) -> u64 {
+        self.n
+    }
+}
+
+/// Generation 1's link is lost and its recovery installs generation 2, then finishes a
+/// step (the replay) that another waiter waits for through `wait_for`. A thread asking
+/// for the connection (`current`) gets generation 1 (before the failure) or 2, never
+/// generation 1's error: `current` reads the failure flag and then whether a recovery
+/// follows, right only because the failing side records the latter first. The
+/// `wait_for` waiter wakes (a lost wake-up is a loom deadlock).
+fn link_recovery_model() {
+    let g1 = ModelGen::new(1);
+    let cell = Arc::new(LinkCell::new(g1.clone()));
+    let replayed = Arc::new(AtomicBool::new(false));
+    let io = {
+        let (cell, replayed) = (cell.clone(), replayed.clone());
+        thread::spawn(move || {
+            if g1.link_lost(&cell) {
+                assert!(cell.install(ModelGen::new(2)));
+                replayed.store(true, Release);
+                cell.notify();
+            }
+        })
+    };
+    let asker = {
+        let cell = cell.clone();
+        thread::spawn(move || cell.current(far(), CLOSED).map(|g| g.n))
+    };
+    assert_eq!(
+        cell.wait_for(|| replayed.load(Acquire), far(), || 98, CLOSED),
+        Ok(())
+    );
+    let got = asker.join().unwrap();
+    assert!(got == Ok(1) || got == Ok(2), "current() gave {got:?}");
+    io.join().unwrap();
+    assert_eq!(cell.current(far(), CLOSED).map(|g| g.n), Ok(2));
+}
+
+#[test]
+fn conn_link_current_waits_through_a_recovery() {
+    assert!(explore("link_recovery", link_recovery_model) > 1);
+}
+
+/// Generation 1's link is lost and the recovery gives up: a thread waiting in `current`
+/// for the recovery wakes with the recovery's error (or got generation 1 before the
+/// failure), and the connection is dead.
+fn link_give_up_model() {
+    let g1 = ModelGen::new(1);
+    let cell = Arc::new(LinkCell::new(g1.clone()));
+    let io = {
+        let cell = cell.clone();
+        thread::spawn(move || {
+            if g1.link_lost(&cell) {
+                cell.give_up(77);
+            }
+        })
+    };
+    let got = cell.current(far(), CLOSED).map(|g| g.n);
+    assert!(got == Ok(1) || got == Err(77), "current() gave {got:?}");
+    io.join().unwrap();
+    assert!(cell.is_dead());
+    assert_eq!(cell.current(far(), CLOSED).map(|g| g.n), Err(77));
+}
+
+#[test]
+fn conn_link_give_up_wakes_waiters() {
+    assert!(explore("link_give_up", link_give_up_model) > 1);
+}
+
+/// The application closes the connection while generation 1's link is lost and its
+/// recovery waits out a backoff (under loom, only a close ends that wait): the close
+/// wakes the recovery, which gives up, and a thread waiting in `current`, which gets
+/// "closed" (or generation 1 before the failure; or generation 1's error if the close
+/// came first and so no recovery follows). Nothing sleeps on (a loom deadlock).
+fn link_close_model() {
+    let g1 = ModelGen::new(1);
+    let cell = Arc::new(LinkCell::new(g1.clone()));
+    let io = {
+        let cell = cell.clone();
+        thread::spawn(move || {
+            if g1.link_lost(&cell) {
+                assert!(cell.sleep_unless_closed(Duration::from_secs(1)));
+                cell.give_up(CLOSED);
+            }
+        })
+    };
+    let closer = {
+        let cell = cell.clone();
+        thread::spawn(move || assert_eq!(cell.close().map(|g| g.n), Some(1)))
+    };
+    let got = cell.current(far(), CLOSED).map(|g| g.n);
+    assert!(
+        got == Ok(1) || got == Err(CLOSED) || got == Err(1),
+        "current() gave {got:?}"
+    );
+    closer.join().unwrap();
+    io.join().unwrap();
+    assert_eq!(cell.current(far(), CLOSED).map(|g| g.n), Err(CLOSED));
+}
+
+#[test]
+fn conn_link_close_wakes_recovery_and_waiters() {
+    assert!(explore("link_close", link_close_model) > 1);
 }

@@ -218,8 +218,7 @@ impl Engine {
         if self.conn.is_failed() {
             return;
         }
-        let recover = self.conn.link_failing(err);
-        self.conn.set_failure(err.clone());
+        let recover = self.conn.fail_link(err);
         let err = self.conn.error();
         self.stalled = None;
         for slot in self.slots.iter_mut().filter_map(Option::take) {

@@ -139,7 +139,6 @@ pub(crate) struct ConnShared {
     /// Our end of the TCP connection.
     pub(crate) local_addr: Option<SocketAddr>,
     link: Mutex<Option<Weak<dyn LinkEvents>>>,
-    will_recover: AtomicBool,
 }
 
 /// What the owner of a connection generation hears from its I/O thread.
@@ -176,7 +175,6 @@ impl ConnShared {
             generation: 1,
             local_addr: None,
             link: Mutex::new(None),
-            will_recover: AtomicBool::new(false),
         }
     }
 
@@ -192,17 +190,30 @@ impl ConnShared {
         *self.link.lock() = Some(link);
     }
 
-    /// Tell the owner the link is failing; remembers whether recovery follows.
-    pub(crate) fn link_failing(&self, err: &Error) -> bool {
-        let link = self.link.lock().as_ref().and_then(Weak::upgrade);
-        let recover = link.is_some_and(|l| l.failing(self.generation, err));
-        self.will_recover.store(recover, Ordering::Release);
+    /// The link fails with `err`: tell the owner first (remembering whether recovery
+    /// follows), record the reason, then set the flag waiters read (`FailFlag::fail`),
+    /// and wake blocked publishers. Returns true if a recovery follows.
+    pub(crate) fn fail_link(&self, err: &Error) -> bool {
+        let recover = self.failed.fail(
+            || {
+                let link = self.link.lock().as_ref().and_then(Weak::upgrade);
+                link.is_some_and(|l| l.failing(self.generation, err))
+            },
+            || {
+                let mut f = self.failure.lock();
+                if f.is_none() {
+                    *f = Some(err.clone());
+                }
+            },
+        );
+        let _b = self.blocked.lock();
+        self.blocked_cv.notify_all();
         recover
     }
 
     /// True when the failure of this generation will be followed by a recovery.
     pub(crate) fn will_recover(&self) -> bool {
-        self.will_recover.load(Ordering::Acquire)
+        self.failed.will_recover()
     }
 
     /// Tell the owner every waiter has been woken.
@@ -323,19 +334,6 @@ impl ConnShared {
             Some(e) => e.clone(),
             None => Error::ConnectionLost("the connection's I/O thread has ended".into()),
         }
-    }
-
-    /// Record why the connection ended (first reason wins) and wake blocked publishers.
-    pub(crate) fn set_failure(&self, err: Error) {
-        {
-            let mut f = self.failure.lock();
-            if f.is_none() {
-                *f = Some(err);
-            }
-            self.failed.set();
-        }
-        let _b = self.blocked.lock();
-        self.blocked_cv.notify_all();
     }
 
     pub(crate) fn set_blocked(&self, reason: Option<String>) {
