@@ -32,7 +32,12 @@ impl FailFlag {
 
     /// True once the link failed.
     pub fn is_set(&self) -> bool {
-        self.failed.load(Ordering::SeqCst)
+        // Acquire is enough: where a reader must not miss a failure racing its own
+        // store (a queued command), the two fences in `send` and `set` order it. (A
+        // `SeqCst` load here would not replace the fence in `send`: a release store
+        // followed by a `SeqCst` load may still be reordered. loom treats a `SeqCst` load
+        // as stronger than that, and would not see the fence go missing.)
+        self.failed.load(Ordering::Acquire)
     }
 
     /// Handle side: queue a command with `push`, unless the link has already failed
