@@ -158,6 +158,7 @@ pub use protocol::table::{FieldTable, FieldValue};
 /// Internals exposed for fuzzing, model checks and tests; not part of the stable API.
 #[doc(hidden)]
 pub mod internal {
+    pub use crate::delivery_queue::set_stall_repoll;
     pub use crate::protocol::content::{Assembler, Content, ContentMethod, ContentProblem};
     pub use crate::protocol::decode_server_method;
     pub use crate::protocol::frame::{

@@ -26,6 +26,9 @@ pub fn broken(_name: &str) -> bool {
 /// synchronisation point, so never loom's.
 pub use std::sync::Arc as StdArc;
 
+/// A process-wide setting (a test hook), not a synchronisation point: never loom's.
+pub(crate) use std::sync::atomic::AtomicBool as StdAtomicBool;
+
 /// Timed waits: parking_lot's interface, over either implementation.
 pub(crate) trait CondvarExt {
     /// Wait until notified or `deadline`; true if the deadline passed.

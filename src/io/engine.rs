@@ -436,7 +436,7 @@ impl Engine {
             }
             next = next.min(self.last_recv + hb * 2);
         }
-        if self.stalled.is_some() {
+        if self.stalled.is_some() && crate::delivery_queue::stall_repoll() {
             // Safety net for a wake-up lost between the consumer and us.
             next = next.min(now + Duration::from_millis(20));
         }
