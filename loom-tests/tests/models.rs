@@ -325,7 +325,7 @@ fn link_model() {
 }
 
 #[test]
-fn recovery_is_single_flight_and_generations_are_not_confused() {
+fn flight_recovery_is_single_flight_and_generations_are_not_confused() {
     assert!(explore("single-flight", link_model) > 1);
 }
 
@@ -930,7 +930,7 @@ fn link_recovery_model() {
 }
 
 #[test]
-fn conn_link_current_waits_through_a_recovery() {
+fn flight_current_waits_through_a_recovery() {
     assert!(explore("link_recovery", link_recovery_model) > 1);
 }
 
@@ -956,7 +956,7 @@ fn link_give_up_model() {
 }
 
 #[test]
-fn conn_link_give_up_wakes_waiters() {
+fn flight_give_up_wakes_waiters() {
     assert!(explore("link_give_up", link_give_up_model) > 1);
 }
 
@@ -992,6 +992,6 @@ fn link_close_model() {
 }
 
 #[test]
-fn conn_link_close_wakes_recovery_and_waiters() {
+fn flight_close_wakes_recovery_and_waiters() {
     assert!(explore("link_close", link_close_model) > 1);
 }
