@@ -256,10 +256,12 @@ impl<G: LinkGen> LinkCell<G> {
         self.is_closed()
     }
 
-    /// Make a recovered generation current. Refused (false) if it failed meanwhile.
+    /// Make a recovered generation current. Refused (false) if it failed meanwhile, or
+    /// if the connection was closed: `close` took the generation current then to close
+    /// it, so nobody would close this one (the recovery closes a refused candidate).
     pub fn install(&self, g: G) -> bool {
         let mut link = self.link.lock();
-        if !link.flight.install(g.number(), g.is_failed()) {
+        if self.is_closed() || !link.flight.install(g.number(), g.is_failed()) {
             return false;
         }
         link.current = g;

@@ -995,3 +995,28 @@ fn link_close_model() {
 fn flight_close_wakes_recovery_and_waiters() {
     assert!(explore("link_close", link_close_model) > 1);
 }
+
+/// The application closes the connection while the recovery installs generation 2 (it
+/// saw the connection open just before): either the install is refused (the recovery
+/// then closes the candidate), or the close finds generation 2 current and closes it.
+/// Never is generation 2 installed after the close took generation 1 to close: that
+/// would leave a connection open that nobody closes.
+fn link_close_install_model() {
+    let g1 = ModelGen::new(1);
+    let cell = Arc::new(LinkCell::new(g1.clone()));
+    let io = {
+        let cell = cell.clone();
+        thread::spawn(move || g1.link_lost(&cell) && !cell.is_closed() && cell.install(ModelGen::new(2)))
+    };
+    let closed = cell.close().map(|g| g.n);
+    let installed = io.join().unwrap();
+    assert!(
+        !installed || closed == Some(2),
+        "generation 2 installed after the close took generation {closed:?}"
+    );
+}
+
+#[test]
+fn flight_close_races_install() {
+    assert!(explore("link_close_install", link_close_install_model) > 1);
+}
