@@ -5,9 +5,10 @@
 //! was more than one. Deliberately broken variants of lepus's code, switched on with
 //! `LEPUS_LOOM_BROKEN=<name>` (`pool`: a release without its once-guard; `oneshot`: a
 //! reply sender whose drop forgets the wake-up; `queue-store`: the consumer queue's
-//! waiting flag written with a plain store, the lost wake-up this suite found), must make
-//! the model that covers them fail: `run.sh` runs each model again with its variable set
-//! and expects the failure. `mutants.sh` plants more slips (see `mutants/`).
+//! waiting flag written with a plain store, the lost wake-up this suite found;
+//! `send-fence`: a queued command without the fence that pairs with a link failure's),
+//! must make the model that covers them fail: `run.sh` runs each model again with its
+//! variable set and expects the failure. `mutants.sh` plants more slips (see `mutants/`).
 #![cfg(loom)]
 
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
