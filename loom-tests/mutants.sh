@@ -36,7 +36,7 @@ while [ $# -gt 0 ]; do
 done
 
 export LOOM_MAX_PREEMPTIONS="${LOOM_MAX_PREEMPTIONS:-3}"
-export RUSTFLAGS="--cfg loom"
+export RUSTFLAGS="--cfg lepus_loom"
 scratch="${MUTANTS_DIR:-$here/target/mutants}"
 export CARGO_TARGET_DIR="$scratch/target"
 timeout_s="${MUTANT_TIMEOUT:-600}"

@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 export LOOM_MAX_PREEMPTIONS="${LOOM_MAX_PREEMPTIONS:-3}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
-export RUSTFLAGS="--cfg loom"
+export RUSTFLAGS="--cfg lepus_loom"
 
 echo "== loom models (LOOM_MAX_PREEMPTIONS=$LOOM_MAX_PREEMPTIONS)"
 cargo test --release --test models -- --nocapture --test-threads=1

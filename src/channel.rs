@@ -179,6 +179,14 @@ impl Channel {
         }
     }
 
+    /// Deliveries the broker sent on this channel for no consumer of ours (a tag we never
+    /// had, or one already cancelled), since the channel was last (re)opened. lepus
+    /// rejects them with requeue, so that they go to another consumer instead of staying
+    /// unacknowledged until the channel closes.
+    pub fn orphan_deliveries(&self) -> u64 {
+        self.shared().orphan_deliveries.load(Ordering::Relaxed) as u64
+    }
+
     /// The channel state of the current connection generation.
     pub(crate) fn shared(&self) -> Arc<ChannelShared> {
         self.inner.current_shared()
@@ -643,6 +651,7 @@ impl Channel {
                 redelivered,
                 message_count: Some(message_count),
                 acker,
+                charge: Default::default(),
             })),
             Err(p) => Err(RecvError::Bad(Box::new(BadDelivery {
                 kind: p.into(),
@@ -651,6 +660,7 @@ impl Channel {
                 routing_key,
                 redelivered,
                 acker,
+                charge: Default::default(),
             }))),
         }
     }
@@ -671,13 +681,25 @@ impl Channel {
         &self.inner.record
     }
 
+    /// The state of the connection this channel belongs to.
+    pub(crate) fn connection_inner(&self) -> &Arc<crate::connection_state::ConnectionInner> {
+        self.inner.conn.inner()
+    }
+
     /// Stop restoring a consumer after recovery.
     pub(crate) fn forget_consumer(&self, consumer_tag: &str) {
-        self.inner
-            .record
-            .lock()
-            .consumers
-            .retain(|r| r.tag != consumer_tag);
+        let mut queue = None;
+        self.inner.record.lock().consumers.retain(|r| {
+            if r.tag == consumer_tag {
+                queue = Some(r.queue.clone());
+            }
+            r.tag != consumer_tag
+        });
+        // As the Java client: an auto-delete queue whose last consumer is cancelled is
+        // deleted by the broker, so recovery must not declare it again.
+        if let Some(q) = queue {
+            self.inner.conn.inner().forget_auto_delete_queue(&q);
+        }
     }
 
     /// Send `basic.cancel` without waiting (used when a consumer is dropped).
@@ -735,14 +757,22 @@ impl Channel {
     }
 
     /// A message the broker returned (mandatory publish with no route), waiting up to
-    /// `timeout`. Up to 1024 returns are kept per channel; more are logged and dropped.
+    /// `timeout`. Up to 1024 returns, and up to
+    /// [`consumer_queue_bytes`](crate::ConnectionOptions::consumer_queue_bytes) of them,
+    /// are kept per channel; more are logged, counted and dropped.
     pub fn recv_return(&self, timeout: Duration) -> Option<Returned> {
-        self.shared().returns_rx.recv_timeout(timeout).ok()
+        let shared = self.shared();
+        let r = shared.returns_rx.recv_timeout(timeout).ok()?;
+        shared.returns_bytes.fetch_sub(r.cost(), Ordering::AcqRel);
+        Some(r)
     }
 
     /// A returned message, if one is waiting.
     pub fn try_recv_return(&self) -> Option<Returned> {
-        self.shared().returns_rx.try_recv().ok()
+        let shared = self.shared();
+        let r = shared.returns_rx.try_recv().ok()?;
+        shared.returns_bytes.fetch_sub(r.cost(), Ordering::AcqRel);
+        Some(r)
     }
 
     // ---------------- confirms and transactions ----------------
@@ -763,13 +793,32 @@ impl Channel {
     }
 
     /// Wait until every message published so far is confirmed: `Ok(true)` if all were
-    /// acked, `Ok(false)` if the broker nacked any since the last call.
+    /// acked, `Ok(false)` if the broker nacked any since the last call. Keeps waiting
+    /// through a recovery that republishes them (see [`crate::Confirmation::wait_until`]).
     pub fn wait_for_confirms(&self) -> Result<bool> {
         if !self.inner.record.lock().confirm {
             return Err(Error::NotInConfirmMode);
         }
         let deadline = self.deadline();
-        self.usable(deadline)?.confirms.wait_all(deadline)
+        loop {
+            let shared = match self.usable(deadline) {
+                Ok(s) => s,
+                Err(e) if e.is_connection_lost() && Instant::now() >= deadline => {
+                    return Err(Error::Timeout("publisher confirms"));
+                }
+                Err(e) => return Err(e),
+            };
+            match shared.confirms.wait_all(deadline) {
+                // Lost with messages outstanding that recovery republishes: wait for the
+                // recovered channel and their new copies (see `Confirmation::wait_until`).
+                Err(_)
+                    if shared.conn.is_failed()
+                        && shared.conn.will_recover()
+                        && shared.conn.opts.recovery.unconfirmed
+                            == crate::UnconfirmedPolicy::Republish => {}
+                r => return r,
+            }
+        }
     }
 
     /// Published messages not yet confirmed.
@@ -788,12 +837,13 @@ impl Channel {
     }
 
     /// Put the channel in transaction mode (`tx.select`).
+    /// Recovery puts the reopened channel in transaction mode again (a transaction open
+    /// at the failure is lost: the broker rolled it back; commit fails with the error).
     pub fn tx_select(&self) -> Result<()> {
-        let r = self.rpc(
-            AMQPClass::Tx(tx::AMQPMethod::Select(tx::Select {})),
-            "tx.select-ok",
-        )?;
-        expect_reply!(r, "tx.select", AMQPClass::Tx(tx::AMQPMethod::SelectOk(_)) => ())
+        let r = self.rpc(crate::topology::tx_select(), "tx.select-ok")?;
+        expect_reply!(r, "tx.select", AMQPClass::Tx(tx::AMQPMethod::SelectOk(_)) => ())?;
+        self.inner.record.lock().tx = true;
+        Ok(())
     }
 
     /// Commit the transaction.

@@ -34,9 +34,11 @@ impl Channel {
 
 /// The confirmation of one published message; wait on it from any thread.
 ///
-/// If the connection is lost while the message is unconfirmed, a waiter gets
-/// [`Error::ConnectionLost`]. With automatic recovery and the republish policy, waiting
-/// again waits for the recovered connection and the republished copy's confirmation.
+/// If the connection is lost while the message is unconfirmed and recovery republishes
+/// it (the default policy), a waiter keeps waiting, within its deadline, for the
+/// republished copy's confirmation; under the hand-back policy, or once recovery gives
+/// up, it gets [`Error::ConnectionLost`]. See [`Confirmation::wait_until`] for the
+/// at-least-once contract.
 pub struct Confirmation {
     seq: u64,
     slot: Arc<AtomicU8>,
@@ -74,21 +76,53 @@ impl Confirmation {
     }
 
     /// Wait for the broker's answer until `deadline`.
+    ///
+    /// Across a recovery (with [`crate::UnconfirmedPolicy::Republish`], the default) this
+    /// keeps waiting: the message is republished on the recovered channel and its
+    /// outcome is the republished copy's. It fails only if the deadline passes, recovery
+    /// gives up, the channel or connection is closed, or the message was handed back.
+    /// That is an at-least-once contract: an `Ack` means the broker has the message (a
+    /// copy published before the failure may have reached it too, so consumers may see
+    /// it twice); an error after a link loss means the broker may or may not have it.
     pub fn wait_until(&self, deadline: Instant) -> Result<Confirm> {
-        match outcome(&self.slot) {
-            Ok(Some(c)) => return Ok(c),
-            Ok(None) => {}
-            // Failed with its channel (no recovery follows): say why the channel ended,
-            // e.g. closed by the broker or by the application, rather than "lost".
-            Err(_) if self.slot.load(Ordering::Acquire) == FAILED => {
-                return Err(self.channel.shared().error());
+        loop {
+            match outcome(&self.slot) {
+                Ok(Some(c)) => return Ok(c),
+                Ok(None) => {}
+                // Failed with its channel (no recovery follows): say why the channel
+                // ended, e.g. closed by the broker or by the application, rather than "lost".
+                Err(_) if self.slot.load(Ordering::Acquire) == FAILED => {
+                    return Err(self.channel.shared().error());
+                }
+                Err(e) => return Err(e),
             }
-            Err(e) => return Err(e),
-        }
-        let shared = self.channel.usable(deadline)?;
-        match shared.confirms.wait_slot(&self.slot, deadline)? {
-            Some(c) => Ok(c),
-            None => Err(Error::Timeout("a publisher confirm")),
+            let shared = match self.channel.usable(deadline) {
+                Ok(s) => s,
+                // The deadline passed while recovery ran: a timeout, not a loss (the
+                // message will still be republished and may yet be confirmed).
+                Err(e) if e.is_connection_lost() && Instant::now() >= deadline => {
+                    return Err(Error::Timeout("a publisher confirm"));
+                }
+                Err(e) => return Err(e),
+            };
+            match shared.confirms.wait_slot(&self.slot, deadline) {
+                Ok(Some(c)) => return Ok(c),
+                Ok(None) => return Err(Error::Timeout("a publisher confirm")),
+                // The link was lost with the message unconfirmed and recovery will
+                // republish it: wait for the recovered channel (`usable` above) and the
+                // new copy's outcome, within the same deadline.
+                Err(_) if follows_recovery(&shared, &self.slot) => {}
+                Err(e) => return Err(e),
+            }
         }
     }
+}
+
+/// The message's confirmation follows recovery: its link was lost, recovery runs and
+/// will republish it, and it is still pending.
+pub(crate) fn follows_recovery(shared: &crate::io::ChannelShared, slot: &AtomicU8) -> bool {
+    shared.conn.is_failed()
+        && shared.conn.will_recover()
+        && shared.conn.opts.recovery.unconfirmed == crate::UnconfirmedPolicy::Republish
+        && matches!(outcome(slot), Ok(None))
 }

@@ -152,6 +152,12 @@ impl ConfirmTracker {
         out
     }
 
+    /// The highest sequence number taken so far (0 before the first publish): the broker
+    /// cannot confirm anything beyond it.
+    pub fn last_seq(&self) -> u64 {
+        self.state.lock().next_seq - 1
+    }
+
     /// `basic.ack` / `basic.nack` from the broker.
     pub fn resolve(&self, tag: u64, multiple: bool, ack: bool) {
         let mut s = self.state.lock();
@@ -277,7 +283,7 @@ pub fn outcome(slot: &AtomicU8) -> Result<Option<Confirm>> {
     }
 }
 
-#[cfg(all(test, not(loom)))]
+#[cfg(all(test, not(lepus_loom)))]
 mod tests {
     use super::*;
 

@@ -95,6 +95,11 @@ impl Connection {
         self.inner.link.lock().current.shared().local_addr
     }
 
+    /// The broker address the current TCP connection went to (which node of a cluster).
+    pub fn address(&self) -> crate::Address {
+        self.inner.current_address()
+    }
+
     /// The most recent recovery events (up to 4096), oldest first.
     pub fn recovery_events(&self) -> Vec<RecoveryEvent> {
         self.inner.events.lock().snapshot()

@@ -21,7 +21,7 @@ use crate::options::ConnectionOptions;
 use crate::protocol::frame::put_method;
 use crate::sync::{Arc, AtomicU64, Mutex, Ordering, Weak};
 use crate::sync::{oneshot, queue};
-use crate::topology::{ChannelRecord, Topology};
+use crate::topology::{ChannelRecord, PendingTopology, Topology};
 
 /// Commands queued for the I/O thread before callers wait for room.
 const COMMAND_QUEUE: usize = 4096;
@@ -213,6 +213,8 @@ pub(crate) struct ConnectionInner {
     /// The current generation, single-flight recovery, and the waits on them.
     pub(crate) link: LinkCell<Arc<Generation>>,
     pub(crate) topology: Mutex<Topology>,
+    /// What the last recovery could not restore, retried in the background.
+    pub(crate) pending: Mutex<PendingTopology>,
     channels: Mutex<HashMap<u16, Weak<dyn ChannelSlot>>>,
     pub(crate) events: Mutex<EventLog>,
     generations: AtomicU64,
@@ -225,8 +227,8 @@ impl ConnectionInner {
     pub(crate) fn open(opts: ConnectionOptions, recover: Recover) -> Result<Arc<Self>> {
         let mut last = None;
         let mut first = None;
-        for (host, port) in opts.addresses() {
-            match prepare(&opts.clone().host(host).port(port), 1) {
+        for a in opts.address_order(None)? {
+            match prepare(&opts.clone().host(a.host).port(a.port), 1) {
                 Ok(p) => {
                     first = Some(p);
                     break;
@@ -248,6 +250,7 @@ impl ConnectionInner {
             opts,
             link: LinkCell::new(gen_.clone()),
             topology: Mutex::new(Topology::default()),
+            pending: Mutex::new(PendingTopology::default()),
             channels: Mutex::new(HashMap::new()),
             events: Mutex::new(EventLog::new()),
             generations: AtomicU64::new(1),
@@ -256,6 +259,18 @@ impl ConnectionInner {
         let weak: Weak<ConnectionInner> = Arc::downgrade(&inner);
         launch(&gen_, reactor, weak)?;
         Ok(inner)
+    }
+
+    /// The number of the current generation.
+    pub(crate) fn current_generation(&self) -> u64 {
+        self.link.lock().current.number()
+    }
+
+    /// The address of the current generation's connection.
+    pub(crate) fn current_address(&self) -> crate::addresses::Address {
+        let link = self.link.lock();
+        let o = &link.current.shared().opts;
+        crate::addresses::Address::new(o.host.clone(), o.port)
     }
 
     pub(crate) fn is_closed(&self) -> bool {
@@ -325,6 +340,28 @@ impl ConnectionInner {
             .is_some_and(|w| std::ptr::eq(w.as_ptr() as *const (), ch))
         {
             map.remove(&id);
+        }
+    }
+
+    /// Forget `queue` if it is auto-delete and no recorded consumer uses it any more.
+    pub(crate) fn forget_auto_delete_queue(&self, queue: &str) {
+        let auto_delete = self
+            .topology
+            .lock()
+            .queues
+            .iter()
+            .any(|(n, r)| n == queue && r.opts.auto_delete);
+        if !auto_delete {
+            return;
+        }
+        let used = self
+            .channels
+            .lock()
+            .values()
+            .filter_map(Weak::upgrade)
+            .any(|c| c.record().lock().consumers.iter().any(|r| r.queue == queue));
+        if !used {
+            self.topology.lock().remove_queue(queue);
         }
     }
 

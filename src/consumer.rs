@@ -36,7 +36,10 @@ impl Channel {
             prefetch + QUEUE_MARGIN
         };
         let (tx, rx) = q::unbounded();
-        let shared = Arc::new(ConsumerShared::new(capacity));
+        let shared = Arc::new(ConsumerShared::bounded(
+            capacity,
+            ch.conn.opts.consumer_queue_bytes,
+        ));
         let sink = ConsumerSink {
             tx,
             shared: shared.clone(),
@@ -93,7 +96,10 @@ impl Channel {
 /// A stream of deliveries from one `basic.consume`.
 ///
 /// Its queue is bounded by the channel's prefetch count plus a margin (or 1024 without
-/// a prefetch limit); when it is full the I/O thread stops reading from the socket, so a
+/// a prefetch limit), and in bytes (16 MiB by default, see
+/// [`ConnectionOptions::consumer_queue_bytes`](crate::ConnectionOptions::consumer_queue_bytes)
+/// and the connection-wide
+/// [`connection_queue_bytes`](crate::ConnectionOptions::connection_queue_bytes)); when it is full the I/O thread stops reading from the socket, so a
 /// slow consumer holds the broker back instead of growing memory. Set a prefetch with
 /// [`Channel::basic_qos`] before consuming.
 pub struct Consumer {
@@ -153,21 +159,60 @@ impl Consumer {
         self.shared.queued.load(Ordering::Acquire)
     }
 
+    /// Bytes (decoded size) of the deliveries waiting in the local queue.
+    pub fn queued_bytes(&self) -> usize {
+        self.shared.bytes.queued()
+    }
+
     fn took_one(&self) {
         if self.shared.took_one() {
             self.channel.shared().conn.wake();
         }
     }
 
-    fn on_msg(&self, msg: ConsumerMsg) -> Result<Delivery, RecvError> {
+    fn on_msg(&self, mut msg: ConsumerMsg) -> Result<Delivery, RecvError> {
+        // Bytes first: the count's wake-up may let the I/O thread retry at once.
+        msg.release();
         self.took_one();
         match msg {
             ConsumerMsg::Delivery(d) => Ok(*d),
             ConsumerMsg::Bad(b) => Err(RecvError::Bad(b)),
             ConsumerMsg::Lost(e) => Err(e.into()),
+            ConsumerMsg::End(e) if self.comes_back(&e) => {
+                // Still active: the retry subscribes it again under its tag.
+                Err(e.into())
+            }
             // Other threads may be blocked on this consumer too: wake the next one.
             ConsumerMsg::End(e) => Err(self.end.took_end(e, &self.shared, ConsumerMsg::End).into()),
         }
+    }
+
+    /// A broker cancel of a consumer the application still has, with
+    /// `resubscribe_cancelled_consumers` on: keep it and have it subscribed again.
+    fn comes_back(&self, e: &Error) -> bool {
+        if !matches!(e, Error::ConsumerCancelled { .. }) || self.cancelled.load(Ordering::Acquire) {
+            return false;
+        }
+        let inner = self.channel.connection_inner();
+        if !inner.opts.recovery.resubscribe_cancelled || inner.is_dead() {
+            return false;
+        }
+        // An application cancel forgets the record first: only a broker cancel finds it.
+        let queue = self
+            .channel
+            .record()
+            .lock()
+            .consumers
+            .iter()
+            .find(|r| r.tag == self.tag)
+            .map(|r| r.queue.clone());
+        let Some(queue) = queue else { return false };
+        // Already active again: a recovery since the cancel restored it (or left it
+        // pending); subscribing it a second time would reuse its tag.
+        if !self.shared.active.swap(true, Ordering::AcqRel) {
+            crate::entity_recovery::resubscribe_later(inner, self.channel.id(), &self.tag, &queue);
+        }
+        true
     }
 
     fn end_with(&self, e: Error) -> Error {
@@ -257,8 +302,11 @@ impl Drop for Consumer {
         }
         // Deliveries nobody will read go back to the queue now, not when the channel
         // closes (a no-ack consumer's are already settled; an ack for them would be a
-        // 406 that closes the channel).
-        if !self.no_ack {
+        // 406 that closes the channel). Either way they leave the queue now, giving
+        // back what they hold of the connection's byte bound.
+        if self.no_ack {
+            while self.rx.try_recv().is_ok() {}
+        } else {
             while let Ok(msg) = self.rx.try_recv() {
                 let requeued = match msg {
                     ConsumerMsg::Delivery(d) => d.reject(true),

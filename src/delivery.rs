@@ -8,7 +8,7 @@ use crate::error::{BadDeliveryKind, Error, Result};
 use crate::protocol::frame::{put_ack, put_nack, put_reject};
 use crate::protocol::properties::BasicProperties;
 use crate::sync::queue::Sender;
-use crate::sync::{Arc, Ordering};
+use crate::sync::{Arc, AtomicBool, AtomicUsize, Ordering};
 
 pub(crate) enum ConsumerMsg {
     // Boxed: queue slots stay small whatever the size of a delivery.
@@ -19,8 +19,174 @@ pub(crate) enum ConsumerMsg {
     End(Error),
 }
 
-/// Counter-bounded queue state shared by a consumer and the I/O thread.
-pub(crate) type ConsumerShared = crate::delivery_queue::QueueShared;
+/// A byte count with a bound, shared by the I/O thread (which charges it before queueing
+/// a delivery, and stops reading when a delivery does not fit) and whoever takes the
+/// delivery out (which releases it and wakes the I/O thread if it waits). The same
+/// hand-shake as the count bound of [`QueueShared`](crate::delivery_queue::QueueShared).
+pub(crate) struct ByteBudget {
+    queued: AtomicUsize,
+    limit: usize,
+    io_waiting: AtomicBool,
+    /// Wakes the I/O thread that charged this budget (none for a consumer's own budget:
+    /// the connection's budget, charged with it, wakes).
+    wake: Option<Box<dyn Fn() + Send + Sync>>,
+}
+
+impl ByteBudget {
+    pub(crate) fn new(limit: usize, wake: Option<Box<dyn Fn() + Send + Sync>>) -> Self {
+        ByteBudget {
+            queued: AtomicUsize::new(0),
+            limit,
+            io_waiting: AtomicBool::new(false),
+            wake,
+        }
+    }
+
+    /// Bytes charged and not yet released.
+    pub(crate) fn queued(&self) -> usize {
+        self.queued.load(Ordering::Acquire)
+    }
+
+    // An empty budget always takes one message, whatever its size (at most
+    // max_message_size): otherwise a message larger than the bound would wait forever.
+    fn over(&self, n: usize) -> bool {
+        let q = self.queued.load(Ordering::SeqCst);
+        q > 0 && q.saturating_add(n) > self.limit
+    }
+
+    /// I/O side: true if `n` more bytes fit; if not, the I/O thread is registered for a
+    /// wake-up by the next release and must stop reading until then.
+    pub(crate) fn reserve_or_wait(&self, n: usize) -> bool {
+        if !self.over(n) {
+            return true;
+        }
+        self.io_waiting.store(true, Ordering::SeqCst);
+        // Re-check: a release may have come before it could see the flag.
+        if self.over(n) {
+            return false;
+        }
+        self.io_waiting.store(false, Ordering::SeqCst);
+        true
+    }
+
+    fn charge(&self, n: usize) {
+        self.queued.fetch_add(n, Ordering::SeqCst);
+    }
+
+    /// Release `n` bytes; true if the I/O thread waited for room.
+    fn release(&self, n: usize) -> bool {
+        self.queued.fetch_sub(n, Ordering::SeqCst);
+        self.io_waiting.swap(false, Ordering::SeqCst)
+    }
+}
+
+/// Queue state shared by a consumer and the I/O thread: the count bound (the loom-tested
+/// core) and the byte bound.
+pub(crate) struct ConsumerShared {
+    queue: crate::delivery_queue::QueueShared,
+    pub(crate) bytes: ByteBudget,
+}
+
+impl std::ops::Deref for ConsumerShared {
+    type Target = crate::delivery_queue::QueueShared;
+    fn deref(&self) -> &Self::Target {
+        &self.queue
+    }
+}
+
+impl ConsumerShared {
+    /// A queue bounded by `capacity` messages only (tests and the fuzz harness).
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub(crate) fn new(capacity: usize) -> Self {
+        Self::bounded(capacity, usize::MAX)
+    }
+
+    /// A queue bounded by `capacity` messages and `bytes` bytes (decoded size).
+    pub(crate) fn bounded(capacity: usize, bytes: usize) -> Self {
+        ConsumerShared {
+            queue: crate::delivery_queue::QueueShared::new(capacity),
+            bytes: ByteBudget::new(bytes, None),
+        }
+    }
+}
+
+/// What a queued delivery holds of its consumer's and its connection's byte budgets.
+/// Released when the delivery is taken from the queue, or when it is dropped unread.
+#[derive(Default)]
+pub(crate) struct Charge {
+    bytes: usize,
+    consumer: Option<Arc<ConsumerShared>>,
+    conn: Option<Arc<ByteBudget>>,
+}
+
+impl Charge {
+    /// Charge `bytes` to both budgets.
+    pub(crate) fn new(bytes: usize, consumer: Arc<ConsumerShared>, conn: Arc<ByteBudget>) -> Self {
+        consumer.bytes.charge(bytes);
+        conn.charge(bytes);
+        Charge {
+            bytes,
+            consumer: Some(consumer),
+            conn: Some(conn),
+        }
+    }
+
+    /// Give the bytes back (once) and wake the I/O thread if it waits for them.
+    pub(crate) fn release(&mut self) {
+        let mut wake = false;
+        if let Some(c) = self.consumer.take() {
+            wake |= c.bytes.release(self.bytes);
+        }
+        if let Some(b) = self.conn.take() {
+            wake |= b.release(self.bytes);
+            if wake {
+                if let Some(w) = &b.wake {
+                    w();
+                }
+            }
+        }
+        self.bytes = 0;
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+impl Clone for Charge {
+    /// A copy is not in any queue: it holds nothing.
+    fn clone(&self) -> Self {
+        Charge::default()
+    }
+}
+
+impl ConsumerMsg {
+    /// Charge this message's `bytes` to its consumer's and its connection's budgets.
+    pub(crate) fn charge(
+        &mut self,
+        bytes: usize,
+        consumer: Arc<ConsumerShared>,
+        conn: Arc<ByteBudget>,
+    ) {
+        let c = match self {
+            ConsumerMsg::Delivery(d) => &mut d.charge,
+            ConsumerMsg::Bad(b) => &mut b.charge,
+            ConsumerMsg::Lost(_) | ConsumerMsg::End(_) => return,
+        };
+        *c = Charge::new(bytes, consumer, conn);
+    }
+
+    /// Release what this message holds of the byte budgets (when it is taken).
+    pub(crate) fn release(&mut self) {
+        match self {
+            ConsumerMsg::Delivery(d) => d.charge.release(),
+            ConsumerMsg::Bad(b) => b.charge.release(),
+            ConsumerMsg::Lost(_) | ConsumerMsg::End(_) => {}
+        }
+    }
+}
 
 /// The I/O thread's end of a consumer (also kept by the channel, for recovery).
 #[derive(Clone)]
@@ -116,6 +282,8 @@ pub struct Delivery {
     pub(crate) redelivered: bool,
     pub(crate) message_count: Option<u32>,
     pub(crate) acker: Acker,
+    /// Bytes held of the queue bounds while it waits in a consumer's queue.
+    pub(crate) charge: Charge,
 }
 
 impl fmt::Debug for Delivery {
@@ -201,6 +369,8 @@ pub struct BadDelivery {
     pub(crate) routing_key: String,
     pub(crate) redelivered: bool,
     pub(crate) acker: Acker,
+    /// Bytes held of the queue bounds while it waits in a consumer's queue.
+    pub(crate) charge: Charge,
 }
 
 impl fmt::Debug for BadDelivery {
@@ -292,6 +462,22 @@ pub struct Returned {
     pub body: Vec<u8>,
 }
 
+impl Returned {
+    /// What it costs in memory while queued (decoded size), for the returns' byte bound.
+    pub(crate) fn cost(&self) -> usize {
+        std::mem::size_of::<Returned>()
+            + self.reply_text.capacity()
+            + self.exchange.capacity()
+            + self.routing_key.capacity()
+            + self.body.capacity()
+            + match &self.properties {
+                Ok(p) => crate::protocol::size::properties_heap(p),
+                Err(BadDeliveryKind::Undecodable(s)) => s.capacity(),
+                Err(BadDeliveryKind::TooLarge { .. }) => 0,
+            }
+    }
+}
+
 /// Why [`Consumer::recv`](crate::Consumer::recv) (and its variants, the consumer's
 /// iterator and [`Channel::basic_get`](crate::Channel::basic_get)) returned no
 /// [`Delivery`].
@@ -371,6 +557,7 @@ mod tests {
             routing_key: "rk".into(),
             redelivered: false,
             acker: Acker::new(target.clone(), 42),
+            charge: Charge::default(),
         };
         bad.reject(false).unwrap();
         let mut want = Vec::new();

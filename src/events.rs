@@ -48,6 +48,78 @@ pub enum RecoveryEventKind {
     Recovered,
     /// Recovery stopped trying (attempts exhausted); the connection is dead.
     GaveUp(String),
+    /// One recorded entity could not be restored (e.g. a classic queue whose node is
+    /// down: 404). The rest of the topology recovered and the connection serves traffic;
+    /// this entity (and what depends on it: its bindings, its consumers) is retried in the
+    /// background with backoff.
+    EntityFailed {
+        /// What could not be restored.
+        entity: TopologyEntity,
+        /// The broker's answer (reply code and text) or why it could not be sent.
+        error: String,
+    },
+    /// An entity that had failed was restored by the background retry.
+    EntityRecovered(TopologyEntity),
+}
+
+/// One recorded entity of a connection's topology, as recovery names it (in events and
+/// in the filter of [`crate::RecoveryOptions::topology_filter`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum TopologyEntity {
+    /// An exchange, by name.
+    Exchange(String),
+    /// A queue, by name (a server-named queue by its name before recovery).
+    Queue(String),
+    /// A binding of `destination` (a queue, or an exchange if `to_exchange`) to `source`.
+    Binding {
+        /// Source exchange.
+        source: String,
+        /// Destination queue or exchange.
+        destination: String,
+        /// Routing key.
+        routing_key: String,
+        /// The destination is an exchange.
+        to_exchange: bool,
+    },
+    /// A consumer, by tag, with its queue and channel.
+    Consumer {
+        /// Consumer tag.
+        tag: String,
+        /// The queue it consumes from.
+        queue: String,
+        /// Its channel id.
+        channel: u16,
+    },
+}
+
+impl std::fmt::Display for TopologyEntity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TopologyEntity::Exchange(n) => write!(f, "exchange {n:?}"),
+            TopologyEntity::Queue(n) => write!(f, "queue {n:?}"),
+            TopologyEntity::Binding {
+                source,
+                destination,
+                routing_key,
+                to_exchange,
+            } => {
+                let kind = if *to_exchange { "exchange" } else { "queue" };
+                write!(
+                    f,
+                    "binding of {kind} {destination:?} to {source:?} with key {routing_key:?}"
+                )
+            }
+            TopologyEntity::Consumer {
+                tag,
+                queue,
+                channel,
+            } => write!(
+                f,
+                "consumer {tag:?} of queue {queue:?} on channel {channel}"
+            ),
+        }
+    }
 }
 
 /// One recovery event.

@@ -44,6 +44,8 @@
 //! there is no cycle):
 //!
 //! ```text
+//! fuzzing                                       fuzz harnesses: only with the `fuzzing`
+//!                                               feature (fuzz/ and lepus's tests), no API
 //! pool                                          the channel pool
 //! connection, channel, consumer, confirm        handles (a method that creates a handle
 //!                                               lives with it: Channel::basic_consume in
@@ -53,7 +55,7 @@
 //!                                               (it reaches channels through a trait)
 //! topology                                      recorded exchanges, queues, bindings, channels
 //! io (reactor, engine, handshake)               the I/O thread
-//! delivery, confirm_tracker                     what the I/O thread produces
+//! delivery, confirm_tracker, pool_core          what the I/O thread produces; the pool's books
 //! options, uri, events                          plain data
 //! error                                         re-exports protocol's reply codes
 //! protocol (frame, methods, table, properties, content, reply_code)   bytes only
@@ -90,70 +92,73 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 // Under loom only the synchronisation cores are built; much of the rest is unused.
-#![cfg_attr(loom, allow(dead_code, missing_docs))]
+#![cfg_attr(lepus_loom, allow(dead_code, missing_docs))]
 
-// Under `cfg(loom)` only the code the model tests explore is built: the
-// synchronisation cores below, not the socket and handle layers.
-#[cfg(not(loom))]
-mod channel;
-#[cfg(not(loom))]
-mod confirm;
+/// Items built everywhere except in the loom model build (`--cfg lepus_loom`, a name of
+/// lepus's own so that a `--cfg loom` meant for another crate changes nothing here), which
+/// compiles only the synchronisation cores that `loom-tests/` explores.
+macro_rules! not_under_loom {
+    ($($item:item)*) => { $( #[cfg(not(lepus_loom))] $item )* };
+}
+
+// The synchronisation cores (checked by the loom models) and what they need: built in
+// every configuration.
 mod confirm_tracker;
-#[cfg(not(loom))]
-mod connection;
-#[cfg(not(loom))]
-mod connection_state;
-#[cfg(not(loom))]
-mod consumer;
-#[cfg(not(loom))]
-mod delivery;
 mod delivery_queue;
 mod end_relay;
 mod error;
-#[cfg(not(loom))]
-mod events;
-pub mod fuzzing;
-#[cfg(not(loom))]
-mod io;
 mod link;
-#[cfg(not(loom))]
-mod options;
-mod pool;
+mod pool_core;
 mod protocol;
-#[cfg(not(loom))]
-mod recovery;
 mod send_core;
 mod sync;
-#[cfg(not(loom))]
-mod topology;
-#[cfg(not(loom))]
-mod uri;
+
+// Everything else: the I/O thread, the handles, options, topology and recovery.
+not_under_loom! {
+    mod addresses;
+    mod channel;
+    mod confirm;
+    mod connection;
+    mod connection_state;
+    mod consumer;
+    mod delivery;
+    mod entity_recovery;
+    mod events;
+    mod io;
+    mod options;
+    mod pool;
+    mod recovery;
+    mod reliable;
+    mod topology;
+    mod uri;
+}
+
+// The fuzz harnesses: only with the `fuzzing` feature (fuzz/ and lepus's own tests).
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 
 // The public interface is:
-#[cfg(not(loom))]
-pub use channel::{Channel, QueueInfo, UnconfirmedMessage};
-#[cfg(not(loom))]
-pub use confirm::Confirmation;
 pub use confirm_tracker::Confirm;
-#[cfg(not(loom))]
-pub use connection::Connection;
-#[cfg(not(loom))]
-pub use consumer::{Consumer, Iter};
-#[cfg(not(loom))]
-pub use delivery::{BadDelivery, Delivery, RecvError, Returned};
 pub use error::{BadDeliveryKind, Error, HandshakeStage, Result, reply_code};
-#[cfg(not(loom))]
-pub use events::{RecoveryEvent, RecoveryEventKind};
-#[cfg(not(loom))]
-pub use options::{
-    AuthMechanism, ConnectionOptions, ConsumeOptions, ExchangeDeclareOptions, PublishOptions,
-    QueueDeclareOptions, QueueDeleteOptions, RecoveryOptions, UnconfirmedPolicy,
-};
-#[cfg(not(loom))]
-pub use pool::{ChannelPool, PooledChannel};
-pub use pool::{DEFAULT_POOL_SIZE, PoolStats};
+pub use pool_core::{DEFAULT_POOL_SIZE, PoolStats};
 pub use protocol::properties::BasicProperties;
 pub use protocol::table::{FieldTable, FieldValue};
+not_under_loom! {
+    pub use addresses::{Address, AddressResolver, DnsResolver};
+    pub use channel::{Channel, QueueInfo, UnconfirmedMessage};
+    pub use confirm::Confirmation;
+    pub use connection::Connection;
+    pub use consumer::{Consumer, Iter};
+    pub use delivery::{BadDelivery, Delivery, RecvError, Returned};
+    pub use events::{RecoveryEvent, RecoveryEventKind, TopologyEntity};
+    pub use options::{
+        AuthMechanism, ConnectionOptions, ConsumeOptions, DEFAULT_CONNECTION_QUEUE_BYTES,
+        DEFAULT_CONSUMER_QUEUE_BYTES, DEFAULT_MAX_OUTPUT_BYTES, DEFAULT_WRITE_STALL_TIMEOUT,
+        ExchangeDeclareOptions, PublishOptions, QueueDeclareOptions, QueueDeleteOptions,
+        RecoveryOptions, TopologyFilter, UnconfirmedPolicy,
+    };
+    pub use pool::{ChannelPool, PooledChannel};
+}
 
 /// Internals exposed for fuzzing, model checks and tests; not part of the stable API.
 #[doc(hidden)]
@@ -164,6 +169,7 @@ pub mod internal {
     pub use crate::protocol::frame::{
         DecodedPublish, FrameDecoder, FrameError, RawFrame, decode_publish, put_publish,
     };
+    pub use crate::protocol::lenient::{LenientClose, decode_close, decode_content_method};
     pub use crate::protocol::properties::{decode_properties, header_prefix};
     pub use crate::protocol::table::{encode_table, scan_table};
 
@@ -173,7 +179,7 @@ pub mod internal {
         pub use crate::delivery_queue::QueueShared;
         pub use crate::end_relay::EndRelay;
         pub use crate::link::{Ended, Link, LinkCell, LinkGen, LinkState};
-        pub use crate::pool::{Lease, PoolCore, PoolStats, Poolable};
+        pub use crate::pool_core::{Lease, PoolCore, PoolStats, Poolable};
         pub use crate::send_core::{FailFlag, WakeFlag};
         pub use crate::sync::{oneshot, queue};
     }

@@ -4,8 +4,9 @@
 
 use std::time::Duration;
 
+use crate::addresses::{Address, AddressResolver};
 use crate::error::{Error, Result};
-use crate::events::RecoveryEvent;
+use crate::events::{RecoveryEvent, TopologyEntity};
 use crate::protocol::table::{DEFAULT_MAX_TABLE_DEPTH, FieldTable, MAX_TABLE_DEPTH_CAP};
 use crate::sync::Arc;
 use crate::uri::ParsedUri;
@@ -43,7 +44,7 @@ impl AuthMechanism {
 
 /// Everything a connection is opened with. Build it with [`ConnectionOptions::new`] and
 /// the setters, or parse it from a URI with [`ConnectionOptions::from_uri`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ConnectionOptions {
     pub(crate) host: String,
     pub(crate) port: u16,
@@ -63,7 +64,33 @@ pub struct ConnectionOptions {
     pub(crate) close_timeout: Duration,
     pub(crate) more_addresses: Vec<(String, u16)>,
     pub(crate) recovery: RecoveryOptions,
+    pub(crate) consumer_queue_bytes: usize,
+    pub(crate) connection_queue_bytes: usize,
+    pub(crate) max_output_bytes: usize,
+    pub(crate) write_stall_timeout: Duration,
+    /// Try the addresses in a random order (the default) rather than as listed.
+    pub(crate) shuffle_addresses: bool,
+    /// Where the addresses come from instead of host, port and `more_addresses`.
+    pub(crate) resolver: Option<Arc<dyn AddressResolver>>,
 }
+
+/// Prints whether a resolver is set (it has no `Debug` of its own).
+struct ResolverSet<'a>(&'a Option<Arc<dyn AddressResolver>>);
+
+impl std::fmt::Debug for ResolverSet<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", if self.0.is_some() { "Some(..)" } else { "None" })
+    }
+}
+
+/// Default bound of one consumer's local queue in bytes (decoded size).
+pub const DEFAULT_CONSUMER_QUEUE_BYTES: usize = 16 * 1024 * 1024;
+/// Default bound of all consumer queues of a connection together, in bytes.
+pub const DEFAULT_CONNECTION_QUEUE_BYTES: usize = 64 * 1024 * 1024;
+/// Default bound of the bytes waiting to be written before the I/O thread stops reading.
+pub const DEFAULT_MAX_OUTPUT_BYTES: usize = 16 * 1024 * 1024;
+/// Default time the broker may leave our bytes unread before the link counts as dead.
+pub const DEFAULT_WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(20);
 
 impl Default for ConnectionOptions {
     fn default() -> Self {
@@ -86,7 +113,43 @@ impl Default for ConnectionOptions {
             close_timeout: Duration::from_secs(5),
             more_addresses: Vec::new(),
             recovery: RecoveryOptions::default(),
+            consumer_queue_bytes: DEFAULT_CONSUMER_QUEUE_BYTES,
+            connection_queue_bytes: DEFAULT_CONNECTION_QUEUE_BYTES,
+            max_output_bytes: DEFAULT_MAX_OUTPUT_BYTES,
+            write_stall_timeout: DEFAULT_WRITE_STALL_TIMEOUT,
+            shuffle_addresses: true,
+            resolver: None,
         }
+    }
+}
+
+impl std::fmt::Debug for ConnectionOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // No password in logs.
+        f.debug_struct("ConnectionOptions")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("vhost", &self.vhost)
+            .field("username", &self.username)
+            .field("auth", &self.auth)
+            .field("heartbeat", &self.heartbeat)
+            .field("frame_max", &self.frame_max)
+            .field("channel_max", &self.channel_max)
+            .field("connection_timeout", &self.connection_timeout)
+            .field("connection_name", &self.connection_name)
+            .field("operation_timeout", &self.operation_timeout)
+            .field("max_message_size", &self.max_message_size)
+            .field("max_table_depth", &self.max_table_depth)
+            .field("close_timeout", &self.close_timeout)
+            .field("more_addresses", &self.more_addresses)
+            .field("recovery", &self.recovery)
+            .field("consumer_queue_bytes", &self.consumer_queue_bytes)
+            .field("connection_queue_bytes", &self.connection_queue_bytes)
+            .field("max_output_bytes", &self.max_output_bytes)
+            .field("write_stall_timeout", &self.write_stall_timeout)
+            .field("shuffle_addresses", &self.shuffle_addresses)
+            .field("resolver", &ResolverSet(&self.resolver))
+            .finish_non_exhaustive()
     }
 }
 
@@ -102,8 +165,18 @@ impl ConnectionOptions {
     /// &connection_timeout=..&connection_name=..&auth_mechanism=..`. User, password and
     /// vhost are percent-decoded; `connection_timeout` is in milliseconds, `heartbeat` in
     /// seconds. Unknown query keys are refused so that a typo does not go unnoticed.
+    ///
+    /// A cluster is several hosts separated by commas, each with its own port (5672 when
+    /// left out): `amqp://user:pass@node1:5672,node2:5673,[::1]:5674/vhost`. They are
+    /// tried in a random order (see [`ConnectionOptions::shuffle_addresses`]).
     pub fn from_uri(uri: &str) -> Result<Self> {
-        Self::default().apply_uri(crate::uri::parse(uri)?)
+        let (parsed, more) = crate::uri::parse_multi(uri)?;
+        let mut o = Self::default().apply_uri(parsed)?;
+        o.more_addresses = more
+            .into_iter()
+            .map(|(h, p)| (h, p.unwrap_or(5672)))
+            .collect();
+        Ok(o)
     }
 
     /// These options with what a URI said put over them.
@@ -226,9 +299,89 @@ impl ConnectionOptions {
         v.extend(self.more_addresses.iter().cloned());
         v
     }
+    /// Connect to these addresses (replacing the host, port and addresses set so far).
+    /// They are tried in a random order unless [`ConnectionOptions::shuffle_addresses`]
+    /// says otherwise; each attempt is bounded by the connection timeout, so a node that
+    /// drops packets costs at most that.
+    pub fn addresses_list(mut self, list: impl IntoIterator<Item = Address>) -> Self {
+        let mut it = list.into_iter();
+        if let Some(first) = it.next() {
+            self.host = first.host;
+            self.port = first.port;
+            self.more_addresses = it.map(|a| (a.host, a.port)).collect();
+        }
+        self
+    }
+    /// Try the addresses in a random order (`true`, the default: the clients of a
+    /// cluster spread over its nodes) or in the order given (`false`). Either way a
+    /// recovery starts with the address after the one whose connection failed.
+    pub fn shuffle_addresses(mut self, shuffle: bool) -> Self {
+        self.shuffle_addresses = shuffle;
+        self
+    }
+    /// Ask `resolver` for the addresses at every connection and recovery, instead of the
+    /// host, port and addresses set here ([`crate::DnsResolver`]: every A/AAAA record of
+    /// a name).
+    pub fn address_resolver(mut self, resolver: impl AddressResolver + 'static) -> Self {
+        self.resolver = Some(Arc::new(resolver));
+        self
+    }
+    /// The addresses to try now, in the order to try them: from the resolver (or the
+    /// list), shuffled if asked, starting after `failed`.
+    pub(crate) fn address_order(&self, failed: Option<&Address>) -> Result<Vec<Address>> {
+        let list = match &self.resolver {
+            Some(r) => r.resolve()?,
+            None => self
+                .addresses()
+                .into_iter()
+                .map(|(h, p)| Address::new(h, p))
+                .collect(),
+        };
+        if list.is_empty() {
+            return Err(Error::InvalidArgument(
+                "the address resolver returned no address".into(),
+            ));
+        }
+        Ok(crate::addresses::order(
+            list,
+            self.shuffle_addresses,
+            failed,
+        ))
+    }
     /// How long `close()` waits for the broker's `close-ok`.
     pub fn close_timeout(mut self, t: Duration) -> Self {
         self.close_timeout = t;
+        self
+    }
+    /// Bound of each consumer's local queue in bytes, counted on the decoded messages
+    /// (body, properties, headers): when a delivery does not fit, the I/O thread stops
+    /// reading until the consumer takes some (an empty queue always takes one message,
+    /// up to [`max_message_size`](Self::max_message_size)). Default 16 MiB
+    /// ([`DEFAULT_CONSUMER_QUEUE_BYTES`]).
+    pub fn consumer_queue_bytes(mut self, bytes: usize) -> Self {
+        self.consumer_queue_bytes = bytes.max(1);
+        self
+    }
+    /// Bound of all consumer queues of the connection together, in bytes (decoded size);
+    /// same backpressure as [`consumer_queue_bytes`](Self::consumer_queue_bytes).
+    /// Default 64 MiB ([`DEFAULT_CONNECTION_QUEUE_BYTES`]).
+    pub fn connection_queue_bytes(mut self, bytes: usize) -> Self {
+        self.connection_queue_bytes = bytes.max(1);
+        self
+    }
+    /// Bytes waiting to be written above which the I/O thread stops reading (a broker
+    /// that stops reading but keeps sending things we must answer cannot grow our output
+    /// without limit). Default 16 MiB ([`DEFAULT_MAX_OUTPUT_BYTES`]).
+    pub fn max_output_bytes(mut self, bytes: usize) -> Self {
+        self.max_output_bytes = bytes.max(64 * 1024);
+        self
+    }
+    /// How long output may wait without the broker reading a byte of it before the link
+    /// counts as dead (lost, recovered if recovery is on). While the broker has blocked
+    /// the connection (`connection.blocked`) the limit is two heartbeat intervals
+    /// instead. Default 20 s ([`DEFAULT_WRITE_STALL_TIMEOUT`]).
+    pub fn write_stall_timeout(mut self, t: Duration) -> Self {
+        self.write_stall_timeout = t.max(Duration::from_millis(100));
         self
     }
 }
@@ -252,9 +405,14 @@ pub enum UnconfirmedPolicy {
 /// Called for each recovery event, on the thread where it happens: keep it short.
 pub type RecoveryListener = Arc<dyn Fn(&RecoveryEvent) + Send + Sync>;
 
+/// Says whether recovery restores an entity (true) or leaves it out (false).
+pub type TopologyFilter = Arc<dyn Fn(&TopologyEntity) -> bool + Send + Sync>;
+
 /// Automatic recovery settings (on by default).
 #[derive(Clone)]
 pub struct RecoveryOptions {
+    pub(crate) filter: Option<TopologyFilter>,
+    pub(crate) resubscribe_cancelled: bool,
     pub(crate) enabled: bool,
     pub(crate) max_attempts: Option<u32>,
     pub(crate) initial_backoff: Duration,
@@ -272,6 +430,8 @@ impl std::fmt::Debug for RecoveryOptions {
             .field("max_backoff", &self.max_backoff)
             .field("unconfirmed", &self.unconfirmed)
             .field("listener", &self.listener.is_some())
+            .field("topology_filter", &self.filter.is_some())
+            .field("resubscribe_cancelled", &self.resubscribe_cancelled)
             .finish()
     }
 }
@@ -285,6 +445,8 @@ impl Default for RecoveryOptions {
             max_backoff: Duration::from_secs(10),
             unconfirmed: UnconfirmedPolicy::Republish,
             listener: None,
+            filter: None,
+            resubscribe_cancelled: false,
         }
     }
 }
@@ -317,6 +479,38 @@ impl RecoveryOptions {
     pub fn unconfirmed(mut self, policy: UnconfirmedPolicy) -> Self {
         self.unconfirmed = policy;
         self
+    }
+    /// Restore only the entities for which `keep` says true (exchanges, queues,
+    /// bindings, consumers; see [`TopologyEntity`]). What is left out is neither
+    /// declared again nor retried; its records stay, so a later filter change is not
+    /// needed to keep the application's own declarations working.
+    pub fn topology_filter(
+        mut self,
+        keep: impl Fn(&TopologyEntity) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        self.filter = Some(Arc::new(keep));
+        self
+    }
+    /// Bring back a consumer the broker cancelled (its queue was deleted, or its node went
+    /// down): the consumer's next receive returns the cancellation as a passing error (as
+    /// for a lost link: the consumer carries on), a
+    /// [`RecoveryEventKind::EntityFailed`](crate::RecoveryEventKind::EntityFailed) names
+    /// it, and it is subscribed again under its tag, with backoff, once a passive declare
+    /// finds its queue; the same [`crate::Consumer`] keeps receiving
+    /// ([`RecoveryEventKind::EntityRecovered`](crate::RecoveryEventKind::EntityRecovered)).
+    ///
+    /// Off by default: a broker cancel is final in AMQP and in the other clients, it is
+    /// often deliberate (the queue was deleted), and an application that stops or
+    /// re-declares on `ConsumerCancelled` would otherwise see a consumer that lives on and
+    /// polls for a queue that may never come back. Turn it on for queues on cluster nodes
+    /// that come and go.
+    pub fn resubscribe_cancelled_consumers(mut self, on: bool) -> Self {
+        self.resubscribe_cancelled = on;
+        self
+    }
+    /// Whether recovery restores `e` (the filter's answer; true without a filter).
+    pub(crate) fn keeps(&self, e: &TopologyEntity) -> bool {
+        self.filter.as_ref().is_none_or(|f| f(e))
     }
     /// Hear every recovery event.
     pub fn listener(mut self, f: impl Fn(&RecoveryEvent) + Send + Sync + 'static) -> Self {
@@ -442,5 +636,34 @@ mod tests {
                 "{u}"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod address_tests {
+    use super::*;
+
+    #[test]
+    fn uri_with_several_hosts_and_address_order() {
+        let o = ConnectionOptions::from_uri("amqp://u:p@h1:5681,h2:5682,h3/v").unwrap();
+        assert_eq!((o.host.as_str(), o.port), ("h1", 5681));
+        assert_eq!(
+            o.more_addresses,
+            vec![("h2".into(), 5682), ("h3".into(), 5672)]
+        );
+        let o = o.shuffle_addresses(false);
+        let order = o.address_order(Some(&Address::new("h1", 5681))).unwrap();
+        assert_eq!(order[0], Address::new("h2", 5682));
+        assert_eq!(order[2], Address::new("h1", 5681));
+        let o = ConnectionOptions::new()
+            .addresses_list([Address::new("a", 1), Address::new("b", 2)])
+            .address_resolver(vec![Address::new("r", 3)]);
+        assert_eq!(o.address_order(None).unwrap(), vec![Address::new("r", 3)]);
+        let o = o.address_resolver(Vec::<Address>::new());
+        assert!(o.address_order(None).is_err());
+        assert!(
+            !format!("{o:?}").contains("password"),
+            "no password in Debug"
+        );
     }
 }

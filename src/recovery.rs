@@ -6,15 +6,17 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use amq_protocol::protocol::{AMQPClass, queue};
 
+use crate::addresses::Address;
 use crate::connection_state::{ChannelSlot, ConnectionInner, Generation};
 use crate::delivery::ConsumerSink;
+use crate::entity_recovery::{each_on_own, entity_failed};
 use crate::error::{Error, Result};
-use crate::events::RecoveryEventKind;
+use crate::events::{RecoveryEventKind, TopologyEntity};
 use crate::io::{ChannelShared, Command, ConnShared, Reply, ReplyRx};
 use crate::options::{RecoveryOptions, UnconfirmedPolicy};
 use crate::protocol::methods;
 use crate::sync::{Arc, Ordering};
-use crate::topology::{ChannelRecord, Topology};
+use crate::topology::{ChannelRecord, PendingTopology, Topology};
 
 /// Delay before attempt `n` (0-based; attempt 0 is immediate): exponential with ±25 %
 /// jitter, so that many clients of a restarted broker do not reconnect in lockstep.
@@ -44,67 +46,124 @@ pub(crate) fn backoff(opts: &RecoveryOptions, attempt: u32) -> Duration {
 /// Reconnect (with backoff, over the address list) and replay until it works, the
 /// attempts run out, or the application closes the connection. Runs on its own thread;
 /// only one runs per connection at a time.
+///
+/// Each pass tries every address once, starting after the one that failed (shuffled if
+/// the options say so), each bounded by the connection timeout; passes are separated by
+/// the jittered backoff, which starts again from its initial value whenever an address
+/// accepts a connection (a node that answers is worth trying again soon).
 pub(crate) fn run(inner: Arc<ConnectionInner>) {
     let opts = inner.opts.recovery.clone();
-    let addresses = inner.opts.addresses();
+    let mut failed = Some(inner.current_address());
     let mut attempt: u32 = 0;
+    let mut pass: u32 = 0;
     loop {
         if inner.is_closed() {
             inner.give_up(Error::ConnectionClosed);
             return;
         }
-        if opts.max_attempts.is_some_and(|max| attempt >= max) {
-            let err = Error::ConnectionLost(format!("recovery gave up after {attempt} attempts"));
-            inner.event(0, RecoveryEventKind::GaveUp(err.to_string()));
-            inner.give_up(err);
-            return;
-        }
-        let wait = backoff(&opts, attempt);
+        let wait = backoff(&opts, pass);
         if !wait.is_zero() && inner.sleep_unless_closed(wait) {
             continue;
         }
-        let (host, port) = addresses[attempt as usize % addresses.len()].clone();
-        attempt += 1;
-        let generation = inner.next_generation();
-        let gen_ = match crate::connection_state::start_generation(&inner, &host, port, generation)
-        {
-            Ok(g) => g,
+        pass += 1;
+        let order = match inner.opts.address_order(failed.as_ref()) {
+            Ok(o) => o,
             Err(e) => {
-                log::warn!("reconnect attempt {attempt} to {host}:{port} failed: {e}");
+                attempt += 1;
                 inner.event(
-                    generation,
+                    0,
                     RecoveryEventKind::AttemptFailed {
                         attempt,
                         error: e.to_string(),
                     },
                 );
+                if gave_up(&inner, &opts, attempt) {
+                    return;
+                }
                 continue;
             }
         };
-        inner.event(
-            generation,
-            RecoveryEventKind::Connected {
-                host: host.clone(),
-                port,
-            },
-        );
-        match replay(&inner, &gen_) {
-            Ok(()) => {
-                inner.event(generation, RecoveryEventKind::Recovered);
-                log::info!("connection recovered (generation {generation}, {host}:{port})");
-                return;
+        for addr in order {
+            if inner.is_closed() || gave_up(&inner, &opts, attempt) {
+                break;
             }
-            Err(e) => {
-                log::warn!("recovery on {host}:{port} failed while restoring: {e}");
-                inner.event(
-                    generation,
-                    RecoveryEventKind::AttemptFailed {
-                        attempt,
-                        error: e.to_string(),
-                    },
-                );
-                gen_.abandon();
+            attempt += 1;
+            match try_address(&inner, &addr, attempt) {
+                Tried::Recovered => return,
+                Tried::Refused => failed = Some(addr),
+                Tried::ReplayFailed => {
+                    failed = Some(addr);
+                    // The node answered: back off from the start, not from where the
+                    // dead nodes left the backoff.
+                    pass = 1;
+                    break;
+                }
             }
+        }
+    }
+}
+
+/// The attempts ran out: recovery is over (true).
+fn gave_up(inner: &ConnectionInner, opts: &RecoveryOptions, attempt: u32) -> bool {
+    if opts.max_attempts.is_none_or(|max| attempt < max) {
+        return false;
+    }
+    let err = Error::ConnectionLost(format!("recovery gave up after {attempt} attempts"));
+    inner.event(0, RecoveryEventKind::GaveUp(err.to_string()));
+    inner.give_up(err);
+    true
+}
+
+enum Tried {
+    Recovered,
+    /// No connection (refused, timed out, handshake failed).
+    Refused,
+    /// Connected, but restoring failed.
+    ReplayFailed,
+}
+
+/// One attempt: connect to `addr` and replay there.
+fn try_address(inner: &Arc<ConnectionInner>, addr: &Address, attempt: u32) -> Tried {
+    let (host, port) = (addr.host.as_str(), addr.port);
+    let generation = inner.next_generation();
+    let gen_ = match crate::connection_state::start_generation(inner, host, port, generation) {
+        Ok(g) => g,
+        Err(e) => {
+            log::warn!("reconnect attempt {attempt} to {addr} failed: {e}");
+            inner.event(
+                generation,
+                RecoveryEventKind::AttemptFailed {
+                    attempt,
+                    error: format!("{addr}: {e}"),
+                },
+            );
+            return Tried::Refused;
+        }
+    };
+    inner.event(
+        generation,
+        RecoveryEventKind::Connected {
+            host: host.to_owned(),
+            port,
+        },
+    );
+    match replay(inner, &gen_) {
+        Ok(()) => {
+            inner.event(generation, RecoveryEventKind::Recovered);
+            log::info!("connection recovered (generation {generation}, {addr})");
+            Tried::Recovered
+        }
+        Err(e) => {
+            log::warn!("recovery on {addr} failed while restoring: {e}");
+            inner.event(
+                generation,
+                RecoveryEventKind::AttemptFailed {
+                    attempt,
+                    error: format!("{addr}: {e}"),
+                },
+            );
+            gen_.abandon();
+            Tried::ReplayFailed
         }
     }
 }
@@ -152,15 +211,18 @@ fn replay(inner: &Arc<ConnectionInner>, gen_: &Arc<Generation>) -> Result<()> {
             ids.reserve(c.id());
         }
     }
-    let renamed = replay_topology(inner, gen_)?;
+    let TopologyOutcome {
+        renamed,
+        mut pending,
+    } = replay_topology(inner, gen_)?;
     inner.event(gen_.number(), RecoveryEventKind::TopologyRecovered);
 
     // Channels: reopen all under their ids at once, then qos, confirm mode and consumers,
     // each a single round trip for all channels.
     let restored = reopen_channels(inner, conn, &channels)?;
-    let records = channel_records(&restored, &renamed);
+    let records = channel_records(inner, &restored, &renamed);
     restore_qos_and_confirms(inner, &restored, &records)?;
-    let consumers = restore_consumers(inner, &restored, &records)?;
+    let consumers = restore_consumers(inner, gen_, &restored, &records, &mut pending)?;
     let republished = settle_unconfirmed(inner, conn, &restored)?;
     inner.notify();
     if !inner.install(gen_.clone()) {
@@ -176,6 +238,7 @@ fn replay(inner: &Arc<ConnectionInner>, gen_: &Arc<Generation>) -> Result<()> {
             republished,
         },
     );
+    crate::entity_recovery::start(inner, pending);
     Ok(())
 }
 
@@ -186,47 +249,65 @@ fn step_deadline(inner: &ConnectionInner) -> Instant {
     Instant::now() + inner.opts.operation_timeout
 }
 
-/// Declare the recorded exchanges and queues again (one round trip), then the bindings,
-/// which may name a renamed server-named queue (a second one). Returns the renames.
+/// What the topology step restored and what it could not.
+struct TopologyOutcome {
+    renamed: HashMap<String, String>,
+    pending: PendingTopology,
+}
+
+/// Declare the recorded exchanges and queues again, then the bindings, which may name a
+/// renamed server-named queue. Each entity on its own: one that fails is reported and
+/// left pending (with the bindings that need it) for the background retry.
 fn replay_topology(
     inner: &Arc<ConnectionInner>,
     gen_: &Arc<Generation>,
-) -> Result<HashMap<String, String>> {
-    let topo_ch = gen_.shared().open_channel(None, step_deadline(inner))?;
+) -> Result<TopologyOutcome> {
+    let conn = gen_.shared();
+    let opts = &inner.opts.recovery;
     let mut topology = inner.topology.lock().clone();
-    let d = step_deadline(inner);
-    let mut step = InFlight::new();
-    for (name, rec) in &topology.exchanges {
-        step.start(
-            &topo_ch,
-            rec.declare(name),
-            d,
-            "exchange.declare-ok (recovery)",
-            None,
-        )?;
+    let mut pending = PendingTopology::default();
+    let exchanges: Vec<_> = topology
+        .exchanges
+        .iter()
+        .filter(|(n, _)| opts.keeps(&TopologyEntity::Exchange(n.clone())))
+        .cloned()
+        .collect();
+    let queues: Vec<_> = topology
+        .queues
+        .iter()
+        .filter(|(n, _)| opts.keeps(&TopologyEntity::Queue(n.clone())))
+        .cloned()
+        .collect();
+    let mut methods: Vec<AMQPClass> = exchanges.iter().map(|(n, r)| r.declare(n)).collect();
+    methods.extend(queues.iter().map(|(n, r)| r.declare(n)));
+    let replies = each_on_own(inner, conn, &methods, "declare-ok (recovery)")?;
+    for ((name, _), r) in exchanges.iter().zip(&replies) {
+        if let Err(e) = r {
+            entity_failed(
+                inner,
+                gen_.number(),
+                TopologyEntity::Exchange(name.clone()),
+                e,
+            );
+            pending.exchanges.push(name.clone());
+        }
     }
-    let queues = topology.queues.clone();
-    for (name, rec) in &queues {
-        step.start(
-            &topo_ch,
-            rec.declare(name),
-            d,
-            "queue.declare-ok (recovery)",
-            None,
-        )?;
-    }
-    let replies = step.finish(d)?;
     let mut renamed: HashMap<String, String> = HashMap::new();
-    for ((name, _), reply) in queues.iter().zip(&replies[topology.exchanges.len()..]) {
+    for ((name, _), reply) in queues.iter().zip(&replies[exchanges.len()..]) {
         let new = match reply {
-            Reply::Method(AMQPClass::Queue(queue::AMQPMethod::DeclareOk(ok))) => {
+            Ok(Reply::Method(AMQPClass::Queue(queue::AMQPMethod::DeclareOk(ok)))) => {
                 ok.queue.to_string()
             }
-            other => {
+            Ok(other) => {
                 return Err(Error::UnexpectedReply {
                     operation: "queue.declare (recovery)",
                     got: format!("{other:?}"),
                 });
+            }
+            Err(e) => {
+                entity_failed(inner, gen_.number(), TopologyEntity::Queue(name.clone()), e);
+                pending.queues.push(name.clone());
+                continue;
             }
         };
         if &new != name {
@@ -242,29 +323,44 @@ fn replay_topology(
             renamed.insert(name.clone(), new);
         }
     }
-    replay_bindings(inner, &topo_ch, &topology)?;
-    topo_ch.close_nowait();
+    replay_bindings(inner, gen_, &topology, &mut pending)?;
     if !renamed.is_empty() {
         let mut t = inner.topology.lock();
         for (old, new) in &renamed {
             t.rename_queue(old, new);
         }
     }
-    Ok(renamed)
+    Ok(TopologyOutcome { renamed, pending })
 }
 
-/// Bind again (names already follow renamed queues): one round trip.
+/// Bind again (names already follow renamed queues), each binding on its own; one whose
+/// source or destination failed waits with it.
 fn replay_bindings(
     inner: &ConnectionInner,
-    topo_ch: &Arc<ChannelShared>,
+    gen_: &Arc<Generation>,
     topology: &Topology,
+    pending: &mut PendingTopology,
 ) -> Result<()> {
-    let d = step_deadline(inner);
-    let mut step = InFlight::new();
+    let opts = &inner.opts.recovery;
+    let mut todo = Vec::new();
     for b in &topology.bindings {
-        step.start(topo_ch, b.bind(), d, "bind-ok (recovery)", None)?;
+        if !opts.keeps(&b.entity()) {
+            continue;
+        }
+        if pending.blocks(b) {
+            pending.bindings.push(b.clone());
+        } else {
+            todo.push(b.clone());
+        }
     }
-    step.finish(d)?;
+    let methods: Vec<AMQPClass> = todo.iter().map(|b| b.bind()).collect();
+    let replies = each_on_own(inner, gen_.shared(), &methods, "bind-ok (recovery)")?;
+    for (b, r) in todo.into_iter().zip(replies) {
+        if let Err(e) = r {
+            entity_failed(inner, gen_.number(), b.entity(), &e);
+            pending.bindings.push(b);
+        }
+    }
     Ok(())
 }
 
@@ -291,11 +387,24 @@ fn reopen_channels(
 }
 
 /// Each channel's record, without its dropped consumers and with renamed queues.
-fn channel_records(restored: &Restored, renamed: &HashMap<String, String>) -> Vec<ChannelRecord> {
+/// A consumer the broker cancelled keeps its record (only the application's cancel, drop
+/// or close forgets it); with `resubscribe_cancelled_consumers` it is restored (or left
+/// pending) with the rest, its handle active again.
+fn channel_records(
+    inner: &ConnectionInner,
+    restored: &Restored,
+    renamed: &HashMap<String, String>,
+) -> Vec<ChannelRecord> {
+    let resubscribe = inner.opts.recovery.resubscribe_cancelled;
     restored
         .iter()
         .map(|(c, _)| {
             let mut rec = c.record().lock();
+            if resubscribe {
+                for r in &rec.consumers {
+                    r.sink.shared.active.store(true, Ordering::Release);
+                }
+            }
             rec.consumers.retain(|r| r.sink.is_active());
             for r in &mut rec.consumers {
                 if let Some(n) = renamed.get(&r.queue) {
@@ -325,17 +434,59 @@ fn restore_qos_and_confirms(
             let m = methods::confirm_select();
             step.start(new, m, d, "confirm.select-ok (recovery)", None)?;
         }
+        if record.tx {
+            let m = crate::topology::tx_select();
+            step.start(new, m, d, "tx.select-ok (recovery)", None)?;
+        }
     }
     step.finish(d)?;
     Ok(())
 }
 
-/// Every consumer under its tag, feeding its old queue: one round trip. Returns how many.
+/// Every consumer under its tag, feeding its old queue: one round trip. A consumer whose
+/// queue failed to recover, or (for a queue declared elsewhere) does not answer a passive
+/// declare, is left pending instead: a `basic.consume` on a missing queue would close its
+/// channel and everything else on it. Returns how many were restored.
 fn restore_consumers(
     inner: &ConnectionInner,
+    gen_: &Arc<Generation>,
     restored: &Restored,
     records: &[ChannelRecord],
+    pending: &mut PendingTopology,
 ) -> Result<usize> {
+    let opts = &inner.opts.recovery;
+    let declared: Vec<String> = inner
+        .topology
+        .lock()
+        .queues
+        .iter()
+        .map(|(n, _)| n.clone())
+        .collect();
+    // Queues declared elsewhere: probe them, each on its own.
+    let mut probe: Vec<String> = Vec::new();
+    for record in records {
+        for r in &record.consumers {
+            if !declared.contains(&r.queue) && !probe.contains(&r.queue) {
+                probe.push(r.queue.clone());
+            }
+        }
+    }
+    let methods: Vec<AMQPClass> = probe
+        .iter()
+        .map(|q| crate::topology::queue_probe(q))
+        .collect();
+    let replies = each_on_own(
+        inner,
+        gen_.shared(),
+        &methods,
+        "queue.declare-ok (passive, recovery)",
+    )?;
+    let mut missing: HashMap<String, Error> = HashMap::new();
+    for (q, r) in probe.into_iter().zip(replies) {
+        if let Err(e) = r {
+            missing.insert(q, e);
+        }
+    }
     let d = step_deadline(inner);
     let mut step = InFlight::new();
     let mut n = 0;
@@ -344,6 +495,22 @@ fn restore_consumers(
             new.confirms.enable();
         }
         for r in &record.consumers {
+            let entity = TopologyEntity::Consumer {
+                tag: r.tag.clone(),
+                queue: r.queue.clone(),
+                channel: new.id,
+            };
+            if !opts.keeps(&entity) {
+                continue;
+            }
+            if pending.queues.contains(&r.queue) || missing.contains_key(&r.queue) {
+                let e = missing.get(&r.queue).cloned().unwrap_or_else(|| {
+                    Error::InvalidArgument(format!("its queue {:?} did not recover", r.queue))
+                });
+                entity_failed(inner, gen_.number(), entity, &e);
+                pending.consumers.push((new.id, r.tag.clone()));
+                continue;
+            }
             let m = r.consume();
             step.start(
                 new,

@@ -1,7 +1,7 @@
 //! The one door through which lepus imports threads' shared-state primitives and queues.
 //!
 //! Everything else in the crate takes `Arc`, `Mutex`, `Condvar`, atomics and queues from
-//! here. Under `cfg(loom)` they are loom's (crossbeam-channel and parking_lot are not
+//! here. Under `cfg(lepus_loom)` they are loom's (crossbeam-channel and parking_lot are not
 //! loom-aware, so queues become a Mutex + Condvar queue with the same interface), and the
 //! model tests in `loom-tests/` explore the crate's own code with them.
 
@@ -10,13 +10,13 @@ pub use self::imp::*;
 /// True when the model tests asked for the deliberately broken variant `name` of a
 /// primitive (`LEPUS_LOOM_BROKEN=name`), to show that loom catches it. Only under loom;
 /// elsewhere it is the constant false.
-#[cfg(loom)]
+#[cfg(lepus_loom)]
 pub fn broken(name: &str) -> bool {
     std::env::var("LEPUS_LOOM_BROKEN").is_ok_and(|v| v == name)
 }
 
 /// See the loom version: never broken outside the model tests.
-#[cfg(not(loom))]
+#[cfg(not(lepus_loom))]
 #[inline(always)]
 pub fn broken(_name: &str) -> bool {
     false
@@ -39,7 +39,7 @@ pub(crate) trait CondvarExt {
     ) -> bool;
 }
 
-#[cfg(not(loom))]
+#[cfg(not(lepus_loom))]
 mod imp {
     pub(crate) use parking_lot::{Condvar, Mutex, MutexGuard};
     pub(crate) use std::sync::atomic::{
@@ -65,7 +65,7 @@ mod imp {
     }
 }
 
-#[cfg(loom)]
+#[cfg(lepus_loom)]
 mod imp {
     pub(crate) use loom::sync::atomic::{
         AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering, fence,

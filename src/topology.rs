@@ -93,7 +93,49 @@ pub(crate) struct ConsumerRecord {
 pub(crate) struct ChannelRecord {
     pub(crate) qos: Option<(u16, bool)>,
     pub(crate) confirm: bool,
+    /// In transaction mode (`tx.select`).
+    pub(crate) tx: bool,
     pub(crate) consumers: Vec<ConsumerRecord>,
+}
+
+/// The `tx.select` that puts a channel (again) in transaction mode.
+pub(crate) fn tx_select() -> AMQPClass {
+    AMQPClass::Tx(amq_protocol::protocol::tx::AMQPMethod::Select(
+        amq_protocol::protocol::tx::Select {},
+    ))
+}
+
+/// A passive `queue.declare`: does the queue exist (and is its node up)?
+pub(crate) fn queue_probe(name: &str) -> AMQPClass {
+    methods::queue_declare(name, true, false, false, false, &FieldTable::new())
+}
+
+/// Entities a recovery could not restore, retried in the background until they are (or
+/// the application deletes them). Names are current names (after renames).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct PendingTopology {
+    pub(crate) exchanges: Vec<String>,
+    pub(crate) queues: Vec<String>,
+    pub(crate) bindings: Vec<BindingRecord>,
+    /// (channel id, consumer tag)
+    pub(crate) consumers: Vec<(u16, String)>,
+    /// A retry thread is running for this connection.
+    pub(crate) retrying: bool,
+}
+
+impl PendingTopology {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.exchanges.is_empty()
+            && self.queues.is_empty()
+            && self.bindings.is_empty()
+            && self.consumers.is_empty()
+    }
+    /// A binding must wait for its source and destination.
+    pub(crate) fn blocks(&self, b: &BindingRecord) -> bool {
+        self.exchanges.contains(&b.source)
+            || (b.to_exchange && self.exchanges.contains(&b.destination))
+            || (!b.to_exchange && self.queues.contains(&b.destination))
+    }
 }
 
 impl ExchangeRecord {
@@ -144,6 +186,16 @@ impl ConsumerRecord {
 }
 
 impl BindingRecord {
+    /// How recovery names it.
+    pub(crate) fn entity(&self) -> crate::events::TopologyEntity {
+        crate::events::TopologyEntity::Binding {
+            source: self.source.clone(),
+            destination: self.destination.clone(),
+            routing_key: self.routing_key.clone(),
+            to_exchange: self.to_exchange,
+        }
+    }
+
     /// The `exchange.bind` or `queue.bind` that binds it again.
     pub(crate) fn bind(&self) -> AMQPClass {
         methods::bind(

@@ -128,6 +128,66 @@ pub(crate) fn parse(uri: &str) -> Result<ParsedUri> {
     Ok(o)
 }
 
+/// A host after the first of a multi-host URI, with its port if given.
+pub(crate) type MoreHost = (String, Option<u16>);
+
+/// Parse a URI that may name several hosts, as other AMQP clients accept:
+/// `amqp://user:pass@host1:5681,host2:5682,[::1]:5683/vhost?..`. The first host is the
+/// primary (in the returned `ParsedUri`); the others follow, each with its port if given.
+pub(crate) fn parse_multi(uri: &str) -> Result<(ParsedUri, Vec<MoreHost>)> {
+    let bad = |why: &str| Error::InvalidUri(format!("{why}: {uri:?}"));
+    let Some((scheme, rest)) = uri.split_once("://") else {
+        return parse(uri).map(|p| (p, Vec::new()));
+    };
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let authority = &rest[..end];
+    let (userinfo, hosts) = match authority.rsplit_once('@') {
+        Some((u, h)) => (Some(u), h),
+        None => (None, authority),
+    };
+    if !hosts.contains(',') {
+        return parse(uri).map(|p| (p, Vec::new()));
+    }
+    let mut list = hosts.split(',');
+    let first = list.next().unwrap_or("");
+    let mut single = format!("{scheme}://");
+    if let Some(u) = userinfo {
+        single.push_str(u);
+        single.push('@');
+    }
+    single.push_str(first);
+    single.push_str(&rest[end..]);
+    let parsed = parse(&single)?;
+    if parsed.host.is_none() {
+        return Err(bad("empty host in the host list"));
+    }
+    let mut more = Vec::new();
+    for h in list {
+        let (host, port) = if let Some(h) = h.strip_prefix('[') {
+            let (h, after) = h.split_once(']').ok_or_else(|| bad("unclosed [ in host"))?;
+            let port = match after {
+                "" => None,
+                p => Some(p.strip_prefix(':').ok_or_else(|| bad("junk after ]"))?),
+            };
+            (h, port)
+        } else {
+            match h.rsplit_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (h, None),
+            }
+        };
+        if host.is_empty() {
+            return Err(bad("empty host in the host list"));
+        }
+        let port = match port {
+            Some(p) => Some(p.parse().map_err(|_| bad("invalid port"))?),
+            None => None,
+        };
+        more.push((percent_decode(host)?, port));
+    }
+    Ok((parsed, more))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,5 +201,34 @@ mod tests {
         assert_eq!(p.host.as_deref(), Some("h"));
         assert_eq!(p.auth_mechanism.as_deref(), Some("Whatever"));
         assert_eq!((p.port, p.vhost), (None, None));
+    }
+
+    #[test]
+    fn several_hosts() {
+        let (p, more) =
+            parse_multi("amqp://u:p@h1:5681,h2:5682,[::1]:5683,h4/vh?heartbeat=5").unwrap();
+        assert_eq!(p.host.as_deref(), Some("h1"));
+        assert_eq!(p.port, Some(5681));
+        assert_eq!(p.vhost.as_deref(), Some("vh"));
+        assert_eq!(p.heartbeat, Some(5));
+        assert_eq!(p.username.as_deref(), Some("u"));
+        assert_eq!(
+            more,
+            vec![
+                ("h2".to_string(), Some(5682)),
+                ("::1".to_string(), Some(5683)),
+                ("h4".to_string(), None)
+            ]
+        );
+        let (p, more) = parse_multi("amqp://h").unwrap();
+        assert_eq!((p.host.as_deref(), more.len()), (Some("h"), 0));
+        for u in [
+            "amqp://h1,,h2",
+            "amqp://,h2",
+            "amqp://h1,h2:x",
+            "amqp://h1,[::1",
+        ] {
+            assert!(matches!(parse_multi(u), Err(Error::InvalidUri(_))), "{u}");
+        }
     }
 }

@@ -303,8 +303,14 @@ fn dead_link_with_recovery_on_wakes_calls_in_flight() {
     let (rx, names) = block_calls_with(&conn, &fwd, false);
     kill(&fwd);
     let killed = Instant::now();
-    // Calls in flight fail with a connection-lost error, although a recovery follows.
-    for (what, r, at) in collect(&rx, &names, Duration::from_secs(3)) {
+    // Waiters on confirmations keep waiting: the recovery republishes their messages and
+    // they get the new copies' outcomes (or an error when it gives up or is closed).
+    let (confirm_waiters, prompt): (Vec<&str>, Vec<&str>) = names
+        .iter()
+        .partition(|n| matches!(**n, "wait_for_confirms" | "confirmation"));
+    assert_eq!(confirm_waiters.len(), 2, "{names:?}");
+    // Other calls in flight fail with a connection-lost error, although a recovery follows.
+    for (what, r, at) in collect(&rx, &prompt, Duration::from_secs(3)) {
         match r {
             Err(e) => assert!(e.is_connection_lost(), "{what}: {e:?}"),
             Ok(v) => panic!("{what} succeeded on a dead link: {v}"),
@@ -318,6 +324,9 @@ fn dead_link_with_recovery_on_wakes_calls_in_flight() {
     assert!(wait_until(Duration::from_secs(2), || !conn.is_open()));
     // The proxy refuses connections, so recovery keeps failing; close() ends it promptly.
     thread::sleep(Duration::from_millis(300));
+    if let Ok((what, r, _)) = rx.try_recv() {
+        panic!("{what} returned while recovery was still trying: {r:?}");
+    }
     let t = Instant::now();
     let r = conn.close();
     assert!(
@@ -327,4 +336,8 @@ fn dead_link_with_recovery_on_wakes_calls_in_flight() {
     );
     assert!(r.is_ok(), "{r:?}");
     assert!(matches!(conn.close_reason(), Some(Error::ConnectionClosed)));
+    for (what, r, at) in collect(&rx, &confirm_waiters, Duration::from_secs(3)) {
+        assert!(matches!(r, Err(Error::ConnectionClosed)), "{what}: {r:?}");
+        assert!(at - t < Duration::from_secs(2), "{what} took {:?}", at - t);
+    }
 }

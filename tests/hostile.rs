@@ -292,6 +292,71 @@ fn content_over_max_message_size_is_skipped_and_the_next_delivery_arrives() {
 }
 
 // ---------------------------------------------------------------------------------------
+// Cases that could overflow a stack run in a child process
+// ---------------------------------------------------------------------------------------
+
+/// Set in the child: the name of the one test it runs.
+const CHILD_ENV: &str = "LEPUS_HOSTILE_CHILD";
+
+/// Run `body` (the test `name`) in a child process: this test binary re-run with the test
+/// filtered to `name` alone. A stack overflow aborts the whole process, so in-process it
+/// would take every other test of this binary down with it; here it takes only the child,
+/// whose death by a signal (or any failure) fails this test. In the child itself, `body`
+/// just runs.
+fn in_child_process(name: &str, body: impl FnOnce()) {
+    if std::env::var(CHILD_ENV).as_deref() == Ok(name) {
+        body();
+        return;
+    }
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let mut child = std::process::Command::new(exe)
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, name)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("re-run the test binary");
+    let mut out = child.stdout.take().expect("the child's stdout");
+    let reader = thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut out, &mut s);
+        s
+    });
+    // The child's body has its own `within` limit; this one only catches a child that
+    // cannot even reach it.
+    let deadline = Instant::now() + TEST_LIMIT + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("the child's status") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{name}: the child process did not end within its deadline");
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    let stdout = reader.join().expect("the child's output");
+    print!("{stdout}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::ExitStatusExt;
+        if let Some(sig) = status.signal() {
+            panic!("{name}: the child process died of signal {sig} (a stack overflow aborts)");
+        }
+    }
+    assert!(
+        status.success(),
+        "{name}: the child process failed: {status}"
+    );
+    // A filter that matched nothing would pass without running anything.
+    assert!(
+        stdout.contains("1 passed"),
+        "{name}: the child did not run exactly this test"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
 // 3 and 4. Undecodable properties
 // ---------------------------------------------------------------------------------------
 
@@ -349,24 +414,34 @@ fn undecodable_case(frame_max: u32, bad_props: Vec<Vec<u8>>, why: &'static [&'st
 
 #[test]
 fn headers_nested_20_000_deep_are_an_undecodable_bad_delivery() {
-    within(TEST_LIMIT, || {
-        undecodable_case(
-            1 << 20,
-            vec![headers_props(&deep_table(20_000))],
-            &["nested deeper than 64"],
-        )
-    });
+    in_child_process(
+        "headers_nested_20_000_deep_are_an_undecodable_bad_delivery",
+        || {
+            within(TEST_LIMIT, || {
+                undecodable_case(
+                    1 << 20,
+                    vec![headers_props(&deep_table(20_000))],
+                    &["nested deeper than 64"],
+                )
+            });
+        },
+    );
 }
 
 #[test]
 fn headers_nested_100_000_deep_are_an_undecodable_bad_delivery() {
-    within(TEST_LIMIT, || {
-        undecodable_case(
-            1 << 20,
-            vec![headers_props(&deep_table(100_000))],
-            &["nested deeper than 64"],
-        )
-    });
+    in_child_process(
+        "headers_nested_100_000_deep_are_an_undecodable_bad_delivery",
+        || {
+            within(TEST_LIMIT, || {
+                undecodable_case(
+                    1 << 20,
+                    vec![headers_props(&deep_table(100_000))],
+                    &["nested deeper than 64"],
+                )
+            });
+        },
+    );
 }
 
 #[test]
@@ -982,68 +1057,73 @@ fn server_channel_close_ends_only_that_channel() {
 
 #[test]
 fn deep_headers_through_rabbitmq_are_a_bad_delivery_and_the_next_message_arrives() {
-    within(Duration::from_secs(60), || {
-        let cleanup = support::Cleanup::new();
-        let conn = support::connect();
-        let ch = conn.open_channel().unwrap();
-        let q = cleanup.queue(&support::unique("hostile-deep-headers"));
-        ch.queue_declare(
-            &q,
-            &QueueDeclareOptions {
-                arguments: FieldTable::new().with("x-expires", 120_000),
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        // Through the broker, with a raw socket: lepus refuses to encode such a table.
-        lepus_testkit::publish_raw(
-            support::broker_addr(),
-            "",
-            &q,
-            &headers_props(&deep_table(20_000)),
-            b"deep",
-        )
-        .expect("RabbitMQ accepts the deep headers");
-        ch.confirm_select().unwrap();
-        support::publish_confirmed(&ch, "", &q, b"normal");
+    in_child_process(
+        "deep_headers_through_rabbitmq_are_a_bad_delivery_and_the_next_message_arrives",
+        || {
+            within(Duration::from_secs(60), || {
+                let cleanup = support::Cleanup::new();
+                let conn = support::connect();
+                let ch = conn.open_channel().unwrap();
+                let q = cleanup.queue(&support::unique("hostile-deep-headers"));
+                ch.queue_declare(
+                    &q,
+                    &QueueDeclareOptions {
+                        arguments: FieldTable::new().with("x-expires", 120_000),
+                        ..Default::default()
+                    },
+                )
+                .unwrap();
+                // Through the broker, with a raw socket: lepus refuses to encode such a table.
+                lepus_testkit::publish_raw(
+                    support::broker_addr(),
+                    "",
+                    &q,
+                    &headers_props(&deep_table(20_000)),
+                    b"deep",
+                )
+                .expect("RabbitMQ accepts the deep headers");
+                ch.confirm_select().unwrap();
+                support::publish_confirmed(&ch, "", &q, b"normal");
 
-        let cch = conn.open_channel().unwrap();
-        let consumer = cch.basic_consume(&q, &ConsumeOptions::default()).unwrap();
-        let bad = bad_delivery(consumer.recv_timeout(Duration::from_secs(10)));
-        match bad.kind() {
-            BadDeliveryKind::Undecodable(msg) => {
-                assert!(msg.contains("nested deeper than 64"), "{msg}")
-            }
-            other => panic!("expected Undecodable, got {other:?}"),
-        }
-        assert_eq!(bad.delivery_tag(), 1);
-        assert_eq!(bad.routing_key(), q);
-        assert_eq!(bad.body(), b"deep");
-        bad.reject(false).unwrap();
+                let cch = conn.open_channel().unwrap();
+                let consumer = cch.basic_consume(&q, &ConsumeOptions::default()).unwrap();
+                let bad = bad_delivery(consumer.recv_timeout(Duration::from_secs(10)));
+                match bad.kind() {
+                    BadDeliveryKind::Undecodable(msg) => {
+                        assert!(msg.contains("nested deeper than 64"), "{msg}")
+                    }
+                    other => panic!("expected Undecodable, got {other:?}"),
+                }
+                assert_eq!(bad.delivery_tag(), 1);
+                assert_eq!(bad.routing_key(), q);
+                assert_eq!(bad.body(), b"deep");
+                bad.reject(false).unwrap();
 
-        let d = consumer.recv_timeout(Duration::from_secs(10)).unwrap();
-        assert_eq!((d.delivery_tag(), d.body()), (2, &b"normal"[..]));
-        d.ack().unwrap();
-        assert!(conn.is_open() && cch.is_open());
+                let d = consumer.recv_timeout(Duration::from_secs(10)).unwrap();
+                assert_eq!((d.delivery_tag(), d.body()), (2, &b"normal"[..]));
+                d.ack().unwrap();
+                assert!(conn.is_open() && cch.is_open());
 
-        // Closing the channel would requeue anything not settled: the queue stays empty
-        // only if the reject and the ack both went through.
-        drop(consumer);
-        cch.close().unwrap();
-        let info = ch
-            .queue_declare(
-                &q,
-                &QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-            )
-            .unwrap();
-        assert_eq!((info.message_count, info.consumer_count), (0, 0));
-        ch.queue_delete(&q, Default::default()).unwrap();
-        conn.close().unwrap();
-        assert_no_large_allocation();
-    });
+                // Closing the channel would requeue anything not settled: the queue stays empty
+                // only if the reject and the ack both went through.
+                drop(consumer);
+                cch.close().unwrap();
+                let info = ch
+                    .queue_declare(
+                        &q,
+                        &QueueDeclareOptions {
+                            passive: true,
+                            ..Default::default()
+                        },
+                    )
+                    .unwrap();
+                assert_eq!((info.message_count, info.consumer_count), (0, 0));
+                ch.queue_delete(&q, Default::default()).unwrap();
+                conn.close().unwrap();
+                assert_no_large_allocation();
+            });
+        },
+    );
 }
 
 #[test]

@@ -2,9 +2,9 @@
 //! overrides), progress on stderr, a report in benches/results/report.md with SVG charts.
 //!
 //! ```text
-//! cargo bench --bench suite                 # the full run (tens of minutes)
-//! cargo bench --bench suite -- --quick      # a small version of everything (minutes),
-//!                                           # written to benches/results/quick/
+//! cargo bench -p lepus-bench-suite               # the full run (tens of minutes)
+//! cargo bench -p lepus-bench-suite -- --quick    # a small version of everything (minutes),
+//!                                                # written to benches/results/quick/
 //! options: --only 1,4,8   scenarios to run (1 publish, 2 pool, 3 consumers, 4 recovery,
 //!                         5 stability, 6 peers, 7 ceiling, 8 memory)
 //!          --rounds N     rounds of the lepus/peer comparison (default 3, quick 1)
@@ -58,11 +58,22 @@ pub struct Results {
     pub consumer_counts: Vec<usize>,
 }
 
+/// The repository's root: this package is benches/suite, and the report goes to the
+/// root's benches/results/, the peers crate is the root's benches/peers/.
+fn repo_root() -> PathBuf {
+    let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest
+        .ancestors()
+        .nth(2)
+        .expect("benches/suite has a grandparent")
+        .to_path_buf()
+}
+
 fn parse_args() -> (Settings, Option<usize>) {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let url = std::env::var("AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let root = repo_root();
     let mut s = Settings {
         quick: false,
         url,
@@ -137,7 +148,7 @@ fn main() {
         s.out_dir.display()
     );
     let mut r = Results::default();
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let root = repo_root();
 
     // Peers: built first, or (quick mode, cold build) in the background while the
     // lepus-only scenarios run, so that a first run stays within its time budget.

@@ -419,7 +419,7 @@ pub fn render(r: &Results, env: &Environment, s: &Settings) -> String {
     let _ = writeln!(w, "# lepus benchmark results\n");
     let _ = writeln!(
         w,
-        "Produced by `cargo bench --bench suite{}` against a local RabbitMQ. Every figure below was measured in this run; nothing is carried over or assumed.{}\n",
+        "Produced by `cargo bench -p lepus-bench-suite{}` against a local RabbitMQ. Every figure below was measured in this run; nothing is carried over or assumed.{}\n",
         if s.quick { " -- --quick" } else { "" },
         if s.quick {
             " **Quick mode**: small sizes and a single round, for CI; the numbers are indicative only."

@@ -1,4 +1,4 @@
-//! loom models of lepus's own synchronisation code (built with `--cfg loom`, where
+//! loom models of lepus's own synchronisation code (built with `--cfg lepus_loom`, where
 //! lepus's `sync` module maps every primitive and queue to loom's).
 //!
 //! Each model counts the interleavings it explored, prints the count and asserts there
@@ -9,7 +9,7 @@
 //! `send-fence`: a queued command without the fence that pairs with a link failure's),
 //! must make the model that covers them fail: `run.sh` runs each model again with its
 //! variable set and expects the failure. `mutants.sh` plants more slips (see `mutants/`).
-#![cfg(loom)]
+#![cfg(lepus_loom)]
 
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use std::sync::atomic::{AtomicUsize as StdAtomicUsize, Ordering::SeqCst};

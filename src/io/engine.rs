@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use amq_protocol::protocol::{AMQPClass, basic, channel, connection};
 
 use super::{ChannelShared, Command, ConnShared, RETURNS_CAPACITY, Reply, ReplyTx};
-use crate::delivery::{Acker, BadDelivery, ConsumerMsg, ConsumerSink, Delivery, Returned};
+use crate::delivery::{
+    Acker, BadDelivery, ByteBudget, Charge, ConsumerMsg, ConsumerSink, Delivery, Returned,
+};
 use crate::error::{BadDeliveryKind, Error};
 use crate::protocol::content::{Assembler, Content, ContentMethod, ContentProblem};
 use crate::protocol::decode_server_method;
@@ -15,18 +17,57 @@ use crate::protocol::frame::{
     FRAME_BODY, FRAME_HEADER, FRAME_HEARTBEAT, FRAME_METHOD, FrameError, RawFrame, put_heartbeat,
     put_method,
 };
+use crate::protocol::lenient::decode_content_method;
 use crate::protocol::properties::BasicProperties;
 use crate::protocol::reply_code;
+use crate::protocol::size::properties_heap;
 use crate::sync::{Arc, Ordering};
 
 /// Heartbeats are never sent more often than this.
 const MIN_HEARTBEAT_SEND: Duration = Duration::from_millis(500);
+/// At most one log line per channel for deliveries to unknown consumers in this time.
+const ORPHAN_LOG_EVERY: Duration = Duration::from_secs(10);
 /// Stop taking commands while this much output is unwritten.
 const HIGH_WATER: usize = 4 * 1024 * 1024;
 
 struct Pending {
     reply: ReplyTx,
     consumer: Option<ConsumerSink>,
+    /// Class and method id of the request.
+    request: (u16, u16),
+}
+
+/// Class and method id of the method frame at the start of `bytes` ((0, 0) if none).
+fn request_ids(bytes: &[u8]) -> (u16, u16) {
+    bytes
+        .get(7..11)
+        .filter(|_| bytes[0] == FRAME_METHOD)
+        .map(|b| {
+            (
+                u16::from_be_bytes([b[0], b[1]]),
+                u16::from_be_bytes([b[2], b[3]]),
+            )
+        })
+        .unwrap_or((0, 0))
+}
+
+/// True if `reply` answers `request`: each `-ok` is its request's method id plus one, and
+/// `basic.get` is answered by `get-ok` (71) or `get-empty` (72).
+fn answers(request: (u16, u16), reply: (u16, u16)) -> bool {
+    request.0 == reply.0 && (reply.1 == request.1 + 1 || (request == (60, 70) && reply.1 == 72))
+}
+
+/// The waiter a reply belongs to: the oldest request it answers. Replies come in order,
+/// except that RabbitMQ may answer a `queue.delete` before the `basic.cancel-ok` of a
+/// consumer on that queue sent just before it (the cancel goes through the queue
+/// process): matching by method keeps each reply with its own waiter. A reply that
+/// answers nothing pending goes to the oldest waiter, which reports it as unexpected.
+fn take_pending(pending: &mut VecDeque<Pending>, reply: (u16, u16)) -> Option<Pending> {
+    let i = pending
+        .iter()
+        .position(|p| answers(p.request, reply))
+        .unwrap_or(0);
+    pending.remove(i)
 }
 
 /// The consumers of one channel by tag. Usually one or two: a vector is smaller than a
@@ -55,6 +96,11 @@ struct Slot {
     shared: Arc<ChannelShared>,
     pending: VecDeque<Pending>,
     consumers: Consumers,
+    /// A no-ack consumer was ever registered here: a delivery for an unknown tag may then
+    /// need no settling, and a reject of it would close the channel (406).
+    had_no_ack: bool,
+    /// When an orphan delivery was last logged (one line per burst).
+    orphan_logged: Option<Instant>,
     assembler: Assembler,
     closing: bool,
     close_reply: Option<ReplyTx>,
@@ -93,6 +139,12 @@ pub(crate) struct Engine {
     last_progress: Instant,
     max_depth: usize,
     max_message_size: u64,
+    /// Bytes of deliveries queued for all consumers of this connection.
+    queued_bytes: Arc<ByteBudget>,
+    /// The broker said `connection.blocked` (and not yet `unblocked`).
+    blocked: bool,
+    /// The time of the latest frame or timer (for what has no `now` of its own).
+    clock: Instant,
 }
 
 fn method_bytes(out: &mut Vec<u8>, channel: u16, m: AMQPClass) {
@@ -117,6 +169,19 @@ impl Engine {
             last_progress: now,
             max_depth: conn.opts.max_table_depth,
             max_message_size: conn.opts.max_message_size,
+            queued_bytes: Arc::new(ByteBudget::new(
+                conn.opts.connection_queue_bytes,
+                Some(Box::new({
+                    let conn = Arc::downgrade(&conn);
+                    move || {
+                        if let Some(c) = conn.upgrade() {
+                            c.wake();
+                        }
+                    }
+                })),
+            )),
+            blocked: false,
+            clock: now,
             conn,
         }
     }
@@ -133,9 +198,15 @@ impl Engine {
         matches!(self.state, State::Open)
     }
 
-    /// True while a delivery waits for room in its consumer's queue.
+    /// True while reading must pause: a delivery waits for room in its consumer's queue
+    /// (or the connection's byte bound), or more output waits than `max_output_bytes` (a
+    /// peer that stops reading but keeps sending what we answer cannot grow it further).
     pub(crate) fn is_stalled(&self) -> bool {
-        self.stalled.is_some()
+        self.stalled.is_some() || self.output_full()
+    }
+
+    fn output_full(&self) -> bool {
+        self.out.len() - self.written >= self.conn.opts.max_output_bytes
     }
 
     // ---------------- bytes in and out ----------------
@@ -167,20 +238,35 @@ impl Engine {
             self.out.drain(..self.written);
             self.written = 0;
         }
-        if now.duration_since(self.last_progress) > write_timeout {
+        // A broker that blocked the connection stops reading on purpose: then only the
+        // heartbeat-based limit applies. Otherwise a peer that reads none of our bytes
+        // for `write_stall_timeout` is a dead link.
+        let limit = if self.blocked {
+            write_timeout
+        } else {
+            write_timeout.min(self.conn.opts.write_stall_timeout)
+        };
+        if now.duration_since(self.last_progress) > limit {
             self.fail(Error::ConnectionLost(format!(
-                "writes to the broker stalled for {write_timeout:?}"
+                "writes to the broker stalled: it read none of our bytes for {limit:?}"
             )));
         }
     }
 
     /// Everything waiting to be written, taken out as if written (without counting as
     /// sent for the heartbeat): for tests and fuzzing, which have no socket.
+    #[cfg(any(test, feature = "fuzzing"))]
     pub(crate) fn take_output(&mut self) -> Vec<u8> {
         let rest = self.out.split_off(self.written);
         self.out.clear();
         self.written = 0;
         rest
+    }
+
+    /// Bytes of deliveries queued for all consumers (the connection's byte budget).
+    #[cfg(feature = "fuzzing")]
+    pub(crate) fn queued_bytes(&self) -> usize {
+        self.queued_bytes.queued()
     }
 
     /// Bytes arrived from the broker at `now`.
@@ -301,7 +387,11 @@ impl Engine {
                 consumer,
             } => {
                 if let Some(slot) = self.open_slot(channel) {
-                    slot.pending.push_back(Pending { reply, consumer });
+                    slot.pending.push_back(Pending {
+                        reply,
+                        consumer,
+                        request: request_ids(&bytes),
+                    });
                     self.out.extend_from_slice(&bytes);
                 }
             }
@@ -340,6 +430,8 @@ impl Engine {
             shared,
             pending: VecDeque::new(),
             consumers: Consumers::default(),
+            had_no_ack: false,
+            orphan_logged: None,
             assembler: Assembler::default(),
             closing: false,
             close_reply: None,
@@ -347,6 +439,7 @@ impl Engine {
         slot.pending.push_back(Pending {
             reply,
             consumer: None,
+            request: (20, 10),
         });
         self.slots[id] = Some(slot);
         self.out.extend_from_slice(bytes);
@@ -424,7 +517,7 @@ impl Engine {
             if self.output().is_empty() {
                 next = next.min(self.last_send + send_every);
             }
-            if self.stalled.is_some() {
+            if self.is_stalled() {
                 // We stopped reading on purpose; silence tells nothing now.
                 self.last_recv = now;
             } else if now >= self.last_recv + hb * 2 {
@@ -436,7 +529,7 @@ impl Engine {
             }
             next = next.min(self.last_recv + hb * 2);
         }
-        if self.stalled.is_some() && crate::delivery_queue::stall_repoll() {
+        if self.is_stalled() && crate::delivery_queue::stall_repoll() {
             // Safety net for a wake-up lost between the consumer and us.
             next = next.min(now + Duration::from_millis(20));
         }
@@ -447,11 +540,18 @@ impl Engine {
 
     /// Handle one decoded frame.
     pub(crate) fn on_frame(&mut self, f: RawFrame<'_>, now: Instant) {
+        self.clock = now;
         let r = match f.kind {
             FRAME_HEARTBEAT => Ok(()),
-            FRAME_METHOD => match decode_server_method(f.payload, self.max_depth) {
-                Ok(m) => self.on_method(f.channel, m, now),
-                Err(e) => Err(e),
+            // A content method is decoded leniently: its routing key and exchange are
+            // the publisher's bytes, and a bad one must cost only that message.
+            FRAME_METHOD => match decode_content_method(f.payload) {
+                Some(Ok((m, problem))) => self.on_content_method(f.channel, m, problem),
+                Some(Err(e)) => Err(e),
+                None => match decode_server_method(f.payload, self.max_depth) {
+                    Ok(m) => self.on_method(f.channel, m, now),
+                    Err(e) => Err(e),
+                },
             },
             FRAME_HEADER | FRAME_BODY => self.on_content_frame(f),
             _ => Err(FrameError::new(
@@ -494,12 +594,31 @@ impl Engine {
         Ok(())
     }
 
-    fn on_method(&mut self, ch: u16, m: AMQPClass, now: Instant) -> Result<(), FrameError> {
+    /// `basic.deliver`, `basic.return` or `basic.get-ok`, decoded leniently: `problem`
+    /// says why its message will reach the application as a bad delivery.
+    fn on_content_method(
+        &mut self,
+        ch: u16,
+        m: ContentMethod,
+        problem: Option<String>,
+    ) -> Result<(), FrameError> {
         if ch == 0 {
-            return self.on_connection_method(m, now);
+            return Err(FrameError::new(
+                reply_code::COMMAND_INVALID,
+                format!("content method on channel 0: {m:?}"),
+            ));
         }
+        match self.channel_for_method(ch)? {
+            Some(slot) => slot.assembler.start_flagged(m, problem),
+            None => Ok(()), // closing: ignored like its content frames
+        }
+    }
+
+    /// The open, idle channel a method on `ch` (not 0) is for; `None` when it must be
+    /// ignored (connection or channel closing).
+    fn channel_for_method(&mut self, ch: u16) -> Result<Option<&mut Slot>, FrameError> {
         if !self.is_open() {
-            return Ok(());
+            return Ok(None);
         }
         let Some(slot) = slot_in(&mut self.slots, ch) else {
             return Err(FrameError::new(
@@ -507,17 +626,33 @@ impl Engine {
                 format!("method on channel {ch} which is not open"),
             ));
         };
-        // A closing channel ignores content frames (see `on_content_frame`), so a content
-        // cut off by our channel.close must not make its close-ok look out of order.
         if slot.closing {
-            self.on_closing_channel_method(ch, m);
-            return Ok(());
+            return Ok(None);
         }
         if !slot.assembler.is_idle() {
             return Err(FrameError::new(
                 reply_code::UNEXPECTED_FRAME,
                 format!("method frame on channel {ch} in the middle of a content"),
             ));
+        }
+        Ok(Some(slot))
+    }
+
+    fn on_method(&mut self, ch: u16, m: AMQPClass, now: Instant) -> Result<(), FrameError> {
+        if ch == 0 {
+            return self.on_connection_method(m, now);
+        }
+        if !self.is_open() {
+            return Ok(());
+        }
+        // A closing channel ignores content frames (see `on_content_frame`), so a content
+        // cut off by our channel.close must not make its close-ok look out of order.
+        if slot_in(&mut self.slots, ch).is_some_and(|s| s.closing) {
+            self.on_closing_channel_method(ch, m);
+            return Ok(());
+        }
+        if self.channel_for_method(ch)?.is_none() {
+            return Ok(());
         }
         match m {
             AMQPClass::Basic(b) => self.on_basic_method(ch, b),
@@ -576,12 +711,14 @@ impl Engine {
                 routing_key: r.routing_key.to_string(),
             }),
             B::Ack(a) => {
+                check_confirm(ch, &slot.shared, "basic.ack", a.delivery_tag, a.multiple)?;
                 slot.shared
                     .confirms
                     .resolve(a.delivery_tag, a.multiple, true);
                 Ok(())
             }
             B::Nack(n) => {
+                check_confirm(ch, &slot.shared, "basic.nack", n.delivery_tag, n.multiple)?;
                 slot.shared
                     .confirms
                     .resolve(n.delivery_tag, n.multiple, false);
@@ -650,7 +787,8 @@ impl Engine {
         let Some(slot) = slot_in(&mut self.slots, ch) else {
             return Ok(()); // checked by `on_method`
         };
-        let Some(p) = slot.pending.pop_front() else {
+        let ids = (reply.get_amqp_class_id(), reply.get_amqp_method_id());
+        let Some(p) = take_pending(&mut slot.pending, ids) else {
             return Err(FrameError::new(
                 reply_code::UNEXPECTED_FRAME,
                 format!("reply {reply:?} on channel {ch} without a request"),
@@ -659,6 +797,7 @@ impl Engine {
         let mut consumed = None;
         if let AMQPClass::Basic(B::ConsumeOk(ok)) = &reply {
             if let Some(sink) = p.consumer {
+                slot.had_no_ack |= sink.no_ack;
                 slot.consumers.insert(ok.consumer_tag.to_string(), sink);
                 consumed = Some(ok.consumer_tag.clone());
             }
@@ -741,11 +880,13 @@ impl Engine {
             },
             AMQPClass::Connection(C::Blocked(b)) => {
                 log::warn!("broker blocked the connection: {}", b.reason);
+                self.blocked = true;
                 self.conn.set_blocked(Some(b.reason.to_string()));
                 Ok(())
             }
             AMQPClass::Connection(C::Unblocked(_)) => {
                 log::info!("broker unblocked the connection");
+                self.blocked = false;
                 self.conn.set_blocked(None);
                 Ok(())
             }
@@ -847,7 +988,9 @@ impl Engine {
 
     /// A whole `basic.get-ok`: the reply to the oldest RPC of the channel.
     fn on_get_ok(&mut self, ch: u16, c: Content) {
-        let Some(p) = slot_in(&mut self.slots, ch).and_then(|s| s.pending.pop_front()) else {
+        let Some(p) =
+            slot_in(&mut self.slots, ch).and_then(|s| take_pending(&mut s.pending, (60, 71)))
+        else {
             self.violation(
                 FrameError::new(reply_code::UNEXPECTED_FRAME, "basic.get-ok without a get"),
                 Instant::now(),
@@ -857,7 +1000,7 @@ impl Engine {
         let _ = p.reply.send(Ok(Reply::Get(Some(Box::new(c)))));
     }
 
-    fn deliver(&mut self, ch: u16, tag: String, msg: ConsumerMsg) {
+    fn deliver(&mut self, ch: u16, tag: String, mut msg: ConsumerMsg) {
         let Some(slot) = self
             .slots
             .get_mut(ch as usize)
@@ -866,9 +1009,7 @@ impl Engine {
             return;
         };
         let Some(sink) = slot.consumers.get(&tag) else {
-            // Whether it needs an ack is unknown (no_ack is per consumer), and a wrong
-            // reject would close the channel: report it loudly instead.
-            log::error!("delivery for unknown consumer {tag:?} on channel {ch} discarded");
+            self.orphan(ch, &tag, &msg);
             return;
         };
         if !sink.is_active() && sink.shared.queued.load(Ordering::Acquire) >= sink.shared.capacity {
@@ -880,7 +1021,8 @@ impl Engine {
             }
             return;
         }
-        if !sink.shared.reserve_or_wait() {
+        let cost = msg_cost(&msg);
+        if !has_room(sink, cost, &self.queued_bytes) {
             self.stalled = Some(Stalled {
                 channel: ch,
                 tag,
@@ -888,7 +1030,9 @@ impl Engine {
             });
             return;
         }
-        if let Err(msg) = sink.push(msg) {
+        msg.charge(cost, sink.shared.clone(), self.queued_bytes.clone());
+        if let Err(mut msg) = sink.push(msg) {
+            msg.release();
             if !sink.no_ack {
                 log::debug!("consumer {tag:?} on channel {ch} is gone; delivery requeued");
                 self.requeue(ch, &msg);
@@ -901,12 +1045,13 @@ impl Engine {
         let Some(s) = self.stalled.take() else {
             return true;
         };
+        let cost = msg_cost(&s.msg);
         let full = self
             .slots
             .get(s.channel as usize)
             .and_then(|s| s.as_deref())
             .and_then(|slot| slot.consumers.get(&s.tag))
-            .map(|sink| !sink.shared.reserve_or_wait());
+            .map(|sink| !has_room(sink, cost, &self.queued_bytes));
         match full {
             Some(true) => {
                 self.stalled = Some(s);
@@ -916,6 +1061,43 @@ impl Engine {
                 self.deliver(s.channel, s.tag, s.msg);
                 self.stalled.is_none()
             }
+        }
+    }
+
+    /// A delivery for no consumer of ours: an unknown tag, a channel without consumers, a
+    /// consumer whose cancel-ok came already. Left alone it would stay unacknowledged
+    /// until the channel closes: reject it (requeue) so another consumer gets it, count
+    /// it, and log once per burst. Only on a channel that never had a no-ack consumer:
+    /// there every delivery needs settling, while a reject of a no-ack delivery would
+    /// close the channel (406 unknown delivery tag).
+    fn orphan(&mut self, ch: u16, tag: &str, msg: &ConsumerMsg) {
+        let now = self.clock;
+        let Some(slot) = slot_in(&mut self.slots, ch) else {
+            return;
+        };
+        let n = slot
+            .shared
+            .orphan_deliveries
+            .fetch_add(1, Ordering::Relaxed)
+            + 1;
+        let reject = !slot.had_no_ack;
+        if slot
+            .orphan_logged
+            .is_none_or(|at| now.duration_since(at) >= ORPHAN_LOG_EVERY)
+        {
+            slot.orphan_logged = Some(now);
+            log::warn!(
+                "channel {ch}: delivery for unknown consumer {tag:?} {} ({n} so far on this \
+                 channel; further ones within {ORPHAN_LOG_EVERY:?} are not logged)",
+                if reject {
+                    "rejected with requeue"
+                } else {
+                    "dropped (a no-ack consumer was here: a reject could close the channel)"
+                }
+            );
+        }
+        if reject {
+            self.requeue(ch, msg);
         }
     }
 
@@ -943,6 +1125,43 @@ fn bad_kind(p: ContentProblem) -> BadDeliveryKind {
     }
 }
 
+/// True if a delivery of `cost` bytes fits its consumer's queue (count and bytes) and the
+/// connection's byte bound; if not, the I/O thread is registered to be woken when it may.
+/// A cancelled or dropped consumer never holds reading back (see `QueueShared::is_full`).
+fn has_room(sink: &ConsumerSink, cost: usize, conn: &ByteBudget) -> bool {
+    if !sink.is_active() {
+        return true;
+    }
+    sink.shared.reserve_or_wait()
+        && sink.shared.bytes.reserve_or_wait(cost)
+        && conn.reserve_or_wait(cost)
+}
+
+/// What a queued message costs in memory, decoded: the body, the properties (headers
+/// may decode to many times their wire size), the names and the boxed struct.
+fn msg_cost(msg: &ConsumerMsg) -> usize {
+    match msg {
+        ConsumerMsg::Delivery(d) => {
+            std::mem::size_of::<Delivery>()
+                + d.body.capacity()
+                + properties_heap(&d.properties)
+                + d.exchange.capacity()
+                + d.routing_key.capacity()
+        }
+        ConsumerMsg::Bad(b) => {
+            std::mem::size_of::<BadDelivery>()
+                + b.body.capacity()
+                + b.exchange.capacity()
+                + b.routing_key.capacity()
+                + match &b.kind {
+                    BadDeliveryKind::Undecodable(s) => s.capacity(),
+                    BadDeliveryKind::TooLarge { .. } => 0,
+                }
+        }
+        ConsumerMsg::Lost(_) | ConsumerMsg::End(_) => 0,
+    }
+}
+
 /// What a consumer gets for a delivered content: the delivery, or a bad delivery it can
 /// still ack or reject when the properties could not be decoded.
 fn consumer_msg(
@@ -962,6 +1181,7 @@ fn consumer_msg(
             redelivered,
             message_count: None,
             acker,
+            charge: Charge::default(),
         })),
         Err(p) => {
             let bad = BadDelivery {
@@ -971,6 +1191,7 @@ fn consumer_msg(
                 routing_key,
                 redelivered,
                 acker,
+                charge: Charge::default(),
             };
             log::warn!("{bad}");
             ConsumerMsg::Bad(Box::new(bad))
@@ -980,17 +1201,58 @@ fn consumer_msg(
 
 /// Queue a returned message for the channel's handle, unless too many wait unread.
 fn queue_return(shared: &ChannelShared, ch: u16, r: Returned) {
-    if shared.returns_rx.len() >= RETURNS_CAPACITY {
+    let cost = r.cost();
+    let bytes = shared.returns_bytes.load(Ordering::Acquire);
+    let byte_limit = shared.conn.opts.consumer_queue_bytes;
+    // Returns are not worth stopping the connection for: over either bound they are
+    // dropped (an empty queue always takes one).
+    if shared.returns_rx.len() >= RETURNS_CAPACITY || (bytes > 0 && bytes + cost > byte_limit) {
         let n = shared.returns_dropped.fetch_add(1, Ordering::Relaxed) + 1;
         log::error!(
-            "channel {ch}: returned message to {:?}/{:?} dropped: {RETURNS_CAPACITY} returns \
-             are queued unread ({n} dropped so far)",
+            "channel {ch}: returned message to {:?}/{:?} dropped: {} returns ({bytes} bytes) \
+             are queued unread, the bound is {RETURNS_CAPACITY} and {byte_limit} bytes \
+             ({n} dropped so far)",
             r.exchange,
-            r.routing_key
+            r.routing_key,
+            shared.returns_rx.len(),
         );
         return;
     }
-    let _ = shared.returns_tx.send(r);
+    shared.returns_bytes.fetch_add(cost, Ordering::AcqRel);
+    if shared.returns_tx.send(r).is_err() {
+        shared.returns_bytes.fetch_sub(cost, Ordering::AcqRel);
+    }
+}
+
+/// A confirm from the broker must be for a message we published: acking a tag never
+/// used (or `multiple` past the last one) would mark real messages confirmed that the
+/// broker never saw. That is a protocol violation, not something to guess around.
+fn check_confirm(
+    ch: u16,
+    shared: &ChannelShared,
+    what: &str,
+    tag: u64,
+    multiple: bool,
+) -> Result<(), FrameError> {
+    if !shared.confirms.is_enabled() {
+        return Err(FrameError::new(
+            reply_code::COMMAND_INVALID,
+            format!("{what} (delivery tag {tag}) on channel {ch}, which is not in confirm mode"),
+        ));
+    }
+    let last = shared.confirms.last_seq();
+    // Tag 0 with `multiple` is "all outstanding" in AMQP 0-9-1, not a tag of its own.
+    if tag > last || (tag == 0 && !multiple) {
+        return Err(FrameError::new(
+            reply_code::COMMAND_INVALID,
+            format!(
+                "{what} for delivery tag {tag}{} on channel {ch}, but the last message \
+                 published there has tag {last}",
+                if multiple { " (multiple)" } else { "" }
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Channel `ch` if it is registered (open or closing).

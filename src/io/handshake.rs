@@ -14,8 +14,10 @@ use super::Tuned;
 use crate::error::{Error, HandshakeStage, Result, reply_code};
 use crate::options::{AuthMechanism, ConnectionOptions};
 use crate::protocol::decode_server_method;
-use crate::protocol::frame::{FRAME_HEARTBEAT, FRAME_METHOD, FrameDecoder, RawFrame, put_method};
-use crate::protocol::table::{FieldTable, table_from_amqp, table_to_amqp};
+use crate::protocol::frame::{
+    FRAME_HEARTBEAT, FRAME_METHOD, FRAME_MIN_SIZE, FrameDecoder, RawFrame, put_method,
+};
+use crate::protocol::table::{FieldTable, FieldValue, table_from_amqp, table_to_amqp};
 
 /// Largest frame_max lepus agrees to, whatever both sides propose: it bounds memory.
 pub(crate) const FRAME_MAX_CAP: u32 = 16 * 1024 * 1024;
@@ -89,12 +91,34 @@ impl<'a> Handshake<'a> {
         }
     }
 
+    /// The broker's `connection.start` announced the `authentication_failure_close`
+    /// capability: it reports refused credentials with `connection.close` (403).
+    fn server_reports_auth_failure(&self) -> bool {
+        match self.server_properties.get("capabilities") {
+            Some(FieldValue::Table(caps)) => matches!(
+                caps.get("authentication_failure_close"),
+                Some(FieldValue::Bool(true))
+            ),
+            _ => false,
+        }
+    }
+
     /// The error for a peer that closed the socket at this point.
     pub(crate) fn on_eof(&self) -> Error {
         match self.expect {
             Expect::Start => Error::NotAmqp(
                 "the peer closed the connection before sending connection.start".into(),
             ),
+            // A broker with `authentication_failure_close` (we ask for it) says so with
+            // connection.close 403; only one without it refuses credentials by closing.
+            Expect::Tune if self.server_reports_auth_failure() => Error::Io {
+                stage: HandshakeStage::Tune,
+                source: Arc::new(std::io::Error::new(
+                    ErrorKind::UnexpectedEof,
+                    "the broker closed the connection after start-ok without a \
+                     connection.close (it reports authentication failures with one)",
+                )),
+            },
             Expect::Tune => Error::AuthenticationFailed(
                 "the broker closed the connection after start-ok (credentials refused)".into(),
             ),
@@ -211,11 +235,22 @@ impl<'a> Handshake<'a> {
         if channel_max == 0 {
             channel_max = u16::MAX;
         }
+        if t.frame_max != 0 && t.frame_max < FRAME_MIN_SIZE {
+            return Err(Error::Protocol {
+                code: reply_code::NOT_ALLOWED,
+                text: format!(
+                    "connection.tune proposes frame_max {}, below the protocol minimum of \
+                     {FRAME_MIN_SIZE}",
+                    t.frame_max
+                ),
+            });
+        }
         let mut frame_max = negotiate(self.opts.frame_max, t.frame_max);
         if frame_max == 0 {
             frame_max = 131_072;
         }
-        let frame_max = frame_max.clamp(4096, FRAME_MAX_CAP);
+        // Never above a non-zero value of the server's (which is at least 4096 here).
+        let frame_max = frame_max.clamp(FRAME_MIN_SIZE, FRAME_MAX_CAP);
         // 0 from us means we want no heartbeats; 0 from the broker means it has no
         // preference.
         let heartbeat = match (self.opts.heartbeat, t.heartbeat) {
@@ -372,6 +407,22 @@ pub(crate) fn not_amqp(pending: &[u8]) -> Error {
     }
 }
 
+/// A method frame on channel 0 announcing more than we accept before tune: an AMQP
+/// server whose `connection.start` is too large, not a peer speaking something else.
+fn too_large_before_tune(pending: &[u8]) -> Option<Error> {
+    let h = pending.get(..7)?;
+    let size = u32::from_be_bytes([h[3], h[4], h[5], h[6]]) as u64 + 8;
+    (h[0] == FRAME_METHOD && h[1..3] == [0, 0] && size > u64::from(PRE_TUNE_FRAME_MAX)).then(|| {
+        Error::Protocol {
+            code: reply_code::FRAME_ERROR,
+            text: format!(
+                "a method frame of {size} bytes (connection.start) before tuning: more than \
+                 the {PRE_TUNE_FRAME_MAX} bytes accepted before connection.tune"
+            ),
+        }
+    })
+}
+
 fn describe_garbage(bytes: &[u8]) -> String {
     let shown: String = bytes
         .iter()
@@ -415,7 +466,8 @@ pub(crate) fn connect(opts: &ConnectionOptions) -> Result<Established> {
                 Ok(None) => break,
                 Err(e) => {
                     return Err(if hs.expect == Expect::Start {
-                        not_amqp(decoder.pending())
+                        too_large_before_tune(decoder.pending())
+                            .unwrap_or_else(|| not_amqp(decoder.pending()))
                     } else {
                         Error::Protocol {
                             code: e.code,
@@ -468,12 +520,11 @@ pub(crate) fn connect(opts: &ConnectionOptions) -> Result<Established> {
             }
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e) => {
-                return Err(match (hs.expect, e.kind()) {
-                    (Expect::Tune, ErrorKind::ConnectionReset) => hs.on_eof(),
-                    _ => Error::Io {
-                        stage: hs.expect.stage(),
-                        source: Arc::new(e),
-                    },
+                // A reset is an I/O error in any stage: refused credentials are a
+                // connection.close (403) or, from an older broker, a clean close.
+                return Err(Error::Io {
+                    stage: hs.expect.stage(),
+                    source: Arc::new(e),
                 });
             }
         }

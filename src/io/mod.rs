@@ -378,6 +378,10 @@ pub(crate) struct ChannelShared {
     pub(crate) returns_tx: Sender<Returned>,
     pub(crate) returns_rx: Receiver<Returned>,
     pub(crate) returns_dropped: AtomicUsize,
+    /// Bytes (decoded size) of the returns queued unread.
+    pub(crate) returns_bytes: AtomicUsize,
+    /// Deliveries for no consumer of ours (unknown or cancelled tag), rejected.
+    pub(crate) orphan_deliveries: AtomicUsize,
     pub(crate) prefetch: AtomicUsize,
     /// RPCs on one channel are serialised.
     rpc_lock: Mutex<()>,
@@ -397,6 +401,8 @@ impl ChannelShared {
             returns_tx,
             returns_rx,
             returns_dropped: AtomicUsize::new(0),
+            returns_bytes: AtomicUsize::new(0),
+            orphan_deliveries: AtomicUsize::new(0),
             prefetch: AtomicUsize::new(0),
             rpc_lock: Mutex::new(()),
             publish_lock: Mutex::new(()),

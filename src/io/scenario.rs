@@ -130,7 +130,8 @@ pub(super) struct TestConsumer {
 impl TestConsumer {
     /// Take one message as `Consumer` does; true if the I/O side must be woken.
     pub(super) fn take(&self) -> Option<(ConsumerMsg, bool)> {
-        let msg = self.rx.try_recv().ok()?;
+        let mut msg = self.rx.try_recv().ok()?;
+        msg.release();
         Some((msg, self.shared.took_one()))
     }
 }
@@ -270,8 +271,19 @@ impl Scenario {
         tag: &str,
         capacity: usize,
     ) -> TestConsumer {
+        self.consume_bounded(ch, tag, capacity, usize::MAX)
+    }
+
+    /// Like [`Scenario::consume`], with a byte bound too.
+    pub(super) fn consume_bounded(
+        &mut self,
+        ch: &ChannelShared,
+        tag: &str,
+        capacity: usize,
+        bytes: usize,
+    ) -> TestConsumer {
         let (tx, rx) = queue::unbounded();
-        let shared = Arc::new(ConsumerShared::new(capacity));
+        let shared = Arc::new(ConsumerShared::bounded(capacity, bytes));
         let sink = ConsumerSink {
             tx,
             shared: shared.clone(),

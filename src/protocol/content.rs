@@ -79,7 +79,8 @@ pub struct Content {
 enum State {
     #[default]
     Idle,
-    Header(ContentMethod),
+    /// The method, and why its message is bad already (a non-UTF-8 routing key...).
+    Header(ContentMethod, Option<String>),
     Body {
         method: ContentMethod,
         properties: Result<BasicProperties, ContentProblem>,
@@ -88,10 +89,7 @@ enum State {
         received: u64,
     },
     /// The body of a too-large content, already reported: counted, not buffered.
-    Skip {
-        expected: u64,
-        received: u64,
-    },
+    Skip { expected: u64, received: u64 },
 }
 
 /// Per-channel assembler.
@@ -110,13 +108,24 @@ impl Assembler {
 
     /// A content-bearing method arrived.
     pub fn start(&mut self, method: ContentMethod) -> Result<(), FrameError> {
+        self.start_flagged(method, None)
+    }
+
+    /// A content-bearing method arrived whose own fields make its message undecodable
+    /// (`problem`): the content is still assembled (its frames must be read anyway) and
+    /// comes out with `Err(Undecodable(problem))` as its properties.
+    pub fn start_flagged(
+        &mut self,
+        method: ContentMethod,
+        problem: Option<String>,
+    ) -> Result<(), FrameError> {
         if !self.is_idle() {
             return Err(FrameError::new(
                 reply_code::UNEXPECTED_FRAME,
                 "content method received while a content was in progress",
             ));
         }
-        self.state = State::Header(method);
+        self.state = State::Header(method, problem);
         Ok(())
     }
 
@@ -130,8 +139,8 @@ impl Assembler {
         max_message_size: u64,
         max_depth: usize,
     ) -> Result<Option<Content>, FrameError> {
-        let method = match std::mem::take(&mut self.state) {
-            State::Header(m) => m,
+        let (method, problem) = match std::mem::take(&mut self.state) {
+            State::Header(m, p) => (m, p),
             _ => {
                 return Err(FrameError::new(
                     reply_code::UNEXPECTED_FRAME,
@@ -166,8 +175,12 @@ impl Assembler {
                 body: Vec::new(),
             }));
         }
+        let properties = match problem {
+            Some(p) => Err(ContentProblem::Undecodable(p)),
+            None => decode_properties(payload, max_depth).map_err(ContentProblem::Undecodable),
+        };
         let (properties, body) = (
-            decode_properties(payload, max_depth).map_err(ContentProblem::Undecodable),
+            properties,
             Vec::with_capacity(expected.min(PREALLOC_CAP) as usize),
         );
         if expected == 0 {

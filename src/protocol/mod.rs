@@ -3,9 +3,11 @@
 
 pub mod content;
 pub mod frame;
+pub mod lenient;
 pub(crate) mod methods;
 pub mod properties;
 pub mod reply_code;
+pub(crate) mod size;
 pub mod table;
 
 use amq_protocol::protocol::{AMQPClass, parse_class};
@@ -75,6 +77,14 @@ pub fn decode_server_method(payload: &[u8], max_depth: usize) -> Result<AMQPClas
             format!("method {}.{} is not one a server sends", ids.0, ids.1),
         ));
     }
+    // Strings another party chose, and close reasons, are decoded leniently (see
+    // `lenient`): amq-protocol would refuse the whole method for one non-UTF-8 byte.
+    if let Some(close) = lenient::decode_close(payload) {
+        return close.map(|c| close_class(ids.0, c));
+    }
+    if let Some(content) = lenient::decode_content_method(payload) {
+        return content.map(|(m, _)| content_class(m));
+    }
     if ids == (10, 10) {
         let table = payload.get(6..).ok_or_else(|| {
             FrameError::new(reply_code::SYNTAX_ERROR, "connection.start truncated")
@@ -99,6 +109,83 @@ pub fn decode_server_method(payload: &[u8], max_depth: usize) -> Result<AMQPClas
             format!("method {}.{} could not be decoded: {e}", ids.0, ids.1),
         )),
     }
+}
+
+/// A leniently decoded string as an amq-protocol short string: lossy decoding turns each
+/// invalid byte into a 3-byte U+FFFD (and a close's cut-off text keeps what follows), so
+/// it may be longer than the 255 bytes `ShortString` holds, whose `From` panics then.
+fn short_lossy(mut s: String) -> amq_protocol::types::ShortString {
+    if s.len() > 255 {
+        let mut n = 255;
+        while !s.is_char_boundary(n) {
+            n -= 1;
+        }
+        s.truncate(n);
+    }
+    s.into()
+}
+
+fn close_class(class: u16, c: lenient::LenientClose) -> AMQPClass {
+    use amq_protocol::protocol::{channel, connection};
+    if class == 10 {
+        AMQPClass::Connection(connection::AMQPMethod::Close(connection::Close {
+            reply_code: c.reply_code,
+            reply_text: short_lossy(c.reply_text),
+            class_id: c.class_id,
+            method_id: c.method_id,
+        }))
+    } else {
+        AMQPClass::Channel(channel::AMQPMethod::Close(channel::Close {
+            reply_code: c.reply_code,
+            reply_text: short_lossy(c.reply_text),
+            class_id: c.class_id,
+            method_id: c.method_id,
+        }))
+    }
+}
+
+fn content_class(m: content::ContentMethod) -> AMQPClass {
+    use amq_protocol::protocol::basic::{AMQPMethod as B, Deliver, GetOk, Return};
+    use content::ContentMethod as M;
+    AMQPClass::Basic(match m {
+        M::Deliver {
+            consumer_tag,
+            delivery_tag,
+            redelivered,
+            exchange,
+            routing_key,
+        } => B::Deliver(Deliver {
+            consumer_tag: short_lossy(consumer_tag),
+            delivery_tag,
+            redelivered,
+            exchange: short_lossy(exchange),
+            routing_key: short_lossy(routing_key),
+        }),
+        M::GetOk {
+            delivery_tag,
+            redelivered,
+            exchange,
+            routing_key,
+            message_count,
+        } => B::GetOk(GetOk {
+            delivery_tag,
+            redelivered,
+            exchange: short_lossy(exchange),
+            routing_key: short_lossy(routing_key),
+            message_count,
+        }),
+        M::Return {
+            reply_code,
+            reply_text,
+            exchange,
+            routing_key,
+        } => B::Return(Return {
+            reply_code,
+            reply_text: short_lossy(reply_text),
+            exchange: short_lossy(exchange),
+            routing_key: short_lossy(routing_key),
+        }),
+    })
 }
 
 #[cfg(test)]

@@ -56,6 +56,7 @@ pub struct Peer {
     /// frame_max agreed in tune-ok (content is split to fit it).
     pub frame_max: u32,
     next_ctag: u32,
+    reset: bool,
 }
 
 impl Peer {
@@ -111,7 +112,17 @@ impl Peer {
 
     /// Like [`Peer::expect`], but frames `f` refuses are skipped.
     pub fn wait_for<T>(&mut self, what: &str, f: impl Fn(u16, &AMQPClass) -> Option<T>) -> T {
-        let deadline = Self::deadline();
+        self.wait_for_until(what, Self::deadline(), f)
+    }
+
+    /// Like [`Peer::wait_for`], with a deadline of the caller's (for a step that waits on
+    /// the client's own pace, such as draining many queued messages).
+    pub fn wait_for_until<T>(
+        &mut self,
+        what: &str,
+        deadline: Instant,
+        f: impl Fn(u16, &AMQPClass) -> Option<T>,
+    ) -> T {
         loop {
             let fr = self
                 .io
@@ -248,6 +259,18 @@ impl Peer {
         (ch, tag)
     }
 
+    /// Answer the next `channel.close` from the client; returns its channel.
+    pub fn serve_channel_close(&mut self) -> u16 {
+        let ch = self.expect("channel.close", |ch, m| {
+            matches!(m, AMQPClass::Channel(channel::AMQPMethod::Close(_))).then_some(ch)
+        });
+        self.send_method(
+            ch,
+            AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})),
+        );
+        ch
+    }
+
     /// Answer the next `basic.qos`.
     pub fn serve_qos(&mut self) -> u16 {
         let ch = self.expect("basic.qos", |ch, m| {
@@ -273,7 +296,12 @@ impl Peer {
     /// Skip frames until `connection.close`, answer `close-ok` (if the client still
     /// listens) and return the close.
     pub fn expect_connection_close(&mut self) -> connection::Close {
-        let c = self.wait_for("connection.close", |ch, m| match m {
+        self.expect_connection_close_until(Self::deadline())
+    }
+
+    /// Like [`Peer::expect_connection_close`], waiting until `deadline`.
+    pub fn expect_connection_close_until(&mut self, deadline: Instant) -> connection::Close {
+        let c = self.wait_for_until("connection.close", deadline, |ch, m| match m {
             AMQPClass::Connection(connection::AMQPMethod::Close(c)) if ch == 0 => Some(c.clone()),
             _ => None,
         });
@@ -282,6 +310,13 @@ impl Peer {
             AMQPClass::Connection(connection::AMQPMethod::CloseOk(connection::CloseOk {})),
         ));
         c
+    }
+
+    /// End the connection with a TCP reset (RST) when the script returns, instead of a
+    /// clean close (`SO_LINGER` 0).
+    pub fn reset_on_end(&mut self) {
+        let _ = socket2::SockRef::from(self.io.stream()).set_linger(Some(Duration::ZERO));
+        self.reset = true;
     }
 
     /// True if the client closed the socket within `timeout`.
@@ -328,6 +363,18 @@ impl<R: Send + 'static> FakeBroker<R> {
     ///
     /// If it cannot listen or spawn its thread.
     pub fn start(script: impl FnOnce(&mut Peer) -> R + Send + 'static) -> Self {
+        let mut script = Some(script);
+        Self::start_inner(1, move |_, peer| {
+            let script = script.take().expect("one connection");
+            script(peer)
+        })
+        .map_result(|mut v| v.pop().expect("one result"))
+    }
+
+    fn start_inner<T: Send + 'static>(
+        connections: usize,
+        mut script: impl FnMut(usize, &mut Peer) -> T + Send + 'static,
+    ) -> FakeBroker<Vec<T>> {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
         let port = listener.local_addr().unwrap().port();
         listener.set_nonblocking(true).unwrap();
@@ -336,26 +383,35 @@ impl<R: Send + 'static> FakeBroker<R> {
             .name("fake-broker".into())
             .spawn(move || {
                 let r = panic::catch_unwind(AssertUnwindSafe(|| {
-                    let deadline = Instant::now() + SCRIPT_TIMEOUT;
-                    let stream = loop {
-                        match listener.accept() {
-                            Ok((s, _)) => break s,
-                            Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                                assert!(Instant::now() < deadline, "fake broker: no client came");
-                                thread::sleep(Duration::from_millis(5));
+                    let mut results = Vec::with_capacity(connections);
+                    for i in 0..connections {
+                        let deadline = Instant::now() + SCRIPT_TIMEOUT;
+                        let stream = loop {
+                            match listener.accept() {
+                                Ok((s, _)) => break s,
+                                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                                    assert!(
+                                        Instant::now() < deadline,
+                                        "fake broker: no client came"
+                                    );
+                                    thread::sleep(Duration::from_millis(5));
+                                }
+                                Err(e) => panic!("fake broker: accept failed: {e}"),
                             }
-                            Err(e) => panic!("fake broker: accept failed: {e}"),
+                        };
+                        stream.set_nonblocking(false).unwrap();
+                        let mut peer = Peer {
+                            io: FrameIo::new(stream),
+                            frame_max: 131_072,
+                            next_ctag: 0,
+                            reset: false,
+                        };
+                        results.push(script(i, &mut peer));
+                        if !peer.reset {
+                            let _ = peer.io.stream().shutdown(Shutdown::Both);
                         }
-                    };
-                    stream.set_nonblocking(false).unwrap();
-                    let mut peer = Peer {
-                        io: FrameIo::new(stream),
-                        frame_max: 131_072,
-                        next_ctag: 0,
-                    };
-                    let r = script(&mut peer);
-                    let _ = peer.io.stream().shutdown(Shutdown::Both);
-                    r
+                    }
+                    results
                 }));
                 let _ = tx.send(r);
             })
@@ -385,6 +441,39 @@ impl<R: Send + 'static> FakeBroker<R> {
             Ok(Ok(r)) => r,
             Ok(Err(p)) => panic::resume_unwind(p),
             Err(_) => panic!("fake broker script did not end within {SCRIPT_TIMEOUT:?}"),
+        }
+    }
+}
+
+impl<T: Send + 'static> FakeBroker<Vec<T>> {
+    /// Like [`FakeBroker::start`], for `connections` clients one after the other (a
+    /// client that reconnects): `script` gets the connection's index (from 0) and runs
+    /// until that connection is done; the results come back in order.
+    pub fn start_many(
+        connections: usize,
+        script: impl FnMut(usize, &mut Peer) -> T + Send + 'static,
+    ) -> Self {
+        FakeBroker::<T>::start_inner(connections, script)
+    }
+}
+
+impl<R: Send + 'static> FakeBroker<R> {
+    fn map_result<S: Send + 'static>(
+        mut self,
+        f: impl FnOnce(R) -> S + Send + 'static,
+    ) -> FakeBroker<S> {
+        let (tx, done) = mpsc::channel();
+        let inner = std::mem::replace(&mut self.done, mpsc::channel().1);
+        self.finished = true;
+        thread::spawn(move || {
+            if let Ok(r) = inner.recv() {
+                let _ = tx.send(r.map(f));
+            }
+        });
+        FakeBroker {
+            port: self.port,
+            done,
+            finished: false,
         }
     }
 }

@@ -266,3 +266,107 @@ mod tests {
         assert_eq!(t[6..10], 6u32.to_be_bytes());
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Methods with raw short strings: what amq-protocol's encoder cannot produce (strings that
+// are not UTF-8) and what its parser refuses.
+// ---------------------------------------------------------------------------------------
+
+/// Append a short string (length octet, bytes) made of any bytes.
+///
+/// # Panics
+///
+/// If `s` is longer than 255 bytes.
+pub fn push_short(out: &mut Vec<u8>, s: &[u8]) {
+    out.push(u8::try_from(s.len()).expect("a short string has at most 255 bytes"));
+    out.extend_from_slice(s);
+}
+
+fn method_payload(class: u16, method: u16) -> Vec<u8> {
+    let mut p = class.to_be_bytes().to_vec();
+    p.extend_from_slice(&method.to_be_bytes());
+    p
+}
+
+/// A `basic.deliver` method frame with raw consumer tag, exchange and routing key.
+pub fn deliver_frame_raw(
+    channel: u16,
+    consumer_tag: &[u8],
+    delivery_tag: u64,
+    exchange: &[u8],
+    routing_key: &[u8],
+) -> Vec<u8> {
+    let mut p = method_payload(60, 60);
+    push_short(&mut p, consumer_tag);
+    p.extend_from_slice(&delivery_tag.to_be_bytes());
+    p.push(0);
+    push_short(&mut p, exchange);
+    push_short(&mut p, routing_key);
+    frame(FRAME_METHOD, channel, &p)
+}
+
+/// A `basic.return` method frame with raw reply text, exchange and routing key.
+pub fn return_frame_raw(
+    channel: u16,
+    reply_code: u16,
+    reply_text: &[u8],
+    exchange: &[u8],
+    routing_key: &[u8],
+) -> Vec<u8> {
+    let mut p = method_payload(60, 50);
+    p.extend_from_slice(&reply_code.to_be_bytes());
+    push_short(&mut p, reply_text);
+    push_short(&mut p, exchange);
+    push_short(&mut p, routing_key);
+    frame(FRAME_METHOD, channel, &p)
+}
+
+/// A `basic.get-ok` method frame with raw exchange and routing key.
+pub fn get_ok_frame_raw(
+    channel: u16,
+    delivery_tag: u64,
+    exchange: &[u8],
+    routing_key: &[u8],
+    message_count: u32,
+) -> Vec<u8> {
+    let mut p = method_payload(60, 71);
+    p.extend_from_slice(&delivery_tag.to_be_bytes());
+    p.push(0);
+    push_short(&mut p, exchange);
+    push_short(&mut p, routing_key);
+    p.extend_from_slice(&message_count.to_be_bytes());
+    frame(FRAME_METHOD, channel, &p)
+}
+
+/// A `connection.close` (on channel 0) or `channel.close` (on any other) whose reply text
+/// is `text` as raw bytes, announced as `text_len` bytes (which may lie), followed by class
+/// and method ids 0 and then by `trailing`.
+pub fn close_frame_raw(
+    channel: u16,
+    reply_code: u16,
+    text_len: u8,
+    text: &[u8],
+    trailing: &[u8],
+) -> Vec<u8> {
+    let mut p = if channel == 0 {
+        method_payload(10, 50)
+    } else {
+        method_payload(20, 40)
+    };
+    p.extend_from_slice(&reply_code.to_be_bytes());
+    p.push(text_len);
+    p.extend_from_slice(text);
+    p.extend_from_slice(&[0, 0, 0, 0]);
+    p.extend_from_slice(trailing);
+    frame(FRAME_METHOD, channel, &p)
+}
+
+/// A `basic.publish` method frame (not mandatory) with raw exchange and routing key.
+pub fn publish_frame_raw(channel: u16, exchange: &[u8], routing_key: &[u8]) -> Vec<u8> {
+    let mut p = method_payload(60, 40);
+    p.extend_from_slice(&[0, 0]); // reserved ticket
+    push_short(&mut p, exchange);
+    push_short(&mut p, routing_key);
+    p.push(0);
+    frame(FRAME_METHOD, channel, &p)
+}

@@ -544,7 +544,11 @@ fn a_heartbeat_waits_behind_unwritten_output() {
 
 #[test]
 fn writes_that_stall_past_the_write_timeout_end_the_link() {
-    let mut s = Scenario::new();
+    // The stall limit above the heartbeat-based one: the latter applies.
+    let mut s = Scenario::with(
+        0,
+        ConnectionOptions::default().write_stall_timeout(Duration::from_secs(60)),
+    );
     let ch = s.open(1);
     s.rpc(&ch, declare("a"), None);
     let timeout = Duration::from_secs(30);
@@ -565,6 +569,78 @@ fn writes_that_stall_past_the_write_timeout_end_the_link() {
         "{:?}",
         s.outcome()
     );
+}
+
+#[test]
+fn a_peer_that_reads_nothing_for_the_stall_time_is_a_dead_link_unless_it_blocked_us() {
+    let opts = ConnectionOptions::default().write_stall_timeout(Duration::from_secs(3));
+    let heartbeat_limit = Duration::from_secs(120);
+    let mut s = Scenario::with(0, opts.clone());
+    let ch = s.open(1);
+    s.rpc(&ch, declare("a"), None);
+    let t0 = s.now;
+    s.engine
+        .settle_output(t0 + Duration::from_secs(3), heartbeat_limit);
+    assert!(s.outcome().is_none());
+    s.engine
+        .settle_output(t0 + Duration::from_millis(3_001), heartbeat_limit);
+    assert!(
+        matches!(s.outcome(), Some(Error::ConnectionLost(t)) if t.contains("read none of our bytes for 3s")),
+        "{:?}",
+        s.outcome()
+    );
+    // connection.blocked: the broker stops reading on purpose; only the heartbeat-based
+    // limit applies until it unblocks.
+    let mut s = Scenario::with(0, opts);
+    let ch = s.open(1);
+    s.feed_method(
+        0,
+        AMQPClass::Connection(C::Blocked(connection::Blocked {
+            reason: "low on memory".into(),
+        })),
+    );
+    s.rpc(&ch, declare("a"), None);
+    let t0 = s.now;
+    s.engine
+        .settle_output(t0 + Duration::from_secs(60), heartbeat_limit);
+    assert!(s.outcome().is_none());
+    s.feed_method(
+        0,
+        AMQPClass::Connection(C::Unblocked(connection::Unblocked {})),
+    );
+    s.engine
+        .settle_output(t0 + Duration::from_secs(61), heartbeat_limit);
+    assert!(
+        matches!(s.outcome(), Some(Error::ConnectionLost(_))),
+        "{:?}",
+        s.outcome()
+    );
+}
+
+#[test]
+fn answers_to_a_peer_that_does_not_read_are_bounded_in_bytes() {
+    // channel.flow after channel.flow: each needs a flow-ok, and nothing is written.
+    let limit = 64 * 1024;
+    let mut s = Scenario::with(0, ConnectionOptions::default().max_output_bytes(limit));
+    s.open(1);
+    let flow = method(
+        1,
+        AMQPClass::Channel(channel::AMQPMethod::Flow(channel::Flow { active: true })),
+    );
+    let mut fed = 0;
+    while !s.engine.is_stalled() {
+        s.feed(&flow);
+        fed += 1;
+        assert!(fed < 100_000, "reading never paused");
+    }
+    let out = s.engine.output().len();
+    assert!(out >= limit && out < limit + 64, "{out} bytes of output");
+    // Once the peer reads, reading resumes.
+    let n = s.engine.output().len();
+    s.engine.wrote(n, s.now);
+    s.engine.settle_output(s.now, Duration::from_secs(30));
+    assert!(!s.engine.is_stalled());
+    assert!(s.outcome().is_none());
 }
 
 #[test]
@@ -667,13 +743,81 @@ fn a_stall_keeps_the_heartbeat_watchdog_quiet() {
     assert!(next <= t0 + Duration::from_secs(60) + Duration::from_millis(20));
 }
 
+fn reject(ch: u16, tag: u64) -> Sent {
+    Sent::Method(
+        ch,
+        AMQPClass::Basic(basic::AMQPMethod::Reject(basic::Reject {
+            delivery_tag: tag,
+            requeue: true,
+        })),
+    )
+}
+
 #[test]
-fn a_delivery_for_an_unknown_consumer_is_discarded() {
+fn deliveries_for_no_consumer_of_ours_are_rejected_and_counted() {
     let mut s = Scenario::new();
-    s.open(1);
+    let ch = s.open(1);
+    // A channel without consumers.
     s.feed(&deliver(1, "nobody", 1, b"x"));
-    assert!(s.sent().is_empty());
+    assert_eq!(s.sent(), [reject(1, 1)]);
+    // An unknown tag beside a known one.
+    let c = s.consume(&ch, "known", 4);
+    s.feed(&deliver(1, "other", 2, b"x"));
+    s.feed(&deliver(1, "known", 3, b"y"));
+    assert_eq!(s.sent(), [reject(1, 2)]);
+    assert!(matches!(c.take(), Some((ConsumerMsg::Delivery(d), _)) if d.delivery_tag() == 3));
+    // A consumer whose cancel-ok came already.
+    let cancel = AMQPClass::Basic(basic::AMQPMethod::Cancel(basic::Cancel {
+        consumer_tag: "known".into(),
+        nowait: false,
+    }));
+    let r = s.rpc(&ch, cancel, None);
+    s.sent();
+    s.feed_method(
+        1,
+        AMQPClass::Basic(basic::AMQPMethod::CancelOk(basic::CancelOk {
+            consumer_tag: "known".into(),
+        })),
+    );
+    assert!(reply_now(&r).is_ok());
+    s.feed(&deliver(1, "known", 4, b"z"));
+    assert_eq!(s.sent(), [reject(1, 4)]);
+    assert_eq!(ch.orphan_deliveries.load(crate::sync::Ordering::Relaxed), 3);
     assert!(s.engine.is_open());
+}
+
+#[test]
+fn deliveries_for_no_consumer_are_not_rejected_where_a_no_ack_consumer_was() {
+    let mut s = Scenario::new();
+    let ch = s.open(1);
+    let (tx, _rx) = crate::sync::queue::unbounded();
+    let sink = crate::delivery::ConsumerSink {
+        tx,
+        shared: std::sync::Arc::new(crate::delivery::ConsumerShared::new(4)),
+        no_ack: true,
+    };
+    let consume = AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
+        queue: "q".into(),
+        consumer_tag: "auto".into(),
+        no_local: false,
+        no_ack: true,
+        exclusive: false,
+        nowait: false,
+        arguments: Default::default(),
+    }));
+    let r = s.rpc(&ch, consume, Some(sink));
+    s.sent();
+    s.feed_method(
+        1,
+        AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(basic::ConsumeOk {
+            consumer_tag: "auto".into(),
+        })),
+    );
+    assert!(reply_now(&r).is_ok());
+    // A no-ack delivery needs no settling: a reject would be a 406 closing the channel.
+    s.feed(&deliver(1, "gone", 1, b"x"));
+    assert!(s.sent().is_empty());
+    assert_eq!(ch.orphan_deliveries.load(crate::sync::Ordering::Relaxed), 1);
 }
 
 #[test]
@@ -790,6 +934,81 @@ fn confirms_resolve_single_multiple_and_nacks() {
     assert!(s.sent().is_empty());
 }
 
+/// A confirm for a tag never published, a `multiple` past the last one, or any confirm
+/// on a channel not in confirm mode: the connection closes (503), and no real message is
+/// marked confirmed.
+#[test]
+fn confirms_for_tags_never_published_are_a_protocol_violation() {
+    use crate::confirm_tracker::outcome;
+    let ack = |tag, multiple| {
+        AMQPClass::Basic(basic::AMQPMethod::Ack(basic::Ack {
+            delivery_tag: tag,
+            multiple,
+        }))
+    };
+    let nack = |tag, multiple| {
+        AMQPClass::Basic(basic::AMQPMethod::Nack(basic::Nack {
+            delivery_tag: tag,
+            multiple,
+            requeue: false,
+        }))
+    };
+    for (m, why) in [
+        (ack(3, false), "tag 3"),
+        (ack(5, true), "tag 5 (multiple)"),
+        (nack(3, false), "basic.nack"),
+        (ack(0, false), "tag 0"),
+    ] {
+        let mut s = Scenario::new();
+        let ch = s.open(1);
+        ch.confirms.enable();
+        let slots: Vec<_> = (0..2)
+            .map(|_| ch.confirms.register(true, None).unwrap().1.unwrap())
+            .collect();
+        s.feed_method(1, m);
+        let sent = s.sent();
+        assert!(
+            sent.iter()
+                .any(|f| is_close_with(f, reply_code::COMMAND_INVALID)),
+            "{why}: {sent:?}"
+        );
+        match s.outcome().or_else(|| Some(ch.error())) {
+            Some(Error::Protocol { code, text }) => {
+                assert_eq!(code, reply_code::COMMAND_INVALID);
+                assert!(
+                    text.contains(why) && text.contains("last message"),
+                    "{text}"
+                );
+            }
+            other => panic!("{why}: {other:?}"),
+        }
+        for slot in &slots {
+            assert!(
+                !matches!(outcome(slot), Ok(Some(_))),
+                "{why}: a message was marked confirmed"
+            );
+        }
+    }
+    // Not in confirm mode at all.
+    let mut s = Scenario::new();
+    let ch = s.open(1);
+    s.feed_method(1, ack(1, false));
+    assert!(
+        matches!(ch.error(), Error::Protocol { code: 503, text } if text.contains("not in confirm mode"))
+    );
+    // Multiple with tag 0 ("all outstanding") and the last tag itself are no violation.
+    let mut s = Scenario::new();
+    let ch = s.open(1);
+    ch.confirms.enable();
+    for _ in 0..3 {
+        ch.confirms.register(false, None).unwrap();
+    }
+    s.feed_method(1, ack(3, false));
+    s.feed_method(1, ack(0, true));
+    assert!(s.sent().is_empty());
+    assert!(s.engine.is_open());
+}
+
 #[test]
 fn returned_messages_reach_their_channel() {
     let mut s = Scenario::new();
@@ -819,6 +1038,45 @@ fn returned_messages_reach_their_channel() {
     assert_eq!(r.body, b"back");
     assert!(r.properties.is_ok());
     assert!(s.sent().is_empty());
+}
+
+#[test]
+fn returns_queued_unread_are_bounded_in_bytes() {
+    let mut s = Scenario::with(0, ConnectionOptions::default().consumer_queue_bytes(10_000));
+    let ch = s.open(1);
+    let ret = |body: &[u8]| {
+        let mut bytes = method(
+            1,
+            AMQPClass::Basic(basic::AMQPMethod::Return(basic::Return {
+                reply_code: reply_code::NO_ROUTE,
+                reply_text: "NO_ROUTE".into(),
+                exchange: "ex".into(),
+                routing_key: "nowhere".into(),
+            })),
+        );
+        bytes.extend(content(1, &BasicProperties::new(), body, FRAME_MAX));
+        bytes
+    };
+    for _ in 0..3 {
+        s.feed(&ret(&[1; 4000]));
+    }
+    assert_eq!(ch.returns_rx.len(), 2, "the third is over 10,000 bytes");
+    assert_eq!(ch.returns_dropped.load(crate::sync::Ordering::Relaxed), 1);
+    // Taking one gives its bytes back (as Channel::recv_return does).
+    let r = ch.returns_rx.try_recv().unwrap();
+    ch.returns_bytes
+        .fetch_sub(r.cost(), crate::sync::Ordering::AcqRel);
+    s.feed(&ret(&[2; 4000]));
+    assert_eq!(ch.returns_rx.len(), 2);
+    // An empty queue takes one larger than the bound.
+    while let Ok(r) = ch.returns_rx.try_recv() {
+        ch.returns_bytes
+            .fetch_sub(r.cost(), crate::sync::Ordering::AcqRel);
+    }
+    assert_eq!(ch.returns_bytes.load(crate::sync::Ordering::Acquire), 0);
+    s.feed(&ret(&[3; 20_000]));
+    assert_eq!(ch.returns_rx.len(), 1);
+    assert!(s.engine.is_open());
 }
 
 #[test]
@@ -879,4 +1137,124 @@ fn opening_a_channel_twice_is_refused() {
     );
     assert!(matches!(reply_now(&rx), Err(Error::InvalidArgument(_))));
     assert!(s.sent().is_empty());
+}
+
+// ---------------- byte bounds of consumer queues ----------------
+
+#[test]
+fn a_consumer_queue_full_in_bytes_stops_reading_until_the_consumer_takes_one() {
+    let mut s = Scenario::new();
+    let ch = s.open(1);
+    let c = s.consume_bounded(&ch, "c", 1000, 10_000);
+    let body = vec![7u8; 4000];
+    for tag in 1..=2 {
+        s.feed(&deliver(1, "c", tag, &body));
+        assert!(!s.engine.is_stalled(), "delivery {tag} fits");
+    }
+    let held = c.shared.bytes.queued();
+    assert!((8000..10_000).contains(&held), "{held} bytes charged");
+    s.feed(&deliver(1, "c", 3, &body));
+    assert!(s.engine.is_stalled(), "the third does not fit 10,000 bytes");
+    assert_eq!(c.shared.queued.load(crate::sync::Ordering::Acquire), 2);
+    let wakes = s.wakes.count();
+    let (msg, _) = c.take().unwrap();
+    assert!(matches!(msg, ConsumerMsg::Delivery(d) if d.delivery_tag() == 1));
+    assert_eq!(s.wakes.count(), wakes + 1, "taking one woke the I/O thread");
+    assert!(s.engine.retry_stalled());
+    assert_eq!(c.shared.queued.load(crate::sync::Ordering::Acquire), 2);
+    // Taken and dropped: everything given back.
+    while c.take().is_some() {}
+    assert_eq!(c.shared.bytes.queued(), 0);
+}
+
+#[test]
+fn an_empty_consumer_queue_takes_one_message_larger_than_its_byte_bound() {
+    let mut s = Scenario::new();
+    let ch = s.open(1);
+    let c = s.consume_bounded(&ch, "c", 1000, 100);
+    s.feed(&deliver(1, "c", 1, &[1; 5000]));
+    assert!(!s.engine.is_stalled());
+    s.feed(&deliver(1, "c", 2, b"x"));
+    assert!(s.engine.is_stalled());
+    drop(c.take());
+    assert!(s.engine.retry_stalled());
+}
+
+#[test]
+fn the_connection_byte_bound_holds_across_consumers() {
+    let mut s = Scenario::with(
+        0,
+        ConnectionOptions::default().connection_queue_bytes(10_000),
+    );
+    let ch = s.open(1);
+    let a = s.consume(&ch, "a", 1000);
+    let b = s.consume(&ch, "b", 1000);
+    let body = vec![7u8; 4000];
+    s.feed(&deliver(1, "a", 1, &body));
+    s.feed(&deliver(1, "a", 2, &body));
+    assert!(!s.engine.is_stalled());
+    s.feed(&deliver(1, "b", 3, &body));
+    assert!(
+        s.engine.is_stalled(),
+        "b's queue is empty, but the connection is full"
+    );
+    assert!(b.take().is_none());
+    let wakes = s.wakes.count();
+    drop(a.take().unwrap());
+    assert!(s.wakes.count() > wakes, "a's take woke the I/O thread");
+    assert!(s.engine.retry_stalled());
+    assert!(matches!(b.take(), Some((ConsumerMsg::Delivery(d), _)) if d.delivery_tag() == 3));
+}
+
+/// RabbitMQ answers a `queue.delete` before the `basic.cancel-ok` of a consumer of that
+/// queue cancelled just before: each reply still reaches its own waiter.
+#[test]
+fn replies_reach_the_waiter_of_the_request_they_answer() {
+    let mut s = Scenario::new();
+    let ch = s.open(1);
+    let _c = s.consume(&ch, "t", 4);
+    let cancel = s.rpc(
+        &ch,
+        AMQPClass::Basic(basic::AMQPMethod::Cancel(basic::Cancel {
+            consumer_tag: "t".into(),
+            nowait: false,
+        })),
+        None,
+    );
+    let delete = s.rpc(
+        &ch,
+        AMQPClass::Queue(queue::AMQPMethod::Delete(queue::Delete {
+            queue: "q".into(),
+            if_unused: false,
+            if_empty: false,
+            nowait: false,
+        })),
+        None,
+    );
+    s.sent();
+    s.feed_method(
+        1,
+        AMQPClass::Queue(queue::AMQPMethod::DeleteOk(queue::DeleteOk {
+            message_count: 3,
+        })),
+    );
+    s.feed_method(
+        1,
+        AMQPClass::Basic(basic::AMQPMethod::CancelOk(basic::CancelOk {
+            consumer_tag: "t".into(),
+        })),
+    );
+    assert!(matches!(
+        reply_now(&delete),
+        Ok(Reply::Method(AMQPClass::Queue(
+            queue::AMQPMethod::DeleteOk(_)
+        )))
+    ));
+    assert!(matches!(
+        reply_now(&cancel),
+        Ok(Reply::Method(AMQPClass::Basic(
+            basic::AMQPMethod::CancelOk(_)
+        )))
+    ));
+    assert!(s.engine.is_open());
 }

@@ -489,3 +489,101 @@ fn a_second_tune_while_expecting_open_ok_is_command_invalid() {
     );
     assert!(h.sent().is_empty());
 }
+
+// ---------------- hostile tune and start-ok points ----------------
+
+#[test]
+fn tune_with_frame_max_below_the_protocol_minimum_is_refused() {
+    let opts = ConnectionOptions::default();
+    for fm in [1, 512, 4095] {
+        let mut h = Hs::started(&opts);
+        let err = h.feed_method(tune(100, fm, 30)).unwrap_err();
+        assert!(
+            matches!(&err, Error::Protocol { code: reply_code::NOT_ALLOWED, text }
+                if text.contains(&format!("frame_max {fm}")) && text.contains("4096")),
+            "{err:?}"
+        );
+        assert!(h.sent().is_empty(), "no tune-ok for a frame_max below 4096");
+    }
+}
+
+#[test]
+fn tune_ok_never_asks_more_than_a_non_zero_server_value() {
+    // (ours, the server's) -> agreed
+    for (ours, theirs, want) in [
+        (131_072, 4096, 4096),
+        (0, 8192, 8192),
+        (1000, 8192, 4096),
+        (0, 0, 131_072),
+        (64 * 1024 * 1024, 0, FRAME_MAX_CAP),
+        (64 * 1024 * 1024, 100_000, 100_000),
+    ] {
+        let opts = ConnectionOptions::default().frame_max(ours);
+        let mut h = Hs::started(&opts);
+        assert!(matches!(h.feed_method(tune(0, theirs, 0)), Ok(None)));
+        let sent = h.sent();
+        let Some(Sent::Method(0, AMQPClass::Connection(C::TuneOk(ok)))) = sent.first() else {
+            panic!("no tune-ok: {sent:?}")
+        };
+        assert_eq!(ok.frame_max, want, "ours {ours}, theirs {theirs}");
+        if theirs != 0 {
+            assert!(ok.frame_max <= theirs);
+        }
+    }
+}
+
+#[test]
+fn eof_after_start_ok_is_an_io_error_when_the_broker_reports_auth_failures() {
+    let opts = ConnectionOptions::default();
+    let mut h = Hs::new(&opts);
+    let caps = FieldTable::new().with("authentication_failure_close", true);
+    let props = table_to_amqp(
+        &FieldTable::new()
+            .with("product", "RabbitMQ")
+            .with("capabilities", caps),
+    );
+    assert!(matches!(
+        h.feed_method(C::Start(connection::Start {
+            version_major: 0,
+            version_minor: 9,
+            server_properties: props,
+            mechanisms: "PLAIN".into(),
+            locales: "en_US".into(),
+        })),
+        Ok(None)
+    ));
+    assert!(matches!(
+        h.hs.on_eof(),
+        Error::Io {
+            stage: crate::error::HandshakeStage::Tune,
+            ..
+        }
+    ));
+    // ... and its connection.close 403 is the authentication failure.
+    let err = h
+        .feed_method(close(403, "ACCESS_REFUSED - Login was refused"))
+        .unwrap_err();
+    assert!(matches!(err, Error::AuthenticationFailed(_)), "{err:?}");
+}
+
+#[test]
+fn close_with_malformed_text_during_the_handshake_keeps_its_code() {
+    let opts = ConnectionOptions::default();
+    let mut h = Hs::started(&opts);
+    // connection.close 403, text announced as 40 bytes, 6 present and not UTF-8.
+    let mut payload = vec![0, 10, 0, 50, 1, 147, 40];
+    payload.extend_from_slice(b"no \xff\xfe!");
+    let err = h.feed(&raw_frame(1, 0, &payload)).unwrap_err();
+    assert!(
+        matches!(&err, Error::AuthenticationFailed(t) if t == "no \u{fffd}\u{fffd}!"),
+        "{err:?}"
+    );
+    assert_eq!(h.sent(), [close_ok()]);
+    let mut h = Hs::tuned(&opts);
+    let payload = vec![0, 10, 0, 50, 1, 64, 2, 0xC3, 0x28, 0, 0, 0, 0, 7, 7, 7];
+    let err = h.feed(&raw_frame(1, 0, &payload)).unwrap_err();
+    assert!(
+        matches!(&err, Error::ServerClosedConnection { code: 320, .. }),
+        "{err:?}"
+    );
+}

@@ -1,0 +1,230 @@
+//! Recovery entity by entity against the test broker (through the fault proxy, whose
+//! reset forces a recovery): a failing declaration costs only itself and is retried in
+//! the background; the topology filter; transaction mode restored; an auto-delete queue
+//! whose last consumer was cancelled is not declared again.
+
+mod support;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use lepus::{
+    BasicProperties, Connection, ConsumeOptions, FieldValue, PublishOptions, QueueDeclareOptions,
+    RecoveryEvent, RecoveryEventKind, RecoveryOptions, TopologyEntity,
+};
+use support::fixtures::*;
+use support::{Cleanup, ClientOptions, connect, start_proxy, unique, wait_until};
+
+fn recovered_after(conn: &Connection, t: Instant) -> bool {
+    conn.recovery_events()
+        .iter()
+        .any(|e| e.kind == RecoveryEventKind::Recovered && e.at > t)
+}
+
+fn with_ttl(ms: i64) -> QueueDeclareOptions {
+    QueueDeclareOptions {
+        arguments: args(&[("x-message-ttl", FieldValue::from(ms))]),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn a_failing_queue_does_not_block_the_rest_and_is_retried() {
+    let clean = Cleanup::new();
+    let bad = clean.queue(&unique("inequivalent"));
+    let good = clean.queue(&unique("good"));
+    let fwd = start_proxy();
+    let events: Arc<Mutex<Vec<RecoveryEvent>>> = Arc::default();
+    let ev = events.clone();
+    let conn = Connection::open_with(
+        fwd.options().recovery(
+            RecoveryOptions::new()
+                .backoff(Duration::from_millis(50), Duration::from_millis(300))
+                .listener(move |e| ev.lock().unwrap().push(e.clone())),
+        ),
+    )
+    .unwrap();
+    let ch = conn.open_channel().unwrap();
+    ch.confirm_select().unwrap();
+    ch.queue_declare(&bad, &with_ttl(60_000)).unwrap();
+    ch.queue_declare(&good, &QueueDeclareOptions::default())
+        .unwrap();
+    ch.queue_bind(&good, "amq.direct", &good, &no_args())
+        .unwrap();
+    let consumer = conn
+        .open_channel()
+        .unwrap()
+        .basic_consume(&good, &ConsumeOptions::default())
+        .unwrap();
+    // Someone else replaces `bad` with other arguments: declaring it again fails (406).
+    let other = connect();
+    let och = other.open_channel().unwrap();
+    och.queue_delete(&bad, Default::default()).unwrap();
+    och.queue_declare(&bad, &with_ttl(1_000)).unwrap();
+
+    let t = Instant::now();
+    assert!(fwd.reset() >= 1);
+    assert!(wait_until(Duration::from_secs(10), || recovered_after(
+        &conn, t
+    )));
+    let failed: Vec<_> = events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|e| match &e.kind {
+            RecoveryEventKind::EntityFailed { entity, error } => {
+                Some((entity.clone(), error.clone()))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(failed[0].0, TopologyEntity::Queue(bad.clone()));
+    assert!(failed[0].1.contains("406"), "{failed:?}");
+    // The rest recovered: binding, consumer, confirm mode.
+    let n = ch
+        .publish_reliably(
+            "amq.direct",
+            &good,
+            b"after",
+            &BasicProperties::default(),
+            PublishOptions::default(),
+            Instant::now() + WAIT,
+        )
+        .unwrap();
+    assert_eq!(n, 1);
+    // The consumer first hears of the lost link (a passing notice), then the message.
+    let body = loop {
+        match consumer.recv_timeout(WAIT) {
+            Ok(d) => break d.into_body(),
+            Err(lepus::RecvError::Failed(e)) if e.is_connection_lost() => {}
+            Err(e) => panic!("consumer: {e:?}"),
+        }
+    };
+    assert_eq!(body, b"after");
+
+    // Once the other declaration is gone, the retry declares ours again.
+    och.queue_delete(&bad, Default::default()).unwrap();
+    assert!(wait_until(Duration::from_secs(10), || {
+        events.lock().unwrap().iter().any(|e| {
+            e.kind == RecoveryEventKind::EntityRecovered(TopologyEntity::Queue(bad.clone()))
+        })
+    }));
+    // With our arguments: declaring it with them again is accepted.
+    och.queue_declare(&bad, &with_ttl(60_000)).unwrap();
+}
+
+#[test]
+fn filter_tx_mode_and_forgotten_auto_delete_queue() {
+    let clean = Cleanup::new();
+    let excluded = unique("excluded");
+    let kept = unique("kept");
+    let auto = clean.queue(&unique("auto-delete"));
+    let fwd = start_proxy();
+    let ex = excluded.clone();
+    let conn = Connection::open_with(
+        fwd.options().recovery(
+            RecoveryOptions::new()
+                .backoff(Duration::from_millis(50), Duration::from_millis(300))
+                .topology_filter(move |e| *e != TopologyEntity::Queue(ex.clone())),
+        ),
+    )
+    .unwrap();
+    let ch = conn.open_channel().unwrap();
+    ch.queue_declare(&excluded, &exclusive()).unwrap();
+    ch.queue_declare(&kept, &exclusive()).unwrap();
+    let auto_delete = QueueDeclareOptions {
+        auto_delete: true,
+        ..Default::default()
+    };
+    ch.queue_declare(&auto, &auto_delete).unwrap();
+    let c = ch.basic_consume(&auto, &ConsumeOptions::default()).unwrap();
+    c.cancel().unwrap();
+    let tx = conn.open_channel().unwrap();
+    tx.tx_select().unwrap();
+
+    let t = Instant::now();
+    assert!(fwd.reset() >= 1);
+    assert!(wait_until(Duration::from_secs(10), || recovered_after(
+        &conn, t
+    )));
+    let probe = conn.open_channel().unwrap();
+    probe.queue_declare(&kept, &passive()).unwrap();
+    let err = conn
+        .open_channel()
+        .unwrap()
+        .queue_declare(&excluded, &passive())
+        .unwrap_err();
+    assert_eq!(
+        err.reply_code(),
+        Some(404),
+        "the filter left it out: {err:?}"
+    );
+    let other = connect();
+    let err = other
+        .open_channel()
+        .unwrap()
+        .queue_declare(&auto, &passive())
+        .unwrap_err();
+    assert_eq!(
+        err.reply_code(),
+        Some(404),
+        "auto-delete queue came back: {err:?}"
+    );
+    // Still transactional: commit is refused (406) on a channel not in tx mode.
+    publish(&tx, "", &kept, b"in a transaction");
+    tx.tx_commit().unwrap();
+    assert!(
+        !conn
+            .recovery_events()
+            .iter()
+            .any(|e| matches!(e.kind, RecoveryEventKind::EntityFailed { .. }))
+    );
+}
+
+/// A thread waiting on a confirmation keeps waiting through the recovery and gets the
+/// republished copy's outcome (not `ConnectionLost`); so does `wait_for_confirms`.
+#[test]
+fn a_confirmation_waiter_follows_the_republished_copy() {
+    let clean = Cleanup::new();
+    let q = clean.queue(&unique("republished"));
+    let fwd = start_proxy();
+    let conn = Connection::open_with(fwd.options().heartbeat(0).recovery(
+        RecoveryOptions::new().backoff(Duration::from_millis(50), Duration::from_millis(300)),
+    ))
+    .unwrap();
+    let ch = conn.open_channel().unwrap();
+    ch.queue_declare(&q, &QueueDeclareOptions::default())
+        .unwrap();
+    ch.confirm_select().unwrap();
+    // Held back: the broker never sees it on this connection.
+    fwd.partition();
+    let c = ch
+        .basic_publish_confirmed(
+            "",
+            &q,
+            b"held",
+            &BasicProperties::default(),
+            PublishOptions::default(),
+        )
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let waiter = std::thread::spawn(move || c.wait_until(deadline));
+    let ch2 = ch.clone();
+    let all = std::thread::spawn(move || ch2.wait_for_confirms());
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!waiter.is_finished() && !all.is_finished());
+    let t = Instant::now();
+    fwd.reset();
+    fwd.heal();
+    assert_eq!(waiter.join().unwrap().unwrap(), lepus::Confirm::Ack);
+    assert!(all.join().unwrap().unwrap(), "wait_for_confirms");
+    assert!(recovered_after(&conn, t));
+    assert!(conn.generation() > 1);
+    assert!(conn.recovery_events().iter().any(|e| matches!(
+        e.kind,
+        RecoveryEventKind::ConsumersRestored { republished, .. } if republished >= 1
+    )));
+    // The broker has the message exactly once here (it never saw the first copy).
+    assert_eq!(ready_count(&connect(), &q), 1);
+}
