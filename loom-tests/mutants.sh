@@ -9,7 +9,8 @@
 #   MUTANT         names of files in mutants/ without .patch (default: all)
 #   --generated    instead, the mutants cargo-mutants generates (`cargo install
 #                  cargo-mutants --locked`) in the synchronisation cores (src/sync.rs,
-#                  pool.rs, link.rs, delivery_queue.rs, confirm_tracker.rs; MUTANT_FILES overrides,
+#                  pool.rs, link.rs, delivery_queue.rs, confirm_tracker.rs, send_core.rs,
+#                  end_relay.rs; MUTANT_FILES overrides,
 #                  MUTANT_RE keeps only names matching a regex). Hours for all of them.
 #   --models-at    run the models (tests/models.rs and the package's Cargo.toml) as they
 #                  were at git revision REV, against today's src/: the kill rate "before"
@@ -29,7 +30,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --models-at) models_at="$2"; shift 2 ;;
         --generated) generated=1; shift ;;
-        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
         *) names+=("$1"); shift ;;
     esac
 done
@@ -48,14 +49,15 @@ if [ -n "$generated" ]; then
     # models of the file it mutates.
     patch_dir="$scratch/generated"
     rm -rf "$patch_dir" && mkdir -p "$patch_dir"
-    files="${MUTANT_FILES:-src/sync.rs src/pool.rs src/link.rs src/delivery_queue.rs src/confirm_tracker.rs}"
+    files="${MUTANT_FILES:-src/sync.rs src/pool.rs src/link.rs src/delivery_queue.rs src/confirm_tracker.rs src/send_core.rs src/end_relay.rs}"
     args=()
     for f in $files; do args+=(-f "$f"); done
     (cd "$repo" && cargo mutants --list --json --diff "${args[@]}") >"$scratch/generated.json"
     python3 - "$scratch/generated.json" "$patch_dir" "${MUTANT_RE:-.}" <<'EOF'
 import json, re, sys
 models = {"src/sync.rs": "rpc_waiter", "src/pool.rs": "pool",
-          "src/link.rs": "recovery_is_single_flight",
+          "src/link.rs": "flight_", "src/send_core.rs": "send_",
+          "src/end_relay.rs": "consumer_end",
           "src/delivery_queue.rs": "consumer_queue", "src/confirm_tracker.rs": "confirms"}
 keep = re.compile(sys.argv[3])
 for i, m in enumerate(json.load(open(sys.argv[1]))):
@@ -119,6 +121,7 @@ for name in "${names[@]}"; do
         # The failing models cargo lists, or (loom aborts the process on some
         # deadlocks) the model that was running.
         by="$(sed -n '/^failures:$/,/^test result/p' "$log" | grep -E '^    [a-z0-9_]+$' | tr -d ' ' | paste -sd, - || true)"
+        [ -n "$by" ] || by="$(grep -oE "^thread '[a-z0-9_]+' \([0-9]+\) panicked" "$log" | cut -d"'" -f2 | uniq | paste -sd, - || true)"
         [ -n "$by" ] || by="$(grep -oE '^test [a-z0-9_]+ \.\.\.' "$log" | tail -1 | awk '{print $2}' || true)"
         if grep -q '^deadlock;' "$log"; then
             how="loom: deadlock"

@@ -20,6 +20,7 @@ broken=(
     "pool pool_acquire_release_drop_and_link_failure"
     "oneshot rpc_waiter_races_reply_and_connection_loss"
     "queue-store consumer_queue_io_and_consumer_alone"
+    "send-fence send_rpc_waiter_races_link_failure_and_final_drain"
 )
 for entry in "${broken[@]}"; do
     read -r variant model <<<"$entry"

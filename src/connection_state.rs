@@ -16,11 +16,11 @@ use crate::events::{EventLog, RecoveryEvent, RecoveryEventKind};
 use crate::io::engine::Engine;
 use crate::io::reactor::{Reactor, WAKER};
 use crate::io::{ChannelShared, Command, ConnShared, LinkEvents, handshake};
-use crate::link::{Ended, LinkState};
+use crate::link::{LinkCell, LinkGen};
 use crate::options::ConnectionOptions;
 use crate::protocol::frame::put_method;
 use crate::secrets::Secrets;
-use crate::sync::{Arc, AtomicBool, AtomicU64, Condvar, CondvarExt, Mutex, Ordering, Weak};
+use crate::sync::{Arc, AtomicU64, Mutex, Ordering, Weak};
 use crate::sync::{oneshot, queue};
 use crate::topology::{ChannelRecord, PendingTopology, Topology};
 
@@ -175,12 +175,20 @@ pub(crate) fn start_generation(
     Ok(gen_)
 }
 
-pub(crate) struct Link {
-    pub(crate) current: Arc<Generation>,
-    /// Single-flight recovery bookkeeping (numbers and flags only).
-    pub(crate) flight: LinkState,
-    /// Why the connection is dead for good, once it is.
-    pub(crate) terminal: Option<Error>,
+impl LinkGen for Arc<Generation> {
+    type Error = Error;
+    fn number(&self) -> u64 {
+        self.shared.generation
+    }
+    fn is_failed(&self) -> bool {
+        self.shared.is_failed()
+    }
+    fn will_recover(&self) -> bool {
+        self.shared.will_recover()
+    }
+    fn error(&self) -> Error {
+        self.shared.error()
+    }
 }
 
 /// What the connection needs of a channel handle it keeps track of: ending its consumers
@@ -208,17 +216,13 @@ pub(crate) type Recover = fn(Arc<ConnectionInner>);
 /// State shared by every handle of one `Connection`, across its generations.
 pub(crate) struct ConnectionInner {
     pub(crate) opts: ConnectionOptions,
-    pub(crate) link: Mutex<Link>,
-    link_cv: Condvar,
+    /// The current generation, single-flight recovery, and the waits on them.
+    pub(crate) link: LinkCell<Arc<Generation>>,
     pub(crate) topology: Mutex<Topology>,
     /// What the last recovery could not restore, retried in the background.
     pub(crate) pending: Mutex<PendingTopology>,
     channels: Mutex<HashMap<u16, Weak<dyn ChannelSlot>>>,
     pub(crate) events: Mutex<EventLog>,
-    closed: AtomicBool,
-    /// Mirrors `link.terminal.is_some()`, so that hot paths (a pool checking its
-    /// channels under its own lock) need not take the link lock.
-    dead: AtomicBool,
     generations: AtomicU64,
     recover: Recover,
     /// Credentials from a provider, the secret last updated, the refresh schedule.
@@ -253,18 +257,11 @@ impl ConnectionInner {
         });
         let inner = Arc::new(ConnectionInner {
             opts,
-            link: Mutex::new(Link {
-                current: gen_.clone(),
-                flight: LinkState::new(),
-                terminal: None,
-            }),
-            link_cv: Condvar::new(),
+            link: LinkCell::new(gen_.clone()),
             topology: Mutex::new(Topology::default()),
             pending: Mutex::new(PendingTopology::default()),
             channels: Mutex::new(HashMap::new()),
             events: Mutex::new(EventLog::new()),
-            closed: AtomicBool::new(false),
-            dead: AtomicBool::new(false),
             generations: AtomicU64::new(1),
             recover,
             secrets,
@@ -287,16 +284,12 @@ impl ConnectionInner {
     }
 
     pub(crate) fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::Acquire)
+        self.link.is_closed()
     }
 
     /// Closed, or lost for good: nothing on it will work again.
     pub(crate) fn is_dead(&self) -> bool {
-        self.is_closed() || self.dead.load(Ordering::Acquire)
-    }
-
-    pub(crate) fn generation_number(&self) -> u64 {
-        self.link.lock().current.number()
+        self.link.is_dead()
     }
 
     /// `connection.update-secret` on the current link, waiting for its ok until
@@ -355,25 +348,9 @@ impl ConnectionInner {
 
     /// The usable connection state, waiting for a recovery in progress until `deadline`.
     pub(crate) fn current(&self, deadline: Instant) -> Result<Arc<ConnShared>> {
-        let mut link = self.link.lock();
-        loop {
-            if self.is_closed() {
-                return Err(Error::ConnectionClosed);
-            }
-            if let Some(t) = &link.terminal {
-                return Err(t.clone());
-            }
-            let shared = link.current.shared().clone();
-            if !shared.is_failed() {
-                return Ok(shared);
-            }
-            if !shared.will_recover() {
-                return Err(shared.error());
-            }
-            if self.link_cv.wait_until_deadline(&mut link, deadline) {
-                return Err(shared.error());
-            }
-        }
+        self.link
+            .current(deadline, Error::ConnectionClosed)
+            .map(|g| g.shared().clone())
     }
 
     /// Wait until `done()` holds, or the connection is closed or dead, or `deadline`.
@@ -384,38 +361,17 @@ impl ConnectionInner {
         deadline: Instant,
         lost: impl Fn() -> Error,
     ) -> Result<()> {
-        let mut link = self.link.lock();
-        loop {
-            if done() {
-                return Ok(());
-            }
-            if self.is_closed() {
-                return Err(Error::ConnectionClosed);
-            }
-            if let Some(t) = &link.terminal {
-                return Err(t.clone());
-            }
-            if self.link_cv.wait_until_deadline(&mut link, deadline) {
-                return if done() { Ok(()) } else { Err(lost()) };
-            }
-        }
+        self.link
+            .wait_for(done, deadline, lost, Error::ConnectionClosed)
     }
 
     pub(crate) fn notify(&self) {
-        let _l = self.link.lock();
-        self.link_cv.notify_all();
+        self.link.notify();
     }
 
     /// Sleep for `d` unless the connection is closed meanwhile (then true).
     pub(crate) fn sleep_unless_closed(&self, d: Duration) -> bool {
-        let deadline = Instant::now() + d;
-        let mut link = self.link.lock();
-        while !self.is_closed() {
-            if self.link_cv.wait_until_deadline(&mut link, deadline) {
-                break;
-            }
-        }
-        self.is_closed()
+        self.link.sleep_unless_closed(d)
     }
 
     pub(crate) fn register_channel(&self, id: u16, ch: Weak<dyn ChannelSlot>) {
@@ -473,44 +429,27 @@ impl ConnectionInner {
     /// Make a recovered generation current. Refused (false) if it failed meanwhile: the
     /// recovery loop then goes on.
     pub(crate) fn install(&self, gen_: Arc<Generation>) -> bool {
-        let mut link = self.link.lock();
-        if !link
-            .flight
-            .install(gen_.number(), gen_.shared().is_failed())
-        {
-            log::warn!(
-                "recovered generation {} failed before it was installed",
-                gen_.number()
-            );
+        let number = gen_.number();
+        if !self.link.install(gen_) {
+            log::warn!("recovered generation {number} failed before it was installed");
             return false;
         }
-        link.current = gen_;
-        self.link_cv.notify_all();
         true
     }
 
     /// Recovery is over without a connection.
     pub(crate) fn give_up(&self, err: Error) {
-        let mut link = self.link.lock();
-        link.flight.give_up();
-        if link.terminal.is_none() {
-            link.terminal = Some(err.clone());
-            self.dead.store(true, Ordering::Release);
-        }
-        self.link_cv.notify_all();
-        drop(link);
+        self.link.give_up(err.clone());
         for c in self.channels.lock().values().filter_map(Weak::upgrade) {
             c.end_consumers(&err);
         }
     }
 
     pub(crate) fn close(&self) -> Result<()> {
-        if self.closed.swap(true, Ordering::AcqRel) {
+        let Some(gen_) = self.link.close() else {
             return Ok(());
-        }
+        };
         self.secrets.stop();
-        self.notify();
-        let gen_ = self.link.lock().current.clone();
         let r = gen_.close();
         for c in self.channels.lock().values().filter_map(Weak::upgrade) {
             c.end_consumers(&Error::ConnectionClosed);
@@ -521,14 +460,10 @@ impl ConnectionInner {
 
 impl LinkEvents for ConnectionInner {
     fn failing(&self, generation: u64, err: &Error) -> bool {
-        let recoverable =
-            !self.is_closed() && self.opts.recovery.enabled && err.is_connection_lost();
-        let mut link = self.link.lock();
-        let candidate = generation > link.flight.current();
-        if !link.flight.failing(generation, recoverable) {
+        let recoverable = self.opts.recovery.enabled && err.is_connection_lost();
+        let Some(candidate) = self.link.failing(generation, recoverable) else {
             return false;
-        }
-        drop(link);
+        };
         if candidate {
             return true;
         }
@@ -541,26 +476,15 @@ impl LinkEvents for ConnectionInner {
     }
 
     fn woken(&self, generation: u64) {
-        if self.link.lock().flight.is_recovering() {
+        if self.link.is_recovering() {
             self.event(generation, RecoveryEventKind::WaitersWoken);
         }
     }
 
     fn ended(self: Arc<Self>, generation: u64, err: Error) {
-        let mut link = self.link.lock();
-        match link.flight.ended(generation, self.is_closed()) {
-            Ended::Nothing => return,
-            Ended::Terminal => {
-                if link.terminal.is_none() && !self.is_closed() {
-                    link.terminal = Some(err);
-                    self.dead.store(true, Ordering::Release);
-                }
-                self.link_cv.notify_all();
-                return;
-            }
-            Ended::StartRecovery => {}
+        if !self.link.ended(generation, err) {
+            return;
         }
-        drop(link);
         let inner = self.clone();
         let recover = self.recover;
         if let Err(e) = std::thread::Builder::new()

@@ -7,12 +7,13 @@ use amq_protocol::protocol::{AMQPClass, basic};
 
 use crate::channel::{Channel, short};
 use crate::delivery::{ConsumerMsg, ConsumerShared, ConsumerSink, Delivery, RecvError};
+use crate::end_relay::EndRelay;
 use crate::error::{Error, Result};
 use crate::io::Reply;
 use crate::options::ConsumeOptions;
 use crate::protocol::methods;
 use crate::sync::queue::{self as q, Receiver, RecvTimeoutError, Sender, TryRecvError};
-use crate::sync::{Arc, AtomicBool, Mutex, Ordering};
+use crate::sync::{Arc, AtomicBool, Ordering};
 use crate::topology::ConsumerRecord;
 
 /// Queue slots beyond the prefetch count, for deliveries in flight when the consumer
@@ -104,12 +105,11 @@ impl Channel {
 pub struct Consumer {
     tag: String,
     rx: Receiver<ConsumerMsg>,
-    /// Passes the end on: one `End` in the queue wakes one receiving thread, which hands
-    /// it to the next one blocked on this consumer.
-    relay: Sender<ConsumerMsg>,
+    /// The recorded end, passed on: one `End` in the queue wakes one receiving thread,
+    /// which hands it to the next one blocked on this consumer.
+    end: EndRelay<ConsumerMsg, Error>,
     shared: Arc<ConsumerShared>,
     channel: Channel,
-    ended: Mutex<Option<Error>>,
     cancelled: AtomicBool,
     no_ack: bool,
 }
@@ -136,11 +136,10 @@ impl Consumer {
         Consumer {
             tag,
             rx,
-            relay,
+            end: EndRelay::new(relay),
             shared,
             channel,
             no_ack,
-            ended: Mutex::new(None),
             cancelled: AtomicBool::new(false),
         }
     }
@@ -183,13 +182,8 @@ impl Consumer {
                 // Still active: the retry subscribes it again under its tag.
                 Err(e.into())
             }
-            ConsumerMsg::End(e) => {
-                let e = self.end_with(e);
-                // Other threads may be blocked on this consumer too: wake the next one.
-                self.shared.queued.fetch_add(1, Ordering::AcqRel);
-                let _ = self.relay.send(ConsumerMsg::End(e.clone()));
-                Err(e.into())
-            }
+            // Other threads may be blocked on this consumer too: wake the next one.
+            ConsumerMsg::End(e) => Err(self.end.took_end(e, &self.shared, ConsumerMsg::End).into()),
         }
     }
 
@@ -222,12 +216,11 @@ impl Consumer {
     }
 
     fn end_with(&self, e: Error) -> Error {
-        let mut ended = self.ended.lock();
-        ended.get_or_insert(e).clone()
+        self.end.end_with(e)
     }
 
     fn ended(&self) -> Option<Error> {
-        self.ended.lock().clone()
+        self.end.ended()
     }
 
     /// Wait for the next delivery. Returns an error when the consumer ends (cancelled,

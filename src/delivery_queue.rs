@@ -4,7 +4,23 @@
 //! The queue itself is an unbounded channel (no slots allocated up front); this counter
 //! enforces the bound. The model tests run this code with loom.
 
-use crate::sync::{AtomicBool, AtomicUsize, Ordering};
+use crate::sync::{AtomicBool, AtomicUsize, Ordering, StdAtomicBool};
+
+/// Whether the I/O thread re-polls a stalled queue (every 20 ms), a safety net for a
+/// wake-up lost between the consumer and the I/O thread. On, except in integration tests
+/// that turn it off so that a lost wake-up shows as a stall rather than a 20 ms delay.
+static STALL_REPOLL: StdAtomicBool = StdAtomicBool::new(true);
+
+/// Turn the I/O threads' re-poll of stalled consumer queues off (or on again), for the
+/// whole process: a test hook (`lepus::internal::set_stall_repoll`), not an option.
+pub fn set_stall_repoll(on: bool) {
+    STALL_REPOLL.store(on, Ordering::Relaxed);
+}
+
+/// See [`set_stall_repoll`].
+pub(crate) fn stall_repoll() -> bool {
+    STALL_REPOLL.load(Ordering::Relaxed)
+}
 
 /// Counter-bounded queue state shared by a consumer and the I/O thread.
 #[doc(hidden)]

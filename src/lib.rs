@@ -70,7 +70,8 @@
 //! credentials                                   provider)
 //! error                                         re-exports protocol's reply codes
 //! protocol (frame, methods, table, properties, content, reply_code)   bytes only
-//! sync, delivery_queue, link                    primitives and the loom-checked cores
+//! sync, delivery_queue, link, send_core,
+//! end_relay                                     primitives and the loom-checked cores
 //! ```
 //!
 //! # Threads
@@ -115,10 +116,12 @@ macro_rules! not_under_loom {
 // every configuration.
 mod confirm_tracker;
 mod delivery_queue;
+mod end_relay;
 mod error;
 mod link;
 mod pool_core;
 mod protocol;
+mod send_core;
 mod sync;
 
 // Everything else: the I/O thread, the handles, options, topology and recovery.
@@ -180,6 +183,7 @@ not_under_loom! {
 /// Internals exposed for fuzzing, model checks and tests; not part of the stable API.
 #[doc(hidden)]
 pub mod internal {
+    pub use crate::delivery_queue::set_stall_repoll;
     pub use crate::protocol::content::{Assembler, Content, ContentMethod, ContentProblem};
     pub use crate::protocol::decode_server_method;
     pub use crate::protocol::frame::{
@@ -193,8 +197,10 @@ pub mod internal {
     pub mod model {
         pub use crate::confirm_tracker::{ConfirmTracker, Entry, outcome};
         pub use crate::delivery_queue::QueueShared;
-        pub use crate::link::{Ended, LinkState};
+        pub use crate::end_relay::EndRelay;
+        pub use crate::link::{Ended, Link, LinkCell, LinkGen, LinkState};
         pub use crate::pool_core::{Lease, PoolCore, PoolStats, Poolable};
+        pub use crate::send_core::{FailFlag, WakeFlag};
         pub use crate::sync::{oneshot, queue};
     }
 }

@@ -39,14 +39,14 @@ fn refresh_loop(weak: &Weak<ConnectionInner>, secrets: &Secrets) {
             Ok(expires_in) => {
                 retry = RETRY_FIRST;
                 inner.event(
-                    inner.generation_number(),
+                    inner.current_generation(),
                     RecoveryEventKind::SecretRefreshed { expires_in },
                 );
             }
             Err(e) => {
                 log::warn!("credentials refresh failed (retrying in {retry:?}): {e}");
                 inner.event(
-                    inner.generation_number(),
+                    inner.current_generation(),
                     RecoveryEventKind::SecretRefreshFailed(e.to_string()),
                 );
                 // Retry soon, but not in a busy loop; never later than a quarter of the

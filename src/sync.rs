@@ -26,6 +26,9 @@ pub fn broken(_name: &str) -> bool {
 /// synchronisation point, so never loom's.
 pub use std::sync::Arc as StdArc;
 
+/// A process-wide setting (a test hook), not a synchronisation point: never loom's.
+pub(crate) use std::sync::atomic::AtomicBool as StdAtomicBool;
+
 /// Timed waits: parking_lot's interface, over either implementation.
 pub(crate) trait CondvarExt {
     /// Wait until notified or `deadline`; true if the deadline passed.
@@ -64,7 +67,9 @@ mod imp {
 
 #[cfg(lepus_loom)]
 mod imp {
-    pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
+    pub(crate) use loom::sync::atomic::{
+        AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering, fence,
+    };
     pub(crate) use loom::sync::{Arc, Condvar as LoomCondvar};
 
     use std::ops::{Deref, DerefMut};

@@ -5,16 +5,19 @@
 //! was more than one. Deliberately broken variants of lepus's code, switched on with
 //! `LEPUS_LOOM_BROKEN=<name>` (`pool`: a release without its once-guard; `oneshot`: a
 //! reply sender whose drop forgets the wake-up; `queue-store`: the consumer queue's
-//! waiting flag written with a plain store, the lost wake-up this suite found), must make
-//! the model that covers them fail: `run.sh` runs each model again with its variable set
-//! and expects the failure. `mutants.sh` plants more slips (see `mutants/`).
+//! waiting flag written with a plain store, the lost wake-up this suite found;
+//! `send-fence`: a queued command without the fence that pairs with a link failure's),
+//! must make the model that covers them fail: `run.sh` runs each model again with its
+//! variable set and expects the failure. `mutants.sh` plants more slips (see `mutants/`).
 #![cfg(lepus_loom)]
 
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use std::sync::atomic::{AtomicUsize as StdAtomicUsize, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 
 use lepus::internal::model::{
-    ConfirmTracker, Ended, LinkState, PoolCore, Poolable, QueueShared, oneshot, outcome, queue,
+    ConfirmTracker, EndRelay, Ended, FailFlag, LinkCell, LinkGen, LinkState, PoolCore, Poolable, QueueShared, WakeFlag,
+    oneshot, outcome, queue,
 };
 use lepus::{Confirm, Error};
 use loom::sync::atomic::{AtomicBool, AtomicUsize};
@@ -323,7 +326,7 @@ fn link_model() {
 }
 
 #[test]
-fn recovery_is_single_flight_and_generations_are_not_confused() {
+fn flight_recovery_is_single_flight_and_generations_are_not_confused() {
     assert!(explore("single-flight", link_model) > 1);
 }
 
@@ -640,4 +643,381 @@ fn confirm_recovery_model() {
 #[test]
 fn confirms_recovery_adopts_while_the_new_link_acks_and_fails() {
     assert!(explore("confirms recovery", confirm_recovery_model) > 1);
+}
+
+// ---------------------------------------------------------------- 6. sending a command
+
+/// A one-command stand-in for the command queue (crossbeam's) that orders no more than
+/// crossbeam does: a push publishes with a release store, a pop that finds nothing has
+/// only done an acquire load. lepus's loom queue is a Mutex + Condvar queue, which orders
+/// everything and would hide a missing fence; the hand-shakes in `send_core` must not
+/// rely on more than this.
+struct CommandSlot<T> {
+    item: Mutex<Option<T>>,
+    full: AtomicBool,
+}
+
+impl<T> CommandSlot<T> {
+    fn new() -> Self {
+        CommandSlot {
+            item: Mutex::new(None),
+            full: AtomicBool::new(false),
+        }
+    }
+    fn push(&self, v: T) -> Result<(), ()> {
+        *self.item.lock().unwrap() = Some(v);
+        self.full.store(true, Release);
+        Ok(())
+    }
+    fn pop(&self) -> Option<T> {
+        if !self.full.load(Acquire) {
+            return None;
+        }
+        self.full.store(false, Relaxed);
+        self.item.lock().unwrap().take()
+    }
+}
+
+/// An RPC waiter races a link failure: the handle queues its command (with its reply
+/// sender) through `FailFlag::send` and waits through `FailFlag::wait_reply`; the I/O
+/// thread sets the failure and does its final drain, which drops whatever it finds. The
+/// waiter must always wake (loom reports a deadlock if it sleeps on a sender nobody will
+/// drop), with "disconnected", never a reply.
+fn fail_fence_model() {
+    let flag = Arc::new(FailFlag::new());
+    let slot = Arc::new(CommandSlot::<oneshot::Sender<u32>>::new());
+    let io = {
+        let (flag, slot) = (flag.clone(), slot.clone());
+        thread::spawn(move || {
+            flag.set();
+            flag.drain_failed(|| slot.pop().is_some());
+        })
+    };
+    let (tx, rx) = oneshot::channel::<u32>();
+    match flag.send(|| slot.push(tx)) {
+        // Failed before queuing: the caller gets the error at once.
+        None => assert!(flag.is_set()),
+        Some(r) => {
+            assert!(r.is_ok());
+            assert_eq!(
+                flag.wait_reply(&rx, far()),
+                Err(oneshot::RecvError::Disconnected)
+            );
+        }
+    }
+    io.join().unwrap();
+}
+
+#[test]
+fn send_rpc_waiter_races_link_failure_and_final_drain() {
+    assert!(explore("fail_fence", fail_fence_model) > 1);
+}
+
+/// mio's `Waker` and `Poll` as the I/O thread sees them: a wake-up is kept until the
+/// next poll takes it.
+struct PollWaker {
+    woken: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl PollWaker {
+    fn wake(&self) {
+        *self.woken.lock().unwrap() = true;
+        self.cv.notify_all();
+    }
+    fn poll(&self) {
+        let mut w = self.woken.lock().unwrap();
+        while !*w {
+            w = self.cv.wait(w).unwrap();
+        }
+        *w = false;
+    }
+}
+
+/// The wake flag's hand-shake: a wake-up from an earlier batch is pending and the I/O
+/// thread is about to clear the flag and drain, while a handle queues a command (through
+/// `FailFlag::send`, whose fence is the handle's half) and wakes through the flag. The
+/// I/O thread polls, clears, drains, and polls again until it got the command: if the
+/// handle skipped its wake-up because the flag still looked set while the drain missed
+/// its command, the I/O thread sleeps with nobody to wake it (a loom deadlock).
+fn wake_flag_model() {
+    let wake = Arc::new(WakeFlag::new());
+    let fail = Arc::new(FailFlag::new());
+    let slot = Arc::new(CommandSlot::<u32>::new());
+    let waker = Arc::new(PollWaker {
+        woken: Mutex::new(false),
+        cv: Condvar::new(),
+    });
+    wake.wake(|| waker.wake());
+    let handle = {
+        let (wake, fail, slot, waker) = (wake.clone(), fail.clone(), slot.clone(), waker.clone());
+        thread::spawn(move || {
+            assert_eq!(fail.send(|| slot.push(7)), Some(Ok(())));
+            wake.wake(|| waker.wake());
+        })
+    };
+    loop {
+        waker.poll();
+        wake.clear();
+        if let Some(v) = slot.pop() {
+            assert_eq!(v, 7);
+            break;
+        }
+    }
+    handle.join().unwrap();
+}
+
+#[test]
+fn send_wake_flag_never_loses_a_wake_up() {
+    assert!(explore("wake_flag", wake_flag_model) > 1);
+}
+
+// ---------------------------------------------------------------- 7. a consumer's end
+
+enum Msg {
+    Delivery(u32),
+    End(u64),
+}
+
+/// A consumer as `Consumer::recv` uses it: its queue, its bound and its end relay.
+struct RelayConsumer {
+    rx: queue::Receiver<Msg>,
+    shared: QueueShared,
+    end: EndRelay<Msg, u64>,
+}
+
+impl RelayConsumer {
+    /// `Consumer::recv` and `on_msg`, step for step.
+    fn recv(&self) -> Result<u32, u64> {
+        if let Some(e) = self.end.ended() {
+            return Err(e);
+        }
+        match self.rx.recv() {
+            Ok(m) => {
+                self.shared.took_one();
+                match m {
+                    Msg::Delivery(v) => Ok(v),
+                    Msg::End(e) => Err(self.end.took_end(e, &self.shared, Msg::End)),
+                }
+            }
+            Err(_) => Err(self.end.end_with(99)),
+        }
+    }
+}
+
+/// Two threads block in `recv()` on one consumer while the I/O thread queues a delivery
+/// and then the consumer's end: each thread gets the delivery or the end, the delivery
+/// reaches exactly one of them, both end with the end the I/O thread sent (a thread left
+/// asleep is a loom deadlock), and the queue's count matches what is left in it.
+fn relay_model() {
+    let (tx, rx) = queue::unbounded::<Msg>();
+    let c = Arc::new(RelayConsumer {
+        rx,
+        shared: QueueShared::new(4),
+        end: EndRelay::new(tx.clone()),
+    });
+    let receivers: Vec<_> = (0..2)
+        .map(|_| {
+            let c = c.clone();
+            thread::spawn(move || {
+                let mut got = 0;
+                loop {
+                    match c.recv() {
+                        Ok(v) => got += v,
+                        Err(e) => return (got, e),
+                    }
+                }
+            })
+        })
+        .collect();
+    assert!(c.shared.reserve_or_wait());
+    c.shared.pushed();
+    tx.send(Msg::Delivery(1)).ok();
+    c.shared.pushed();
+    tx.send(Msg::End(7)).ok();
+    let mut delivered = 0;
+    for r in receivers {
+        let (got, e) = r.join().unwrap();
+        assert_eq!(e, 7, "a receiver ended with another end");
+        delivered += got;
+    }
+    assert_eq!(delivered, 1, "the delivery reached exactly one receiver");
+    assert_eq!(c.shared.queued.load(SeqCst), c.rx.len(), "the count left behind");
+}
+
+#[test]
+fn consumer_end_reaches_every_blocked_receiver() {
+    assert!(explore("relay", relay_model) > 1);
+}
+
+// ---------------------------------------------------------------- 8. the connection's lock
+
+/// A connection generation as `LinkCell` sees it: its number and its failure flag (the
+/// real `FailFlag`, with the failing side's order in `FailFlag::fail`). Its error is its
+/// number; `CLOSED` is "closed by the application".
+#[derive(Clone)]
+struct ModelGen {
+    n: u64,
+    fail: Arc<FailFlag>,
+}
+
+const CLOSED: u64 = 0;
+
+impl ModelGen {
+    fn new(n: u64) -> Self {
+        ModelGen {
+            n,
+            fail: Arc::new(FailFlag::new()),
+        }
+    }
+    /// The I/O thread's failure path: `ConnShared::fail_link` (tell the owner through
+    /// `LinkCell::failing`, then set the flag), then, when the thread ends,
+    /// `LinkCell::ended`. Returns true if this thread must run the recovery.
+    fn link_lost(&self, cell: &LinkCell<ModelGen>) -> bool {
+        self.fail
+            .fail(|| cell.failing(self.n, true).is_some(), || {});
+        cell.ended(self.n, self.n)
+    }
+}
+
+impl LinkGen for ModelGen {
+    type Error = u64;
+    fn number(&self) -> u64 {
+        self.n
+    }
+    fn is_failed(&self) -> bool {
+        self.fail.is_set()
+    }
+    fn will_recover(&self) -> bool {
+        self.fail.will_recover()
+    }
+    fn error(&self) -> u64 {
+        self.n
+    }
+}
+
+/// Generation 1's link is lost and its recovery installs generation 2, then finishes a
+/// step (the replay) that another waiter waits for through `wait_for`. A thread asking
+/// for the connection (`current`) gets generation 1 (before the failure) or 2, never
+/// generation 1's error: `current` reads the failure flag and then whether a recovery
+/// follows, right only because the failing side records the latter first. The
+/// `wait_for` waiter wakes (a lost wake-up is a loom deadlock).
+fn link_recovery_model() {
+    let g1 = ModelGen::new(1);
+    let cell = Arc::new(LinkCell::new(g1.clone()));
+    let replayed = Arc::new(AtomicBool::new(false));
+    let io = {
+        let (cell, replayed) = (cell.clone(), replayed.clone());
+        thread::spawn(move || {
+            if g1.link_lost(&cell) {
+                assert!(cell.install(ModelGen::new(2)));
+                replayed.store(true, Release);
+                cell.notify();
+            }
+        })
+    };
+    let asker = {
+        let cell = cell.clone();
+        thread::spawn(move || cell.current(far(), CLOSED).map(|g| g.n))
+    };
+    assert_eq!(
+        cell.wait_for(|| replayed.load(Acquire), far(), || 98, CLOSED),
+        Ok(())
+    );
+    let got = asker.join().unwrap();
+    assert!(got == Ok(1) || got == Ok(2), "current() gave {got:?}");
+    io.join().unwrap();
+    assert_eq!(cell.current(far(), CLOSED).map(|g| g.n), Ok(2));
+}
+
+#[test]
+fn flight_current_waits_through_a_recovery() {
+    assert!(explore("link_recovery", link_recovery_model) > 1);
+}
+
+/// Generation 1's link is lost and the recovery gives up: a thread waiting in `current`
+/// for the recovery wakes with the recovery's error (or got generation 1 before the
+/// failure), and the connection is dead.
+fn link_give_up_model() {
+    let g1 = ModelGen::new(1);
+    let cell = Arc::new(LinkCell::new(g1.clone()));
+    let io = {
+        let cell = cell.clone();
+        thread::spawn(move || {
+            if g1.link_lost(&cell) {
+                cell.give_up(77);
+            }
+        })
+    };
+    let got = cell.current(far(), CLOSED).map(|g| g.n);
+    assert!(got == Ok(1) || got == Err(77), "current() gave {got:?}");
+    io.join().unwrap();
+    assert!(cell.is_dead());
+    assert_eq!(cell.current(far(), CLOSED).map(|g| g.n), Err(77));
+}
+
+#[test]
+fn flight_give_up_wakes_waiters() {
+    assert!(explore("link_give_up", link_give_up_model) > 1);
+}
+
+/// The application closes the connection while generation 1's link is lost and its
+/// recovery waits out a backoff (under loom, only a close ends that wait): the close
+/// wakes the recovery, which gives up, and a thread waiting in `current`, which gets
+/// "closed" (or generation 1 before the failure; or generation 1's error if the close
+/// came first and so no recovery follows). Nothing sleeps on (a loom deadlock).
+fn link_close_model() {
+    let g1 = ModelGen::new(1);
+    let cell = Arc::new(LinkCell::new(g1.clone()));
+    let io = {
+        let cell = cell.clone();
+        thread::spawn(move || {
+            if g1.link_lost(&cell) {
+                assert!(cell.sleep_unless_closed(Duration::from_secs(1)));
+                cell.give_up(CLOSED);
+            }
+        })
+    };
+    let closer = {
+        let cell = cell.clone();
+        thread::spawn(move || assert_eq!(cell.close().map(|g| g.n), Some(1)))
+    };
+    let got = cell.current(far(), CLOSED).map(|g| g.n);
+    assert!(
+        got == Ok(1) || got == Err(CLOSED) || got == Err(1),
+        "current() gave {got:?}"
+    );
+    closer.join().unwrap();
+    io.join().unwrap();
+    assert_eq!(cell.current(far(), CLOSED).map(|g| g.n), Err(CLOSED));
+}
+
+#[test]
+fn flight_close_wakes_recovery_and_waiters() {
+    assert!(explore("link_close", link_close_model) > 1);
+}
+
+/// The application closes the connection while the recovery installs generation 2 (it
+/// saw the connection open just before): either the install is refused (the recovery
+/// then closes the candidate), or the close finds generation 2 current and closes it.
+/// Never is generation 2 installed after the close took generation 1 to close: that
+/// would leave a connection open that nobody closes.
+fn link_close_install_model() {
+    let g1 = ModelGen::new(1);
+    let cell = Arc::new(LinkCell::new(g1.clone()));
+    let io = {
+        let cell = cell.clone();
+        thread::spawn(move || g1.link_lost(&cell) && !cell.is_closed() && cell.install(ModelGen::new(2)))
+    };
+    let closed = cell.close().map(|g| g.n);
+    let installed = io.join().unwrap();
+    assert!(
+        !installed || closed == Some(2),
+        "generation 2 installed after the close took generation {closed:?}"
+    );
+}
+
+#[test]
+fn flight_close_races_install() {
+    assert!(explore("link_close_install", link_close_install_model) > 1);
 }

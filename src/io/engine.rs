@@ -307,8 +307,7 @@ impl Engine {
         if self.conn.is_failed() {
             return;
         }
-        let recover = self.conn.link_failing(err);
-        self.conn.set_failure(err.clone());
+        let recover = self.conn.fail_link(err);
         let err = self.conn.error();
         self.stalled = None;
         for slot in self.slots.iter_mut().filter_map(Option::take) {
@@ -538,7 +537,7 @@ impl Engine {
             }
             next = next.min(self.last_recv + hb * 2);
         }
-        if self.is_stalled() {
+        if self.is_stalled() && crate::delivery_queue::stall_repoll() {
             // Safety net for a wake-up lost between the consumer and us.
             next = next.min(now + Duration::from_millis(20));
         }

@@ -25,11 +25,10 @@ use crate::options::ConnectionOptions;
 use crate::protocol::content::Content;
 use crate::protocol::frame::put_method;
 use crate::protocol::table::FieldTable;
+use crate::send_core::{FailFlag, WakeFlag};
 use crate::sync::oneshot;
 use crate::sync::queue::{self, Receiver, SendTimeoutError, Sender};
-use crate::sync::{
-    Arc, AtomicBool, AtomicUsize, Condvar, CondvarExt, Mutex, Ordering, Weak, fence,
-};
+use crate::sync::{Arc, AtomicBool, AtomicUsize, Condvar, CondvarExt, Mutex, Ordering, Weak};
 
 /// What an RPC gets back.
 #[derive(Debug)]
@@ -130,8 +129,8 @@ impl IdAllocator {
 pub(crate) struct ConnShared {
     cmd_tx: Sender<Command>,
     waker: Arc<dyn Wake>,
-    wake_pending: AtomicBool,
-    failed: AtomicBool,
+    wake_pending: WakeFlag,
+    failed: FailFlag,
     failure: Mutex<Option<Error>>,
     blocked: Mutex<Option<String>>,
     blocked_cv: Condvar,
@@ -145,7 +144,6 @@ pub(crate) struct ConnShared {
     /// Our end of the TCP connection.
     pub(crate) local_addr: Option<SocketAddr>,
     link: Mutex<Option<Weak<dyn LinkEvents>>>,
-    will_recover: AtomicBool,
 }
 
 /// What the owner of a connection generation hears from its I/O thread.
@@ -169,8 +167,8 @@ impl ConnShared {
         ConnShared {
             cmd_tx,
             waker,
-            wake_pending: AtomicBool::new(false),
-            failed: AtomicBool::new(false),
+            wake_pending: WakeFlag::new(),
+            failed: FailFlag::new(),
             failure: Mutex::new(None),
             blocked: Mutex::new(None),
             blocked_cv: Condvar::new(),
@@ -182,7 +180,6 @@ impl ConnShared {
             generation: 1,
             local_addr: None,
             link: Mutex::new(None),
-            will_recover: AtomicBool::new(false),
         }
     }
 
@@ -198,17 +195,30 @@ impl ConnShared {
         *self.link.lock() = Some(link);
     }
 
-    /// Tell the owner the link is failing; remembers whether recovery follows.
-    pub(crate) fn link_failing(&self, err: &Error) -> bool {
-        let link = self.link.lock().as_ref().and_then(Weak::upgrade);
-        let recover = link.is_some_and(|l| l.failing(self.generation, err));
-        self.will_recover.store(recover, Ordering::Release);
+    /// The link fails with `err`: tell the owner first (remembering whether recovery
+    /// follows), record the reason, then set the flag waiters read (`FailFlag::fail`),
+    /// and wake blocked publishers. Returns true if a recovery follows.
+    pub(crate) fn fail_link(&self, err: &Error) -> bool {
+        let recover = self.failed.fail(
+            || {
+                let link = self.link.lock().as_ref().and_then(Weak::upgrade);
+                link.is_some_and(|l| l.failing(self.generation, err))
+            },
+            || {
+                let mut f = self.failure.lock();
+                if f.is_none() {
+                    *f = Some(err.clone());
+                }
+            },
+        );
+        let _b = self.blocked.lock();
+        self.blocked_cv.notify_all();
         recover
     }
 
     /// True when the failure of this generation will be followed by a recovery.
     pub(crate) fn will_recover(&self) -> bool {
-        self.will_recover.load(Ordering::Acquire)
+        self.failed.will_recover()
     }
 
     /// Tell the owner every waiter has been woken.
@@ -287,37 +297,40 @@ impl ConnShared {
 
     /// Ask the I/O thread to look at its queue; one wake-up per batch of commands.
     pub(crate) fn wake(&self) {
-        if !self.wake_pending.swap(true, Ordering::AcqRel) {
-            self.waker.wake();
-        }
+        self.wake_pending.wake(|| self.waker.wake());
     }
 
     /// Called by the I/O thread before it drains the command queue.
     pub(crate) fn clear_wake(&self) {
-        self.wake_pending.store(false, Ordering::Release);
+        self.wake_pending.clear();
     }
 
     /// Queue a command for the I/O thread, waiting for room until `deadline`.
     pub(crate) fn send(&self, cmd: Command, deadline: Instant, what: &'static str) -> Result<()> {
-        if self.failed.load(Ordering::Acquire) {
-            return Err(self.error());
-        }
-        match self.cmd_tx.send_deadline(cmd, deadline) {
-            Ok(()) => {
-                // Pairs with the fence in `set_failure`: either the I/O thread drains
-                // this command, or a waiter checking `is_failed` afterwards sees the
-                // failure (see `ChannelShared::wait_reply`).
-                fence(Ordering::SeqCst);
+        // Either the I/O thread drains this command, or a waiter checking `is_failed`
+        // afterwards sees the failure (see `send_core` and `ChannelShared::wait_reply`).
+        match self
+            .failed
+            .send(|| self.cmd_tx.send_deadline(cmd, deadline))
+        {
+            None => Err(self.error()),
+            Some(Ok(())) => {
                 self.wake();
                 Ok(())
             }
-            Err(SendTimeoutError::Timeout(_)) => Err(Error::Timeout(what)),
-            Err(SendTimeoutError::Disconnected(_)) => Err(self.error()),
+            Some(Err(SendTimeoutError::Timeout(_))) => Err(Error::Timeout(what)),
+            Some(Err(SendTimeoutError::Disconnected(_))) => Err(self.error()),
         }
     }
 
     pub(crate) fn is_failed(&self) -> bool {
-        self.failed.load(Ordering::SeqCst)
+        self.failed.is_set()
+    }
+
+    /// The I/O thread's last step: drop every queued command (`pop` takes one) so that
+    /// their waiters wake; ordered after the failure (see `send_core`).
+    pub(crate) fn drain_failed(&self, pop: impl FnMut() -> bool) {
+        self.failed.drain_failed(pop);
     }
 
     /// Why the connection ended (or a generic loss if the reason is not recorded yet).
@@ -326,20 +339,6 @@ impl ConnShared {
             Some(e) => e.clone(),
             None => Error::ConnectionLost("the connection's I/O thread has ended".into()),
         }
-    }
-
-    /// Record why the connection ended (first reason wins) and wake blocked publishers.
-    pub(crate) fn set_failure(&self, err: Error) {
-        {
-            let mut f = self.failure.lock();
-            if f.is_none() {
-                *f = Some(err);
-            }
-            self.failed.store(true, Ordering::SeqCst);
-        }
-        fence(Ordering::SeqCst);
-        let _b = self.blocked.lock();
-        self.blocked_cv.notify_all();
     }
 
     pub(crate) fn set_blocked(&self, reason: Option<String>) {
@@ -452,13 +451,9 @@ impl ChannelShared {
         deadline: Instant,
         what: &'static str,
     ) -> Result<Reply> {
-        // The command was queued before this check (`ConnShared::send` fences): if the
-        // link has failed since, the I/O thread either drained the command (dropping its
-        // reply sender) or will never see it. No reply is coming unless it is here.
-        if self.conn.is_failed() {
-            return rx.try_recv().unwrap_or_else(|| Err(self.error()));
-        }
-        match rx.recv_deadline(deadline) {
+        // The command was queued before this (`ConnShared::send` fences): if the link has
+        // failed since, no reply is coming unless it is here (`FailFlag::wait_reply`).
+        match self.conn.failed.wait_reply(rx, deadline) {
             Ok(r) => r,
             Err(oneshot::RecvError::Timeout) => Err(Error::Timeout(what)),
             Err(oneshot::RecvError::Disconnected) => Err(self.error()),

@@ -207,8 +207,9 @@ impl Reactor {
         // Queued commands hold reply senders: drop them now so their waiters wake. The
         // failure was recorded (with a fence) before this drain; a command queued after
         // it is seen as failed by its own waiter.
-        crate::sync::fence(crate::sync::Ordering::SeqCst);
-        while self.commands.try_recv().is_ok() {}
+        self.engine
+            .conn
+            .drain_failed(|| self.commands.try_recv().is_ok());
         let outcome = self
             .engine
             .outcome()
