@@ -1,6 +1,6 @@
 //! ChannelPool against a real RabbitMQ: acquire, try_acquire, release, discard, the bound
 //! under contention, timeouts, channels the broker closed, counters under load, and the
-//! pool across a connection recovery (through tests/support/proxy.rs).
+//! pool across a connection recovery (through lepus-testkit's fault proxy).
 
 mod support;
 

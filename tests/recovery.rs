@@ -1,5 +1,5 @@
 //! Automatic recovery against a real RabbitMQ, through the fault-injection proxy of
-//! tests/support/proxy.rs.
+//! lepus-testkit (testkit/src/proxy.rs).
 //!
 //! Each fault test runs publisher threads in confirm mode (channels from a ChannelPool)
 //! and 10 consumer threads on one connection, injects one fault (RST, a partition healed
@@ -546,9 +546,13 @@ fn fault_test(fault: Fault) -> Measured {
             let cli = t0.elapsed();
             // The fault is the broker's connection.close, which the CLI takes a while to
             // cause: time from when it passed the proxy.
-            t0 = proxy
-                .watch_hit()
-                .expect("the broker's connection.close passed the proxy");
+            // rabbitmqctl may return before the close has crossed the proxy: wait for it.
+            let mut hit = None;
+            wait_until(Duration::from_secs(10), || {
+                hit = proxy.watch_hit();
+                hit.is_some()
+            });
+            t0 = hit.expect("the broker's connection.close passed the proxy");
             note = format!(
                 " (timed from the broker's connection.close; rabbitmqctl took {:.0} ms)",
                 ms(cli)

@@ -115,7 +115,9 @@ impl Reactor {
     /// (a bounded number of reads). Returns how many reads took bytes.
     fn read(&mut self, now: Instant, readable: &mut bool) -> usize {
         let mut reads = 0;
-        if !self.engine.retry_stalled() {
+        // Nothing more is taken from the decoder while a consumer queue is full or too much
+        // output waits: otherwise each turn would answer one more buffered frame.
+        if !self.engine.retry_stalled() || self.engine.is_stalled() {
             return reads;
         }
         self.process_frames(now);
