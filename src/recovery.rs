@@ -222,8 +222,9 @@ fn replay(inner: &Arc<ConnectionInner>, gen_: &Arc<Generation>) -> Result<()> {
     let restored = reopen_channels(inner, conn, &channels)?;
     let records = channel_records(inner, &restored, &renamed);
     restore_qos_and_confirms(inner, &restored, &records)?;
-    let consumers = restore_consumers(inner, gen_, &restored, &records, &mut pending)?;
+    let started = restore_consumers(inner, gen_, &restored, &records, &mut pending)?;
     let republished = settle_unconfirmed(inner, conn, &restored)?;
+    let consumers = started.len() - cancel_given_up_consumers(inner, &restored, &started)?;
     inner.notify();
     if !inner.install(gen_.clone()) {
         return Err(Error::ConnectionLost(
@@ -446,14 +447,15 @@ fn restore_qos_and_confirms(
 /// Every consumer under its tag, feeding its old queue: one round trip. A consumer whose
 /// queue failed to recover, or (for a queue declared elsewhere) does not answer a passive
 /// declare, is left pending instead: a `basic.consume` on a missing queue would close its
-/// channel and everything else on it. Returns how many were restored.
+/// channel and everything else on it. Returns the consumers subscribed again, as (index in
+/// `restored`, tag).
 fn restore_consumers(
     inner: &ConnectionInner,
     gen_: &Arc<Generation>,
     restored: &Restored,
     records: &[ChannelRecord],
     pending: &mut PendingTopology,
-) -> Result<usize> {
+) -> Result<Vec<(usize, String)>> {
     let opts = &inner.opts.recovery;
     let declared: Vec<String> = inner
         .topology
@@ -489,8 +491,8 @@ fn restore_consumers(
     }
     let d = step_deadline(inner);
     let mut step = InFlight::new();
-    let mut n = 0;
-    for ((_, new), record) in restored.iter().zip(records) {
+    let mut started = Vec::new();
+    for (i, ((_, new), record)) in restored.iter().zip(records).enumerate() {
         if record.confirm {
             new.confirms.enable();
         }
@@ -519,11 +521,38 @@ fn restore_consumers(
                 "basic.consume-ok (recovery)",
                 Some(r.sink.clone()),
             )?;
-            n += 1;
+            started.push((i, r.tag.clone()));
         }
     }
     step.finish(d)?;
-    Ok(n)
+    Ok(started)
+}
+
+/// A consumer the application cancelled or dropped while the replay ran: its cancel found
+/// the old, dead channel and could only forget the record, but the replay had taken its
+/// snapshot before and subscribed it again. Now that the new channels are current (a
+/// cancel from here on reaches the new connection), cancel every restored consumer whose
+/// record is gone, so that the broker delivers nothing to a consumer nobody reads. One
+/// round trip; returns how many were cancelled.
+fn cancel_given_up_consumers(
+    inner: &ConnectionInner,
+    restored: &Restored,
+    started: &[(usize, String)],
+) -> Result<usize> {
+    let d = step_deadline(inner);
+    let mut step = InFlight::new();
+    let mut cancelled = 0;
+    for (i, tag) in started {
+        let (c, new) = &restored[*i];
+        let kept = c.record().lock().consumers.iter().any(|r| &r.tag == tag);
+        if !kept {
+            log::debug!("consumer {tag:?} was cancelled during recovery: cancelling it again");
+            step.start(new, methods::cancel(tag), d, "basic.cancel-ok (recovery)", None)?;
+            cancelled += 1;
+        }
+    }
+    step.finish(d)?;
+    Ok(cancelled)
 }
 
 /// Unconfirmed messages of the old channels (republished or handed back, by policy),

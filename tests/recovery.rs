@@ -780,6 +780,69 @@ fn broker_force_close_recovers() {
     fault_test(Fault::ForceClose);
 }
 
+/// A consumer dropped while recovery replays (after the replay took its snapshot of the
+/// channel's consumers, before the new channels became current) is not left subscribed on
+/// the new connection: the broker must deliver nothing to a consumer the application gave
+/// up. Latency through the proxy stretches each replay step so that the drop lands there.
+#[test]
+fn consumer_dropped_during_the_replay_is_not_subscribed_again() {
+    let cleanup = Cleanup::new();
+    let proxy = start_proxy();
+    let (tx, rx) = mpsc::channel();
+    let tx = Mutex::new(tx);
+    let conn = open(
+        proxy
+            .options()
+            .recovery(quick_recovery().listener(move |e| {
+                if matches!(e.kind, RecoveryEventKind::TopologyRecovered) {
+                    let _ = tx.lock().unwrap().send(Instant::now());
+                }
+            })),
+    );
+    let ch = conn.open_channel().unwrap();
+    let queue = cleanup.queue(&unique("dropped-in-replay"));
+    ch.queue_declare(&queue, &QueueDeclareOptions::default())
+        .unwrap();
+    let cch = conn.open_channel().unwrap();
+    cch.basic_qos(1, false).unwrap();
+    let consumer = cch
+        .basic_consume(&queue, &ConsumeOptions::default())
+        .unwrap();
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    assert_eq!(
+        ch.queue_declare(&queue, &passive).unwrap().consumer_count,
+        1
+    );
+
+    // Each round trip of the replay (reopen the channels, qos, consume) now takes about
+    // 400 ms; the consumers are read between the first and the second.
+    proxy.set_latency(Duration::from_millis(200), Duration::ZERO);
+    let generation = conn.generation();
+    assert_eq!(proxy.reset(), 1, "one link");
+    let topology = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the topology was recovered");
+    std::thread::sleep(Duration::from_millis(600).saturating_sub(topology.elapsed()));
+    drop(consumer);
+    assert!(
+        wait_until(Duration::from_secs(20), || conn.generation() > generation
+            && conn.is_open()),
+        "no recovery: {:#?}",
+        conn.recovery_events()
+    );
+    proxy.set_latency(Duration::ZERO, Duration::ZERO);
+    assert_eq!(
+        ch.queue_declare(&queue, &passive).unwrap().consumer_count,
+        0,
+        "the dropped consumer is subscribed on the new connection: {:#?}",
+        conn.recovery_events()
+    );
+    conn.close().unwrap();
+}
+
 // ---------------- repeated recovery ----------------
 
 #[test]

@@ -104,6 +104,14 @@ pub(crate) fn consume(
     }))
 }
 
+/// `basic.cancel`, waiting for its `cancel-ok`.
+pub(crate) fn cancel(consumer_tag: &str) -> AMQPClass {
+    AMQPClass::Basic(basic::AMQPMethod::Cancel(basic::Cancel {
+        consumer_tag: consumer_tag.into(),
+        nowait: false,
+    }))
+}
+
 /// `confirm.select`.
 pub(crate) fn confirm_select() -> AMQPClass {
     AMQPClass::Confirm(confirm::AMQPMethod::Select(confirm::Select {
