@@ -56,6 +56,22 @@ fn num<T: std::str::FromStr>(key: &str, v: &str) -> Result<T> {
 }
 
 /// Parse `amqp://user:pass@host:port/vhost?key=value&..` (or `amqps://`).
+/// `host`, `host:port`, `[v6]` or `[v6]:port`: the host and the port text, if any.
+fn split_host_port(hostport: &str) -> std::result::Result<(&str, Option<&str>), &'static str> {
+    if let Some(h) = hostport.strip_prefix('[') {
+        let (h, after) = h.split_once(']').ok_or("unclosed [ in host")?;
+        let port = match after {
+            "" => None,
+            p => Some(p.strip_prefix(':').ok_or("junk after ]")?),
+        };
+        return Ok((h, port));
+    }
+    Ok(match hostport.rsplit_once(':') {
+        Some((h, p)) => (h, Some(p)),
+        None => (hostport, None),
+    })
+}
+
 pub(crate) fn parse(uri: &str) -> Result<ParsedUri> {
     let bad = |why: &str| Error::InvalidUri(format!("{why}: {uri:?}"));
     let mut o = ParsedUri::default();
@@ -84,19 +100,7 @@ pub(crate) fn parse(uri: &str) -> Result<ParsedUri> {
         }
         None => authority,
     };
-    let (host, port) = if let Some(h) = hostport.strip_prefix('[') {
-        let (h, after) = h.split_once(']').ok_or_else(|| bad("unclosed [ in host"))?;
-        let port = match after {
-            "" => None,
-            p => Some(p.strip_prefix(':').ok_or_else(|| bad("junk after ]"))?),
-        };
-        (h, port)
-    } else {
-        match hostport.rsplit_once(':') {
-            Some((h, p)) => (h, Some(p)),
-            None => (hostport, None),
-        }
-    };
+    let (host, port) = split_host_port(hostport).map_err(bad)?;
     if !host.is_empty() {
         o.host = Some(percent_decode(host)?);
     }
@@ -171,19 +175,7 @@ pub(crate) fn parse_multi(uri: &str) -> Result<(ParsedUri, Vec<MoreHost>)> {
     }
     let mut more = Vec::new();
     for h in list {
-        let (host, port) = if let Some(h) = h.strip_prefix('[') {
-            let (h, after) = h.split_once(']').ok_or_else(|| bad("unclosed [ in host"))?;
-            let port = match after {
-                "" => None,
-                p => Some(p.strip_prefix(':').ok_or_else(|| bad("junk after ]"))?),
-            };
-            (h, port)
-        } else {
-            match h.rsplit_once(':') {
-                Some((h, p)) => (h, Some(p)),
-                None => (h, None),
-            }
-        };
+        let (host, port) = split_host_port(h).map_err(bad)?;
         if host.is_empty() {
             return Err(bad("empty host in the host list"));
         }

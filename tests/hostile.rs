@@ -8,8 +8,6 @@
 
 mod support;
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -27,38 +25,15 @@ use support::ClientOptions;
 // The largest single allocation made by this test process.
 // ---------------------------------------------------------------------------------------
 
-struct Counting;
-
-static LARGEST_ALLOC: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: every call is forwarded unchanged to the system allocator.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LARGEST_ALLOC.fetch_max(layout.size(), Ordering::Relaxed);
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        LARGEST_ALLOC.fetch_max(layout.size(), Ordering::Relaxed);
-        unsafe { System.alloc_zeroed(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LARGEST_ALLOC.fetch_max(new_size, Ordering::Relaxed);
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
 #[global_allocator]
-static ALLOC: Counting = Counting;
+static ALLOC: support::largest_alloc::LargestAlloc = support::largest_alloc::LargestAlloc;
 
 /// Nothing in this test binary legitimately allocates more than this in one piece (the
 /// biggest frames are about 1 MiB).
 const ALLOC_LIMIT: usize = 8 * 1024 * 1024;
 
 fn assert_no_large_allocation() {
-    let largest = LARGEST_ALLOC.load(Ordering::Relaxed);
+    let largest = support::largest_alloc::largest();
     assert!(
         largest < ALLOC_LIMIT,
         "an allocation of {largest} bytes was made (limit {ALLOC_LIMIT})"

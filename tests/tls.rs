@@ -11,7 +11,6 @@
 
 mod support;
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -34,30 +33,8 @@ use support::ClientOptions;
 // The largest single allocation made by this test process (for the frame-size bound).
 // ---------------------------------------------------------------------------------------
 
-struct Counting;
-static LARGEST_ALLOC: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: every call is forwarded unchanged to the system allocator.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LARGEST_ALLOC.fetch_max(layout.size(), Ordering::Relaxed);
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        LARGEST_ALLOC.fetch_max(layout.size(), Ordering::Relaxed);
-        unsafe { System.alloc_zeroed(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LARGEST_ALLOC.fetch_max(new_size, Ordering::Relaxed);
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
 #[global_allocator]
-static ALLOC: Counting = Counting;
+static ALLOC: support::largest_alloc::LargestAlloc = support::largest_alloc::LargestAlloc;
 
 // ---------------------------------------------------------------------------------------
 // The TLS node
@@ -646,7 +623,7 @@ fn huge_frame_header_over_tls_is_refused_before_buffering() {
         Some(Error::Protocol { code, .. }) => assert_eq!(code, reply_code::FRAME_ERROR),
         other => panic!("{other:?}"),
     }
-    let largest = LARGEST_ALLOC.load(Ordering::Relaxed);
+    let largest = support::largest_alloc::largest();
     assert!(largest < 64 << 20, "an allocation of {largest} bytes");
 }
 

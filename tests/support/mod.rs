@@ -222,3 +222,4 @@ impl<R: Send + 'static> ClientOptions for FakeBroker<R> {
 
 /// Small helpers of the broker tests split by topic.
 pub mod fixtures;
+pub mod largest_alloc;
