@@ -32,7 +32,7 @@ impl Channel {
     /// ```no_run
     /// # fn main() -> lepus::Result<()> {
     /// use std::time::{Duration, Instant};
-    /// let conn = lepus::Connection::open(lepus::ConnectionOptions::new())?;
+    /// let conn = lepus::Connection::open("amqp://guest:guest@127.0.0.1:5672/%2f")?;
     /// let ch = conn.open_channel()?;
     /// ch.confirm_select()?;
     /// let deadline = Instant::now() + Duration::from_secs(30);
