@@ -460,7 +460,13 @@ impl ConnectionInner {
 
 impl LinkEvents for ConnectionInner {
     fn failing(&self, generation: u64, err: &Error) -> bool {
-        let recoverable = self.opts.recovery.enabled && err.is_connection_lost();
+        // A candidate of the running recovery ends by whatever error (a protocol violation
+        // by a node that is restarting too): that recovery goes on to its next attempt
+        // either way, so what the candidate was restoring (its consumers) hears of a lost
+        // link, not of its end.
+        let candidate = generation > self.current_generation();
+        let recoverable =
+            self.opts.recovery.enabled && (err.is_connection_lost() || candidate);
         let Some(candidate) = self.link.failing(generation, recoverable) else {
             return false;
         };

@@ -321,3 +321,160 @@ fn connection_start_larger_than_the_pre_tune_limit_says_so() {
         broker.finish();
     });
 }
+
+// ---------------------------------------------------------------------------------------
+// A candidate connection of a recovery that fails on a protocol error
+// ---------------------------------------------------------------------------------------
+
+/// What a recovering fake broker answers: channel open/close, passive declares, qos and
+/// consumes (under the tag asked for), until the client closes; `after_consume` runs once
+/// a consume is answered. Returns the reply code of the client's close.
+fn serve_recovery(
+    p: &mut lepus_testkit::Peer,
+    mut after_consume: impl FnMut(&mut lepus_testkit::Peer, u16, &str),
+) -> u16 {
+    use amq_protocol::protocol::{channel, queue};
+    loop {
+        let (ch, m) = p.wait_for("recovery traffic", |ch, m| Some((ch, m.clone())));
+        match m {
+            AMQPClass::Channel(channel::AMQPMethod::Open(_)) => p.send_method(
+                ch,
+                AMQPClass::Channel(channel::AMQPMethod::OpenOk(channel::OpenOk {})),
+            ),
+            AMQPClass::Channel(channel::AMQPMethod::Close(_)) => p.send_method(
+                ch,
+                AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})),
+            ),
+            AMQPClass::Queue(queue::AMQPMethod::Declare(d)) => p.send_method(
+                ch,
+                AMQPClass::Queue(queue::AMQPMethod::DeclareOk(queue::DeclareOk {
+                    queue: d.queue.clone(),
+                    message_count: 0,
+                    consumer_count: 0,
+                })),
+            ),
+            AMQPClass::Basic(basic::AMQPMethod::Qos(_)) => p.send_method(
+                ch,
+                AMQPClass::Basic(basic::AMQPMethod::QosOk(basic::QosOk {})),
+            ),
+            AMQPClass::Basic(basic::AMQPMethod::Consume(c)) => {
+                let tag = c.consumer_tag.to_string();
+                p.send_method(
+                    ch,
+                    AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(basic::ConsumeOk {
+                        consumer_tag: tag.clone().into(),
+                    })),
+                );
+                after_consume(p, ch, &tag);
+            }
+            AMQPClass::Basic(basic::AMQPMethod::Cancel(c)) => p.send_method(
+                ch,
+                AMQPClass::Basic(basic::AMQPMethod::CancelOk(basic::CancelOk {
+                    consumer_tag: c.consumer_tag.clone(),
+                })),
+            ),
+            AMQPClass::Basic(basic::AMQPMethod::Ack(_)) => {}
+            AMQPClass::Connection(connection::AMQPMethod::Close(c)) => {
+                p.send_method(
+                    0,
+                    AMQPClass::Connection(connection::AMQPMethod::CloseOk(connection::CloseOk {})),
+                );
+                return c.reply_code;
+            }
+            other => panic!("fake broker: unexpected {other:?} on channel {ch}"),
+        }
+    }
+}
+
+/// A candidate connection of a running recovery that fails on a protocol error (here a
+/// reply nobody asked for, as a restarting cluster node once sent during a replay)
+/// must not end the consumers it was restoring: the recovery goes on to its next attempt,
+/// and the same `Consumer`s receive on the connection after it. Two consumers, so that
+/// the replay still waits for the second consume-ok when the stray one arrives: the
+/// candidate fails before it could be installed.
+#[test]
+fn a_candidate_failing_on_a_protocol_error_keeps_its_consumers() {
+    within(TEST_LIMIT, || {
+        let broker = FakeBroker::start_many(3, |i, p| {
+            p.handshake(Tune::default());
+            match i {
+                0 => {
+                    p.serve_channel_open();
+                    p.serve_consume();
+                    p.serve_consume();
+                    // The node shuts down: recovery follows.
+                    p.send_method(
+                        0,
+                        AMQPClass::Connection(connection::AMQPMethod::Close(connection::Close {
+                            reply_code: reply_code::CONNECTION_FORCED,
+                            reply_text: "CONNECTION_FORCED - shutdown".into(),
+                            class_id: 0,
+                            method_id: 0,
+                        })),
+                    );
+                    p.wait_for("connection.close-ok", |ch, m| {
+                        (ch == 0
+                            && matches!(
+                                m,
+                                AMQPClass::Connection(connection::AMQPMethod::CloseOk(_))
+                            ))
+                        .then_some(())
+                    });
+                    0
+                }
+                // The candidate: the first consumer is subscribed again, then a reply to
+                // nothing ends this connection (505).
+                1 => {
+                    let mut sent = false;
+                    serve_recovery(p, move |p, ch, _| {
+                        if !std::mem::replace(&mut sent, true) {
+                            p.send_method(
+                                ch,
+                                AMQPClass::Basic(basic::AMQPMethod::QosOk(basic::QosOk {})),
+                            )
+                        }
+                    })
+                }
+                _ => serve_recovery(p, |p, ch, tag| {
+                    p.deliver(ch, tag, 1, &no_props(), tag.as_bytes())
+                }),
+            }
+        });
+        let conn = Connection::open_with(broker.options().recovery(
+            RecoveryOptions::new().backoff(Duration::from_millis(10), Duration::from_millis(50)),
+        ))
+        .unwrap();
+        let ch = conn.open_channel().unwrap();
+        let consumers = [
+            ch.basic_consume("q1", &ConsumeOptions::default()).unwrap(),
+            ch.basic_consume("q2", &ConsumeOptions::default()).unwrap(),
+        ];
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        for consumer in &consumers {
+            let delivery = loop {
+                match consumer.recv_deadline(deadline) {
+                    Ok(d) => break d,
+                    // The lost links pass by (a recovery follows each).
+                    Err(e) if e.is_connection_lost() => continue,
+                    Err(e) => panic!(
+                        "consumer {} ended: {e}; events {:#?}",
+                        consumer.tag(),
+                        conn.recovery_events()
+                    ),
+                }
+            };
+            assert_eq!(delivery.body(), consumer.tag().as_bytes());
+        }
+        // The deliveries may come before the replay installs the third connection.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while conn.generation() != 3 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(conn.generation(), 3, "{:#?}", conn.recovery_events());
+        conn.close().unwrap();
+        assert_eq!(
+            broker.finish(),
+            vec![0, reply_code::UNEXPECTED_FRAME, reply_code::REPLY_SUCCESS]
+        );
+    });
+}

@@ -52,21 +52,23 @@ fn request_ids(bytes: &[u8]) -> (u16, u16) {
 }
 
 /// True if `reply` answers `request`: each `-ok` is its request's method id plus one, and
-/// `basic.get` is answered by `get-ok` (71) or `get-empty` (72).
+/// `basic.get` is answered by `get-ok` (71) or `get-empty` (72), and `exchange.unbind` (40)
+/// by `unbind-ok` 51 (RabbitMQ's extension numbers it so).
 fn answers(request: (u16, u16), reply: (u16, u16)) -> bool {
-    request.0 == reply.0 && (reply.1 == request.1 + 1 || (request == (60, 70) && reply.1 == 72))
+    request.0 == reply.0
+        && (reply.1 == request.1 + 1
+            || (request == (60, 70) && reply.1 == 72)
+            || (request == (40, 40) && reply.1 == 51))
 }
 
 /// The waiter a reply belongs to: the oldest request it answers. Replies come in order,
 /// except that RabbitMQ may answer a `queue.delete` before the `basic.cancel-ok` of a
 /// consumer on that queue sent just before it (the cancel goes through the queue
 /// process): matching by method keeps each reply with its own waiter. A reply that
-/// answers nothing pending goes to the oldest waiter, which reports it as unexpected.
+/// answers nothing pending is the broker's violation (`None`): handed to another waiter,
+/// it would leave that waiter's own reply without a request a moment later.
 fn take_pending(pending: &mut VecDeque<Pending>, reply: (u16, u16)) -> Option<Pending> {
-    let i = pending
-        .iter()
-        .position(|p| answers(p.request, reply))
-        .unwrap_or(0);
+    let i = pending.iter().position(|p| answers(p.request, reply))?;
     pending.remove(i)
 }
 
@@ -308,7 +310,13 @@ impl Engine {
             return;
         }
         let recover = self.conn.fail_link(err);
-        let err = self.conn.error();
+        let mut err = self.conn.error();
+        if recover && !err.is_connection_lost() {
+            // A recovery follows although the error is not a lost link (a candidate
+            // connection of a running recovery ended by a protocol violation): say so, so
+            // that consumers and confirmation waiters go on waiting for it.
+            err = Error::ConnectionLost(format!("a recovery attempt failed: {err}"));
+        }
         self.stalled = None;
         for slot in self.slots.iter_mut().filter_map(Option::take) {
             slot.shared.confirms.fail(err.clone(), recover);
