@@ -581,7 +581,8 @@ fn scenario_tls(s: &Settings, r: &mut Results, peers: Option<&peers::Peers>) {
     // 9: TLS against plaintext.
     if s.wants(9) {
         section(9, TOTAL, "TLS against plaintext (scripts/tls-node)");
-        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        // scripts/tls-node is the repository's, not this package's.
+        let root = repo_root();
         let t = if cfg!(feature = "tls") {
             tls::run(&root, s.quick, s.rounds, peers)
         } else {
@@ -590,6 +591,11 @@ fn scenario_tls(s: &Settings, r: &mut Results, peers: Option<&peers::Peers>) {
         if let Err(e) = &t {
             done(&format!("not measured: {e}"));
             r.errors.push(format!("TLS scenario: {e}"));
+            // With TLS built in, a scenario that could not run is a failure of the suite
+            // (CI must not pass on a report that only says so).
+            if cfg!(feature = "tls") {
+                r.failed.push("scenario_tls".into());
+            }
         }
         r.tls = Some(t);
     }
