@@ -83,16 +83,7 @@ fn bad_delivery(r: Result<lepus::Delivery, RecvError>) -> Box<lepus::BadDelivery
     }
 }
 
-fn is_reject(tag: u64, requeue: bool) -> impl Fn(u16, &AMQPClass) -> Option<()> {
-    move |_, m| match m {
-        AMQPClass::Basic(basic::AMQPMethod::Reject(r))
-            if r.delivery_tag == tag && r.requeue == requeue =>
-        {
-            Some(())
-        }
-        _ => None,
-    }
-}
+use lepus_testkit::is_reject;
 
 fn is_ack(tag: u64) -> impl Fn(u16, &AMQPClass) -> Option<()> {
     move |_, m| match m {

@@ -493,3 +493,15 @@ impl<R> Drop for FakeBroker<R> {
         }
     }
 }
+
+/// A [`Peer::wait_for`] matcher: the client's `basic.reject` of `tag` with `requeue`.
+pub fn is_reject(tag: u64, requeue: bool) -> impl Fn(u16, &AMQPClass) -> Option<()> {
+    move |_, m| match m {
+        AMQPClass::Basic(basic::AMQPMethod::Reject(r))
+            if r.delivery_tag == tag && r.requeue == requeue =>
+        {
+            Some(())
+        }
+        _ => None,
+    }
+}

@@ -80,7 +80,7 @@ mod raw_client;
 mod timing;
 
 // The public interface is:
-pub use fake_broker::{FakeBroker, Peer, SCRIPT_TIMEOUT, STEP_TIMEOUT, Tune};
+pub use fake_broker::{FakeBroker, Peer, SCRIPT_TIMEOUT, STEP_TIMEOUT, Tune, is_reject};
 pub use frame_io::FrameIo;
 pub use frames::Frame;
 pub use proxy::{Direction, Link, Proxy};
