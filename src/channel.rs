@@ -965,6 +965,19 @@ impl Channel {
 
     // ---------------- close ----------------
 
+    /// Close without waiting for `close-ok` (the pool discarding a channel that came
+    /// back changed, or whose set-up failed); its consumers end as with [`Channel::close`].
+    pub(crate) fn close_nowait(&self) {
+        if self.inner.closed_by_us.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.inner.record.lock().consumers.clear();
+        let shared = self.shared();
+        if !shared.is_closed() {
+            shared.close_nowait();
+        }
+    }
+
     /// Close the channel and wait for `close-ok`. Its consumers end and later calls get
     /// [`Error::ChannelClosed`].
     pub fn close(&self) -> Result<()> {

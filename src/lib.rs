@@ -181,7 +181,7 @@ not_under_loom! {
         ExchangeDeclareOptions, ExchangeDeleteOptions, PublishOptions, QueueDeclareOptions, QueueDeleteOptions,
         RecoveryOptions, TopologyFilter, UnconfirmedPolicy,
     };
-    pub use pool::{ChannelPool, PooledChannel};
+    pub use pool::{ChannelPool, ChannelPoolBuilder, PooledChannel};
     /// The rustls version lepus is built with, for [`TlsOptions::client_config`].
     #[cfg(feature = "tls")]
     pub use rustls;

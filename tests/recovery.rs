@@ -451,7 +451,12 @@ fn fault_test(fault: Fault) -> Measured {
         setup.close().unwrap();
     }
     let run = Arc::new(Run {
-        pool: ChannelPool::new(&conn, (publishers / 2).max(1)),
+        // Confirm mode is the pool's set-up (a borrower's own confirm_select would get its
+        // channel discarded on release).
+        pool: ChannelPool::builder(&conn)
+            .max((publishers / 2).max(1))
+            .confirm_select()
+            .build(),
         conn: conn.clone(),
         queue: queue.clone(),
         injected: Mutex::new(None),
