@@ -139,10 +139,8 @@ impl Charge {
         }
         if let Some(b) = self.conn.take() {
             wake |= b.release(self.bytes);
-            if wake {
-                if let Some(w) = &b.wake {
-                    w();
-                }
+            if wake && let Some(w) = &b.wake {
+                w();
             }
         }
         self.bytes = 0;
