@@ -25,6 +25,7 @@ use crate::topology::{BindingRecord, ChannelRecord, ExchangeRecord, QueueRecord,
 
 /// What `queue.declare` answered.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct QueueInfo {
     /// The queue name (the broker's choice for a server-named queue).
     pub name: String,
@@ -1013,6 +1014,7 @@ impl Channel {
 /// A message published in confirm mode and handed back unconfirmed after a connection
 /// loss.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct UnconfirmedMessage {
     /// Exchange it was published to.
     pub exchange: String,

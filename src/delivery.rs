@@ -445,6 +445,7 @@ impl BadDelivery {
 
 /// A mandatory message the broker could not route, sent back with `basic.return`.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Returned {
     /// Reply code (312 NO_ROUTE, ...).
     pub reply_code: u16,
