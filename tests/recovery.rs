@@ -39,8 +39,8 @@ use lepus::{
 };
 use lepus_testkit::Proxy;
 use support::{
-    Cleanup, ClientOptions, exclusive_queue, publish_confirmed, rabbitmqctl, start_proxy, unique,
-    wait_until,
+    Cleanup, ClientOptions, exclusive_queue, publish_confirmed, rabbitmqctl, rabbitmqctl_or_skip,
+    start_proxy, unique, wait_until,
 };
 
 // ---------------- settings ----------------
@@ -788,6 +788,9 @@ fn sliced_traffic_then_rst_recovers() {
 
 #[test]
 fn broker_force_close_recovers() {
+    if !rabbitmqctl_or_skip("broker_force_close_recovers") {
+        return;
+    }
     fault_test(Fault::ForceClose);
 }
 
