@@ -158,30 +158,34 @@ impl ConfirmTracker {
         self.state.lock().next_seq - 1
     }
 
-    /// `basic.ack` / `basic.nack` from the broker.
-    pub fn resolve(&self, tag: u64, multiple: bool, ack: bool) {
+    /// `basic.ack` / `basic.nack` from the broker; returns how many messages it settled.
+    pub fn resolve(&self, tag: u64, multiple: bool, ack: bool) -> u64 {
         let mut s = self.state.lock();
         let outcome = if ack { ACKED } else { NACKED };
         if !ack {
             s.nacked_since_wait = true;
         }
+        let mut settled = 0;
         if multiple {
             while s.pending.front().is_some_and(|e| e.seq <= tag) {
+                settled += 1;
                 let e = s.pending.pop_front().expect("front checked");
                 if let Some(slot) = e.slot {
                     slot.store(outcome, Ordering::Release);
                 }
             }
         } else if let Ok(i) = s.pending.binary_search_by_key(&tag, |e| e.seq) {
+            settled = 1;
             let e = s.pending.remove(i).expect("index from search");
             if let Some(slot) = e.slot {
                 slot.store(outcome, Ordering::Release);
             }
         } else {
-            log::warn!("broker confirmed unknown delivery tag {tag}");
+            crate::trace::warn!("broker confirmed unknown delivery tag {tag}");
         }
         drop(s);
         self.cv.notify_all();
+        settled
     }
 
     /// The channel or connection ended: every waiter wakes with `err`. If `keep`, the

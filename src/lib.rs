@@ -123,6 +123,7 @@ mod pool_core;
 mod protocol;
 mod send_core;
 mod sync;
+mod trace;
 
 // Everything else: the I/O thread, the handles, options, topology and recovery.
 not_under_loom! {
@@ -135,14 +136,18 @@ not_under_loom! {
     mod credentials;
     mod delivery;
     mod entity_recovery;
+    mod event_hub;
     mod events;
     mod io;
     mod options;
     mod pool;
+    #[cfg(feature = "opentelemetry")]
+    mod propagation;
     mod recovery;
     mod refresher;
     mod reliable;
     mod secrets;
+    mod stats;
     mod tls;
     mod topology;
     mod uri;
@@ -166,13 +171,18 @@ not_under_loom! {
     pub use consumer::{Consumer, Iter};
     pub use credentials::{Credentials, CredentialsProvider};
     pub use delivery::{BadDelivery, Delivery, RecvError, Returned};
-    pub use events::{RecoveryEvent, RecoveryEventKind, TopologyEntity};
+    pub use events::{
+        ConnectionEvent, ConnectionEventKind, RecoveryEvent, RecoveryEventKind, TopologyEntity,
+    };
     pub use options::{
         AuthMechanism, ConnectionOptions, ConsumeOptions, DEFAULT_CONNECTION_QUEUE_BYTES,
         DEFAULT_CONSUMER_QUEUE_BYTES, DEFAULT_MAX_OUTPUT_BYTES, DEFAULT_WRITE_STALL_TIMEOUT,
         ExchangeDeclareOptions, PublishOptions, QueueDeclareOptions, QueueDeleteOptions,
-        RecoveryOptions, TopologyFilter, UnconfirmedPolicy,
+        RecoveryOptions, TopologyFilter, UnconfirmedPolicy, EventListener,
     };
+    #[cfg(feature = "opentelemetry")]
+    pub use propagation::{HeaderExtractor, HeaderInjector};
+    pub use stats::ConnectionStats;
     pub use pool::{ChannelPool, PooledChannel};
     /// The rustls version lepus is built with, for [`TlsOptions::client_config`].
     #[cfg(feature = "tls")]
