@@ -160,6 +160,19 @@ impl ConfirmTracker {
 
     /// `basic.ack` / `basic.nack` from the broker; returns how many messages it settled.
     pub fn resolve(&self, tag: u64, multiple: bool, ack: bool) -> u64 {
+        self.resolve_counted(tag, multiple, ack, |_| {})
+    }
+
+    /// [`ConfirmTracker::resolve`], telling `count` how many messages it settled before
+    /// any waiter wakes (so a waiter that returns sees the connection's counters
+    /// updated).
+    pub fn resolve_counted(
+        &self,
+        tag: u64,
+        multiple: bool,
+        ack: bool,
+        count: impl FnOnce(u64),
+    ) -> u64 {
         let mut s = self.state.lock();
         let outcome = if ack { ACKED } else { NACKED };
         if !ack {
@@ -183,6 +196,7 @@ impl ConfirmTracker {
         } else {
             crate::trace::warn!("broker confirmed unknown delivery tag {tag}");
         }
+        count(settled);
         drop(s);
         self.cv.notify_all();
         settled

@@ -187,6 +187,11 @@ not_under_loom! {
     /// The rustls version lepus is built with, for [`TlsOptions::client_config`].
     #[cfg(feature = "tls")]
     pub use rustls;
+    /// The OpenTelemetry API version lepus is built with (the `opentelemetry` feature),
+    /// for the contexts of [`BasicProperties::with_context`] and
+    /// [`Delivery::trace_context`].
+    #[cfg(feature = "opentelemetry")]
+    pub use opentelemetry;
     pub use tls::TlsOptions;
 }
 

@@ -103,6 +103,7 @@ impl Consumers {
 struct Gauges {
     stats: Arc<Stats>,
     consumers: u64,
+    released: bool,
 }
 
 impl Gauges {
@@ -111,6 +112,15 @@ impl Gauges {
         Gauges {
             stats,
             consumers: 0,
+            released: false,
+        }
+    }
+    /// Give the shares back now (before the channel's waiters wake, so that they see
+    /// the gauges without it).
+    fn release(&mut self) {
+        if !std::mem::replace(&mut self.released, true) {
+            Stats::dec(&self.stats.channels, 1);
+            Stats::dec(&self.stats.consumers, self.consumers);
         }
     }
     fn consumer_added(&mut self) {
@@ -125,8 +135,7 @@ impl Gauges {
 
 impl Drop for Gauges {
     fn drop(&mut self) {
-        Stats::dec(&self.stats.channels, 1);
-        Stats::dec(&self.stats.consumers, self.consumers);
+        self.release();
     }
 }
 
@@ -356,7 +365,8 @@ impl Engine {
             err = Error::ConnectionLost(format!("a recovery attempt failed: {err}"));
         }
         self.stalled = None;
-        for slot in self.slots.iter_mut().filter_map(Option::take) {
+        for mut slot in self.slots.iter_mut().filter_map(Option::take) {
+            slot.gauges.release();
             slot.shared.confirms.fail(err.clone(), recover);
             // Consumers hear it through their queue: a lost link they will survive
             // (recovery re-registers them), or their end.
@@ -773,20 +783,24 @@ impl Engine {
             }),
             B::Ack(a) => {
                 check_confirm(ch, &slot.shared, "basic.ack", a.delivery_tag, a.multiple)?;
-                let n = slot
-                    .shared
-                    .confirms
-                    .resolve(a.delivery_tag, a.multiple, true);
-                Stats::add(&slot.shared.conn.stats.confirmed, n);
+                let stats = &slot.shared.conn.stats;
+                slot.shared.confirms.resolve_counted(
+                    a.delivery_tag,
+                    a.multiple,
+                    true,
+                    |n| Stats::add(&stats.confirmed, n),
+                );
                 Ok(())
             }
             B::Nack(n) => {
                 check_confirm(ch, &slot.shared, "basic.nack", n.delivery_tag, n.multiple)?;
-                let n = slot
-                    .shared
-                    .confirms
-                    .resolve(n.delivery_tag, n.multiple, false);
-                Stats::add(&slot.shared.conn.stats.nacked, n);
+                let stats = &slot.shared.conn.stats;
+                slot.shared.confirms.resolve_counted(
+                    n.delivery_tag,
+                    n.multiple,
+                    false,
+                    |n| Stats::add(&stats.nacked, n),
+                );
                 Ok(())
             }
             B::Cancel(c) => {
@@ -918,7 +932,8 @@ impl Engine {
 
     /// Remove a channel for good: wake its waiters with `reason`, free its id.
     fn finish_channel(&mut self, ch: u16, reason: Error) {
-        if let Some(slot) = self.slots.get_mut(ch as usize).and_then(Option::take) {
+        if let Some(mut slot) = self.slots.get_mut(ch as usize).and_then(Option::take) {
+            slot.gauges.release();
             // Free the id before waking anyone: a thread whose `close()` returns may open a
             // channel at once, and at `channel_max` it needs this id.
             self.conn.ids.lock().free(ch);
