@@ -8,8 +8,8 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use lepus::{BasicProperties, Error, PublishOptions};
-use support::{connect, exclusive_queue, rabbitmqctl, wait_until};
+use lepus::{BasicProperties, ConnectionEventKind, Error, PublishOptions};
+use support::{exclusive_queue, rabbitmqctl, test_options, wait_until};
 
 /// The broker's normal watermark (RabbitMQ's default).
 const NORMAL_WATERMARK: &str = "0.4";
@@ -32,7 +32,14 @@ impl Drop for RestoreWatermark {
 
 #[test]
 fn memory_alarm_blocks_publishers_until_it_clears() {
-    let conn = connect();
+    // The listener hears what the log keeps: blocked (with the broker's reason), then
+    // unblocked.
+    let heard = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let h = heard.clone();
+    let conn = lepus::Connection::open_with(
+        test_options().event_listener(move |e| h.lock().unwrap().push(e.kind.clone())),
+    )
+    .expect("connect");
     let ch = conn.open_channel().unwrap();
     let q = exclusive_queue(&ch);
     ch.confirm_select().unwrap();
@@ -76,6 +83,20 @@ fn memory_alarm_blocks_publishers_until_it_clears() {
         "connection.unblocked never arrived"
     );
     drop(restore);
+    let expected = vec![
+        ConnectionEventKind::Blocked {
+            reason: reason.clone(),
+        },
+        ConnectionEventKind::Unblocked,
+    ];
+    let logged: Vec<_> = conn.events().into_iter().map(|e| e.kind).collect();
+    assert_eq!(logged, expected);
+    assert!(
+        wait_until(Duration::from_secs(5), || heard.lock().unwrap().len() == 2),
+        "the listener heard {:?}",
+        heard.lock().unwrap()
+    );
+    assert_eq!(*heard.lock().unwrap(), expected);
 
     publish(&ch, b"after").unwrap();
     assert!(ch.wait_for_confirms().unwrap());
