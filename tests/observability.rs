@@ -25,10 +25,7 @@ fn next(c: &lepus::Consumer) -> Delivery {
 }
 
 fn publish(ch: &Channel, routing_key: &str, body: &[u8], mandatory: bool) {
-    let opts = PublishOptions {
-        mandatory,
-        ..Default::default()
-    };
+    let opts = PublishOptions { mandatory };
     ch.basic_publish("", routing_key, body, &BasicProperties::new(), opts)
         .expect("publish");
 }
