@@ -67,11 +67,13 @@
 //! io (reactor, engine, handshake)               the I/O thread
 //! delivery, confirm_tracker, pool_core          what the I/O thread produces; the pool's books
 //! options, uri, events, addresses, tls,        plain data (TLS options, the credentials
-//! credentials                                   provider)
+//! credentials, stats, event_hub                 provider); counters; the event log and
+//!                                               its listener thread
 //! error                                         re-exports protocol's reply codes
 //! protocol (frame, methods, table, properties, content, reply_code)   bytes only
 //! sync, delivery_queue, link, send_core,
-//! end_relay                                     primitives and the loom-checked cores
+//! end_relay, trace                              primitives and the loom-checked cores; the
+//!                                               one door to `log` / `tracing`
 //! ```
 //!
 //! # Threads
@@ -87,6 +89,10 @@
 //! [`Error::is_connection_lost`] tells apart from [`Error::ConnectionClosed`] after an
 //! intentional [`Connection::close`].
 //!
+//! A connection with an event listener ([`ConnectionOptions::event_listener`] or
+//! [`RecoveryOptions::listener`]) has one more thread, `lepus-events`, that calls it:
+//! listeners never run on the I/O thread or on a caller's thread.
+//!
 //! # Recovery
 //!
 //! Automatic recovery is on by default ([`RecoveryOptions`]). After a lost link, one
@@ -100,6 +106,16 @@
 //! mode and not yet confirmed are republished (or handed back, see
 //! [`UnconfirmedPolicy`]); nothing is dropped without the caller being told.
 //! [`Connection::recovery_events`] gives every step with its time.
+//!
+//! # Observability
+//!
+//! [`Connection::events`] and [`ConnectionOptions::event_listener`]: blocked and unblocked,
+//! channels closed and consumers cancelled by the broker, returns dropped, recovery steps
+//! ([`ConnectionEventKind`]). [`Connection::stats`]: counters of messages, bytes,
+//! reconnects, channels and consumers ([`ConnectionStats`]). Cargo features: `metrics`
+//! (the counters through the `metrics` facade), `tracing` (spans, and diagnostics as
+//! `tracing` events instead of `log` records), `opentelemetry` (the W3C trace context in
+//! message headers). The README's "Observability" section names every metric.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 // Under loom only the synchronisation cores are built; much of the rest is unused.
