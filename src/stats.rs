@@ -5,27 +5,41 @@
 
 use crate::sync::{AtomicU64, Ordering};
 
+/// A counter on a cache line (pair) of its own: the publishing threads, the I/O thread
+/// and the acking threads each write their own counters, and would otherwise bounce one
+/// shared line between cores on every message.
+#[derive(Default)]
+#[repr(align(128))]
+pub(crate) struct Padded(AtomicU64);
+
+impl std::ops::Deref for Padded {
+    type Target = AtomicU64;
+    fn deref(&self) -> &AtomicU64 {
+        &self.0
+    }
+}
+
 /// The live counters of one connection, across its generations. Written by handles and
 /// the I/O thread with `Relaxed` adds: each counter is exact on its own, a snapshot is
 /// not one instant across counters.
 #[derive(Default)]
 pub(crate) struct Stats {
-    pub(crate) published: AtomicU64,
-    pub(crate) confirmed: AtomicU64,
-    pub(crate) nacked: AtomicU64,
-    pub(crate) returned: AtomicU64,
-    pub(crate) returns_dropped: AtomicU64,
-    pub(crate) delivered: AtomicU64,
-    pub(crate) acked: AtomicU64,
-    pub(crate) rejected: AtomicU64,
-    pub(crate) bytes_in: AtomicU64,
-    pub(crate) bytes_out: AtomicU64,
-    pub(crate) reconnects: AtomicU64,
+    pub(crate) published: Padded,
+    pub(crate) confirmed: Padded,
+    pub(crate) nacked: Padded,
+    pub(crate) returned: Padded,
+    pub(crate) returns_dropped: Padded,
+    pub(crate) delivered: Padded,
+    pub(crate) acked: Padded,
+    pub(crate) rejected: Padded,
+    pub(crate) bytes_in: Padded,
+    pub(crate) bytes_out: Padded,
+    pub(crate) reconnects: Padded,
     /// Gauges: added to and taken from (never below zero when balanced).
-    pub(crate) channels: AtomicU64,
-    pub(crate) consumers: AtomicU64,
-    pub(crate) events_dropped: AtomicU64,
-    pub(crate) listener_panics: AtomicU64,
+    pub(crate) channels: Padded,
+    pub(crate) consumers: Padded,
+    pub(crate) events_dropped: Padded,
+    pub(crate) listener_panics: Padded,
     /// The `metrics` facade's handles, registered once per connection.
     #[cfg(feature = "metrics")]
     pub(crate) report: Option<facade::Report>,
