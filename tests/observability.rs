@@ -452,3 +452,79 @@ mod propagation {
         conn.close().unwrap();
     }
 }
+
+#[cfg(feature = "tracing")]
+mod spans {
+    //! The `tracing` feature: spans for connect and RPCs, diagnostics as events.
+
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use tracing::span::{Attributes, Id, Record};
+    use tracing::{Event, Metadata, Subscriber};
+
+    /// Keeps the names of spans opened and the messages of events recorded.
+    #[derive(Default)]
+    struct Names {
+        next: AtomicU64,
+        spans: Mutex<Vec<String>>,
+        events: Mutex<Vec<String>>,
+    }
+
+    struct Message(String);
+
+    impl tracing::field::Visit for Message {
+        fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+            if field.name() == "message" {
+                self.0 = format!("{value:?}");
+            }
+        }
+    }
+
+    impl Subscriber for &'static Names {
+        fn enabled(&self, _: &Metadata<'_>) -> bool {
+            true
+        }
+        fn new_span(&self, span: &Attributes<'_>) -> Id {
+            self.spans
+                .lock()
+                .unwrap()
+                .push(span.metadata().name().to_string());
+            Id::from_u64(self.next.fetch_add(1, Ordering::Relaxed) + 1)
+        }
+        fn record(&self, _: &Id, _: &Record<'_>) {}
+        fn record_follows_from(&self, _: &Id, _: &Id) {}
+        fn event(&self, event: &Event<'_>) {
+            let mut m = Message(String::new());
+            event.record(&mut m);
+            self.events.lock().unwrap().push(m.0);
+        }
+        fn enter(&self, _: &Id) {}
+        fn exit(&self, _: &Id) {}
+    }
+
+    #[test]
+    fn connect_and_rpcs_are_spans_and_diagnostics_are_events() {
+        let names: &'static Names = Box::leak(Box::default());
+        tracing::subscriber::with_default(names, || {
+            let conn = support::connect();
+            let ch = conn.open_channel().unwrap();
+            ch.queue_declare(
+                "",
+                &QueueDeclareOptions {
+                    exclusive: true,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            conn.close().unwrap();
+        });
+        let spans = names.spans.lock().unwrap();
+        assert!(spans.iter().any(|s| s == "lepus.connect"), "{spans:?}");
+        assert!(spans.iter().any(|s| s == "lepus.rpc"), "{spans:?}");
+        let events = names.events.lock().unwrap();
+        assert!(
+            events.iter().any(|e| e.contains("connected to")),
+            "{events:?}"
+        );
+    }
+}
