@@ -266,6 +266,7 @@ impl ConnShared {
         want: Option<u16>,
         deadline: Instant,
     ) -> Result<Arc<ChannelShared>> {
+        let _span = crate::trace::span!("lepus.rpc", method = "channel.open");
         let (ch, rx) = self.open_channel_start(want, deadline)?;
         ch.open_finish(&rx, deadline)?;
         Ok(ch)
@@ -490,7 +491,12 @@ impl ChannelShared {
         what: &'static str,
         consumer: Option<ConsumerSink>,
     ) -> Result<Reply> {
-        let _span = crate::trace::span!("lepus.rpc", method = what, channel = self.id);
+        // `what` names the reply awaited ("queue.declare-ok"): the span names the method.
+        let _span = crate::trace::span!(
+            "lepus.rpc",
+            method = what.trim_end_matches("-ok"),
+            channel = self.id
+        );
         let _serial = self
             .rpc_lock
             .try_lock_until(deadline)
