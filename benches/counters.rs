@@ -36,7 +36,7 @@ fn main() {
     let q = ch.queue_declare("", &exclusive).expect("declare").name;
     let (body, props) = ([7u8; 64], BasicProperties::new());
     let publish = || {
-        ch.basic_publish("", &q, &body, &props, PublishOptions::default())
+        ch.basic_publish("", &q, &body, &props, &PublishOptions::default())
             .expect("publish")
     };
     for _ in 0..n {
@@ -46,7 +46,7 @@ fn main() {
     for i in 0..n {
         publish();
         if i % 100 == 99 || i + 1 == n {
-            assert!(ch.wait_for_confirms().expect("confirms"));
+            ch.wait_for_confirms().expect("every publish acked");
         }
     }
     let cch = conn.open_channel().expect("channel");
@@ -57,7 +57,8 @@ fn main() {
     for _ in 0..2 * n {
         let d = consumer
             .recv_timeout(Duration::from_secs(30))
-            .expect("a delivery");
+            .expect("the consumer works")
+            .expect("a delivery within 30 s");
         d.ack().expect("ack");
     }
     eprintln!("{} messages; {:?}", 4 * n, conn.stats());

@@ -41,20 +41,25 @@ fn main() -> Result<(), Error> {
         .name;
     let props = BasicProperties::new();
     for i in 0..8u32 {
-        ch.basic_publish("", &q, &i.to_be_bytes(), &props, PublishOptions::default())?;
+        ch.basic_publish("", &q, &i.to_be_bytes(), &props, &PublishOptions::default())?;
     }
-    let all_acked = ch.wait_for_confirms()?;
-    println!("all 8 confirmed: {all_acked} (the queue holds 5, the broker nacks 3)");
+    match ch.wait_for_confirms() {
+        Ok(()) => println!("all 8 confirmed"),
+        Err(Error::Nacked { sequences, .. }) => {
+            println!("the queue holds 5; the broker nacked {sequences:?}")
+        }
+        Err(e) => return Err(e),
+    }
     // Unroutable and mandatory: the broker returns it.
     ch.basic_publish(
         "",
         "no-such-queue",
         b"lost?",
         &props,
-        PublishOptions { mandatory: true },
+        &PublishOptions { mandatory: true },
     )?;
     ch.wait_for_confirms()?;
-    if let Some(r) = ch.recv_return(Duration::from_secs(5)) {
+    if let Some(r) = ch.recv_return(Duration::from_secs(5))? {
         println!("returned: {} {}", r.reply_code, r.reply_text);
     }
 
@@ -63,7 +68,9 @@ fn main() -> Result<(), Error> {
         .open_channel()?
         .basic_consume(&q, &ConsumeOptions::default())?;
     for i in 0..5 {
-        let d = consumer.recv_timeout(Duration::from_secs(5))?;
+        let d = consumer
+            .recv_timeout(Duration::from_secs(5))?
+            .ok_or(Error::Timeout("a delivery"))?;
         if i < 4 { d.ack()? } else { d.reject(false)? }
     }
 
@@ -85,7 +92,7 @@ fn main() -> Result<(), Error> {
     let _cancelled = conn
         .open_channel()?
         .basic_consume(&doomed, &ConsumeOptions::default())?;
-    ch.queue_delete(&doomed, Default::default())?;
+    ch.queue_delete(&doomed, &Default::default())?;
 
     // Settle the consumer's acks before reading the counters.
     ch.queue_declare(

@@ -72,10 +72,10 @@ impl EventHub {
         let e = ConnectionEvent::new(generation, kind);
         // In the log first: a listener that reads the log finds the event it hears of.
         self.log.lock().push(e.clone());
-        if let Some(tx) = &self.tx {
-            if tx.send_deadline(e, Instant::now()).is_err() {
-                Stats::add(&self.stats.events_dropped, 1);
-            }
+        if let Some(tx) = &self.tx
+            && tx.send_deadline(e, Instant::now()).is_err()
+        {
+            Stats::add(&self.stats.events_dropped, 1);
         }
     }
 

@@ -21,12 +21,14 @@ const WAIT: Duration = Duration::from_secs(10);
 
 /// The next delivery of `c`, within `WAIT`.
 fn next(c: &lepus::Consumer) -> Delivery {
-    c.recv_timeout(WAIT).expect("a delivery")
+    c.recv_timeout(WAIT)
+        .expect("the consumer works")
+        .expect("a delivery within the deadline")
 }
 
 fn publish(ch: &Channel, routing_key: &str, body: &[u8], mandatory: bool) {
     let opts = PublishOptions { mandatory };
-    ch.basic_publish("", routing_key, body, &BasicProperties::new(), opts)
+    ch.basic_publish("", routing_key, body, &BasicProperties::new(), &opts)
         .expect("publish");
 }
 
@@ -90,13 +92,18 @@ fn counters_are_exact_after_a_known_workload() {
     for _ in 0..20 {
         publish(&ch, &q, &body, false);
     }
-    assert!(!ch.wait_for_confirms().unwrap(), "ten were nacked");
+    match ch.wait_for_confirms() {
+        Err(lepus::Error::Nacked { sequences, .. }) => {
+            assert_eq!(sequences, (11..=20).collect::<Vec<u64>>())
+        }
+        other => panic!("ten should be nacked: {other:?}"),
+    }
     // Two unroutable mandatory messages: returned, then acked by the broker.
     for _ in 0..2 {
         publish(&ch, &unique("nowhere"), b"r", true);
     }
-    assert!(ch.wait_for_confirms().unwrap());
-    let r = ch.recv_return(WAIT).expect("a return");
+    ch.wait_for_confirms().unwrap();
+    let r = ch.recv_return(WAIT).unwrap().expect("a return");
     assert_eq!(r.reply_code, reply_code::NO_ROUTE);
 
     let cch = conn.open_channel().unwrap();
@@ -182,7 +189,7 @@ fn a_consumer_the_broker_cancels_is_an_event() {
     let consumer = ch.basic_consume(&q, &ConsumeOptions::default()).unwrap();
     assert_eq!(conn.stats().consumers, 1);
     let other = conn.open_channel().unwrap();
-    other.queue_delete(&q, Default::default()).unwrap();
+    other.queue_delete(&q, &Default::default()).unwrap();
     let (channel, tag, queue) = heard(&rx, |k| match k {
         ConnectionEventKind::ConsumerCancelled {
             channel,
@@ -208,7 +215,7 @@ fn returns_beyond_the_bound_are_dropped_visibly() {
     for _ in 0..n {
         publish(&ch, &nowhere, b"x", true);
     }
-    assert!(ch.wait_for_confirms().unwrap());
+    ch.wait_for_confirms().unwrap();
     let s = conn.stats();
     assert_eq!(s.returned, n, "{s:?}");
     assert_eq!(s.returns_dropped, n - 1_024, "{s:?}");
@@ -223,7 +230,7 @@ fn returns_beyond_the_bound_are_dropped_visibly() {
         }));
     }
     assert_eq!(counts, [1, 2, 4, 8, 16, 32, 64]);
-    assert!(ch.try_recv_return().is_some());
+    assert!(ch.try_recv_return().unwrap().is_some());
     conn.close().unwrap();
 }
 
@@ -281,7 +288,7 @@ fn the_listener_runs_on_its_own_thread_and_cannot_stall_or_kill_the_io_thread() 
     ch.queue_declare(&q, &QueueDeclareOptions::default())
         .unwrap();
     publish(&ch, &q, b"while the listener is stuck", false);
-    assert!(ch.wait_for_confirms().unwrap());
+    ch.wait_for_confirms().unwrap();
     close_one(&conn);
     close_one(&conn);
     assert_eq!(
@@ -363,7 +370,7 @@ mod facade {
         for _ in 0..5 {
             publish(&ch, &q, b"m", false);
         }
-        assert!(ch.wait_for_confirms().unwrap());
+        ch.wait_for_confirms().unwrap();
         let counter = |n: &str| {
             capture.counters.lock().unwrap()[&format!("{n}{{connection={label}}}")]
                 .load(Ordering::Relaxed)
@@ -425,7 +432,7 @@ mod propagation {
             let _active = Context::new().with_remote_span_context(sc).attach();
             BasicProperties::new().with_trace_context()
         };
-        ch.basic_publish("", &q, b"traced", &props, PublishOptions::default())
+        ch.basic_publish("", &q, b"traced", &props, &PublishOptions::default())
             .unwrap();
         // Without a current span nothing is injected.
         ch.basic_publish(
@@ -433,7 +440,7 @@ mod propagation {
             &q,
             b"plain",
             &BasicProperties::new().with_trace_context(),
-            PublishOptions::default(),
+            &PublishOptions::default(),
         )
         .unwrap();
         let consumer = ch.basic_consume(&q, &ConsumeOptions::default()).unwrap();
