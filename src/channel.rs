@@ -20,6 +20,7 @@ use crate::protocol::methods;
 use crate::protocol::properties::BasicProperties;
 use crate::protocol::table::{FieldTable, table_to_amqp};
 use crate::sync::oneshot;
+use crate::stats::Stats;
 use crate::sync::{Arc, AtomicBool, AtomicU8, Mutex, Ordering, Weak};
 use crate::topology::{BindingRecord, ChannelRecord, ExchangeRecord, QueueRecord, Topology};
 
@@ -597,6 +598,7 @@ impl Channel {
         .map_err(Error::InvalidArgument)?;
         if !shared.confirms.is_enabled() {
             shared.send(bytes, deadline, "room in the I/O thread's queue to publish")?;
+            Stats::add(&conn.stats.published, 1);
             return Ok(None);
         }
         // Sequence numbers must follow the order in which publishes reach the I/O thread.
@@ -622,6 +624,7 @@ impl Channel {
             shared.confirms.unregister(seq);
             return Err(e);
         }
+        Stats::add(&conn.stats.published, 1);
         Ok(slot.map(|s| (seq, s)))
     }
 

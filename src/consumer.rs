@@ -44,6 +44,7 @@ impl Channel {
             tx,
             shared: shared.clone(),
             no_ack: opts.no_ack,
+            queue: queue.to_string(),
         };
         let record_sink = sink.clone();
         let relay = sink.tx.clone();
@@ -377,7 +378,7 @@ impl Drop for Consumer {
                     ConsumerMsg::Lost(_) | ConsumerMsg::End(_) => Ok(()),
                 };
                 if let Err(e) = requeued {
-                    log::debug!(
+                    crate::trace::debug!(
                         "could not requeue a delivery of dropped consumer {:?}: {e}",
                         self.tag
                     );

@@ -8,7 +8,8 @@ use crate::error::{BadDeliveryKind, Error, Result};
 use crate::protocol::frame::{put_ack, put_nack, put_reject};
 use crate::protocol::properties::BasicProperties;
 use crate::sync::queue::Sender;
-use crate::sync::{Arc, AtomicBool, AtomicUsize, Ordering};
+use crate::stats::Stats;
+use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 pub(crate) enum ConsumerMsg {
     // Boxed: queue slots stay small whatever the size of a delivery.
@@ -192,6 +193,8 @@ pub(crate) struct ConsumerSink {
     pub(crate) tx: Sender<ConsumerMsg>,
     pub(crate) shared: Arc<ConsumerShared>,
     pub(crate) no_ack: bool,
+    /// The queue it was subscribed to (for the `ConsumerCancelled` event).
+    pub(crate) queue: String,
 }
 
 impl ConsumerSink {
@@ -223,6 +226,10 @@ pub(crate) trait AckTarget: Send + Sync {
     fn channel_id(&self) -> u16;
     /// Queue frames that need no reply, waiting for room at most the operation timeout.
     fn send_frames(&self, bytes: Vec<u8>, what: &'static str) -> Result<()>;
+    /// The connection's counters (acks and rejects sent are counted there).
+    fn stats(&self) -> Option<&Stats> {
+        None
+    }
 }
 
 /// Acknowledgement handle shared by deliveries and bad deliveries.
@@ -233,6 +240,12 @@ pub(crate) struct Acker {
 }
 
 impl Acker {
+    fn count(&self, counter: impl Fn(&Stats) -> &AtomicU64) {
+        if let Some(s) = self.channel.stats() {
+            Stats::add(counter(s), 1);
+        }
+    }
+
     pub(crate) fn new(channel: Arc<dyn AckTarget>, delivery_tag: u64) -> Self {
         Acker {
             channel,
@@ -247,7 +260,9 @@ impl Acker {
     pub(crate) fn ack(&self, multiple: bool) -> Result<()> {
         let mut bytes = Vec::with_capacity(21);
         put_ack(&mut bytes, self.channel_id(), self.delivery_tag, multiple);
-        self.channel.send_frames(bytes, "room to send basic.ack")
+        self.channel.send_frames(bytes, "room to send basic.ack")?;
+        self.count(|s| &s.acked);
+        Ok(())
     }
 
     pub(crate) fn nack(&self, multiple: bool, requeue: bool) -> Result<()> {
@@ -260,14 +275,18 @@ impl Acker {
             requeue,
         );
         self.channel
-            .send_frames(bytes, "room to send an acknowledgement")
+            .send_frames(bytes, "room to send an acknowledgement")?;
+        self.count(|s| &s.rejected);
+        Ok(())
     }
 
     pub(crate) fn reject(&self, requeue: bool) -> Result<()> {
         let mut bytes = Vec::with_capacity(21);
         put_reject(&mut bytes, self.channel_id(), self.delivery_tag, requeue);
         self.channel
-            .send_frames(bytes, "room to send an acknowledgement")
+            .send_frames(bytes, "room to send an acknowledgement")?;
+        self.count(|s| &s.rejected);
+        Ok(())
     }
 }
 

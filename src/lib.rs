@@ -69,11 +69,13 @@
 //! io (reactor, engine, handshake)               the I/O thread
 //! delivery, confirm_tracker, pool_core          what the I/O thread produces; the pool's books
 //! options, uri, events, addresses, tls,        plain data (TLS options, the credentials
-//! credentials                                   provider)
+//! credentials, stats, event_hub                 provider); counters; the event log and
+//!                                               its listener thread
 //! error                                         re-exports protocol's reply codes
 //! protocol (frame, methods, table, properties, content, reply_code)   bytes only
 //! sync, delivery_queue, link, send_core,
-//! end_relay                                     primitives and the loom-checked cores
+//! end_relay, trace                              primitives and the loom-checked cores; the
+//!                                               one door to `log` / `tracing`
 //! ```
 //!
 //! # Threads
@@ -89,6 +91,10 @@
 //! [`Error::is_connection_lost`] tells apart from [`Error::ConnectionClosed`] after an
 //! intentional [`Connection::close`].
 //!
+//! A connection with an event listener ([`ConnectionOptions::event_listener`] or
+//! [`RecoveryOptions::listener`]) has one more thread, `lepus-events`, that calls it:
+//! listeners never run on the I/O thread or on a caller's thread.
+//!
 //! # Recovery
 //!
 //! Automatic recovery is on by default ([`RecoveryOptions`]). After a lost link, one
@@ -102,6 +108,16 @@
 //! mode and not yet confirmed are republished (or handed back, see
 //! [`UnconfirmedPolicy`]); nothing is dropped without the caller being told.
 //! [`Connection::recovery_events`] gives every step with its time.
+//!
+//! # Observability
+//!
+//! [`Connection::events`] and [`ConnectionOptions::event_listener`]: blocked and unblocked,
+//! channels closed and consumers cancelled by the broker, returns dropped, recovery steps
+//! ([`ConnectionEventKind`]). [`Connection::stats`]: counters of messages, bytes,
+//! reconnects, channels and consumers ([`ConnectionStats`]). Cargo features: `metrics`
+//! (the counters through the `metrics` facade), `tracing` (spans, and diagnostics as
+//! `tracing` events instead of `log` records), `opentelemetry` (the W3C trace context in
+//! message headers). The README's "Observability" section names every metric.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 // Under loom only the synchronisation cores are built; much of the rest is unused.
@@ -125,6 +141,7 @@ mod pool_core;
 mod protocol;
 mod send_core;
 mod sync;
+mod trace;
 
 // Everything else: the I/O thread, the handles, options, topology and recovery.
 not_under_loom! {
@@ -137,14 +154,18 @@ not_under_loom! {
     mod credentials;
     mod delivery;
     mod entity_recovery;
+    mod event_hub;
     mod events;
     mod io;
     mod options;
     mod pool;
+    #[cfg(feature = "opentelemetry")]
+    mod propagation;
     mod recovery;
     mod refresher;
     mod reliable;
     mod secrets;
+    mod stats;
     mod tls;
     mod topology;
     mod uri;
@@ -174,17 +195,28 @@ not_under_loom! {
     pub use consumer::{Consumer, Iter};
     pub use credentials::{Credentials, CredentialsProvider};
     pub use delivery::{BadDelivery, Delivery, RecvError, Returned};
-    pub use events::{RecoveryEvent, RecoveryEventKind, TopologyEntity};
+    pub use events::{
+        ConnectionEvent, ConnectionEventKind, RecoveryEvent, RecoveryEventKind, TopologyEntity,
+    };
     pub use options::{
         AuthMechanism, ConnectionOptions, ConsumeOptions, DEFAULT_CONNECTION_QUEUE_BYTES,
         DEFAULT_CONSUMER_QUEUE_BYTES, DEFAULT_MAX_OUTPUT_BYTES, DEFAULT_WRITE_STALL_TIMEOUT,
-        ExchangeDeclareOptions, ExchangeDeleteOptions, PublishOptions, QueueDeclareOptions, QueueDeleteOptions,
-        RecoveryOptions, TopologyFilter, UnconfirmedPolicy,
+        EventListener, ExchangeDeclareOptions, ExchangeDeleteOptions, PublishOptions,
+        QueueDeclareOptions, QueueDeleteOptions, RecoveryOptions, TopologyFilter,
+        UnconfirmedPolicy,
     };
+    #[cfg(feature = "opentelemetry")]
+    pub use propagation::{HeaderExtractor, HeaderInjector};
+    pub use stats::ConnectionStats;
     pub use pool::{ChannelPool, ChannelPoolBuilder, PooledChannel};
     /// The rustls version lepus is built with, for [`TlsOptions::client_config`].
     #[cfg(feature = "tls")]
     pub use rustls;
+    /// The OpenTelemetry API version lepus is built with (the `opentelemetry` feature),
+    /// for the contexts of [`BasicProperties::with_context`] and
+    /// [`Delivery::trace_context`].
+    #[cfg(feature = "opentelemetry")]
+    pub use opentelemetry;
     pub use tls::TlsOptions;
 }
 

@@ -7,7 +7,8 @@
 //!                                                # written to benches/results/quick/
 //! options: --only 1,4,8   scenarios to run (1 publish, 2 pool, 3 consumers, 4 recovery,
 //!                         5 stability, 6 peers, 7 ceiling, 8 memory, 9 TLS against
-//!                         plaintext on the node of scripts/tls-node)
+//!                         plaintext on the node of scripts/tls-node, 10 observability
+//!                         cost: publish with the metrics recorder on and off)
 //!          --rounds N     rounds of the lepus/peer comparison (default 3, quick 1)
 //!          --no-peers     skip building and running lapin and amiquip
 //!          --peers        build and run them in quick mode too (quick mode skips them,
@@ -19,6 +20,7 @@ mod ceiling;
 mod charts;
 mod common;
 mod memory;
+mod observability;
 mod peers;
 mod recovery;
 mod report;
@@ -33,7 +35,7 @@ use std::time::Duration;
 use common::{Settings, done, ms, note, section, settle, step, thousands};
 use throughput::Mode;
 
-const TOTAL: u32 = 9;
+const TOTAL: u32 = 10;
 
 /// Everything measured in one run.
 #[derive(Default)]
@@ -50,6 +52,7 @@ pub struct Results {
     pub chaos: Vec<stability::ChaosRun>,
     pub memory: Option<Result<memory::MemoryRun, String>>,
     pub tls: Option<Result<tls::TlsResults, String>>,
+    pub observability: Vec<observability::ObsRun>,
     pub peer_clients: Vec<String>,
     pub peer_notes: Vec<String>,
     pub peer_versions: Vec<(String, String)>,
@@ -239,11 +242,22 @@ fn main() {
         scenario_tls(&s, r, peers.as_ref())
     });
 
+    if s.wants(10) {
+        guard(&mut r, "scenario_observability", |r| {
+            section(
+                10,
+                TOTAL,
+                "observability cost (metrics recorder on and off)",
+            );
+            r.observability = observability::run(&s);
+        });
+    }
+
     note("writing the report");
     std::fs::create_dir_all(&s.out_dir).expect("create the results directory");
     let chart_errors = charts::draw_all(&r, &s.out_dir);
     r.errors.extend(chart_errors);
-    let md = report::render(&r, &env, &s);
+    let md = report::render(&r, &env, &s) + &observability::render(&r.observability);
     let path = s.out_dir.join("report.md");
     std::fs::write(&path, md).expect("write the report");
     eprintln!("\n[{:>6.1}s] report: {}", common::elapsed(), path.display());

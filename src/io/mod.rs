@@ -21,11 +21,14 @@ use amq_protocol::protocol::AMQPClass;
 use crate::confirm_tracker::ConfirmTracker;
 use crate::delivery::{AckTarget, ConsumerSink, Returned};
 use crate::error::{Error, Result};
+use crate::event_hub::EventHub;
+use crate::events::ConnectionEventKind;
 use crate::options::ConnectionOptions;
 use crate::protocol::content::Content;
 use crate::protocol::frame::put_method;
 use crate::protocol::table::FieldTable;
 use crate::send_core::{FailFlag, WakeFlag};
+use crate::stats::Stats;
 use crate::sync::oneshot;
 use crate::sync::queue::{self, Receiver, SendTimeoutError, Sender};
 use crate::sync::{Arc, AtomicBool, AtomicUsize, Condvar, CondvarExt, Mutex, Ordering, Weak};
@@ -144,6 +147,10 @@ pub(crate) struct ConnShared {
     /// Our end of the TCP connection.
     pub(crate) local_addr: Option<SocketAddr>,
     link: Mutex<Option<Weak<dyn LinkEvents>>>,
+    /// The counters of the `Connection` (shared by its generations).
+    pub(crate) stats: Arc<Stats>,
+    /// Its event log and listeners.
+    pub(crate) events: Arc<EventHub>,
 }
 
 /// What the owner of a connection generation hears from its I/O thread.
@@ -180,7 +187,22 @@ impl ConnShared {
             generation: 1,
             local_addr: None,
             link: Mutex::new(None),
+            stats: Arc::new(Stats::default()),
+            events: EventHub::detached(Arc::new(Stats::default())),
         }
+    }
+
+    /// Report to the counters and events of the `Connection` (before the state is
+    /// shared).
+    pub(crate) fn with_observers(mut self, stats: Arc<Stats>, events: Arc<EventHub>) -> Self {
+        self.stats = stats;
+        self.events = events;
+        self
+    }
+
+    /// Record a connection event of this generation.
+    pub(crate) fn event(&self, kind: ConnectionEventKind) {
+        self.events.emit(self.generation, kind);
     }
 
     /// Set the generation number (before the state is shared).
@@ -244,6 +266,7 @@ impl ConnShared {
         want: Option<u16>,
         deadline: Instant,
     ) -> Result<Arc<ChannelShared>> {
+        let _span = crate::trace::span!("lepus.rpc", method = "channel.open");
         let (ch, rx) = self.open_channel_start(want, deadline)?;
         ch.open_finish(&rx, deadline)?;
         Ok(ch)
@@ -468,6 +491,12 @@ impl ChannelShared {
         what: &'static str,
         consumer: Option<ConsumerSink>,
     ) -> Result<Reply> {
+        // `what` names the reply awaited ("queue.declare-ok"): the span names the method.
+        let _span = crate::trace::span!(
+            "lepus.rpc",
+            method = what.trim_end_matches("-ok"),
+            channel = self.id
+        );
         let _serial = self
             .rpc_lock
             .try_lock_until(deadline)
@@ -580,6 +609,10 @@ impl AckTarget for ChannelShared {
             Instant::now() + self.conn.opts.operation_timeout,
             what,
         )
+    }
+
+    fn stats(&self) -> Option<&Stats> {
+        Some(&self.conn.stats)
     }
 }
 

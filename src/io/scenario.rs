@@ -288,6 +288,7 @@ impl Scenario {
             tx,
             shared: shared.clone(),
             no_ack: false,
+            queue: "q".into(),
         };
         let consume = AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
             queue: "q".into(),
