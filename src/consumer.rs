@@ -40,6 +40,9 @@ impl Channel {
             capacity,
             ch.conn.opts.consumer_queue_bytes,
         ));
+        if opts.arguments.get("x-stream-offset").is_some() {
+            shared.stream.store(true, Ordering::Release);
+        }
         let sink = ConsumerSink {
             tx,
             shared: shared.clone(),

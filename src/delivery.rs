@@ -8,7 +8,7 @@ use crate::error::{BadDeliveryKind, Error, Result};
 use crate::protocol::frame::{put_ack, put_nack, put_reject};
 use crate::protocol::properties::BasicProperties;
 use crate::sync::queue::Sender;
-use crate::sync::{Arc, AtomicBool, AtomicUsize, Ordering};
+use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 pub(crate) enum ConsumerMsg {
     // Boxed: queue slots stay small whatever the size of a delivery.
@@ -85,6 +85,12 @@ impl ByteBudget {
 pub(crate) struct ConsumerShared {
     queue: crate::delivery_queue::QueueShared,
     pub(crate) bytes: ByteBudget,
+    /// A stream consumer (its arguments carry `x-stream-offset`): its recovery resumes
+    /// after the last offset queued to it (see `stream.rs`).
+    pub(crate) stream: AtomicBool,
+    /// One past the `x-stream-offset` of the latest delivery queued to this stream
+    /// consumer; 0 before the first.
+    pub(crate) stream_next: AtomicU64,
 }
 
 impl std::ops::Deref for ConsumerShared {
@@ -106,6 +112,8 @@ impl ConsumerShared {
         ConsumerShared {
             queue: crate::delivery_queue::QueueShared::new(capacity),
             bytes: ByteBudget::new(bytes, None),
+            stream: AtomicBool::new(false),
+            stream_next: AtomicU64::new(0),
         }
     }
 }
@@ -209,6 +217,16 @@ impl ConsumerSink {
 
     /// Push; gives the message back if the consumer is gone.
     pub(crate) fn push(&self, msg: ConsumerMsg) -> std::result::Result<(), ConsumerMsg> {
+        if let ConsumerMsg::Delivery(d) = &msg {
+            if self.shared.stream.load(Ordering::Relaxed) {
+                if let Some(o) = d.stream_offset() {
+                    // Queued deliveries reach the application before the recovery's
+                    // new ones (one queue, in order): resuming after the last one queued
+                    // neither skips nor repeats.
+                    self.shared.stream_next.store(o + 1, Ordering::Release);
+                }
+            }
+        }
         self.shared.pushed();
         self.tx.send(msg).map_err(|e| {
             self.shared.unpushed();
@@ -327,6 +345,20 @@ impl Delivery {
     /// The routing key it was published with.
     pub fn routing_key(&self) -> &str {
         &self.routing_key
+    }
+    /// The offset of a message read from a stream queue (its `x-stream-offset` header),
+    /// `None` for other queues.
+    ///
+    /// ```no_run
+    /// # fn f(d: lepus::Delivery) {
+    /// if let Some(offset) = d.stream_offset() {
+    ///     println!("stream offset {offset}");
+    /// }
+    /// # }
+    /// ```
+    pub fn stream_offset(&self) -> Option<u64> {
+        let v = self.properties.headers.as_ref()?.get("x-stream-offset")?;
+        u64::try_from(v.as_i64()?).ok()
     }
     /// For `basic.get`: messages left in the queue.
     pub fn message_count(&self) -> Option<u32> {

@@ -139,10 +139,12 @@ not_under_loom! {
     mod io;
     mod options;
     mod pool;
+    mod queue_args;
     mod recovery;
     mod refresher;
     mod reliable;
     mod secrets;
+    mod stream;
     mod tls;
     mod topology;
     mod uri;
@@ -174,6 +176,9 @@ not_under_loom! {
         RecoveryOptions, TopologyFilter, UnconfirmedPolicy,
     };
     pub use pool::{ChannelPool, PooledChannel};
+    pub use queue_args::{
+        DeadLetterStrategy, Overflow, QueueArgs, QueueType, StreamArgs, StreamOffset,
+    };
     /// The rustls version lepus is built with, for [`TlsOptions::client_config`].
     #[cfg(feature = "tls")]
     pub use rustls;
