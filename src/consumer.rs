@@ -226,6 +226,12 @@ impl Consumer {
         self.end.ended()
     }
 
+    /// True once the consumer ended for good (cancelled, channel or connection closed);
+    /// a lost link that recovery restores is not an end.
+    pub(crate) fn has_ended(&self) -> bool {
+        self.end.ended().is_some()
+    }
+
     /// Wait for the next delivery. Returns an error when the consumer ends (cancelled,
     /// channel or connection closed or lost: the I/O thread wakes every consumer at
     /// once; [`RecvError::Failed`]), or [`RecvError::Bad`] for a delivery that could not

@@ -127,6 +127,7 @@ mod sync;
 // Everything else: the I/O thread, the handles, options, topology and recovery.
 not_under_loom! {
     mod addresses;
+    mod batch;
     mod channel;
     mod confirm;
     mod connection;
@@ -148,6 +149,7 @@ not_under_loom! {
     mod tls;
     mod topology;
     mod uri;
+    mod worker;
 }
 
 // The fuzz harnesses: only with the `fuzzing` feature (fuzz/ and lepus's own tests).
@@ -165,6 +167,7 @@ not_under_loom! {
     pub use channel::{Channel, QueueInfo, UnconfirmedMessage};
     pub use confirm::Confirmation;
     pub use connection::Connection;
+    pub use batch::Batch;
     pub use consumer::{Consumer, Iter};
     pub use credentials::{Credentials, CredentialsProvider};
     pub use delivery::{BadDelivery, Delivery, RecvError, Returned};
@@ -183,6 +186,7 @@ not_under_loom! {
     #[cfg(feature = "tls")]
     pub use rustls;
     pub use tls::TlsOptions;
+    pub use worker::{Outcome, WorkerOptions, WorkerPool, WorkerStats};
 }
 
 /// Internals exposed for fuzzing, model checks and tests; not part of the stable API.
