@@ -43,10 +43,12 @@ fn quiet_deliberate_panics() {
     ONCE.call_once(|| {
         let default = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            let deliberate = info
-                .payload()
+            let p = info.payload();
+            let text = p
                 .downcast_ref::<&str>()
-                .is_some_and(|s| s.starts_with("deliberate"));
+                .copied()
+                .or_else(|| p.downcast_ref::<String>().map(String::as_str));
+            let deliberate = text.is_some_and(|s| s.starts_with("deliberate"));
             if !deliberate {
                 default(info);
             }
