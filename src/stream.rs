@@ -12,14 +12,18 @@
 //! handed to the application (they come before the recovery's, in the same queue), so
 //! the application sees each offset once, in order:
 //!
-//! - nothing is skipped: what the broker had sent but lepus had not read (in the socket,
-//!   or waiting for room in a full queue) was never queued, so it comes again;
-//! - nothing is repeated, with one exception (the in-flight window): RabbitMQ delivers a
-//!   stream in chunks and starts a subscription at the beginning of the chunk that holds
-//!   the offset asked for; lepus skips nothing itself, so the messages of that chunk
-//!   before the offset are filtered by the broker (RabbitMQ 3.10 does) — if a broker does
-//!   not, they show as offsets below [`Delivery::stream_offset`] of what was already
-//!   seen. An application that must never process one twice compares offsets.
+//! - nothing is skipped: what the broker had sent but lepus had not queued (in the
+//!   socket, or waiting for room in a full queue) comes again from the new subscription;
+//! - nothing is repeated: the in-flight window of redeliveries is zero messages. The one
+//!   assumption is the broker's: RabbitMQ reads a stream in chunks and, asked for an
+//!   offset inside a chunk, drops that chunk's earlier messages itself (RabbitMQ 3.10
+//!   does; `tests/stream.rs` checks it with `StreamOffset::Offset(42)`).
+//!
+//! That is at-least-once processing in the application's hands, as for every consumer:
+//! a delivery handed out is the application's, and what it does with it before a crash
+//! of the whole process is beyond any client. An application that keeps its own position
+//! (for a restart) stores [`Delivery::stream_offset`] of what it processed and consumes
+//! from [`StreamOffset::Offset`] one past it.
 //!
 //! Acknowledgements on a stream are credit only (a stream keeps every message whether it
 //! is acked or not); ack each delivery, or the broker stops at the prefetch count.
