@@ -141,7 +141,9 @@ impl Batch {
         }
         let mut bytes = Vec::with_capacity(21);
         put_ack(&mut bytes, acker.channel_id(), last, true);
-        acker.channel.send_frames(bytes, "room to send basic.ack")
+        acker.channel.send_frames(bytes, "room to send basic.ack")?;
+        acker.channel.settled(last, true);
+        Ok(())
     }
 
     /// Negatively acknowledge the batch with one multiple nack (`requeue` puts them
@@ -156,7 +158,9 @@ impl Batch {
         }
         let mut bytes = Vec::with_capacity(22);
         put_nack(&mut bytes, acker.channel_id(), last, true, requeue);
-        acker.channel.send_frames(bytes, "room to send basic.nack")
+        acker.channel.send_frames(bytes, "room to send basic.nack")?;
+        acker.channel.settled(last, true);
+        Ok(())
     }
 
     /// Acknowledge each delivery of the batch on its own (safe whoever else receives on
@@ -177,10 +181,14 @@ impl Batch {
         let ch = acker.channel_id();
         let tags = self.tags();
         let mut bytes = Vec::with_capacity(22 * tags.len());
-        for tag in tags {
+        for &tag in &tags {
             put(&mut bytes, ch, tag);
         }
-        acker.channel.send_frames(bytes, "room to send acknowledgements")
+        acker.channel.send_frames(bytes, "room to send acknowledgements")?;
+        for tag in tags {
+            acker.channel.settled(tag, false);
+        }
+        Ok(())
     }
 }
 

@@ -243,6 +243,8 @@ pub(crate) trait AckTarget: Send + Sync {
     fn channel_id(&self) -> u16;
     /// Queue frames that need no reply, waiting for room at most the operation timeout.
     fn send_frames(&self, bytes: Vec<u8>, what: &'static str) -> Result<()>;
+    /// The delivery `tag` (with `multiple`, every earlier one too) has been settled.
+    fn settled(&self, _tag: u64, _multiple: bool) {}
 }
 
 /// Acknowledgement handle shared by deliveries and bad deliveries.
@@ -267,7 +269,9 @@ impl Acker {
     pub(crate) fn ack(&self, multiple: bool) -> Result<()> {
         let mut bytes = Vec::with_capacity(21);
         put_ack(&mut bytes, self.channel_id(), self.delivery_tag, multiple);
-        self.channel.send_frames(bytes, "room to send basic.ack")
+        self.channel.send_frames(bytes, "room to send basic.ack")?;
+        self.channel.settled(self.delivery_tag, multiple);
+        Ok(())
     }
 
     pub(crate) fn nack(&self, multiple: bool, requeue: bool) -> Result<()> {
@@ -280,14 +284,18 @@ impl Acker {
             requeue,
         );
         self.channel
-            .send_frames(bytes, "room to send an acknowledgement")
+            .send_frames(bytes, "room to send an acknowledgement")?;
+        self.channel.settled(self.delivery_tag, multiple);
+        Ok(())
     }
 
     pub(crate) fn reject(&self, requeue: bool) -> Result<()> {
         let mut bytes = Vec::with_capacity(21);
         put_reject(&mut bytes, self.channel_id(), self.delivery_tag, requeue);
         self.channel
-            .send_frames(bytes, "room to send an acknowledgement")
+            .send_frames(bytes, "room to send an acknowledgement")?;
+        self.channel.settled(self.delivery_tag, false);
+        Ok(())
     }
 }
 

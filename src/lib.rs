@@ -148,6 +148,7 @@ not_under_loom! {
     mod stream;
     mod tls;
     mod topology;
+    mod unacked;
     mod uri;
     mod worker;
 }

@@ -98,7 +98,10 @@ fn stream_consume_refuses_what_the_broker_would() {
     let q = stream_with(&clean, &conn, 1);
     let ch = conn.open_channel().unwrap();
     let no_qos = ch.stream_consume(&q, StreamOffset::First, &ConsumeOptions::default());
-    assert!(matches!(no_qos, Err(lepus::Error::InvalidArgument(_))), "{no_qos:?}");
+    assert!(
+        matches!(no_qos, Err(lepus::Error::InvalidArgument(_))),
+        "{no_qos:?}"
+    );
     ch.basic_qos(10, false).unwrap();
     let no_ack = ConsumeOptions {
         no_ack: true,
@@ -119,11 +122,9 @@ fn recovery_resumes_a_stream_consumer_after_its_last_offset() {
     let direct = connect();
     let q = stream_with(&clean, &direct, N);
     let proxy = start_proxy();
-    let conn = Connection::open_with(
-        proxy
-            .options()
-            .recovery(RecoveryOptions::new().backoff(Duration::from_millis(50), Duration::from_secs(1))),
-    )
+    let conn = Connection::open_with(proxy.options().recovery(
+        RecoveryOptions::new().backoff(Duration::from_millis(50), Duration::from_secs(1)),
+    ))
     .unwrap();
     let (_ch, c) = consume(&conn, &q, StreamOffset::First);
     let mut seen: HashMap<u32, u32> = HashMap::new();
