@@ -7,7 +7,8 @@
 //!                                                # written to benches/results/quick/
 //! options: --only 1,4,8   scenarios to run (1 publish, 2 pool, 3 consumers, 4 recovery,
 //!                         5 stability, 6 peers, 7 ceiling, 8 memory, 9 TLS against
-//!                         plaintext on the node of scripts/tls-node)
+//!                         plaintext on the node of scripts/tls-node, 10 worker pool
+//!                         against plain consumers)
 //!          --rounds N     rounds of the lepus/peer comparison (default 3, quick 1)
 //!          --no-peers     skip building and running lapin and amiquip
 //!          --out DIR      where the report goes
@@ -24,6 +25,7 @@ mod stability;
 mod stats;
 mod throughput;
 mod tls;
+mod worker_pool;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -31,7 +33,7 @@ use std::time::Duration;
 use common::{Settings, done, ms, note, section, settle, step, thousands};
 use throughput::Mode;
 
-const TOTAL: u32 = 9;
+const TOTAL: u32 = 10;
 
 /// Everything measured in one run.
 #[derive(Default)]
@@ -48,6 +50,7 @@ pub struct Results {
     pub chaos: Vec<stability::ChaosRun>,
     pub memory: Option<Result<memory::MemoryRun, String>>,
     pub tls: Option<Result<tls::TlsResults, String>>,
+    pub worker_pool: Vec<worker_pool::WorkerPoolRun>,
     pub peer_clients: Vec<String>,
     pub peer_notes: Vec<String>,
     pub peer_versions: Vec<(String, String)>,
@@ -216,6 +219,9 @@ fn main() {
     }
     guard(&mut r, "scenario_tls", |r| {
         scenario_tls(&s, r, peers.as_ref())
+    });
+    guard(&mut r, "scenario_worker_pool", |r| {
+        worker_pool::scenario(&s, TOTAL, &mut r.worker_pool)
     });
 
     note("writing the report");
