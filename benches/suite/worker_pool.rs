@@ -9,13 +9,15 @@
 //! handler threads that record the id and return `Outcome::Ack`.
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use lepus::{BasicProperties, ConsumeOptions, Outcome, PublishOptions, WorkerOptions, WorkerPool};
 
-use crate::common::{self, Settings, connect, declare, delete, done, section, settle, step, thousands};
+use crate::common::{
+    self, Settings, connect, declare, delete, done, section, settle, step, thousands,
+};
 use crate::stats::{read_stamp, stamp_body};
 use crate::throughput::{self, PREFETCH, now_ns};
 
@@ -36,11 +38,19 @@ pub fn scenario(s: &Settings, total: u32, runs: &mut Vec<WorkerPoolRun>) {
     if !s.wants(10) {
         return;
     }
-    section(10, total, "worker pool against plain consumers (consume rate)");
+    section(
+        10,
+        total,
+        "worker pool against plain consumers (consume rate)",
+    );
     let counts = [100, 500, 900];
     for (i, &n) in counts.iter().enumerate() {
         let msgs = s.size(n * 20, n * 4);
-        step(i + 1, counts.len(), &format!("{n} handlers, {msgs} messages"));
+        step(
+            i + 1,
+            counts.len(),
+            &format!("{n} handlers, {msgs} messages"),
+        );
         settle();
         let plain = throughput::consumers(&s.url, n, msgs);
         settle();
