@@ -80,7 +80,9 @@ impl WorkerOptions {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct WorkerStats {
-    /// Acknowledged after the handler succeeded.
+    /// Acknowledged after the handler succeeded (the ack was handed to the connection;
+    /// one still unwritten when the link drops is lost with it, and the broker delivers
+    /// that message again: at-least-once).
     pub acked: u64,
     /// Put back in the queue after the handler asked for it (or panicked with
     /// `on_panic: Requeue`).
