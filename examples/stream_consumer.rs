@@ -34,7 +34,7 @@ fn main() -> Result<(), Error> {
             &stream,
             body.as_bytes(),
             &BasicProperties::new(),
-            PublishOptions::default(),
+            &PublishOptions::default(),
         )?;
     }
     ch.wait_for_confirms()?;
@@ -46,7 +46,8 @@ fn main() -> Result<(), Error> {
     let (mut next, mut count) = (0u64, 0u64);
     while count < EVENTS {
         let d = match consumer.recv_timeout(Duration::from_secs(5)) {
-            Ok(d) => d,
+            Ok(Some(d)) => d,
+            Ok(None) => return Err(Error::Timeout("the next event")),
             // A lost link: recovery resubscribes after the last offset received.
             Err(e) if e.is_connection_lost() => continue,
             Err(e) => return Err(e.into()),
@@ -67,10 +68,12 @@ fn main() -> Result<(), Error> {
         StreamOffset::Offset(4_990),
         &ConsumeOptions::default(),
     )?;
-    let d = middle.recv_timeout(Duration::from_secs(5))?;
+    let d = middle
+        .recv_timeout(Duration::from_secs(5))?
+        .ok_or(Error::Timeout("an event"))?;
     println!("from offset 4990: first is {:?}", d.stream_offset());
     d.ack()?;
 
-    ch.queue_delete(&stream, QueueDeleteOptions::default())?;
+    ch.queue_delete(&stream, &QueueDeleteOptions::default())?;
     conn.close()
 }

@@ -44,7 +44,7 @@ fn main() -> Result<(), Error> {
             &jobs,
             &body,
             &BasicProperties::new(),
-            PublishOptions::default(),
+            &PublishOptions::default(),
         )?;
     }
     admin.wait_for_confirms()?;
@@ -95,7 +95,7 @@ fn main() -> Result<(), Error> {
         },
     )?;
     println!("dead-letter queue holds {}", dead_count.message_count);
-    admin.queue_delete(&jobs, QueueDeleteOptions::default())?;
-    admin.queue_delete(&dead, QueueDeleteOptions::default())?;
+    admin.queue_delete(&jobs, &QueueDeleteOptions::default())?;
+    admin.queue_delete(&dead, &QueueDeleteOptions::default())?;
     conn.close()
 }

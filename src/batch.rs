@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use crate::consumer::Consumer;
 use crate::delivery::{BadDelivery, Delivery, RecvError};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::protocol::frame::{put_ack, put_nack};
 
 impl Consumer {
@@ -46,9 +46,9 @@ impl Consumer {
             return Ok(None);
         }
         match self.recv_deadline(deadline) {
-            Ok(d) => batch.deliveries.push(d),
+            Ok(Some(d)) => batch.deliveries.push(d),
+            Ok(None) => return Ok(None),
             Err(RecvError::Bad(b)) => batch.bad.push(*b),
-            Err(RecvError::Failed(Error::Timeout(_))) => return Ok(None),
             Err(e) => return Err(e),
         }
         while batch.len() < max {

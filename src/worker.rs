@@ -339,7 +339,6 @@ fn carry_on(shared: &Shared, e: RecvError) -> bool {
             settle(c, b.reject(false), &c.bad);
             true
         }
-        RecvError::Failed(Error::Timeout(_)) => true,
         // A lost link that recovery restores, or a broker cancel that comes back.
         RecvError::Failed(e) if !shared.consumer.has_ended() => {
             log::debug!("worker pool: {e}; waiting for the consumer to come back");
@@ -356,7 +355,8 @@ fn run_single(shared: &Shared, handler: &(dyn Fn(&Delivery) -> Outcome + Send + 
     let c = &shared.counts;
     while !shared.stop.load(Ordering::Acquire) {
         let d = match shared.consumer.recv_timeout(shared.opts.poll) {
-            Ok(d) => d,
+            Ok(Some(d)) => d,
+            Ok(None) => continue,
             Err(e) => match carry_on(shared, e) {
                 true => continue,
                 false => break,

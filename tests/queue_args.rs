@@ -158,10 +158,10 @@ fn max_length_with_reject_publish_nacks_the_overflow() {
                 &q,
                 format!("m{i}").as_bytes(),
                 &BasicProperties::new(),
-                PublishOptions::default(),
+                &PublishOptions::default(),
             )
             .unwrap()
-            .wait()
+            .wait_outcome()
             .unwrap()
         })
         .collect();

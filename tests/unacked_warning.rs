@@ -42,7 +42,7 @@ fn deliveries_unacked_past_the_threshold_are_reported_once() {
         publish_confirmed(&ch, "", &q, format!("m{i}").as_bytes());
     }
     let held: Vec<_> = (0..3)
-        .map(|_| consumer.recv_timeout(WAIT).unwrap())
+        .map(|_| consumer.recv_timeout(WAIT).unwrap().unwrap())
         .collect();
     held[1].ack().unwrap(); // settled at once: never reported
     assert!(
@@ -64,7 +64,7 @@ fn deliveries_unacked_past_the_threshold_are_reported_once() {
     held[2].ack().unwrap();
     // A delivery acked in time is not reported; nothing is reported twice.
     publish_confirmed(&ch, "", &q, b"quick");
-    consumer.recv_timeout(WAIT).unwrap().ack().unwrap();
+    consumer.recv_timeout(WAIT).unwrap().unwrap().ack().unwrap();
     std::thread::sleep(Duration::from_millis(600));
     assert_eq!(
         reported(&conn, cch.id(), Duration::from_millis(200)),
@@ -88,11 +88,11 @@ fn no_ack_consumers_and_the_default_report_nothing() {
         };
         let auto = ch.basic_consume(&q, &no_ack).unwrap();
         publish_confirmed(&ch, "", &q, b"x");
-        let _d = auto.recv_timeout(WAIT).unwrap();
+        let _d = auto.recv_timeout(WAIT).unwrap().unwrap();
         let q2 = temp_queue(&ch);
         let manual = ch.basic_consume(&q2, &ConsumeOptions::default()).unwrap();
         publish_confirmed(&ch, "", &q2, b"y");
-        let d = manual.recv_timeout(WAIT).unwrap();
+        let d = manual.recv_timeout(WAIT).unwrap().unwrap();
         std::thread::sleep(Duration::from_millis(300));
         let n = reported(conn, ch.id(), Duration::from_millis(50)).len();
         if std::ptr::eq(conn, &warned) {

@@ -26,11 +26,11 @@ fn publish_ids(ch: &Channel, queue: &str, n: u32) {
             queue,
             &id.to_be_bytes(),
             &BasicProperties::new(),
-            PublishOptions::default(),
+            &PublishOptions::default(),
         )
         .unwrap();
     }
-    assert!(ch.wait_for_confirms().unwrap(), "every publish confirmed");
+    ch.wait_for_confirms().expect("every publish confirmed");
 }
 
 fn id_of(body: &[u8]) -> usize {

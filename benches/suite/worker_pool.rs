@@ -107,7 +107,7 @@ fn pool_run(url: &str, n: usize, messages: usize) -> WorkerPoolRun {
     for id in 0..messages {
         let body = stamp_body(id as u64, now_ns(), 64);
         if producer
-            .basic_publish("", &queue, &body, &props, PublishOptions::default())
+            .basic_publish("", &queue, &body, &props, &PublishOptions::default())
             .is_err()
         {
             errors += 1;
