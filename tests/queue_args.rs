@@ -169,3 +169,30 @@ fn max_length_with_reject_publish_nacks_the_overflow() {
     assert_eq!(outcomes[2], Confirm::Nack, "{outcomes:?}");
     conn.close().unwrap();
 }
+
+#[test]
+fn quorum_delivery_limit_dead_letters_a_message_requeued_too_often() {
+    let clean = Cleanup::new();
+    let conn = connect();
+    let ch = conn.open_channel().unwrap();
+    ch.confirm_select().unwrap();
+    let dlq = support::exclusive_queue(&ch);
+    let q = clean.queue(&unique("qa-limit"));
+    let opts = QueueArgs::quorum()
+        .delivery_limit(1)
+        .dead_letter_exchange("")
+        .dead_letter_routing_key(&dlq)
+        .declare_options();
+    ch.queue_declare(&q, &opts).unwrap();
+    support::publish_confirmed(&ch, "", &q, b"poison");
+    // Delivered, requeued, delivered again, requeued: past the limit it goes to the DLQ.
+    for _ in 0..2 {
+        let d = support::fixtures::get_eventually(&ch, &q, false);
+        assert_eq!(d.body(), b"poison");
+        d.reject(true).unwrap();
+    }
+    let dead = support::fixtures::get_eventually(&ch, &dlq, true);
+    assert_eq!(dead.body(), b"poison");
+    assert!(ch.basic_get(&q, true).unwrap().is_none());
+    conn.close().unwrap();
+}
