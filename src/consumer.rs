@@ -226,6 +226,11 @@ impl Consumer {
         self.end.ended()
     }
 
+    /// True for a `no_ack` consumer (its deliveries are settled on arrival).
+    pub(crate) fn is_no_ack(&self) -> bool {
+        self.no_ack
+    }
+
     /// True once the consumer ended for good (cancelled, channel or connection closed);
     /// a lost link that recovery restores is not an end.
     pub(crate) fn has_ended(&self) -> bool {

@@ -131,7 +131,9 @@ struct Shared {
 /// [`WorkerStats::settle_failed`]; the broker delivers it again).
 ///
 /// Set a prefetch ([`Channel::basic_qos`](crate::Channel::basic_qos)) of at least the
-/// number of workers before consuming, or some workers idle.
+/// number of workers before consuming, or some workers idle. The consumer must
+/// acknowledge manually (`no_ack: false`): starting a pool on a `no_ack` consumer is an
+/// [`Error::InvalidArgument`].
 ///
 /// [`WorkerPool::shutdown`] stops gracefully: workers take no new delivery, the consumer
 /// is cancelled, handlers in flight finish within the deadline, and deliveries still in
@@ -213,6 +215,12 @@ impl WorkerPool {
         M: Fn(Arc<Shared>) -> W,
         W: FnOnce() + Send + 'static,
     {
+        if consumer.is_no_ack() {
+            // Its deliveries are settled on arrival: an ack would close the channel (406).
+            return Err(Error::InvalidArgument(
+                "a worker pool settles each delivery: its consumer needs no_ack: false".into(),
+            ));
+        }
         let shared = Arc::new(Shared {
             consumer,
             stop: AtomicBool::new(false),

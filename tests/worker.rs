@@ -364,3 +364,19 @@ fn worker_pool_goes_on_across_a_reset_link() {
     conn.close().unwrap();
     direct.close().unwrap();
 }
+
+#[test]
+fn a_pool_refuses_a_no_ack_consumer() {
+    let conn = connect();
+    let ch = conn.open_channel().unwrap();
+    let q = temp_queue(&ch);
+    let no_ack = ConsumeOptions {
+        no_ack: true,
+        ..Default::default()
+    };
+    let consumer = ch.basic_consume(&q, &no_ack).unwrap();
+    let r = WorkerPool::start(consumer, &WorkerOptions::new(2), |_| Outcome::Ack);
+    assert!(matches!(r, Err(lepus::Error::InvalidArgument(_))), "{r:?}");
+    assert!(ch.is_open());
+    conn.close().unwrap();
+}
