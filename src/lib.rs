@@ -54,11 +54,13 @@
 //! ```text
 //! fuzzing                                       fuzz harnesses: only with the `fuzzing`
 //!                                               feature (fuzz/ and lepus's tests), no API
-//! pool                                          the channel pool
-//! connection, channel, consumer, confirm        handles (a method that creates a handle
-//!                                               lives with it: Channel::basic_consume in
+//! pool, worker                                  the channel pool; the worker pool over a
+//!                                               consumer
+//! connection, channel, consumer, confirm,       handles (a method that creates a handle
+//! batch, stream                                 lives with it: Channel::basic_consume in
 //!                                               consumer.rs, Connection::open_channel in
-//!                                               channel.rs)
+//!                                               channel.rs, Channel::stream_consume in
+//!                                               stream.rs); batches of deliveries
 //! reliable, refresher                           publish until confirmed; renews a
 //!                                               connection's expiring secret (holds the
 //!                                               connection weakly)
@@ -67,9 +69,10 @@
 //!                                               secret each connect logs in with
 //! topology                                      recorded exchanges, queues, bindings, channels
 //! io (reactor, engine, handshake)               the I/O thread
-//! delivery, confirm_tracker, pool_core          what the I/O thread produces; the pool's books
+//! delivery, confirm_tracker, pool_core,        what the I/O thread produces; the pool's
+//! unacked                                       books; unsettled deliveries' ages
 //! options, uri, events, addresses, tls,        plain data (TLS options, the credentials
-//! credentials                                   provider)
+//! credentials, queue_args                       provider, typed queue arguments)
 //! error                                         re-exports protocol's reply codes
 //! protocol (frame, methods, table, properties, content, reply_code)   bytes only
 //! sync, delivery_queue, link, send_core,
