@@ -312,11 +312,20 @@ impl Consumer {
     /// Cancel the consumer (`basic.cancel`) and wait for the broker's `cancel-ok`.
     /// Deliveries already queued can still be received.
     pub fn cancel(&self) -> Result<()> {
+        self.cancel_via(&self.channel)
+    }
+
+    /// [`Consumer::cancel`] waiting at most `timeout` for the `cancel-ok`.
+    pub(crate) fn cancel_within(&self, timeout: Duration) -> Result<()> {
+        self.cancel_via(&self.channel.with_timeout(timeout))
+    }
+
+    fn cancel_via(&self, channel: &Channel) -> Result<()> {
         if self.cancelled.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
         self.shared.active.store(false, Ordering::Release);
-        self.channel.basic_cancel(&self.tag)
+        channel.basic_cancel(&self.tag)
     }
 }
 

@@ -267,8 +267,9 @@ impl WorkerPool {
     }
 
     /// Stop gracefully: workers take no new delivery, the consumer is cancelled (the
-    /// broker sends no more), handlers in flight get until `deadline` to finish and be
-    /// settled, and what is left in the local queue is requeued. A handler still running
+    /// broker sends no more), handlers in flight get until `deadline` (counted from the
+    /// call, the cancel included) to finish and be settled, and what is left in the
+    /// local queue is requeued. A handler still running
     /// at the deadline is counted in [`WorkerStats::unfinished`]; its thread is left to
     /// finish (and settle its delivery) on its own.
     ///
@@ -277,7 +278,11 @@ impl WorkerPool {
     pub fn shutdown(mut self, deadline: Duration) -> Result<WorkerStats> {
         let until = Instant::now() + deadline;
         self.shared.stop.store(true, Ordering::Release);
-        let cancelled = self.shared.consumer.cancel();
+        // Bounded by the deadline too (at least a moment, so that the cancel is sent).
+        let cancelled = self
+            .shared
+            .consumer
+            .cancel_within(deadline.max(Duration::from_millis(100)));
         let mut unfinished = 0;
         for t in std::mem::take(&mut self.threads) {
             while !t.is_finished() && Instant::now() < until {
