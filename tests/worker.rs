@@ -380,3 +380,38 @@ fn a_pool_refuses_a_no_ack_consumer() {
     assert!(ch.is_open());
     conn.close().unwrap();
 }
+
+#[test]
+fn batch_pool_of_several_workers_settles_each_delivery_and_requeues_failed_batches() {
+    const N: u32 = 2_000;
+    let conn = connect();
+    let ch = conn.open_channel().unwrap();
+    let q = temp_queue(&ch);
+    publish_ids(&ch, &q, N);
+    let cch = conn.open_channel().unwrap();
+    cch.basic_qos(200, false).unwrap();
+    let consumer = cch.basic_consume(&q, &ConsumeOptions::default()).unwrap();
+    let acked = counters(N as usize);
+    let failed_once = Arc::new(AtomicU32::new(0));
+    let (k, f) = (acked.clone(), failed_once.clone());
+    let pool = WorkerPool::start_batch(consumer, &WorkerOptions::new(4), 25, move |b| {
+        // The first batch fails as a whole and comes back.
+        if f.fetch_add(1, Ordering::SeqCst) == 0 {
+            return Outcome::Requeue;
+        }
+        for d in b.deliveries() {
+            k[id_of(d.body())].fetch_add(1, Ordering::SeqCst);
+        }
+        Outcome::Ack
+    })
+    .unwrap();
+    assert!(wait_until(Duration::from_secs(30), || pool.stats().acked
+        >= u64::from(N)));
+    let stats = pool.shutdown(Duration::from_secs(5)).unwrap();
+    assert!(stats.requeued > 0, "{stats:?}");
+    assert_eq!(stats.acked, u64::from(N), "{stats:?}");
+    assert!(acked.iter().all(|c| c.load(Ordering::SeqCst) == 1));
+    cch.close().unwrap();
+    assert_eq!(ready_count(&conn, &q), 0);
+    conn.close().unwrap();
+}
