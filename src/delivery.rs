@@ -245,6 +245,12 @@ pub(crate) trait AckTarget: Send + Sync {
     fn send_frames(&self, bytes: Vec<u8>, what: &'static str) -> Result<()>;
     /// The delivery `tag` (with `multiple`, every earlier one too) has been settled.
     fn settled(&self, _tag: u64, _multiple: bool) {}
+    /// False once the channel is closed or its connection lost: an ack can no longer
+    /// reach the broker, which delivers the message again (after a recovery, to the
+    /// restored consumer).
+    fn is_open(&self) -> bool {
+        true
+    }
 }
 
 /// Acknowledgement handle shared by deliveries and bad deliveries.
@@ -375,6 +381,12 @@ impl Delivery {
     /// The id of the channel it came on.
     pub fn channel_id(&self) -> u16 {
         self.acker.channel_id()
+    }
+    /// False when the channel it came on is closed or its connection was lost: it can
+    /// no longer be acknowledged, and the broker delivers it again (to the recovered
+    /// consumer, if recovery is on).
+    pub(crate) fn can_settle(&self) -> bool {
+        self.acker.channel.is_open()
     }
     /// Acknowledge this delivery.
     pub fn ack(&self) -> Result<()> {

@@ -100,6 +100,10 @@ pub struct WorkerStats {
     pub left_requeued: u64,
     /// Workers still running their handler when the shutdown deadline passed.
     pub unfinished: u64,
+    /// Deliveries of a lost link taken from the local queue after the loss: skipped
+    /// without running the handler (no ack could reach the broker, which delivers them
+    /// again to the recovered consumer).
+    pub stale: u64,
 }
 
 #[derive(Default)]
@@ -111,6 +115,7 @@ struct Counters {
     bad: AtomicU64,
     settle_failed: AtomicU64,
     left_requeued: AtomicU64,
+    stale: AtomicU64,
 }
 
 struct Shared {
@@ -127,8 +132,11 @@ struct Shared {
 /// (outcome [`WorkerOptions::on_panic`]), the worker goes on. Deliveries are acknowledged
 /// one by one (never with `multiple`, which would cover other workers' deliveries). The
 /// pool lives as long as the consumer: across a lost link that recovery restores, the
-/// workers go on (settling a delivery of the lost channel fails and is counted in
-/// [`WorkerStats::settle_failed`]; the broker delivers it again).
+/// workers go on. Deliveries of the lost link still in the local queue are skipped
+/// without running the handler ([`WorkerStats::stale`]): no ack of theirs could reach
+/// the broker, which delivers them again. Those in a handler at the loss are processed
+/// and their settling fails ([`WorkerStats::settle_failed`]): they come again too
+/// (at-least-once).
 ///
 /// Set a prefetch ([`Channel::basic_qos`](crate::Channel::basic_qos)) of at least the
 /// number of workers before consuming, or some workers idle. The consumer must
@@ -263,6 +271,7 @@ impl WorkerPool {
             settle_failed: n(&c.settle_failed),
             left_requeued: n(&c.left_requeued),
             unfinished: 0,
+            stale: n(&c.stale),
         }
     }
 
@@ -379,6 +388,10 @@ fn run_single(shared: &Shared, handler: &(dyn Fn(&Delivery) -> Outcome + Send + 
             settle(c, d.reject(true), &c.left_requeued);
             break;
         }
+        if !d.can_settle() {
+            c.stale.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
         match outcome_of(shared, || handler(&d)) {
             Outcome::Ack => settle(c, d.ack(), &c.acked),
             Outcome::Requeue => settle(c, d.reject(true), &c.requeued),
@@ -413,6 +426,11 @@ fn run_batch(shared: &Shared, handler: &(dyn Fn(&Batch) -> Outcome + Send + Sync
         if shared.stop.load(Ordering::Acquire) {
             count(b.nack_each(true), &c.left_requeued);
             break;
+        }
+        // A batch never spans a lost link: its first delivery tells for all.
+        if b.deliveries().first().is_some_and(|d| !d.can_settle()) {
+            c.stale.fetch_add(n, Ordering::Relaxed);
+            continue;
         }
         match outcome_of(shared, || handler(&b)) {
             Outcome::Ack if alone => count(b.ack_all(), &c.acked),

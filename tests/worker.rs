@@ -336,12 +336,15 @@ fn worker_pool_goes_on_across_a_reset_link() {
     let h = handled.clone();
     let pool = WorkerPool::start(consumer, &WorkerOptions::new(8), move |d| {
         h[id_of(d.body())].fetch_add(1, Ordering::SeqCst);
+        // Some work, so that the reset comes while deliveries are in flight.
+        thread::sleep(Duration::from_millis(1));
         Outcome::Ack
     })
     .unwrap();
     assert!(wait_until(Duration::from_secs(20), || pool.stats().acked
         >= u64::from(N) / 2));
     assert_eq!(proxy.reset(), 1, "one link to reset");
+    assert!(pool.stats().acked < u64::from(N), "reset mid-way");
     // Every id is handled at least once; those whose ack was lost with the link come
     // again (at-least-once), and the queue ends empty.
     assert!(
@@ -356,9 +359,13 @@ fn worker_pool_goes_on_across_a_reset_link() {
     let again: u32 = handled.iter().map(|c| c.load(Ordering::SeqCst) - 1).sum();
     eprintln!("pool across RST: {stats:?}, {again} handled twice");
     assert_eq!(proxy.connections(), 2, "exactly one reconnect");
+    // Deliveries of the lost link waiting in the local queue are skipped, not handled:
+    // what comes twice is what was in a handler (8) or whose ack was queued but not yet
+    // written at the reset, far below the prefetch window of 100.
+    assert!(stats.stale > 0, "{stats:?}");
     assert!(
-        u64::from(again) <= stats.settle_failed + 100 + 64,
-        "redelivered only what was unacked at the reset (prefetch 100): {again}, {stats:?}"
+        u64::from(again) <= stats.settle_failed + 32,
+        "handled twice: {again}, {stats:?}"
     );
     drop(cch);
     conn.close().unwrap();

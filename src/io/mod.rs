@@ -599,6 +599,10 @@ impl AckTarget for ChannelShared {
         )
     }
 
+    fn is_open(&self) -> bool {
+        !self.is_closed()
+    }
+
     fn settled(&self, tag: u64, multiple: bool) {
         if let Some(t) = &self.unacked {
             t.settled(tag, multiple);
