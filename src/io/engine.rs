@@ -574,7 +574,8 @@ impl Engine {
             let Some(&(first, oldest)) = due.first() else { continue };
             let ch = slot.shared.id;
             log::warn!(
-                "channel {ch}: {} deliveries unacknowledged past {:?} (oldest: tag {first},                  {oldest:?}); the broker closes the channel at its consumer_timeout",
+                "channel {ch}: {} deliveries unacknowledged past {:?} (oldest: tag {first}, \
+                 {oldest:?}); the broker closes the channel at its consumer_timeout",
                 due.len(),
                 t.threshold()
             );
