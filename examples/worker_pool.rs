@@ -66,7 +66,7 @@ fn main() -> Result<(), Error> {
         if n == 777 {
             panic!("a bug in the handler"); // fails this job only (on_panic: Reject)
         }
-        if n % 50 == 0 && retried.lock().unwrap().insert(n) {
+        if n.is_multiple_of(50) && retried.lock().unwrap().insert(n) {
             return Outcome::Requeue; // a passing failure: try again
         }
         std::thread::sleep(Duration::from_micros(200)); // the work

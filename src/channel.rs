@@ -25,6 +25,7 @@ use crate::topology::{BindingRecord, ChannelRecord, ExchangeRecord, QueueRecord,
 
 /// What `queue.declare` answered.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct QueueInfo {
     /// The queue name (the broker's choice for a server-named queue).
     pub name: String,
@@ -965,6 +966,19 @@ impl Channel {
 
     // ---------------- close ----------------
 
+    /// Close without waiting for `close-ok` (the pool discarding a channel that came
+    /// back changed, or whose set-up failed); its consumers end as with [`Channel::close`].
+    pub(crate) fn close_nowait(&self) {
+        if self.inner.closed_by_us.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.inner.record.lock().consumers.clear();
+        let shared = self.shared();
+        if !shared.is_closed() {
+            shared.close_nowait();
+        }
+    }
+
     /// Close the channel and wait for `close-ok`. Its consumers end and later calls get
     /// [`Error::ChannelClosed`].
     pub fn close(&self) -> Result<()> {
@@ -1000,6 +1014,7 @@ impl Channel {
 /// A message published in confirm mode and handed back unconfirmed after a connection
 /// loss.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct UnconfirmedMessage {
     /// Exchange it was published to.
     pub exchange: String,

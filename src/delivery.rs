@@ -147,10 +147,8 @@ impl Charge {
         }
         if let Some(b) = self.conn.take() {
             wake |= b.release(self.bytes);
-            if wake {
-                if let Some(w) = &b.wake {
-                    w();
-                }
+            if wake && let Some(w) = &b.wake {
+                w();
             }
         }
         self.bytes = 0;
@@ -217,15 +215,14 @@ impl ConsumerSink {
 
     /// Push; gives the message back if the consumer is gone.
     pub(crate) fn push(&self, msg: ConsumerMsg) -> std::result::Result<(), ConsumerMsg> {
-        if let ConsumerMsg::Delivery(d) = &msg {
-            if self.shared.stream.load(Ordering::Relaxed) {
-                if let Some(o) = d.stream_offset() {
-                    // Queued deliveries reach the application before the recovery's
-                    // new ones (one queue, in order): resuming after the last one queued
-                    // neither skips nor repeats.
-                    self.shared.stream_next.store(o + 1, Ordering::Release);
-                }
-            }
+        if let ConsumerMsg::Delivery(d) = &msg
+            && self.shared.stream.load(Ordering::Relaxed)
+            && let Some(o) = d.stream_offset()
+        {
+            // Queued deliveries reach the application before the recovery's new ones
+            // (one queue, in order): resuming after the last one queued neither skips
+            // nor repeats.
+            self.shared.stream_next.store(o + 1, Ordering::Release);
         }
         self.shared.pushed();
         self.tx.send(msg).map_err(|e| {
@@ -499,6 +496,7 @@ impl BadDelivery {
 
 /// A mandatory message the broker could not route, sent back with `basic.return`.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Returned {
     /// Reply code (312 NO_ROUTE, ...).
     pub reply_code: u16,

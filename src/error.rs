@@ -1,6 +1,5 @@
 //! The one error type of lepus, with AMQP reply codes where the broker gave them.
 
-use crate::sync::StdArc as Arc;
 use std::fmt;
 use std::io;
 
@@ -135,8 +134,10 @@ pub enum Error {
         /// The step that failed.
         stage: HandshakeStage,
         /// The underlying error (shared, so that every waiter can get a copy).
+        // std's Arc by its own name (not the sync shim's `StdArc` alias, which the docs
+        // showed): plain shared ownership of an immutable value, never loom's.
         #[source]
-        source: Arc<io::Error>,
+        source: std::sync::Arc<io::Error>,
     },
 
     /// The connection attempt did not finish within the connection timeout.

@@ -190,7 +190,7 @@ not_under_loom! {
         ExchangeDeclareOptions, ExchangeDeleteOptions, PublishOptions, QueueDeclareOptions, QueueDeleteOptions,
         RecoveryOptions, TopologyFilter, UnconfirmedPolicy,
     };
-    pub use pool::{ChannelPool, PooledChannel};
+    pub use pool::{ChannelPool, ChannelPoolBuilder, PooledChannel};
     pub use queue_args::{
         DeadLetterStrategy, Overflow, QueueArgs, QueueType, StreamArgs, StreamOffset,
     };

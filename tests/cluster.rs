@@ -200,7 +200,7 @@ impl Load {
                         Ok(None) => {}
                         Err(e) => {
                             errors += 1;
-                            if errors == 1 || errors % 200 == 0 {
+                            if errors == 1 || errors.is_multiple_of(200) {
                                 eprintln!("consumer {c}: {e:?}");
                             }
                             if errors >= 1000 {

@@ -79,7 +79,7 @@ fn eight_workers_process_ten_thousand_exactly_once_with_failures_and_panics() {
     let pool = WorkerPool::start(consumer, &opts, move |d| {
         let id = id_of(d.body());
         let attempt = a[id].fetch_add(1, Ordering::SeqCst) + 1;
-        if id % 100 == 0 && attempt == 1 {
+        if id.is_multiple_of(100) && attempt == 1 {
             return Outcome::Requeue; // 1 % fail once
         }
         if id % 1000 == 333 && attempt == 1 {
