@@ -8,7 +8,8 @@
 //! options: --only 1,4,8   scenarios to run (1 publish, 2 pool, 3 consumers, 4 recovery,
 //!                         5 stability, 6 peers, 7 ceiling, 8 memory, 9 TLS against
 //!                         plaintext on the node of scripts/tls-node, 10 observability
-//!                         cost: publish with the metrics recorder on and off)
+//!                         cost: publish with the metrics recorder on and off, 11 worker
+//!                         pool against plain consumers)
 //!          --rounds N     rounds of the lepus/peer comparison (default 3, quick 1)
 //!          --no-peers     skip building and running lapin and amiquip
 //!          --peers        build and run them in quick mode too (quick mode skips them,
@@ -28,6 +29,7 @@ mod stability;
 mod stats;
 mod throughput;
 mod tls;
+mod worker_pool;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -53,6 +55,7 @@ pub struct Results {
     pub memory: Option<Result<memory::MemoryRun, String>>,
     pub tls: Option<Result<tls::TlsResults, String>>,
     pub observability: Vec<observability::ObsRun>,
+    pub worker_pool: Vec<worker_pool::WorkerPoolRun>,
     pub peer_clients: Vec<String>,
     pub peer_notes: Vec<String>,
     pub peer_versions: Vec<(String, String)>,
@@ -240,6 +243,9 @@ fn main() {
     }
     guard(&mut r, "scenario_tls", |r| {
         scenario_tls(&s, r, peers.as_ref())
+    });
+    guard(&mut r, "scenario_worker_pool", |r| {
+        worker_pool::scenario(&s, TOTAL, &mut r.worker_pool)
     });
 
     if s.wants(10) {

@@ -499,6 +499,7 @@ pub fn render(r: &Results, env: &Environment, s: &Settings) -> String {
     stability_section(w, r);
     memory_section(w, r);
     crate::tls::section(w, &r.tls);
+    crate::worker_pool::section_md(w, &r.worker_pool);
     health_section(w, r);
 
     if !r.errors.is_empty() {

@@ -5,6 +5,7 @@
 
 mod engine;
 mod handshake;
+mod unacked;
 
 use std::time::{Duration, Instant};
 
