@@ -142,6 +142,7 @@ not_under_loom! {
     mod recovery;
     mod refresher;
     mod reliable;
+    mod reopen;
     mod secrets;
     mod tls;
     mod topology;
