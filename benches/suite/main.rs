@@ -7,7 +7,8 @@
 //!                                                # written to benches/results/quick/
 //! options: --only 1,4,8   scenarios to run (1 publish, 2 pool, 3 consumers, 4 recovery,
 //!                         5 stability, 6 peers, 7 ceiling, 8 memory, 9 TLS against
-//!                         plaintext on the node of scripts/tls-node)
+//!                         plaintext on the node of scripts/tls-node, 10 failover on
+//!                         the cluster of scripts/cluster, skipped in quick mode)
 //!          --rounds N     rounds of the lepus/peer comparison (default 3, quick 1)
 //!          --no-peers     skip building and running lapin and amiquip
 //!          --out DIR      where the report goes
@@ -16,6 +17,7 @@
 mod ceiling;
 mod charts;
 mod common;
+mod failover;
 mod memory;
 mod peers;
 mod recovery;
@@ -31,7 +33,7 @@ use std::time::Duration;
 use common::{Settings, done, ms, note, section, settle, step, thousands};
 use throughput::Mode;
 
-const TOTAL: u32 = 9;
+const TOTAL: u32 = 10;
 
 /// Everything measured in one run.
 #[derive(Default)]
@@ -48,6 +50,7 @@ pub struct Results {
     pub chaos: Vec<stability::ChaosRun>,
     pub memory: Option<Result<memory::MemoryRun, String>>,
     pub tls: Option<Result<tls::TlsResults, String>>,
+    pub failover: Option<Result<failover::FailoverResults, String>>,
     pub peer_clients: Vec<String>,
     pub peer_notes: Vec<String>,
     pub peer_versions: Vec<(String, String)>,
@@ -217,6 +220,7 @@ fn main() {
     guard(&mut r, "scenario_tls", |r| {
         scenario_tls(&s, r, peers.as_ref())
     });
+    guard(&mut r, "scenario_failover", |r| scenario_failover(&s, r));
 
     note("writing the report");
     std::fs::create_dir_all(&s.out_dir).expect("create the results directory");
@@ -599,6 +603,32 @@ fn scenario_tls(s: &Settings, r: &mut Results, peers: Option<&peers::Peers>) {
         }
         r.tls = Some(t);
     }
+}
+
+fn scenario_failover(s: &Settings, r: &mut Results) {
+    // 10: failover on the three-node cluster.
+    if !s.wants(10) {
+        return;
+    }
+    section(10, TOTAL, "cluster failover (scripts/cluster, kill -9 of the connected node)");
+    if s.quick {
+        let why = "skipped in quick mode: it starts a three-node cluster (about a minute cold) and restarts a node per repetition; run the full suite or --only 10";
+        note(why);
+        r.failover = Some(Err(why.into()));
+        return;
+    }
+    let f = failover::run(&repo_root(), 5);
+    if !f.errors.is_empty() || f.runs.iter().any(|x| x.lost > 0 || x.failed > 0) {
+        r.errors.push(format!(
+            "failover scenario: {} failed repetition(s), {} lost, {} unconfirmed: {}",
+            f.errors.len(),
+            f.runs.iter().map(|x| x.lost).sum::<u64>(),
+            f.runs.iter().map(|x| x.failed).sum::<u64>(),
+            f.errors.join("; ")
+        ));
+        r.failed.push("scenario_failover".into());
+    }
+    r.failover = Some(Ok(f));
 }
 
 fn chaos_line(c: &stability::ChaosRun) -> String {

@@ -497,6 +497,7 @@ pub fn render(r: &Results, env: &Environment, s: &Settings) -> String {
     stability_section(w, r);
     memory_section(w, r);
     crate::tls::section(w, &r.tls);
+    crate::failover::section(w, &r.failover);
     health_section(w, r);
 
     if !r.errors.is_empty() {
