@@ -106,8 +106,11 @@ fn kill(root: &Path, port: u16) -> Result<Instant, String> {
 pub fn run(root: &Path, reps: usize) -> FailoverResults {
     let mut r = FailoverResults::default();
     let was_up = PORTS.iter().all(|&p| {
-        std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], p).into(), Duration::from_millis(300))
-            .is_ok()
+        std::net::TcpStream::connect_timeout(
+            &([127, 0, 0, 1], p).into(),
+            Duration::from_millis(300),
+        )
+        .is_ok()
     });
     for i in 0..reps {
         step(i + 1, reps, "kill -9 of the connected node under load");
@@ -158,7 +161,9 @@ fn once(root: &Path, rep: usize) -> Result<FailoverRun, String> {
         .connection_timeout(Duration::from_secs(2))
         .operation_timeout(Duration::from_secs(10))
         .heartbeat(5)
-        .recovery(RecoveryOptions::new().backoff(Duration::from_millis(100), Duration::from_secs(1)));
+        .recovery(
+            RecoveryOptions::new().backoff(Duration::from_millis(100), Duration::from_secs(1)),
+        );
     let conn = Connection::open_with(opts).map_err(|e| e.to_string())?;
     let killed_port = conn.address().port;
     let q = format!("lepus-bench-failover-{}-{rep}", std::process::id());

@@ -610,7 +610,11 @@ fn scenario_failover(s: &Settings, r: &mut Results) {
     if !s.wants(10) {
         return;
     }
-    section(10, TOTAL, "cluster failover (scripts/cluster, kill -9 of the connected node)");
+    section(
+        10,
+        TOTAL,
+        "cluster failover (scripts/cluster, kill -9 of the connected node)",
+    );
     if s.quick {
         let why = "skipped in quick mode: it starts a three-node cluster (about a minute cold) and restarts a node per repetition; run the full suite or --only 10";
         note(why);
