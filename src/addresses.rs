@@ -9,6 +9,7 @@ use crate::error::{Error, Result};
 
 /// One broker address: a host name or IP address and a port.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub struct Address {
     /// Host name or IP address (an IPv6 address without brackets).
     pub host: String,

@@ -81,10 +81,10 @@ impl Generation {
         }
         // The I/O thread ends on its own once closing is over (bounded by the close
         // timeout), so this join is bounded too.
-        if let Some(t) = self.thread.lock().take() {
-            if t.thread().id() != std::thread::current().id() {
-                let _ = t.join();
-            }
+        if let Some(t) = self.thread.lock().take()
+            && t.thread().id() != std::thread::current().id()
+        {
+            let _ = t.join();
         }
         result
     }
@@ -492,8 +492,7 @@ impl LinkEvents for ConnectionInner {
         // either way, so what the candidate was restoring (its consumers) hears of a lost
         // link, not of its end.
         let candidate = generation > self.current_generation();
-        let recoverable =
-            self.opts.recovery.enabled && (err.is_connection_lost() || candidate);
+        let recoverable = self.opts.recovery.enabled && (err.is_connection_lost() || candidate);
         let Some(candidate) = self.link.failing(generation, recoverable) else {
             return false;
         };

@@ -237,19 +237,35 @@ impl Consumer {
         }
     }
 
-    /// Like [`Consumer::recv`] with a deadline; [`Error::Timeout`] when none came.
-    pub fn recv_timeout(&self, timeout: Duration) -> Result<Delivery, RecvError> {
+    /// Like [`Consumer::recv`], waiting at most `timeout`: `Ok(None)` when no delivery
+    /// came in time; errors as [`Consumer::recv`].
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), lepus::RecvError> {
+    /// use std::time::Duration;
+    /// let conn = lepus::Connection::open("amqp://127.0.0.1")?;
+    /// let ch = conn.open_channel()?;
+    /// let consumer = ch.basic_consume("jobs", &lepus::ConsumeOptions::default())?;
+    /// while let Some(d) = consumer.recv_timeout(Duration::from_secs(1))? {
+    ///     println!("{} bytes", d.body().len());
+    ///     d.ack()?;
+    /// }
+    /// println!("quiet for a second");
+    /// # Ok(()) }
+    /// ```
+    pub fn recv_timeout(&self, timeout: Duration) -> Result<Option<Delivery>, RecvError> {
         self.recv_deadline(Instant::now() + timeout)
     }
 
-    /// Like [`Consumer::recv`] with a deadline.
-    pub fn recv_deadline(&self, deadline: Instant) -> Result<Delivery, RecvError> {
+    /// Like [`Consumer::recv`], waiting until `deadline`: `Ok(None)` when no delivery
+    /// came in time.
+    pub fn recv_deadline(&self, deadline: Instant) -> Result<Option<Delivery>, RecvError> {
         if let Some(e) = self.ended() {
             return Err(e.into());
         }
         match self.rx.recv_deadline(deadline) {
-            Ok(m) => self.on_msg(m),
-            Err(RecvTimeoutError::Timeout) => Err(Error::Timeout("a delivery").into()),
+            Ok(m) => self.on_msg(m).map(Some),
+            Err(RecvTimeoutError::Timeout) => Ok(None),
             Err(RecvTimeoutError::Disconnected) => {
                 Err(self.end_with(self.channel.shared().error()).into())
             }
@@ -271,7 +287,32 @@ impl Consumer {
     }
 
     /// Iterate over deliveries: `Ok` for each delivery, `Err` for a bad delivery (the
-    /// iteration goes on) and once for the reason the consumer ended (then it stops).
+    /// iteration goes on: ack, reject or dead-letter it through
+    /// [`RecvError::Bad`]) and once for the reason the consumer ended (then it stops).
+    ///
+    /// A lost link that recovery will heal does not end the iteration and is not
+    /// yielded: the iterator keeps waiting, through the recovery, for the next delivery
+    /// (so the natural `let d = d?;` loop survives a recovery). The same goes for a
+    /// broker cancel of a consumer that
+    /// [`resubscribe_cancelled_consumers`](crate::RecoveryOptions::resubscribe_cancelled_consumers)
+    /// brings back. Only an end that nothing will heal is yielded as an error: the
+    /// consumer or channel closed or cancelled for good, the connection closed, or the
+    /// link lost with recovery off or given up. Use [`Consumer::recv`] to see the passing
+    /// notices too.
+    ///
+    /// ```no_run
+    /// # fn main() -> lepus::Result<()> {
+    /// let conn = lepus::Connection::open("amqp://127.0.0.1")?;
+    /// let ch = conn.open_channel()?;
+    /// ch.basic_qos(50, false)?;
+    /// let consumer = ch.basic_consume("jobs", &lepus::ConsumeOptions::default())?;
+    /// for d in &consumer {
+    ///     let d = d?; // a bad delivery or the consumer's end; never a healed loss
+    ///     println!("{} bytes", d.body().len());
+    ///     d.ack()?;
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn iter(&self) -> Iter<'_> {
         Iter {
             consumer: self,
@@ -338,13 +379,21 @@ impl Iterator for Iter<'_> {
         if self.done {
             return None;
         }
-        match self.consumer.recv() {
-            Ok(d) => Some(Ok(d)),
-            Err(e) => {
-                // Bad deliveries and a lost link that recovery will restore are not
-                // the end; an ended consumer is.
-                self.done = self.consumer.ended().is_some();
-                Some(Err(e))
+        loop {
+            match self.consumer.recv() {
+                Ok(d) => return Some(Ok(d)),
+                // A bad delivery is the application's to settle; the consumer goes on.
+                Err(e @ RecvError::Bad(_)) => return Some(Err(e)),
+                Err(e) if self.consumer.ended().is_some() => {
+                    self.done = true;
+                    return Some(Err(e));
+                }
+                // A passing notice (a lost link that recovery restores, a broker cancel
+                // that resubscribing brings back): the consumer carries on.
+                Err(e) => log::debug!(
+                    "consumer {:?}: {e}; waiting for the recovery",
+                    self.consumer.tag
+                ),
             }
         }
     }

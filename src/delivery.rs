@@ -139,10 +139,8 @@ impl Charge {
         }
         if let Some(b) = self.conn.take() {
             wake |= b.release(self.bytes);
-            if wake {
-                if let Some(w) = &b.wake {
-                    w();
-                }
+            if wake && let Some(w) = &b.wake {
+                w();
             }
         }
         self.bytes = 0;
@@ -447,6 +445,7 @@ impl BadDelivery {
 
 /// A mandatory message the broker could not route, sent back with `basic.return`.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Returned {
     /// Reply code (312 NO_ROUTE, ...).
     pub reply_code: u16,

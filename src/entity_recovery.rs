@@ -213,10 +213,10 @@ fn retry_once(inner: &Arc<ConnectionInner>) -> Result<()> {
     for (entity, r) in names.zip(&replies) {
         match r {
             Ok(Reply::Method(AMQPClass::Queue(queue::AMQPMethod::DeclareOk(ok)))) => {
-                if let TopologyEntity::Queue(old) = &entity {
-                    if ok.queue.as_str() != old {
-                        inner.topology.lock().rename_queue(old, ok.queue.as_str());
-                    }
+                if let TopologyEntity::Queue(old) = &entity
+                    && ok.queue.as_str() != old
+                {
+                    inner.topology.lock().rename_queue(old, ok.queue.as_str());
                 }
                 done.push(entity);
             }

@@ -132,6 +132,7 @@ impl std::fmt::Display for TopologyEntity {
 
 /// One recovery event.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RecoveryEvent {
     /// When it happened.
     pub at: Instant,

@@ -45,6 +45,7 @@ struct State<R> {
 
 /// Counters of a pool. At any quiet moment `acquired == released + in_use`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct PoolStats {
     /// Items (channels) the pool opened.
     pub opened: u64,

@@ -811,12 +811,12 @@ impl Engine {
             ));
         };
         let mut consumed = None;
-        if let AMQPClass::Basic(B::ConsumeOk(ok)) = &reply {
-            if let Some(sink) = p.consumer {
-                slot.had_no_ack |= sink.no_ack;
-                slot.consumers.insert(ok.consumer_tag.to_string(), sink);
-                consumed = Some(ok.consumer_tag.clone());
-            }
+        if let AMQPClass::Basic(B::ConsumeOk(ok)) = &reply
+            && let Some(sink) = p.consumer
+        {
+            slot.had_no_ack |= sink.no_ack;
+            slot.consumers.insert(ok.consumer_tag.to_string(), sink);
+            consumed = Some(ok.consumer_tag.clone());
         }
         if let AMQPClass::Basic(B::CancelOk(ok)) = &reply {
             let tag = ok.consumer_tag.to_string();
@@ -835,20 +835,20 @@ impl Engine {
         // The waiter may have timed out and left: nothing to do then, unless it was a
         // basic.consume. Nobody will ever take that consumer's deliveries: cancel it at
         // the broker, or they would bounce (requeued) forever.
-        if p.reply.send(Ok(reply)).is_err() {
-            if let Some(tag) = consumed {
-                if let Some(sink) = slot.consumers.get(tag.as_str()) {
-                    sink.shared.active.store(false, Ordering::Release);
-                }
-                method_bytes(
-                    &mut self.out,
-                    ch,
-                    AMQPClass::Basic(B::Cancel(basic::Cancel {
-                        consumer_tag: tag,
-                        nowait: true,
-                    })),
-                );
+        if p.reply.send(Ok(reply)).is_err()
+            && let Some(tag) = consumed
+        {
+            if let Some(sink) = slot.consumers.get(tag.as_str()) {
+                sink.shared.active.store(false, Ordering::Release);
             }
+            method_bytes(
+                &mut self.out,
+                ch,
+                AMQPClass::Basic(B::Cancel(basic::Cancel {
+                    consumer_tag: tag,
+                    nowait: true,
+                })),
+            );
         }
         Ok(())
     }

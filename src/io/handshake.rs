@@ -600,10 +600,10 @@ pub(crate) fn connect(opts: &ConnectionOptions) -> Result<Established> {
                 if hs.expect == Expect::Start && !decoder.pending().is_empty() {
                     return Err(not_amqp(decoder.pending()));
                 }
-                if hs.expect == Expect::Start {
-                    if let Some(e) = stream.explain_eof() {
-                        return Err(e);
-                    }
+                if hs.expect == Expect::Start
+                    && let Some(e) = stream.explain_eof()
+                {
+                    return Err(e);
                 }
                 return Err(hs.on_eof());
             }
@@ -619,10 +619,11 @@ pub(crate) fn connect(opts: &ConnectionOptions) -> Result<Established> {
                 if let Some(tls) = stream.explain(&e) {
                     return Err(tls);
                 }
-                if hs.expect == Expect::Start && e.kind() == ErrorKind::ConnectionReset {
-                    if let Some(tls) = stream.explain_eof() {
-                        return Err(tls);
-                    }
+                if hs.expect == Expect::Start
+                    && e.kind() == ErrorKind::ConnectionReset
+                    && let Some(tls) = stream.explain_eof()
+                {
+                    return Err(tls);
                 }
                 // A reset is an I/O error in any stage: refused credentials are a
                 // connection.close (403) or, from an older broker, a clean close.

@@ -84,12 +84,12 @@ impl Reactor {
     /// Wait for socket events, a wake-up or `timeout`. False when polling itself failed
     /// (the engine has failed then).
     fn wait(&mut self, events: &mut Events, timeout: Duration, ready: &mut Ready) -> bool {
-        if let Err(e) = self.poll.poll(events, Some(timeout)) {
-            if e.kind() != ErrorKind::Interrupted {
-                self.engine
-                    .fail(Error::ConnectionLost(format!("poll failed: {e}")));
-                return false;
-            }
+        if let Err(e) = self.poll.poll(events, Some(timeout))
+            && e.kind() != ErrorKind::Interrupted
+        {
+            self.engine
+                .fail(Error::ConnectionLost(format!("poll failed: {e}")));
+            return false;
         }
         for ev in events.iter() {
             if ev.token() == SOCKET {

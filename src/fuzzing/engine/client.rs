@@ -184,7 +184,7 @@ impl EngineHarness {
 
     /// `Connection::close` (one time in eight) or `Channel::close`.
     pub(super) fn close(&mut self, inp: &mut Input<'_>) {
-        if inp.u8() % 8 == 0 {
+        if inp.u8().is_multiple_of(8) {
             let mut bytes = Vec::new();
             put_method(
                 &mut bytes,
