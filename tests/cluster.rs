@@ -788,7 +788,7 @@ fn publish_reliably_gets_past_a_dead_quorum_leader() {
                 &q,
                 format!("m{i}").as_bytes(),
                 &BasicProperties::default(),
-                PublishOptions::default(),
+                &PublishOptions::default(),
                 Instant::now() + Duration::from_secs(30),
             );
             (i, started, t.elapsed().as_millis(), r)
@@ -815,7 +815,7 @@ fn publish_reliably_gets_past_a_dead_quorum_leader() {
         .unwrap()
         .basic_consume(&q, &ConsumeOptions::default())
         .unwrap();
-    while let Ok(d) = consumer.recv_timeout(Duration::from_secs(2)) {
+    while let Ok(Some(d)) = consumer.recv_timeout(Duration::from_secs(2)) {
         *counts
             .consumed
             .entry(String::from_utf8_lossy(d.body()).into_owned())
@@ -831,5 +831,5 @@ fn publish_reliably_gets_past_a_dead_quorum_leader() {
     let _ = c2
         .open_channel()
         .unwrap()
-        .queue_delete(&q, Default::default());
+        .queue_delete(&q, &Default::default());
 }

@@ -258,7 +258,7 @@ fn a_cancelled_consumer_on_a_channel_the_broker_closed_comes_back() {
     let consumer = ch.basic_consume(&q, &ConsumeOptions::default()).unwrap();
     let other = connect();
     let och = other.open_channel().unwrap();
-    och.queue_delete(&q, Default::default()).unwrap();
+    och.queue_delete(&q, &Default::default()).unwrap();
     match consumer.recv_timeout(Duration::from_secs(10)) {
         Err(lepus::RecvError::Failed(lepus::Error::ConsumerCancelled { .. })) => {}
         r => panic!("expected the broker's cancel, got {r:?}"),
@@ -289,7 +289,10 @@ fn a_cancelled_consumer_on_a_channel_the_broker_closed_comes_back() {
     }
     let mut got = Vec::new();
     for _ in 0..10 {
-        let d = consumer.recv_timeout(Duration::from_secs(10)).unwrap();
+        let d = consumer
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap()
+            .expect("a delivery within 10 s");
         got.push(String::from_utf8_lossy(d.body()).into_owned());
         d.ack().unwrap();
     }

@@ -189,7 +189,7 @@ fn once(root: &Path, rep: usize) -> Result<FailoverRun, String> {
         let (tally, stop) = (tally.clone(), stop_cons.clone());
         consumers.push(thread::spawn(move || {
             while !stop.load(Ordering::Acquire) {
-                if let Ok(d) = c.recv_timeout(Duration::from_millis(100)) {
+                if let Ok(Some(d)) = c.recv_timeout(Duration::from_millis(100)) {
                     let id = String::from_utf8_lossy(d.body()).into_owned();
                     *tally.lock().unwrap().consumed.entry(id).or_insert(0) += 1;
                     let _ = d.ack();
@@ -213,7 +213,7 @@ fn once(root: &Path, rep: usize) -> Result<FailoverRun, String> {
                     &q,
                     id.as_bytes(),
                     &BasicProperties::default(),
-                    PublishOptions::default(),
+                    &PublishOptions::default(),
                     Instant::now() + Duration::from_secs(30),
                 );
                 let now = Instant::now();
@@ -268,7 +268,7 @@ fn once(root: &Path, rep: usize) -> Result<FailoverRun, String> {
     for c in consumers {
         let _ = c.join();
     }
-    let _ = setup.queue_delete(&q, Default::default());
+    let _ = setup.queue_delete(&q, &Default::default());
     let t = tally.lock().unwrap();
     let first = t
         .first_on_new
