@@ -170,6 +170,7 @@ not_under_loom! {
     mod recovery;
     mod refresher;
     mod reliable;
+    mod reopen;
     mod secrets;
     mod stats;
     mod stream;

@@ -9,7 +9,8 @@
 //!                         5 stability, 6 peers, 7 ceiling, 8 memory, 9 TLS against
 //!                         plaintext on the node of scripts/tls-node, 10 observability
 //!                         cost: publish with the metrics recorder on and off, 11 worker
-//!                         pool against plain consumers)
+//!                         pool against plain consumers, 12 failover on the cluster of
+//!                         scripts/cluster, skipped in quick mode)
 //!          --rounds N     rounds of the lepus/peer comparison (default 3, quick 1)
 //!          --no-peers     skip building and running lapin and amiquip
 //!          --peers        build and run them in quick mode too (quick mode skips them,
@@ -20,6 +21,7 @@
 mod ceiling;
 mod charts;
 mod common;
+mod failover;
 mod memory;
 mod observability;
 mod peers;
@@ -37,7 +39,7 @@ use std::time::Duration;
 use common::{Settings, done, ms, note, section, settle, step, thousands};
 use throughput::Mode;
 
-const TOTAL: u32 = 10;
+const TOTAL: u32 = 12;
 
 /// Everything measured in one run.
 #[derive(Default)]
@@ -56,6 +58,7 @@ pub struct Results {
     pub tls: Option<Result<tls::TlsResults, String>>,
     pub observability: Vec<observability::ObsRun>,
     pub worker_pool: Vec<worker_pool::WorkerPoolRun>,
+    pub failover: Option<Result<failover::FailoverResults, String>>,
     pub peer_clients: Vec<String>,
     pub peer_notes: Vec<String>,
     pub peer_versions: Vec<(String, String)>,
@@ -258,6 +261,7 @@ fn main() {
             r.observability = observability::run(&s);
         });
     }
+    guard(&mut r, "scenario_failover", |r| scenario_failover(&s, r));
 
     note("writing the report");
     std::fs::create_dir_all(&s.out_dir).expect("create the results directory");
@@ -640,6 +644,36 @@ fn scenario_tls(s: &Settings, r: &mut Results, peers: Option<&peers::Peers>) {
         }
         r.tls = Some(t);
     }
+}
+
+fn scenario_failover(s: &Settings, r: &mut Results) {
+    // 12: failover on the three-node cluster.
+    if !s.wants(12) {
+        return;
+    }
+    section(
+        12,
+        TOTAL,
+        "cluster failover (scripts/cluster, kill -9 of the connected node)",
+    );
+    if s.quick {
+        let why = "skipped in quick mode: it starts a three-node cluster (about a minute cold) and restarts a node per repetition; run the full suite or --only 12";
+        note(why);
+        r.failover = Some(Err(why.into()));
+        return;
+    }
+    let f = failover::run(&repo_root(), 5);
+    if !f.errors.is_empty() || f.runs.iter().any(|x| x.lost > 0 || x.failed > 0) {
+        r.errors.push(format!(
+            "failover scenario: {} failed repetition(s), {} lost, {} unconfirmed: {}",
+            f.errors.len(),
+            f.runs.iter().map(|x| x.lost).sum::<u64>(),
+            f.runs.iter().map(|x| x.failed).sum::<u64>(),
+            f.errors.join("; ")
+        ));
+        r.failed.push("scenario_failover".into());
+    }
+    r.failover = Some(Ok(f));
 }
 
 fn chaos_line(c: &stability::ChaosRun) -> String {

@@ -500,6 +500,7 @@ pub fn render(r: &Results, env: &Environment, s: &Settings) -> String {
     memory_section(w, r);
     crate::tls::section(w, &r.tls);
     crate::worker_pool::section_md(w, &r.worker_pool);
+    crate::failover::section(w, &r.failover);
     health_section(w, r);
 
     if !r.errors.is_empty() {
