@@ -119,6 +119,7 @@ pub fn lepus(url: &str, way: Way, n: usize, messages: usize) -> Result<WaysRun, 
     let received = Arc::new(AtomicUsize::new(0));
     let last_ns = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicUsize::new(0));
+    let registered = Arc::new(AtomicUsize::new(0));
     // Steady: consumers wait here until every one is registered; drain: they start at once.
     let ready = Arc::new(Barrier::new(if way == Way::Drain { 1 } else { n + 1 }));
     let (mut cpu0, mut start_ns) = (cpu::process(), now_ns());
@@ -126,6 +127,7 @@ pub fn lepus(url: &str, way: Way, n: usize, messages: usize) -> Result<WaysRun, 
         .map(|_| {
             let (conn, queue, ready) = (conn.clone(), queue.clone(), ready.clone());
             let (received, last_ns, errors) = (received.clone(), last_ns.clone(), errors.clone());
+            let registered = registered.clone();
             spawn("consumer", move || {
                 let mut ledger = IdLedger::new(messages);
                 let started = conn.open_channel().and_then(|ch| {
@@ -133,6 +135,7 @@ pub fn lepus(url: &str, way: Way, n: usize, messages: usize) -> Result<WaysRun, 
                     let c = ch.basic_consume(&queue, &ConsumeOptions::default())?;
                     Ok((ch, c))
                 });
+                registered.fetch_add(1, Ordering::AcqRel);
                 ready.wait();
                 let Ok((_ch, consumer)) = started else {
                     errors.fetch_add(1, Ordering::Relaxed);
@@ -167,6 +170,12 @@ pub fn lepus(url: &str, way: Way, n: usize, messages: usize) -> Result<WaysRun, 
         std::thread::sleep(Duration::from_micros(500));
     }
     let cpu = cpu::process().since(&cpu0).minus(&producer_cpu);
+    // A drain's first consumers may empty the queue before the last ones register: let
+    // every registration finish before the close, so that none fails because of it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while registered.load(Ordering::Acquire) < n && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_micros(500));
+    }
     let _ = conn.close();
     let mut ledger = IdLedger::new(messages);
     for h in handles {

@@ -366,6 +366,7 @@ pub fn consume_ways(
                         let consumer = ch.qos(0, PREFETCH, false).and_then(|_| {
                             ch.basic_consume(queue.as_str(), ConsumerOptions::default())
                         });
+                        progress.registered.fetch_add(1, Ordering::AcqRel);
                         ready.wait();
                         match consumer {
                             Ok(consumer) => {
@@ -396,6 +397,7 @@ pub fn consume_ways(
         crate::ways::signal_ready();
     }
     let cpu1 = progress.wait(messages);
+    progress.wait_registered(n);
     // Closing the connection ends every consumer's receiver.
     let _ = conn.close();
     let mut ledger = IdLedger::new(messages);

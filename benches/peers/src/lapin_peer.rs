@@ -371,6 +371,7 @@ pub fn consume_ways(
                             .await?;
                         Ok::<_, lapin::Error>((ch, c))
                     });
+                    progress.registered.fetch_add(1, Ordering::AcqRel);
                     ready.wait();
                     let (_ch, mut consumer) = match started {
                         Ok(x) => x,
@@ -399,6 +400,7 @@ pub fn consume_ways(
         crate::ways::signal_ready();
     }
     let cpu1 = progress.wait(messages);
+    progress.wait_registered(n);
     let _ = block_on(conn.close(200, "bye".into()));
     let mut ledger = IdLedger::new(messages);
     for h in handles {

@@ -29,6 +29,8 @@ pub struct Progress {
     pub received: AtomicUsize,
     pub last_ns: AtomicU64,
     pub errors: AtomicUsize,
+    /// Consumers whose registration finished (well or not).
+    pub registered: AtomicUsize,
 }
 
 impl Progress {
@@ -52,6 +54,16 @@ impl Progress {
             std::thread::sleep(Duration::from_micros(500));
         }
         cpu::process()
+    }
+
+    /// Before closing the connection: wait (up to 30 s) until every consumer's
+    /// registration has finished, so that a drain (whose first consumers may empty the
+    /// queue before the last ones register) does not count the close as their failure.
+    pub fn wait_registered(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.registered.load(Ordering::Acquire) < n && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_micros(500));
+        }
     }
 
     /// The run's result: `start_ns`/`cpu0` taken at the start, `cpu1` from `wait`.
