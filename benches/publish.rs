@@ -40,13 +40,13 @@ fn run(conn: &Connection, threads: usize, per_thread: usize, confirms: bool) -> 
                             &queue,
                             &body,
                             &props,
-                            PublishOptions::default(),
+                            &PublishOptions::default(),
                         )
                         .expect("publish")
                         .wait()
                         .expect("confirm");
                     } else {
-                        ch.basic_publish("", &queue, &body, &props, PublishOptions::default())
+                        ch.basic_publish("", &queue, &body, &props, &PublishOptions::default())
                             .expect("publish");
                     }
                 }
@@ -77,7 +77,7 @@ fn run(conn: &Connection, threads: usize, per_thread: usize, confirms: bool) -> 
     }
     let absorbed = start.elapsed();
     admin
-        .queue_delete(&queue, QueueDeleteOptions::default())
+        .queue_delete(&queue, &QueueDeleteOptions::default())
         .expect("delete");
     (
         total as f64 / calls.as_secs_f64(),

@@ -26,12 +26,14 @@ fn main() -> Result<(), lepus::Error> {
             &q.name,
             body.as_bytes(),
             &props,
-            PublishOptions::default(),
+            &PublishOptions::default(),
         )?;
     }
     let consumer = ch.basic_consume(&q.name, &ConsumeOptions::default())?;
     for _ in 0..5 {
-        let d = consumer.recv_timeout(Duration::from_secs(5))?;
+        let d = consumer
+            .recv_timeout(Duration::from_secs(5))?
+            .ok_or(lepus::Error::Timeout("a delivery"))?;
         println!(
             "received {:?} (tag {})",
             String::from_utf8_lossy(d.body()),

@@ -40,7 +40,7 @@ fn main() -> Result<(), Error> {
                         reply_to,
                         body.as_bytes(),
                         &answer,
-                        PublishOptions::default(),
+                        &PublishOptions::default(),
                     )?;
                 }
                 req.ack()?;
@@ -68,9 +68,11 @@ fn main() -> Result<(), Error> {
             &queue,
             n.to_string().as_bytes(),
             &props,
-            PublishOptions::default(),
+            &PublishOptions::default(),
         )?;
-        let reply = replies.recv_timeout(Duration::from_secs(5))?;
+        let reply = replies
+            .recv_timeout(Duration::from_secs(5))?
+            .ok_or(lepus::Error::Timeout("the reply"))?;
         assert_eq!(
             reply.properties().correlation_id.as_deref(),
             Some(id.as_str())

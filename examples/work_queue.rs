@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use lepus::{
     BasicProperties, Connection, ConsumeOptions, Error, PublishOptions, QueueDeclareOptions,
-    QueueDeleteOptions, RecvError,
+    QueueDeleteOptions,
 };
 
 const PRODUCERS: usize = 8;
@@ -37,12 +37,12 @@ fn main() -> Result<(), Error> {
                 let mut mine = 0;
                 while done.load(Ordering::Acquire) < PRODUCERS * JOBS_EACH {
                     match consumer.recv_timeout(Duration::from_millis(200)) {
-                        Ok(job) => {
+                        Ok(Some(job)) => {
                             mine += 1;
                             done.fetch_add(1, Ordering::AcqRel);
                             job.ack()?;
                         }
-                        Err(RecvError::Failed(Error::Timeout(_))) => continue,
+                        Ok(None) => continue,
                         Err(e) => return Err(e.into()),
                     }
                 }
@@ -65,7 +65,7 @@ fn main() -> Result<(), Error> {
                         &queue,
                         body.as_bytes(),
                         &props,
-                        PublishOptions::default(),
+                        &PublishOptions::default(),
                     )?;
                 }
                 Ok(())
@@ -82,6 +82,6 @@ fn main() -> Result<(), Error> {
         .sum::<Result<usize, Error>>()?;
     println!("{total} jobs in {:?}", started.elapsed());
     conn.open_channel()?
-        .queue_delete(&queue, QueueDeleteOptions::default())?;
+        .queue_delete(&queue, &QueueDeleteOptions::default())?;
     conn.close()
 }

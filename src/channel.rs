@@ -11,7 +11,8 @@ use crate::delivery::{Acker, BadDelivery, ConsumerSink, Delivery, RecvError, Ret
 use crate::error::{Error, Result, reply_code};
 use crate::io::{ChannelShared, Command, Reply};
 use crate::options::{
-    ExchangeDeclareOptions, PublishOptions, QueueDeclareOptions, QueueDeleteOptions,
+    ExchangeDeclareOptions, ExchangeDeleteOptions, PublishOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
 };
 use crate::protocol::content::ContentMethod;
 use crate::protocol::frame::{decode_publish, put_method, put_publish};
@@ -338,10 +339,10 @@ impl Channel {
     }
 
     /// Delete an exchange.
-    pub fn exchange_delete(&self, name: &str, if_unused: bool) -> Result<()> {
+    pub fn exchange_delete(&self, name: &str, opts: &ExchangeDeleteOptions) -> Result<()> {
         let m = AMQPClass::Exchange(exchange::AMQPMethod::Delete(exchange::Delete {
             exchange: short("exchange name", name)?,
-            if_unused,
+            if_unused: opts.if_unused,
             nowait: false,
         }));
         let r = self.rpc(m, "exchange.delete-ok")?;
@@ -496,7 +497,7 @@ impl Channel {
     }
 
     /// Delete a queue; returns how many messages it held.
-    pub fn queue_delete(&self, queue: &str, opts: QueueDeleteOptions) -> Result<u32> {
+    pub fn queue_delete(&self, queue: &str, opts: &QueueDeleteOptions) -> Result<u32> {
         let m = AMQPClass::Queue(queue::AMQPMethod::Delete(queue::Delete {
             queue: short("queue name", queue)?,
             if_unused: opts.if_unused,
@@ -536,7 +537,7 @@ impl Channel {
         routing_key: &str,
         body: &[u8],
         properties: &BasicProperties,
-        opts: PublishOptions,
+        opts: &PublishOptions,
     ) -> Result<()> {
         self.publish(exchange, routing_key, body, properties, opts, false)
             .map(|_| ())
@@ -551,7 +552,7 @@ impl Channel {
         routing_key: &str,
         body: &[u8],
         properties: &BasicProperties,
-        opts: PublishOptions,
+        opts: &PublishOptions,
         want_handle: bool,
     ) -> Result<Option<(u64, Arc<AtomicU8>)>> {
         let deadline = self.deadline();
@@ -757,18 +758,72 @@ impl Channel {
     }
 
     /// A message the broker returned (mandatory publish with no route), waiting up to
-    /// `timeout`. Up to 1024 returns, and up to
-    /// [`consumer_queue_bytes`](crate::ConnectionOptions::consumer_queue_bytes) of them,
-    /// are kept per channel; more are logged, counted and dropped.
-    pub fn recv_return(&self, timeout: Duration) -> Option<Returned> {
-        let shared = self.shared();
-        let r = shared.returns_rx.recv_timeout(timeout).ok()?;
-        shared.returns_bytes.fetch_sub(r.cost(), Ordering::AcqRel);
-        Some(r)
+    /// `timeout`: `Ok(None)` if none came, an error if the channel is closed (by the
+    /// broker or the application) or its connection is closed or lost for good. Returns
+    /// queued before the channel closed are still handed out first. While a recovery
+    /// runs it waits for the reopened channel, within `timeout`. Up to 1024 returns, and
+    /// up to [`consumer_queue_bytes`](crate::ConnectionOptions::consumer_queue_bytes) of
+    /// them, are kept per channel; more are logged, counted and dropped.
+    ///
+    /// ```no_run
+    /// # fn main() -> lepus::Result<()> {
+    /// use std::time::Duration;
+    /// let conn = lepus::Connection::open("amqp://127.0.0.1")?;
+    /// let ch = conn.open_channel()?;
+    /// let mandatory = lepus::PublishOptions { mandatory: true };
+    /// ch.basic_publish("", "no-such-queue", b"x", &lepus::BasicProperties::new(), &mandatory)?;
+    /// if let Some(r) = ch.recv_return(Duration::from_secs(1))? {
+    ///     println!("returned: {} {}", r.reply_code, r.reply_text);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn recv_return(&self, timeout: Duration) -> Result<Option<Returned>> {
+        // The returns queue belongs to one connection generation and nothing is sent on
+        // it when the channel closes, so a waiter looks at the channel's state between
+        // short waits (a closed channel is noticed within one slice).
+        const SLICE: Duration = Duration::from_millis(20);
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(r) = self.try_recv_return_now() {
+                return Ok(Some(r));
+            }
+            let shared = match self.usable(deadline) {
+                Ok(s) => s,
+                Err(e) if e.is_connection_lost() && Instant::now() >= deadline => {
+                    return Ok(None);
+                }
+                Err(e) => return Err(e),
+            };
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            if let Ok(r) = shared.returns_rx.recv_deadline((now + SLICE).min(deadline)) {
+                shared.returns_bytes.fetch_sub(r.cost(), Ordering::AcqRel);
+                return Ok(Some(r));
+            }
+        }
     }
 
-    /// A returned message, if one is waiting.
-    pub fn try_recv_return(&self) -> Option<Returned> {
+    /// A returned message if one is waiting (`Ok(None)` if none); an error if none is
+    /// waiting and the channel cannot be used (see [`Channel::recv_return`]). Never
+    /// blocks, even during a recovery (then `Ok(None)`).
+    pub fn try_recv_return(&self) -> Result<Option<Returned>> {
+        if let Some(r) = self.try_recv_return_now() {
+            return Ok(Some(r));
+        }
+        let cur = self.shared();
+        if cur.is_closed()
+            && (self.inner.closed_by_us.load(Ordering::Acquire)
+                || cur.is_channel_closed()
+                || !cur.conn.will_recover())
+        {
+            return Err(cur.error());
+        }
+        Ok(None)
+    }
+
+    fn try_recv_return_now(&self) -> Option<Returned> {
         let shared = self.shared();
         let r = shared.returns_rx.try_recv().ok()?;
         shared.returns_bytes.fetch_sub(r.cost(), Ordering::AcqRel);
@@ -792,10 +847,33 @@ impl Channel {
         Ok(())
     }
 
-    /// Wait until every message published so far is confirmed: `Ok(true)` if all were
-    /// acked, `Ok(false)` if the broker nacked any since the last call. Keeps waiting
-    /// through a recovery that republishes them (see [`crate::Confirmation::wait_until`]).
-    pub fn wait_for_confirms(&self) -> Result<bool> {
+    /// Wait, until the channel's operation timeout, for every message published so far
+    /// to be confirmed: `Ok(())` if the broker acked every one since the last call,
+    /// [`Error::Nacked`] listing the sequence numbers of those it nacked (each nack is
+    /// reported once). Keeps waiting through a recovery that republishes them (see
+    /// [`crate::Confirmation::wait_outcome_until`]).
+    ///
+    /// ```no_run
+    /// # fn main() -> lepus::Result<()> {
+    /// let conn = lepus::Connection::open("amqp://127.0.0.1")?;
+    /// let ch = conn.open_channel()?;
+    /// ch.confirm_select()?;
+    /// let first = ch.next_publish_sequence();
+    /// for i in 0..100u32 {
+    ///     let body = i.to_string();
+    ///     ch.basic_publish("", "jobs", body.as_bytes(), &lepus::BasicProperties::new(), &Default::default())?;
+    /// }
+    /// match ch.wait_for_confirms() {
+    ///     Ok(()) => {}
+    ///     Err(lepus::Error::Nacked { sequences, .. }) => {
+    ///         // message i had sequence number first + i
+    ///         println!("nacked: {:?}", sequences.iter().map(|s| s - first).collect::<Vec<_>>());
+    ///     }
+    ///     Err(e) => return Err(e),
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn wait_for_confirms(&self) -> Result<()> {
         if !self.inner.record.lock().confirm {
             return Err(Error::NotInConfirmMode);
         }
@@ -809,15 +887,36 @@ impl Channel {
                 Err(e) => return Err(e),
             };
             match shared.confirms.wait_all(deadline) {
+                Ok(nacked) if nacked.is_empty() => return Ok(()),
+                Ok(sequences) => {
+                    return Err(Error::Nacked {
+                        channel: self.id(),
+                        sequences,
+                    });
+                }
                 // Lost with messages outstanding that recovery republishes: wait for the
-                // recovered channel and their new copies (see `Confirmation::wait_until`).
+                // recovered channel and their new copies (see `Confirmation::wait_outcome_until`).
                 Err(_)
                     if shared.conn.is_failed()
                         && shared.conn.will_recover()
                         && shared.conn.opts.recovery.unconfirmed
                             == crate::UnconfirmedPolicy::Republish => {}
-                r => return r,
+                Err(e) => return Err(e),
             }
+        }
+    }
+
+    /// The sequence number the next publish in confirm mode will get (1 for the first
+    /// after [`Channel::confirm_select`]; 0 when not in confirm mode). The broker's acks
+    /// and nacks, and [`Error::Nacked`], name messages by it. Numbering starts again at
+    /// 1 on a recovered channel (messages recovery republishes are numbered again, in
+    /// publish order, before any new one).
+    pub fn next_publish_sequence(&self) -> u64 {
+        let shared = self.shared();
+        if shared.confirms.is_enabled() {
+            shared.confirms.last_seq() + 1
+        } else {
+            0
         }
     }
 

@@ -1,7 +1,7 @@
 //! The `Confirmation` handle: the broker's answer to one published message, waited on
 //! from any thread.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::channel::Channel;
 use crate::confirm_tracker::{Confirm, FAILED, outcome};
@@ -13,14 +13,26 @@ use crate::sync::{Arc, AtomicU8, Ordering};
 // A confirmation comes from a channel's publish; the method lives with the handle it
 // creates, so that imports point one way (confirm -> channel).
 impl Channel {
-    /// Publish in confirm mode and get the message's [`Confirmation`].
+    /// Publish in confirm mode and get the message's [`Confirmation`]; the channel must
+    /// be in confirm mode ([`Channel::confirm_select`]).
+    ///
+    /// ```no_run
+    /// # fn main() -> lepus::Result<()> {
+    /// let conn = lepus::Connection::open("amqp://127.0.0.1")?;
+    /// let ch = conn.open_channel()?;
+    /// ch.confirm_select()?;
+    /// let props = lepus::BasicProperties::new();
+    /// let confirm = ch.basic_publish_confirmed("", "jobs", b"x", &props, &Default::default())?;
+    /// confirm.wait()?; // a nack is Err(Error::Nacked { .. })
+    /// # Ok(()) }
+    /// ```
     pub fn basic_publish_confirmed(
         &self,
         exchange: &str,
         routing_key: &str,
         body: &[u8],
         properties: &BasicProperties,
-        opts: PublishOptions,
+        opts: &PublishOptions,
     ) -> Result<Confirmation> {
         if !self.record().lock().confirm {
             return Err(Error::NotInConfirmMode);
@@ -34,11 +46,33 @@ impl Channel {
 
 /// The confirmation of one published message; wait on it from any thread.
 ///
+/// [`wait`](Confirmation::wait), [`wait_timeout`](Confirmation::wait_timeout) and
+/// [`wait_until`](Confirmation::wait_until) return `Ok(())` only when the broker acked
+/// the message: a nack is [`Error::Nacked`], so `confirm.wait()?` cannot let a nacked
+/// message pass unnoticed. The `wait_outcome*` methods return the broker's answer as a
+/// [`Confirm`] instead, for code that handles nacks itself.
+///
 /// If the connection is lost while the message is unconfirmed and recovery republishes
 /// it (the default policy), a waiter keeps waiting, within its deadline, for the
 /// republished copy's confirmation; under the hand-back policy, or once recovery gives
-/// up, it gets [`Error::ConnectionLost`]. See [`Confirmation::wait_until`] for the
-/// at-least-once contract.
+/// up, it gets [`Error::ConnectionLost`]. See [`Confirmation::wait_outcome_until`] for
+/// the at-least-once contract.
+///
+/// ```no_run
+/// # fn main() -> lepus::Result<()> {
+/// use std::time::Duration;
+/// let conn = lepus::Connection::open("amqp://127.0.0.1")?;
+/// let ch = conn.open_channel()?;
+/// ch.confirm_select()?;
+/// let props = lepus::BasicProperties::new();
+/// let confirm = ch.basic_publish_confirmed("", "jobs", b"x", &props, &Default::default())?;
+/// match confirm.wait_timeout(Duration::from_secs(5)) {
+///     Ok(()) => println!("the broker has message {}", confirm.sequence()),
+///     Err(lepus::Error::Nacked { .. }) => println!("refused: publish it again or give up"),
+///     Err(e) => return Err(e), // timed out, channel closed, connection lost ...
+/// }
+/// # Ok(()) }
+/// ```
 pub struct Confirmation {
     seq: u64,
     slot: Arc<AtomicU8>,
@@ -70,12 +104,45 @@ impl Confirmation {
         outcome(&self.slot).ok().flatten()
     }
 
-    /// Wait for the broker's answer until the channel's default operation timeout.
-    pub fn wait(&self) -> Result<Confirm> {
-        self.wait_until(self.channel.deadline())
+    /// Wait, until the channel's operation timeout, for the broker to ack the message:
+    /// `Ok(())` on an ack, [`Error::Nacked`] on a nack, another error if no answer came
+    /// (see [`Confirmation::wait_outcome_until`]).
+    pub fn wait(&self) -> Result<()> {
+        self.acked(self.wait_outcome())
     }
 
-    /// Wait for the broker's answer until `deadline`.
+    /// Like [`Confirmation::wait`], waiting at most `timeout`.
+    pub fn wait_timeout(&self, timeout: Duration) -> Result<()> {
+        self.acked(self.wait_outcome_timeout(timeout))
+    }
+
+    /// Like [`Confirmation::wait`], waiting until `deadline`.
+    pub fn wait_until(&self, deadline: Instant) -> Result<()> {
+        self.acked(self.wait_outcome_until(deadline))
+    }
+
+    fn acked(&self, outcome: Result<Confirm>) -> Result<()> {
+        match outcome? {
+            Confirm::Ack => Ok(()),
+            Confirm::Nack => Err(Error::Nacked {
+                channel: self.channel.id(),
+                sequences: vec![self.seq],
+            }),
+        }
+    }
+
+    /// The broker's answer ([`Confirm::Ack`] or [`Confirm::Nack`]), waiting until the
+    /// channel's operation timeout.
+    pub fn wait_outcome(&self) -> Result<Confirm> {
+        self.wait_outcome_until(self.channel.deadline())
+    }
+
+    /// The broker's answer, waiting at most `timeout`.
+    pub fn wait_outcome_timeout(&self, timeout: Duration) -> Result<Confirm> {
+        self.wait_outcome_until(Instant::now() + timeout)
+    }
+
+    /// The broker's answer, waiting until `deadline`.
     ///
     /// Across a recovery (with [`crate::UnconfirmedPolicy::Republish`], the default) this
     /// keeps waiting: the message is republished on the recovered channel and its
@@ -84,7 +151,7 @@ impl Confirmation {
     /// That is an at-least-once contract: an `Ack` means the broker has the message (a
     /// copy published before the failure may have reached it too, so consumers may see
     /// it twice); an error after a link loss means the broker may or may not have it.
-    pub fn wait_until(&self, deadline: Instant) -> Result<Confirm> {
+    pub fn wait_outcome_until(&self, deadline: Instant) -> Result<Confirm> {
         loop {
             match outcome(&self.slot) {
                 Ok(Some(c)) => return Ok(c),

@@ -46,7 +46,8 @@ impl Entry {
 struct State {
     next_seq: u64,
     pending: VecDeque<Entry>,
-    nacked_since_wait: bool,
+    /// Sequence numbers nacked since the last `wait_all` (reported, then cleared).
+    nacked_since_wait: Vec<u64>,
     failure: Option<Error>,
     /// The failure kept the unconfirmed messages (`fail`'s `keep`).
     kept: bool,
@@ -162,18 +163,21 @@ impl ConfirmTracker {
     pub fn resolve(&self, tag: u64, multiple: bool, ack: bool) {
         let mut s = self.state.lock();
         let outcome = if ack { ACKED } else { NACKED };
-        if !ack {
-            s.nacked_since_wait = true;
-        }
         if multiple {
             while s.pending.front().is_some_and(|e| e.seq <= tag) {
                 let e = s.pending.pop_front().expect("front checked");
+                if !ack {
+                    s.nacked_since_wait.push(e.seq);
+                }
                 if let Some(slot) = e.slot {
                     slot.store(outcome, Ordering::Release);
                 }
             }
         } else if let Ok(i) = s.pending.binary_search_by_key(&tag, |e| e.seq) {
             let e = s.pending.remove(i).expect("index from search");
+            if !ack {
+                s.nacked_since_wait.push(e.seq);
+            }
             if let Some(slot) = e.slot {
                 slot.store(outcome, Ordering::Release);
             }
@@ -244,16 +248,16 @@ impl ConfirmTracker {
         }
     }
 
-    /// Wait until nothing is outstanding: `Ok(true)` if all were acked since the last
-    /// call, `Ok(false)` if any was nacked.
-    pub fn wait_all(&self, deadline: Instant) -> Result<bool> {
+    /// Wait until nothing is outstanding; returns the sequence numbers nacked since the
+    /// last call (empty if all were acked), in the order the broker nacked them.
+    pub fn wait_all(&self, deadline: Instant) -> Result<Vec<u64>> {
         let mut s = self.state.lock();
         loop {
             if let Some(e) = &s.failure {
                 return Err(e.clone());
             }
             if s.pending.is_empty() {
-                return Ok(!std::mem::take(&mut s.nacked_since_wait));
+                return Ok(std::mem::take(&mut s.nacked_since_wait));
             }
             if self.cv.wait_until_deadline(&mut s, deadline)
                 && !s.pending.is_empty()
@@ -313,5 +317,23 @@ mod tests {
         assert!(closed.adopt(kept).is_empty());
         assert!(closed.take_in_doubt().is_empty());
         assert_eq!(slot.unwrap().load(Ordering::Acquire), FAILED);
+    }
+
+    /// `wait_all` names every nacked message once: single and multiple nacks, mixed
+    /// with acks, in the order the broker sent them.
+    #[test]
+    fn wait_all_reports_each_nacked_sequence_number_once() {
+        let t = ConfirmTracker::new();
+        t.enable();
+        for _ in 0..6 {
+            t.register(false, None).unwrap();
+        }
+        t.resolve(2, false, false); // nack 2
+        t.resolve(1, false, true); // ack 1
+        t.resolve(4, true, false); // nack 3 and 4 (2 is settled already)
+        t.resolve(6, true, true); // ack 5 and 6
+        let far = Instant::now() + std::time::Duration::from_secs(5);
+        assert_eq!(t.wait_all(far).unwrap(), vec![2, 3, 4]);
+        assert_eq!(t.wait_all(far).unwrap(), Vec::<u64>::new(), "reported once");
     }
 }

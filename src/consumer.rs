@@ -237,19 +237,35 @@ impl Consumer {
         }
     }
 
-    /// Like [`Consumer::recv`] with a deadline; [`Error::Timeout`] when none came.
-    pub fn recv_timeout(&self, timeout: Duration) -> Result<Delivery, RecvError> {
+    /// Like [`Consumer::recv`], waiting at most `timeout`: `Ok(None)` when no delivery
+    /// came in time; errors as [`Consumer::recv`].
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), lepus::RecvError> {
+    /// use std::time::Duration;
+    /// let conn = lepus::Connection::open("amqp://127.0.0.1")?;
+    /// let ch = conn.open_channel()?;
+    /// let consumer = ch.basic_consume("jobs", &lepus::ConsumeOptions::default())?;
+    /// while let Some(d) = consumer.recv_timeout(Duration::from_secs(1))? {
+    ///     println!("{} bytes", d.body().len());
+    ///     d.ack()?;
+    /// }
+    /// println!("quiet for a second");
+    /// # Ok(()) }
+    /// ```
+    pub fn recv_timeout(&self, timeout: Duration) -> Result<Option<Delivery>, RecvError> {
         self.recv_deadline(Instant::now() + timeout)
     }
 
-    /// Like [`Consumer::recv`] with a deadline.
-    pub fn recv_deadline(&self, deadline: Instant) -> Result<Delivery, RecvError> {
+    /// Like [`Consumer::recv`], waiting until `deadline`: `Ok(None)` when no delivery
+    /// came in time.
+    pub fn recv_deadline(&self, deadline: Instant) -> Result<Option<Delivery>, RecvError> {
         if let Some(e) = self.ended() {
             return Err(e.into());
         }
         match self.rx.recv_deadline(deadline) {
-            Ok(m) => self.on_msg(m),
-            Err(RecvTimeoutError::Timeout) => Err(Error::Timeout("a delivery").into()),
+            Ok(m) => self.on_msg(m).map(Some),
+            Err(RecvTimeoutError::Timeout) => Ok(None),
             Err(RecvTimeoutError::Disconnected) => {
                 Err(self.end_with(self.channel.shared().error()).into())
             }

@@ -286,6 +286,38 @@ pub enum Error {
     /// The channel is not in confirm mode.
     #[error("channel is not in confirm mode")]
     NotInConfirmMode,
+
+    /// The broker nacked messages published in confirm mode: it did not take them (a
+    /// queue's overflow policy refused them, a quorum queue had no leader, an internal
+    /// error). Publish them again, or give up on them: nothing else will.
+    /// [`Confirmation::wait`](crate::Confirmation::wait) reports its one message;
+    /// [`Channel::wait_for_confirms`](crate::Channel::wait_for_confirms) every message
+    /// nacked since its last call.
+    #[error("{}", nacked_text(*channel, sequences))]
+    Nacked {
+        /// The channel they were published on.
+        channel: u16,
+        /// Their publish sequence numbers (the delivery tags the broker nacked, counted
+        /// from 1 on the channel's current connection, as
+        /// [`Channel::next_publish_sequence`](crate::Channel::next_publish_sequence)
+        /// gives them), in the order the broker nacked them.
+        sequences: Vec<u64>,
+    },
+}
+
+/// The text of an [`Error::Nacked`]: the first few sequence numbers, then how many more.
+fn nacked_text(channel: u16, sequences: &[u64]) -> String {
+    const SHOWN: usize = 8;
+    let mut s = format!(
+        "the broker nacked {} message(s) published on channel {channel}: sequence number(s) ",
+        sequences.len()
+    );
+    let shown: Vec<String> = sequences.iter().take(SHOWN).map(u64::to_string).collect();
+    s.push_str(&shown.join(", "));
+    if sequences.len() > SHOWN {
+        s.push_str(&format!(" and {} more", sequences.len() - SHOWN));
+    }
+    s
 }
 
 impl Error {

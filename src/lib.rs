@@ -6,9 +6,11 @@
 //! let conn = Connection::open("amqp://guest:guest@127.0.0.1:5672/%2f")?;
 //! let ch = conn.open_channel()?;
 //! let q = ch.queue_declare("", &QueueDeclareOptions { exclusive: true, ..Default::default() })?;
-//! ch.basic_publish("", &q.name, b"hello", &BasicProperties::new(), PublishOptions::default())?;
+//! ch.basic_publish("", &q.name, b"hello", &BasicProperties::new(), &PublishOptions::default())?;
 //! let consumer = ch.basic_consume(&q.name, &ConsumeOptions::default())?;
-//! let d = consumer.recv_timeout(std::time::Duration::from_secs(5))?;
+//! let d = consumer
+//!     .recv_timeout(std::time::Duration::from_secs(5))?
+//!     .expect("a delivery within 5 s");
 //! assert_eq!(d.body(), b"hello");
 //! d.ack()?;
 //! conn.close()?;
@@ -148,6 +150,12 @@ not_under_loom! {
     mod uri;
 }
 
+// The README's examples compile as doctests (`cargo test --doc`), so that they keep up
+// with the API.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
 // The fuzz harnesses: only with the `fuzzing` feature (fuzz/ and lepus's own tests).
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
@@ -170,7 +178,7 @@ not_under_loom! {
     pub use options::{
         AuthMechanism, ConnectionOptions, ConsumeOptions, DEFAULT_CONNECTION_QUEUE_BYTES,
         DEFAULT_CONSUMER_QUEUE_BYTES, DEFAULT_MAX_OUTPUT_BYTES, DEFAULT_WRITE_STALL_TIMEOUT,
-        ExchangeDeclareOptions, PublishOptions, QueueDeclareOptions, QueueDeleteOptions,
+        ExchangeDeclareOptions, ExchangeDeleteOptions, PublishOptions, QueueDeclareOptions, QueueDeleteOptions,
         RecoveryOptions, TopologyFilter, UnconfirmedPolicy,
     };
     pub use pool::{ChannelPool, PooledChannel};

@@ -626,6 +626,13 @@ pub struct QueueDeleteOptions {
     pub if_empty: bool,
 }
 
+/// Options of `exchange.delete`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ExchangeDeleteOptions {
+    /// Only if it has no bindings.
+    pub if_unused: bool,
+}
+
 /// Options of `basic.consume`.
 #[derive(Debug, Clone, Default)]
 pub struct ConsumeOptions {

@@ -23,7 +23,7 @@ impl Poolable for Channel {
 /// let conn = lepus::Connection::open("amqp://127.0.0.1")?;
 /// let pool = lepus::ChannelPool::new(&conn, 100);
 /// let ch = pool.acquire()?; // derefs to a Channel; goes back to the pool on drop
-/// ch.basic_publish("", "jobs", b"x", &lepus::BasicProperties::new(), Default::default())?;
+/// ch.basic_publish("", "jobs", b"x", &lepus::BasicProperties::new(), &Default::default())?;
 /// # Ok::<(), lepus::Error>(())
 /// ```
 ///

@@ -21,7 +21,7 @@ impl Channel {
     /// must be in confirm mode), retrying until `deadline`: a nack (e.g. a quorum queue
     /// electing a new leader) is published again after a pause that doubles from 20 ms
     /// to 1 s; a lost link waits for the recovery, whose republished copy settles it (see
-    /// [`crate::Confirmation::wait_until`]). Returns how many publishes it took.
+    /// [`crate::Confirmation::wait_outcome_until`]). Returns how many publishes it took.
     ///
     /// At-least-once: a retried message may reach the broker more than once (a nacked
     /// copy is not routed, but one whose confirmation was lost with the link may be).
@@ -38,7 +38,7 @@ impl Channel {
     /// let deadline = Instant::now() + Duration::from_secs(30);
     /// let attempts = ch.publish_reliably(
     ///     "", "orders", b"order 17", &lepus::BasicProperties::default(),
-    ///     lepus::PublishOptions::default(), deadline,
+    ///     &lepus::PublishOptions::default(), deadline,
     /// )?;
     /// println!("confirmed after {attempts} publish(es)");
     /// # Ok(()) }
@@ -49,7 +49,7 @@ impl Channel {
         routing_key: &str,
         body: &[u8],
         properties: &BasicProperties,
-        opts: PublishOptions,
+        opts: &PublishOptions,
         deadline: Instant,
     ) -> Result<u32> {
         let mut attempts: u32 = 0;
@@ -58,7 +58,7 @@ impl Channel {
             attempts += 1;
             let outcome = self
                 .basic_publish_confirmed(exchange, routing_key, body, properties, opts)
-                .and_then(|c| c.wait_until(deadline));
+                .and_then(|c| c.wait_outcome_until(deadline));
             let why = match outcome {
                 Ok(Confirm::Ack) => return Ok(attempts),
                 Ok(Confirm::Nack) => "nacked".to_string(),

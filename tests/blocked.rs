@@ -42,11 +42,11 @@ fn memory_alarm_blocks_publishers_until_it_clears() {
             &q,
             body,
             &BasicProperties::new(),
-            PublishOptions::default(),
+            &PublishOptions::default(),
         )
     };
     publish(&ch, b"before").unwrap();
-    assert!(ch.wait_for_confirms().unwrap());
+    ch.wait_for_confirms().unwrap();
     assert_eq!(conn.blocked(), None);
 
     let restore = RestoreWatermark;
@@ -78,7 +78,7 @@ fn memory_alarm_blocks_publishers_until_it_clears() {
     drop(restore);
 
     publish(&ch, b"after").unwrap();
-    assert!(ch.wait_for_confirms().unwrap());
+    ch.wait_for_confirms().unwrap();
     let mut bodies = Vec::new();
     while let Some(d) = ch.basic_get(&q, true).unwrap() {
         bodies.push(d.into_body());

@@ -48,7 +48,7 @@ fn broker_closing_a_channel_leaves_the_others_working() {
             &q,
             b"x",
             &BasicProperties::new(),
-            PublishOptions::default(),
+            &PublishOptions::default(),
         ),
         bad.id(),
         404,
@@ -57,7 +57,10 @@ fn broker_closing_a_channel_leaves_the_others_working() {
 
     assert!(conn.is_open() && good.is_open());
     publish(&good, "", &q, b"after 404");
-    let d = consumer.recv_timeout(WAIT).unwrap();
+    let d = consumer
+        .recv_timeout(WAIT)
+        .unwrap()
+        .expect("a delivery in time");
     assert_eq!(d.body(), b"after 404");
 
     // 406 on a double ack.
@@ -78,7 +81,10 @@ fn broker_closing_a_channel_leaves_the_others_working() {
     // Everything else carries on.
     assert!(conn.is_open() && good.is_open());
     d.ack().unwrap();
-    let d = consumer.recv_timeout(WAIT).unwrap();
+    let d = consumer
+        .recv_timeout(WAIT)
+        .unwrap()
+        .expect("a delivery in time");
     assert_eq!(d.body(), b"unused");
     d.ack().unwrap();
     let fresh = conn.open_channel().unwrap();

@@ -188,7 +188,7 @@ impl Load {
                 let mut errors = 0u64;
                 while !stop.load(Ordering::Acquire) {
                     match consumer.recv_timeout(Duration::from_millis(200)) {
-                        Ok(d) => {
+                        Ok(Some(d)) => {
                             let id = String::from_utf8_lossy(d.body()).into_owned();
                             *counts.lock().unwrap().consumed.entry(id).or_insert(0) += 1;
                             if fault_at.get().is_some() {
@@ -197,7 +197,7 @@ impl Load {
                             // A delivery of the lost link cannot be acked: it is redelivered.
                             let _ = d.ack();
                         }
-                        Err(RecvError::Failed(Error::Timeout(_))) => {}
+                        Ok(None) => {}
                         Err(e) => {
                             errors += 1;
                             if errors == 1 || errors % 200 == 0 {
@@ -231,7 +231,7 @@ impl Load {
                         &q,
                         id.as_bytes(),
                         &BasicProperties::default(),
-                        PublishOptions::default(),
+                        &PublishOptions::default(),
                         Instant::now() + Duration::from_secs(30),
                     );
                     let mut c = counts.lock().unwrap();
@@ -360,7 +360,7 @@ fn kill_connected_node_under_load() {
     for (c, n) in per_consumer {
         assert!(n > 0, "consumer {c} got nothing after the recovery");
     }
-    let _ = setup.queue_delete(&q, Default::default());
+    let _ = setup.queue_delete(&q, &Default::default());
 }
 
 /// A rolling restart (graceful stop and start of each node in turn) under the same load.
@@ -434,7 +434,7 @@ fn rolling_restart_under_load() {
     for (c, n) in per_consumer {
         assert!(n > 0, "consumer {c} got nothing during the restart");
     }
-    let _ = setup.queue_delete(&q, Default::default());
+    let _ = setup.queue_delete(&q, &Default::default());
 }
 
 /// A durable classic queue whose node is down fails on its own: the rest of the
@@ -493,7 +493,7 @@ fn classic_queue_on_a_down_node_does_not_block_recovery() {
                 key,
                 id.as_bytes(),
                 &props,
-                PublishOptions::default(),
+                &PublishOptions::default(),
                 deadline(),
             )
             .unwrap();
@@ -504,7 +504,7 @@ fn classic_queue_on_a_down_node_does_not_block_recovery() {
         let end = Instant::now() + Duration::from_secs(30);
         loop {
             match c.recv_deadline(end) {
-                Ok(d) => {
+                Ok(Some(d)) => {
                     let id = String::from_utf8_lossy(d.body()).into_owned();
                     d.ack().unwrap();
                     *counts.consumed.entry(id.clone()).or_insert(0) += 1;
@@ -514,6 +514,7 @@ fn classic_queue_on_a_down_node_does_not_block_recovery() {
                 Err(RecvError::Failed(Error::ConsumerCancelled { .. }))
                 | Err(RecvError::Failed(Error::ConnectionLost(_))) => {}
                 Err(RecvError::Failed(Error::ServerClosedConnection { .. })) => {}
+                Ok(None) => panic!("no delivery within 30 s"),
                 Err(e) => panic!("consumer failed: {e:?}"),
             }
         }
@@ -594,9 +595,9 @@ fn classic_queue_on_a_down_node_does_not_block_recovery() {
         ),
     );
     assert_eq!((lost, dups), (0, 0));
-    let _ = ch.queue_delete(&qc, Default::default());
-    let _ = ch.queue_delete(&qq, Default::default());
-    let _ = ch.exchange_delete(&ex, Default::default());
+    let _ = ch.queue_delete(&qc, &Default::default());
+    let _ = ch.queue_delete(&qq, &Default::default());
+    let _ = ch.exchange_delete(&ex, &Default::default());
 }
 
 /// A consumer the broker cancelled (its queue deleted) comes back when the queue does,
@@ -617,7 +618,7 @@ fn cancelled_consumer_comes_back_with_its_queue() {
         .unwrap()
         .basic_consume(&q, &ConsumeOptions::default())
         .unwrap();
-    och.queue_delete(&q, Default::default()).unwrap();
+    och.queue_delete(&q, &Default::default()).unwrap();
     match consumer.recv_timeout(Duration::from_secs(10)) {
         Err(RecvError::Failed(Error::ConsumerCancelled { .. })) => {}
         other => panic!("expected the broker's cancel, got {other:?}"),
@@ -642,7 +643,7 @@ fn cancelled_consumer_comes_back_with_its_queue() {
                 &q,
                 id.as_bytes(),
                 &BasicProperties::default(),
-                PublishOptions::default(),
+                &PublishOptions::default(),
                 Instant::now() + Duration::from_secs(10),
             )
             .unwrap();
@@ -650,7 +651,10 @@ fn cancelled_consumer_comes_back_with_its_queue() {
         counts.confirmed.insert(id);
     }
     for _ in 0..10 {
-        let d = consumer.recv_timeout(Duration::from_secs(10)).unwrap();
+        let d = consumer
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap()
+            .expect("a delivery in time");
         d.ack().unwrap();
         *counts
             .consumed
@@ -662,7 +666,7 @@ fn cancelled_consumer_comes_back_with_its_queue() {
         &format!("back_after_delete_ms={back_ms}"),
     );
     assert_eq!((lost, dups), (0, 0));
-    och.queue_delete(&q, Default::default()).unwrap();
+    och.queue_delete(&q, &Default::default()).unwrap();
 }
 
 /// Many connections given the same address list spread over the nodes.

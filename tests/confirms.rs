@@ -21,7 +21,7 @@ fn confirms_ack_and_wait_for_confirms() {
             &q,
             b"x",
             &BasicProperties::new(),
-            PublishOptions::default()
+            &PublishOptions::default()
         ),
         Err(Error::NotInConfirmMode)
     ));
@@ -39,7 +39,7 @@ fn confirms_ack_and_wait_for_confirms() {
                 &q,
                 format!("c{i}").as_bytes(),
                 &BasicProperties::new(),
-                PublishOptions::default(),
+                &PublishOptions::default(),
             )
             .unwrap()
         })
@@ -47,15 +47,15 @@ fn confirms_ack_and_wait_for_confirms() {
     let seqs: Vec<u64> = handles.iter().map(|c| c.sequence()).collect();
     assert_eq!(seqs, vec![1, 2, 3, 4, 5]);
     for c in &handles {
-        assert_eq!(c.wait().unwrap(), Confirm::Ack);
+        c.wait().unwrap();
         assert_eq!(c.try_get(), Some(Confirm::Ack));
     }
     for i in 0..100 {
         publish(&ch, "", &q, format!("u{i}").as_bytes());
     }
-    assert!(ch.wait_for_confirms().unwrap());
+    ch.wait_for_confirms().unwrap();
     assert_eq!(ch.unconfirmed(), 0);
-    assert!(ch.wait_for_confirms().unwrap(), "nothing outstanding");
+    ch.wait_for_confirms().expect("nothing outstanding");
     assert_eq!(ready_count(&conn, &q), 105);
     conn.close().unwrap();
 }
@@ -85,30 +85,42 @@ fn confirms_nack_on_reject_publish_overflow() {
             &q,
             body,
             &BasicProperties::new(),
-            PublishOptions::default(),
+            &PublishOptions::default(),
         )
         .unwrap()
     };
     let first = p(b"fits");
     let second = p(b"overflows");
-    assert_eq!(first.wait().unwrap(), Confirm::Ack);
-    assert_eq!(second.wait().unwrap(), Confirm::Nack);
-    assert!(
-        !ch.wait_for_confirms().unwrap(),
-        "a nack since the last wait"
-    );
-    assert!(
-        ch.wait_for_confirms().unwrap(),
-        "the nack was reported once"
-    );
+    first.wait().unwrap();
+    // `wait` makes the nack an error, with the message's sequence number ...
+    match second.wait() {
+        Err(Error::Nacked { channel, sequences }) => {
+            assert_eq!(channel, ch.id());
+            assert_eq!(sequences, vec![second.sequence()]);
+        }
+        other => panic!("expected Error::Nacked, got {other:?}"),
+    }
+    // ... and the detailed outcome is still there.
+    assert_eq!(second.wait_outcome().unwrap(), Confirm::Nack);
+    assert_eq!(second.try_get(), Some(Confirm::Nack));
+    match ch.wait_for_confirms() {
+        Err(Error::Nacked { sequences, .. }) => assert_eq!(sequences, vec![2]),
+        other => panic!("expected the nack since the last wait, got {other:?}"),
+    }
+    ch.wait_for_confirms().expect("the nack was reported once");
 
-    // Untracked publishes: wait_for_confirms sees the nack as well.
+    // Untracked publishes: wait_for_confirms names the nacked ones among them.
+    assert_eq!(ch.next_publish_sequence(), 3);
     publish(&ch, "", &q, b"overflows too");
-    assert!(!ch.wait_for_confirms().unwrap());
+    publish(&ch, "", &q, b"overflows as well");
+    match ch.wait_for_confirms() {
+        Err(Error::Nacked { sequences, .. }) => assert_eq!(sequences, vec![3, 4]),
+        other => panic!("expected two nacks, got {other:?}"),
+    }
 
     assert_eq!(ch.queue_purge(&q).unwrap(), 1);
     publish(&ch, "", &q, b"fits again");
-    assert!(ch.wait_for_confirms().unwrap());
+    ch.wait_for_confirms().unwrap();
     let d = ch.basic_get(&q, true).unwrap().unwrap();
     assert_eq!(d.body(), b"fits again");
     conn.close().unwrap();
@@ -149,7 +161,7 @@ fn concurrent_publishers_on_one_confirm_channel_get_their_own_confirms() {
                                 &q,
                                 id.as_bytes(),
                                 &BasicProperties::new(),
-                                PublishOptions::default(),
+                                &PublishOptions::default(),
                             )
                             .unwrap();
                         (id, c)
@@ -157,20 +169,32 @@ fn concurrent_publishers_on_one_confirm_channel_get_their_own_confirms() {
                     .collect();
                 handles
                     .into_iter()
-                    .map(|(id, c)| (id, c.wait().unwrap()))
+                    .map(|(id, c)| (id, c.sequence(), c.wait_outcome().unwrap()))
                     .collect::<Vec<_>>()
             })
         })
         .collect();
-    let outcomes: Vec<(String, Confirm)> = threads
+    let outcomes: Vec<(String, u64, Confirm)> = threads
         .into_iter()
         .flat_map(|t| t.join().unwrap())
         .collect();
-    assert!(!ch.wait_for_confirms().unwrap(), "some were nacked");
+    let nacked: HashSet<u64> = outcomes
+        .iter()
+        .filter(|(_, _, c)| *c == Confirm::Nack)
+        .map(|(_, seq, _)| *seq)
+        .collect();
+    match ch.wait_for_confirms() {
+        // Exactly the handles that saw a nack, each once.
+        Err(Error::Nacked { sequences, .. }) => {
+            assert_eq!(sequences.len(), nacked.len());
+            assert_eq!(sequences.into_iter().collect::<HashSet<_>>(), nacked);
+        }
+        other => panic!("expected some nacks, got {other:?}"),
+    }
     let acked: HashSet<String> = outcomes
         .iter()
-        .filter(|(_, c)| *c == Confirm::Ack)
-        .map(|(id, _)| id.clone())
+        .filter(|(_, _, c)| *c == Confirm::Ack)
+        .map(|(id, _, _)| id.clone())
         .collect();
     assert_eq!(acked.len(), ROOM as usize);
     let mut queued = HashSet::new();

@@ -70,7 +70,10 @@ fn connection_by_uri_negotiates_limits_and_shows_its_name() {
     let body = pattern(50_000, 7);
     publish(ch, "", &q, &body);
     let consumer = ch.basic_consume(&q, &ConsumeOptions::default()).unwrap();
-    let d = consumer.recv_timeout(WAIT).unwrap();
+    let d = consumer
+        .recv_timeout(WAIT)
+        .unwrap()
+        .expect("a delivery in time");
     assert_eq!(d.body(), &body[..]);
     d.ack().unwrap();
 

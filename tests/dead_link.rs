@@ -49,7 +49,7 @@ fn block_calls_with(
             &q,
             b"held",
             &BasicProperties::new(),
-            PublishOptions::default(),
+            &PublishOptions::default(),
         )
         .unwrap();
 
@@ -85,7 +85,7 @@ fn block_calls_with(
     let cc = confirm_ch.clone();
     spawn(
         "wait_for_confirms",
-        Box::new(move || cc.wait_for_confirms().map(|b| b.to_string())),
+        Box::new(move || cc.wait_for_confirms().map(|()| "all acked".to_string())),
     );
     spawn(
         "confirmation",
@@ -157,7 +157,7 @@ fn dead_link_wakes_every_blocked_call_with_connection_lost() {
                 "q",
                 b"x",
                 &BasicProperties::new(),
-                PublishOptions::default()
+                &PublishOptions::default()
             )
             .unwrap_err()
             .is_connection_lost()
@@ -247,7 +247,7 @@ fn close_on_a_live_connection_is_quick_and_ends_consumers() {
             &q,
             b"x",
             &BasicProperties::new(),
-            PublishOptions::default()
+            &PublishOptions::default()
         ),
         Err(Error::ConnectionClosed)
     ));
@@ -272,7 +272,7 @@ fn silent_broker_is_detected_by_missed_heartbeats() {
     let took = t.elapsed();
     match r {
         Err(e) => assert!(e.is_connection_lost(), "{e:?}"),
-        Ok(d) => panic!("unexpected delivery {d:?}"),
+        Ok(d) => panic!("expected a lost link, got {d:?}"),
     }
     assert!(
         took >= Duration::from_millis(900) && took < Duration::from_secs(5),

@@ -59,7 +59,7 @@ fn a_failing_queue_does_not_block_the_rest_and_is_retried() {
     // Someone else replaces `bad` with other arguments: declaring it again fails (406).
     let other = connect();
     let och = other.open_channel().unwrap();
-    och.queue_delete(&bad, Default::default()).unwrap();
+    och.queue_delete(&bad, &Default::default()).unwrap();
     och.queue_declare(&bad, &with_ttl(1_000)).unwrap();
 
     let t = Instant::now();
@@ -88,7 +88,7 @@ fn a_failing_queue_does_not_block_the_rest_and_is_retried() {
             &good,
             b"after",
             &BasicProperties::default(),
-            PublishOptions::default(),
+            &PublishOptions::default(),
             Instant::now() + WAIT,
         )
         .unwrap();
@@ -96,7 +96,8 @@ fn a_failing_queue_does_not_block_the_rest_and_is_retried() {
     // The consumer first hears of the lost link (a passing notice), then the message.
     let body = loop {
         match consumer.recv_timeout(WAIT) {
-            Ok(d) => break d.into_body(),
+            Ok(Some(d)) => break d.into_body(),
+            Ok(None) => panic!("no delivery within {WAIT:?}"),
             Err(lepus::RecvError::Failed(e)) if e.is_connection_lost() => {}
             Err(e) => panic!("consumer: {e:?}"),
         }
@@ -104,7 +105,7 @@ fn a_failing_queue_does_not_block_the_rest_and_is_retried() {
     assert_eq!(body, b"after");
 
     // Once the other declaration is gone, the retry declares ours again.
-    och.queue_delete(&bad, Default::default()).unwrap();
+    och.queue_delete(&bad, &Default::default()).unwrap();
     assert!(wait_until(Duration::from_secs(10), || {
         events.lock().unwrap().iter().any(|e| {
             e.kind == RecoveryEventKind::EntityRecovered(TopologyEntity::Queue(bad.clone()))
@@ -205,7 +206,7 @@ fn a_confirmation_waiter_follows_the_republished_copy() {
             &q,
             b"held",
             &BasicProperties::default(),
-            PublishOptions::default(),
+            &PublishOptions::default(),
         )
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -217,8 +218,8 @@ fn a_confirmation_waiter_follows_the_republished_copy() {
     let t = Instant::now();
     fwd.reset();
     fwd.heal();
-    assert_eq!(waiter.join().unwrap().unwrap(), lepus::Confirm::Ack);
-    assert!(all.join().unwrap().unwrap(), "wait_for_confirms");
+    waiter.join().unwrap().expect("acked");
+    all.join().unwrap().expect("wait_for_confirms: all acked");
     assert!(recovered_after(&conn, t));
     assert!(conn.generation() > 1);
     assert!(conn.recovery_events().iter().any(|e| matches!(

@@ -64,7 +64,7 @@ fn expect_protocol(e: &Error, code: u16) {
     }
 }
 
-fn bad_delivery(r: Result<lepus::Delivery, RecvError>) -> Box<lepus::BadDelivery> {
+fn bad_delivery(r: Result<Option<lepus::Delivery>, RecvError>) -> Box<lepus::BadDelivery> {
     match r {
         Err(RecvError::Bad(b)) => {
             // `?` in a function returning lepus::Result keeps the facts, not the handle.
@@ -125,7 +125,10 @@ fn oversized_frame_case(tune: Tune, opts_frame_max: u32, kind: u8, size: u32) {
     });
     let conn = Connection::open_with(broker.options().frame_max(opts_frame_max)).unwrap();
     let (_ch1, consumer) = consume(&conn);
-    let d = consumer.recv_timeout(Duration::from_secs(5)).unwrap();
+    let d = consumer
+        .recv_timeout(Duration::from_secs(5))
+        .unwrap()
+        .expect("a delivery in time");
     assert_eq!(d.body().len(), 3 * conn.frame_max() as usize);
     let recv = Waiter::spawn(move || consumer.recv_timeout(Duration::from_secs(10)));
     let ch2 = conn.open_channel().unwrap();
@@ -248,7 +251,10 @@ fn content_over_max_message_size_is_skipped_and_the_next_delivery_arrives() {
         );
         assert_eq!(bad.delivery_tag(), 1);
         bad.reject(false).unwrap();
-        let d = consumer.recv_timeout(Duration::from_secs(5)).unwrap();
+        let d = consumer
+            .recv_timeout(Duration::from_secs(5))
+            .unwrap()
+            .expect("a delivery in time");
         assert_eq!((d.delivery_tag(), d.body()), (2, &b"next"[..]));
         d.ack().unwrap();
         assert!(conn.is_open() && ch.is_open());
@@ -364,7 +370,10 @@ fn undecodable_case(frame_max: u32, bad_props: Vec<Vec<u8>>, why: &'static [&'st
         assert_eq!(bad.body(), b"bad body");
         bad.ack().unwrap();
     }
-    let d = consumer.recv_timeout(Duration::from_secs(5)).unwrap();
+    let d = consumer
+        .recv_timeout(Duration::from_secs(5))
+        .unwrap()
+        .expect("a delivery in time");
     assert_eq!((d.delivery_tag(), d.body()), (n + 1, &b"good"[..]));
     assert_eq!(
         d.properties().headers,
@@ -1005,7 +1014,10 @@ fn server_channel_close_ends_only_that_channel() {
             .queue_declare("still-here", &QueueDeclareOptions::default())
             .unwrap();
         assert_eq!((info.message_count, info.consumer_count), (3, 1));
-        let d = consumer2.recv_timeout(Duration::from_secs(5)).unwrap();
+        let d = consumer2
+            .recv_timeout(Duration::from_secs(5))
+            .unwrap()
+            .expect("a delivery in time");
         assert_eq!(d.body(), b"on channel 2");
         d.ack().unwrap();
         assert!(conn.is_open() && ch2.is_open());
@@ -1065,7 +1077,10 @@ fn deep_headers_through_rabbitmq_are_a_bad_delivery_and_the_next_message_arrives
                 assert_eq!(bad.body(), b"deep");
                 bad.reject(false).unwrap();
 
-                let d = consumer.recv_timeout(Duration::from_secs(10)).unwrap();
+                let d = consumer
+                    .recv_timeout(Duration::from_secs(10))
+                    .unwrap()
+                    .expect("a delivery in time");
                 assert_eq!((d.delivery_tag(), d.body()), (2, &b"normal"[..]));
                 d.ack().unwrap();
                 assert!(conn.is_open() && cch.is_open());
@@ -1084,7 +1099,7 @@ fn deep_headers_through_rabbitmq_are_a_bad_delivery_and_the_next_message_arrives
                     )
                     .unwrap();
                 assert_eq!((info.message_count, info.consumer_count), (0, 0));
-                ch.queue_delete(&q, Default::default()).unwrap();
+                ch.queue_delete(&q, &Default::default()).unwrap();
                 conn.close().unwrap();
                 assert_no_large_allocation();
             });

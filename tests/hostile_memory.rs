@@ -124,7 +124,7 @@ fn offered_case(
         let deadline = Instant::now() + Duration::from_secs(30);
         while got < count {
             for c in &cs {
-                if let Ok(d) = c.recv_timeout(Duration::from_millis(10)) {
+                if let Ok(Some(d)) = c.recv_timeout(Duration::from_millis(10)) {
                     assert_eq!(d.body().len(), body_len);
                     got += 1;
                 }
@@ -229,7 +229,10 @@ fn decoded_header_size_is_bounded_through_rabbitmq() {
         let queued = consumer.queued();
         assert!((queued as u64) < count, "all {queued} were queued");
         for _ in 0..count {
-            let d = consumer.recv_timeout(Duration::from_secs(10)).unwrap();
+            let d = consumer
+                .recv_timeout(Duration::from_secs(10))
+                .unwrap()
+                .expect("a delivery in time");
             d.ack().unwrap();
         }
         eprintln!(
@@ -238,7 +241,7 @@ fn decoded_header_size_is_bounded_through_rabbitmq() {
         );
         assert!(peak < 4 * MIB + 4 * MIB, "peak {} KiB", peak / 1024);
         drop(consumer);
-        ch.queue_delete(&q, Default::default()).unwrap();
+        ch.queue_delete(&q, &Default::default()).unwrap();
         conn.close().unwrap();
     });
 }

@@ -71,7 +71,10 @@ fn deliveries_for_no_consumer_are_rejected_counted_and_the_channel_carries_on() 
             .orphan_deliveries()
             == 1));
         let consumer = ch.basic_consume("q", &ConsumeOptions::default()).unwrap();
-        let d = consumer.recv_timeout(Duration::from_secs(5)).unwrap();
+        let d = consumer
+            .recv_timeout(Duration::from_secs(5))
+            .unwrap()
+            .expect("a delivery in time");
         assert_eq!((d.delivery_tag(), d.body()), (3, &b"mine"[..]));
         assert_eq!(ch.orphan_deliveries(), 2);
         consumer.cancel().unwrap();
@@ -119,7 +122,7 @@ fn confirm_violation_case(ack: basic::AMQPMethod, expect_in_text: &'static str) 
                 "q",
                 b"1",
                 &BasicProperties::default(),
-                PublishOptions::default(),
+                &PublishOptions::default(),
             )
             .unwrap();
         let c2 = ch
@@ -128,7 +131,7 @@ fn confirm_violation_case(ack: basic::AMQPMethod, expect_in_text: &'static str) 
                 "q",
                 b"2",
                 &BasicProperties::default(),
-                PublishOptions::default(),
+                &PublishOptions::default(),
             )
             .unwrap();
         for c in [c1, c2] {
@@ -453,7 +456,12 @@ fn a_candidate_failing_on_a_protocol_error_keeps_its_consumers() {
         for consumer in &consumers {
             let delivery = loop {
                 match consumer.recv_deadline(deadline) {
-                    Ok(d) => break d,
+                    Ok(Some(d)) => break d,
+                    Ok(None) => panic!(
+                        "consumer {}: no delivery within 20 s; events {:#?}",
+                        consumer.tag(),
+                        conn.recovery_events()
+                    ),
                     // The lost links pass by (a recovery follows each).
                     Err(e) if e.is_connection_lost() => continue,
                     Err(e) => panic!(

@@ -90,7 +90,10 @@ fn deliver_with_non_utf8_routing_key_and_exchange_is_a_rejectable_bad_delivery()
         assert_eq!(bad.delivery_tag(), 2);
         assert!(undecodable(bad.kind()).contains("exchange is not UTF-8"));
         bad.reject(true).unwrap();
-        let d = consumer.recv_timeout(Duration::from_secs(5)).unwrap();
+        let d = consumer
+            .recv_timeout(Duration::from_secs(5))
+            .unwrap()
+            .expect("a delivery in time");
         assert_eq!((d.delivery_tag(), d.body()), (3, &b"good"[..]));
         d.ack().unwrap();
         assert!(conn.is_open() && ch.is_open());
@@ -119,6 +122,7 @@ fn return_with_non_utf8_routing_key_reaches_recv_return_as_undecodable() {
         let ch = conn.open_channel().unwrap();
         let r = ch
             .recv_return(Duration::from_secs(5))
+            .expect("the channel lives")
             .expect("the return arrives");
         assert_eq!(r.reply_code, reply_code::NO_ROUTE);
         assert_eq!(r.reply_text, "NO_ROUTE");
@@ -239,7 +243,10 @@ fn non_utf8_routing_key_through_rabbitmq_costs_only_that_message() {
         assert_eq!(bad.body(), b"bad 2");
         assert_eq!(bad.routing_key(), "key-\u{fffd}\u{fffd}-not-utf8");
         bad.reject(false).unwrap();
-        let d = consumer.recv_timeout(Duration::from_secs(10)).unwrap();
+        let d = consumer
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap()
+            .expect("a delivery in time");
         assert_eq!(d.body(), b"normal");
         d.ack().unwrap();
         assert!(conn.is_open() && ch.is_open() && cch.is_open());
@@ -256,7 +263,7 @@ fn non_utf8_routing_key_through_rabbitmq_costs_only_that_message() {
             )
             .unwrap();
         assert_eq!((info.message_count, info.consumer_count), (0, 0));
-        ch.queue_delete(&q, Default::default()).unwrap();
+        ch.queue_delete(&q, &Default::default()).unwrap();
         conn.close().unwrap();
     });
 }

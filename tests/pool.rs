@@ -374,13 +374,13 @@ fn pool_keeps_working_across_a_recovery() {
                         &q,
                         b"pooled",
                         &BasicProperties::new(),
-                        PublishOptions::default(),
+                        &PublishOptions::default(),
                     )
                 });
                 u.lock().unwrap().remove(&ch.id());
                 drop(ch);
-                let ok = match published.and_then(|conf| match conf.wait() {
-                    Err(e) if e.is_connection_lost() => conf.wait(),
+                let ok = match published.and_then(|conf| match conf.wait_outcome() {
+                    Err(e) if e.is_connection_lost() => conf.wait_outcome(),
                     other => other,
                 }) {
                     Ok(Confirm::Ack) => true,

@@ -307,7 +307,13 @@ fn publisher(run: Arc<Run>, index: usize) -> ThreadReport {
             run.max_in_use.fetch_max(in_use.len(), Ordering::SeqCst);
         }
         let published = ch.confirm_select().and_then(|()| {
-            ch.basic_publish_confirmed("", &run.queue, &body(id), &props, PublishOptions::default())
+            ch.basic_publish_confirmed(
+                "",
+                &run.queue,
+                &body(id),
+                &props,
+                &PublishOptions::default(),
+            )
         });
         run.in_use.lock().unwrap().remove(&cid);
         drop(ch);
@@ -321,7 +327,7 @@ fn publisher(run: Arc<Run>, index: usize) -> ThreadReport {
         };
         let mut tries = 0;
         let outcome = loop {
-            match confirmation.wait() {
+            match confirmation.wait_outcome() {
                 Ok(Confirm::Ack) => break Outcome::Acked,
                 Ok(Confirm::Nack) => break Outcome::Nacked,
                 Err(e) => {
@@ -358,7 +364,8 @@ fn consumer(run: Arc<Run>) -> ThreadReport {
     let mut lost = false;
     while !run.stop_consumers.load(Ordering::SeqCst) {
         match c.recv_timeout(Duration::from_millis(50)) {
-            Ok(d) => {
+            Ok(None) => {}
+            Ok(Some(d)) => {
                 rep.received += 1;
                 run.consumed.lock().unwrap().insert(id_of(d.body()));
                 run.deliveries.fetch_add(1, Ordering::SeqCst);
@@ -374,7 +381,6 @@ fn consumer(run: Arc<Run>) -> ThreadReport {
                     Err(e) => rep.error(&run, &e),
                 }
             }
-            Err(RecvError::Failed(Error::Timeout(_))) => {}
             Err(e) if e.is_connection_lost() => {
                 lost = true;
                 rep.error(&run, &e.into());
@@ -905,7 +911,8 @@ fn repeated_resets_each_open_a_new_connection() {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             match consumer.recv_deadline(deadline) {
-                Ok(d) => {
+                Ok(None) => panic!("cycle {cycle}: no delivery in time"),
+                Ok(Some(d)) => {
                     let got = id_of(d.body());
                     let _ = d.ack();
                     if got == id {
@@ -963,7 +970,7 @@ fn close_is_not_a_failure() {
                         &queue,
                         &body(n),
                         &BasicProperties::new(),
-                        PublishOptions::default(),
+                        &PublishOptions::default(),
                     )
                     .and_then(|c| c.wait());
                 match r {
@@ -1059,7 +1066,7 @@ fn hand_back_policy_returns_unconfirmed_messages() {
     let confirmations: Vec<_> = bodies
         .iter()
         .map(|b| {
-            ch.basic_publish_confirmed("", &queue, b, &props, PublishOptions::default())
+            ch.basic_publish_confirmed("", &queue, b, &props, &PublishOptions::default())
                 .unwrap()
         })
         .collect();
@@ -1070,7 +1077,7 @@ fn hand_back_policy_returns_unconfirmed_messages() {
     let waiter = {
         let c = ch.clone();
         let conf = ch
-            .basic_publish_confirmed("", &queue, b"waited", &props, PublishOptions::default())
+            .basic_publish_confirmed("", &queue, b"waited", &props, &PublishOptions::default())
             .unwrap();
         std::thread::spawn(move || {
             let r = conf.wait();
@@ -1181,7 +1188,8 @@ fn server_named_queue_is_renamed_and_its_consumer_follows() {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             match consumer.recv_deadline(deadline) {
-                Ok(d) => {
+                Ok(None) => panic!("no delivery in time"),
+                Ok(Some(d)) => {
                     d.ack().unwrap();
                     assert_eq!(d.body(), want);
                     return;
@@ -1252,7 +1260,7 @@ fn disabled_recovery_gives_raw_failures_and_no_reconnect() {
             &q,
             b"x",
             &BasicProperties::new(),
-            PublishOptions::default(),
+            &PublishOptions::default(),
         )
         .unwrap();
     let mut crew: Crew<Error> = Crew::new();
@@ -1294,7 +1302,7 @@ fn disabled_recovery_gives_raw_failures_and_no_reconnect() {
             &q,
             b"y",
             &BasicProperties::new(),
-            PublishOptions::default(),
+            &PublishOptions::default(),
         )
         .unwrap_err();
     assert!(e.is_connection_lost(), "{e:?}");
@@ -1373,7 +1381,7 @@ fn bounded_attempts_give_up_and_end_consumers() {
             &queue,
             b"x",
             &BasicProperties::new(),
-            PublishOptions::default(),
+            &PublishOptions::default(),
         )
         .unwrap_err();
     assert!(e.to_string().contains("gave up"), "{e:?}");
@@ -1576,7 +1584,7 @@ fn republish_cut_by_a_reset() -> bool {
                     &q,
                     &message(id),
                     &BasicProperties::new(),
-                    PublishOptions::default(),
+                    &PublishOptions::default(),
                 ) {
                     Ok(c) => held.push(c),
                     Err(Error::Timeout(_)) => break,
@@ -1618,10 +1626,10 @@ fn republish_cut_by_a_reset() -> bool {
     let mut errors = HashMap::<String, usize>::new();
     let deadline = Instant::now() + Duration::from_secs(10);
     for c in &confirmations {
-        let mut r = c.wait_until(deadline);
+        let mut r = c.wait_outcome_until(deadline);
         // A waiter is told of each loss; waiting again follows the republished copy.
         while matches!(&r, Err(e) if e.is_connection_lost()) {
-            r = c.wait_until(deadline);
+            r = c.wait_outcome_until(deadline);
         }
         match r {
             Ok(Confirm::Ack) => acked += 1,
@@ -1669,7 +1677,7 @@ fn close_during_recovery_stops_it() {
             "x",
             b"x",
             &BasicProperties::new(),
-            PublishOptions::default(),
+            &PublishOptions::default(),
         )
     });
     let c = ch.clone();
@@ -1768,7 +1776,7 @@ fn brief_partition_is_not_a_failure() {
                 &queue,
                 &body(i),
                 &BasicProperties::new(),
-                PublishOptions::default(),
+                &PublishOptions::default(),
             )
             .unwrap()
         })
@@ -1777,7 +1785,7 @@ fn brief_partition_is_not_a_failure() {
     assert!(held.iter().all(|c| c.try_get().is_none()));
     proxy.heal();
     for c in &held {
-        assert_eq!(c.wait().unwrap(), Confirm::Ack);
+        c.wait().expect("acked");
     }
     std::thread::sleep(Duration::from_millis(2500));
     assert!(

@@ -27,7 +27,7 @@ fn a_stalled_consumer_resumes_within_milliseconds_of_a_take() {
     for i in 0..BOUND + ROUNDS + 100 {
         publish(&pubch, "", &q, i.to_string().as_bytes());
     }
-    assert!(pubch.wait_for_confirms().unwrap());
+    pubch.wait_for_confirms().unwrap();
     // No prefetch limit and no acks: the broker pushes everything, the local queue fills
     // to its bound and the I/O thread stalls on it.
     let consumer = ch
@@ -42,7 +42,10 @@ fn a_stalled_consumer_resumes_within_milliseconds_of_a_take() {
     assert!(wait_until(Duration::from_secs(10), || consumer.queued() >= BOUND));
     let mut resumed = Vec::with_capacity(ROUNDS);
     for i in 0..ROUNDS {
-        let d = consumer.recv_timeout(Duration::from_secs(5)).unwrap();
+        let d = consumer
+            .recv_timeout(Duration::from_secs(5))
+            .unwrap()
+            .expect("a delivery in time");
         assert_eq!(d.body(), i.to_string().as_bytes());
         let took = Instant::now();
         // Nothing but the take's wake-up can make the I/O thread read again.

@@ -3,8 +3,8 @@
 mod support;
 
 use lepus::{
-    BasicProperties, ConsumeOptions, ExchangeDeclareOptions, FieldValue, PublishOptions,
-    QueueDeclareOptions, QueueDeleteOptions, reply_code,
+    BasicProperties, ConsumeOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, FieldValue,
+    PublishOptions, QueueDeclareOptions, QueueDeleteOptions, reply_code,
 };
 use support::fixtures::*;
 use support::{Cleanup, connect, publish_confirmed, unique, wait_until};
@@ -60,7 +60,7 @@ fn exchange_declare_passive_delete_and_exchange_to_exchange_bindings() {
     // The source has a binding: delete if_unused is refused.
     let other = conn.open_channel().unwrap();
     assert_channel_closed(
-        other.exchange_delete(&src, true),
+        other.exchange_delete(&src, &ExchangeDeleteOptions { if_unused: true }),
         other.id(),
         reply_code::PRECONDITION_FAILED,
     );
@@ -82,14 +82,14 @@ fn exchange_declare_passive_delete_and_exchange_to_exchange_bindings() {
             "",
             b"direct",
             &BasicProperties::new(),
-            PublishOptions::default(),
+            &PublishOptions::default(),
         )
         .unwrap();
     assert_channel_closed(c.wait(), direct.id(), reply_code::ACCESS_REFUSED);
     assert!(!direct.is_open());
 
-    ch.exchange_delete(&dst, false).unwrap();
-    ch.exchange_delete(&src, false).unwrap();
+    ch.exchange_delete(&dst, &Default::default()).unwrap();
+    ch.exchange_delete(&src, &Default::default()).unwrap();
     for x in [&src, &dst] {
         let probe = conn.open_channel().unwrap();
         assert_channel_closed(
@@ -268,7 +268,7 @@ fn queue_bind_unbind_purge_and_delete_counts() {
     assert_channel_closed(
         other.queue_delete(
             &q,
-            QueueDeleteOptions {
+            &QueueDeleteOptions {
                 if_empty: true,
                 ..Default::default()
             },
@@ -281,12 +281,15 @@ fn queue_bind_unbind_purge_and_delete_counts() {
     let consumer = consumer_ch
         .basic_consume(&q, &ConsumeOptions::default())
         .unwrap();
-    let held = consumer.recv_timeout(WAIT).unwrap(); // one unacked, one ready
+    let held = consumer
+        .recv_timeout(WAIT)
+        .unwrap()
+        .expect("a delivery in time"); // one unacked, one ready
     let other = conn.open_channel().unwrap();
     assert_channel_closed(
         other.queue_delete(
             &q,
-            QueueDeleteOptions {
+            &QueueDeleteOptions {
                 if_unused: true,
                 ..Default::default()
             },
@@ -300,7 +303,7 @@ fn queue_bind_unbind_purge_and_delete_counts() {
     assert!(wait_until(WAIT, || ready_count(&conn, &q) == 2));
 
     assert_eq!(
-        ch.queue_delete(&q, QueueDeleteOptions::default()).unwrap(),
+        ch.queue_delete(&q, &QueueDeleteOptions::default()).unwrap(),
         2
     );
     assert!(!queue_exists(&conn, &q));

@@ -116,7 +116,7 @@ pub fn declare(admin: &Channel, name: &str) {
 }
 
 pub fn delete(admin: &Channel, name: &str) {
-    let _ = admin.queue_delete(name, QueueDeleteOptions::default());
+    let _ = admin.queue_delete(name, &QueueDeleteOptions::default());
 }
 
 /// Messages ready in `queue` (passive declare).

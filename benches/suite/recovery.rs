@@ -183,7 +183,7 @@ pub fn run(url: &str, fault: Fault, threads: usize) -> RecoveryRun {
                             &queue,
                             b"x",
                             &props,
-                            PublishOptions::default(),
+                            &PublishOptions::default(),
                         )
                         .and_then(|c| c.wait());
                     let now = Instant::now();
@@ -325,7 +325,7 @@ pub fn repeated(url: &str, n: usize) -> RepeatedRun {
                         &queue,
                         b"bg",
                         &BasicProperties::new(),
-                        PublishOptions::default(),
+                        &PublishOptions::default(),
                     )
                     .and_then(|c| c.wait());
                 checker.end(op, r.err());
@@ -350,7 +350,7 @@ pub fn repeated(url: &str, n: usize) -> RepeatedRun {
         while Instant::now() < limit {
             let op = checker.begin();
             let r = ch
-                .basic_publish_confirmed("", &queue, b"probe", &props, PublishOptions::default())
+                .basic_publish_confirmed("", &queue, b"probe", &props, &PublishOptions::default())
                 .and_then(|c| c.wait());
             let now = Instant::now();
             let was_ok = r.is_ok();

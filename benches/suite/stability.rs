@@ -112,20 +112,20 @@ fn random_op(sh: &Shared, ch: &lepus::Channel, rng: &mut Rng, id: u64) -> Option
     let mut confirmed = None;
     let r: lepus::Result<()> = match rng.next() % 7 {
         0 | 1 => ch
-            .basic_publish_confirmed("", &sh.queue, &body, &props, PublishOptions::default())
-            .and_then(|c| c.wait())
+            .basic_publish_confirmed("", &sh.queue, &body, &props, &PublishOptions::default())
+            .and_then(|c| c.wait_outcome())
             .map(|c| {
                 if c == lepus::Confirm::Ack {
                     confirmed = Some(id);
                 }
             }),
         2 => ch
-            .basic_publish("", &sh.queue, &body, &props, PublishOptions::default())
+            .basic_publish("", &sh.queue, &body, &props, &PublishOptions::default())
             .map(|_| ()),
         3 => match sh.pool.acquire_timeout(Duration::from_secs(10)) {
             Ok(g) => {
                 sh.holds.take(&g);
-                let r = g.basic_publish("", &sh.queue, &body, &props, PublishOptions::default());
+                let r = g.basic_publish("", &sh.queue, &body, &props, &PublishOptions::default());
                 sh.holds.give(g);
                 r
             }
@@ -179,7 +179,7 @@ pub fn chaos(
             &scratch,
             &i.to_le_bytes(),
             &BasicProperties::new(),
-            PublishOptions::default(),
+            &PublishOptions::default(),
         );
     }
     let sh = Arc::new(Shared {
@@ -226,9 +226,9 @@ pub fn chaos(
                             &sh.queue,
                             &id.to_le_bytes(),
                             &BasicProperties::new(),
-                            PublishOptions::default(),
+                            &PublishOptions::default(),
                         )
-                        .and_then(|c| c.wait());
+                        .and_then(|c| c.wait_outcome());
                     if let Ok(c) = r {
                         if c == lepus::Confirm::Ack {
                             res.confirmed.push(id);
@@ -320,7 +320,7 @@ fn drain(conn: &Connection, queue: &str) -> (HashMap<u64, u32>, usize) {
         .expect("drain consumer");
     let mut found: HashMap<u64, u32> = HashMap::new();
     let mut dups = 0;
-    while let Ok(d) = c.recv_timeout(Duration::from_millis(500)) {
+    while let Ok(Some(d)) = c.recv_timeout(Duration::from_millis(500)) {
         if let Ok(b) = <[u8; 8]>::try_from(d.body()) {
             let n = found.entry(u64::from_le_bytes(b)).or_insert(0);
             *n += 1;
@@ -366,7 +366,7 @@ pub fn contention(url: &str, threads: usize, per_thread: usize) -> ChaosRun {
                                 &queue,
                                 b"c",
                                 &BasicProperties::new(),
-                                PublishOptions::default(),
+                                &PublishOptions::default(),
                             )
                             .is_err()
                             {

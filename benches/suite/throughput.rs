@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, OnceLock};
 use std::time::{Duration, Instant};
 
-use lepus::{BasicProperties, ChannelPool, ConsumeOptions, PublishOptions, RecvError};
+use lepus::{BasicProperties, ChannelPool, ConsumeOptions, PublishOptions};
 
 use crate::common::{self, connect, declare, delete, spawn, wait_count};
 use crate::stats::{IdLedger, Percentiles, Samples, read_stamp, stamp_body};
@@ -105,7 +105,7 @@ pub fn publish(url: &str, threads: usize, per_thread: usize, mode: Mode) -> Publ
                     let t0 = Instant::now();
                     let ok = match mode {
                         Mode::None => ch
-                            .basic_publish("", &queue, &body, &props, PublishOptions::default())
+                            .basic_publish("", &queue, &body, &props, &PublishOptions::default())
                             .is_ok(),
                         Mode::Each => ch
                             .basic_publish_confirmed(
@@ -113,17 +113,23 @@ pub fn publish(url: &str, threads: usize, per_thread: usize, mode: Mode) -> Publ
                                 &queue,
                                 &body,
                                 &props,
-                                PublishOptions::default(),
+                                &PublishOptions::default(),
                             )
                             .and_then(|c| c.wait())
-                            .is_ok_and(|c| c == lepus::Confirm::Ack),
+                            .is_ok(),
                         Mode::Window(w) => {
                             let ok = ch
-                                .basic_publish("", &queue, &body, &props, PublishOptions::default())
+                                .basic_publish(
+                                    "",
+                                    &queue,
+                                    &body,
+                                    &props,
+                                    &PublishOptions::default(),
+                                )
                                 .is_ok();
                             window.push(t0);
                             if window.len() == w || i + 1 == per_thread {
-                                let all = ch.wait_for_confirms().unwrap_or(false);
+                                let all = ch.wait_for_confirms().is_ok();
                                 let now = Instant::now();
                                 for t in window.drain(..) {
                                     lat.push(now - t);
@@ -340,7 +346,7 @@ pub fn consumers(url: &str, n: usize, messages: usize) -> ConsumeRun {
                 ready.fetch_add(1, Ordering::AcqRel);
                 while !stop.load(Ordering::Acquire) {
                     match consumer.recv_timeout(Duration::from_millis(20)) {
-                        Ok(d) => {
+                        Ok(Some(d)) => {
                             let now = now_ns();
                             match read_stamp(d.body()) {
                                 Some((id, sent)) if ledger.record(id) => {
@@ -356,7 +362,7 @@ pub fn consumers(url: &str, n: usize, messages: usize) -> ConsumeRun {
                             last_recv.fetch_max(now, Ordering::AcqRel);
                             received.fetch_add(1, Ordering::AcqRel);
                         }
-                        Err(RecvError::Failed(lepus::Error::Timeout(_))) => {}
+                        Ok(None) => {}
                         Err(_) => {
                             errors.fetch_add(1, Ordering::Relaxed);
                             break;
@@ -382,7 +388,7 @@ pub fn consumers(url: &str, n: usize, messages: usize) -> ConsumeRun {
     for id in 0..messages {
         let body = stamp_body(id as u64, now_ns(), 64);
         if producer
-            .basic_publish("", &queue, &body, &props, PublishOptions::default())
+            .basic_publish("", &queue, &body, &props, &PublishOptions::default())
             .is_err()
         {
             errors.fetch_add(1, Ordering::Relaxed);

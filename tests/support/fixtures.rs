@@ -51,7 +51,7 @@ pub fn publish(ch: &Channel, exchange: &str, routing_key: &str, body: &[u8]) {
         routing_key,
         body,
         &BasicProperties::new(),
-        PublishOptions::default(),
+        &PublishOptions::default(),
     )
     .expect("publish");
 }
@@ -117,5 +117,9 @@ pub fn get_eventually(ch: &Channel, queue: &str, no_ack: bool) -> lepus::Deliver
 }
 
 pub fn recv_body(consumer: &lepus::Consumer) -> Vec<u8> {
-    consumer.recv_timeout(WAIT).expect("a delivery").into_body()
+    consumer
+        .recv_timeout(WAIT)
+        .expect("a delivery")
+        .expect("a delivery in time")
+        .into_body()
 }
