@@ -51,10 +51,10 @@ fn main() {
                             &queue,
                             &body,
                             &props,
-                            PublishOptions::default(),
+                            &PublishOptions::default(),
                         )
                         .and_then(|c| c.wait())
-                        .is_ok_and(|c| c == lepus::Confirm::Ack);
+                        .is_ok();
                     failed += usize::from(!ok);
                 }
                 failed
@@ -80,6 +80,6 @@ fn main() {
         u.vcsw as f64 / n,
         u.ivcsw as f64 / n
     );
-    let _ = admin.queue_delete(&queue, Default::default());
+    let _ = admin.queue_delete(&queue, &Default::default());
     let _ = conn.close();
 }
