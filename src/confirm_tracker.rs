@@ -16,6 +16,19 @@ pub(crate) const FAILED: u8 = 3;
 const HANDED_BACK: u8 = 4;
 
 /// What the broker said about a published message.
+///
+/// ```no_run
+/// use lepus::Confirm;
+/// let conn = lepus::Connection::open("amqp://127.0.0.1")?;
+/// let ch = conn.open_channel()?;
+/// ch.confirm_select()?;
+/// let c = ch.basic_publish_confirmed("", "jobs", b"x", &lepus::BasicProperties::new(), &Default::default())?;
+/// match c.wait_outcome()? {
+///     Confirm::Ack => {}
+///     Confirm::Nack => println!("refused: {}", c.sequence()),
+/// }
+/// # Ok::<(), lepus::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Confirm {
     /// The broker took responsibility for the message.

@@ -23,6 +23,26 @@ use crate::sync::Arc;
 /// With automatic recovery (the default, see [`crate::RecoveryOptions`]) a lost link is
 /// replaced by a new TCP connection: the same `Connection`, [`Channel`](crate::Channel) and
 /// [`crate::Consumer`] handles keep working on it.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use lepus::{Connection, ConnectionOptions, RecoveryOptions};
+///
+/// // By URI (heartbeat, frame_max, ... as query parameters) ...
+/// let conn = Connection::open("amqp://guest:guest@127.0.0.1:5672/%2f?heartbeat=10")?;
+/// // ... or with options.
+/// let conn2 = Connection::open_with(
+///     ConnectionOptions::from_uri("amqp://127.0.0.1")?
+///         .connection_name("billing-worker")
+///         .operation_timeout(Duration::from_secs(5))
+///         .recovery(RecoveryOptions::new().backoff(Duration::from_millis(100), Duration::from_secs(5))),
+/// )?;
+/// // One connection, shared by threads: clone it (a handle) or share a reference.
+/// let ch = conn.open_channel()?;
+/// conn.close()?;
+/// conn2.close()?;
+/// # Ok::<(), lepus::Error>(())
+/// ```
 #[derive(Clone)]
 pub struct Connection {
     inner: Arc<ConnectionInner>,

@@ -103,6 +103,28 @@ impl Channel {
 /// [`connection_queue_bytes`](crate::ConnectionOptions::connection_queue_bytes)); when it is full the I/O thread stops reading from the socket, so a
 /// slow consumer holds the broker back instead of growing memory. Set a prefetch with
 /// [`Channel::basic_qos`] before consuming.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use lepus::{Connection, ConsumeOptions, RecvError};
+///
+/// let conn = Connection::open("amqp://127.0.0.1")?;
+/// let ch = conn.open_channel()?;
+/// ch.basic_qos(50, false)?;
+/// let consumer = ch.basic_consume("jobs", &ConsumeOptions::default())?;
+/// loop {
+///     match consumer.recv_timeout(Duration::from_secs(1)) {
+///         Ok(Some(d)) => d.ack()?,
+///         Ok(None) => continue, // nothing within the second
+///         // A delivery that could not be decoded: settle it, the consumer goes on.
+///         Err(RecvError::Bad(bad)) => bad.reject(false)?,
+///         // A lost link that recovery heals passes by; anything else ends the consumer.
+///         Err(e) if e.is_connection_lost() => continue,
+///         Err(e) => return Err(e.into()),
+///     }
+/// }
+/// # #[allow(unreachable_code)] Ok::<(), lepus::Error>(())
+/// ```
 pub struct Consumer {
     tag: String,
     rx: Receiver<ConsumerMsg>,

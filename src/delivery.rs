@@ -291,6 +291,22 @@ impl Acker {
 }
 
 /// A message delivered to a consumer or fetched with `basic.get`.
+///
+/// ```no_run
+/// let conn = lepus::Connection::open("amqp://127.0.0.1")?;
+/// let ch = conn.open_channel()?;
+/// if let Some(d) = ch.basic_get("jobs", false).map_err(lepus::Error::from)? {
+///     println!(
+///         "{} bytes from {:?} with key {:?}, content type {:?}",
+///         d.body().len(),
+///         d.exchange(),
+///         d.routing_key(),
+///         d.properties().content_type,
+///     );
+///     if d.redelivered() { d.reject(false)? } else { d.ack()? }
+/// }
+/// # Ok::<(), lepus::Error>(())
+/// ```
 pub struct Delivery {
     pub(crate) body: Vec<u8>,
     pub(crate) properties: BasicProperties,
@@ -378,6 +394,21 @@ impl Delivery {
 
 /// A delivery that reached its consumer but could not be decoded. It keeps its delivery
 /// tag so the application can ack, reject or dead-letter it.
+///
+/// ```no_run
+/// use lepus::RecvError;
+/// let conn = lepus::Connection::open("amqp://127.0.0.1")?;
+/// let consumer = conn.open_channel()?.basic_consume("jobs", &Default::default())?;
+/// match consumer.recv() {
+///     Ok(d) => d.ack()?,
+///     Err(RecvError::Bad(bad)) => {
+///         eprintln!("undecodable delivery {}: {}", bad.delivery_tag(), bad.kind());
+///         bad.reject(false)?; // dead-letter it (or drop it) rather than see it again
+///     }
+///     Err(e) => return Err(e.into()),
+/// }
+/// # Ok::<(), lepus::Error>(())
+/// ```
 #[derive(Clone)]
 pub struct BadDelivery {
     pub(crate) kind: BadDeliveryKind,
@@ -463,6 +494,19 @@ impl BadDelivery {
 }
 
 /// A mandatory message the broker could not route, sent back with `basic.return`.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// let conn = lepus::Connection::open("amqp://127.0.0.1")?;
+/// let ch = conn.open_channel()?;
+/// let mandatory = lepus::PublishOptions { mandatory: true };
+/// ch.basic_publish("", "no-such-queue", b"x", &lepus::BasicProperties::new(), &mandatory)?;
+/// if let Some(r) = ch.recv_return(Duration::from_secs(1))? {
+///     assert_eq!(r.reply_code, lepus::reply_code::NO_ROUTE);
+///     println!("{} returned: {}", r.routing_key, r.reply_text);
+/// }
+/// # Ok::<(), lepus::Error>(())
+/// ```
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct Returned {

@@ -133,6 +133,19 @@ impl std::fmt::Display for TopologyEntity {
 }
 
 /// One recovery event.
+///
+/// ```no_run
+/// use lepus::RecoveryEventKind;
+/// let conn = lepus::Connection::open("amqp://127.0.0.1")?;
+/// // ... after a failure:
+/// for e in conn.recovery_events() {
+///     println!("{:?} generation {}: {:?}", e.at, e.generation, e.kind);
+///     if let RecoveryEventKind::QueueRenamed { old, new } = &e.kind {
+///         println!("server-named queue {old} is now {new}");
+///     }
+/// }
+/// # Ok::<(), lepus::Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RecoveryEvent {

@@ -52,6 +52,22 @@ impl AuthMechanism {
 
 /// Everything a connection is opened with. Build it with [`ConnectionOptions::new`] and
 /// the setters, or parse it from a URI with [`ConnectionOptions::from_uri`].
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use lepus::{ConnectionOptions, Connection};
+/// let opts = ConnectionOptions::new()
+///     .host("rabbit.internal")
+///     .port(5672)
+///     .vhost("/billing")
+///     .credentials("billing", "secret")
+///     .heartbeat(15)
+///     .connection_name("billing-worker")
+///     .connection_timeout(Duration::from_secs(5))
+///     .operation_timeout(Duration::from_secs(10));
+/// let conn = Connection::open_with(opts)?;
+/// # Ok::<(), lepus::Error>(())
+/// ```
 #[derive(Clone)]
 pub struct ConnectionOptions {
     pub(crate) host: String,
@@ -488,6 +504,20 @@ impl ConnectionOptions {
 
 /// What happens to messages published in confirm mode but not yet confirmed when the
 /// link is lost.
+///
+/// ```no_run
+/// use lepus::{ConnectionOptions, RecoveryOptions, UnconfirmedPolicy};
+/// let opts = ConnectionOptions::from_uri("amqp://127.0.0.1")?
+///     .recovery(RecoveryOptions::new().unconfirmed(UnconfirmedPolicy::HandBack));
+/// let conn = lepus::Connection::open_with(opts)?;
+/// let ch = conn.open_channel()?;
+/// ch.confirm_select()?;
+/// // ... after a recovery, what was never confirmed is the application's to resend:
+/// for m in ch.take_unconfirmed() {
+///     ch.basic_publish(&m.exchange, &m.routing_key, &m.body, &m.properties, &Default::default())?;
+/// }
+/// # Ok::<(), lepus::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum UnconfirmedPolicy {
@@ -508,6 +538,22 @@ pub type RecoveryListener = Arc<dyn Fn(&RecoveryEvent) + Send + Sync>;
 pub type TopologyFilter = Arc<dyn Fn(&TopologyEntity) -> bool + Send + Sync>;
 
 /// Automatic recovery settings (on by default).
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use lepus::{ConnectionOptions, RecoveryOptions, UnconfirmedPolicy};
+/// let recovery = RecoveryOptions::new()
+///     .backoff(Duration::from_millis(100), Duration::from_secs(10))
+///     .max_attempts(Some(30))
+///     .unconfirmed(UnconfirmedPolicy::Republish)
+///     .listener(|e| eprintln!("recovery: {:?}", e.kind));
+/// let conn = lepus::Connection::open_with(ConnectionOptions::from_uri("amqp://127.0.0.1")?.recovery(recovery))?;
+/// // Or no recovery at all: every failure reaches the application as it is.
+/// let raw = lepus::Connection::open_with(
+///     ConnectionOptions::from_uri("amqp://127.0.0.1")?.recovery(RecoveryOptions::disabled()),
+/// )?;
+/// # Ok::<(), lepus::Error>(())
+/// ```
 #[derive(Clone)]
 pub struct RecoveryOptions {
     pub(crate) filter: Option<TopologyFilter>,
@@ -623,6 +669,19 @@ impl RecoveryOptions {
 // ---------------- methods ----------------
 
 /// Options of `exchange.declare`.
+///
+/// ```no_run
+/// use lepus::{ExchangeDeclareOptions, FieldTable};
+/// let conn = lepus::Connection::open("amqp://127.0.0.1")?;
+/// let ch = conn.open_channel()?;
+/// let opts = ExchangeDeclareOptions {
+///     durable: true,
+///     arguments: FieldTable::new().with("alternate-exchange", "unrouted"),
+///     ..Default::default()
+/// };
+/// ch.exchange_declare("events", "topic", &opts)?;
+/// # Ok::<(), lepus::Error>(())
+/// ```
 #[derive(Debug, Clone, Default)]
 pub struct ExchangeDeclareOptions {
     /// Only check that it exists (404 closes the channel if not).
@@ -638,6 +697,22 @@ pub struct ExchangeDeclareOptions {
 }
 
 /// Options of `queue.declare`.
+///
+/// ```no_run
+/// use lepus::{FieldTable, QueueDeclareOptions};
+/// let conn = lepus::Connection::open("amqp://127.0.0.1")?;
+/// let ch = conn.open_channel()?;
+/// let quorum = QueueDeclareOptions {
+///     durable: true,
+///     arguments: FieldTable::new().with("x-queue-type", "quorum"),
+///     ..Default::default()
+/// };
+/// ch.queue_declare("payments", &quorum)?;
+/// // A server-named queue for this connection only.
+/// let mine = ch.queue_declare("", &QueueDeclareOptions { exclusive: true, ..Default::default() })?;
+/// println!("{}", mine.name);
+/// # Ok::<(), lepus::Error>(())
+/// ```
 #[derive(Debug, Clone, Default)]
 pub struct QueueDeclareOptions {
     /// Only check that it exists (404 closes the channel if not).
@@ -653,6 +728,14 @@ pub struct QueueDeclareOptions {
 }
 
 /// Options of `queue.delete`.
+///
+/// ```no_run
+/// let conn = lepus::Connection::open("amqp://127.0.0.1")?;
+/// let ch = conn.open_channel()?;
+/// let opts = lepus::QueueDeleteOptions { if_unused: true, if_empty: true };
+/// let dropped = ch.queue_delete("scratch", &opts)?;
+/// # Ok::<(), lepus::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, Default)]
 pub struct QueueDeleteOptions {
     /// Only if it has no consumers.
@@ -662,6 +745,13 @@ pub struct QueueDeleteOptions {
 }
 
 /// Options of `exchange.delete`.
+///
+/// ```no_run
+/// let conn = lepus::Connection::open("amqp://127.0.0.1")?;
+/// let ch = conn.open_channel()?;
+/// ch.exchange_delete("scratch-ex", &lepus::ExchangeDeleteOptions { if_unused: true })?;
+/// # Ok::<(), lepus::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ExchangeDeleteOptions {
     /// Only if it has no bindings.
@@ -669,6 +759,19 @@ pub struct ExchangeDeleteOptions {
 }
 
 /// Options of `basic.consume`.
+///
+/// ```no_run
+/// let conn = lepus::Connection::open("amqp://127.0.0.1")?;
+/// let ch = conn.open_channel()?;
+/// let opts = lepus::ConsumeOptions {
+///     consumer_tag: "audit-1".into(),
+///     exclusive: true,
+///     ..Default::default()
+/// };
+/// let consumer = ch.basic_consume("audit", &opts)?;
+/// assert_eq!(consumer.tag(), "audit-1");
+/// # Ok::<(), lepus::Error>(())
+/// ```
 #[derive(Debug, Clone, Default)]
 pub struct ConsumeOptions {
     /// Consumer tag; empty lets the broker choose one.
@@ -684,6 +787,16 @@ pub struct ConsumeOptions {
 }
 
 /// Options of `basic.publish`.
+///
+/// ```no_run
+/// let conn = lepus::Connection::open("amqp://127.0.0.1")?;
+/// let ch = conn.open_channel()?;
+/// let props = lepus::BasicProperties::new();
+/// ch.basic_publish("", "jobs", b"x", &props, &lepus::PublishOptions::default())?;
+/// // mandatory: an unroutable message comes back (Channel::recv_return) instead of vanishing.
+/// ch.basic_publish("", "jobs", b"x", &props, &lepus::PublishOptions { mandatory: true })?;
+/// # Ok::<(), lepus::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PublishOptions {
     /// Return the message (see [`Channel::recv_return`](crate::Channel::recv_return)) if no queue takes it.

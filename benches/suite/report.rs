@@ -434,8 +434,10 @@ pub fn render(r: &Results, env: &Environment, s: &Settings) -> String {
     let _ = writeln!(w, "- **RabbitMQ:** {} ({})", env.rabbitmq, env.erlang);
     let _ = writeln!(w, "- **rustc:** {}", env.rustc);
     let _ = writeln!(w, "- **lepus git commit:** `{}`", env.commit);
-    let peers = if r.peer_versions.is_empty() {
+    let peers = if r.peer_versions.is_empty() && r.peer_notes.is_empty() {
         "none in this run".to_string()
+    } else if r.peer_versions.is_empty() {
+        "none in this run (see the **Peers** notes below)".to_string()
     } else {
         r.peer_versions
             .iter()
