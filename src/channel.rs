@@ -91,6 +91,9 @@ impl ChannelSlot for ChannelInner {
     fn wants_recovery(&self) -> bool {
         !self.closed_by_us.load(Ordering::Acquire) && !self.current_shared().is_channel_closed()
     }
+    fn closed_by_app(&self) -> bool {
+        self.closed_by_us.load(Ordering::Acquire)
+    }
     fn record(&self) -> &Mutex<ChannelRecord> {
         &self.record
     }
@@ -204,6 +207,11 @@ impl Channel {
     /// unacknowledged until the channel closes.
     pub fn orphan_deliveries(&self) -> u64 {
         self.shared().orphan_deliveries.load(Ordering::Relaxed) as u64
+    }
+
+    /// This handle as the connection tracks it (for reopening it).
+    pub(crate) fn slot(&self) -> Arc<dyn ChannelSlot> {
+        self.inner.clone()
     }
 
     /// The channel state of the current connection generation.
@@ -1009,24 +1017,29 @@ impl Channel {
         if shared.is_closed() {
             return Ok(());
         }
-        let deadline = self.deadline();
-        let mut bytes = Vec::with_capacity(48);
-        put_method(&mut bytes, shared.id, close_method()).map_err(Error::InvalidArgument)?;
-        shared.set_closed(Error::ChannelClosed(shared.id));
-        let (tx, rx) = oneshot::channel();
-        shared.conn.send(
-            Command::CloseChannel {
-                channel: shared.id,
-                bytes,
-                reply: Some(tx),
-            },
-            deadline,
-            "room to send channel.close",
-        )?;
-        match shared.wait_reply(&rx, deadline, "channel.close-ok") {
-            Ok(_) | Err(Error::ChannelClosed(_)) => Ok(()),
-            Err(e) => Err(e),
-        }
+        close_shared(&shared, self.deadline())
+    }
+}
+
+/// Close this generation's channel: `channel.close`, then wait for its close-ok until
+/// `deadline`. Its waiters wake with [`Error::ChannelClosed`].
+pub(crate) fn close_shared(shared: &ChannelShared, deadline: Instant) -> Result<()> {
+    let mut bytes = Vec::with_capacity(48);
+    put_method(&mut bytes, shared.id, close_method()).map_err(Error::InvalidArgument)?;
+    shared.set_closed(Error::ChannelClosed(shared.id));
+    let (tx, rx) = oneshot::channel();
+    shared.conn.send(
+        Command::CloseChannel {
+            channel: shared.id,
+            bytes,
+            reply: Some(tx),
+        },
+        deadline,
+        "room to send channel.close",
+    )?;
+    match shared.wait_reply(&rx, deadline, "channel.close-ok") {
+        Ok(_) | Err(Error::ChannelClosed(_)) => Ok(()),
+        Err(e) => Err(e),
     }
 }
 

@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use crate::connection_state::ConnectionInner;
+use crate::connection_state::{ConnectionInner, Recover};
 use crate::error::{Error, Result};
 use crate::events::{ConnectionEvent, RecoveryEvent};
 use crate::options::ConnectionOptions;
@@ -76,7 +76,13 @@ impl Connection {
     /// this thread and end within `connection_timeout` per address, with an error that
     /// says which step failed. The addresses are tried in order.
     pub fn open_with(opts: ConnectionOptions) -> Result<Connection> {
-        let inner = ConnectionInner::open(opts, recovery::run)?;
+        let inner = ConnectionInner::open(
+            opts,
+            Recover {
+                run: recovery::run,
+                reopen: crate::reopen::reopen_channel,
+            },
+        )?;
         refresher::start_refresher(&inner, inner.secrets.clone());
         Ok(Connection { inner })
     }

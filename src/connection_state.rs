@@ -212,6 +212,8 @@ pub(crate) trait ChannelSlot: Send + Sync {
     fn set_current(&self, new: Arc<ChannelShared>);
     /// Worth reopening after a connection failure.
     fn wants_recovery(&self) -> bool;
+    /// Closed by the application (`Channel::close`): never reopened.
+    fn closed_by_app(&self) -> bool;
     /// What to restore on the reopened channel.
     fn record(&self) -> &Mutex<ChannelRecord>;
     /// Unconfirmed messages the application gets back (hand-back policy).
@@ -220,8 +222,17 @@ pub(crate) trait ChannelSlot: Send + Sync {
     fn end_consumers(&self, err: &Error);
 }
 
-/// The recovery procedure, run on its own thread after a link failure.
-pub(crate) type Recover = fn(Arc<ConnectionInner>);
+/// The procedures the handle layer installs (they sit above this file): the recovery,
+/// run on its own thread after a link failure, and the reopening of one closed channel
+/// on the current link (returns the consumer tags it subscribed again).
+#[derive(Clone, Copy)]
+pub(crate) struct Recover {
+    pub(crate) run: fn(Arc<ConnectionInner>),
+    pub(crate) reopen: Reopen,
+}
+
+/// Reopen one closed channel; returns the consumer tags subscribed again.
+pub(crate) type Reopen = fn(&Arc<ConnectionInner>, &Arc<dyn ChannelSlot>) -> Result<Vec<String>>;
 
 /// State shared by every handle of one `Connection`, across its generations.
 pub(crate) struct ConnectionInner {
@@ -426,6 +437,22 @@ impl ConnectionInner {
         }
     }
 
+    /// Channels the application has not closed, open or not (a broker-closed one may be
+    /// reopened for a consumer that comes back).
+    pub(crate) fn app_channels(&self) -> Vec<Arc<dyn ChannelSlot>> {
+        self.channels
+            .lock()
+            .values()
+            .filter_map(Weak::upgrade)
+            .filter(|c| !c.closed_by_app())
+            .collect()
+    }
+
+    /// Reopen `slot`'s closed channel on the current link (see `Recover::reopen`).
+    pub(crate) fn reopen_channel(self: &Arc<Self>, slot: &Arc<dyn ChannelSlot>) -> Result<Vec<String>> {
+        (self.recover.reopen)(self, slot)
+    }
+
     /// Channels to restore: alive, and not closed by themselves.
     pub(crate) fn live_channels(&self) -> Vec<Arc<dyn ChannelSlot>> {
         let mut v: Vec<_> = self
@@ -473,6 +500,10 @@ impl ConnectionInner {
 }
 
 impl LinkEvents for ConnectionInner {
+    fn report(&self, generation: u64, kind: RecoveryEventKind) {
+        self.event(generation, kind);
+    }
+
     fn failing(&self, generation: u64, err: &Error) -> bool {
         // A candidate of the running recovery ends by whatever error (a protocol violation
         // by a node that is restarting too): that recovery goes on to its next attempt
@@ -508,7 +539,7 @@ impl LinkEvents for ConnectionInner {
         let recover = self.recover;
         if let Err(e) = std::thread::Builder::new()
             .name("lepus-recovery".into())
-            .spawn(move || recover(inner))
+            .spawn(move || (recover.run)(inner))
         {
             crate::trace::error!("could not start the recovery thread: {e}");
             self.give_up(Error::ConnectionLost(format!(

@@ -40,6 +40,9 @@ impl Channel {
             capacity,
             ch.conn.opts.consumer_queue_bytes,
         ));
+        if opts.arguments.get("x-stream-offset").is_some() {
+            shared.stream.store(true, Ordering::Release);
+        }
         let sink = ConsumerSink {
             tx,
             shared: shared.clone(),
@@ -246,6 +249,17 @@ impl Consumer {
         self.end.ended()
     }
 
+    /// True for a `no_ack` consumer (its deliveries are settled on arrival).
+    pub(crate) fn is_no_ack(&self) -> bool {
+        self.no_ack
+    }
+
+    /// True once the consumer ended for good (cancelled, channel or connection closed);
+    /// a lost link that recovery restores is not an end.
+    pub(crate) fn has_ended(&self) -> bool {
+        self.end.ended().is_some()
+    }
+
     /// Wait for the next delivery. Returns an error when the consumer ends (cancelled,
     /// channel or connection closed or lost: the I/O thread wakes every consumer at
     /// once; [`RecvError::Failed`]), or [`RecvError::Bad`] for a delivery that could not
@@ -346,11 +360,20 @@ impl Consumer {
     /// Cancel the consumer (`basic.cancel`) and wait for the broker's `cancel-ok`.
     /// Deliveries already queued can still be received.
     pub fn cancel(&self) -> Result<()> {
+        self.cancel_via(&self.channel)
+    }
+
+    /// [`Consumer::cancel`] waiting at most `timeout` for the `cancel-ok`.
+    pub(crate) fn cancel_within(&self, timeout: Duration) -> Result<()> {
+        self.cancel_via(&self.channel.with_timeout(timeout))
+    }
+
+    fn cancel_via(&self, channel: &Channel) -> Result<()> {
         if self.cancelled.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
         self.shared.active.store(false, Ordering::Release);
-        self.channel.basic_cancel(&self.tag)
+        channel.basic_cancel(&self.tag)
     }
 }
 

@@ -86,6 +86,12 @@ impl ByteBudget {
 pub(crate) struct ConsumerShared {
     queue: crate::delivery_queue::QueueShared,
     pub(crate) bytes: ByteBudget,
+    /// A stream consumer (its arguments carry `x-stream-offset`): its recovery resumes
+    /// after the last offset queued to it (see `stream.rs`).
+    pub(crate) stream: AtomicBool,
+    /// One past the `x-stream-offset` of the latest delivery queued to this stream
+    /// consumer; 0 before the first.
+    pub(crate) stream_next: AtomicU64,
 }
 
 impl std::ops::Deref for ConsumerShared {
@@ -107,6 +113,8 @@ impl ConsumerShared {
         ConsumerShared {
             queue: crate::delivery_queue::QueueShared::new(capacity),
             bytes: ByteBudget::new(bytes, None),
+            stream: AtomicBool::new(false),
+            stream_next: AtomicU64::new(0),
         }
     }
 }
@@ -218,6 +226,15 @@ impl ConsumerSink {
 
     /// Push; gives the message back if the consumer is gone.
     pub(crate) fn push(&self, msg: ConsumerMsg) -> std::result::Result<(), ConsumerMsg> {
+        if let ConsumerMsg::Delivery(d) = &msg
+            && self.shared.stream.load(Ordering::Relaxed)
+            && let Some(o) = d.stream_offset()
+        {
+            // Queued deliveries reach the application before the recovery's new ones
+            // (one queue, in order): resuming after the last one queued neither skips
+            // nor repeats.
+            self.shared.stream_next.store(o + 1, Ordering::Release);
+        }
         self.shared.pushed();
         self.tx.send(msg).map_err(|e| {
             self.shared.unpushed();
@@ -237,6 +254,14 @@ pub(crate) trait AckTarget: Send + Sync {
     /// The connection's counters (acks and rejects sent are counted there).
     fn stats(&self) -> Option<&Stats> {
         None
+    }
+    /// The delivery `tag` (with `multiple`, every earlier one too) has been settled.
+    fn settled(&self, _tag: u64, _multiple: bool) {}
+    /// False once the channel is closed or its connection lost: an ack can no longer
+    /// reach the broker, which delivers the message again (after a recovery, to the
+    /// restored consumer).
+    fn is_open(&self) -> bool {
+        true
     }
 }
 
@@ -270,6 +295,7 @@ impl Acker {
         put_ack(&mut bytes, self.channel_id(), self.delivery_tag, multiple);
         self.channel.send_frames(bytes, "room to send basic.ack")?;
         self.count(|s| &s.acked);
+        self.channel.settled(self.delivery_tag, multiple);
         Ok(())
     }
 
@@ -285,6 +311,7 @@ impl Acker {
         self.channel
             .send_frames(bytes, "room to send an acknowledgement")?;
         self.count(|s| &s.rejected);
+        self.channel.settled(self.delivery_tag, multiple);
         Ok(())
     }
 
@@ -294,6 +321,7 @@ impl Acker {
         self.channel
             .send_frames(bytes, "room to send an acknowledgement")?;
         self.count(|s| &s.rejected);
+        self.channel.settled(self.delivery_tag, false);
         Ok(())
     }
 }
@@ -369,6 +397,20 @@ impl Delivery {
     pub fn routing_key(&self) -> &str {
         &self.routing_key
     }
+    /// The offset of a message read from a stream queue (its `x-stream-offset` header),
+    /// `None` for other queues.
+    ///
+    /// ```no_run
+    /// # fn f(d: lepus::Delivery) {
+    /// if let Some(offset) = d.stream_offset() {
+    ///     println!("stream offset {offset}");
+    /// }
+    /// # }
+    /// ```
+    pub fn stream_offset(&self) -> Option<u64> {
+        let v = self.properties.headers.as_ref()?.get("x-stream-offset")?;
+        u64::try_from(v.as_i64()?).ok()
+    }
     /// For `basic.get`: messages left in the queue.
     pub fn message_count(&self) -> Option<u32> {
         self.message_count
@@ -376,6 +418,12 @@ impl Delivery {
     /// The id of the channel it came on.
     pub fn channel_id(&self) -> u16 {
         self.acker.channel_id()
+    }
+    /// False when the channel it came on is closed or its connection was lost: it can
+    /// no longer be acknowledged, and the broker delivers it again (to the recovered
+    /// consumer, if recovery is on).
+    pub(crate) fn can_settle(&self) -> bool {
+        self.acker.channel.is_open()
     }
     /// Acknowledge this delivery.
     pub fn ack(&self) -> Result<()> {

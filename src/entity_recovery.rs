@@ -275,7 +275,9 @@ fn retry_consumers(
     queues_pending: &[String],
     done: &mut Vec<TopologyEntity>,
 ) -> Result<()> {
-    let channels = inner.live_channels();
+    // A broker-closed channel too (a 404 on an earlier re-subscribe closes it): it is
+    // reopened below.
+    let channels = inner.app_channels();
     let mut candidates = Vec::new();
     let mut gone = Vec::new();
     for (id, tag) in &snapshot.consumers {
@@ -298,12 +300,20 @@ fn retry_consumers(
         .map(|(_, r)| queue_probe(&r.queue))
         .collect();
     let answers = each_on_own(inner, conn, &probes, "queue.declare-ok (passive, retry)")?;
-    let mut restored = Vec::new();
+    let mut restored: Vec<(u16, String)> = Vec::new();
     for ((c, r), probe) in candidates.into_iter().zip(answers) {
-        if probe.is_err() {
+        if probe.is_err() || restored.contains(&(c.id(), r.tag.clone())) {
             continue;
         }
         let ch = c.current_shared();
+        if ch.is_channel_closed() {
+            // Reopened under its id with every active consumer of it, this one included.
+            match inner.reopen_channel(&c) {
+                Ok(tags) => restored.extend(tags.into_iter().map(|t| (c.id(), t))),
+                Err(e) => log::warn!("could not reopen channel {}: {e}", c.id()),
+            }
+            continue;
+        }
         if ch.is_closed() || !Arc::ptr_eq(&ch.conn, conn) {
             continue;
         }

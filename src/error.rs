@@ -339,11 +339,18 @@ fn nacked_text(channel: u16, sequences: &[u64]) -> String {
 
 impl Error {
     /// True when the link was lost (socket error, EOF, heartbeat timeout, broker forced
-    /// close): the kind of failure that automatic recovery handles.
+    /// close, or a broker closing the connection with 541 INTERNAL_ERROR): the kind of
+    /// failure that automatic recovery handles.
+    ///
+    /// A 541 is the broker's own failure, not the application's: RabbitMQ 3.10 closes a
+    /// connection with it when one of its channel processes crashes, e.g. a publish to a
+    /// quorum queue while a member's node shuts down (seen in a rolling restart).
     pub fn is_connection_lost(&self) -> bool {
         match self {
             Error::ConnectionLost(_) => true,
-            Error::ServerClosedConnection { code, .. } => *code == reply_code::CONNECTION_FORCED,
+            Error::ServerClosedConnection { code, .. } => {
+                *code == reply_code::CONNECTION_FORCED || *code == reply_code::INTERNAL_ERROR
+            }
             _ => false,
         }
     }

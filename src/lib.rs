@@ -54,11 +54,13 @@
 //! ```text
 //! fuzzing                                       fuzz harnesses: only with the `fuzzing`
 //!                                               feature (fuzz/ and lepus's tests), no API
-//! pool                                          the channel pool
-//! connection, channel, consumer, confirm        handles (a method that creates a handle
-//!                                               lives with it: Channel::basic_consume in
+//! pool, worker                                  the channel pool; the worker pool over a
+//!                                               consumer
+//! connection, channel, consumer, confirm,       handles (a method that creates a handle
+//! batch, stream                                 lives with it: Channel::basic_consume in
 //!                                               consumer.rs, Connection::open_channel in
-//!                                               channel.rs)
+//!                                               channel.rs, Channel::stream_consume in
+//!                                               stream.rs); batches of deliveries
 //! reliable, refresher                           publish until confirmed; renews a
 //!                                               connection's expiring secret (holds the
 //!                                               connection weakly)
@@ -67,10 +69,12 @@
 //!                                               secret each connect logs in with
 //! topology                                      recorded exchanges, queues, bindings, channels
 //! io (reactor, engine, handshake)               the I/O thread
-//! delivery, confirm_tracker, pool_core          what the I/O thread produces; the pool's books
+//! delivery, confirm_tracker, pool_core,        what the I/O thread produces; the pool's
+//! unacked                                       books; unsettled deliveries' ages
 //! options, uri, events, addresses, tls,        plain data (TLS options, the credentials
-//! credentials, stats, event_hub                 provider); counters; the event log and
-//!                                               its listener thread
+//! credentials, queue_args, stats, event_hub    provider, typed queue arguments);
+//!                                               counters; the event log and its
+//!                                               listener thread
 //! error                                         re-exports protocol's reply codes
 //! protocol (frame, methods, table, properties, content, reply_code)   bytes only
 //! sync, delivery_queue, link, send_core,
@@ -146,6 +150,7 @@ mod trace;
 // Everything else: the I/O thread, the handles, options, topology and recovery.
 not_under_loom! {
     mod addresses;
+    mod batch;
     mod channel;
     mod confirm;
     mod connection;
@@ -161,14 +166,19 @@ not_under_loom! {
     mod pool;
     #[cfg(feature = "opentelemetry")]
     mod propagation;
+    mod queue_args;
     mod recovery;
     mod refresher;
     mod reliable;
+    mod reopen;
     mod secrets;
     mod stats;
+    mod stream;
     mod tls;
     mod topology;
+    mod unacked;
     mod uri;
+    mod worker;
 }
 
 // The README's examples compile as doctests (`cargo test --doc`), so that they keep up
@@ -192,6 +202,7 @@ not_under_loom! {
     pub use channel::{Channel, QueueInfo, UnconfirmedMessage};
     pub use confirm::Confirmation;
     pub use connection::Connection;
+    pub use batch::Batch;
     pub use consumer::{Consumer, Iter};
     pub use credentials::{Credentials, CredentialsProvider};
     pub use delivery::{BadDelivery, Delivery, RecvError, Returned};
@@ -209,6 +220,9 @@ not_under_loom! {
     pub use propagation::{HeaderExtractor, HeaderInjector};
     pub use stats::ConnectionStats;
     pub use pool::{ChannelPool, ChannelPoolBuilder, PooledChannel};
+    pub use queue_args::{
+        DeadLetterStrategy, Overflow, QueueArgs, QueueType, StreamArgs, StreamOffset,
+    };
     /// The rustls version lepus is built with, for [`TlsOptions::client_config`].
     #[cfg(feature = "tls")]
     pub use rustls;
@@ -218,6 +232,7 @@ not_under_loom! {
     #[cfg(feature = "opentelemetry")]
     pub use opentelemetry;
     pub use tls::TlsOptions;
+    pub use worker::{Outcome, WorkerOptions, WorkerPool, WorkerStats};
 }
 
 /// Internals exposed for fuzzing, model checks and tests; not part of the stable API.

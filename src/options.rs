@@ -92,6 +92,7 @@ pub struct ConnectionOptions {
     pub(crate) connection_queue_bytes: usize,
     pub(crate) max_output_bytes: usize,
     pub(crate) write_stall_timeout: Duration,
+    pub(crate) unacked_warning: Option<Duration>,
     pub(crate) tls: TlsOptions,
     pub(crate) credentials_provider: Option<ProviderRef>,
     /// SASL mechanisms in order of preference; empty: `auth` alone.
@@ -155,6 +156,7 @@ impl Default for ConnectionOptions {
             connection_queue_bytes: DEFAULT_CONNECTION_QUEUE_BYTES,
             max_output_bytes: DEFAULT_MAX_OUTPUT_BYTES,
             write_stall_timeout: DEFAULT_WRITE_STALL_TIMEOUT,
+            unacked_warning: None,
             tls: TlsOptions::default(),
             credentials_provider: None,
             auth_mechanisms: Vec::new(),
@@ -189,6 +191,7 @@ impl std::fmt::Debug for ConnectionOptions {
             .field("connection_queue_bytes", &self.connection_queue_bytes)
             .field("max_output_bytes", &self.max_output_bytes)
             .field("write_stall_timeout", &self.write_stall_timeout)
+            .field("unacked_warning", &self.unacked_warning)
             .field("shuffle_addresses", &self.shuffle_addresses)
             .field("resolver", &ResolverSet(&self.resolver))
             .field("event_listener", &self.event_listener.is_some())
@@ -496,6 +499,24 @@ impl ConnectionOptions {
     /// instead. Default 20 s ([`DEFAULT_WRITE_STALL_TIMEOUT`]).
     pub fn write_stall_timeout(mut self, t: Duration) -> Self {
         self.write_stall_timeout = t.max(Duration::from_millis(100));
+        self
+    }
+    /// Warn about deliveries left unacknowledged longer than `threshold` (off by
+    /// default): a log line (`warn`) and a [`ConnectionEventKind::DeliveriesUnacked`]
+    /// event per channel and check, each delivery reported once. RabbitMQ closes a
+    /// channel (406) whose delivery stays unacknowledged past its `consumer_timeout`
+    /// (30 min by default): set this well below it to hear before it happens. The I/O
+    /// thread checks every quarter of the threshold (at most every second); each
+    /// delivery costs a queue entry until it is settled.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let opts = lepus::ConnectionOptions::new().unacked_warning(Duration::from_secs(20 * 60));
+    /// ```
+    ///
+    /// [`ConnectionEventKind::DeliveriesUnacked`]: crate::ConnectionEventKind::DeliveriesUnacked
+    pub fn unacked_warning(mut self, threshold: Duration) -> Self {
+        self.unacked_warning = Some(threshold.max(Duration::from_millis(10)));
         self
     }
 }

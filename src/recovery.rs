@@ -225,7 +225,7 @@ fn replay(inner: &Arc<ConnectionInner>, gen_: &Arc<Generation>) -> Result<()> {
     let restored = reopen_channels(inner, conn, &channels)?;
     let records = channel_records(inner, &restored, &renamed);
     restore_qos_and_confirms(inner, &restored, &records)?;
-    let started = restore_consumers(inner, gen_, &restored, &records, &mut pending)?;
+    let started = restore_consumers(inner, conn, &restored, &records, &mut pending)?;
     let republished = settle_unconfirmed(inner, conn, &restored)?;
     Stats::add(&inner.stats.published, republished as u64);
     let consumers = started.len() - cancel_given_up_consumers(inner, &restored, &started)?;
@@ -371,7 +371,7 @@ fn replay_bindings(
     Ok(())
 }
 
-type Restored = Vec<(Arc<dyn ChannelSlot>, Arc<ChannelShared>)>;
+pub(crate) type Restored = Vec<(Arc<dyn ChannelSlot>, Arc<ChannelShared>)>;
 
 /// Reopen every channel under its old id: all `channel.open`s, then all replies.
 fn reopen_channels(
@@ -425,7 +425,7 @@ fn channel_records(
 }
 
 /// `basic.qos` and `confirm.select` on every channel that had them: one round trip.
-fn restore_qos_and_confirms(
+pub(crate) fn restore_qos_and_confirms(
     inner: &ConnectionInner,
     restored: &Restored,
     records: &[ChannelRecord],
@@ -457,9 +457,9 @@ fn restore_qos_and_confirms(
 /// declare, is left pending instead: a `basic.consume` on a missing queue would close its
 /// channel and everything else on it. Returns the consumers subscribed again, as (index in
 /// `restored`, tag).
-fn restore_consumers(
+pub(crate) fn restore_consumers(
     inner: &ConnectionInner,
-    gen_: &Arc<Generation>,
+    conn: &Arc<ConnShared>,
     restored: &Restored,
     records: &[ChannelRecord],
     pending: &mut PendingTopology,
@@ -486,12 +486,7 @@ fn restore_consumers(
         .iter()
         .map(|q| crate::topology::queue_probe(q))
         .collect();
-    let replies = each_on_own(
-        inner,
-        gen_.shared(),
-        &methods,
-        "queue.declare-ok (passive, recovery)",
-    )?;
+    let replies = each_on_own(inner, conn, &methods, "queue.declare-ok (passive, recovery)")?;
     let mut missing: HashMap<String, Error> = HashMap::new();
     for (q, r) in probe.into_iter().zip(replies) {
         if let Err(e) = r {
@@ -518,7 +513,7 @@ fn restore_consumers(
                 let e = missing.get(&r.queue).cloned().unwrap_or_else(|| {
                     Error::InvalidArgument(format!("its queue {:?} did not recover", r.queue))
                 });
-                entity_failed(inner, gen_.number(), entity, &e);
+                entity_failed(inner, conn.generation, entity, &e);
                 pending.consumers.push((new.id, r.tag.clone()));
                 continue;
             }
@@ -544,7 +539,7 @@ fn restore_consumers(
 /// cancel from here on reaches the new connection), cancel every restored consumer whose
 /// record is gone, so that the broker delivers nothing to a consumer nobody reads. One
 /// round trip; returns how many were cancelled.
-fn cancel_given_up_consumers(
+pub(crate) fn cancel_given_up_consumers(
     inner: &ConnectionInner,
     restored: &Restored,
     started: &[(usize, String)],
@@ -567,7 +562,7 @@ fn cancel_given_up_consumers(
 
 /// Unconfirmed messages of the old channels (republished or handed back, by policy),
 /// then make the new channels current. Returns how many were republished.
-fn settle_unconfirmed(
+pub(crate) fn settle_unconfirmed(
     inner: &ConnectionInner,
     conn: &Arc<ConnShared>,
     restored: &Restored,

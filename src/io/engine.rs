@@ -195,6 +195,8 @@ pub(crate) struct Engine {
     blocked: bool,
     /// The time of the latest frame or timer (for what has no `now` of its own).
     clock: Instant,
+    /// When to look for deliveries unacknowledged too long (`unacked_warning`).
+    next_unacked_check: Instant,
 }
 
 fn method_bytes(out: &mut Vec<u8>, channel: u16, m: AMQPClass) {
@@ -233,6 +235,7 @@ impl Engine {
             )),
             blocked: false,
             clock: now,
+            next_unacked_check: now,
             conn,
         }
     }
@@ -595,11 +598,44 @@ impl Engine {
             }
             next = next.min(self.last_recv + hb * 2);
         }
+        if let Some(at) = self.check_unacked(now) {
+            next = next.min(at);
+        }
         if self.is_stalled() && crate::delivery_queue::stall_repoll() {
             // Safety net for a wake-up lost between the consumer and us.
             next = next.min(now + Duration::from_millis(20));
         }
         next
+    }
+
+    /// With `unacked_warning` on: report deliveries unsettled past the threshold (each
+    /// once), at most every quarter threshold (every second at most) however often the
+    /// loop turns. Returns when to check next.
+    fn check_unacked(&mut self, now: Instant) -> Option<Instant> {
+        let threshold = self.conn.opts.unacked_warning?;
+        let every = (threshold / 4).clamp(Duration::from_millis(5), Duration::from_secs(1));
+        if now < self.next_unacked_check {
+            return Some(self.next_unacked_check);
+        }
+        self.next_unacked_check = now + every;
+        for slot in self.slots.iter().flatten() {
+            let Some(t) = &slot.shared.unacked else { continue };
+            let due = t.overdue(now);
+            let Some(&(first, oldest)) = due.first() else { continue };
+            let ch = slot.shared.id;
+            log::warn!(
+                "channel {ch}: {} deliveries unacknowledged past {:?} (oldest: tag {first}, \
+                 {oldest:?}); the broker closes the channel at its consumer_timeout",
+                due.len(),
+                t.threshold()
+            );
+            self.conn.event(crate::events::ConnectionEventKind::DeliveriesUnacked {
+                channel: ch,
+                delivery_tags: due.iter().map(|d| d.0).collect(),
+                oldest,
+            });
+        }
+        Some(self.next_unacked_check)
     }
 
     // ---------------- inbound frames ----------------
@@ -1138,6 +1174,15 @@ impl Engine {
             return;
         }
         msg.charge(cost, sink.shared.clone(), self.queued_bytes.clone());
+        let tracked = match (&slot.shared.unacked, &msg) {
+            (Some(_), ConsumerMsg::Delivery(d)) if !sink.no_ack => Some(d.acker.delivery_tag),
+            (Some(_), ConsumerMsg::Bad(b)) if !sink.no_ack => Some(b.acker.delivery_tag),
+            _ => None,
+        };
+        if let (Some(tag), Some(t)) = (tracked, &slot.shared.unacked) {
+            // Noted before the push: once queued, its ack may come at any moment.
+            t.arrived(tag, self.clock);
+        }
         if let Err(mut msg) = sink.push(msg) {
             msg.release();
             if !sink.no_ack {

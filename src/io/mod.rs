@@ -161,6 +161,8 @@ pub(crate) trait LinkEvents: Send + Sync {
     /// The I/O thread of `generation` has ended with `err`.
     fn woken(&self, generation: u64);
     fn ended(self: Arc<Self>, generation: u64, err: Error);
+    /// Something for the connection's event log (and its listener).
+    fn report(&self, _generation: u64, _kind: crate::events::RecoveryEventKind) {}
 }
 
 impl ConnShared {
@@ -248,6 +250,14 @@ impl ConnShared {
         let link = self.link.lock().as_ref().and_then(Weak::upgrade);
         if let Some(l) = link {
             l.woken(self.generation);
+        }
+    }
+
+    /// Add an event to the owner's log.
+    pub(crate) fn report(&self, kind: crate::events::RecoveryEventKind) {
+        let link = self.link.lock().as_ref().and_then(Weak::upgrade);
+        if let Some(l) = link {
+            l.report(self.generation, kind);
         }
     }
 
@@ -411,6 +421,8 @@ pub(crate) struct ChannelShared {
     /// Deliveries for no consumer of ours (unknown or cancelled tag), rejected.
     pub(crate) orphan_deliveries: AtomicUsize,
     pub(crate) prefetch: AtomicUsize,
+    /// Unsettled deliveries with their arrival, when `unacked_warning` is on.
+    pub(crate) unacked: Option<crate::unacked::UnackedTracker>,
     /// RPCs on one channel are serialised.
     rpc_lock: Mutex<()>,
     /// Held while a confirm-mode publish takes its sequence number and is queued.
@@ -420,6 +432,10 @@ pub(crate) struct ChannelShared {
 impl ChannelShared {
     pub(crate) fn new(id: u16, conn: Arc<ConnShared>) -> Self {
         let (returns_tx, returns_rx) = queue::unbounded();
+        let unacked = conn
+            .opts
+            .unacked_warning
+            .map(crate::unacked::UnackedTracker::new);
         ChannelShared {
             id,
             conn,
@@ -432,6 +448,7 @@ impl ChannelShared {
             returns_bytes: AtomicUsize::new(0),
             orphan_deliveries: AtomicUsize::new(0),
             prefetch: AtomicUsize::new(0),
+            unacked,
             rpc_lock: Mutex::new(()),
             publish_lock: Mutex::new(()),
         }
@@ -613,6 +630,16 @@ impl AckTarget for ChannelShared {
 
     fn stats(&self) -> Option<&Stats> {
         Some(&self.conn.stats)
+    }
+
+    fn is_open(&self) -> bool {
+        !self.is_closed()
+    }
+
+    fn settled(&self, tag: u64, multiple: bool) {
+        if let Some(t) = &self.unacked {
+            t.settled(tag, multiple);
+        }
     }
 }
 

@@ -6,6 +6,7 @@
 mod engine;
 mod events;
 mod handshake;
+mod unacked;
 
 use std::time::{Duration, Instant};
 
