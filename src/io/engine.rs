@@ -623,13 +623,13 @@ impl Engine {
             let due = t.overdue(now);
             let Some(&(first, oldest)) = due.first() else { continue };
             let ch = slot.shared.id;
-            log::warn!(
+            crate::trace::warn!(
                 "channel {ch}: {} deliveries unacknowledged past {:?} (oldest: tag {first}, \
                  {oldest:?}); the broker closes the channel at its consumer_timeout",
                 due.len(),
                 t.threshold()
             );
-            self.conn.report(crate::events::RecoveryEventKind::DeliveriesUnacked {
+            self.conn.event(crate::events::ConnectionEventKind::DeliveriesUnacked {
                 channel: ch,
                 delivery_tags: due.iter().map(|d| d.0).collect(),
                 oldest,
