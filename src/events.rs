@@ -70,18 +70,6 @@ pub enum RecoveryEventKind {
     },
     /// An entity that had failed was restored by the background retry.
     EntityRecovered(TopologyEntity),
-    /// Deliveries of this channel stayed unacknowledged past the threshold of
-    /// [`ConnectionOptions::unacked_warning`](crate::ConnectionOptions::unacked_warning)
-    /// (each reported once): ack them before the broker's `consumer_timeout` closes the
-    /// channel.
-    DeliveriesUnacked {
-        /// The channel.
-        channel: u16,
-        /// Their delivery tags, oldest first.
-        delivery_tags: Vec<u64>,
-        /// How long the oldest has waited.
-        oldest: Duration,
-    },
 }
 
 /// One recorded entity of a connection's topology, as recovery names it (in events and
@@ -224,6 +212,18 @@ pub enum ConnectionEventKind {
         channel: u16,
         /// Returns dropped on this channel so far.
         dropped: u64,
+    },
+    /// Deliveries of this channel stayed unacknowledged past the threshold of
+    /// [`ConnectionOptions::unacked_warning`](crate::ConnectionOptions::unacked_warning)
+    /// (each reported once): ack them before the broker's `consumer_timeout` closes the
+    /// channel.
+    DeliveriesUnacked {
+        /// The channel.
+        channel: u16,
+        /// Their delivery tags, oldest first.
+        delivery_tags: Vec<u64>,
+        /// How long the oldest has waited.
+        oldest: Duration,
     },
     /// A step of a recovery (the same as [`RecoveryEvent`]s).
     Recovery(RecoveryEventKind),

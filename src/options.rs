@@ -502,7 +502,7 @@ impl ConnectionOptions {
         self
     }
     /// Warn about deliveries left unacknowledged longer than `threshold` (off by
-    /// default): a log line (`warn`) and a [`RecoveryEventKind::DeliveriesUnacked`]
+    /// default): a log line (`warn`) and a [`ConnectionEventKind::DeliveriesUnacked`]
     /// event per channel and check, each delivery reported once. RabbitMQ closes a
     /// channel (406) whose delivery stays unacknowledged past its `consumer_timeout`
     /// (30 min by default): set this well below it to hear before it happens. The I/O
@@ -514,7 +514,7 @@ impl ConnectionOptions {
     /// let opts = lepus::ConnectionOptions::new().unacked_warning(Duration::from_secs(20 * 60));
     /// ```
     ///
-    /// [`RecoveryEventKind::DeliveriesUnacked`]: crate::RecoveryEventKind::DeliveriesUnacked
+    /// [`ConnectionEventKind::DeliveriesUnacked`]: crate::ConnectionEventKind::DeliveriesUnacked
     pub fn unacked_warning(mut self, threshold: Duration) -> Self {
         self.unacked_warning = Some(threshold.max(Duration::from_millis(10)));
         self

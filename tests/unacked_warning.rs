@@ -5,16 +5,16 @@ mod support;
 
 use std::time::Duration;
 
-use lepus::{Connection, ConsumeOptions, RecoveryEventKind};
+use lepus::{Connection, ConnectionEventKind, ConsumeOptions};
 use support::fixtures::*;
 use support::{publish_confirmed, test_options, wait_until};
 
 /// Delivery tags reported so far on `channel`, in order.
 fn reported(conn: &Connection, channel: u16, threshold: Duration) -> Vec<u64> {
-    conn.recovery_events()
+    conn.events()
         .into_iter()
         .filter_map(|e| match e.kind {
-            RecoveryEventKind::DeliveriesUnacked {
+            ConnectionEventKind::DeliveriesUnacked {
                 channel: c,
                 delivery_tags,
                 oldest,
@@ -54,7 +54,7 @@ fn deliveries_unacked_past_the_threshold_are_reported_once() {
         .len()
             >= 2),
         "no warning: {:#?}",
-        conn.recovery_events()
+        conn.events()
     );
     assert_eq!(
         reported(&conn, cch.id(), Duration::from_millis(200)),

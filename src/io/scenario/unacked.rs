@@ -5,32 +5,17 @@ use std::time::Duration;
 
 use super::{Scenario, deliver};
 use crate::delivery::ConsumerMsg;
-use crate::error::Error;
-use crate::events::RecoveryEventKind;
-use crate::io::LinkEvents;
+use crate::events::ConnectionEventKind;
 use crate::options::ConnectionOptions;
-use crate::sync::{Arc, Mutex};
 
-/// The owner's side: keeps what the engine reports.
-#[derive(Default)]
-struct Reports(Mutex<Vec<RecoveryEventKind>>);
-
-impl LinkEvents for Reports {
-    fn failing(&self, _: u64, _: &Error) -> bool {
-        false
-    }
-    fn woken(&self, _: u64) {}
-    fn ended(self: Arc<Self>, _: u64, _: Error) {}
-    fn report(&self, _: u64, kind: RecoveryEventKind) {
-        self.0.lock().push(kind);
-    }
-}
-
-fn reported_tags(r: &Reports) -> Vec<u64> {
-    r.0.lock()
-        .iter()
-        .flat_map(|k| match k {
-            RecoveryEventKind::DeliveriesUnacked { delivery_tags, .. } => delivery_tags.clone(),
+/// The delivery tags the engine reported as overdue, in order.
+fn reported_tags(s: &Scenario) -> Vec<u64> {
+    s.conn
+        .events
+        .snapshot()
+        .into_iter()
+        .flat_map(|e| match e.kind {
+            ConnectionEventKind::DeliveriesUnacked { delivery_tags, .. } => delivery_tags,
             _ => Vec::new(),
         })
         .collect()
@@ -40,9 +25,6 @@ fn reported_tags(r: &Reports) -> Vec<u64> {
 fn overdue_deliveries_are_reported_once_and_settled_ones_never() {
     let threshold = Duration::from_millis(100);
     let mut s = Scenario::with(0, ConnectionOptions::default().unacked_warning(threshold));
-    let reports = Arc::new(Reports::default());
-    let link: Arc<dyn LinkEvents> = reports.clone();
-    s.conn.set_link(Arc::downgrade(&link));
     let ch = s.open(1);
     let c = s.consume(&ch, "c", 16);
     s.feed(&deliver(1, "c", 1, b"a"));
@@ -55,11 +37,11 @@ fn overdue_deliveries_are_reported_once_and_settled_ones_never() {
     taken[0].ack().expect("ack queued");
 
     s.engine.on_timer(s.now + threshold / 2);
-    assert!(reported_tags(&reports).is_empty(), "nothing overdue yet");
+    assert!(reported_tags(&s).is_empty(), "nothing overdue yet");
     s.engine.on_timer(s.now + threshold * 2);
-    assert_eq!(reported_tags(&reports), [2], "the acked one is never reported");
+    assert_eq!(reported_tags(&s), [2], "the acked one is never reported");
     s.engine.on_timer(s.now + threshold * 4);
-    assert_eq!(reported_tags(&reports), [2], "reported once");
+    assert_eq!(reported_tags(&s), [2], "reported once");
 }
 
 #[test]
