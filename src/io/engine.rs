@@ -629,7 +629,7 @@ impl Engine {
                 due.len(),
                 t.threshold()
             );
-            self.conn.event(ConnectionEventKind::DeliveriesUnacked {
+            self.conn.event(crate::events::ConnectionEventKind::DeliveriesUnacked {
                 channel: ch,
                 delivery_tags: due.iter().map(|d| d.0).collect(),
                 oldest,

@@ -6,12 +6,12 @@ use std::time::Duration;
 use super::{Scenario, deliver};
 use crate::delivery::ConsumerMsg;
 use crate::events::ConnectionEventKind;
+use crate::io::ConnShared;
 use crate::options::ConnectionOptions;
 
-/// The delivery tags the engine reported as overdue, in order.
-fn reported_tags(s: &Scenario) -> Vec<u64> {
-    s.conn
-        .events
+/// Delivery tags the engine reported in the connection's events so far.
+fn reported_tags(conn: &ConnShared) -> Vec<u64> {
+    conn.events
         .snapshot()
         .into_iter()
         .flat_map(|e| match e.kind {
@@ -37,11 +37,11 @@ fn overdue_deliveries_are_reported_once_and_settled_ones_never() {
     taken[0].ack().expect("ack queued");
 
     s.engine.on_timer(s.now + threshold / 2);
-    assert!(reported_tags(&s).is_empty(), "nothing overdue yet");
+    assert!(reported_tags(&s.conn).is_empty(), "nothing overdue yet");
     s.engine.on_timer(s.now + threshold * 2);
-    assert_eq!(reported_tags(&s), [2], "the acked one is never reported");
+    assert_eq!(reported_tags(&s.conn), [2], "the acked one is never reported");
     s.engine.on_timer(s.now + threshold * 4);
-    assert_eq!(reported_tags(&s), [2], "reported once");
+    assert_eq!(reported_tags(&s.conn), [2], "reported once");
 }
 
 #[test]
