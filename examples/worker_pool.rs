@@ -75,7 +75,7 @@ fn main() -> Result<(), Error> {
     while pool.stats().acked < u64::from(JOBS) - 2 && started.elapsed() < Duration::from_secs(30) {
         std::thread::sleep(Duration::from_millis(10));
     }
-    let stats = pool.shutdown(Duration::from_secs(5))?;
+    let stats = pool.shutdown(Duration::from_secs(5));
     println!(
         "{} jobs in {:?}: {} acked, {} requeued and retried, {} rejected (dead-lettered), \
          {} panicked, {} left requeued at shutdown",

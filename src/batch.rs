@@ -3,8 +3,8 @@
 use std::time::{Duration, Instant};
 
 use crate::consumer::Consumer;
-use crate::delivery::{BadDelivery, Delivery, RecvError};
-use crate::error::Result;
+use crate::delivery::{Acker, BadDelivery, Delivery, RecvError};
+use crate::error::{Error, Result};
 use crate::protocol::frame::{put_ack, put_nack};
 
 impl Consumer {
@@ -14,11 +14,14 @@ impl Consumer {
     ///
     /// So a batch is never held back to fill up: under load it is `max` long, when the
     /// queue runs dry it is what there was. Bad deliveries met on the way go into
-    /// [`Batch::bad`] (they still need settling: the batch's acks and nacks cover them).
+    /// [`Batch::bad`] (they still need settling: the batch's acks and nacks cover those not
+    /// settled on their own already).
     /// An error ends the batch early: the deliveries taken so far are returned and the
     /// error comes from the next call if the consumer ended; a lost link that recovery
     /// restores is not repeated (the batch's acks then fail: its deliveries belong to the
-    /// lost channel and come again).
+    /// lost channel; a classic or quorum queue delivers them again, a stream consumer's
+    /// recovery resumes after the last offset queued locally, so on a stream they do not
+    /// come again).
     ///
     /// ```no_run
     /// # use std::time::Duration;
@@ -41,7 +44,10 @@ impl Consumer {
         max: usize,
         deadline: Instant,
     ) -> Result<Option<Batch>, RecvError> {
-        let mut batch = Batch::default();
+        let mut batch = Batch {
+            sole: self.sole_acking_consumer(),
+            ..Batch::default()
+        };
         if max == 0 {
             return Ok(None);
         }
@@ -66,17 +72,31 @@ impl Consumer {
 /// Deliveries received together by [`Consumer::recv_batch`], in delivery order.
 ///
 /// [`Batch::ack_all`] sends one `basic.ack` with `multiple` set for the highest delivery
-/// tag. A multiple ack covers **every** earlier unacknowledged delivery of the channel,
-/// not only this batch's: use it when one thread receives from a channel with one
-/// consumer. When tags outside the batch may be unacknowledged (several threads receive
-/// from the consumer, several consumers share the channel), use [`Batch::ack_each`]: one
-/// ack per delivery, still written to the socket in one go. `ack_all` checks what it can
-/// (the batch's tags are consecutive, so nothing between them belongs to someone else)
-/// and falls back to `ack_each` otherwise; earlier tags it cannot see.
+/// tag when that provably covers only this batch: the consumer was the only one of its
+/// channel that acknowledges (when the batch was received), the batch's tags are
+/// consecutive and none of its deliveries was settled on its own. Otherwise it falls
+/// back to [`Batch::ack_each`]: one ack per delivery, still written to the socket in one
+/// go. What it cannot see: several threads receiving from the same consumer, or
+/// deliveries of `basic.get` on the channel still unacknowledged — use `ack_each` then.
+///
+/// Each delivery is settled at most once: settling the batch skips the deliveries (and
+/// bad deliveries) already settled on their own, and settling it again, when all are
+/// settled, is [`Error::AlreadySettled`](crate::Error::AlreadySettled) with nothing sent.
+/// The connection's [`acked`](crate::ConnectionStats) and `rejected` counters count
+/// each delivery a batch settles (a multiple ack of 10 deliveries counts 10).
 #[derive(Debug, Default)]
 pub struct Batch {
     deliveries: Vec<Delivery>,
     bad: Vec<BadDelivery>,
+    /// The consumer was the only acknowledging consumer of its channel.
+    sole: bool,
+}
+
+/// How a batch is settled.
+#[derive(Clone, Copy)]
+pub(crate) enum Settle {
+    Ack,
+    Nack(bool),
 }
 
 impl Batch {
@@ -105,90 +125,105 @@ impl Batch {
         self.len() == 0
     }
 
-    /// The delivery tags of the batch, sorted.
-    fn tags(&self) -> Vec<u64> {
-        let mut tags: Vec<u64> = self
+    /// Every acknowledgement handle of the batch, sorted by tag.
+    fn ackers(&self) -> Vec<&Acker> {
+        let mut all: Vec<&Acker> = self
             .deliveries
             .iter()
-            .map(|d| d.acker.delivery_tag)
-            .chain(self.bad.iter().map(|b| b.acker.delivery_tag))
-            .collect();
-        tags.sort_unstable();
-        tags
-    }
-
-    fn consecutive(tags: &[u64]) -> bool {
-        tags.windows(2).all(|w| w[1] == w[0] + 1)
-    }
-
-    fn acker(&self) -> Option<&crate::delivery::Acker> {
-        self.deliveries
-            .first()
             .map(|d| &d.acker)
-            .or_else(|| self.bad.first().map(|b| &b.acker))
+            .chain(self.bad.iter().map(|b| &b.acker))
+            .collect();
+        all.sort_unstable_by_key(|a| a.delivery_tag);
+        all
     }
 
-    /// Acknowledge the batch with one multiple ack of its highest tag (see the type's
-    /// docs for what else that covers); [`Batch::ack_each`] when the tags are not
-    /// consecutive.
+    fn consecutive(ackers: &[&Acker]) -> bool {
+        ackers
+            .windows(2)
+            .all(|w| w[1].delivery_tag == w[0].delivery_tag + 1)
+    }
+
+    /// Acknowledge the batch: one multiple ack of its highest tag when that covers only
+    /// the batch (see the type's docs), else [`Batch::ack_each`].
     pub fn ack_all(&self) -> Result<()> {
-        let tags = self.tags();
-        let (Some(acker), Some(&last)) = (self.acker(), tags.last()) else {
-            return Ok(());
-        };
-        if !Self::consecutive(&tags) {
-            return self.ack_each();
-        }
-        let mut bytes = Vec::with_capacity(21);
-        put_ack(&mut bytes, acker.channel_id(), last, true);
-        acker.channel.send_frames(bytes, "room to send basic.ack")?;
-        acker.channel.settled(last, true);
-        Ok(())
+        self.settle(Settle::Ack, true).map(drop)
     }
 
-    /// Negatively acknowledge the batch with one multiple nack (`requeue` puts them
-    /// back); the same caveat and fallback as [`Batch::ack_all`].
+    /// Negatively acknowledge the batch (`requeue` puts them back): one multiple nack
+    /// under the same conditions as [`Batch::ack_all`], else [`Batch::nack_each`].
     pub fn nack_all(&self, requeue: bool) -> Result<()> {
-        let tags = self.tags();
-        let (Some(acker), Some(&last)) = (self.acker(), tags.last()) else {
-            return Ok(());
-        };
-        if !Self::consecutive(&tags) {
-            return self.nack_each(requeue);
-        }
-        let mut bytes = Vec::with_capacity(22);
-        put_nack(&mut bytes, acker.channel_id(), last, true, requeue);
-        acker.channel.send_frames(bytes, "room to send basic.nack")?;
-        acker.channel.settled(last, true);
-        Ok(())
+        self.settle(Settle::Nack(requeue), true).map(drop)
     }
 
     /// Acknowledge each delivery of the batch on its own (safe whoever else receives on
     /// the channel); the acks go to the I/O thread as one write.
     pub fn ack_each(&self) -> Result<()> {
-        self.each(|bytes, ch, tag| put_ack(bytes, ch, tag, false))
+        self.settle(Settle::Ack, false).map(drop)
     }
 
     /// Negatively acknowledge each delivery on its own, in one write.
     pub fn nack_each(&self, requeue: bool) -> Result<()> {
-        self.each(|bytes, ch, tag| put_nack(bytes, ch, tag, false, requeue))
+        self.settle(Settle::Nack(requeue), false).map(drop)
     }
 
-    fn each(&self, put: impl Fn(&mut Vec<u8>, u16, u64)) -> Result<()> {
-        let Some(acker) = self.acker() else {
-            return Ok(());
+    /// Settle the deliveries not settled yet, with one multiple frame if `multiple` is
+    /// allowed and provably safe; how many it settled.
+    pub(crate) fn settle(&self, how: Settle, multiple: bool) -> Result<u64> {
+        let all = self.ackers();
+        let Some(first) = all.first() else {
+            return Ok(0);
         };
-        let ch = acker.channel_id();
-        let tags = self.tags();
-        let mut bytes = Vec::with_capacity(22 * tags.len());
-        for &tag in &tags {
-            put(&mut bytes, ch, tag);
+        let claimed: Vec<&Acker> = all.iter().copied().filter(|a| a.claim().is_ok()).collect();
+        let Some(last) = claimed.last() else {
+            return Err(Error::AlreadySettled {
+                delivery_tag: first.delivery_tag,
+            });
+        };
+        let ch = first.channel_id();
+        let multiple = multiple
+            && self.sole
+            && claimed.len() == all.len()
+            && Self::consecutive(&claimed);
+        let put = |bytes: &mut Vec<u8>, tag: u64, multiple: bool| match how {
+            Settle::Ack => put_ack(bytes, ch, tag, multiple),
+            Settle::Nack(requeue) => put_nack(bytes, ch, tag, multiple, requeue),
+        };
+        let mut bytes = Vec::with_capacity(22 * if multiple { 1 } else { claimed.len() });
+        if multiple {
+            put(&mut bytes, last.delivery_tag, true);
+        } else {
+            for a in &claimed {
+                put(&mut bytes, a.delivery_tag, false);
+            }
         }
-        acker.channel.send_frames(bytes, "room to send acknowledgements")?;
-        for tag in tags {
-            acker.channel.settled(tag, false);
+        if let Err(e) = first.channel.send_frames(bytes, "room to send acknowledgements") {
+            claimed.iter().for_each(|a| a.unclaim());
+            return Err(e);
         }
-        Ok(())
+        let n = claimed.len() as u64;
+        match how {
+            Settle::Ack => first.count_n(|s| &s.acked, n),
+            Settle::Nack(_) => first.count_n(|s| &s.rejected, n),
+        }
+        if multiple {
+            first.channel.settled(last.delivery_tag, true);
+        } else {
+            claimed.iter().for_each(|a| first.channel.settled(a.delivery_tag, false));
+        }
+        Ok(n)
+    }
+
+    /// Reject (without requeue) the bad deliveries not settled yet; how many.
+    pub(crate) fn reject_bad(&self) -> (u64, u64) {
+        let (mut done, mut failed) = (0, 0);
+        for b in &self.bad {
+            match b.reject(false) {
+                Ok(()) => done += 1,
+                Err(Error::AlreadySettled { .. }) => {}
+                Err(_) => failed += 1,
+            }
+        }
+        (done, failed)
     }
 }
 

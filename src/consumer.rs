@@ -140,6 +140,20 @@ pub struct Consumer {
     no_ack: bool,
 }
 
+impl Consumer {
+    /// True when this is the only consumer of its channel that acknowledges (a
+    /// `multiple` ack of its deliveries covers nobody else's).
+    pub(crate) fn sole_acking_consumer(&self) -> bool {
+        let record = self.channel.record().lock();
+        record
+            .consumers
+            .iter()
+            .filter(|r| !r.opts.no_ack && r.tag != self.tag)
+            .count()
+            == 0
+    }
+}
+
 impl fmt::Debug for Consumer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Consumer")
@@ -247,6 +261,12 @@ impl Consumer {
 
     fn ended(&self) -> Option<Error> {
         self.end.ended()
+    }
+
+    /// True for a stream consumer (`x-stream-offset`): its recovery resumes after the
+    /// last offset queued locally, so the broker does not deliver those again.
+    pub(crate) fn is_stream(&self) -> bool {
+        self.shared.stream.load(Ordering::Acquire)
     }
 
     /// True for a `no_ack` consumer (its deliveries are settled on arrival).

@@ -265,25 +265,58 @@ pub(crate) trait AckTarget: Send + Sync {
     }
 }
 
-/// Acknowledgement handle shared by deliveries and bad deliveries.
+/// Acknowledgement handle shared by deliveries and bad deliveries. A delivery is settled
+/// at most once: the first ack, nack or reject wins, a later one is
+/// [`Error::AlreadySettled`] and sends nothing (a second ack of a tag would be a 406
+/// "unknown delivery tag" that closes the channel). Clones (of a [`BadDelivery`]) share
+/// the flag.
 #[derive(Clone)]
 pub(crate) struct Acker {
     pub(crate) channel: Arc<dyn AckTarget>,
     pub(crate) delivery_tag: u64,
+    settled: Arc<AtomicBool>,
 }
 
 impl Acker {
     fn count(&self, counter: impl Fn(&Stats) -> &AtomicU64) {
-        if let Some(s) = self.channel.stats() {
-            Stats::add(counter(s), 1);
-        }
+        self.count_n(counter, 1);
     }
 
     pub(crate) fn new(channel: Arc<dyn AckTarget>, delivery_tag: u64) -> Self {
         Acker {
             channel,
             delivery_tag,
+            settled: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// Claim the right to settle: `Err(AlreadySettled)` if an earlier settle claimed it.
+    pub(crate) fn claim(&self) -> Result<()> {
+        if self.settled.swap(true, Ordering::AcqRel) {
+            return Err(Error::AlreadySettled {
+                delivery_tag: self.delivery_tag,
+            });
+        }
+        Ok(())
+    }
+
+    /// Give a claim back: the settle it was for sent nothing (its frame could not be
+    /// queued), so a later one may try again.
+    pub(crate) fn unclaim(&self) {
+        self.settled.store(false, Ordering::Release);
+    }
+
+    /// Count `n` settles under `counter` in the connection's stats.
+    pub(crate) fn count_n(&self, counter: impl Fn(&Stats) -> &AtomicU64, n: u64) {
+        if let Some(s) = self.channel.stats() {
+            Stats::add(counter(s), n);
+        }
+    }
+
+    /// Claim, send `bytes`, and give the claim back if they could not be sent.
+    fn send_claimed(&self, bytes: Vec<u8>, what: &'static str) -> Result<()> {
+        self.claim()?;
+        self.channel.send_frames(bytes, what).inspect_err(|_| self.unclaim())
     }
 
     pub(crate) fn channel_id(&self) -> u16 {
@@ -293,7 +326,7 @@ impl Acker {
     pub(crate) fn ack(&self, multiple: bool) -> Result<()> {
         let mut bytes = Vec::with_capacity(21);
         put_ack(&mut bytes, self.channel_id(), self.delivery_tag, multiple);
-        self.channel.send_frames(bytes, "room to send basic.ack")?;
+        self.send_claimed(bytes, "room to send basic.ack")?;
         self.count(|s| &s.acked);
         self.channel.settled(self.delivery_tag, multiple);
         Ok(())
@@ -308,8 +341,7 @@ impl Acker {
             multiple,
             requeue,
         );
-        self.channel
-            .send_frames(bytes, "room to send an acknowledgement")?;
+        self.send_claimed(bytes, "room to send an acknowledgement")?;
         self.count(|s| &s.rejected);
         self.channel.settled(self.delivery_tag, multiple);
         Ok(())
@@ -318,8 +350,7 @@ impl Acker {
     pub(crate) fn reject(&self, requeue: bool) -> Result<()> {
         let mut bytes = Vec::with_capacity(21);
         put_reject(&mut bytes, self.channel_id(), self.delivery_tag, requeue);
-        self.channel
-            .send_frames(bytes, "room to send an acknowledgement")?;
+        self.send_claimed(bytes, "room to send an acknowledgement")?;
         self.count(|s| &s.rejected);
         self.channel.settled(self.delivery_tag, false);
         Ok(())

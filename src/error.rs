@@ -330,6 +330,16 @@ pub enum Error {
         /// gives them), in the order the broker nacked them.
         sequences: Vec<u64>,
     },
+
+    /// The delivery was already acknowledged, nacked or rejected (by this handle, its
+    /// [`Batch`](crate::Batch), or a worker pool): nothing was sent. A second settle of
+    /// the same delivery tag would make the broker close the channel (406 "unknown
+    /// delivery tag").
+    #[error("delivery tag {delivery_tag} was already settled: nothing sent")]
+    AlreadySettled {
+        /// The delivery's tag.
+        delivery_tag: u64,
+    },
 }
 
 /// The text of an [`Error::Nacked`]: the first few sequence numbers, then how many more.

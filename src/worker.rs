@@ -5,7 +5,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crate::batch::Batch;
+use crate::batch::{Batch, Settle};
 use crate::consumer::Consumer;
 use crate::delivery::{Delivery, RecvError};
 use crate::error::{Error, Result};
@@ -77,7 +77,7 @@ impl WorkerOptions {
 }
 
 /// What a [`WorkerPool`] did, counted in messages.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Default)]
 #[non_exhaustive]
 pub struct WorkerStats {
     /// Acknowledged after the handler succeeded (the ack was handed to the connection;
@@ -102,8 +102,17 @@ pub struct WorkerStats {
     pub unfinished: u64,
     /// Deliveries of a lost link taken from the local queue after the loss: skipped
     /// without running the handler (no ack could reach the broker, which delivers them
-    /// again to the recovered consumer).
+    /// again to the recovered consumer). Never counted for a stream consumer, whose
+    /// recovery resumes after them: the handler runs on them (see [`WorkerPool`]).
     pub stale: u64,
+    /// Deliveries the handler settled itself (against the pool's contract): the pool's
+    /// own settle was skipped, and they are not counted under `acked`, `requeued` or
+    /// `rejected`.
+    pub settled_by_handler: u64,
+    /// The error of the consumer's cancel in [`WorkerPool::shutdown`], if it failed (the
+    /// workers were stopped and the local queue requeued all the same). Always `None`
+    /// from [`WorkerPool::stats`].
+    pub cancel_error: Option<Error>,
 }
 
 #[derive(Default)]
@@ -116,6 +125,7 @@ struct Counters {
     settle_failed: AtomicU64,
     left_requeued: AtomicU64,
     stale: AtomicU64,
+    settled_by_handler: AtomicU64,
 }
 
 struct Shared {
@@ -137,6 +147,18 @@ struct Shared {
 /// the broker, which delivers them again. Those in a handler at the loss are processed
 /// and their settling fails ([`WorkerStats::settle_failed`]): they come again too
 /// (at-least-once).
+///
+/// A **stream** consumer (`x-stream-offset`) is different: its recovery resumes after
+/// the last offset queued locally, so the broker does not deliver the lost link's
+/// deliveries again. The pool skips none of them: the handler runs on each (every
+/// offset handled once, unless the handler was running at the loss: then still once,
+/// as the stream does not redeliver), and a failed ack of such a delivery is not
+/// counted in `settle_failed` (on a stream an ack only returns credit).
+///
+/// The handler must not settle the delivery itself: the pool does, by its outcome. If
+/// it does anyway, the first settle wins (a delivery is settled at most once, a later
+/// settle is [`Error::AlreadySettled`] and sends nothing): the pool skips its own
+/// quietly and counts the delivery in [`WorkerStats::settled_by_handler`].
 ///
 /// Set a prefetch ([`Channel::basic_qos`](crate::Channel::basic_qos)) of at least the
 /// number of workers before consuming, or some workers idle. The consumer must
@@ -164,7 +186,7 @@ struct Shared {
 ///     }
 /// })?;
 /// // ... until it is time to stop:
-/// let stats = pool.shutdown(Duration::from_secs(10))?;
+/// let stats = pool.shutdown(Duration::from_secs(10));
 /// println!("{} acked, {} requeued at shutdown", stats.acked, stats.left_requeued);
 /// # Ok::<(), lepus::Error>(())
 /// ```
@@ -258,7 +280,7 @@ impl WorkerPool {
         &self.shared.consumer
     }
 
-    /// Counts so far.
+    /// Counts so far ([`WorkerStats::cancel_error`] is `None`).
     pub fn stats(&self) -> WorkerStats {
         let c = &self.shared.counts;
         let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -272,6 +294,8 @@ impl WorkerPool {
             left_requeued: n(&c.left_requeued),
             unfinished: 0,
             stale: n(&c.stale),
+            settled_by_handler: n(&c.settled_by_handler),
+            cancel_error: None,
         }
     }
 
@@ -282,9 +306,10 @@ impl WorkerPool {
     /// at the deadline is counted in [`WorkerStats::unfinished`]; its thread is left to
     /// finish (and settle its delivery) on its own.
     ///
-    /// Returns the final counts, or the error of the cancel (the workers are stopped and
-    /// the local queue requeued all the same).
-    pub fn shutdown(mut self, deadline: Duration) -> Result<WorkerStats> {
+    /// Returns the final counts, with the error of the cancel in
+    /// [`WorkerStats::cancel_error`] if it failed (the workers are stopped and the local
+    /// queue requeued all the same).
+    pub fn shutdown(mut self, deadline: Duration) -> WorkerStats {
         let until = Instant::now() + deadline;
         self.shared.stop.store(true, Ordering::Release);
         // Bounded by the deadline too (at least a moment, so that the cancel is sent).
@@ -306,7 +331,8 @@ impl WorkerPool {
         requeue_local(&self.shared);
         let mut stats = self.stats();
         stats.unfinished = unfinished;
-        cancelled.map(|()| stats)
+        stats.cancel_error = cancelled.err();
+        stats
     }
 }
 
@@ -334,6 +360,9 @@ fn settle(c: &Counters, r: Result<()>, counter: &AtomicU64) {
     match r {
         Ok(()) => {
             counter.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(Error::AlreadySettled { .. }) => {
+            c.settled_by_handler.fetch_add(1, Ordering::Relaxed);
         }
         Err(e) => {
             crate::trace::debug!("worker pool: settling a delivery failed: {e}");
@@ -373,6 +402,42 @@ fn carry_on(shared: &Shared, e: RecvError) -> bool {
     }
 }
 
+/// What to do with a delivery of a lost link taken from the local queue: skip it
+/// (`true`, counted stale) on a queue that delivers it again; on a stream, whose
+/// recovery resumes after it, it must be handled.
+fn skip_stale(shared: &Shared, d: &Delivery) -> bool {
+    !d.can_settle() && !shared.consumer.is_stream()
+}
+
+/// Count a settle of `n` deliveries (`Ok` says how many it settled; the others the
+/// handler had settled itself).
+fn count_settle(shared: &Shared, r: Result<u64>, n: u64, counter: &AtomicU64) {
+    let c = &shared.counts;
+    match r {
+        Ok(done) => {
+            counter.fetch_add(done, Ordering::Relaxed);
+            c.settled_by_handler
+                .fetch_add(n.saturating_sub(done), Ordering::Relaxed);
+        }
+        Err(Error::AlreadySettled { .. }) => {
+            c.settled_by_handler.fetch_add(n, Ordering::Relaxed);
+        }
+        Err(e) => {
+            crate::trace::debug!("worker pool: settling failed: {e}");
+            c.settle_failed.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A failed settle of a stream delivery whose link was lost: the broker does not need
+/// it (an ack on a stream only returns credit) nor delivers the message again, so it is
+/// no `settle_failed`.
+fn lost_stream_ack(shared: &Shared, d: &Delivery, r: std::result::Result<(), &Error>) -> bool {
+    shared.consumer.is_stream()
+        && !d.can_settle()
+        && r.is_err_and(|e| !matches!(e, Error::AlreadySettled { .. }))
+}
+
 fn run_single(shared: &Shared, handler: &(dyn Fn(&Delivery) -> Outcome + Send + Sync)) {
     let c = &shared.counts;
     while !shared.stop.load(Ordering::Acquire) {
@@ -388,21 +453,28 @@ fn run_single(shared: &Shared, handler: &(dyn Fn(&Delivery) -> Outcome + Send + 
             settle(c, d.reject(true), &c.left_requeued);
             break;
         }
-        if !d.can_settle() {
+        if skip_stale(shared, &d) {
             c.stale.fetch_add(1, Ordering::Relaxed);
             continue;
         }
-        match outcome_of(shared, || handler(&d)) {
-            Outcome::Ack => settle(c, d.ack(), &c.acked),
-            Outcome::Requeue => settle(c, d.reject(true), &c.requeued),
-            Outcome::Reject => settle(c, d.reject(false), &c.rejected),
+        let (r, counter) = match outcome_of(shared, || handler(&d)) {
+            Outcome::Ack => (d.ack(), &c.acked),
+            Outcome::Requeue => (d.reject(true), &c.requeued),
+            Outcome::Reject => (d.reject(false), &c.rejected),
+        };
+        // A stream delivery of a lost link: its ack cannot reach the broker, which
+        // does not need it (an ack on a stream is credit only).
+        if lost_stream_ack(shared, &d, r.as_ref().map(drop)) {
+            continue;
         }
+        count_settle(shared, r.map(|()| 1), 1, counter);
     }
 }
 
 fn run_batch(shared: &Shared, handler: &(dyn Fn(&Batch) -> Outcome + Send + Sync), max: usize) {
     let c = &shared.counts;
-    // One worker is the only receiver: a multiple ack covers nothing of anyone else's.
+    // One worker is the only receiver of the consumer; the batch itself checks that no
+    // other consumer acknowledges on the channel before it uses a multiple ack.
     let alone = shared.opts.workers <= 1;
     while !shared.stop.load(Ordering::Acquire) {
         let b = match shared.consumer.recv_batch(max, shared.opts.poll) {
@@ -413,30 +485,32 @@ fn run_batch(shared: &Shared, handler: &(dyn Fn(&Batch) -> Outcome + Send + Sync
                 false => break,
             },
         };
-        let n = b.len() as u64;
-        let count = |r: Result<()>, counter: &AtomicU64| match r {
-            Ok(()) => {
-                counter.fetch_add(n, Ordering::Relaxed);
-            }
-            Err(e) => {
-                crate::trace::debug!("worker pool: settling a batch failed: {e}");
-                c.settle_failed.fetch_add(n, Ordering::Relaxed);
-            }
-        };
         if shared.stop.load(Ordering::Acquire) {
-            count(b.nack_each(true), &c.left_requeued);
+            let n = b.len() as u64;
+            count_settle(shared, b.settle(Settle::Nack(true), false), n, &c.left_requeued);
             break;
         }
+        // Undecodable ones never reach the handler: rejected without requeue.
+        let (bad, bad_failed) = b.reject_bad();
+        c.bad.fetch_add(bad, Ordering::Relaxed);
+        c.settle_failed.fetch_add(bad_failed, Ordering::Relaxed);
+        let n = b.deliveries().len() as u64;
+        let Some(first) = b.deliveries().first() else {
+            continue;
+        };
         // A batch never spans a lost link: its first delivery tells for all.
-        if b.deliveries().first().is_some_and(|d| !d.can_settle()) {
+        if skip_stale(shared, first) {
             c.stale.fetch_add(n, Ordering::Relaxed);
             continue;
         }
-        match outcome_of(shared, || handler(&b)) {
-            Outcome::Ack if alone => count(b.ack_all(), &c.acked),
-            Outcome::Ack => count(b.ack_each(), &c.acked),
-            Outcome::Requeue => count(b.nack_each(true), &c.requeued),
-            Outcome::Reject => count(b.nack_each(false), &c.rejected),
+        let r = match outcome_of(shared, || handler(&b)) {
+            Outcome::Ack => (b.settle(Settle::Ack, alone), &c.acked),
+            Outcome::Requeue => (b.settle(Settle::Nack(true), false), &c.requeued),
+            Outcome::Reject => (b.settle(Settle::Nack(false), false), &c.rejected),
+        };
+        if lost_stream_ack(shared, first, r.0.as_ref().map(drop)) {
+            continue;
         }
+        count_settle(shared, r.0, n, r.1);
     }
 }

@@ -176,3 +176,64 @@ fn recovery_resumes_a_stream_consumer_after_its_last_offset() {
     conn.close().unwrap();
     direct.close().unwrap();
 }
+
+/// A worker pool on a stream consumer across a reset link: the deliveries of the lost
+/// link still queued locally are handled (the recovered consumer resumes after them,
+/// so the broker does not send them again): every offset is handled exactly once.
+#[test]
+fn a_worker_pool_on_a_stream_handles_every_offset_exactly_once_across_a_reset() {
+    use lepus::{Outcome, WorkerOptions, WorkerPool};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+    const N: u32 = 4_000;
+    let clean = Cleanup::new();
+    let direct = connect();
+    let q = stream_with(&clean, &direct, N);
+    let proxy = start_proxy();
+    let conn = Connection::open_with(proxy.options().recovery(
+        RecoveryOptions::new().backoff(Duration::from_millis(50), Duration::from_secs(1)),
+    ))
+    .unwrap();
+    let (_ch, c) = consume(&conn, &q, StreamOffset::First);
+    let handled: Arc<Vec<AtomicU32>> = Arc::new((0..N).map(|_| AtomicU32::new(0)).collect());
+    let (total, hold) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicBool::new(true)));
+    let (h, t, g) = (handled.clone(), total.clone(), hold.clone());
+    let pool = WorkerPool::start(c, &WorkerOptions::new(4), move |d| {
+        let id = id_of(d.body());
+        assert_eq!(d.stream_offset(), Some(u64::from(id)), "offset = id");
+        h[id as usize].fetch_add(1, Ordering::SeqCst);
+        // Past half-way the handlers wait for the reset: it comes with deliveries in
+        // handlers and in the local queue.
+        if t.fetch_add(1, Ordering::SeqCst) >= N as usize / 2 {
+            let until = Instant::now() + WAIT;
+            while g.load(Ordering::SeqCst) && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        Outcome::Ack
+    })
+    .unwrap();
+    assert!(support::wait_until(Duration::from_secs(20), || {
+        total.load(Ordering::SeqCst) > N as usize / 2 && pool.consumer().queued() > 0
+    }));
+    assert_eq!(proxy.reset(), 1, "one link to reset");
+    hold.store(false, Ordering::SeqCst);
+    assert!(
+        support::wait_until(Duration::from_secs(30), || handled
+            .iter()
+            .all(|c| c.load(Ordering::SeqCst) > 0)),
+        "stuck: {:?}",
+        pool.stats()
+    );
+    // Anything more would be a repeat.
+    std::thread::sleep(QUIET);
+    let stats = pool.shutdown(Duration::from_secs(5));
+    let twice = handled.iter().filter(|c| c.load(Ordering::SeqCst) > 1).count();
+    eprintln!("stream pool across RST: {stats:?}, {twice} handled twice");
+    assert_eq!(proxy.connections(), 2, "exactly one reconnect");
+    assert_eq!(stats.stale, 0, "nothing skipped on a stream: {stats:?}");
+    assert_eq!(stats.settle_failed, 0, "a lost stream ack is harmless: {stats:?}");
+    assert_eq!(twice, 0, "exactly once");
+    conn.close().unwrap();
+    direct.close().unwrap();
+}

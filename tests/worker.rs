@@ -95,7 +95,7 @@ fn eight_workers_process_ten_thousand_exactly_once_with_failures_and_panics() {
         "not all processed: {:?}",
         pool.stats()
     );
-    let stats = pool.shutdown(Duration::from_secs(5)).unwrap();
+    let stats = pool.shutdown(Duration::from_secs(5));
     // Each id acknowledged exactly once; the failures and panics each came back once.
     let twice: Vec<usize> = (0..N as usize)
         .filter(|&i| acked[i].load(Ordering::SeqCst) != 1)
@@ -133,7 +133,7 @@ fn shutdown_finishes_in_flight_cancels_and_requeues_the_rest() {
     assert!(wait_until(Duration::from_secs(20), || pool.stats().acked >= 40));
     // Deliveries are waiting in the local queue (prefetch 100, 4 handlers at a time).
     assert!(pool.consumer().queued() > 0);
-    let stats = pool.shutdown(Duration::from_secs(5)).unwrap();
+    let stats = pool.shutdown(Duration::from_secs(5));
     assert_eq!(stats.unfinished, 0, "{stats:?}");
     assert!(stats.left_requeued > 0, "{stats:?}");
     assert_eq!(stats.acked, seen.lock().unwrap().len() as u64, "{stats:?}");
@@ -168,7 +168,7 @@ fn shutdown_deadline_leaves_a_stuck_handler_running() {
     })
     .unwrap();
     assert!(wait_until(WAIT, || started.load(Ordering::SeqCst) == 1));
-    let stats = pool.shutdown(Duration::from_millis(100)).unwrap();
+    let stats = pool.shutdown(Duration::from_millis(100));
     assert_eq!(stats.unfinished, 1, "{stats:?}");
     assert_eq!(stats.acked, 0);
     // The handler finishes on its own and acknowledges its message.
@@ -201,7 +201,7 @@ fn batch_pool_hands_out_batches_and_acks_them() {
     .unwrap();
     assert!(wait_until(Duration::from_secs(30), || pool.stats().acked
         >= u64::from(N)));
-    let stats = pool.shutdown(Duration::from_secs(5)).unwrap();
+    let stats = pool.shutdown(Duration::from_secs(5));
     assert_eq!(stats.acked, u64::from(N));
     assert!(largest.load(Ordering::SeqCst) <= 50);
     assert!(
@@ -355,7 +355,7 @@ fn worker_pool_goes_on_across_a_reset_link() {
         "stuck: {:?}",
         pool.stats()
     );
-    let stats = pool.shutdown(Duration::from_secs(5)).unwrap();
+    let stats = pool.shutdown(Duration::from_secs(5));
     let again: u32 = handled.iter().map(|c| c.load(Ordering::SeqCst) - 1).sum();
     eprintln!("pool across RST: {stats:?}, {again} handled twice");
     assert_eq!(proxy.connections(), 2, "exactly one reconnect");
@@ -414,11 +414,132 @@ fn batch_pool_of_several_workers_settles_each_delivery_and_requeues_failed_batch
     .unwrap();
     assert!(wait_until(Duration::from_secs(30), || pool.stats().acked
         >= u64::from(N)));
-    let stats = pool.shutdown(Duration::from_secs(5)).unwrap();
+    let stats = pool.shutdown(Duration::from_secs(5));
     assert!(stats.requeued > 0, "{stats:?}");
     assert_eq!(stats.acked, u64::from(N), "{stats:?}");
     assert!(acked.iter().all(|c| c.load(Ordering::SeqCst) == 1));
     cch.close().unwrap();
     assert_eq!(ready_count(&conn, &q), 0);
+    conn.close().unwrap();
+}
+
+#[test]
+fn a_handler_that_settles_its_own_message_does_not_stop_the_pool() {
+    const N: u32 = 300;
+    let conn = connect();
+    let ch = conn.open_channel().unwrap();
+    let q = temp_queue(&ch);
+    publish_ids(&ch, &q, N);
+    let cch = conn.open_channel().unwrap();
+    cch.basic_qos(50, false).unwrap();
+    let consumer = cch.basic_consume(&q, &ConsumeOptions::default()).unwrap();
+    let before = conn.stats().acked;
+    let handled = counters(N as usize);
+    let h = handled.clone();
+    // Against the contract: even ids are acked by the handler itself.
+    let pool = WorkerPool::start(consumer, &WorkerOptions::new(4), move |d| {
+        let id = id_of(d.body());
+        h[id].fetch_add(1, Ordering::SeqCst);
+        if id % 2 == 0 {
+            d.ack().expect("the handler's own ack");
+            let again = d.ack();
+            assert!(
+                matches!(again, Err(lepus::Error::AlreadySettled { .. })),
+                "{again:?}"
+            );
+        }
+        Outcome::Ack
+    })
+    .unwrap();
+    assert!(wait_until(Duration::from_secs(30), || {
+        let s = pool.stats();
+        s.acked + s.settled_by_handler >= u64::from(N)
+    }));
+    let stats = pool.shutdown(Duration::from_secs(5));
+    assert_eq!(stats.acked, u64::from(N) / 2, "{stats:?}");
+    assert_eq!(stats.settled_by_handler, u64::from(N) / 2, "{stats:?}");
+    assert_eq!(stats.settle_failed, 0, "{stats:?}");
+    assert!(stats.cancel_error.is_none(), "{stats:?}");
+    assert!(handled.iter().all(|c| c.load(Ordering::SeqCst) == 1));
+    assert!(cch.is_open(), "no second ack reached the broker");
+    // Exactly N acks were sent (a second one would have closed the channel).
+    assert_eq!(conn.stats().acked - before, u64::from(N));
+    cch.close().unwrap();
+    assert_eq!(ready_count(&conn, &q), 0, "every message acked");
+    conn.close().unwrap();
+}
+
+#[test]
+fn a_delivery_and_a_batch_are_settled_at_most_once() {
+    let conn = connect();
+    let ch = conn.open_channel().unwrap();
+    let q = temp_queue(&ch);
+    publish_ids(&ch, &q, 6);
+    let cch = conn.open_channel().unwrap();
+    cch.basic_qos(10, false).unwrap();
+    let consumer = cch.basic_consume(&q, &ConsumeOptions::default()).unwrap();
+    assert!(wait_until(WAIT, || consumer.queued() == 6));
+    let b = consumer.recv_batch(3, WAIT).unwrap().expect("a batch");
+    assert_eq!(b.len(), 3, "three were queued");
+    // One of the batch settled on its own, then the batch: the rest only.
+    b.deliveries()[1].ack().unwrap();
+    b.ack_all().unwrap();
+    assert!(matches!(
+        b.ack_all(),
+        Err(lepus::Error::AlreadySettled { .. })
+    ));
+    assert!(matches!(
+        b.deliveries()[0].nack(true),
+        Err(lepus::Error::AlreadySettled { .. })
+    ));
+    let rest = consumer.recv_batch(3, WAIT).unwrap().expect("the other three");
+    assert_eq!(rest.len(), 3);
+    for d in rest.deliveries() {
+        d.ack().unwrap();
+        assert!(matches!(
+            d.reject(false),
+            Err(lepus::Error::AlreadySettled { .. })
+        ));
+    }
+    assert!(matches!(
+        rest.nack_each(true),
+        Err(lepus::Error::AlreadySettled { .. })
+    ));
+    // A failed second ack would have closed the channel (406): it is still usable.
+    cch.basic_qos(10, false).unwrap();
+    assert!(cch.is_open());
+    cch.close().unwrap();
+    assert_eq!(ready_count(&conn, &q), 0);
+    conn.close().unwrap();
+}
+
+#[test]
+fn a_batch_ack_does_not_ack_another_consumers_deliveries() {
+    let conn = connect();
+    let ch = conn.open_channel().unwrap();
+    let (qa, qb) = (temp_queue(&ch), temp_queue(&ch));
+    let cch = conn.open_channel().unwrap();
+    cch.basic_qos(20, false).unwrap();
+    let other = cch.basic_consume(&qb, &ConsumeOptions::default()).unwrap();
+    let mine = cch.basic_consume(&qa, &ConsumeOptions::default()).unwrap();
+    // The other consumer's deliveries come first (lower tags) and stay unacked.
+    publish_ids(&ch, &qb, 5);
+    let held: Vec<_> = (0..5)
+        .map(|_| other.recv_timeout(WAIT).unwrap().expect("the other's delivery"))
+        .collect();
+    publish_ids(&ch, &qa, 5);
+    let mut got = 0;
+    while got < 5 {
+        let b = mine.recv_batch(5, WAIT).unwrap().expect("a batch");
+        got += b.len();
+        // With one worker receiving, but two consumers on the channel: no multiple.
+        b.ack_all().unwrap();
+    }
+    drop(held);
+    // Closing the channel requeues what it did not ack: the other's five.
+    drop((other, mine));
+    cch.close().unwrap();
+    assert_eq!(ready_count(&conn, &qb), 5, "the other consumer's deliveries");
+    assert_eq!(ready_count(&conn, &qa), 0);
     conn.close().unwrap();
 }

@@ -118,11 +118,11 @@ fn pool_run(url: &str, n: usize, messages: usize) -> WorkerPoolRun {
         std::thread::sleep(Duration::from_micros(500));
     }
     std::thread::sleep(Duration::from_millis(50));
-    let stats = pool.shutdown(Duration::from_secs(10)).unwrap_or_else(|e| {
+    let stats = pool.shutdown(Duration::from_secs(10));
+    if let Some(e) = &stats.cancel_error {
         errors += 1;
         common::note(&format!("pool shutdown: {e}"));
-        lepus::WorkerStats::default()
-    });
+    }
     let consume = (last_recv.load(Ordering::Acquire).saturating_sub(first_ns)) as f64 / 1e9;
     let counts: Vec<u32> = seen.iter().map(|c| c.load(Ordering::Relaxed)).collect();
     let unique = counts.iter().filter(|&&c| c > 0).count();

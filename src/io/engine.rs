@@ -1093,10 +1093,7 @@ impl Engine {
                 routing_key,
             } => {
                 Stats::add(&slot.shared.conn.stats.delivered, 1);
-                let acker = Acker {
-                    channel: slot.shared.clone(),
-                    delivery_tag,
-                };
+                let acker = Acker::new(slot.shared.clone(), delivery_tag);
                 let msg = consumer_msg(
                     acker,
                     c.properties,
