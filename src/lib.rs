@@ -221,7 +221,7 @@ not_under_loom! {
     pub use stats::ConnectionStats;
     pub use pool::{ChannelPool, ChannelPoolBuilder, PooledChannel};
     pub use queue_args::{
-        DeadLetterStrategy, Overflow, QueueArgs, QueueType, StreamArgs, StreamOffset,
+        DeadLetterStrategy, Overflow, QueueArgs, QueueType, StreamArgs, StreamInterval, StreamOffset,
     };
     /// The rustls version lepus is built with, for [`TlsOptions::client_config`].
     #[cfg(feature = "tls")]

@@ -310,25 +310,51 @@ pub enum StreamOffset {
     /// From the first chunk written at or after this time (second precision).
     Timestamp(SystemTime),
     /// From this long ago: a number and a unit among `Y M D h m s`, e.g. `"30m"`, `"1D"`
-    /// (build it with [`StreamOffset::interval`], which checks the form).
-    Interval(String),
+    /// (build it with [`StreamOffset::interval`] or [`StreamInterval::new`], which check
+    /// the form).
+    Interval(StreamInterval),
+}
+
+/// A checked stream interval: digits and one unit among `Y M D h m s` (`"30m"`, `"7D"`).
+///
+/// ```
+/// let i = lepus::StreamInterval::new("30m")?;
+/// assert_eq!(i.as_str(), "30m");
+/// assert!(lepus::StreamInterval::new("7日").is_err());
+/// # Ok::<(), lepus::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamInterval(String);
+
+impl StreamInterval {
+    /// The interval `s`; refused unless it is digits and one unit of `Y M D h m s`.
+    pub fn new(s: &str) -> Result<Self> {
+        let mut chars = s.chars();
+        let unit = chars.next_back();
+        let digits = chars.as_str();
+        let ok = !digits.is_empty()
+            && digits.bytes().all(|b| b.is_ascii_digit())
+            && matches!(unit, Some('Y' | 'M' | 'D' | 'h' | 'm' | 's'));
+        if ok {
+            Ok(StreamInterval(s.to_owned()))
+        } else {
+            Err(Error::InvalidArgument(format!(
+                "stream interval {s:?}: digits then one of Y M D h m s"
+            )))
+        }
+    }
+
+    /// The interval as the broker reads it.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
 }
 
 impl StreamOffset {
     /// An interval like `"2h"` or `"7D"`; refused unless it is digits and one unit of
     /// `Y M D h m s`.
     pub fn interval(s: &str) -> Result<Self> {
-        let (digits, unit) = s.split_at(s.len().saturating_sub(1));
-        let ok = !digits.is_empty()
-            && digits.bytes().all(|b| b.is_ascii_digit())
-            && matches!(unit, "Y" | "M" | "D" | "h" | "m" | "s");
-        if ok {
-            Ok(StreamOffset::Interval(s.to_owned()))
-        } else {
-            Err(Error::InvalidArgument(format!(
-                "stream interval {s:?}: digits then one of Y M D h m s"
-            )))
-        }
+        StreamInterval::new(s).map(StreamOffset::Interval)
     }
 
     /// The argument value.
@@ -341,7 +367,7 @@ impl StreamOffset {
             StreamOffset::Timestamp(t) => FieldValue::Timestamp(
                 t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
             ),
-            StreamOffset::Interval(s) => s.as_str().into(),
+            StreamOffset::Interval(i) => i.as_str().into(),
         }
     }
 }
@@ -401,7 +427,7 @@ mod tests {
     fn intervals_are_checked() {
         assert!(StreamOffset::interval("30m").is_ok());
         assert!(StreamOffset::interval("7D").is_ok());
-        for bad in ["", "m", "3", "3x", "-1h", "1.5h"] {
+        for bad in ["", "m", "3", "3x", "-1h", "1.5h", "1é", "7日", "é", "日h"] {
             assert!(StreamOffset::interval(bad).is_err(), "{bad}");
         }
     }

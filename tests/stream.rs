@@ -196,7 +196,10 @@ fn a_worker_pool_on_a_stream_handles_every_offset_exactly_once_across_a_reset() 
     .unwrap();
     let (_ch, c) = consume(&conn, &q, StreamOffset::First);
     let handled: Arc<Vec<AtomicU32>> = Arc::new((0..N).map(|_| AtomicU32::new(0)).collect());
-    let (total, hold) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicBool::new(true)));
+    let (total, hold) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicBool::new(true)),
+    );
     let (h, t, g) = (handled.clone(), total.clone(), hold.clone());
     let pool = WorkerPool::start(c, &WorkerOptions::new(4), move |d| {
         let id = id_of(d.body());
@@ -228,11 +231,17 @@ fn a_worker_pool_on_a_stream_handles_every_offset_exactly_once_across_a_reset() 
     // Anything more would be a repeat.
     std::thread::sleep(QUIET);
     let stats = pool.shutdown(Duration::from_secs(5));
-    let twice = handled.iter().filter(|c| c.load(Ordering::SeqCst) > 1).count();
+    let twice = handled
+        .iter()
+        .filter(|c| c.load(Ordering::SeqCst) > 1)
+        .count();
     eprintln!("stream pool across RST: {stats:?}, {twice} handled twice");
     assert_eq!(proxy.connections(), 2, "exactly one reconnect");
     assert_eq!(stats.stale, 0, "nothing skipped on a stream: {stats:?}");
-    assert_eq!(stats.settle_failed, 0, "a lost stream ack is harmless: {stats:?}");
+    assert_eq!(
+        stats.settle_failed, 0,
+        "a lost stream ack is harmless: {stats:?}"
+    );
     assert_eq!(twice, 0, "exactly once");
     conn.close().unwrap();
     direct.close().unwrap();

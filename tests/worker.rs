@@ -492,7 +492,10 @@ fn a_delivery_and_a_batch_are_settled_at_most_once() {
         b.deliveries()[0].nack(true),
         Err(lepus::Error::AlreadySettled { .. })
     ));
-    let rest = consumer.recv_batch(3, WAIT).unwrap().expect("the other three");
+    let rest = consumer
+        .recv_batch(3, WAIT)
+        .unwrap()
+        .expect("the other three");
     assert_eq!(rest.len(), 3);
     for d in rest.deliveries() {
         d.ack().unwrap();
@@ -525,7 +528,12 @@ fn a_batch_ack_does_not_ack_another_consumers_deliveries() {
     // The other consumer's deliveries come first (lower tags) and stay unacked.
     publish_ids(&ch, &qb, 5);
     let held: Vec<_> = (0..5)
-        .map(|_| other.recv_timeout(WAIT).unwrap().expect("the other's delivery"))
+        .map(|_| {
+            other
+                .recv_timeout(WAIT)
+                .unwrap()
+                .expect("the other's delivery")
+        })
         .collect();
     publish_ids(&ch, &qa, 5);
     let mut got = 0;
@@ -539,7 +547,11 @@ fn a_batch_ack_does_not_ack_another_consumers_deliveries() {
     // Closing the channel requeues what it did not ack: the other's five.
     drop((other, mine));
     cch.close().unwrap();
-    assert_eq!(ready_count(&conn, &qb), 5, "the other consumer's deliveries");
+    assert_eq!(
+        ready_count(&conn, &qb),
+        5,
+        "the other consumer's deliveries"
+    );
     assert_eq!(ready_count(&conn, &qa), 0);
     conn.close().unwrap();
 }
