@@ -142,6 +142,58 @@ fn counters_are_exact_after_a_known_workload() {
     conn.close().unwrap();
 }
 
+/// Batch settles count each delivery they cover (a multiple ack of 4 counts 4), and a
+/// batch settled twice counts (and sends) nothing the second time.
+#[test]
+fn batch_settles_count_each_delivery() {
+    let cleanup = Cleanup::new();
+    let conn = lepus::Connection::open_with(test_options().connection_name(unique("stats-b")))
+        .expect("connect");
+    let ch = conn.open_channel().unwrap();
+    ch.confirm_select().unwrap();
+    let q = cleanup.queue(&unique("stats-b"));
+    ch.queue_declare(&q, &QueueDeclareOptions::default())
+        .unwrap();
+    for _ in 0..10 {
+        publish(&ch, &q, b"b", false);
+    }
+    ch.wait_for_confirms().unwrap();
+    let cch = conn.open_channel().unwrap();
+    cch.basic_qos(20, false).unwrap();
+    let consumer = cch.basic_consume(&q, &ConsumeOptions::default()).unwrap();
+    assert!(wait_until(WAIT, || consumer.queued() == 10));
+    let s0 = conn.stats();
+    let four = consumer.recv_batch(4, WAIT).unwrap().expect("four");
+    assert_eq!(four.len(), 4);
+    four.ack_all().unwrap(); // one multiple ack: the only consumer of its channel
+    let three = consumer.recv_batch(3, WAIT).unwrap().expect("three");
+    three.nack_each(false).unwrap();
+    let last = consumer.recv_batch(3, WAIT).unwrap().expect("three more");
+    last.ack_each().unwrap();
+    assert!(matches!(
+        four.ack_all(),
+        Err(lepus::Error::AlreadySettled { .. })
+    ));
+    let s = conn.stats();
+    assert_eq!(s.acked - s0.acked, 7, "{s:?}");
+    assert_eq!(s.rejected - s0.rejected, 3, "{s:?}");
+    assert!(cch.is_open());
+    cch.close().unwrap();
+    assert_eq!(
+        ch.queue_declare(
+            &q,
+            &QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            }
+        )
+        .unwrap()
+        .message_count,
+        0
+    );
+    conn.close().unwrap();
+}
+
 #[test]
 fn a_channel_the_broker_closes_is_an_event() {
     let (conn, rx) = with_listener("closed");
