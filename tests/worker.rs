@@ -555,3 +555,91 @@ fn a_batch_ack_does_not_ack_another_consumers_deliveries() {
     assert_eq!(ready_count(&conn, &qa), 0);
     conn.close().unwrap();
 }
+
+/// Undecodable deliveries in batch mode (a scripted broker: RabbitMQ forwards a routing
+/// key that is not UTF-8 from any publisher, but lepus cannot publish one): each is
+/// rejected without requeue and counted `bad`, never handed to the handler, and a batch
+/// of bad deliveries only does not call the handler.
+#[test]
+fn batch_pool_rejects_bad_deliveries_and_counts_them() {
+    use amq_protocol::protocol::{AMQPClass, basic};
+    use lepus_testkit::frames::*;
+    use lepus_testkit::{FakeBroker, Tune, within};
+    use std::cell::RefCell;
+    within(Duration::from_secs(30), || {
+        let broker = FakeBroker::start(|p| {
+            p.handshake(Tune::default());
+            let ch = p.serve_channel_open();
+            let (_, tag) = p.serve_consume();
+            let t = tag.as_bytes();
+            let bad = |tag: u64| {
+                let mut out = deliver_frame_raw(ch, t, tag, b"ex", b"rk\xff");
+                out.extend(header_frame(ch, 1, &no_props()));
+                out.extend(body_frame(ch, b"x"));
+                out
+            };
+            p.send(&bad(1));
+            p.deliver(ch, &tag, 2, &no_props(), &7u32.to_be_bytes());
+            p.send(&bad(3));
+            p.send(&bad(4));
+            let seen = RefCell::new(Vec::new());
+            p.wait_for("three rejects and an ack", |_, m| {
+                let mut s = seen.borrow_mut();
+                match m {
+                    AMQPClass::Basic(basic::AMQPMethod::Ack(a)) => {
+                        s.push(("ack", a.delivery_tag, a.multiple))
+                    }
+                    AMQPClass::Basic(basic::AMQPMethod::Reject(r)) => {
+                        s.push(("reject", r.delivery_tag, r.requeue))
+                    }
+                    AMQPClass::Basic(basic::AMQPMethod::Nack(n)) => {
+                        s.push(("nack", n.delivery_tag, n.requeue))
+                    }
+                    _ => {}
+                }
+                (s.len() >= 4).then_some(())
+            });
+            let mut s = seen.into_inner();
+            s.sort_by_key(|&(_, tag, _)| tag);
+            assert_eq!(
+                s,
+                [
+                    ("reject", 1, false),
+                    ("ack", 2, false),
+                    ("reject", 3, false),
+                    ("reject", 4, false)
+                ]
+            );
+            p.expect_connection_close().reply_code
+        });
+        let conn = Connection::open_with(broker.options()).unwrap();
+        let ch = conn.open_channel().unwrap();
+        let consumer = ch.basic_consume("q", &ConsumeOptions::default()).unwrap();
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let c = calls.clone();
+        // Several workers: the batch's ack is one per delivery (no multiple to sort out).
+        let pool = WorkerPool::start_batch(consumer, &WorkerOptions::new(2), 10, move |b| {
+            c.lock()
+                .unwrap()
+                .push((b.deliveries().len(), b.bad().len()));
+            Outcome::Ack
+        })
+        .unwrap();
+        assert!(
+            wait_until(WAIT, || {
+                let s = pool.stats();
+                s.bad == 3 && s.acked == 1
+            }),
+            "{:?}",
+            pool.stats()
+        );
+        let stats = pool.stats();
+        assert_eq!(stats.settle_failed, 0, "{stats:?}");
+        for &(good, _) in calls.lock().unwrap().iter() {
+            assert!(good > 0, "the handler got a batch without a delivery");
+        }
+        drop(pool);
+        conn.close().unwrap();
+        assert_eq!(broker.finish(), 200);
+    });
+}
