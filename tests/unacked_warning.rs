@@ -30,8 +30,9 @@ fn reported(conn: &Connection, channel: u16, threshold: Duration) -> Vec<u64> {
 
 #[test]
 fn deliveries_unacked_past_the_threshold_are_reported_once() {
-    let conn =
-        Connection::open_with(test_options().unacked_warning(Duration::from_millis(200))).unwrap();
+    // Long enough that the ack of held[1] surely comes before it, on a loaded machine.
+    const THRESHOLD: Duration = Duration::from_secs(1);
+    let conn = Connection::open_with(test_options().unacked_warning(THRESHOLD)).unwrap();
     let ch = conn.open_channel().unwrap();
     ch.confirm_select().unwrap();
     let q = temp_queue(&ch);
@@ -46,30 +47,18 @@ fn deliveries_unacked_past_the_threshold_are_reported_once() {
         .collect();
     held[1].ack().unwrap(); // settled at once: never reported
     assert!(
-        wait_until(WAIT, || reported(
-            &conn,
-            cch.id(),
-            Duration::from_millis(200)
-        )
-        .len()
-            >= 2),
+        wait_until(WAIT, || reported(&conn, cch.id(), THRESHOLD).len() >= 2),
         "no warning: {:#?}",
         conn.events()
     );
-    assert_eq!(
-        reported(&conn, cch.id(), Duration::from_millis(200)),
-        [1, 3]
-    );
+    assert_eq!(reported(&conn, cch.id(), THRESHOLD), [1, 3]);
     held[0].ack().unwrap();
     held[2].ack().unwrap();
     // A delivery acked in time is not reported; nothing is reported twice.
     publish_confirmed(&ch, "", &q, b"quick");
     consumer.recv_timeout(WAIT).unwrap().unwrap().ack().unwrap();
-    std::thread::sleep(Duration::from_millis(600));
-    assert_eq!(
-        reported(&conn, cch.id(), Duration::from_millis(200)),
-        [1, 3]
-    );
+    std::thread::sleep(THRESHOLD + THRESHOLD / 2);
+    assert_eq!(reported(&conn, cch.id(), THRESHOLD), [1, 3]);
     conn.close().unwrap();
 }
 
@@ -93,11 +82,18 @@ fn no_ack_consumers_and_the_default_report_nothing() {
         let manual = ch.basic_consume(&q2, &ConsumeOptions::default()).unwrap();
         publish_confirmed(&ch, "", &q2, b"y");
         let d = manual.recv_timeout(WAIT).unwrap().unwrap();
-        std::thread::sleep(Duration::from_millis(300));
-        let n = reported(conn, ch.id(), Duration::from_millis(50)).len();
         if std::ptr::eq(conn, &warned) {
+            assert!(
+                wait_until(WAIT, || !reported(conn, ch.id(), Duration::from_millis(50))
+                    .is_empty()),
+                "no warning: {:#?}",
+                conn.events()
+            );
+            let n = reported(conn, ch.id(), Duration::from_millis(50)).len();
             assert_eq!(n, 1, "only the manual-ack delivery");
         } else {
+            std::thread::sleep(Duration::from_millis(300));
+            let n = reported(conn, ch.id(), Duration::from_millis(50)).len();
             assert_eq!(n, 0, "off by default");
         }
         d.ack().unwrap();

@@ -333,18 +333,30 @@ fn worker_pool_goes_on_across_a_reset_link() {
     cch.basic_qos(100, false).unwrap();
     let consumer = cch.basic_consume(&q, &ConsumeOptions::default()).unwrap();
     let handled = counters(N as usize);
-    let h = handled.clone();
+    let total = Arc::new(AtomicU32::new(0));
+    let hold = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let (h, t, g) = (handled.clone(), total.clone(), hold.clone());
     let pool = WorkerPool::start(consumer, &WorkerOptions::new(8), move |d| {
         h[id_of(d.body())].fetch_add(1, Ordering::SeqCst);
         // Some work, so that the reset comes while deliveries are in flight.
         thread::sleep(Duration::from_millis(1));
+        // Past half-way the handlers wait for the reset: it comes mid-way, whatever
+        // the machine's pace.
+        if t.fetch_add(1, Ordering::SeqCst) >= N / 2 {
+            let until = std::time::Instant::now() + WAIT;
+            while g.load(Ordering::SeqCst) && std::time::Instant::now() < until {
+                thread::sleep(Duration::from_millis(1));
+            }
+        }
         Outcome::Ack
     })
     .unwrap();
-    assert!(wait_until(Duration::from_secs(20), || pool.stats().acked
-        >= u64::from(N) / 2));
+    assert!(wait_until(Duration::from_secs(20), || total
+        .load(Ordering::SeqCst)
+        > N / 2));
     assert_eq!(proxy.reset(), 1, "one link to reset");
     assert!(pool.stats().acked < u64::from(N), "reset mid-way");
+    hold.store(false, Ordering::SeqCst);
     // Every id is handled at least once; those whose ack was lost with the link come
     // again (at-least-once), and the queue ends empty.
     assert!(
