@@ -428,8 +428,10 @@ impl Delivery {
     pub fn routing_key(&self) -> &str {
         &self.routing_key
     }
-    /// The offset of a message read from a stream queue (its `x-stream-offset` header),
-    /// `None` for other queues.
+    /// The offset of a message read from a stream queue: its `x-stream-offset` header,
+    /// which the broker sets on every delivery of a stream consumer. It is read from the
+    /// headers whatever the queue: a message from another queue has one only if its
+    /// publisher set such a header (then that value, unchecked), else `None`.
     ///
     /// ```no_run
     /// # fn f(d: lepus::Delivery) {

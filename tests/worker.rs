@@ -452,7 +452,7 @@ fn a_handler_that_settles_its_own_message_does_not_stop_the_pool() {
     let pool = WorkerPool::start(consumer, &WorkerOptions::new(4), move |d| {
         let id = id_of(d.body());
         h[id].fetch_add(1, Ordering::SeqCst);
-        if id % 2 == 0 {
+        if id.is_multiple_of(2) {
             d.ack().expect("the handler's own ack");
             let again = d.ack();
             assert!(
