@@ -20,6 +20,7 @@ use crate::protocol::methods;
 use crate::protocol::properties::BasicProperties;
 use crate::protocol::table::{FieldTable, table_to_amqp};
 use crate::sync::oneshot;
+use crate::stats::Stats;
 use crate::sync::{Arc, AtomicBool, AtomicU8, Mutex, Ordering, Weak};
 use crate::topology::{BindingRecord, ChannelRecord, ExchangeRecord, QueueRecord, Topology};
 
@@ -45,6 +46,22 @@ pub struct QueueInfo {
 /// [`Error::ConnectionLost`]; with recovery on, the same handle is reopened on the new
 /// connection (same id, qos, confirm mode and consumers) and later calls wait for that,
 /// within their deadline.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use lepus::{BasicProperties, Connection, ExchangeDeclareOptions, FieldTable, PublishOptions, QueueDeclareOptions};
+///
+/// let conn = Connection::open("amqp://127.0.0.1")?;
+/// let ch = conn.open_channel()?;
+/// ch.exchange_declare("orders", "topic", &ExchangeDeclareOptions { durable: true, ..Default::default() })?;
+/// let q = ch.queue_declare("orders.eu", &QueueDeclareOptions { durable: true, ..Default::default() })?;
+/// ch.queue_bind(&q.name, "orders", "eu.#", &FieldTable::new())?;
+/// ch.basic_publish("orders", "eu.fr", b"{}", &BasicProperties::new().persistent(), &PublishOptions::default())?;
+/// // A call through this handle waits at most 200 ms.
+/// let quick = ch.with_timeout(Duration::from_millis(200));
+/// quick.queue_declare("orders.eu", &QueueDeclareOptions { passive: true, ..Default::default() })?;
+/// # Ok::<(), lepus::Error>(())
+/// ```
 #[derive(Clone)]
 pub struct Channel {
     inner: Arc<ChannelInner>,
@@ -589,6 +606,7 @@ impl Channel {
         .map_err(Error::InvalidArgument)?;
         if !shared.confirms.is_enabled() {
             shared.send(bytes, deadline, "room in the I/O thread's queue to publish")?;
+            Stats::add(&conn.stats.published, 1);
             return Ok(None);
         }
         // Sequence numbers must follow the order in which publishes reach the I/O thread.
@@ -614,6 +632,7 @@ impl Channel {
             shared.confirms.unregister(seq);
             return Err(e);
         }
+        Stats::add(&conn.stats.published, 1);
         Ok(slot.map(|s| (seq, s)))
     }
 

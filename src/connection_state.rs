@@ -12,7 +12,8 @@ use amq_protocol::protocol::{AMQPClass, connection};
 
 use crate::confirm_tracker::Entry;
 use crate::error::{Error, Result, reply_code};
-use crate::events::{EventLog, RecoveryEvent, RecoveryEventKind};
+use crate::event_hub::EventHub;
+use crate::events::{ConnectionEventKind, RecoveryEventKind};
 use crate::io::engine::Engine;
 use crate::io::reactor::{Reactor, WAKER};
 use crate::io::{ChannelShared, Command, ConnShared, LinkEvents, handshake};
@@ -20,6 +21,7 @@ use crate::link::{LinkCell, LinkGen};
 use crate::options::ConnectionOptions;
 use crate::protocol::frame::put_method;
 use crate::secrets::Secrets;
+use crate::stats::Stats;
 use crate::sync::{Arc, AtomicU64, Mutex, Ordering, Weak};
 use crate::sync::{oneshot, queue};
 use crate::topology::{ChannelRecord, PendingTopology, Topology};
@@ -100,8 +102,15 @@ fn prepare(
     opts: &ConnectionOptions,
     number: u64,
     secrets: &Secrets,
+    observers: (&Arc<Stats>, &Arc<EventHub>),
 ) -> Result<(Arc<ConnShared>, Reactor)> {
     let opts = &secrets.resolve(opts)?;
+    let _span = crate::trace::span!(
+        "lepus.connect",
+        host = opts.host,
+        port = opts.port,
+        generation = number
+    );
     let est = handshake::connect(opts)?;
     let io_err = |e: std::io::Error| Error::ConnectionLost(format!("I/O setup failed: {e}"));
     est.stream.sock().set_nonblocking(true).map_err(io_err)?;
@@ -114,7 +123,7 @@ fn prepare(
     } else {
         Duration::from_secs(30)
     };
-    log::info!(
+    crate::trace::info!(
         "connected to {}:{} vhost {:?} (generation {number}, channel_max {}, frame_max {}, heartbeat {} s)",
         opts.host,
         opts.port,
@@ -131,7 +140,8 @@ fn prepare(
             opts.clone(),
             est.server_properties,
         )
-        .with_generation(number, local),
+        .with_generation(number, local)
+        .with_observers(observers.0.clone(), observers.1.clone()),
     );
     let reactor = Reactor {
         poll,
@@ -165,7 +175,7 @@ pub(crate) fn start_generation(
     number: u64,
 ) -> Result<Arc<Generation>> {
     let opts = inner.opts.clone().host(host).port(port);
-    let (shared, reactor) = prepare(&opts, number, &inner.secrets)?;
+    let (shared, reactor) = prepare(&opts, number, &inner.secrets, (&inner.stats, &inner.hub))?;
     let gen_ = Arc::new(Generation {
         shared,
         thread: Mutex::new(None),
@@ -233,7 +243,9 @@ pub(crate) struct ConnectionInner {
     /// What the last recovery could not restore, retried in the background.
     pub(crate) pending: Mutex<PendingTopology>,
     channels: Mutex<HashMap<u16, Weak<dyn ChannelSlot>>>,
-    pub(crate) events: Mutex<EventLog>,
+    /// The event log and listeners, and the counters, of every generation.
+    pub(crate) hub: Arc<EventHub>,
+    pub(crate) stats: Arc<Stats>,
     generations: AtomicU64,
     recover: Recover,
     /// Credentials from a provider, the secret last updated, the refresh schedule.
@@ -247,8 +259,15 @@ impl ConnectionInner {
         let mut last = None;
         let mut first = None;
         let secrets = Secrets::new(&opts);
+        let stats = Arc::new(Stats::for_connection(&opts));
+        let hub = EventHub::new(&opts, stats.clone());
         for a in opts.address_order(None)? {
-            match prepare(&opts.clone().host(a.host).port(a.port), 1, &secrets) {
+            match prepare(
+                &opts.clone().host(a.host).port(a.port),
+                1,
+                &secrets,
+                (&stats, &hub),
+            ) {
                 Ok(p) => {
                     first = Some(p);
                     break;
@@ -272,7 +291,8 @@ impl ConnectionInner {
             topology: Mutex::new(Topology::default()),
             pending: Mutex::new(PendingTopology::default()),
             channels: Mutex::new(HashMap::new()),
-            events: Mutex::new(EventLog::new()),
+            hub,
+            stats,
             generations: AtomicU64::new(1),
             recover,
             secrets,
@@ -345,16 +365,9 @@ impl ConnectionInner {
         self.generations.fetch_add(1, Ordering::AcqRel) + 1
     }
 
+    /// Record a recovery step (log and listeners, see event_hub.rs).
     pub(crate) fn event(&self, generation: u64, kind: RecoveryEventKind) {
-        let e = RecoveryEvent {
-            at: Instant::now(),
-            generation,
-            kind,
-        };
-        if let Some(l) = &self.opts.recovery.listener {
-            l(&e);
-        }
-        self.events.lock().push(e);
+        self.hub.emit(generation, ConnectionEventKind::Recovery(kind));
     }
 
     /// The usable connection state, waiting for a recovery in progress until `deadline`.
@@ -458,9 +471,10 @@ impl ConnectionInner {
     pub(crate) fn install(&self, gen_: Arc<Generation>) -> bool {
         let number = gen_.number();
         if !self.link.install(gen_) {
-            log::warn!("recovered generation {number} failed before it was installed");
+            crate::trace::warn!("recovered generation {number} failed before it was installed");
             return false;
         }
+        Stats::add(&self.stats.reconnects, 1);
         true
     }
 
@@ -486,6 +500,10 @@ impl ConnectionInner {
 }
 
 impl LinkEvents for ConnectionInner {
+    fn report(&self, generation: u64, kind: RecoveryEventKind) {
+        self.event(generation, kind);
+    }
+
     fn failing(&self, generation: u64, err: &Error) -> bool {
         // A candidate of the running recovery ends by whatever error (a protocol violation
         // by a node that is restarting too): that recovery goes on to its next attempt
@@ -499,7 +517,7 @@ impl LinkEvents for ConnectionInner {
         if candidate {
             return true;
         }
-        log::warn!("connection lost (generation {generation}): {err}; recovering");
+        crate::trace::warn!("connection lost (generation {generation}): {err}; recovering");
         self.event(
             generation,
             RecoveryEventKind::FailureDetected(err.to_string()),
@@ -523,7 +541,7 @@ impl LinkEvents for ConnectionInner {
             .name("lepus-recovery".into())
             .spawn(move || (recover.run)(inner))
         {
-            log::error!("could not start the recovery thread: {e}");
+            crate::trace::error!("could not start the recovery thread: {e}");
             self.give_up(Error::ConnectionLost(format!(
                 "recovery could not start: {e}"
             )));
@@ -534,7 +552,7 @@ impl LinkEvents for ConnectionInner {
 impl Drop for ConnectionInner {
     fn drop(&mut self) {
         if let Err(e) = self.close() {
-            log::warn!("closing the connection on drop: {e}");
+            crate::trace::warn!("closing the connection on drop: {e}");
         }
     }
 }

@@ -75,7 +75,7 @@ pub(crate) fn entity_failed(
     entity: TopologyEntity,
     e: &Error,
 ) {
-    log::warn!("recovery could not restore {entity}: {e}; retrying it in the background");
+    crate::trace::warn!("recovery could not restore {entity}: {e}; retrying it in the background");
     inner.event(
         generation,
         RecoveryEventKind::EntityFailed {
@@ -104,7 +104,7 @@ pub(crate) fn start(inner: &Arc<ConnectionInner>, pending: PendingTopology) {
         .name("lepus-topology-retry".into())
         .spawn(move || run(weak))
     {
-        log::error!("could not start the topology retry thread: {e}");
+        crate::trace::error!("could not start the topology retry thread: {e}");
         inner.pending.lock().retrying = false;
     }
 }
@@ -172,7 +172,7 @@ fn run(weak: Weak<ConnectionInner>) {
         }
         let Some(inner) = weak.upgrade() else { return };
         if let Err(e) = retry_once(&inner) {
-            log::debug!("topology retry: {e}");
+            crate::trace::debug!("topology retry: {e}");
         }
         let mut p = inner.pending.lock();
         if p.is_empty() {
@@ -260,7 +260,7 @@ fn retry_once(inner: &Arc<ConnectionInner>) -> Result<()> {
 
     retry_consumers(inner, &conn, &snapshot, &queues_pending, &mut done)?;
     for e in done {
-        log::info!("topology retry restored {e}");
+        crate::trace::info!("topology retry restored {e}");
         inner.event(generation, RecoveryEventKind::EntityRecovered(e));
     }
     Ok(())

@@ -121,6 +121,22 @@ impl fmt::Display for TlsFailure {
 ///
 /// Use [`Error::is_connection_lost`] to tell a recoverable loss of the link from an
 /// intentional close, and [`Error::reply_code`] for the AMQP reply code when there is one.
+///
+/// ```no_run
+/// use lepus::{Error, QueueDeclareOptions, reply_code};
+/// let conn = lepus::Connection::open("amqp://127.0.0.1")?;
+/// let ch = conn.open_channel()?;
+/// let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+/// match ch.queue_declare("maybe", &passive) {
+///     Ok(q) => println!("{} messages ready", q.message_count),
+///     // The broker closed the channel (404): the connection and other channels live on.
+///     Err(e) if e.reply_code() == Some(reply_code::NOT_FOUND) => println!("no such queue"),
+///     Err(e) if e.is_connection_lost() => println!("link lost; recovery is on it: {e}"),
+///     Err(Error::Timeout(what)) => println!("no answer in time: {what}"),
+///     Err(e) => return Err(e),
+/// }
+/// # Ok::<(), lepus::Error>(())
+/// ```
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {

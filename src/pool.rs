@@ -202,6 +202,18 @@ impl ChannelPoolBuilder {
 /// A channel taken from a [`ChannelPool`]; derefs to [`Channel`] and goes back to the
 /// pool when dropped (or with [`PooledChannel::release`]), exactly once. A channel the
 /// borrower changed (see [`ChannelPool`]) is closed and discarded instead.
+///
+/// ```no_run
+/// let conn = lepus::Connection::open("amqp://127.0.0.1")?;
+/// let pool = lepus::ChannelPool::new(&conn);
+/// {
+///     let ch = pool.acquire()?; // a PooledChannel: use it as a &Channel
+///     ch.queue_declare("jobs", &Default::default())?;
+/// } // dropped: back to the pool
+/// let ch = pool.acquire()?;
+/// ch.discard(); // or closed, never handed out again
+/// # Ok::<(), lepus::Error>(())
+/// ```
 pub struct PooledChannel {
     lease: Lease<Pooled>,
 }

@@ -15,6 +15,7 @@ use crate::events::{RecoveryEventKind, TopologyEntity};
 use crate::io::{ChannelShared, Command, ConnShared, Reply, ReplyRx};
 use crate::options::{RecoveryOptions, UnconfirmedPolicy};
 use crate::protocol::methods;
+use crate::stats::Stats;
 use crate::sync::{Arc, Ordering};
 use crate::topology::{ChannelRecord, PendingTopology, Topology};
 
@@ -52,6 +53,7 @@ pub(crate) fn backoff(opts: &RecoveryOptions, attempt: u32) -> Duration {
 /// the jittered backoff, which starts again from its initial value whenever an address
 /// accepts a connection (a node that answers is worth trying again soon).
 pub(crate) fn run(inner: Arc<ConnectionInner>) {
+    let _span = crate::trace::span!("lepus.recovery", generation = inner.current_generation());
     let opts = inner.opts.recovery.clone();
     let mut failed = Some(inner.current_address());
     let mut attempt: u32 = 0;
@@ -124,12 +126,13 @@ enum Tried {
 
 /// One attempt: connect to `addr` and replay there.
 fn try_address(inner: &Arc<ConnectionInner>, addr: &Address, attempt: u32) -> Tried {
+    let _span = crate::trace::span!("lepus.recovery.attempt", host = addr.host, port = addr.port, attempt = attempt);
     let (host, port) = (addr.host.as_str(), addr.port);
     let generation = inner.next_generation();
     let gen_ = match crate::connection_state::start_generation(inner, host, port, generation) {
         Ok(g) => g,
         Err(e) => {
-            log::warn!("reconnect attempt {attempt} to {addr} failed: {e}");
+            crate::trace::warn!("reconnect attempt {attempt} to {addr} failed: {e}");
             inner.event(
                 generation,
                 RecoveryEventKind::AttemptFailed {
@@ -150,11 +153,11 @@ fn try_address(inner: &Arc<ConnectionInner>, addr: &Address, attempt: u32) -> Tr
     match replay(inner, &gen_) {
         Ok(()) => {
             inner.event(generation, RecoveryEventKind::Recovered);
-            log::info!("connection recovered (generation {generation}, {addr})");
+            crate::trace::info!("connection recovered (generation {generation}, {addr})");
             Tried::Recovered
         }
         Err(e) => {
-            log::warn!("recovery on {addr} failed while restoring: {e}");
+            crate::trace::warn!("recovery on {addr} failed while restoring: {e}");
             inner.event(
                 generation,
                 RecoveryEventKind::AttemptFailed {
@@ -224,6 +227,7 @@ fn replay(inner: &Arc<ConnectionInner>, gen_: &Arc<Generation>) -> Result<()> {
     restore_qos_and_confirms(inner, &restored, &records)?;
     let started = restore_consumers(inner, conn, &restored, &records, &mut pending)?;
     let republished = settle_unconfirmed(inner, conn, &restored)?;
+    Stats::add(&inner.stats.published, republished as u64);
     let consumers = started.len() - cancel_given_up_consumers(inner, &restored, &started)?;
     inner.notify();
     if !inner.install(gen_.clone()) {
@@ -263,6 +267,7 @@ fn replay_topology(
     inner: &Arc<ConnectionInner>,
     gen_: &Arc<Generation>,
 ) -> Result<TopologyOutcome> {
+    let _span = crate::trace::span!("lepus.recovery.topology");
     let conn = gen_.shared();
     let opts = &inner.opts.recovery;
     let mut topology = inner.topology.lock().clone();
@@ -312,7 +317,7 @@ fn replay_topology(
             }
         };
         if &new != name {
-            log::info!("server-named queue {name:?} is now {new:?}");
+            crate::trace::info!("server-named queue {name:?} is now {new:?}");
             inner.event(
                 gen_.number(),
                 RecoveryEventKind::QueueRenamed {
@@ -342,6 +347,7 @@ fn replay_bindings(
     topology: &Topology,
     pending: &mut PendingTopology,
 ) -> Result<()> {
+    let _span = crate::trace::span!("lepus.recovery.bindings");
     let opts = &inner.opts.recovery;
     let mut todo = Vec::new();
     for b in &topology.bindings {
@@ -373,6 +379,7 @@ fn reopen_channels(
     conn: &Arc<ConnShared>,
     channels: &[Arc<dyn ChannelSlot>],
 ) -> Result<Restored> {
+    let _span = crate::trace::span!("lepus.recovery.channels");
     let d = step_deadline(inner);
     let mut opening = Vec::with_capacity(channels.len());
     for c in channels {
@@ -423,6 +430,7 @@ pub(crate) fn restore_qos_and_confirms(
     restored: &Restored,
     records: &[ChannelRecord],
 ) -> Result<()> {
+    let _span = crate::trace::span!("lepus.recovery.qos_confirms");
     let d = step_deadline(inner);
     let mut step = InFlight::new();
     for ((_, new), record) in restored.iter().zip(records) {
@@ -456,6 +464,7 @@ pub(crate) fn restore_consumers(
     records: &[ChannelRecord],
     pending: &mut PendingTopology,
 ) -> Result<Vec<(usize, String)>> {
+    let _span = crate::trace::span!("lepus.recovery.consumers");
     let opts = &inner.opts.recovery;
     let declared: Vec<String> = inner
         .topology
@@ -541,7 +550,7 @@ pub(crate) fn cancel_given_up_consumers(
         let (c, new) = &restored[*i];
         let kept = c.record().lock().consumers.iter().any(|r| &r.tag == tag);
         if !kept {
-            log::debug!("consumer {tag:?} was cancelled during recovery: cancelling it again");
+            crate::trace::debug!("consumer {tag:?} was cancelled during recovery: cancelling it again");
             step.start(new, methods::cancel(tag), d, "basic.cancel-ok (recovery)", None)?;
             cancelled += 1;
         }
@@ -557,6 +566,7 @@ pub(crate) fn settle_unconfirmed(
     conn: &Arc<ConnShared>,
     restored: &Restored,
 ) -> Result<usize> {
+    let _span = crate::trace::span!("lepus.recovery.unconfirmed");
     let mut republished = 0;
     for (c, new) in restored {
         let old = c.current_shared();

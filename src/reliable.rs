@@ -99,10 +99,10 @@ impl Channel {
             }
             let now = Instant::now();
             if now + pause >= deadline {
-                log::debug!("reliable publish: giving up after {attempts} attempt(s): {why}");
+                crate::trace::debug!("reliable publish: giving up after {attempts} attempt(s): {why}");
                 return Err(Error::Timeout("a confirmed publish"));
             }
-            log::debug!("reliable publish attempt {attempts}: {why}; again in {pause:?}");
+            crate::trace::debug!("reliable publish attempt {attempts}: {why}; again in {pause:?}");
             std::thread::sleep(pause);
             pause = (pause * 2).min(MAX_PAUSE);
         }

@@ -10,9 +10,10 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use lepus::{BasicProperties, Error, PublishOptions};
+use lepus::{BasicProperties, ConnectionEventKind, Error, PublishOptions};
 use support::{
-    connect, exclusive_queue, rabbitmqctl, rabbitmqctl_command, rabbitmqctl_or_skip, wait_until,
+    exclusive_queue, rabbitmqctl, rabbitmqctl_command, rabbitmqctl_or_skip, test_options,
+    wait_until,
 };
 
 /// The broker's memory watermark now, as the arguments of `set_vm_memory_high_watermark`
@@ -75,7 +76,14 @@ fn memory_alarm_blocks_publishers_until_it_clears() {
     if !rabbitmqctl_or_skip("memory_alarm_blocks_publishers_until_it_clears") {
         return;
     }
-    let conn = connect();
+    // The listener hears what the log keeps: blocked (with the broker's reason), then
+    // unblocked.
+    let heard = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let h = heard.clone();
+    let conn = lepus::Connection::open_with(
+        test_options().event_listener(move |e| h.lock().unwrap().push(e.kind.clone())),
+    )
+    .expect("connect");
     let ch = conn.open_channel().unwrap();
     let q = exclusive_queue(&ch);
     ch.confirm_select().unwrap();
@@ -122,6 +130,20 @@ fn memory_alarm_blocks_publishers_until_it_clears() {
         "connection.unblocked never arrived"
     );
     drop(restore);
+    let expected = vec![
+        ConnectionEventKind::Blocked {
+            reason: reason.clone(),
+        },
+        ConnectionEventKind::Unblocked,
+    ];
+    let logged: Vec<_> = conn.events().into_iter().map(|e| e.kind).collect();
+    assert_eq!(logged, expected);
+    assert!(
+        wait_until(Duration::from_secs(5), || heard.lock().unwrap().len() == 2),
+        "the listener heard {:?}",
+        heard.lock().unwrap()
+    );
+    assert_eq!(*heard.lock().unwrap(), expected);
 
     publish(&ch, b"after").unwrap();
     ch.wait_for_confirms().unwrap();

@@ -1,4 +1,4 @@
-//! Scenario 10: failover on the three-node cluster of `scripts/cluster` (AMQP on
+//! Scenario 12: failover on the three-node cluster of `scripts/cluster` (AMQP on
 //! 5681-5683). Publishers confirm every message (`publish_reliably`, a unique id each)
 //! into a quorum queue on all three nodes while consumers count what arrives; the node
 //! the connection is on is killed (kill -9), and the time from the signal to the first
@@ -47,7 +47,7 @@ pub struct FailoverRun {
     pub duplicates: u64,
 }
 
-/// What scenario 10 measured, or why it did not run.
+/// What scenario 12 measured, or why it did not run.
 #[derive(Debug, Default)]
 pub struct FailoverResults {
     pub runs: Vec<FailoverRun>,

@@ -7,25 +7,38 @@
 //!                                                # written to benches/results/quick/
 //! options: --only 1,4,8   scenarios to run (1 publish, 2 pool, 3 consumers, 4 recovery,
 //!                         5 stability, 6 peers, 7 ceiling, 8 memory, 9 TLS against
-//!                         plaintext on the node of scripts/tls-node, 10 failover on
-//!                         the cluster of scripts/cluster, skipped in quick mode)
+//!                         plaintext on the node of scripts/tls-node, 10 observability
+//!                         cost: publish with the metrics recorder on and off, 11 worker
+//!                         pool against plain consumers, 12 failover on the cluster of
+//!                         scripts/cluster, skipped in quick mode)
 //!          --rounds N     rounds of the lepus/peer comparison (default 3, quick 1)
-//!          --no-peers     skip building and running lapin and amiquip
+//!          --no-peers     skip building and running the peers (lapin, amqprs, amiquip)
+//!          --peers        build and run the peers in quick mode too (quick mode skips
+//!                         them by default, and its report says so)
 //!          --out DIR      where the report goes
 //! ```
+//! Scenario 7 runs four probes beside lepus: `ceiling` and `ceiling-4conn` (publish
+//! without confirms, ceiling.rs) and `lockstep` and `lockstep-4conn` (confirm each,
+//! lockstep.rs). Every client's CPU time per message is measured with getrusage (cpu.rs).
 
 mod ceiling;
 mod charts;
 mod common;
+mod consume_ways;
+mod cpu;
 mod failover;
+mod lockstep;
 mod memory;
+mod observability;
 mod peers;
 mod recovery;
 mod report;
+mod report_cpu;
 mod stability;
 mod stats;
 mod throughput;
 mod tls;
+mod worker_pool;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -33,16 +46,21 @@ use std::time::Duration;
 use common::{Settings, done, ms, note, section, settle, step, thousands};
 use throughput::Mode;
 
-const TOTAL: u32 = 10;
+const TOTAL: u32 = 12;
 
 /// Everything measured in one run.
 #[derive(Default)]
 pub struct Results {
     /// Per (config, mode), the runs of each client over the rounds (interleaved).
     pub publish: Vec<throughput::PublishRun>,
+    /// The one-socket publish probe ("ceiling").
     pub ceiling: Vec<ceiling::CeilingRun>,
+    /// The other probes: "ceiling-4conn", "lockstep", "lockstep-4conn".
+    pub probes: Vec<ceiling::CeilingRun>,
     pub pool: Vec<throughput::PoolRun>,
     pub consume: Vec<throughput::ConsumeRun>,
+    /// Consume measured two ways (steady, drain), with CPU per message.
+    pub consume_ways: Vec<consume_ways::WaysRun>,
     /// (consumers, round, seconds): raw-socket pipelined startup, the broker's floor.
     pub consumer_floor: Vec<(usize, usize, f64)>,
     pub recovery: Vec<recovery::RecoveryRun>,
@@ -50,6 +68,8 @@ pub struct Results {
     pub chaos: Vec<stability::ChaosRun>,
     pub memory: Option<Result<memory::MemoryRun, String>>,
     pub tls: Option<Result<tls::TlsResults, String>>,
+    pub observability: Vec<observability::ObsRun>,
+    pub worker_pool: Vec<worker_pool::WorkerPoolRun>,
     pub failover: Option<Result<failover::FailoverResults, String>>,
     pub peer_clients: Vec<String>,
     pub peer_notes: Vec<String>,
@@ -92,10 +112,12 @@ fn parse_args() -> (Settings, Option<usize>) {
     let mut out = None;
     let mut child = None;
     let mut i = 0;
+    let mut peers_flag = None;
     while i < args.len() {
         match args[i].as_str() {
             "--quick" => s.quick = true,
-            "--no-peers" => s.peers = false,
+            "--no-peers" => peers_flag = Some(false),
+            "--peers" => peers_flag = Some(true),
             "--peers-build-timeout" => {
                 i += 1;
                 s.peers_build_timeout = args.get(i).and_then(|x| x.parse().ok());
@@ -125,6 +147,9 @@ fn parse_args() -> (Settings, Option<usize>) {
         }
         i += 1;
     }
+    // Quick mode (CI, a time budget of minutes) skips the peers unless asked: building
+    // lapin, amqprs and amiquip from cold takes longer than the whole budget here.
+    s.peers = peers_flag.unwrap_or(!s.quick);
     if s.rounds == 0 {
         s.rounds = if s.quick { 1 } else { 3 };
     }
@@ -155,6 +180,16 @@ fn main() {
     );
     let mut r = Results::default();
     let root = repo_root();
+    if !s.peers && (s.wants(6) || s.wants(9)) {
+        let why = if s.quick {
+            "quick mode skips the peers (lapin, amqprs, amiquip): none was built or run, so this report has no lepus/peer ratio; `-- --quick --peers` builds and runs them"
+        } else {
+            "--no-peers: the peers (lapin, amqprs, amiquip) were not built or run, so this report has no lepus/peer ratio"
+        };
+        note(why);
+        r.notes
+            .push(format!("{}{}.", why[..1].to_uppercase(), &why[1..]));
+    }
 
     // Peers: built first, or (quick mode, cold build) in the background while the
     // lepus-only scenarios run, so that a first run stays within its time budget.
@@ -198,6 +233,12 @@ fn main() {
         note("waiting for the peers' build");
         peers = pending.and_then(|h| h.join().ok());
     }
+    if want_peers && peers.as_ref().is_none_or(|p| p.clients.is_empty()) {
+        // Asked for and not there: the run cannot say what it was asked to measure.
+        r.errors
+            .push("the peers were to run, but none was built (see the Peers notes)".into());
+        r.failed.push("peers".into());
+    }
     if let Some(p) = &peers {
         r.peer_clients = p.clients.clone();
         r.peer_notes = p.notes.clone();
@@ -220,13 +261,27 @@ fn main() {
     guard(&mut r, "scenario_tls", |r| {
         scenario_tls(&s, r, peers.as_ref())
     });
+    guard(&mut r, "scenario_worker_pool", |r| {
+        worker_pool::scenario(&s, TOTAL, &mut r.worker_pool)
+    });
+
+    if s.wants(10) {
+        guard(&mut r, "scenario_observability", |r| {
+            section(
+                10,
+                TOTAL,
+                "observability cost (metrics recorder on and off)",
+            );
+            r.observability = observability::run(&s);
+        });
+    }
     guard(&mut r, "scenario_failover", |r| scenario_failover(&s, r));
 
     note("writing the report");
     std::fs::create_dir_all(&s.out_dir).expect("create the results directory");
     let chart_errors = charts::draw_all(&r, &s.out_dir);
     r.errors.extend(chart_errors);
-    let md = report::render(&r, &env, &s);
+    let md = report::render(&r, &env, &s) + &observability::render(&r.observability);
     let path = s.out_dir.join("report.md");
     std::fs::write(&path, md).expect("write the report");
     eprintln!("\n[{:>6.1}s] report: {}", common::elapsed(), path.display());
@@ -272,7 +327,10 @@ fn scenario_publish(s: &Settings, r: &mut Results, peers: Option<&peers::Peers>)
                         clients.extend(peer_clients.iter().cloned());
                     }
                     if mode == Mode::None && s.wants(7) {
-                        clients.push("ceiling".into());
+                        clients.extend(["ceiling".into(), "ceiling-4conn".into()]);
+                    }
+                    if mode == Mode::Each && s.wants(7) {
+                        clients.extend(["lockstep".into(), "lockstep-4conn".into()]);
                     }
                     // Each round starts with another client (A B C, B C A, ...).
                     let k = round % clients.len().max(1);
@@ -301,31 +359,53 @@ fn scenario_publish(s: &Settings, r: &mut Results, peers: Option<&peers::Peers>)
                     let mut run = throughput::publish(&s.url, t, m, mode);
                     run.round = round;
                     done(&format!(
-                        "absorbed {} msg/s (calls {} msg/s), P99 {}",
+                        "absorbed {} msg/s (calls {} msg/s), P99 {}, CPU {:.2} µs/msg",
                         thousands(run.absorbed_rate()),
                         thousands(run.call_rate()),
-                        ms(run.lat.p99_ms)
+                        ms(run.lat.p99_ms),
+                        run.cpu_us_per_msg()
                     ));
                     r.publish.push(run);
                 }
-                "ceiling" => match ceiling::probe(&s.url, t, m) {
-                    Ok(mut c) => {
-                        c.round = round;
-                        done(&format!("absorbed {} msg/s", thousands(c.absorbed_rate())));
-                        r.ceiling.push(c);
+                probe @ ("ceiling" | "ceiling-4conn" | "lockstep" | "lockstep-4conn") => {
+                    let sockets = if probe.ends_with("4conn") {
+                        ceiling::SOCKETS
+                    } else {
+                        1
+                    };
+                    let run = if probe.starts_with("ceiling") {
+                        ceiling::probe(&s.url, sockets, t, m)
+                    } else {
+                        lockstep::lockstep(&s.url, sockets, t, m)
+                    };
+                    match run {
+                        Ok(mut c) => {
+                            c.round = round;
+                            done(&format!(
+                                "absorbed {} msg/s, CPU {:.2} µs/msg",
+                                thousands(c.absorbed_rate()),
+                                c.cpu_us_per_msg()
+                            ));
+                            if probe == "ceiling" {
+                                r.ceiling.push(c);
+                            } else {
+                                r.probes.push(c);
+                            }
+                        }
+                        Err(e) => {
+                            done(&format!("failed: {e}"));
+                            r.errors.push(format!("{probe} probe {t}×{m}: {e}"));
+                        }
                     }
-                    Err(e) => {
-                        done(&format!("failed: {e}"));
-                        r.errors.push(format!("ceiling probe {t}×{m}: {e}"));
-                    }
-                },
+                }
                 peer => match peers.expect("peers").publish(peer, t, m, mode) {
                     Ok(mut run) => {
                         run.round = round;
                         done(&format!(
-                            "absorbed {} msg/s, P99 {}",
+                            "absorbed {} msg/s, P99 {}, CPU {:.2} µs/msg",
                             thousands(run.absorbed_rate()),
-                            ms(run.lat.p99_ms)
+                            ms(run.lat.p99_ms),
+                            run.cpu_us_per_msg()
                         ));
                         if let (true, Some(e)) = (run.errors > 0, &run.first_error) {
                             r.errors.push(format!(
@@ -451,6 +531,9 @@ fn scenario_consumers(s: &Settings, r: &mut Results, peers: Option<&peers::Peers
                     r.errors.push(format!("{client} consume {c}: {e}"));
                 }
             }
+        }
+        if s.wants(3) {
+            consume_ways::scenario(s, r, peers);
         }
     }
 }
@@ -606,17 +689,17 @@ fn scenario_tls(s: &Settings, r: &mut Results, peers: Option<&peers::Peers>) {
 }
 
 fn scenario_failover(s: &Settings, r: &mut Results) {
-    // 10: failover on the three-node cluster.
-    if !s.wants(10) {
+    // 12: failover on the three-node cluster.
+    if !s.wants(12) {
         return;
     }
     section(
-        10,
+        12,
         TOTAL,
         "cluster failover (scripts/cluster, kill -9 of the connected node)",
     );
     if s.quick {
-        let why = "skipped in quick mode: it starts a three-node cluster (about a minute cold) and restarts a node per repetition; run the full suite or --only 10";
+        let why = "skipped in quick mode: it starts a three-node cluster (about a minute cold) and restarts a node per repetition; run the full suite or --only 12";
         note(why);
         r.failover = Some(Err(why.into()));
         return;

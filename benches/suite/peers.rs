@@ -43,7 +43,7 @@ fn locked_versions(dir: &Path) -> Vec<(String, String)> {
         if let Some(n) = line.strip_prefix("name = ") {
             name = n.trim_matches('"').to_owned();
         } else if let Some(v) = line.strip_prefix("version = ") {
-            if name == "lapin" || name == "amiquip" {
+            if name == "lapin" || name == "amiquip" || name == "amqprs" {
                 out.push((name.clone(), v.trim_matches('"').to_owned()));
             }
         }
@@ -278,6 +278,7 @@ impl Peers {
             lat: lat(&v["lat"]),
             errors: v["errors"].as_u64().unwrap_or(0) as usize,
             first_error: v["stderr"].as_str().map(str::to_owned),
+            cpu: usage(&v["cpu"]),
         })
     }
 
@@ -306,8 +307,86 @@ impl Peers {
     }
 }
 
+impl Peers {
+    /// A consume-ways run (`way` is "consume-steady" or "consume-drain") on the suite's
+    /// `queue`. Steady: once the peer says `ready`, `produce` writes the messages.
+    pub fn consume_way(
+        &self,
+        client: &str,
+        way: &str,
+        queue: &str,
+        n: usize,
+        messages: usize,
+        produce: &mut dyn FnMut() -> Result<(), String>,
+    ) -> Result<Value, String> {
+        use std::io::BufRead;
+        let bin = self.bin.as_ref().ok_or("the peers are not built")?;
+        let mut child = Command::new(bin)
+            .args([client, way, queue, &n.to_string(), &messages.to_string()])
+            .env("AMQP_URL", &self.url)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("starting the peer: {e}"))?;
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut stderr = child.stderr.take().expect("piped stderr");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let err_reader = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = stderr.read_to_string(&mut s);
+            s
+        });
+        let deadline = Instant::now() + self.timeout;
+        let mut result = Err(format!(
+            "the peer run {way} took over {:?}; killed",
+            self.timeout
+        ));
+        while let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            if line == "ready" {
+                if let Err(e) = produce() {
+                    result = Err(format!("producing for the peer: {e}"));
+                    break;
+                }
+            } else if line.starts_with('{') {
+                result = serde_json::from_str::<Value>(&line).map_err(|e| e.to_string());
+                break;
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        let err = err_reader.join().unwrap_or_default();
+        let v = result.map_err(|e| format!("{e}; stderr: {}", tail(&err, 3)))?;
+        if let Some(e) = v.get("error") {
+            return Err(e.as_str().unwrap_or("?").to_string());
+        }
+        Ok(v)
+    }
+}
+
 fn f(v: &Value) -> f64 {
     v.as_f64().unwrap_or(f64::NAN)
+}
+
+/// The `cpu` object of a peer's line (see benches/peers: `cpu_json`).
+pub fn usage(v: &Value) -> crate::cpu::Usage {
+    crate::cpu::Usage {
+        user_us: f(&v["user_us"]),
+        sys_us: f(&v["sys_us"]),
+        vcsw: v["vcsw"].as_u64().unwrap_or(0),
+        ivcsw: v["ivcsw"].as_u64().unwrap_or(0),
+    }
 }
 
 fn lat(v: &Value) -> Percentiles {

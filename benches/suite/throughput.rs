@@ -55,6 +55,10 @@ pub struct PublishRun {
     pub errors: usize,
     /// The first error the client reported, if it said (peers: a line of stderr).
     pub first_error: Option<String>,
+    /// The client process's CPU from the start barrier until every call returned and one
+    /// RPC on the same connection came back (everything written; the polling for the
+    /// absorbed time is not in it). lepus: the suite process; a peer: its own process.
+    pub cpu: crate::cpu::Usage,
 }
 
 impl PublishRun {
@@ -66,6 +70,10 @@ impl PublishRun {
     }
     pub fn absorbed_rate(&self) -> f64 {
         self.messages() as f64 / self.absorbed_secs
+    }
+    /// User + system CPU time of the client per message, µs.
+    pub fn cpu_us_per_msg(&self) -> f64 {
+        self.cpu.cpu_us() / self.messages() as f64
     }
 }
 
@@ -144,6 +152,7 @@ pub fn publish(url: &str, threads: usize, per_thread: usize, mode: Mode) -> Publ
             })
         })
         .collect();
+    let cpu0 = crate::cpu::process();
     barrier.wait();
     let start = Instant::now();
     let mut lat = Samples::with_capacity(threads * per_thread);
@@ -154,6 +163,10 @@ pub fn publish(url: &str, threads: usize, per_thread: usize, mode: Mode) -> Publ
         channels.push(ch);
     }
     let call = start.elapsed();
+    // One RPC on the same connection: its reply comes after every queued publish was
+    // written. The CPU figure ends here, before the polling below (harness work).
+    let _ = common::message_count(&admin, &queue);
+    let cpu = crate::cpu::process().since(&cpu0);
     let total = threads * per_thread;
     let absorbed = wait_count(&admin, &queue, total, Duration::from_secs(120))
         .map(|t| (t - start).as_secs_f64())
@@ -172,6 +185,7 @@ pub fn publish(url: &str, threads: usize, per_thread: usize, mode: Mode) -> Publ
         lat: Percentiles::of(&mut lat),
         errors: errors.load(Ordering::Relaxed),
         first_error: None,
+        cpu,
     }
 }
 

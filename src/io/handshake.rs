@@ -576,7 +576,7 @@ pub(crate) fn connect(opts: &ConnectionOptions) -> Result<Established> {
             if let Some((tuned, server_properties)) = done? {
                 decoder.set_frame_max(tuned.frame_max);
                 let _ = tune_socket(stream.sock(), tuned.heartbeat)
-                    .map_err(|e| log::warn!("could not set socket options: {e}"));
+                    .map_err(|e| crate::trace::warn!("could not set socket options: {e}"));
                 return Ok(Established {
                     stream,
                     decoder,

@@ -1,20 +1,59 @@
 //! amiquip: synchronous; channels are opened on the connection's thread (its
 //! `open_channel` takes `&mut Connection`) and moved into the worker threads.
+//!
+//! TCP_NODELAY: amiquip does not set it (`Connection::insecure_open` connects a plain
+//! mio socket), and with Nagle on, a lone publish or ack waits for the previous segment's
+//! ACK (delayed up to 40 ms by the broker's side). Its users set it themselves: connect a
+//! `std::net::TcpStream`, `set_nodelay(true)`, hand it to mio (`TcpStream::from_stream`)
+//! and open the connection on that stream with `Connection::insecure_open_stream` — what
+//! [`open`] does here, for every amiquip run.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use amiquip::{
-    Channel, Confirm, ConfirmSmoother, Connection, ConsumerMessage, ConsumerOptions, Publish,
-    QueueDeclareOptions, QueueDeleteOptions,
+    Auth, Channel, Confirm, ConfirmSmoother, Connection, ConnectionOptions, ConnectionTuning,
+    ConsumerMessage, ConsumerOptions, Publish, QueueDeclareOptions, QueueDeleteOptions,
 };
 
 use crate::stats::{IdLedger, Percentiles, Samples, read_stamp, stamp_body};
+use crate::ways::{Progress, WaysOut};
 use crate::{BODY, ConsumeOut, Mode, PREFETCH, PublishOut, now_ns, unique, url};
 
 fn e2s(e: amiquip::Error) -> String {
     e.to_string()
+}
+
+/// An amiquip connection to `AMQP_URL` over a socket with TCP_NODELAY set, the way an
+/// amiquip user sets it (see the top of this file).
+fn open() -> Result<Connection, String> {
+    let url = url();
+    let rest = url
+        .strip_prefix("amqp://")
+        .ok_or("amiquip peer: amqp:// URLs only")?;
+    let (auth, rest) = rest.split_once('@').unwrap_or(("guest:guest", rest));
+    let (user, pass) = auth.split_once(':').unwrap_or((auth, ""));
+    let (hostport, vhost) = rest.split_once('/').unwrap_or((rest, ""));
+    let vhost = match vhost {
+        "" | "%2f" | "%2F" => "/".to_string(),
+        v => v.replace("%2f", "/").replace("%2F", "/"),
+    };
+    let hostport = if hostport.contains(':') {
+        hostport.to_string()
+    } else {
+        format!("{hostport}:5672")
+    };
+    let stream = std::net::TcpStream::connect(&hostport).map_err(|e| e.to_string())?;
+    stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    let stream = mio::net::TcpStream::from_stream(stream).map_err(|e| e.to_string())?;
+    let options = ConnectionOptions::default()
+        .auth(Auth::Plain {
+            username: user.to_string(),
+            password: pass.to_string(),
+        })
+        .virtual_host(vhost);
+    Connection::insecure_open_stream(stream, options, ConnectionTuning::default()).map_err(e2s)
 }
 
 fn wait_count(admin: &Channel, queue: &str, n: usize, start: Instant) -> Result<f64, String> {
@@ -32,7 +71,7 @@ fn wait_count(admin: &Channel, queue: &str, n: usize, start: Instant) -> Result<
 }
 
 pub fn publish(threads: usize, per: usize, mode: Mode) -> Result<PublishOut, String> {
-    let mut conn = Connection::insecure_open(&url()).map_err(e2s)?;
+    let mut conn = open()?;
     let admin = conn.open_channel(None).map_err(e2s)?;
     let queue = unique("publish");
     admin
@@ -120,6 +159,7 @@ pub fn publish(threads: usize, per: usize, mode: Mode) -> Result<PublishOut, Str
                 .expect("spawn")
         })
         .collect();
+    let cpu0 = crate::cpu::process();
     barrier.wait();
     let start = Instant::now();
     let mut lat = Samples::with_capacity(threads * per);
@@ -132,6 +172,10 @@ pub fn publish(threads: usize, per: usize, mode: Mode) -> Result<PublishOut, Str
         chans.push(ch);
     }
     let call = start.elapsed().as_secs_f64();
+    // One RPC on the same connection (after every publish was written): the CPU figure
+    // ends here, before the polling for the absorbed time.
+    admin.queue_declare_passive(queue.as_str()).map_err(e2s)?;
+    let cpu = crate::cpu::process().since(&cpu0);
     let absorbed = wait_count(&admin, &queue, threads * per, start)?;
     let _ = admin.queue_delete(queue.as_str(), QueueDeleteOptions::default());
     drop(chans);
@@ -142,11 +186,12 @@ pub fn publish(threads: usize, per: usize, mode: Mode) -> Result<PublishOut, Str
         absorbed_secs: absorbed,
         lat: Percentiles::of(&mut lat),
         errors: errors.load(Ordering::Relaxed),
+        cpu,
     })
 }
 
 pub fn consume(n: usize, messages: usize) -> Result<ConsumeOut, String> {
-    let mut conn = Connection::insecure_open(&url()).map_err(e2s)?;
+    let mut conn = open()?;
     let admin = conn.open_channel(None).map_err(e2s)?;
     let queue = unique("consume");
     admin
@@ -290,4 +335,77 @@ pub fn consume(n: usize, messages: usize) -> Result<ConsumeOut, String> {
         duplicates: ledger.duplicates(),
         errors: errors.load(Ordering::Relaxed),
     })
+}
+
+/// Consume, two ways (see ways.rs): `n` consumers, a thread each (channels opened on
+/// the connection's thread, as amiquip requires), until the connection closes.
+pub fn consume_ways(
+    queue: &str,
+    n: usize,
+    messages: usize,
+    drain: bool,
+) -> Result<WaysOut, String> {
+    let mut conn = open()?;
+    let progress = Arc::new(Progress::default());
+    // Steady: the consumers wait here until all are registered; drain: they start at once.
+    let ready = Arc::new(Barrier::new(if drain { 1 } else { n + 1 }));
+    let (mut cpu0, mut start_ns) = (crate::cpu::process(), now_ns());
+    let mut channels = Vec::with_capacity(n);
+    for _ in 0..n {
+        channels.push(conn.open_channel(None).map_err(e2s)?);
+    }
+    let handles: Vec<_> = channels
+        .into_iter()
+        .map(|ch| {
+            let (queue, progress, ready) = (queue.to_owned(), progress.clone(), ready.clone());
+            std::thread::Builder::new()
+                .stack_size(256 * 1024)
+                .spawn(move || {
+                    let mut ledger = IdLedger::new(messages);
+                    {
+                        let consumer = ch.qos(0, PREFETCH, false).and_then(|_| {
+                            ch.basic_consume(queue.as_str(), ConsumerOptions::default())
+                        });
+                        progress.registered.fetch_add(1, Ordering::AcqRel);
+                        ready.wait();
+                        match consumer {
+                            Ok(consumer) => {
+                                for m in consumer.receiver().iter() {
+                                    let ConsumerMessage::Delivery(d) = m else {
+                                        break;
+                                    };
+                                    progress.record(&mut ledger, &d.body);
+                                    if consumer.ack(d).is_err() {
+                                        progress.errors.fetch_add(1, Ordering::Relaxed);
+                                    }
+                                }
+                            }
+                            Err(e) => {
+                                eprintln!("amiquip consumer failed to start: {e}");
+                                progress.errors.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                    (ledger, ch)
+                })
+                .expect("spawn")
+        })
+        .collect();
+    ready.wait();
+    if !drain {
+        (cpu0, start_ns) = (crate::cpu::process(), now_ns());
+        crate::ways::signal_ready();
+    }
+    let cpu1 = progress.wait(messages);
+    progress.wait_registered(n);
+    // Closing the connection ends every consumer's receiver.
+    let _ = conn.close();
+    let mut ledger = IdLedger::new(messages);
+    for h in handles {
+        let (l, _ch) = h
+            .join()
+            .map_err(|_| "consumer thread panicked".to_string())?;
+        ledger.merge(&l);
+    }
+    Ok(progress.out(start_ns, &cpu0, &cpu1, &ledger))
 }

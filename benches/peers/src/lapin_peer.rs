@@ -14,6 +14,7 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
 use crate::stats::{IdLedger, Percentiles, Samples, read_stamp, stamp_body};
+use crate::ways::{Progress, WaysOut};
 use crate::{BODY, ConsumeOut, Mode, PREFETCH, PublishOut, now_ns, unique, url};
 
 fn e2s(e: lapin::Error) -> String {
@@ -153,6 +154,7 @@ pub fn publish(threads: usize, per: usize, mode: Mode) -> Result<PublishOut, Str
                 .expect("spawn")
         })
         .collect();
+    let cpu0 = crate::cpu::process();
     barrier.wait();
     let start = Instant::now();
     let mut lat = Samples::with_capacity(threads * per);
@@ -165,6 +167,10 @@ pub fn publish(threads: usize, per: usize, mode: Mode) -> Result<PublishOut, Str
         chans.push(ch);
     }
     let call = start.elapsed().as_secs_f64();
+    // One RPC on the same connection (after every publish was written): the CPU figure
+    // ends here, before the polling for the absorbed time.
+    count(&admin, &queue)?;
+    let cpu = crate::cpu::process().since(&cpu0);
     let absorbed = wait_count(&admin, &queue, threads * per, start)?;
     let _ = block_on(admin.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()));
     drop(chans);
@@ -174,6 +180,7 @@ pub fn publish(threads: usize, per: usize, mode: Mode) -> Result<PublishOut, Str
         absorbed_secs: absorbed,
         lat: Percentiles::of(&mut lat),
         errors: errors.load(Ordering::Relaxed),
+        cpu,
     })
 }
 
@@ -324,4 +331,83 @@ pub fn consume(n: usize, messages: usize) -> Result<ConsumeOut, String> {
         duplicates: ledger.duplicates(),
         errors: errors.load(Ordering::Relaxed),
     })
+}
+
+/// Consume, two ways (see ways.rs): `n` consumers, a thread each running its whole
+/// receive-and-ack loop in one `block_on`, until the connection closes.
+pub fn consume_ways(
+    queue: &str,
+    n: usize,
+    messages: usize,
+    drain: bool,
+) -> Result<WaysOut, String> {
+    let conn = connect()?;
+    let progress = Arc::new(Progress::default());
+    // Steady: the consumers wait here until all are registered; drain: they start at once.
+    let ready = Arc::new(Barrier::new(if drain { 1 } else { n + 1 }));
+    let (mut cpu0, mut start_ns) = (crate::cpu::process(), now_ns());
+    let handles: Vec<_> = (0..n)
+        .map(|i| {
+            let (conn, queue, progress, ready) = (
+                conn.clone(),
+                queue.to_owned(),
+                progress.clone(),
+                ready.clone(),
+            );
+            std::thread::Builder::new()
+                .stack_size(256 * 1024)
+                .spawn(move || {
+                    let mut ledger = IdLedger::new(messages);
+                    let started = block_on(async {
+                        let ch = conn.create_channel().await?;
+                        ch.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
+                        let c = ch
+                            .basic_consume(
+                                queue.as_str().into(),
+                                format!("c{i}").as_str().into(),
+                                BasicConsumeOptions::default(),
+                                FieldTable::default(),
+                            )
+                            .await?;
+                        Ok::<_, lapin::Error>((ch, c))
+                    });
+                    progress.registered.fetch_add(1, Ordering::AcqRel);
+                    ready.wait();
+                    let (_ch, mut consumer) = match started {
+                        Ok(x) => x,
+                        Err(e) => {
+                            eprintln!("lapin consumer failed to start: {e}");
+                            progress.errors.fetch_add(1, Ordering::Relaxed);
+                            return ledger;
+                        }
+                    };
+                    block_on(async {
+                        while let Some(Ok(d)) = consumer.next().await {
+                            progress.record(&mut ledger, &d.data);
+                            if d.ack(BasicAckOptions::default()).await.is_err() {
+                                progress.errors.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    });
+                    ledger
+                })
+                .expect("spawn")
+        })
+        .collect();
+    ready.wait();
+    if !drain {
+        (cpu0, start_ns) = (crate::cpu::process(), now_ns());
+        crate::ways::signal_ready();
+    }
+    let cpu1 = progress.wait(messages);
+    progress.wait_registered(n);
+    let _ = block_on(conn.close(200, "bye".into()));
+    let mut ledger = IdLedger::new(messages);
+    for h in handles {
+        ledger.merge(
+            &h.join()
+                .map_err(|_| "consumer thread panicked".to_string())?,
+        );
+    }
+    Ok(progress.out(start_ns, &cpu0, &cpu1, &ledger))
 }

@@ -124,7 +124,12 @@ impl EngineHarness {
                         nowait: false,
                         arguments: Default::default(),
                     })),
-                    Some(ConsumerSink { tx, shared, no_ack }),
+                    Some(ConsumerSink {
+                        tx,
+                        shared,
+                        no_ack,
+                        queue: String::new(),
+                    }),
                 )
             }
             2 => (
