@@ -500,10 +500,6 @@ impl ConnectionInner {
 }
 
 impl LinkEvents for ConnectionInner {
-    fn report(&self, generation: u64, kind: RecoveryEventKind) {
-        self.event(generation, kind);
-    }
-
     fn failing(&self, generation: u64, err: &Error) -> bool {
         // A candidate of the running recovery ends by whatever error (a protocol violation
         // by a node that is restarting too): that recovery goes on to its next attempt

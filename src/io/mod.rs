@@ -161,8 +161,6 @@ pub(crate) trait LinkEvents: Send + Sync {
     /// The I/O thread of `generation` has ended with `err`.
     fn woken(&self, generation: u64);
     fn ended(self: Arc<Self>, generation: u64, err: Error);
-    /// Something for the connection's event log (and its listener).
-    fn report(&self, _generation: u64, _kind: crate::events::RecoveryEventKind) {}
 }
 
 impl ConnShared {
@@ -250,14 +248,6 @@ impl ConnShared {
         let link = self.link.lock().as_ref().and_then(Weak::upgrade);
         if let Some(l) = link {
             l.woken(self.generation);
-        }
-    }
-
-    /// Add an event to the owner's log.
-    pub(crate) fn report(&self, kind: crate::events::RecoveryEventKind) {
-        let link = self.link.lock().as_ref().and_then(Weak::upgrade);
-        if let Some(l) = link {
-            l.report(self.generation, kind);
         }
     }
 
