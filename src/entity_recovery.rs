@@ -310,7 +310,7 @@ fn retry_consumers(
             // Reopened under its id with every active consumer of it, this one included.
             match inner.reopen_channel(&c) {
                 Ok(tags) => restored.extend(tags.into_iter().map(|t| (c.id(), t))),
-                Err(e) => log::warn!("could not reopen channel {}: {e}", c.id()),
+                Err(e) => crate::trace::warn!("could not reopen channel {}: {e}", c.id()),
             }
             continue;
         }
