@@ -321,7 +321,7 @@ fn retry_consumers(
             r.consume(),
             deadline(inner),
             "basic.consume-ok (topology retry)",
-            Some(r.sink.clone()),
+            Some(r.sink.for_queue(&r.queue)),
         );
         if reply.is_ok() {
             done.push(TopologyEntity::Consumer {
