@@ -275,11 +275,15 @@ fn a_cancelled_consumer_on_a_channel_the_broker_closed_comes_back() {
     let back = Instant::now();
     och.queue_declare(&q, &QueueDeclareOptions::default())
         .unwrap();
-    wait_until(Duration::from_secs(20), || {
+    let resubscribed = wait_until(Duration::from_secs(20), || {
         events.lock().unwrap().iter().any(|e| {
             matches!(&e.kind, RecoveryEventKind::EntityRecovered(TopologyEntity::Consumer { queue, .. }) if *queue == q)
         })
     });
+    assert!(
+        resubscribed,
+        "the consumer was not subscribed again within 20 s"
+    );
     let back_ms = back.elapsed().as_millis();
     assert!(ch.is_open(), "the channel is open again");
     assert!(consumer.channel().is_open());
@@ -352,7 +356,10 @@ fn a_resubscribe_that_closes_its_channel_is_retried_on_a_reopened_channel() {
             },
         )
         .unwrap();
-    wait_until(Duration::from_secs(10), || !ch.is_open());
+    assert!(
+        wait_until(Duration::from_secs(10), || !ch.is_open()),
+        "the failed re-subscribe did not close the channel"
+    );
     // A few retries, each on a reopened channel that the 403 closes again.
     std::thread::sleep(Duration::from_millis(800));
     assert!(
@@ -364,11 +371,15 @@ fn a_resubscribe_that_closes_its_channel_is_retried_on_a_reopened_channel() {
     );
     let released = Instant::now();
     exclusive.cancel().unwrap();
-    wait_until(Duration::from_secs(20), || {
+    let resubscribed = wait_until(Duration::from_secs(20), || {
         events.lock().unwrap().iter().any(|e| {
             matches!(&e.kind, RecoveryEventKind::EntityRecovered(TopologyEntity::Consumer { queue, .. }) if *queue == q)
         })
     });
+    assert!(
+        resubscribed,
+        "the consumer was not subscribed again within 20 s"
+    );
     let back_ms = released.elapsed().as_millis();
     assert!(ch.is_open(), "the channel is open again");
     och.confirm_select().unwrap();
