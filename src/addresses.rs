@@ -8,7 +8,17 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use crate::error::{Error, Result};
 
 /// One broker address: a host name or IP address and a port.
+///
+/// ```no_run
+/// use lepus::{Address, ConnectionOptions};
+/// let opts = ConnectionOptions::from_uri("amqp://guest:guest@rabbit-1/%2f")?
+///     .addresses_list([Address::new("rabbit-1", 5672), Address::new("rabbit-2", 5672)]);
+/// let conn = lepus::Connection::open_with(opts)?;
+/// println!("connected to {}", conn.address());
+/// # Ok::<(), lepus::Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub struct Address {
     /// Host name or IP address (an IPv6 address without brackets).
     pub host: String,
@@ -67,6 +77,15 @@ impl AddressResolver for Vec<Address> {
 
 /// Resolves one host name to every address its DNS records (A and AAAA) name, so that a
 /// cluster published under one name is spread over and failed over like a list.
+///
+/// ```no_run
+/// use lepus::{ConnectionOptions, DnsResolver};
+/// // Every node behind one DNS name, resolved again at each recovery.
+/// let opts = ConnectionOptions::from_uri("amqp://guest:guest@rabbit.internal/%2f")?
+///     .address_resolver(DnsResolver::new("rabbit.internal", 5672));
+/// let conn = lepus::Connection::open_with(opts)?;
+/// # Ok::<(), lepus::Error>(())
+/// ```
 #[derive(Debug, Clone)]
 pub struct DnsResolver {
     host: String,

@@ -20,11 +20,13 @@ use crate::protocol::methods;
 use crate::protocol::properties::BasicProperties;
 use crate::protocol::table::{FieldTable, table_to_amqp};
 use crate::sync::oneshot;
+use crate::stats::Stats;
 use crate::sync::{Arc, AtomicBool, AtomicU8, Mutex, Ordering, Weak};
 use crate::topology::{BindingRecord, ChannelRecord, ExchangeRecord, QueueRecord, Topology};
 
 /// What `queue.declare` answered.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct QueueInfo {
     /// The queue name (the broker's choice for a server-named queue).
     pub name: String,
@@ -44,6 +46,22 @@ pub struct QueueInfo {
 /// [`Error::ConnectionLost`]; with recovery on, the same handle is reopened on the new
 /// connection (same id, qos, confirm mode and consumers) and later calls wait for that,
 /// within their deadline.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use lepus::{BasicProperties, Connection, ExchangeDeclareOptions, FieldTable, PublishOptions, QueueDeclareOptions};
+///
+/// let conn = Connection::open("amqp://127.0.0.1")?;
+/// let ch = conn.open_channel()?;
+/// ch.exchange_declare("orders", "topic", &ExchangeDeclareOptions { durable: true, ..Default::default() })?;
+/// let q = ch.queue_declare("orders.eu", &QueueDeclareOptions { durable: true, ..Default::default() })?;
+/// ch.queue_bind(&q.name, "orders", "eu.#", &FieldTable::new())?;
+/// ch.basic_publish("orders", "eu.fr", b"{}", &BasicProperties::new().persistent(), &PublishOptions::default())?;
+/// // A call through this handle waits at most 200 ms.
+/// let quick = ch.with_timeout(Duration::from_millis(200));
+/// quick.queue_declare("orders.eu", &QueueDeclareOptions { passive: true, ..Default::default() })?;
+/// # Ok::<(), lepus::Error>(())
+/// ```
 #[derive(Clone)]
 pub struct Channel {
     inner: Arc<ChannelInner>,
@@ -72,6 +90,9 @@ impl ChannelSlot for ChannelInner {
     }
     fn wants_recovery(&self) -> bool {
         !self.closed_by_us.load(Ordering::Acquire) && !self.current_shared().is_channel_closed()
+    }
+    fn closed_by_app(&self) -> bool {
+        self.closed_by_us.load(Ordering::Acquire)
     }
     fn record(&self) -> &Mutex<ChannelRecord> {
         &self.record
@@ -186,6 +207,11 @@ impl Channel {
     /// unacknowledged until the channel closes.
     pub fn orphan_deliveries(&self) -> u64 {
         self.shared().orphan_deliveries.load(Ordering::Relaxed) as u64
+    }
+
+    /// This handle as the connection tracks it (for reopening it).
+    pub(crate) fn slot(&self) -> Arc<dyn ChannelSlot> {
+        self.inner.clone()
     }
 
     /// The channel state of the current connection generation.
@@ -580,6 +606,7 @@ impl Channel {
         .map_err(Error::InvalidArgument)?;
         if !shared.confirms.is_enabled() {
             shared.send(bytes, deadline, "room in the I/O thread's queue to publish")?;
+            Stats::add(&conn.stats.published, 1);
             return Ok(None);
         }
         // Sequence numbers must follow the order in which publishes reach the I/O thread.
@@ -605,6 +632,7 @@ impl Channel {
             shared.confirms.unregister(seq);
             return Err(e);
         }
+        Stats::add(&conn.stats.published, 1);
         Ok(slot.map(|s| (seq, s)))
     }
 
@@ -965,6 +993,19 @@ impl Channel {
 
     // ---------------- close ----------------
 
+    /// Close without waiting for `close-ok` (the pool discarding a channel that came
+    /// back changed, or whose set-up failed); its consumers end as with [`Channel::close`].
+    pub(crate) fn close_nowait(&self) {
+        if self.inner.closed_by_us.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.inner.record.lock().consumers.clear();
+        let shared = self.shared();
+        if !shared.is_closed() {
+            shared.close_nowait();
+        }
+    }
+
     /// Close the channel and wait for `close-ok`. Its consumers end and later calls get
     /// [`Error::ChannelClosed`].
     pub fn close(&self) -> Result<()> {
@@ -976,30 +1017,36 @@ impl Channel {
         if shared.is_closed() {
             return Ok(());
         }
-        let deadline = self.deadline();
-        let mut bytes = Vec::with_capacity(48);
-        put_method(&mut bytes, shared.id, close_method()).map_err(Error::InvalidArgument)?;
-        shared.set_closed(Error::ChannelClosed(shared.id));
-        let (tx, rx) = oneshot::channel();
-        shared.conn.send(
-            Command::CloseChannel {
-                channel: shared.id,
-                bytes,
-                reply: Some(tx),
-            },
-            deadline,
-            "room to send channel.close",
-        )?;
-        match shared.wait_reply(&rx, deadline, "channel.close-ok") {
-            Ok(_) | Err(Error::ChannelClosed(_)) => Ok(()),
-            Err(e) => Err(e),
-        }
+        close_shared(&shared, self.deadline())
+    }
+}
+
+/// Close this generation's channel: `channel.close`, then wait for its close-ok until
+/// `deadline`. Its waiters wake with [`Error::ChannelClosed`].
+pub(crate) fn close_shared(shared: &ChannelShared, deadline: Instant) -> Result<()> {
+    let mut bytes = Vec::with_capacity(48);
+    put_method(&mut bytes, shared.id, close_method()).map_err(Error::InvalidArgument)?;
+    shared.set_closed(Error::ChannelClosed(shared.id));
+    let (tx, rx) = oneshot::channel();
+    shared.conn.send(
+        Command::CloseChannel {
+            channel: shared.id,
+            bytes,
+            reply: Some(tx),
+        },
+        deadline,
+        "room to send channel.close",
+    )?;
+    match shared.wait_reply(&rx, deadline, "channel.close-ok") {
+        Ok(_) | Err(Error::ChannelClosed(_)) => Ok(()),
+        Err(e) => Err(e),
     }
 }
 
 /// A message published in confirm mode and handed back unconfirmed after a connection
 /// loss.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct UnconfirmedMessage {
     /// Exchange it was published to.
     pub exchange: String,

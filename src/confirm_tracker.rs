@@ -16,6 +16,19 @@ pub(crate) const FAILED: u8 = 3;
 const HANDED_BACK: u8 = 4;
 
 /// What the broker said about a published message.
+///
+/// ```no_run
+/// use lepus::Confirm;
+/// let conn = lepus::Connection::open("amqp://127.0.0.1")?;
+/// let ch = conn.open_channel()?;
+/// ch.confirm_select()?;
+/// let c = ch.basic_publish_confirmed("", "jobs", b"x", &lepus::BasicProperties::new(), &Default::default())?;
+/// match c.wait_outcome()? {
+///     Confirm::Ack => {}
+///     Confirm::Nack => println!("refused: {}", c.sequence()),
+/// }
+/// # Ok::<(), lepus::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Confirm {
     /// The broker took responsibility for the message.
@@ -159,12 +172,27 @@ impl ConfirmTracker {
         self.state.lock().next_seq - 1
     }
 
-    /// `basic.ack` / `basic.nack` from the broker.
-    pub fn resolve(&self, tag: u64, multiple: bool, ack: bool) {
+    /// `basic.ack` / `basic.nack` from the broker; returns how many messages it settled.
+    pub fn resolve(&self, tag: u64, multiple: bool, ack: bool) -> u64 {
+        self.resolve_counted(tag, multiple, ack, |_| {})
+    }
+
+    /// [`ConfirmTracker::resolve`], telling `count` how many messages it settled before
+    /// any waiter wakes (so a waiter that returns sees the connection's counters
+    /// updated).
+    pub fn resolve_counted(
+        &self,
+        tag: u64,
+        multiple: bool,
+        ack: bool,
+        count: impl FnOnce(u64),
+    ) -> u64 {
         let mut s = self.state.lock();
         let outcome = if ack { ACKED } else { NACKED };
+        let mut settled = 0;
         if multiple {
             while s.pending.front().is_some_and(|e| e.seq <= tag) {
+                settled += 1;
                 let e = s.pending.pop_front().expect("front checked");
                 if !ack {
                     s.nacked_since_wait.push(e.seq);
@@ -174,6 +202,7 @@ impl ConfirmTracker {
                 }
             }
         } else if let Ok(i) = s.pending.binary_search_by_key(&tag, |e| e.seq) {
+            settled = 1;
             let e = s.pending.remove(i).expect("index from search");
             if !ack {
                 s.nacked_since_wait.push(e.seq);
@@ -182,10 +211,12 @@ impl ConfirmTracker {
                 slot.store(outcome, Ordering::Release);
             }
         } else {
-            log::warn!("broker confirmed unknown delivery tag {tag}");
+            crate::trace::warn!("broker confirmed unknown delivery tag {tag}");
         }
+        count(settled);
         drop(s);
         self.cv.notify_all();
+        settled
     }
 
     /// The channel or connection ended: every waiter wakes with `err`. If `keep`, the

@@ -6,13 +6,14 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use crate::connection_state::ConnectionInner;
+use crate::connection_state::{ConnectionInner, Recover};
 use crate::error::{Error, Result};
-use crate::events::RecoveryEvent;
+use crate::events::{ConnectionEvent, RecoveryEvent};
 use crate::options::ConnectionOptions;
 use crate::protocol::table::FieldTable;
 use crate::recovery;
 use crate::refresher;
+use crate::stats::ConnectionStats;
 use crate::sync::Arc;
 
 /// A connection to the broker. Cheap to clone, `Send + Sync`: share one between threads
@@ -22,6 +23,26 @@ use crate::sync::Arc;
 /// With automatic recovery (the default, see [`crate::RecoveryOptions`]) a lost link is
 /// replaced by a new TCP connection: the same `Connection`, [`Channel`](crate::Channel) and
 /// [`crate::Consumer`] handles keep working on it.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use lepus::{Connection, ConnectionOptions, RecoveryOptions};
+///
+/// // By URI (heartbeat, frame_max, ... as query parameters) ...
+/// let conn = Connection::open("amqp://guest:guest@127.0.0.1:5672/%2f?heartbeat=10")?;
+/// // ... or with options.
+/// let conn2 = Connection::open_with(
+///     ConnectionOptions::from_uri("amqp://127.0.0.1")?
+///         .connection_name("billing-worker")
+///         .operation_timeout(Duration::from_secs(5))
+///         .recovery(RecoveryOptions::new().backoff(Duration::from_millis(100), Duration::from_secs(5))),
+/// )?;
+/// // One connection, shared by threads: clone it (a handle) or share a reference.
+/// let ch = conn.open_channel()?;
+/// conn.close()?;
+/// conn2.close()?;
+/// # Ok::<(), lepus::Error>(())
+/// ```
 #[derive(Clone)]
 pub struct Connection {
     inner: Arc<ConnectionInner>,
@@ -55,7 +76,13 @@ impl Connection {
     /// this thread and end within `connection_timeout` per address, with an error that
     /// says which step failed. The addresses are tried in order.
     pub fn open_with(opts: ConnectionOptions) -> Result<Connection> {
-        let inner = ConnectionInner::open(opts, recovery::run)?;
+        let inner = ConnectionInner::open(
+            opts,
+            Recover {
+                run: recovery::run,
+                reopen: crate::reopen::reopen_channel,
+            },
+        )?;
         refresher::start_refresher(&inner, inner.secrets.clone());
         Ok(Connection { inner })
     }
@@ -102,9 +129,47 @@ impl Connection {
         self.inner.current_address()
     }
 
-    /// The most recent recovery events (up to 4096), oldest first.
+    /// The recovery steps among the most recent [`Connection::events`], oldest first.
     pub fn recovery_events(&self) -> Vec<RecoveryEvent> {
-        self.inner.events.lock().snapshot()
+        self.inner
+            .hub
+            .snapshot()
+            .iter()
+            .filter_map(RecoveryEvent::from_connection_event)
+            .collect()
+    }
+
+    /// The most recent events of this connection (up to 4096, all kinds), oldest first:
+    /// blocked and unblocked, channels closed and consumers cancelled by the broker,
+    /// returns dropped, recovery steps. The same events go to
+    /// [`ConnectionOptions::event_listener`].
+    ///
+    /// ```no_run
+    /// use lepus::ConnectionEventKind;
+    /// let conn = lepus::Connection::open("amqp://127.0.0.1")?;
+    /// for e in conn.events() {
+    ///     if let ConnectionEventKind::ChannelClosed { channel, reply_code, reply_text } = &e.kind {
+    ///         eprintln!("broker closed channel {channel}: {reply_code} {reply_text}");
+    ///     }
+    /// }
+    /// # Ok::<(), lepus::Error>(())
+    /// ```
+    pub fn events(&self) -> Vec<ConnectionEvent> {
+        self.inner.hub.snapshot()
+    }
+
+    /// A snapshot of this connection's counters (messages published, confirmed, nacked,
+    /// returned, delivered, acked, rejected; bytes; reconnects; channels and consumers
+    /// now), summed over its generations. Cheap: a few relaxed atomic loads.
+    ///
+    /// ```no_run
+    /// let conn = lepus::Connection::open("amqp://127.0.0.1")?;
+    /// let s = conn.stats();
+    /// println!("{} published, {} bytes out, {} channels", s.published, s.bytes_out, s.channels);
+    /// # Ok::<(), lepus::Error>(())
+    /// ```
+    pub fn stats(&self) -> ConnectionStats {
+        self.inner.stats.snapshot()
     }
 
     /// Wait until the connection is usable (e.g. after a recovery), up to `timeout`.

@@ -12,7 +12,8 @@ use amq_protocol::protocol::{AMQPClass, connection};
 
 use crate::confirm_tracker::Entry;
 use crate::error::{Error, Result, reply_code};
-use crate::events::{EventLog, RecoveryEvent, RecoveryEventKind};
+use crate::event_hub::EventHub;
+use crate::events::{ConnectionEventKind, RecoveryEventKind};
 use crate::io::engine::Engine;
 use crate::io::reactor::{Reactor, WAKER};
 use crate::io::{ChannelShared, Command, ConnShared, LinkEvents, handshake};
@@ -20,6 +21,7 @@ use crate::link::{LinkCell, LinkGen};
 use crate::options::ConnectionOptions;
 use crate::protocol::frame::put_method;
 use crate::secrets::Secrets;
+use crate::stats::Stats;
 use crate::sync::{Arc, AtomicU64, Mutex, Ordering, Weak};
 use crate::sync::{oneshot, queue};
 use crate::topology::{ChannelRecord, PendingTopology, Topology};
@@ -81,10 +83,10 @@ impl Generation {
         }
         // The I/O thread ends on its own once closing is over (bounded by the close
         // timeout), so this join is bounded too.
-        if let Some(t) = self.thread.lock().take() {
-            if t.thread().id() != std::thread::current().id() {
-                let _ = t.join();
-            }
+        if let Some(t) = self.thread.lock().take()
+            && t.thread().id() != std::thread::current().id()
+        {
+            let _ = t.join();
         }
         result
     }
@@ -100,8 +102,15 @@ fn prepare(
     opts: &ConnectionOptions,
     number: u64,
     secrets: &Secrets,
+    observers: (&Arc<Stats>, &Arc<EventHub>),
 ) -> Result<(Arc<ConnShared>, Reactor)> {
     let opts = &secrets.resolve(opts)?;
+    let _span = crate::trace::span!(
+        "lepus.connect",
+        host = opts.host,
+        port = opts.port,
+        generation = number
+    );
     let est = handshake::connect(opts)?;
     let io_err = |e: std::io::Error| Error::ConnectionLost(format!("I/O setup failed: {e}"));
     est.stream.sock().set_nonblocking(true).map_err(io_err)?;
@@ -114,7 +123,7 @@ fn prepare(
     } else {
         Duration::from_secs(30)
     };
-    log::info!(
+    crate::trace::info!(
         "connected to {}:{} vhost {:?} (generation {number}, channel_max {}, frame_max {}, heartbeat {} s)",
         opts.host,
         opts.port,
@@ -131,7 +140,8 @@ fn prepare(
             opts.clone(),
             est.server_properties,
         )
-        .with_generation(number, local),
+        .with_generation(number, local)
+        .with_observers(observers.0.clone(), observers.1.clone()),
     );
     let reactor = Reactor {
         poll,
@@ -165,7 +175,7 @@ pub(crate) fn start_generation(
     number: u64,
 ) -> Result<Arc<Generation>> {
     let opts = inner.opts.clone().host(host).port(port);
-    let (shared, reactor) = prepare(&opts, number, &inner.secrets)?;
+    let (shared, reactor) = prepare(&opts, number, &inner.secrets, (&inner.stats, &inner.hub))?;
     let gen_ = Arc::new(Generation {
         shared,
         thread: Mutex::new(None),
@@ -202,6 +212,8 @@ pub(crate) trait ChannelSlot: Send + Sync {
     fn set_current(&self, new: Arc<ChannelShared>);
     /// Worth reopening after a connection failure.
     fn wants_recovery(&self) -> bool;
+    /// Closed by the application (`Channel::close`): never reopened.
+    fn closed_by_app(&self) -> bool;
     /// What to restore on the reopened channel.
     fn record(&self) -> &Mutex<ChannelRecord>;
     /// Unconfirmed messages the application gets back (hand-back policy).
@@ -210,8 +222,17 @@ pub(crate) trait ChannelSlot: Send + Sync {
     fn end_consumers(&self, err: &Error);
 }
 
-/// The recovery procedure, run on its own thread after a link failure.
-pub(crate) type Recover = fn(Arc<ConnectionInner>);
+/// The procedures the handle layer installs (they sit above this file): the recovery,
+/// run on its own thread after a link failure, and the reopening of one closed channel
+/// on the current link (returns the consumer tags it subscribed again).
+#[derive(Clone, Copy)]
+pub(crate) struct Recover {
+    pub(crate) run: fn(Arc<ConnectionInner>),
+    pub(crate) reopen: Reopen,
+}
+
+/// Reopen one closed channel; returns the consumer tags subscribed again.
+pub(crate) type Reopen = fn(&Arc<ConnectionInner>, &Arc<dyn ChannelSlot>) -> Result<Vec<String>>;
 
 /// State shared by every handle of one `Connection`, across its generations.
 pub(crate) struct ConnectionInner {
@@ -222,7 +243,9 @@ pub(crate) struct ConnectionInner {
     /// What the last recovery could not restore, retried in the background.
     pub(crate) pending: Mutex<PendingTopology>,
     channels: Mutex<HashMap<u16, Weak<dyn ChannelSlot>>>,
-    pub(crate) events: Mutex<EventLog>,
+    /// The event log and listeners, and the counters, of every generation.
+    pub(crate) hub: Arc<EventHub>,
+    pub(crate) stats: Arc<Stats>,
     generations: AtomicU64,
     recover: Recover,
     /// Credentials from a provider, the secret last updated, the refresh schedule.
@@ -236,8 +259,15 @@ impl ConnectionInner {
         let mut last = None;
         let mut first = None;
         let secrets = Secrets::new(&opts);
+        let stats = Arc::new(Stats::for_connection(&opts));
+        let hub = EventHub::new(&opts, stats.clone());
         for a in opts.address_order(None)? {
-            match prepare(&opts.clone().host(a.host).port(a.port), 1, &secrets) {
+            match prepare(
+                &opts.clone().host(a.host).port(a.port),
+                1,
+                &secrets,
+                (&stats, &hub),
+            ) {
                 Ok(p) => {
                     first = Some(p);
                     break;
@@ -261,7 +291,8 @@ impl ConnectionInner {
             topology: Mutex::new(Topology::default()),
             pending: Mutex::new(PendingTopology::default()),
             channels: Mutex::new(HashMap::new()),
-            events: Mutex::new(EventLog::new()),
+            hub,
+            stats,
             generations: AtomicU64::new(1),
             recover,
             secrets,
@@ -334,16 +365,9 @@ impl ConnectionInner {
         self.generations.fetch_add(1, Ordering::AcqRel) + 1
     }
 
+    /// Record a recovery step (log and listeners, see event_hub.rs).
     pub(crate) fn event(&self, generation: u64, kind: RecoveryEventKind) {
-        let e = RecoveryEvent {
-            at: Instant::now(),
-            generation,
-            kind,
-        };
-        if let Some(l) = &self.opts.recovery.listener {
-            l(&e);
-        }
-        self.events.lock().push(e);
+        self.hub.emit(generation, ConnectionEventKind::Recovery(kind));
     }
 
     /// The usable connection state, waiting for a recovery in progress until `deadline`.
@@ -413,6 +437,22 @@ impl ConnectionInner {
         }
     }
 
+    /// Channels the application has not closed, open or not (a broker-closed one may be
+    /// reopened for a consumer that comes back).
+    pub(crate) fn app_channels(&self) -> Vec<Arc<dyn ChannelSlot>> {
+        self.channels
+            .lock()
+            .values()
+            .filter_map(Weak::upgrade)
+            .filter(|c| !c.closed_by_app())
+            .collect()
+    }
+
+    /// Reopen `slot`'s closed channel on the current link (see `Recover::reopen`).
+    pub(crate) fn reopen_channel(self: &Arc<Self>, slot: &Arc<dyn ChannelSlot>) -> Result<Vec<String>> {
+        (self.recover.reopen)(self, slot)
+    }
+
     /// Channels to restore: alive, and not closed by themselves.
     pub(crate) fn live_channels(&self) -> Vec<Arc<dyn ChannelSlot>> {
         let mut v: Vec<_> = self
@@ -431,9 +471,10 @@ impl ConnectionInner {
     pub(crate) fn install(&self, gen_: Arc<Generation>) -> bool {
         let number = gen_.number();
         if !self.link.install(gen_) {
-            log::warn!("recovered generation {number} failed before it was installed");
+            crate::trace::warn!("recovered generation {number} failed before it was installed");
             return false;
         }
+        Stats::add(&self.stats.reconnects, 1);
         true
     }
 
@@ -465,15 +506,14 @@ impl LinkEvents for ConnectionInner {
         // either way, so what the candidate was restoring (its consumers) hears of a lost
         // link, not of its end.
         let candidate = generation > self.current_generation();
-        let recoverable =
-            self.opts.recovery.enabled && (err.is_connection_lost() || candidate);
+        let recoverable = self.opts.recovery.enabled && (err.is_connection_lost() || candidate);
         let Some(candidate) = self.link.failing(generation, recoverable) else {
             return false;
         };
         if candidate {
             return true;
         }
-        log::warn!("connection lost (generation {generation}): {err}; recovering");
+        crate::trace::warn!("connection lost (generation {generation}): {err}; recovering");
         self.event(
             generation,
             RecoveryEventKind::FailureDetected(err.to_string()),
@@ -495,9 +535,9 @@ impl LinkEvents for ConnectionInner {
         let recover = self.recover;
         if let Err(e) = std::thread::Builder::new()
             .name("lepus-recovery".into())
-            .spawn(move || recover(inner))
+            .spawn(move || (recover.run)(inner))
         {
-            log::error!("could not start the recovery thread: {e}");
+            crate::trace::error!("could not start the recovery thread: {e}");
             self.give_up(Error::ConnectionLost(format!(
                 "recovery could not start: {e}"
             )));
@@ -508,7 +548,7 @@ impl LinkEvents for ConnectionInner {
 impl Drop for ConnectionInner {
     fn drop(&mut self) {
         if let Err(e) = self.close() {
-            log::warn!("closing the connection on drop: {e}");
+            crate::trace::warn!("closing the connection on drop: {e}");
         }
     }
 }

@@ -40,10 +40,14 @@ impl Channel {
             capacity,
             ch.conn.opts.consumer_queue_bytes,
         ));
+        if opts.arguments.get("x-stream-offset").is_some() {
+            shared.stream.store(true, Ordering::Release);
+        }
         let sink = ConsumerSink {
             tx,
             shared: shared.clone(),
             no_ack: opts.no_ack,
+            queue: queue.to_string(),
         };
         let record_sink = sink.clone();
         let relay = sink.tx.clone();
@@ -102,6 +106,28 @@ impl Channel {
 /// [`connection_queue_bytes`](crate::ConnectionOptions::connection_queue_bytes)); when it is full the I/O thread stops reading from the socket, so a
 /// slow consumer holds the broker back instead of growing memory. Set a prefetch with
 /// [`Channel::basic_qos`] before consuming.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use lepus::{Connection, ConsumeOptions, RecvError};
+///
+/// let conn = Connection::open("amqp://127.0.0.1")?;
+/// let ch = conn.open_channel()?;
+/// ch.basic_qos(50, false)?;
+/// let consumer = ch.basic_consume("jobs", &ConsumeOptions::default())?;
+/// loop {
+///     match consumer.recv_timeout(Duration::from_secs(1)) {
+///         Ok(Some(d)) => d.ack()?,
+///         Ok(None) => continue, // nothing within the second
+///         // A delivery that could not be decoded: settle it, the consumer goes on.
+///         Err(RecvError::Bad(bad)) => bad.reject(false)?,
+///         // A lost link that recovery heals passes by; anything else ends the consumer.
+///         Err(e) if e.is_connection_lost() => continue,
+///         Err(e) => return Err(e.into()),
+///     }
+/// }
+/// # #[allow(unreachable_code)] Ok::<(), lepus::Error>(())
+/// ```
 pub struct Consumer {
     tag: String,
     rx: Receiver<ConsumerMsg>,
@@ -223,6 +249,17 @@ impl Consumer {
         self.end.ended()
     }
 
+    /// True for a `no_ack` consumer (its deliveries are settled on arrival).
+    pub(crate) fn is_no_ack(&self) -> bool {
+        self.no_ack
+    }
+
+    /// True once the consumer ended for good (cancelled, channel or connection closed);
+    /// a lost link that recovery restores is not an end.
+    pub(crate) fn has_ended(&self) -> bool {
+        self.end.ended().is_some()
+    }
+
     /// Wait for the next delivery. Returns an error when the consumer ends (cancelled,
     /// channel or connection closed or lost: the I/O thread wakes every consumer at
     /// once; [`RecvError::Failed`]), or [`RecvError::Bad`] for a delivery that could not
@@ -287,7 +324,32 @@ impl Consumer {
     }
 
     /// Iterate over deliveries: `Ok` for each delivery, `Err` for a bad delivery (the
-    /// iteration goes on) and once for the reason the consumer ended (then it stops).
+    /// iteration goes on: ack, reject or dead-letter it through
+    /// [`RecvError::Bad`]) and once for the reason the consumer ended (then it stops).
+    ///
+    /// A lost link that recovery will heal does not end the iteration and is not
+    /// yielded: the iterator keeps waiting, through the recovery, for the next delivery
+    /// (so the natural `let d = d?;` loop survives a recovery). The same goes for a
+    /// broker cancel of a consumer that
+    /// [`resubscribe_cancelled_consumers`](crate::RecoveryOptions::resubscribe_cancelled_consumers)
+    /// brings back. Only an end that nothing will heal is yielded as an error: the
+    /// consumer or channel closed or cancelled for good, the connection closed, or the
+    /// link lost with recovery off or given up. Use [`Consumer::recv`] to see the passing
+    /// notices too.
+    ///
+    /// ```no_run
+    /// # fn main() -> lepus::Result<()> {
+    /// let conn = lepus::Connection::open("amqp://127.0.0.1")?;
+    /// let ch = conn.open_channel()?;
+    /// ch.basic_qos(50, false)?;
+    /// let consumer = ch.basic_consume("jobs", &lepus::ConsumeOptions::default())?;
+    /// for d in &consumer {
+    ///     let d = d?; // a bad delivery or the consumer's end; never a healed loss
+    ///     println!("{} bytes", d.body().len());
+    ///     d.ack()?;
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn iter(&self) -> Iter<'_> {
         Iter {
             consumer: self,
@@ -298,11 +360,20 @@ impl Consumer {
     /// Cancel the consumer (`basic.cancel`) and wait for the broker's `cancel-ok`.
     /// Deliveries already queued can still be received.
     pub fn cancel(&self) -> Result<()> {
+        self.cancel_via(&self.channel)
+    }
+
+    /// [`Consumer::cancel`] waiting at most `timeout` for the `cancel-ok`.
+    pub(crate) fn cancel_within(&self, timeout: Duration) -> Result<()> {
+        self.cancel_via(&self.channel.with_timeout(timeout))
+    }
+
+    fn cancel_via(&self, channel: &Channel) -> Result<()> {
         if self.cancelled.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
         self.shared.active.store(false, Ordering::Release);
-        self.channel.basic_cancel(&self.tag)
+        channel.basic_cancel(&self.tag)
     }
 }
 
@@ -330,7 +401,7 @@ impl Drop for Consumer {
                     ConsumerMsg::Lost(_) | ConsumerMsg::End(_) => Ok(()),
                 };
                 if let Err(e) = requeued {
-                    log::debug!(
+                    crate::trace::debug!(
                         "could not requeue a delivery of dropped consumer {:?}: {e}",
                         self.tag
                     );
@@ -354,13 +425,21 @@ impl Iterator for Iter<'_> {
         if self.done {
             return None;
         }
-        match self.consumer.recv() {
-            Ok(d) => Some(Ok(d)),
-            Err(e) => {
-                // Bad deliveries and a lost link that recovery will restore are not
-                // the end; an ended consumer is.
-                self.done = self.consumer.ended().is_some();
-                Some(Err(e))
+        loop {
+            match self.consumer.recv() {
+                Ok(d) => return Some(Ok(d)),
+                // A bad delivery is the application's to settle; the consumer goes on.
+                Err(e @ RecvError::Bad(_)) => return Some(Err(e)),
+                Err(e) if self.consumer.ended().is_some() => {
+                    self.done = true;
+                    return Some(Err(e));
+                }
+                // A passing notice (a lost link that recovery restores, a broker cancel
+                // that resubscribing brings back): the consumer carries on.
+                Err(e) => log::debug!(
+                    "consumer {:?}: {e}; waiting for the recovery",
+                    self.consumer.tag
+                ),
             }
         }
     }

@@ -8,7 +8,8 @@ use crate::error::{BadDeliveryKind, Error, Result};
 use crate::protocol::frame::{put_ack, put_nack, put_reject};
 use crate::protocol::properties::BasicProperties;
 use crate::sync::queue::Sender;
-use crate::sync::{Arc, AtomicBool, AtomicUsize, Ordering};
+use crate::stats::Stats;
+use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 pub(crate) enum ConsumerMsg {
     // Boxed: queue slots stay small whatever the size of a delivery.
@@ -85,6 +86,12 @@ impl ByteBudget {
 pub(crate) struct ConsumerShared {
     queue: crate::delivery_queue::QueueShared,
     pub(crate) bytes: ByteBudget,
+    /// A stream consumer (its arguments carry `x-stream-offset`): its recovery resumes
+    /// after the last offset queued to it (see `stream.rs`).
+    pub(crate) stream: AtomicBool,
+    /// One past the `x-stream-offset` of the latest delivery queued to this stream
+    /// consumer; 0 before the first.
+    pub(crate) stream_next: AtomicU64,
 }
 
 impl std::ops::Deref for ConsumerShared {
@@ -106,6 +113,8 @@ impl ConsumerShared {
         ConsumerShared {
             queue: crate::delivery_queue::QueueShared::new(capacity),
             bytes: ByteBudget::new(bytes, None),
+            stream: AtomicBool::new(false),
+            stream_next: AtomicU64::new(0),
         }
     }
 }
@@ -139,10 +148,8 @@ impl Charge {
         }
         if let Some(b) = self.conn.take() {
             wake |= b.release(self.bytes);
-            if wake {
-                if let Some(w) = &b.wake {
-                    w();
-                }
+            if wake && let Some(w) = &b.wake {
+                w();
             }
         }
         self.bytes = 0;
@@ -194,6 +201,8 @@ pub(crate) struct ConsumerSink {
     pub(crate) tx: Sender<ConsumerMsg>,
     pub(crate) shared: Arc<ConsumerShared>,
     pub(crate) no_ack: bool,
+    /// The queue it was subscribed to (for the `ConsumerCancelled` event).
+    pub(crate) queue: String,
 }
 
 impl ConsumerSink {
@@ -209,6 +218,15 @@ impl ConsumerSink {
 
     /// Push; gives the message back if the consumer is gone.
     pub(crate) fn push(&self, msg: ConsumerMsg) -> std::result::Result<(), ConsumerMsg> {
+        if let ConsumerMsg::Delivery(d) = &msg
+            && self.shared.stream.load(Ordering::Relaxed)
+            && let Some(o) = d.stream_offset()
+        {
+            // Queued deliveries reach the application before the recovery's new ones
+            // (one queue, in order): resuming after the last one queued neither skips
+            // nor repeats.
+            self.shared.stream_next.store(o + 1, Ordering::Release);
+        }
         self.shared.pushed();
         self.tx.send(msg).map_err(|e| {
             self.shared.unpushed();
@@ -225,6 +243,18 @@ pub(crate) trait AckTarget: Send + Sync {
     fn channel_id(&self) -> u16;
     /// Queue frames that need no reply, waiting for room at most the operation timeout.
     fn send_frames(&self, bytes: Vec<u8>, what: &'static str) -> Result<()>;
+    /// The connection's counters (acks and rejects sent are counted there).
+    fn stats(&self) -> Option<&Stats> {
+        None
+    }
+    /// The delivery `tag` (with `multiple`, every earlier one too) has been settled.
+    fn settled(&self, _tag: u64, _multiple: bool) {}
+    /// False once the channel is closed or its connection lost: an ack can no longer
+    /// reach the broker, which delivers the message again (after a recovery, to the
+    /// restored consumer).
+    fn is_open(&self) -> bool {
+        true
+    }
 }
 
 /// Acknowledgement handle shared by deliveries and bad deliveries.
@@ -235,6 +265,12 @@ pub(crate) struct Acker {
 }
 
 impl Acker {
+    fn count(&self, counter: impl Fn(&Stats) -> &AtomicU64) {
+        if let Some(s) = self.channel.stats() {
+            Stats::add(counter(s), 1);
+        }
+    }
+
     pub(crate) fn new(channel: Arc<dyn AckTarget>, delivery_tag: u64) -> Self {
         Acker {
             channel,
@@ -249,7 +285,10 @@ impl Acker {
     pub(crate) fn ack(&self, multiple: bool) -> Result<()> {
         let mut bytes = Vec::with_capacity(21);
         put_ack(&mut bytes, self.channel_id(), self.delivery_tag, multiple);
-        self.channel.send_frames(bytes, "room to send basic.ack")
+        self.channel.send_frames(bytes, "room to send basic.ack")?;
+        self.count(|s| &s.acked);
+        self.channel.settled(self.delivery_tag, multiple);
+        Ok(())
     }
 
     pub(crate) fn nack(&self, multiple: bool, requeue: bool) -> Result<()> {
@@ -262,18 +301,40 @@ impl Acker {
             requeue,
         );
         self.channel
-            .send_frames(bytes, "room to send an acknowledgement")
+            .send_frames(bytes, "room to send an acknowledgement")?;
+        self.count(|s| &s.rejected);
+        self.channel.settled(self.delivery_tag, multiple);
+        Ok(())
     }
 
     pub(crate) fn reject(&self, requeue: bool) -> Result<()> {
         let mut bytes = Vec::with_capacity(21);
         put_reject(&mut bytes, self.channel_id(), self.delivery_tag, requeue);
         self.channel
-            .send_frames(bytes, "room to send an acknowledgement")
+            .send_frames(bytes, "room to send an acknowledgement")?;
+        self.count(|s| &s.rejected);
+        self.channel.settled(self.delivery_tag, false);
+        Ok(())
     }
 }
 
 /// A message delivered to a consumer or fetched with `basic.get`.
+///
+/// ```no_run
+/// let conn = lepus::Connection::open("amqp://127.0.0.1")?;
+/// let ch = conn.open_channel()?;
+/// if let Some(d) = ch.basic_get("jobs", false).map_err(lepus::Error::from)? {
+///     println!(
+///         "{} bytes from {:?} with key {:?}, content type {:?}",
+///         d.body().len(),
+///         d.exchange(),
+///         d.routing_key(),
+///         d.properties().content_type,
+///     );
+///     if d.redelivered() { d.reject(false)? } else { d.ack()? }
+/// }
+/// # Ok::<(), lepus::Error>(())
+/// ```
 pub struct Delivery {
     pub(crate) body: Vec<u8>,
     pub(crate) properties: BasicProperties,
@@ -328,6 +389,20 @@ impl Delivery {
     pub fn routing_key(&self) -> &str {
         &self.routing_key
     }
+    /// The offset of a message read from a stream queue (its `x-stream-offset` header),
+    /// `None` for other queues.
+    ///
+    /// ```no_run
+    /// # fn f(d: lepus::Delivery) {
+    /// if let Some(offset) = d.stream_offset() {
+    ///     println!("stream offset {offset}");
+    /// }
+    /// # }
+    /// ```
+    pub fn stream_offset(&self) -> Option<u64> {
+        let v = self.properties.headers.as_ref()?.get("x-stream-offset")?;
+        u64::try_from(v.as_i64()?).ok()
+    }
     /// For `basic.get`: messages left in the queue.
     pub fn message_count(&self) -> Option<u32> {
         self.message_count
@@ -335,6 +410,12 @@ impl Delivery {
     /// The id of the channel it came on.
     pub fn channel_id(&self) -> u16 {
         self.acker.channel_id()
+    }
+    /// False when the channel it came on is closed or its connection was lost: it can
+    /// no longer be acknowledged, and the broker delivers it again (to the recovered
+    /// consumer, if recovery is on).
+    pub(crate) fn can_settle(&self) -> bool {
+        self.acker.channel.is_open()
     }
     /// Acknowledge this delivery.
     pub fn ack(&self) -> Result<()> {
@@ -361,6 +442,21 @@ impl Delivery {
 
 /// A delivery that reached its consumer but could not be decoded. It keeps its delivery
 /// tag so the application can ack, reject or dead-letter it.
+///
+/// ```no_run
+/// use lepus::RecvError;
+/// let conn = lepus::Connection::open("amqp://127.0.0.1")?;
+/// let consumer = conn.open_channel()?.basic_consume("jobs", &Default::default())?;
+/// match consumer.recv() {
+///     Ok(d) => d.ack()?,
+///     Err(RecvError::Bad(bad)) => {
+///         eprintln!("undecodable delivery {}: {}", bad.delivery_tag(), bad.kind());
+///         bad.reject(false)?; // dead-letter it (or drop it) rather than see it again
+///     }
+///     Err(e) => return Err(e.into()),
+/// }
+/// # Ok::<(), lepus::Error>(())
+/// ```
 #[derive(Clone)]
 pub struct BadDelivery {
     pub(crate) kind: BadDeliveryKind,
@@ -446,7 +542,21 @@ impl BadDelivery {
 }
 
 /// A mandatory message the broker could not route, sent back with `basic.return`.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// let conn = lepus::Connection::open("amqp://127.0.0.1")?;
+/// let ch = conn.open_channel()?;
+/// let mandatory = lepus::PublishOptions { mandatory: true };
+/// ch.basic_publish("", "no-such-queue", b"x", &lepus::BasicProperties::new(), &mandatory)?;
+/// if let Some(r) = ch.recv_return(Duration::from_secs(1))? {
+///     assert_eq!(r.reply_code, lepus::reply_code::NO_ROUTE);
+///     println!("{} returned: {}", r.routing_key, r.reply_text);
+/// }
+/// # Ok::<(), lepus::Error>(())
+/// ```
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Returned {
     /// Reply code (312 NO_ROUTE, ...).
     pub reply_code: u16,

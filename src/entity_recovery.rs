@@ -75,7 +75,7 @@ pub(crate) fn entity_failed(
     entity: TopologyEntity,
     e: &Error,
 ) {
-    log::warn!("recovery could not restore {entity}: {e}; retrying it in the background");
+    crate::trace::warn!("recovery could not restore {entity}: {e}; retrying it in the background");
     inner.event(
         generation,
         RecoveryEventKind::EntityFailed {
@@ -104,7 +104,7 @@ pub(crate) fn start(inner: &Arc<ConnectionInner>, pending: PendingTopology) {
         .name("lepus-topology-retry".into())
         .spawn(move || run(weak))
     {
-        log::error!("could not start the topology retry thread: {e}");
+        crate::trace::error!("could not start the topology retry thread: {e}");
         inner.pending.lock().retrying = false;
     }
 }
@@ -172,7 +172,7 @@ fn run(weak: Weak<ConnectionInner>) {
         }
         let Some(inner) = weak.upgrade() else { return };
         if let Err(e) = retry_once(&inner) {
-            log::debug!("topology retry: {e}");
+            crate::trace::debug!("topology retry: {e}");
         }
         let mut p = inner.pending.lock();
         if p.is_empty() {
@@ -213,10 +213,10 @@ fn retry_once(inner: &Arc<ConnectionInner>) -> Result<()> {
     for (entity, r) in names.zip(&replies) {
         match r {
             Ok(Reply::Method(AMQPClass::Queue(queue::AMQPMethod::DeclareOk(ok)))) => {
-                if let TopologyEntity::Queue(old) = &entity {
-                    if ok.queue.as_str() != old {
-                        inner.topology.lock().rename_queue(old, ok.queue.as_str());
-                    }
+                if let TopologyEntity::Queue(old) = &entity
+                    && ok.queue.as_str() != old
+                {
+                    inner.topology.lock().rename_queue(old, ok.queue.as_str());
                 }
                 done.push(entity);
             }
@@ -260,7 +260,7 @@ fn retry_once(inner: &Arc<ConnectionInner>) -> Result<()> {
 
     retry_consumers(inner, &conn, &snapshot, &queues_pending, &mut done)?;
     for e in done {
-        log::info!("topology retry restored {e}");
+        crate::trace::info!("topology retry restored {e}");
         inner.event(generation, RecoveryEventKind::EntityRecovered(e));
     }
     Ok(())
@@ -275,7 +275,9 @@ fn retry_consumers(
     queues_pending: &[String],
     done: &mut Vec<TopologyEntity>,
 ) -> Result<()> {
-    let channels = inner.live_channels();
+    // A broker-closed channel too (a 404 on an earlier re-subscribe closes it): it is
+    // reopened below.
+    let channels = inner.app_channels();
     let mut candidates = Vec::new();
     let mut gone = Vec::new();
     for (id, tag) in &snapshot.consumers {
@@ -298,12 +300,20 @@ fn retry_consumers(
         .map(|(_, r)| queue_probe(&r.queue))
         .collect();
     let answers = each_on_own(inner, conn, &probes, "queue.declare-ok (passive, retry)")?;
-    let mut restored = Vec::new();
+    let mut restored: Vec<(u16, String)> = Vec::new();
     for ((c, r), probe) in candidates.into_iter().zip(answers) {
-        if probe.is_err() {
+        if probe.is_err() || restored.contains(&(c.id(), r.tag.clone())) {
             continue;
         }
         let ch = c.current_shared();
+        if ch.is_channel_closed() {
+            // Reopened under its id with every active consumer of it, this one included.
+            match inner.reopen_channel(&c) {
+                Ok(tags) => restored.extend(tags.into_iter().map(|t| (c.id(), t))),
+                Err(e) => log::warn!("could not reopen channel {}: {e}", c.id()),
+            }
+            continue;
+        }
         if ch.is_closed() || !Arc::ptr_eq(&ch.conn, conn) {
             continue;
         }

@@ -1,6 +1,5 @@
 //! The one error type of lepus, with AMQP reply codes where the broker gave them.
 
-use crate::sync::StdArc as Arc;
 use std::fmt;
 use std::io;
 
@@ -122,6 +121,22 @@ impl fmt::Display for TlsFailure {
 ///
 /// Use [`Error::is_connection_lost`] to tell a recoverable loss of the link from an
 /// intentional close, and [`Error::reply_code`] for the AMQP reply code when there is one.
+///
+/// ```no_run
+/// use lepus::{Error, QueueDeclareOptions, reply_code};
+/// let conn = lepus::Connection::open("amqp://127.0.0.1")?;
+/// let ch = conn.open_channel()?;
+/// let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+/// match ch.queue_declare("maybe", &passive) {
+///     Ok(q) => println!("{} messages ready", q.message_count),
+///     // The broker closed the channel (404): the connection and other channels live on.
+///     Err(e) if e.reply_code() == Some(reply_code::NOT_FOUND) => println!("no such queue"),
+///     Err(e) if e.is_connection_lost() => println!("link lost; recovery is on it: {e}"),
+///     Err(Error::Timeout(what)) => println!("no answer in time: {what}"),
+///     Err(e) => return Err(e),
+/// }
+/// # Ok::<(), lepus::Error>(())
+/// ```
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -135,8 +150,10 @@ pub enum Error {
         /// The step that failed.
         stage: HandshakeStage,
         /// The underlying error (shared, so that every waiter can get a copy).
+        // std's Arc by its own name (not the sync shim's `StdArc` alias, which the docs
+        // showed): plain shared ownership of an immutable value, never loom's.
         #[source]
-        source: Arc<io::Error>,
+        source: std::sync::Arc<io::Error>,
     },
 
     /// The connection attempt did not finish within the connection timeout.
@@ -322,11 +339,18 @@ fn nacked_text(channel: u16, sequences: &[u64]) -> String {
 
 impl Error {
     /// True when the link was lost (socket error, EOF, heartbeat timeout, broker forced
-    /// close): the kind of failure that automatic recovery handles.
+    /// close, or a broker closing the connection with 541 INTERNAL_ERROR): the kind of
+    /// failure that automatic recovery handles.
+    ///
+    /// A 541 is the broker's own failure, not the application's: RabbitMQ 3.10 closes a
+    /// connection with it when one of its channel processes crashes, e.g. a publish to a
+    /// quorum queue while a member's node shuts down (seen in a rolling restart).
     pub fn is_connection_lost(&self) -> bool {
         match self {
             Error::ConnectionLost(_) => true,
-            Error::ServerClosedConnection { code, .. } => *code == reply_code::CONNECTION_FORCED,
+            Error::ServerClosedConnection { code, .. } => {
+                *code == reply_code::CONNECTION_FORCED || *code == reply_code::INTERNAL_ERROR
+            }
             _ => false,
         }
     }

@@ -1,4 +1,6 @@
-//! Recovery events with their timestamps, and the bounded log a connection keeps of them.
+//! What a connection tells about itself: its events (blocked, channels and consumers the
+//! broker ended, returns dropped, recovery steps) with their timestamps, and the bounded
+//! log a connection keeps of them (the listener side is in event_hub.rs).
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -131,7 +133,21 @@ impl std::fmt::Display for TopologyEntity {
 }
 
 /// One recovery event.
+///
+/// ```no_run
+/// use lepus::RecoveryEventKind;
+/// let conn = lepus::Connection::open("amqp://127.0.0.1")?;
+/// // ... after a failure:
+/// for e in conn.recovery_events() {
+///     println!("{:?} generation {}: {:?}", e.at, e.generation, e.kind);
+///     if let RecoveryEventKind::QueueRenamed { old, new } = &e.kind {
+///         println!("server-named queue {old} is now {new}");
+///     }
+/// }
+/// # Ok::<(), lepus::Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RecoveryEvent {
     /// When it happened.
     pub at: Instant,
@@ -141,12 +157,110 @@ pub struct RecoveryEvent {
     pub kind: RecoveryEventKind,
 }
 
-/// Bounded log of recent events.
-pub(crate) struct EventLog {
-    events: VecDeque<RecoveryEvent>,
+impl RecoveryEvent {
+    /// The recovery step of a connection event, if it is one.
+    pub(crate) fn from_connection_event(e: &ConnectionEvent) -> Option<RecoveryEvent> {
+        match &e.kind {
+            ConnectionEventKind::Recovery(kind) => Some(RecoveryEvent {
+                at: e.at,
+                generation: e.generation,
+                kind: kind.clone(),
+            }),
+            _ => None,
+        }
+    }
 }
 
-const EVENT_LOG: usize = 4096;
+/// What happened to a connection (see [`ConnectionEvent`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConnectionEventKind {
+    /// The broker blocked publishing on this connection (`connection.blocked`, e.g. a
+    /// memory or disk alarm); publishers wait, within their deadline, until it unblocks.
+    Blocked {
+        /// The broker's reason (RabbitMQ: `"low on memory"`, `"low on disk"`).
+        reason: String,
+    },
+    /// The broker lifted the block (`connection.unblocked`).
+    Unblocked,
+    /// The broker closed a channel (`channel.close`, e.g. 404 after a passive declare of
+    /// a missing queue, 406 for a precondition). Its waiters got the same error.
+    ChannelClosed {
+        /// The channel id.
+        channel: u16,
+        /// The broker's reply code.
+        reply_code: u16,
+        /// The broker's reply text.
+        reply_text: String,
+    },
+    /// The broker cancelled a consumer (`basic.cancel` from the broker: its queue was
+    /// deleted, or its node went down).
+    ConsumerCancelled {
+        /// The channel id.
+        channel: u16,
+        /// The consumer tag.
+        tag: String,
+        /// The queue it consumed from (as subscribed).
+        queue: String,
+    },
+    /// Returned messages (`basic.return`) were dropped because the channel's returns
+    /// queue was full (1,024 returns or its byte bound) and nobody read it
+    /// ([`crate::Channel::recv_return`]). Reported at the 1st, 2nd, 4th, 8th, ... drop
+    /// of a channel; [`crate::ConnectionStats::returns_dropped`] has the exact count.
+    ReturnsDropped {
+        /// The channel id.
+        channel: u16,
+        /// Returns dropped on this channel so far.
+        dropped: u64,
+    },
+    /// Deliveries of this channel stayed unacknowledged past the threshold of
+    /// [`ConnectionOptions::unacked_warning`](crate::ConnectionOptions::unacked_warning)
+    /// (each reported once): ack them before the broker's `consumer_timeout` closes the
+    /// channel.
+    DeliveriesUnacked {
+        /// The channel.
+        channel: u16,
+        /// Their delivery tags, oldest first.
+        delivery_tags: Vec<u64>,
+        /// How long the oldest has waited.
+        oldest: Duration,
+    },
+    /// A step of a recovery (the same as [`RecoveryEvent`]s).
+    Recovery(RecoveryEventKind),
+}
+
+/// One event of a connection, with when it happened and on which of its TCP connections
+/// (generations). Read them with [`crate::Connection::events`] or hear them with
+/// [`crate::ConnectionOptions::event_listener`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ConnectionEvent {
+    /// When it happened.
+    pub at: Instant,
+    /// The connection generation it concerns (1 is the first connection; 0 for a
+    /// recovery that gave up).
+    pub generation: u64,
+    /// What happened.
+    pub kind: ConnectionEventKind,
+}
+
+impl ConnectionEvent {
+    pub(crate) fn new(generation: u64, kind: ConnectionEventKind) -> Self {
+        ConnectionEvent {
+            at: Instant::now(),
+            generation,
+            kind,
+        }
+    }
+}
+
+/// Bounded log of recent events.
+pub(crate) struct EventLog {
+    events: VecDeque<ConnectionEvent>,
+}
+
+/// Events a connection keeps (oldest dropped first).
+pub(crate) const EVENT_LOG: usize = 4096;
 
 impl EventLog {
     pub(crate) fn new() -> Self {
@@ -154,13 +268,13 @@ impl EventLog {
             events: VecDeque::new(),
         }
     }
-    pub(crate) fn push(&mut self, e: RecoveryEvent) {
+    pub(crate) fn push(&mut self, e: ConnectionEvent) {
         if self.events.len() == EVENT_LOG {
             self.events.pop_front();
         }
         self.events.push_back(e);
     }
-    pub(crate) fn snapshot(&self) -> Vec<RecoveryEvent> {
+    pub(crate) fn snapshot(&self) -> Vec<ConnectionEvent> {
         self.events.iter().cloned().collect()
     }
 }

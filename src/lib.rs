@@ -54,11 +54,13 @@
 //! ```text
 //! fuzzing                                       fuzz harnesses: only with the `fuzzing`
 //!                                               feature (fuzz/ and lepus's tests), no API
-//! pool                                          the channel pool
-//! connection, channel, consumer, confirm        handles (a method that creates a handle
-//!                                               lives with it: Channel::basic_consume in
+//! pool, worker                                  the channel pool; the worker pool over a
+//!                                               consumer
+//! connection, channel, consumer, confirm,       handles (a method that creates a handle
+//! batch, stream                                 lives with it: Channel::basic_consume in
 //!                                               consumer.rs, Connection::open_channel in
-//!                                               channel.rs)
+//!                                               channel.rs, Channel::stream_consume in
+//!                                               stream.rs); batches of deliveries
 //! reliable, refresher                           publish until confirmed; renews a
 //!                                               connection's expiring secret (holds the
 //!                                               connection weakly)
@@ -67,13 +69,17 @@
 //!                                               secret each connect logs in with
 //! topology                                      recorded exchanges, queues, bindings, channels
 //! io (reactor, engine, handshake)               the I/O thread
-//! delivery, confirm_tracker, pool_core          what the I/O thread produces; the pool's books
+//! delivery, confirm_tracker, pool_core,        what the I/O thread produces; the pool's
+//! unacked                                       books; unsettled deliveries' ages
 //! options, uri, events, addresses, tls,        plain data (TLS options, the credentials
-//! credentials                                   provider)
+//! credentials, queue_args, stats, event_hub    provider, typed queue arguments);
+//!                                               counters; the event log and its
+//!                                               listener thread
 //! error                                         re-exports protocol's reply codes
 //! protocol (frame, methods, table, properties, content, reply_code)   bytes only
 //! sync, delivery_queue, link, send_core,
-//! end_relay                                     primitives and the loom-checked cores
+//! end_relay, trace                              primitives and the loom-checked cores; the
+//!                                               one door to `log` / `tracing`
 //! ```
 //!
 //! # Threads
@@ -89,6 +95,10 @@
 //! [`Error::is_connection_lost`] tells apart from [`Error::ConnectionClosed`] after an
 //! intentional [`Connection::close`].
 //!
+//! A connection with an event listener ([`ConnectionOptions::event_listener`] or
+//! [`RecoveryOptions::listener`]) has one more thread, `lepus-events`, that calls it:
+//! listeners never run on the I/O thread or on a caller's thread.
+//!
 //! # Recovery
 //!
 //! Automatic recovery is on by default ([`RecoveryOptions`]). After a lost link, one
@@ -102,6 +112,16 @@
 //! mode and not yet confirmed are republished (or handed back, see
 //! [`UnconfirmedPolicy`]); nothing is dropped without the caller being told.
 //! [`Connection::recovery_events`] gives every step with its time.
+//!
+//! # Observability
+//!
+//! [`Connection::events`] and [`ConnectionOptions::event_listener`]: blocked and unblocked,
+//! channels closed and consumers cancelled by the broker, returns dropped, recovery steps
+//! ([`ConnectionEventKind`]). [`Connection::stats`]: counters of messages, bytes,
+//! reconnects, channels and consumers ([`ConnectionStats`]). Cargo features: `metrics`
+//! (the counters through the `metrics` facade), `tracing` (spans, and diagnostics as
+//! `tracing` events instead of `log` records), `opentelemetry` (the W3C trace context in
+//! message headers). The README's "Observability" section names every metric.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 // Under loom only the synchronisation cores are built; much of the rest is unused.
@@ -125,10 +145,12 @@ mod pool_core;
 mod protocol;
 mod send_core;
 mod sync;
+mod trace;
 
 // Everything else: the I/O thread, the handles, options, topology and recovery.
 not_under_loom! {
     mod addresses;
+    mod batch;
     mod channel;
     mod confirm;
     mod connection;
@@ -137,17 +159,26 @@ not_under_loom! {
     mod credentials;
     mod delivery;
     mod entity_recovery;
+    mod event_hub;
     mod events;
     mod io;
     mod options;
     mod pool;
+    #[cfg(feature = "opentelemetry")]
+    mod propagation;
+    mod queue_args;
     mod recovery;
     mod refresher;
     mod reliable;
+    mod reopen;
     mod secrets;
+    mod stats;
+    mod stream;
     mod tls;
     mod topology;
+    mod unacked;
     mod uri;
+    mod worker;
 }
 
 // The README's examples compile as doctests (`cargo test --doc`), so that they keep up
@@ -171,21 +202,37 @@ not_under_loom! {
     pub use channel::{Channel, QueueInfo, UnconfirmedMessage};
     pub use confirm::Confirmation;
     pub use connection::Connection;
+    pub use batch::Batch;
     pub use consumer::{Consumer, Iter};
     pub use credentials::{Credentials, CredentialsProvider};
     pub use delivery::{BadDelivery, Delivery, RecvError, Returned};
-    pub use events::{RecoveryEvent, RecoveryEventKind, TopologyEntity};
+    pub use events::{
+        ConnectionEvent, ConnectionEventKind, RecoveryEvent, RecoveryEventKind, TopologyEntity,
+    };
     pub use options::{
         AuthMechanism, ConnectionOptions, ConsumeOptions, DEFAULT_CONNECTION_QUEUE_BYTES,
         DEFAULT_CONSUMER_QUEUE_BYTES, DEFAULT_MAX_OUTPUT_BYTES, DEFAULT_WRITE_STALL_TIMEOUT,
-        ExchangeDeclareOptions, ExchangeDeleteOptions, PublishOptions, QueueDeclareOptions, QueueDeleteOptions,
-        RecoveryOptions, TopologyFilter, UnconfirmedPolicy,
+        EventListener, ExchangeDeclareOptions, ExchangeDeleteOptions, PublishOptions,
+        QueueDeclareOptions, QueueDeleteOptions, RecoveryOptions, TopologyFilter,
+        UnconfirmedPolicy,
     };
-    pub use pool::{ChannelPool, PooledChannel};
+    #[cfg(feature = "opentelemetry")]
+    pub use propagation::{HeaderExtractor, HeaderInjector};
+    pub use stats::ConnectionStats;
+    pub use pool::{ChannelPool, ChannelPoolBuilder, PooledChannel};
+    pub use queue_args::{
+        DeadLetterStrategy, Overflow, QueueArgs, QueueType, StreamArgs, StreamOffset,
+    };
     /// The rustls version lepus is built with, for [`TlsOptions::client_config`].
     #[cfg(feature = "tls")]
     pub use rustls;
+    /// The OpenTelemetry API version lepus is built with (the `opentelemetry` feature),
+    /// for the contexts of [`BasicProperties::with_context`] and
+    /// [`Delivery::trace_context`].
+    #[cfg(feature = "opentelemetry")]
+    pub use opentelemetry;
     pub use tls::TlsOptions;
+    pub use worker::{Outcome, WorkerOptions, WorkerPool, WorkerStats};
 }
 
 /// Internals exposed for fuzzing, model checks and tests; not part of the stable API.

@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::addresses::{Address, AddressResolver};
 use crate::credentials::{CredentialsProvider, ProviderRef};
 use crate::error::{Error, Result};
-use crate::events::{RecoveryEvent, TopologyEntity};
+use crate::events::{ConnectionEvent, RecoveryEvent, TopologyEntity};
 use crate::protocol::table::{DEFAULT_MAX_TABLE_DEPTH, FieldTable, MAX_TABLE_DEPTH_CAP};
 use crate::sync::Arc;
 use crate::tls::{self, TlsOptions};
@@ -52,6 +52,22 @@ impl AuthMechanism {
 
 /// Everything a connection is opened with. Build it with [`ConnectionOptions::new`] and
 /// the setters, or parse it from a URI with [`ConnectionOptions::from_uri`].
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use lepus::{ConnectionOptions, Connection};
+/// let opts = ConnectionOptions::new()
+///     .host("rabbit.internal")
+///     .port(5672)
+///     .vhost("/billing")
+///     .credentials("billing", "secret")
+///     .heartbeat(15)
+///     .connection_name("billing-worker")
+///     .connection_timeout(Duration::from_secs(5))
+///     .operation_timeout(Duration::from_secs(10));
+/// let conn = Connection::open_with(opts)?;
+/// # Ok::<(), lepus::Error>(())
+/// ```
 #[derive(Clone)]
 pub struct ConnectionOptions {
     pub(crate) host: String,
@@ -76,6 +92,7 @@ pub struct ConnectionOptions {
     pub(crate) connection_queue_bytes: usize,
     pub(crate) max_output_bytes: usize,
     pub(crate) write_stall_timeout: Duration,
+    pub(crate) unacked_warning: Option<Duration>,
     pub(crate) tls: TlsOptions,
     pub(crate) credentials_provider: Option<ProviderRef>,
     /// SASL mechanisms in order of preference; empty: `auth` alone.
@@ -84,7 +101,17 @@ pub struct ConnectionOptions {
     pub(crate) shuffle_addresses: bool,
     /// Where the addresses come from instead of host, port and `more_addresses`.
     pub(crate) resolver: Option<Arc<dyn AddressResolver>>,
+    /// Hears every connection event (on the connection's event thread).
+    pub(crate) event_listener: Option<EventListener>,
 }
+
+/// Called for each [`ConnectionEvent`] of a connection, in order, on the connection's
+/// own event thread (`lepus-events`), never on the I/O thread or a caller's thread. A
+/// slow listener delays only later events (up to 1,024 wait; beyond that it misses
+/// events, counted in [`crate::ConnectionStats::events_dropped`], while
+/// [`crate::Connection::events`] still has them); a panic is caught and counted
+/// ([`crate::ConnectionStats::listener_panics`]) and the listener hears the next event.
+pub type EventListener = Arc<dyn Fn(&ConnectionEvent) + Send + Sync>;
 
 /// Prints whether a resolver is set (it has no `Debug` of its own).
 struct ResolverSet<'a>(&'a Option<Arc<dyn AddressResolver>>);
@@ -129,11 +156,13 @@ impl Default for ConnectionOptions {
             connection_queue_bytes: DEFAULT_CONNECTION_QUEUE_BYTES,
             max_output_bytes: DEFAULT_MAX_OUTPUT_BYTES,
             write_stall_timeout: DEFAULT_WRITE_STALL_TIMEOUT,
+            unacked_warning: None,
             tls: TlsOptions::default(),
             credentials_provider: None,
             auth_mechanisms: Vec::new(),
             shuffle_addresses: true,
             resolver: None,
+            event_listener: None,
         }
     }
 }
@@ -162,8 +191,10 @@ impl std::fmt::Debug for ConnectionOptions {
             .field("connection_queue_bytes", &self.connection_queue_bytes)
             .field("max_output_bytes", &self.max_output_bytes)
             .field("write_stall_timeout", &self.write_stall_timeout)
+            .field("unacked_warning", &self.unacked_warning)
             .field("shuffle_addresses", &self.shuffle_addresses)
             .field("resolver", &ResolverSet(&self.resolver))
+            .field("event_listener", &self.event_listener.is_some())
             .field("tls", &self.tls)
             .field("credentials_provider", &self.credentials_provider)
             .field("auth_mechanisms", &self.auth_mechanisms)
@@ -302,9 +333,29 @@ impl ConnectionOptions {
         self.connection_timeout = t;
         self
     }
-    /// Name shown in the management UI.
+    /// Name shown in the management UI (and the `connection` label of the metrics of
+    /// the `metrics` feature).
     pub fn connection_name(mut self, name: impl Into<String>) -> Self {
         self.connection_name = Some(name.into());
+        self
+    }
+    /// Hear every event of the connection: blocked and unblocked, channels closed and
+    /// consumers cancelled by the broker, returns dropped, recovery steps (see
+    /// [`EventListener`] for the thread it runs on). [`crate::Connection::events`] keeps
+    /// the same events for polling.
+    ///
+    /// ```no_run
+    /// use lepus::{ConnectionEventKind, ConnectionOptions};
+    /// let opts = ConnectionOptions::from_uri("amqp://127.0.0.1")?.event_listener(|e| {
+    ///     if let ConnectionEventKind::Blocked { reason } = &e.kind {
+    ///         eprintln!("broker blocked publishing: {reason}");
+    ///     }
+    /// });
+    /// let conn = lepus::Connection::open_with(opts)?;
+    /// # Ok::<(), lepus::Error>(())
+    /// ```
+    pub fn event_listener(mut self, f: impl Fn(&ConnectionEvent) + Send + Sync + 'static) -> Self {
+        self.event_listener = Some(Arc::new(f));
         self
     }
     /// Extra client properties sent in `connection.start-ok`.
@@ -450,12 +501,44 @@ impl ConnectionOptions {
         self.write_stall_timeout = t.max(Duration::from_millis(100));
         self
     }
+    /// Warn about deliveries left unacknowledged longer than `threshold` (off by
+    /// default): a log line (`warn`) and a [`ConnectionEventKind::DeliveriesUnacked`]
+    /// event per channel and check, each delivery reported once. RabbitMQ closes a
+    /// channel (406) whose delivery stays unacknowledged past its `consumer_timeout`
+    /// (30 min by default): set this well below it to hear before it happens. The I/O
+    /// thread checks every quarter of the threshold (at most every second); each
+    /// delivery costs a queue entry until it is settled.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let opts = lepus::ConnectionOptions::new().unacked_warning(Duration::from_secs(20 * 60));
+    /// ```
+    ///
+    /// [`ConnectionEventKind::DeliveriesUnacked`]: crate::ConnectionEventKind::DeliveriesUnacked
+    pub fn unacked_warning(mut self, threshold: Duration) -> Self {
+        self.unacked_warning = Some(threshold.max(Duration::from_millis(10)));
+        self
+    }
 }
 
 // ---------------- recovery ----------------
 
 /// What happens to messages published in confirm mode but not yet confirmed when the
 /// link is lost.
+///
+/// ```no_run
+/// use lepus::{ConnectionOptions, RecoveryOptions, UnconfirmedPolicy};
+/// let opts = ConnectionOptions::from_uri("amqp://127.0.0.1")?
+///     .recovery(RecoveryOptions::new().unconfirmed(UnconfirmedPolicy::HandBack));
+/// let conn = lepus::Connection::open_with(opts)?;
+/// let ch = conn.open_channel()?;
+/// ch.confirm_select()?;
+/// // ... after a recovery, what was never confirmed is the application's to resend:
+/// for m in ch.take_unconfirmed() {
+///     ch.basic_publish(&m.exchange, &m.routing_key, &m.body, &m.properties, &Default::default())?;
+/// }
+/// # Ok::<(), lepus::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum UnconfirmedPolicy {
@@ -468,13 +551,30 @@ pub enum UnconfirmedPolicy {
     HandBack,
 }
 
-/// Called for each recovery event, on the thread where it happens: keep it short.
+/// Called for each recovery event, on the connection's event thread like an
+/// [`EventListener`] (which hears the same steps as [`crate::ConnectionEventKind::Recovery`]).
 pub type RecoveryListener = Arc<dyn Fn(&RecoveryEvent) + Send + Sync>;
 
 /// Says whether recovery restores an entity (true) or leaves it out (false).
 pub type TopologyFilter = Arc<dyn Fn(&TopologyEntity) -> bool + Send + Sync>;
 
 /// Automatic recovery settings (on by default).
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use lepus::{ConnectionOptions, RecoveryOptions, UnconfirmedPolicy};
+/// let recovery = RecoveryOptions::new()
+///     .backoff(Duration::from_millis(100), Duration::from_secs(10))
+///     .max_attempts(Some(30))
+///     .unconfirmed(UnconfirmedPolicy::Republish)
+///     .listener(|e| eprintln!("recovery: {:?}", e.kind));
+/// let conn = lepus::Connection::open_with(ConnectionOptions::from_uri("amqp://127.0.0.1")?.recovery(recovery))?;
+/// // Or no recovery at all: every failure reaches the application as it is.
+/// let raw = lepus::Connection::open_with(
+///     ConnectionOptions::from_uri("amqp://127.0.0.1")?.recovery(RecoveryOptions::disabled()),
+/// )?;
+/// # Ok::<(), lepus::Error>(())
+/// ```
 #[derive(Clone)]
 pub struct RecoveryOptions {
     pub(crate) filter: Option<TopologyFilter>,
@@ -578,7 +678,9 @@ impl RecoveryOptions {
     pub(crate) fn keeps(&self, e: &TopologyEntity) -> bool {
         self.filter.as_ref().is_none_or(|f| f(e))
     }
-    /// Hear every recovery event.
+    /// Hear every recovery event, on the connection's event thread (see
+    /// [`EventListener`]; [`ConnectionOptions::event_listener`] hears these and the other
+    /// connection events).
     pub fn listener(mut self, f: impl Fn(&RecoveryEvent) + Send + Sync + 'static) -> Self {
         self.listener = Some(Arc::new(f));
         self
@@ -588,6 +690,19 @@ impl RecoveryOptions {
 // ---------------- methods ----------------
 
 /// Options of `exchange.declare`.
+///
+/// ```no_run
+/// use lepus::{ExchangeDeclareOptions, FieldTable};
+/// let conn = lepus::Connection::open("amqp://127.0.0.1")?;
+/// let ch = conn.open_channel()?;
+/// let opts = ExchangeDeclareOptions {
+///     durable: true,
+///     arguments: FieldTable::new().with("alternate-exchange", "unrouted"),
+///     ..Default::default()
+/// };
+/// ch.exchange_declare("events", "topic", &opts)?;
+/// # Ok::<(), lepus::Error>(())
+/// ```
 #[derive(Debug, Clone, Default)]
 pub struct ExchangeDeclareOptions {
     /// Only check that it exists (404 closes the channel if not).
@@ -603,6 +718,22 @@ pub struct ExchangeDeclareOptions {
 }
 
 /// Options of `queue.declare`.
+///
+/// ```no_run
+/// use lepus::{FieldTable, QueueDeclareOptions};
+/// let conn = lepus::Connection::open("amqp://127.0.0.1")?;
+/// let ch = conn.open_channel()?;
+/// let quorum = QueueDeclareOptions {
+///     durable: true,
+///     arguments: FieldTable::new().with("x-queue-type", "quorum"),
+///     ..Default::default()
+/// };
+/// ch.queue_declare("payments", &quorum)?;
+/// // A server-named queue for this connection only.
+/// let mine = ch.queue_declare("", &QueueDeclareOptions { exclusive: true, ..Default::default() })?;
+/// println!("{}", mine.name);
+/// # Ok::<(), lepus::Error>(())
+/// ```
 #[derive(Debug, Clone, Default)]
 pub struct QueueDeclareOptions {
     /// Only check that it exists (404 closes the channel if not).
@@ -618,6 +749,14 @@ pub struct QueueDeclareOptions {
 }
 
 /// Options of `queue.delete`.
+///
+/// ```no_run
+/// let conn = lepus::Connection::open("amqp://127.0.0.1")?;
+/// let ch = conn.open_channel()?;
+/// let opts = lepus::QueueDeleteOptions { if_unused: true, if_empty: true };
+/// let dropped = ch.queue_delete("scratch", &opts)?;
+/// # Ok::<(), lepus::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, Default)]
 pub struct QueueDeleteOptions {
     /// Only if it has no consumers.
@@ -627,6 +766,13 @@ pub struct QueueDeleteOptions {
 }
 
 /// Options of `exchange.delete`.
+///
+/// ```no_run
+/// let conn = lepus::Connection::open("amqp://127.0.0.1")?;
+/// let ch = conn.open_channel()?;
+/// ch.exchange_delete("scratch-ex", &lepus::ExchangeDeleteOptions { if_unused: true })?;
+/// # Ok::<(), lepus::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ExchangeDeleteOptions {
     /// Only if it has no bindings.
@@ -634,6 +780,19 @@ pub struct ExchangeDeleteOptions {
 }
 
 /// Options of `basic.consume`.
+///
+/// ```no_run
+/// let conn = lepus::Connection::open("amqp://127.0.0.1")?;
+/// let ch = conn.open_channel()?;
+/// let opts = lepus::ConsumeOptions {
+///     consumer_tag: "audit-1".into(),
+///     exclusive: true,
+///     ..Default::default()
+/// };
+/// let consumer = ch.basic_consume("audit", &opts)?;
+/// assert_eq!(consumer.tag(), "audit-1");
+/// # Ok::<(), lepus::Error>(())
+/// ```
 #[derive(Debug, Clone, Default)]
 pub struct ConsumeOptions {
     /// Consumer tag; empty lets the broker choose one.
@@ -649,6 +808,16 @@ pub struct ConsumeOptions {
 }
 
 /// Options of `basic.publish`.
+///
+/// ```no_run
+/// let conn = lepus::Connection::open("amqp://127.0.0.1")?;
+/// let ch = conn.open_channel()?;
+/// let props = lepus::BasicProperties::new();
+/// ch.basic_publish("", "jobs", b"x", &props, &lepus::PublishOptions::default())?;
+/// // mandatory: an unroutable message comes back (Channel::recv_return) instead of vanishing.
+/// ch.basic_publish("", "jobs", b"x", &props, &lepus::PublishOptions { mandatory: true })?;
+/// # Ok::<(), lepus::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PublishOptions {
     /// Return the message (see [`Channel::recv_return`](crate::Channel::recv_return)) if no queue takes it.

@@ -44,7 +44,18 @@ struct State<R> {
 }
 
 /// Counters of a pool. At any quiet moment `acquired == released + in_use`.
+///
+/// ```no_run
+/// let conn = lepus::Connection::open("amqp://127.0.0.1")?;
+/// let pool = lepus::ChannelPool::new(&conn);
+/// drop(pool.acquire()?);
+/// let s = pool.stats();
+/// assert_eq!(s.acquired, s.released + s.in_use as u64);
+/// println!("{} open, {} idle, {} waiting", s.opened - s.discarded, s.idle, s.waiters);
+/// # Ok::<(), lepus::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct PoolStats {
     /// Items (channels) the pool opened.
     pub opened: u64,

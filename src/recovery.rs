@@ -15,6 +15,7 @@ use crate::events::{RecoveryEventKind, TopologyEntity};
 use crate::io::{ChannelShared, Command, ConnShared, Reply, ReplyRx};
 use crate::options::{RecoveryOptions, UnconfirmedPolicy};
 use crate::protocol::methods;
+use crate::stats::Stats;
 use crate::sync::{Arc, Ordering};
 use crate::topology::{ChannelRecord, PendingTopology, Topology};
 
@@ -52,6 +53,7 @@ pub(crate) fn backoff(opts: &RecoveryOptions, attempt: u32) -> Duration {
 /// the jittered backoff, which starts again from its initial value whenever an address
 /// accepts a connection (a node that answers is worth trying again soon).
 pub(crate) fn run(inner: Arc<ConnectionInner>) {
+    let _span = crate::trace::span!("lepus.recovery", generation = inner.current_generation());
     let opts = inner.opts.recovery.clone();
     let mut failed = Some(inner.current_address());
     let mut attempt: u32 = 0;
@@ -124,12 +126,13 @@ enum Tried {
 
 /// One attempt: connect to `addr` and replay there.
 fn try_address(inner: &Arc<ConnectionInner>, addr: &Address, attempt: u32) -> Tried {
+    let _span = crate::trace::span!("lepus.recovery.attempt", host = addr.host, port = addr.port, attempt = attempt);
     let (host, port) = (addr.host.as_str(), addr.port);
     let generation = inner.next_generation();
     let gen_ = match crate::connection_state::start_generation(inner, host, port, generation) {
         Ok(g) => g,
         Err(e) => {
-            log::warn!("reconnect attempt {attempt} to {addr} failed: {e}");
+            crate::trace::warn!("reconnect attempt {attempt} to {addr} failed: {e}");
             inner.event(
                 generation,
                 RecoveryEventKind::AttemptFailed {
@@ -150,11 +153,11 @@ fn try_address(inner: &Arc<ConnectionInner>, addr: &Address, attempt: u32) -> Tr
     match replay(inner, &gen_) {
         Ok(()) => {
             inner.event(generation, RecoveryEventKind::Recovered);
-            log::info!("connection recovered (generation {generation}, {addr})");
+            crate::trace::info!("connection recovered (generation {generation}, {addr})");
             Tried::Recovered
         }
         Err(e) => {
-            log::warn!("recovery on {addr} failed while restoring: {e}");
+            crate::trace::warn!("recovery on {addr} failed while restoring: {e}");
             inner.event(
                 generation,
                 RecoveryEventKind::AttemptFailed {
@@ -222,8 +225,9 @@ fn replay(inner: &Arc<ConnectionInner>, gen_: &Arc<Generation>) -> Result<()> {
     let restored = reopen_channels(inner, conn, &channels)?;
     let records = channel_records(inner, &restored, &renamed);
     restore_qos_and_confirms(inner, &restored, &records)?;
-    let started = restore_consumers(inner, gen_, &restored, &records, &mut pending)?;
+    let started = restore_consumers(inner, conn, &restored, &records, &mut pending)?;
     let republished = settle_unconfirmed(inner, conn, &restored)?;
+    Stats::add(&inner.stats.published, republished as u64);
     let consumers = started.len() - cancel_given_up_consumers(inner, &restored, &started)?;
     inner.notify();
     if !inner.install(gen_.clone()) {
@@ -263,6 +267,7 @@ fn replay_topology(
     inner: &Arc<ConnectionInner>,
     gen_: &Arc<Generation>,
 ) -> Result<TopologyOutcome> {
+    let _span = crate::trace::span!("lepus.recovery.topology");
     let conn = gen_.shared();
     let opts = &inner.opts.recovery;
     let mut topology = inner.topology.lock().clone();
@@ -312,7 +317,7 @@ fn replay_topology(
             }
         };
         if &new != name {
-            log::info!("server-named queue {name:?} is now {new:?}");
+            crate::trace::info!("server-named queue {name:?} is now {new:?}");
             inner.event(
                 gen_.number(),
                 RecoveryEventKind::QueueRenamed {
@@ -342,6 +347,7 @@ fn replay_bindings(
     topology: &Topology,
     pending: &mut PendingTopology,
 ) -> Result<()> {
+    let _span = crate::trace::span!("lepus.recovery.bindings");
     let opts = &inner.opts.recovery;
     let mut todo = Vec::new();
     for b in &topology.bindings {
@@ -365,7 +371,7 @@ fn replay_bindings(
     Ok(())
 }
 
-type Restored = Vec<(Arc<dyn ChannelSlot>, Arc<ChannelShared>)>;
+pub(crate) type Restored = Vec<(Arc<dyn ChannelSlot>, Arc<ChannelShared>)>;
 
 /// Reopen every channel under its old id: all `channel.open`s, then all replies.
 fn reopen_channels(
@@ -373,6 +379,7 @@ fn reopen_channels(
     conn: &Arc<ConnShared>,
     channels: &[Arc<dyn ChannelSlot>],
 ) -> Result<Restored> {
+    let _span = crate::trace::span!("lepus.recovery.channels");
     let d = step_deadline(inner);
     let mut opening = Vec::with_capacity(channels.len());
     for c in channels {
@@ -418,11 +425,12 @@ fn channel_records(
 }
 
 /// `basic.qos` and `confirm.select` on every channel that had them: one round trip.
-fn restore_qos_and_confirms(
+pub(crate) fn restore_qos_and_confirms(
     inner: &ConnectionInner,
     restored: &Restored,
     records: &[ChannelRecord],
 ) -> Result<()> {
+    let _span = crate::trace::span!("lepus.recovery.qos_confirms");
     let d = step_deadline(inner);
     let mut step = InFlight::new();
     for ((_, new), record) in restored.iter().zip(records) {
@@ -449,13 +457,14 @@ fn restore_qos_and_confirms(
 /// declare, is left pending instead: a `basic.consume` on a missing queue would close its
 /// channel and everything else on it. Returns the consumers subscribed again, as (index in
 /// `restored`, tag).
-fn restore_consumers(
+pub(crate) fn restore_consumers(
     inner: &ConnectionInner,
-    gen_: &Arc<Generation>,
+    conn: &Arc<ConnShared>,
     restored: &Restored,
     records: &[ChannelRecord],
     pending: &mut PendingTopology,
 ) -> Result<Vec<(usize, String)>> {
+    let _span = crate::trace::span!("lepus.recovery.consumers");
     let opts = &inner.opts.recovery;
     let declared: Vec<String> = inner
         .topology
@@ -477,12 +486,7 @@ fn restore_consumers(
         .iter()
         .map(|q| crate::topology::queue_probe(q))
         .collect();
-    let replies = each_on_own(
-        inner,
-        gen_.shared(),
-        &methods,
-        "queue.declare-ok (passive, recovery)",
-    )?;
+    let replies = each_on_own(inner, conn, &methods, "queue.declare-ok (passive, recovery)")?;
     let mut missing: HashMap<String, Error> = HashMap::new();
     for (q, r) in probe.into_iter().zip(replies) {
         if let Err(e) = r {
@@ -509,7 +513,7 @@ fn restore_consumers(
                 let e = missing.get(&r.queue).cloned().unwrap_or_else(|| {
                     Error::InvalidArgument(format!("its queue {:?} did not recover", r.queue))
                 });
-                entity_failed(inner, gen_.number(), entity, &e);
+                entity_failed(inner, conn.generation, entity, &e);
                 pending.consumers.push((new.id, r.tag.clone()));
                 continue;
             }
@@ -534,7 +538,7 @@ fn restore_consumers(
 /// cancel from here on reaches the new connection), cancel every restored consumer whose
 /// record is gone, so that the broker delivers nothing to a consumer nobody reads. One
 /// round trip; returns how many were cancelled.
-fn cancel_given_up_consumers(
+pub(crate) fn cancel_given_up_consumers(
     inner: &ConnectionInner,
     restored: &Restored,
     started: &[(usize, String)],
@@ -546,7 +550,7 @@ fn cancel_given_up_consumers(
         let (c, new) = &restored[*i];
         let kept = c.record().lock().consumers.iter().any(|r| &r.tag == tag);
         if !kept {
-            log::debug!("consumer {tag:?} was cancelled during recovery: cancelling it again");
+            crate::trace::debug!("consumer {tag:?} was cancelled during recovery: cancelling it again");
             step.start(new, methods::cancel(tag), d, "basic.cancel-ok (recovery)", None)?;
             cancelled += 1;
         }
@@ -557,11 +561,12 @@ fn cancel_given_up_consumers(
 
 /// Unconfirmed messages of the old channels (republished or handed back, by policy),
 /// then make the new channels current. Returns how many were republished.
-fn settle_unconfirmed(
+pub(crate) fn settle_unconfirmed(
     inner: &ConnectionInner,
     conn: &Arc<ConnShared>,
     restored: &Restored,
 ) -> Result<usize> {
+    let _span = crate::trace::span!("lepus.recovery.unconfirmed");
     let mut republished = 0;
     for (c, new) in restored {
         let old = c.current_shared();

@@ -25,7 +25,7 @@ pub(crate) fn start_refresher(inner: &Arc<ConnectionInner>, secrets: Arc<Secrets
         .name("lepus-credentials".into())
         .spawn(move || refresh_loop(&weak, &secrets));
     if let Err(e) = spawned {
-        log::error!("could not start the credentials refresher: {e}");
+        crate::trace::error!("could not start the credentials refresher: {e}");
     }
 }
 
@@ -44,7 +44,7 @@ fn refresh_loop(weak: &Weak<ConnectionInner>, secrets: &Secrets) {
                 );
             }
             Err(e) => {
-                log::warn!("credentials refresh failed (retrying in {retry:?}): {e}");
+                crate::trace::warn!("credentials refresh failed (retrying in {retry:?}): {e}");
                 inner.event(
                     inner.current_generation(),
                     RecoveryEventKind::SecretRefreshFailed(e.to_string()),
@@ -73,7 +73,7 @@ fn refresh_once(inner: &ConnectionInner, secrets: &Secrets) -> Result<Option<Dur
     let deadline = Instant::now() + inner.opts.operation_timeout;
     inner.update_secret(&c.secret, "lepus: scheduled credentials refresh", deadline)?;
     secrets.schedule(c.expires_in);
-    log::info!(
+    crate::trace::info!(
         "credentials refreshed (valid for {:?})",
         c.expires_in.unwrap_or_default()
     );

@@ -189,12 +189,12 @@ pub(crate) fn apply_query(tls: &mut TlsOptions, key: &str, value: &str) -> Resul
 
 /// Check what can be checked before connecting (both halves of a client certificate).
 pub(crate) fn validate(tls: &TlsOptions) -> Result<()> {
-    if let Some((Pem::File(c), Pem::File(k))) = &tls.client {
-        if c.as_os_str().is_empty() || k.as_os_str().is_empty() {
-            return Err(Error::InvalidUri(
-                "certfile and keyfile must be given together".into(),
-            ));
-        }
+    if let Some((Pem::File(c), Pem::File(k))) = &tls.client
+        && (c.as_os_str().is_empty() || k.as_os_str().is_empty())
+    {
+        return Err(Error::InvalidUri(
+            "certfile and keyfile must be given together".into(),
+        ));
     }
     Ok(())
 }

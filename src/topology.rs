@@ -5,7 +5,8 @@
 use crate::delivery::ConsumerSink;
 use crate::options::{ConsumeOptions, ExchangeDeclareOptions, QueueDeclareOptions};
 use crate::protocol::methods;
-use crate::protocol::table::FieldTable;
+use crate::protocol::table::{FieldTable, FieldValue};
+use crate::sync::Ordering;
 
 use amq_protocol::protocol::AMQPClass;
 
@@ -174,14 +175,36 @@ impl ConsumerRecord {
     /// The `basic.consume` that restores it under its tag.
     pub(crate) fn consume(&self) -> AMQPClass {
         let o = &self.opts;
+        let resumed;
+        let mut arguments = &o.arguments;
+        if let Some(next) = self.stream_resume() {
+            // A stream consumer resumes after the last delivery queued to it, not from
+            // its original offset specification (which would deliver it all again).
+            resumed = arguments
+                .clone()
+                .with("x-stream-offset", FieldValue::I64(next));
+            arguments = &resumed;
+        }
         methods::consume(
             &self.queue,
             &self.tag,
             o.no_local,
             o.no_ack,
             o.exclusive,
-            &o.arguments,
+            arguments,
         )
+    }
+
+    /// For a stream consumer that received something: the offset to resume from.
+    pub(crate) fn stream_resume(&self) -> Option<i64> {
+        let s = &self.sink.shared;
+        if !s.stream.load(Ordering::Acquire) {
+            return None;
+        }
+        match s.stream_next.load(Ordering::Acquire) {
+            0 => None,
+            n => i64::try_from(n).ok(),
+        }
     }
 }
 

@@ -13,7 +13,7 @@ use lepus::{
 use support::fixtures::*;
 use support::{
     Cleanup, broker_addr, connect, free_port, pattern, publish_confirmed, rabbitmqctl,
-    test_options, unique, wait_until,
+    rabbitmqctl_or_skip, test_options, unique, wait_until,
 };
 
 #[test]
@@ -78,11 +78,13 @@ fn connection_by_uri_negotiates_limits_and_shows_its_name() {
     d.ack().unwrap();
 
     // The broker sees the connection name.
-    let listing = rabbitmqctl(&["list_connections", "client_properties"]);
-    assert!(
-        listing.contains(&name),
-        "connection name {name} not in:\n{listing}"
-    );
+    if rabbitmqctl_or_skip("the connection name check of connection_by_uri_...") {
+        let listing = rabbitmqctl(&["list_connections", "client_properties"]);
+        assert!(
+            listing.contains(&name),
+            "connection name {name} not in:\n{listing}"
+        );
+    }
 
     conn.close().expect("close");
     assert!(!conn.is_open());
@@ -123,9 +125,11 @@ fn connection_by_options_uses_broker_values_when_we_ask_for_none() {
     publish_confirmed_on_fresh(&conn, &q, b"x");
     assert_eq!(ch.basic_get(&q, true).unwrap().unwrap().body(), b"x");
     // The name and the extra client property reach the broker.
-    let listing = rabbitmqctl(&["list_connections", "client_properties"]);
-    assert!(listing.contains(&name), "{name} not in:\n{listing}");
-    assert!(listing.contains(&prop), "{prop} not in:\n{listing}");
+    if rabbitmqctl_or_skip("the client properties check of connection_by_options_...") {
+        let listing = rabbitmqctl(&["list_connections", "client_properties"]);
+        assert!(listing.contains(&name), "{name} not in:\n{listing}");
+        assert!(listing.contains(&prop), "{prop} not in:\n{listing}");
+    }
     conn.close().unwrap();
 
     // Where the broker's heartbeat is lower than ours, the broker's wins.

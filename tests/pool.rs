@@ -76,7 +76,7 @@ fn run_threads<T: Send + 'static>(
 #[test]
 fn acquire_try_acquire_release_and_discard() {
     let conn = connect();
-    let pool = ChannelPool::new(&conn, 2);
+    let pool = ChannelPool::with_max(&conn, 2);
     assert_eq!(pool.max(), 2);
     assert!(
         pool.try_acquire().is_none(),
@@ -150,7 +150,8 @@ fn bounded_pool_never_hands_out_more_than_its_max() {
     const THREADS: usize = 10;
     const ROUNDS: usize = 30;
     let conn = connect();
-    let pool = ChannelPool::new(&conn, MAX);
+    // The borrowers' basic_qos below matches the set-up, so it changes nothing.
+    let pool = ChannelPool::builder(&conn).max(MAX).qos(10, false).build();
     // Hold every channel, so that all the threads queue up as waiters.
     let held: Vec<_> = (0..MAX).map(|_| pool.acquire().unwrap()).collect();
     let in_use = Arc::new(AtomicUsize::new(0));
@@ -198,7 +199,7 @@ fn bounded_pool_never_hands_out_more_than_its_max() {
 #[test]
 fn acquire_times_out_when_every_channel_is_taken() {
     let conn = connect();
-    let pool = ChannelPool::new(&conn, 1);
+    let pool = ChannelPool::with_max(&conn, 1);
     let held = pool.acquire().unwrap();
     let t = Instant::now();
     let r = pool.acquire_timeout(Duration::from_millis(200));
@@ -230,7 +231,7 @@ fn acquire_times_out_when_every_channel_is_taken() {
 fn channel_closed_by_the_broker_is_discarded_and_never_handed_out_again() {
     let conn = connect();
     let missing = unique("pool-missing");
-    let pool = ChannelPool::new(&conn, 2);
+    let pool = ChannelPool::builder(&conn).max(2).qos(5, false).build();
     let a = pool.acquire().unwrap();
     let err = a.queue_declare(&missing, &passive()).unwrap_err();
     assert_eq!(err.reply_code(), Some(reply_code::NOT_FOUND), "{err:?}");
@@ -253,7 +254,7 @@ fn channel_closed_by_the_broker_is_discarded_and_never_handed_out_again() {
 
     // A full pool whose held channel dies: its place serves a waiter at once, and the
     // late release of the dead one is not counted twice.
-    let pool = ChannelPool::new(&conn, 1);
+    let pool = ChannelPool::builder(&conn).max(1).qos(1, false).build();
     let a = pool.acquire().unwrap();
     let _ = a.queue_declare(&missing, &passive()).unwrap_err();
     let b = pool
@@ -274,7 +275,7 @@ fn counters_balance_after_100_threads_of_200_acquire_release_pairs() {
     const THREADS: usize = 100;
     const PAIRS: usize = 200;
     let conn = connect();
-    let pool = ChannelPool::new(&conn, 10);
+    let pool = ChannelPool::with_max(&conn, 10);
     let in_use = Arc::new(Mutex::new(HashSet::new()));
     let tried = Arc::new(AtomicUsize::new(0));
     let (p, u, tr) = (pool.clone(), in_use.clone(), tried.clone());
@@ -340,7 +341,7 @@ fn pool_keeps_working_across_a_recovery() {
         .unwrap()
         .queue_declare(&queue, &QueueDeclareOptions::default())
         .unwrap();
-    let pool = ChannelPool::new(&conn, 4);
+    let pool = ChannelPool::builder(&conn).max(4).confirm_select().build();
     let stop = Arc::new(AtomicBool::new(false));
     let acked = Arc::new(AtomicUsize::new(0));
     let recovered = Arc::new(AtomicUsize::new(0));
@@ -446,5 +447,162 @@ fn pool_keeps_working_across_a_recovery() {
     let ch = pool.acquire().unwrap();
     ch.queue_declare(&queue, &passive()).unwrap();
     drop(ch);
+    conn.close().unwrap();
+}
+
+/// One borrower's confirm mode, qos, transaction mode or running consumer never reaches
+/// the next borrower: a channel that comes back changed is closed and discarded, and the
+/// next borrower gets a fresh one (issue 14: a plain publish of the next borrower showed
+/// up in `unconfirmed()`).
+#[test]
+fn a_borrowers_channel_changes_do_not_leak_into_the_next_borrower() {
+    let conn = connect();
+    let pool = ChannelPool::with_max(&conn, 1);
+    let q = support::exclusive_queue(&conn.open_channel().unwrap());
+    let plain = |ch: &Channel| {
+        ch.basic_publish(
+            "",
+            &q,
+            b"x",
+            &BasicProperties::new(),
+            &PublishOptions::default(),
+        )
+        .unwrap()
+    };
+
+    let first = pool.acquire().unwrap();
+    let first_id = first.id();
+    first.confirm_select().unwrap();
+    first
+        .basic_publish_confirmed(
+            "",
+            &q,
+            b"x",
+            &BasicProperties::new(),
+            &PublishOptions::default(),
+        )
+        .unwrap()
+        .wait()
+        .unwrap();
+    let first_channel: Channel = (*first).clone();
+    drop(first);
+    assert!(!first_channel.is_open(), "changed: closed on release");
+    assert_eq!(pool.stats().discarded, 1);
+
+    let second = pool.acquire().unwrap();
+    assert_ne!(second.id(), first_id, "a fresh channel");
+    plain(&second);
+    assert_eq!(second.unconfirmed(), 0, "not in confirm mode");
+    assert_eq!(second.next_publish_sequence(), 0);
+    assert!(matches!(
+        second.basic_publish_confirmed(
+            "",
+            &q,
+            b"x",
+            &BasicProperties::new(),
+            &PublishOptions::default()
+        ),
+        Err(Error::NotInConfirmMode)
+    ));
+    // Unchanged: back to the pool and handed out again.
+    let second_id = second.id();
+    drop(second);
+    let third = pool.acquire().unwrap();
+    assert_eq!(third.id(), second_id, "an unchanged channel is reused");
+    third.basic_qos(7, false).unwrap();
+    drop(third);
+    assert_eq!(pool.stats().discarded, 2, "a qos change is discarded too");
+
+    // A consumer still running when the channel comes back: discarded (it ends);
+    // one cancelled before: the channel is reused.
+    let empty = support::exclusive_queue(&conn.open_channel().unwrap());
+    let fourth = pool.acquire().unwrap();
+    let consumer = fourth.basic_consume(&empty, &Default::default()).unwrap();
+    drop(fourth);
+    assert_eq!(pool.stats().discarded, 3);
+    assert!(
+        consumer.recv().is_err(),
+        "the consumer ended with its channel"
+    );
+    drop(consumer);
+    let fifth = pool.acquire().unwrap();
+    let fifth_id = fifth.id();
+    let consumer = fifth.basic_consume(&empty, &Default::default()).unwrap();
+    consumer.cancel().unwrap();
+    drop(consumer);
+    fifth.tx_select().unwrap();
+    drop(fifth);
+    assert_eq!(pool.stats().discarded, 4, "transaction mode is discarded");
+    let sixth = pool.acquire().unwrap();
+    assert_ne!(sixth.id(), fifth_id);
+    drop(sixth);
+    assert_balanced(&pool.stats());
+    conn.close().unwrap();
+}
+
+/// The pool's set-up (confirm mode, qos, a hook) is applied to every channel it opens,
+/// once; a borrower that leaves it as it was gets its channel reused; a failing hook
+/// fails the acquire and leaves no channel behind.
+#[test]
+fn the_pool_sets_up_every_channel_it_opens() {
+    let conn = connect();
+    let q = support::exclusive_queue(&conn.open_channel().unwrap());
+    let hooked = Arc::new(AtomicUsize::new(0));
+    let h = hooked.clone();
+    let pool = ChannelPool::builder(&conn)
+        .max(2)
+        .confirm_select()
+        .qos(5, false)
+        .on_open(move |ch| {
+            h.fetch_add(1, Ordering::SeqCst);
+            assert_eq!(ch.next_publish_sequence(), 1, "confirm mode first");
+            Ok(())
+        })
+        .build();
+    assert_eq!(pool.max(), 2);
+    let (a, b) = (pool.acquire().unwrap(), pool.acquire().unwrap());
+    for ch in [&a, &b] {
+        assert_eq!(ch.next_publish_sequence(), 1, "in confirm mode");
+        // The borrower's own confirm_select and the same qos change nothing.
+        ch.confirm_select().unwrap();
+        ch.basic_qos(5, false).unwrap();
+        ch.basic_publish_confirmed(
+            "",
+            &q,
+            b"x",
+            &BasicProperties::new(),
+            &PublishOptions::default(),
+        )
+        .unwrap()
+        .wait()
+        .unwrap();
+    }
+    let ids = (a.id(), b.id());
+    drop((a, b));
+    let (c, d) = (pool.acquire().unwrap(), pool.acquire().unwrap());
+    let mut again = [c.id(), d.id()];
+    again.sort();
+    let mut before = [ids.0, ids.1];
+    before.sort();
+    assert_eq!(again, before, "both reused");
+    drop((c, d));
+    assert_eq!(hooked.load(Ordering::SeqCst), 2, "once per channel opened");
+    let s = pool.stats();
+    assert_eq!((s.opened, s.discarded), (2, 0), "{s:?}");
+
+    let failing = ChannelPool::builder(&conn)
+        .on_open(|_| Err(Error::InvalidArgument("no".into())))
+        .build();
+    assert!(matches!(failing.acquire(), Err(Error::InvalidArgument(_))));
+    let s = failing.stats();
+    assert_eq!((s.opened, s.in_use, s.idle), (0, 0, 0), "{s:?}");
+    conn.close().unwrap();
+}
+
+/// `ChannelPool::new` takes the default size.
+#[test]
+fn new_pool_has_the_default_size() {
+    let conn = connect();
+    assert_eq!(ChannelPool::new(&conn).max(), lepus::DEFAULT_POOL_SIZE);
     conn.close().unwrap();
 }

@@ -39,8 +39,8 @@ use lepus::{
 };
 use lepus_testkit::Proxy;
 use support::{
-    Cleanup, ClientOptions, exclusive_queue, publish_confirmed, rabbitmqctl, start_proxy, unique,
-    wait_until,
+    Cleanup, ClientOptions, exclusive_queue, publish_confirmed, rabbitmqctl, rabbitmqctl_or_skip,
+    start_proxy, unique, wait_until,
 };
 
 // ---------------- settings ----------------
@@ -451,7 +451,12 @@ fn fault_test(fault: Fault) -> Measured {
         setup.close().unwrap();
     }
     let run = Arc::new(Run {
-        pool: ChannelPool::new(&conn, (publishers / 2).max(1)),
+        // Confirm mode is the pool's set-up (a borrower's own confirm_select would get its
+        // channel discarded on release).
+        pool: ChannelPool::builder(&conn)
+            .max((publishers / 2).max(1))
+            .confirm_select()
+            .build(),
         conn: conn.clone(),
         queue: queue.clone(),
         injected: Mutex::new(None),
@@ -783,6 +788,9 @@ fn sliced_traffic_then_rst_recovers() {
 
 #[test]
 fn broker_force_close_recovers() {
+    if !rabbitmqctl_or_skip("broker_force_close_recovers") {
+        return;
+    }
     fault_test(Fault::ForceClose);
 }
 
@@ -1798,4 +1806,62 @@ fn brief_partition_is_not_a_failure() {
     assert!(conn.is_open());
     publish_confirmed(&ch, "", &queue, b"after");
     conn.close().unwrap();
+}
+
+/// `for d in &consumer { let d = d?; .. }` survives a recovery: the iterator does not
+/// yield the lost link that recovery heals, and goes on with the deliveries of the new
+/// connection; it ends (with an error) only when the connection is closed.
+#[test]
+fn consumer_iterator_keeps_going_through_a_recovery() {
+    let proxy = start_proxy();
+    let conn = open(proxy.options().recovery(quick_recovery()));
+    let ch = conn.open_channel().unwrap();
+    ch.confirm_select().unwrap();
+    let q = exclusive_queue(&ch);
+    let consumer = Arc::new(
+        conn.open_channel()
+            .unwrap()
+            .basic_consume(&q, &ConsumeOptions::default())
+            .unwrap(),
+    );
+    let c = consumer.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || -> Result<(), Error> {
+        for d in c.iter() {
+            let d = d?;
+            d.ack()?;
+            tx.send(d.into_body()).unwrap();
+        }
+        Ok(())
+    });
+    publish_confirmed(&ch, "", &q, b"before");
+    assert_eq!(rx.recv_timeout(Duration::from_secs(10)).unwrap(), b"before");
+
+    proxy.reset();
+    wait_event(&conn, Duration::from_secs(10), "Recovered", is_recovered);
+    conn.wait_open(Duration::from_secs(5)).unwrap();
+    // The server-named queue was renamed: publish to wherever the consumer is now.
+    let now = events_where(&conn, |k| {
+        matches!(k, RecoveryEventKind::QueueRenamed { .. })
+    })
+    .into_iter()
+    .find_map(|e| match e.kind {
+        RecoveryEventKind::QueueRenamed { new, .. } => Some(new),
+        _ => None,
+    })
+    .expect("the queue was renamed");
+    publish_confirmed(&ch, "", &now, b"after");
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(10)).unwrap(),
+        b"after",
+        "the iterator went on after the recovery"
+    );
+    assert!(!reader.is_finished(), "still iterating");
+
+    conn.close().unwrap();
+    let end = reader.join().unwrap();
+    assert!(
+        matches!(end, Err(Error::ConnectionClosed)),
+        "the iteration ends with the close: {end:?}"
+    );
 }

@@ -7,7 +7,10 @@
 //!                                                # written to benches/results/quick/
 //! options: --only 1,4,8   scenarios to run (1 publish, 2 pool, 3 consumers, 4 recovery,
 //!                         5 stability, 6 peers, 7 ceiling, 8 memory, 9 TLS against
-//!                         plaintext on the node of scripts/tls-node)
+//!                         plaintext on the node of scripts/tls-node, 10 observability
+//!                         cost: publish with the metrics recorder on and off, 11 worker
+//!                         pool against plain consumers, 12 failover on the cluster of
+//!                         scripts/cluster, skipped in quick mode)
 //!          --rounds N     rounds of the lepus/peer comparison (default 3, quick 1)
 //!          --no-peers     skip building and running the peers (lapin, amqprs, amiquip)
 //!          --peers        build and run the peers in quick mode too (quick mode skips
@@ -23,8 +26,10 @@ mod charts;
 mod common;
 mod consume_ways;
 mod cpu;
+mod failover;
 mod lockstep;
 mod memory;
+mod observability;
 mod peers;
 mod recovery;
 mod report;
@@ -33,6 +38,7 @@ mod stability;
 mod stats;
 mod throughput;
 mod tls;
+mod worker_pool;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -40,7 +46,7 @@ use std::time::Duration;
 use common::{Settings, done, ms, note, section, settle, step, thousands};
 use throughput::Mode;
 
-const TOTAL: u32 = 9;
+const TOTAL: u32 = 12;
 
 /// Everything measured in one run.
 #[derive(Default)]
@@ -62,6 +68,9 @@ pub struct Results {
     pub chaos: Vec<stability::ChaosRun>,
     pub memory: Option<Result<memory::MemoryRun, String>>,
     pub tls: Option<Result<tls::TlsResults, String>>,
+    pub observability: Vec<observability::ObsRun>,
+    pub worker_pool: Vec<worker_pool::WorkerPoolRun>,
+    pub failover: Option<Result<failover::FailoverResults, String>>,
     pub peer_clients: Vec<String>,
     pub peer_notes: Vec<String>,
     pub peer_versions: Vec<(String, String)>,
@@ -224,6 +233,12 @@ fn main() {
         note("waiting for the peers' build");
         peers = pending.and_then(|h| h.join().ok());
     }
+    if want_peers && peers.as_ref().is_none_or(|p| p.clients.is_empty()) {
+        // Asked for and not there: the run cannot say what it was asked to measure.
+        r.errors
+            .push("the peers were to run, but none was built (see the Peers notes)".into());
+        r.failed.push("peers".into());
+    }
     if let Some(p) = &peers {
         r.peer_clients = p.clients.clone();
         r.peer_notes = p.notes.clone();
@@ -246,12 +261,27 @@ fn main() {
     guard(&mut r, "scenario_tls", |r| {
         scenario_tls(&s, r, peers.as_ref())
     });
+    guard(&mut r, "scenario_worker_pool", |r| {
+        worker_pool::scenario(&s, TOTAL, &mut r.worker_pool)
+    });
+
+    if s.wants(10) {
+        guard(&mut r, "scenario_observability", |r| {
+            section(
+                10,
+                TOTAL,
+                "observability cost (metrics recorder on and off)",
+            );
+            r.observability = observability::run(&s);
+        });
+    }
+    guard(&mut r, "scenario_failover", |r| scenario_failover(&s, r));
 
     note("writing the report");
     std::fs::create_dir_all(&s.out_dir).expect("create the results directory");
     let chart_errors = charts::draw_all(&r, &s.out_dir);
     r.errors.extend(chart_errors);
-    let md = report::render(&r, &env, &s);
+    let md = report::render(&r, &env, &s) + &observability::render(&r.observability);
     let path = s.out_dir.join("report.md");
     std::fs::write(&path, md).expect("write the report");
     eprintln!("\n[{:>6.1}s] report: {}", common::elapsed(), path.display());
@@ -656,6 +686,36 @@ fn scenario_tls(s: &Settings, r: &mut Results, peers: Option<&peers::Peers>) {
         }
         r.tls = Some(t);
     }
+}
+
+fn scenario_failover(s: &Settings, r: &mut Results) {
+    // 12: failover on the three-node cluster.
+    if !s.wants(12) {
+        return;
+    }
+    section(
+        12,
+        TOTAL,
+        "cluster failover (scripts/cluster, kill -9 of the connected node)",
+    );
+    if s.quick {
+        let why = "skipped in quick mode: it starts a three-node cluster (about a minute cold) and restarts a node per repetition; run the full suite or --only 12";
+        note(why);
+        r.failover = Some(Err(why.into()));
+        return;
+    }
+    let f = failover::run(&repo_root(), 5);
+    if !f.errors.is_empty() || f.runs.iter().any(|x| x.lost > 0 || x.failed > 0) {
+        r.errors.push(format!(
+            "failover scenario: {} failed repetition(s), {} lost, {} unconfirmed: {}",
+            f.errors.len(),
+            f.runs.iter().map(|x| x.lost).sum::<u64>(),
+            f.runs.iter().map(|x| x.failed).sum::<u64>(),
+            f.errors.join("; ")
+        ));
+        r.failed.push("scenario_failover".into());
+    }
+    r.failover = Some(Ok(f));
 }
 
 fn chaos_line(c: &stability::ChaosRun) -> String {

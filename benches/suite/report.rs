@@ -455,8 +455,10 @@ pub fn render(r: &Results, env: &Environment, s: &Settings) -> String {
     let _ = writeln!(w, "- **RabbitMQ:** {} ({})", env.rabbitmq, env.erlang);
     let _ = writeln!(w, "- **rustc:** {}", env.rustc);
     let _ = writeln!(w, "- **lepus git commit:** `{}`", env.commit);
-    let peers = if r.peer_versions.is_empty() {
+    let peers = if r.peer_versions.is_empty() && r.peer_notes.is_empty() {
         "none in this run".to_string()
+    } else if r.peer_versions.is_empty() {
+        "none in this run (see the **Peers** notes below)".to_string()
     } else {
         r.peer_versions
             .iter()
@@ -519,6 +521,8 @@ pub fn render(r: &Results, env: &Environment, s: &Settings) -> String {
     stability_section(w, r);
     memory_section(w, r);
     crate::tls::section(w, &r.tls);
+    crate::worker_pool::section_md(w, &r.worker_pool);
+    crate::failover::section(w, &r.failover);
     health_section(w, r);
 
     if !r.errors.is_empty() {

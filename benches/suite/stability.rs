@@ -184,7 +184,7 @@ pub fn chaos(
     }
     let sh = Arc::new(Shared {
         conn: conn.clone(),
-        pool: ChannelPool::new(&conn, 20),
+        pool: ChannelPool::with_max(&conn, 20),
         holds: HoldCheck::new(),
         queue: queue.clone(),
         scratch: scratch.clone(),
@@ -340,7 +340,7 @@ pub fn contention(url: &str, threads: usize, per_thread: usize) -> ChaosRun {
     let admin = conn.open_channel().expect("admin channel");
     let queue = common::unique("contention");
     declare(&admin, &queue);
-    let pool = ChannelPool::new(&conn, lepus::DEFAULT_POOL_SIZE);
+    let pool = ChannelPool::new(&conn);
     let holds = HoldCheck::new();
     let errors = Arc::new(AtomicUsize::new(0));
     let iterations = Arc::new(AtomicUsize::new(0));

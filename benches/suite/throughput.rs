@@ -215,7 +215,7 @@ impl PoolRun {
 /// T threads x N acquire/release pairs on a pool of the default size, opened beforehand.
 pub fn pool(url: &str, threads: usize, per_thread: usize) -> PoolRun {
     let conn = connect(url);
-    let pool = ChannelPool::new(&conn, lepus::DEFAULT_POOL_SIZE);
+    let pool = ChannelPool::new(&conn);
     // Open every channel of the pool first: the figure is the steady state, not the
     // round trips of the first channel.open of each.
     let warm: Vec<_> = (0..pool.max())

@@ -311,7 +311,7 @@ pub fn nested_table_bytes(levels: usize, inp: &mut Input<'_>) -> Vec<u8> {
         out.extend_from_slice(&[0, 0, 0, 0]);
     }
     while let Some((at, table)) = open.pop() {
-        if siblings & 2 != 0 && (open.len() % 5 == 0 || inp.bool()) {
+        if siblings & 2 != 0 && (open.len().is_multiple_of(5) || inp.bool()) {
             if table {
                 out.extend_from_slice(&[1, b'z']);
             }

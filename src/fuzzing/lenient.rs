@@ -23,7 +23,7 @@ const IDS: [(u16, u16); 5] = [(60, 60), (60, 71), (60, 50), (10, 50), (20, 40)];
 /// message, with the identifying fields kept as they were on the wire; only a payload cut
 /// before them is an error (502), and amq-protocol refuses those too. One refusal is not
 /// even a problem for lepus: a close cut off before its class and method ids, which read
-/// as 0 (see [`ids_cut_off`]).
+/// as 0 (see `ids_cut_off` below).
 pub fn lenient(data: &[u8]) {
     let Some((&first, rest)) = data.split_first() else {
         return;

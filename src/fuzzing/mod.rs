@@ -241,7 +241,7 @@ pub fn gen_properties(inp: &mut Input<'_>, max_headers_depth: usize) -> BasicPro
     p.content_type = s(15, inp);
     p.content_encoding = s(14, inp);
     if flags & (1 << 13) != 0 {
-        p.headers = Some(if inp.u8() % 8 == 0 {
+        p.headers = Some(if inp.u8().is_multiple_of(8) {
             let d = 1 + inp.below(max_headers_depth + 2);
             deep_table(inp, d)
         } else {

@@ -11,6 +11,7 @@ use crate::delivery::{
     Acker, BadDelivery, ByteBudget, Charge, ConsumerMsg, ConsumerSink, Delivery, Returned,
 };
 use crate::error::{BadDeliveryKind, Error};
+use crate::events::ConnectionEventKind;
 use crate::protocol::content::{Assembler, Content, ContentMethod, ContentProblem};
 use crate::protocol::decode_server_method;
 use crate::protocol::frame::{
@@ -21,6 +22,7 @@ use crate::protocol::lenient::decode_content_method;
 use crate::protocol::properties::BasicProperties;
 use crate::protocol::reply_code;
 use crate::protocol::size::properties_heap;
+use crate::stats::Stats;
 use crate::sync::{Arc, Ordering};
 
 /// Heartbeats are never sent more often than this.
@@ -85,12 +87,55 @@ impl Consumers {
         let i = self.0.iter().position(|(t, _)| t == tag)?;
         Some(self.0.swap_remove(i).1)
     }
-    fn insert(&mut self, tag: String, sink: ConsumerSink) {
-        self.remove(&tag);
+    /// Returns true if a consumer with this tag was replaced.
+    fn insert(&mut self, tag: String, sink: ConsumerSink) -> bool {
+        let replaced = self.remove(&tag).is_some();
         if self.0.capacity() == 0 {
             self.0.reserve_exact(1);
         }
         self.0.push((tag, sink));
+        replaced
+    }
+}
+
+/// A slot's share of the connection's `channels` and `consumers` gauges, given back when
+/// the slot goes, whichever way it goes.
+struct Gauges {
+    stats: Arc<Stats>,
+    consumers: u64,
+    released: bool,
+}
+
+impl Gauges {
+    fn new(stats: Arc<Stats>) -> Self {
+        Stats::add(&stats.channels, 1);
+        Gauges {
+            stats,
+            consumers: 0,
+            released: false,
+        }
+    }
+    /// Give the shares back now (before the channel's waiters wake, so that they see
+    /// the gauges without it).
+    fn release(&mut self) {
+        if !std::mem::replace(&mut self.released, true) {
+            Stats::dec(&self.stats.channels, 1);
+            Stats::dec(&self.stats.consumers, self.consumers);
+        }
+    }
+    fn consumer_added(&mut self) {
+        self.consumers += 1;
+        Stats::add(&self.stats.consumers, 1);
+    }
+    fn consumer_removed(&mut self) {
+        self.consumers -= 1;
+        Stats::dec(&self.stats.consumers, 1);
+    }
+}
+
+impl Drop for Gauges {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 
@@ -106,6 +151,7 @@ struct Slot {
     assembler: Assembler,
     closing: bool,
     close_reply: Option<ReplyTx>,
+    gauges: Gauges,
 }
 
 enum State {
@@ -149,12 +195,14 @@ pub(crate) struct Engine {
     blocked: bool,
     /// The time of the latest frame or timer (for what has no `now` of its own).
     clock: Instant,
+    /// When to look for deliveries unacknowledged too long (`unacked_warning`).
+    next_unacked_check: Instant,
 }
 
 fn method_bytes(out: &mut Vec<u8>, channel: u16, m: AMQPClass) {
     if let Err(e) = put_method(out, channel, m) {
         // Only server-chosen strings over 255 bytes could fail here; nothing to send then.
-        log::error!("could not encode a reply method: {e}");
+        crate::trace::error!("could not encode a reply method: {e}");
     }
 }
 
@@ -187,6 +235,7 @@ impl Engine {
             )),
             blocked: false,
             clock: now,
+            next_unacked_check: now,
             conn,
         }
     }
@@ -223,6 +272,7 @@ impl Engine {
 
     /// The socket took the first `n` bytes of [`Engine::output`] at `now`.
     pub(crate) fn wrote(&mut self, n: usize, now: Instant) {
+        Stats::add(&self.conn.stats.bytes_out, n as u64);
         self.written = (self.written + n).min(self.out.len());
         self.last_progress = now;
         self.last_send = now;
@@ -292,7 +342,7 @@ impl Engine {
         if matches!(self.state, State::Done(_)) {
             return;
         }
-        log::debug!("connection ending: {err}");
+        crate::trace::debug!("connection ending: {err}");
         self.end_link(&err);
         if let State::Closing {
             reply: Some(reply), ..
@@ -318,7 +368,8 @@ impl Engine {
             err = Error::ConnectionLost(format!("a recovery attempt failed: {err}"));
         }
         self.stalled = None;
-        for slot in self.slots.iter_mut().filter_map(Option::take) {
+        for mut slot in self.slots.iter_mut().filter_map(Option::take) {
+            slot.gauges.release();
             slot.shared.confirms.fail(err.clone(), recover);
             // Consumers hear it through their queue: a lost link they will survive
             // (recovery re-registers them), or their end.
@@ -347,7 +398,7 @@ impl Engine {
             self.fail(err);
             return;
         }
-        log::error!("protocol violation by the broker ({}): {}", e.code, e.text);
+        crate::trace::error!("protocol violation by the broker ({}): {}", e.code, e.text);
         let err = Error::Protocol {
             code: e.code,
             text: e.text.clone(),
@@ -442,7 +493,9 @@ impl Engine {
             ))));
             return;
         }
+        let gauges = Gauges::new(shared.conn.stats.clone());
         let mut slot = Box::new(Slot {
+            gauges,
             shared,
             pending: VecDeque::new(),
             consumers: Consumers::default(),
@@ -545,11 +598,44 @@ impl Engine {
             }
             next = next.min(self.last_recv + hb * 2);
         }
+        if let Some(at) = self.check_unacked(now) {
+            next = next.min(at);
+        }
         if self.is_stalled() && crate::delivery_queue::stall_repoll() {
             // Safety net for a wake-up lost between the consumer and us.
             next = next.min(now + Duration::from_millis(20));
         }
         next
+    }
+
+    /// With `unacked_warning` on: report deliveries unsettled past the threshold (each
+    /// once), at most every quarter threshold (every second at most) however often the
+    /// loop turns. Returns when to check next.
+    fn check_unacked(&mut self, now: Instant) -> Option<Instant> {
+        let threshold = self.conn.opts.unacked_warning?;
+        let every = (threshold / 4).clamp(Duration::from_millis(5), Duration::from_secs(1));
+        if now < self.next_unacked_check {
+            return Some(self.next_unacked_check);
+        }
+        self.next_unacked_check = now + every;
+        for slot in self.slots.iter().flatten() {
+            let Some(t) = &slot.shared.unacked else { continue };
+            let due = t.overdue(now);
+            let Some(&(first, oldest)) = due.first() else { continue };
+            let ch = slot.shared.id;
+            log::warn!(
+                "channel {ch}: {} deliveries unacknowledged past {:?} (oldest: tag {first}, \
+                 {oldest:?}); the broker closes the channel at its consumer_timeout",
+                due.len(),
+                t.threshold()
+            );
+            self.conn.event(crate::events::ConnectionEventKind::DeliveriesUnacked {
+                channel: ch,
+                delivery_tags: due.iter().map(|d| d.0).collect(),
+                oldest,
+            });
+        }
+        Some(self.next_unacked_check)
     }
 
     // ---------------- inbound frames ----------------
@@ -688,6 +774,11 @@ impl Engine {
                 self.finish_channel(ch, Error::ChannelClosed(ch));
             }
             AMQPClass::Channel(channel::AMQPMethod::Close(c)) => {
+                self.conn.event(ConnectionEventKind::ChannelClosed {
+                    channel: ch,
+                    reply_code: c.reply_code,
+                    reply_text: c.reply_text.to_string(),
+                });
                 method_bytes(
                     &mut self.out,
                     ch,
@@ -728,22 +819,36 @@ impl Engine {
             }),
             B::Ack(a) => {
                 check_confirm(ch, &slot.shared, "basic.ack", a.delivery_tag, a.multiple)?;
-                slot.shared
-                    .confirms
-                    .resolve(a.delivery_tag, a.multiple, true);
+                let stats = &slot.shared.conn.stats;
+                slot.shared.confirms.resolve_counted(
+                    a.delivery_tag,
+                    a.multiple,
+                    true,
+                    |n| Stats::add(&stats.confirmed, n),
+                );
                 Ok(())
             }
             B::Nack(n) => {
                 check_confirm(ch, &slot.shared, "basic.nack", n.delivery_tag, n.multiple)?;
-                slot.shared
-                    .confirms
-                    .resolve(n.delivery_tag, n.multiple, false);
+                let stats = &slot.shared.conn.stats;
+                slot.shared.confirms.resolve_counted(
+                    n.delivery_tag,
+                    n.multiple,
+                    false,
+                    |n| Stats::add(&stats.nacked, n),
+                );
                 Ok(())
             }
             B::Cancel(c) => {
                 let tag = c.consumer_tag.to_string();
                 if let Some(sink) = slot.consumers.remove(&tag) {
-                    log::info!("broker cancelled consumer {tag:?} on channel {ch}");
+                    slot.gauges.consumer_removed();
+                    crate::trace::info!("broker cancelled consumer {tag:?} on channel {ch}");
+                    self.conn.event(ConnectionEventKind::ConsumerCancelled {
+                        channel: ch,
+                        tag: tag.clone(),
+                        queue: sink.queue.to_string(),
+                    });
                     sink.end(Error::ConsumerCancelled {
                         tag: tag.clone(),
                         reason: "the broker cancelled the consumer (queue deleted or unavailable)"
@@ -771,7 +876,12 @@ impl Engine {
         match m {
             Ch::Close(c) => {
                 let err = server_channel_error(ch, &c);
-                log::warn!("{err}");
+                crate::trace::warn!("{err}");
+                self.conn.event(ConnectionEventKind::ChannelClosed {
+                    channel: ch,
+                    reply_code: c.reply_code,
+                    reply_text: c.reply_text.to_string(),
+                });
                 method_bytes(
                     &mut self.out,
                     ch,
@@ -781,7 +891,7 @@ impl Engine {
                 Ok(())
             }
             Ch::Flow(f) => {
-                log::info!("broker set flow active={} on channel {ch}", f.active);
+                crate::trace::info!("broker set flow active={} on channel {ch}", f.active);
                 method_bytes(
                     &mut self.out,
                     ch,
@@ -811,16 +921,19 @@ impl Engine {
             ));
         };
         let mut consumed = None;
-        if let AMQPClass::Basic(B::ConsumeOk(ok)) = &reply {
-            if let Some(sink) = p.consumer {
-                slot.had_no_ack |= sink.no_ack;
-                slot.consumers.insert(ok.consumer_tag.to_string(), sink);
-                consumed = Some(ok.consumer_tag.clone());
+        if let AMQPClass::Basic(B::ConsumeOk(ok)) = &reply
+            && let Some(sink) = p.consumer
+        {
+            slot.had_no_ack |= sink.no_ack;
+            if !slot.consumers.insert(ok.consumer_tag.to_string(), sink) {
+                slot.gauges.consumer_added();
             }
+            consumed = Some(ok.consumer_tag.clone());
         }
         if let AMQPClass::Basic(B::CancelOk(ok)) = &reply {
             let tag = ok.consumer_tag.to_string();
             if let Some(sink) = slot.consumers.remove(&tag) {
+                slot.gauges.consumer_removed();
                 sink.end(Error::ConsumerCancelled {
                     tag,
                     reason: "cancelled by the application".into(),
@@ -835,27 +948,28 @@ impl Engine {
         // The waiter may have timed out and left: nothing to do then, unless it was a
         // basic.consume. Nobody will ever take that consumer's deliveries: cancel it at
         // the broker, or they would bounce (requeued) forever.
-        if p.reply.send(Ok(reply)).is_err() {
-            if let Some(tag) = consumed {
-                if let Some(sink) = slot.consumers.get(tag.as_str()) {
-                    sink.shared.active.store(false, Ordering::Release);
-                }
-                method_bytes(
-                    &mut self.out,
-                    ch,
-                    AMQPClass::Basic(B::Cancel(basic::Cancel {
-                        consumer_tag: tag,
-                        nowait: true,
-                    })),
-                );
+        if p.reply.send(Ok(reply)).is_err()
+            && let Some(tag) = consumed
+        {
+            if let Some(sink) = slot.consumers.get(tag.as_str()) {
+                sink.shared.active.store(false, Ordering::Release);
             }
+            method_bytes(
+                &mut self.out,
+                ch,
+                AMQPClass::Basic(B::Cancel(basic::Cancel {
+                    consumer_tag: tag,
+                    nowait: true,
+                })),
+            );
         }
         Ok(())
     }
 
     /// Remove a channel for good: wake its waiters with `reason`, free its id.
     fn finish_channel(&mut self, ch: u16, reason: Error) {
-        if let Some(slot) = self.slots.get_mut(ch as usize).and_then(Option::take) {
+        if let Some(mut slot) = self.slots.get_mut(ch as usize).and_then(Option::take) {
+            slot.gauges.release();
             // Free the id before waking anyone: a thread whose `close()` returns may open a
             // channel at once, and at `channel_max` it needs this id.
             self.conn.ids.lock().free(ch);
@@ -885,7 +999,7 @@ impl Engine {
             }
             AMQPClass::Connection(C::CloseOk(_)) => match self.end_closing() {
                 Some(outcome) => {
-                    log::debug!("connection closed");
+                    crate::trace::debug!("connection closed");
                     self.state = State::Done(outcome);
                     Ok(())
                 }
@@ -895,15 +1009,19 @@ impl Engine {
                 )),
             },
             AMQPClass::Connection(C::Blocked(b)) => {
-                log::warn!("broker blocked the connection: {}", b.reason);
+                crate::trace::warn!("broker blocked the connection: {}", b.reason);
                 self.blocked = true;
                 self.conn.set_blocked(Some(b.reason.to_string()));
+                self.conn.event(ConnectionEventKind::Blocked {
+                    reason: b.reason.to_string(),
+                });
                 Ok(())
             }
             AMQPClass::Connection(C::Unblocked(_)) => {
-                log::info!("broker unblocked the connection");
+                crate::trace::info!("broker unblocked the connection");
                 self.blocked = false;
                 self.conn.set_blocked(None);
+                self.conn.event(ConnectionEventKind::Unblocked);
                 Ok(())
             }
             AMQPClass::Connection(C::UpdateSecretOk(ok)) => {
@@ -931,7 +1049,7 @@ impl Engine {
             class_id: c.class_id,
             method_id: c.method_id,
         };
-        log::warn!("{err}");
+        crate::trace::warn!("{err}");
         method_bytes(
             &mut self.out,
             0,
@@ -974,6 +1092,7 @@ impl Engine {
                 exchange,
                 routing_key,
             } => {
+                Stats::add(&slot.shared.conn.stats.delivered, 1);
                 let acker = Acker {
                     channel: slot.shared.clone(),
                     delivery_tag,
@@ -1020,6 +1139,7 @@ impl Engine {
             );
             return;
         };
+        Stats::add(&self.conn.stats.delivered, 1);
         let _ = p.reply.send(Ok(Reply::Get(Some(Box::new(c)))));
     }
 
@@ -1038,7 +1158,7 @@ impl Engine {
         if !sink.is_active() && sink.shared.queued.load(Ordering::Acquire) >= sink.shared.capacity {
             // A cancelled consumer no longer holds reading back, so its queue must not grow
             // past its bound either (a peer may go on delivering before its cancel-ok).
-            log::warn!("delivery for cancelled consumer {tag:?} on channel {ch} over its bound");
+            crate::trace::warn!("delivery for cancelled consumer {tag:?} on channel {ch} over its bound");
             if !sink.no_ack {
                 self.requeue(ch, &msg);
             }
@@ -1054,10 +1174,19 @@ impl Engine {
             return;
         }
         msg.charge(cost, sink.shared.clone(), self.queued_bytes.clone());
+        let tracked = match (&slot.shared.unacked, &msg) {
+            (Some(_), ConsumerMsg::Delivery(d)) if !sink.no_ack => Some(d.acker.delivery_tag),
+            (Some(_), ConsumerMsg::Bad(b)) if !sink.no_ack => Some(b.acker.delivery_tag),
+            _ => None,
+        };
+        if let (Some(tag), Some(t)) = (tracked, &slot.shared.unacked) {
+            // Noted before the push: once queued, its ack may come at any moment.
+            t.arrived(tag, self.clock);
+        }
         if let Err(mut msg) = sink.push(msg) {
             msg.release();
             if !sink.no_ack {
-                log::debug!("consumer {tag:?} on channel {ch} is gone; delivery requeued");
+                crate::trace::debug!("consumer {tag:?} on channel {ch} is gone; delivery requeued");
                 self.requeue(ch, &msg);
             }
         }
@@ -1109,7 +1238,7 @@ impl Engine {
             .is_none_or(|at| now.duration_since(at) >= ORPHAN_LOG_EVERY)
         {
             slot.orphan_logged = Some(now);
-            log::warn!(
+            crate::trace::warn!(
                 "channel {ch}: delivery for unknown consumer {tag:?} {} ({n} so far on this \
                  channel; further ones within {ORPHAN_LOG_EVERY:?} are not logged)",
                 if reject {
@@ -1216,7 +1345,7 @@ fn consumer_msg(
                 acker,
                 charge: Charge::default(),
             };
-            log::warn!("{bad}");
+            crate::trace::warn!("{bad}");
             ConsumerMsg::Bad(Box::new(bad))
         }
     }
@@ -1224,6 +1353,8 @@ fn consumer_msg(
 
 /// Queue a returned message for the channel's handle, unless too many wait unread.
 fn queue_return(shared: &ChannelShared, ch: u16, r: Returned) {
+    let stats = &shared.conn.stats;
+    Stats::add(&stats.returned, 1);
     let cost = r.cost();
     let bytes = shared.returns_bytes.load(Ordering::Acquire);
     let byte_limit = shared.conn.opts.consumer_queue_bytes;
@@ -1231,7 +1362,15 @@ fn queue_return(shared: &ChannelShared, ch: u16, r: Returned) {
     // dropped (an empty queue always takes one).
     if shared.returns_rx.len() >= RETURNS_CAPACITY || (bytes > 0 && bytes + cost > byte_limit) {
         let n = shared.returns_dropped.fetch_add(1, Ordering::Relaxed) + 1;
-        log::error!(
+        Stats::add(&stats.returns_dropped, 1);
+        // One event at the 1st, 2nd, 4th, ... drop: the loss is seen, the log not flooded.
+        if n.is_power_of_two() {
+            shared.conn.event(ConnectionEventKind::ReturnsDropped {
+                channel: ch,
+                dropped: n as u64,
+            });
+        }
+        crate::trace::error!(
             "channel {ch}: returned message to {:?}/{:?} dropped: {} returns ({bytes} bytes) \
              are queued unread, the bound is {RETURNS_CAPACITY} and {byte_limit} bytes \
              ({n} dropped so far)",

@@ -576,7 +576,7 @@ pub(crate) fn connect(opts: &ConnectionOptions) -> Result<Established> {
             if let Some((tuned, server_properties)) = done? {
                 decoder.set_frame_max(tuned.frame_max);
                 let _ = tune_socket(stream.sock(), tuned.heartbeat)
-                    .map_err(|e| log::warn!("could not set socket options: {e}"));
+                    .map_err(|e| crate::trace::warn!("could not set socket options: {e}"));
                 return Ok(Established {
                     stream,
                     decoder,
@@ -600,10 +600,10 @@ pub(crate) fn connect(opts: &ConnectionOptions) -> Result<Established> {
                 if hs.expect == Expect::Start && !decoder.pending().is_empty() {
                     return Err(not_amqp(decoder.pending()));
                 }
-                if hs.expect == Expect::Start {
-                    if let Some(e) = stream.explain_eof() {
-                        return Err(e);
-                    }
+                if hs.expect == Expect::Start
+                    && let Some(e) = stream.explain_eof()
+                {
+                    return Err(e);
                 }
                 return Err(hs.on_eof());
             }
@@ -619,10 +619,11 @@ pub(crate) fn connect(opts: &ConnectionOptions) -> Result<Established> {
                 if let Some(tls) = stream.explain(&e) {
                     return Err(tls);
                 }
-                if hs.expect == Expect::Start && e.kind() == ErrorKind::ConnectionReset {
-                    if let Some(tls) = stream.explain_eof() {
-                        return Err(tls);
-                    }
+                if hs.expect == Expect::Start
+                    && e.kind() == ErrorKind::ConnectionReset
+                    && let Some(tls) = stream.explain_eof()
+                {
+                    return Err(tls);
                 }
                 // A reset is an I/O error in any stage: refused credentials are a
                 // connection.close (403) or, from an older broker, a clean close.

@@ -21,11 +21,14 @@ use amq_protocol::protocol::AMQPClass;
 use crate::confirm_tracker::ConfirmTracker;
 use crate::delivery::{AckTarget, ConsumerSink, Returned};
 use crate::error::{Error, Result};
+use crate::event_hub::EventHub;
+use crate::events::ConnectionEventKind;
 use crate::options::ConnectionOptions;
 use crate::protocol::content::Content;
 use crate::protocol::frame::put_method;
 use crate::protocol::table::FieldTable;
 use crate::send_core::{FailFlag, WakeFlag};
+use crate::stats::Stats;
 use crate::sync::oneshot;
 use crate::sync::queue::{self, Receiver, SendTimeoutError, Sender};
 use crate::sync::{Arc, AtomicBool, AtomicUsize, Condvar, CondvarExt, Mutex, Ordering, Weak};
@@ -144,6 +147,10 @@ pub(crate) struct ConnShared {
     /// Our end of the TCP connection.
     pub(crate) local_addr: Option<SocketAddr>,
     link: Mutex<Option<Weak<dyn LinkEvents>>>,
+    /// The counters of the `Connection` (shared by its generations).
+    pub(crate) stats: Arc<Stats>,
+    /// Its event log and listeners.
+    pub(crate) events: Arc<EventHub>,
 }
 
 /// What the owner of a connection generation hears from its I/O thread.
@@ -180,7 +187,22 @@ impl ConnShared {
             generation: 1,
             local_addr: None,
             link: Mutex::new(None),
+            stats: Arc::new(Stats::default()),
+            events: EventHub::detached(Arc::new(Stats::default())),
         }
+    }
+
+    /// Report to the counters and events of the `Connection` (before the state is
+    /// shared).
+    pub(crate) fn with_observers(mut self, stats: Arc<Stats>, events: Arc<EventHub>) -> Self {
+        self.stats = stats;
+        self.events = events;
+        self
+    }
+
+    /// Record a connection event of this generation.
+    pub(crate) fn event(&self, kind: ConnectionEventKind) {
+        self.events.emit(self.generation, kind);
     }
 
     /// Set the generation number (before the state is shared).
@@ -244,6 +266,7 @@ impl ConnShared {
         want: Option<u16>,
         deadline: Instant,
     ) -> Result<Arc<ChannelShared>> {
+        let _span = crate::trace::span!("lepus.rpc", method = "channel.open");
         let (ch, rx) = self.open_channel_start(want, deadline)?;
         ch.open_finish(&rx, deadline)?;
         Ok(ch)
@@ -388,6 +411,8 @@ pub(crate) struct ChannelShared {
     /// Deliveries for no consumer of ours (unknown or cancelled tag), rejected.
     pub(crate) orphan_deliveries: AtomicUsize,
     pub(crate) prefetch: AtomicUsize,
+    /// Unsettled deliveries with their arrival, when `unacked_warning` is on.
+    pub(crate) unacked: Option<crate::unacked::UnackedTracker>,
     /// RPCs on one channel are serialised.
     rpc_lock: Mutex<()>,
     /// Held while a confirm-mode publish takes its sequence number and is queued.
@@ -397,6 +422,10 @@ pub(crate) struct ChannelShared {
 impl ChannelShared {
     pub(crate) fn new(id: u16, conn: Arc<ConnShared>) -> Self {
         let (returns_tx, returns_rx) = queue::unbounded();
+        let unacked = conn
+            .opts
+            .unacked_warning
+            .map(crate::unacked::UnackedTracker::new);
         ChannelShared {
             id,
             conn,
@@ -409,6 +438,7 @@ impl ChannelShared {
             returns_bytes: AtomicUsize::new(0),
             orphan_deliveries: AtomicUsize::new(0),
             prefetch: AtomicUsize::new(0),
+            unacked,
             rpc_lock: Mutex::new(()),
             publish_lock: Mutex::new(()),
         }
@@ -468,6 +498,12 @@ impl ChannelShared {
         what: &'static str,
         consumer: Option<ConsumerSink>,
     ) -> Result<Reply> {
+        // `what` names the reply awaited ("queue.declare-ok"): the span names the method.
+        let _span = crate::trace::span!(
+            "lepus.rpc",
+            method = what.trim_end_matches("-ok"),
+            channel = self.id
+        );
         let _serial = self
             .rpc_lock
             .try_lock_until(deadline)
@@ -580,6 +616,20 @@ impl AckTarget for ChannelShared {
             Instant::now() + self.conn.opts.operation_timeout,
             what,
         )
+    }
+
+    fn stats(&self) -> Option<&Stats> {
+        Some(&self.conn.stats)
+    }
+
+    fn is_open(&self) -> bool {
+        !self.is_closed()
+    }
+
+    fn settled(&self, tag: u64, multiple: bool) {
+        if let Some(t) = &self.unacked {
+            t.settled(tag, multiple);
+        }
     }
 }
 

@@ -12,6 +12,7 @@ use super::engine::Engine;
 use super::transport::Transport;
 use crate::error::Error;
 use crate::protocol::frame::FrameDecoder;
+use crate::stats::Stats;
 use crate::sync::queue::Receiver;
 
 pub(crate) const SOCKET: Token = Token(0);
@@ -84,12 +85,12 @@ impl Reactor {
     /// Wait for socket events, a wake-up or `timeout`. False when polling itself failed
     /// (the engine has failed then).
     fn wait(&mut self, events: &mut Events, timeout: Duration, ready: &mut Ready) -> bool {
-        if let Err(e) = self.poll.poll(events, Some(timeout)) {
-            if e.kind() != ErrorKind::Interrupted {
-                self.engine
-                    .fail(Error::ConnectionLost(format!("poll failed: {e}")));
-                return false;
-            }
+        if let Err(e) = self.poll.poll(events, Some(timeout))
+            && e.kind() != ErrorKind::Interrupted
+        {
+            self.engine
+                .fail(Error::ConnectionLost(format!("poll failed: {e}")));
+            return false;
         }
         for ev in events.iter() {
             if ev.token() == SOCKET {
@@ -134,6 +135,7 @@ impl Reactor {
                 }
                 Ok(n) => {
                     reads += 1;
+                    Stats::add(&self.engine.conn.stats.bytes_in, n as u64);
                     self.decoder.filled(n);
                     self.engine.received(now);
                     self.process_frames(now);
@@ -190,6 +192,13 @@ impl Reactor {
     /// The engine's timers; returns when the loop must turn next.
     fn timers(&mut self, now: Instant, writable: bool) -> Instant {
         let next = self.engine.on_timer(now);
+        // The `metrics` facade hears what changed at most once a second, and the loop
+        // turns at least that often to tell it.
+        #[cfg(feature = "metrics")]
+        let next = {
+            self.engine.conn.stats.report_metrics(now, false);
+            next.min(now + crate::stats::facade::REPORT_EVERY)
+        };
         if (!self.engine.output().is_empty() || self.transport.has_pending_output()) && writable {
             // Heartbeat or timer output to write at once.
             return now;
@@ -217,7 +226,9 @@ impl Reactor {
             .outcome()
             .cloned()
             .unwrap_or_else(|| Error::ConnectionLost("the I/O thread ended".into()));
-        log::info!("connection I/O thread ends: {outcome}");
+        crate::trace::info!("connection I/O thread ends: {outcome}");
+        #[cfg(feature = "metrics")]
+        self.engine.conn.stats.report_metrics(Instant::now(), true);
         self.engine.conn.link_ended(outcome);
     }
 

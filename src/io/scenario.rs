@@ -5,6 +5,7 @@
 
 mod engine;
 mod handshake;
+mod unacked;
 
 use std::time::{Duration, Instant};
 
@@ -288,6 +289,7 @@ impl Scenario {
             tx,
             shared: shared.clone(),
             no_ack: false,
+            queue: "q".into(),
         };
         let consume = AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
             queue: "q".into(),

@@ -76,10 +76,10 @@ fn roots(tls: &TlsOptions) -> Result<RootCertStore> {
     {
         let found = rustls_native_certs::load_native_certs();
         for e in &found.errors {
-            log::warn!("system root certificates: {e}");
+            crate::trace::warn!("system root certificates: {e}");
         }
         let (added, ignored) = store.add_parsable_certificates(found.certs);
-        log::debug!("system roots: {added} added, {ignored} ignored");
+        crate::trace::debug!("system roots: {added} added, {ignored} ignored");
     }
     if store.is_empty() {
         return Err(config_error(
@@ -101,7 +101,7 @@ pub(crate) fn build_config(tls: &TlsOptions) -> Result<Arc<ClientConfig>> {
         .with_safe_default_protocol_versions()
         .map_err(|e| config_error(e.to_string()))?;
     let builder = if tls.verify_none {
-        log::warn!(
+        crate::trace::warn!(
             "TLS certificate verification is OFF (verify_none): the broker is not authenticated"
         );
         builder

@@ -285,7 +285,7 @@ pub(crate) fn tls_handshake(
     while conn.wants_write() {
         conn.write_tls(&mut sock).map_err(io_err)?;
     }
-    log::debug!(
+    crate::trace::debug!(
         "TLS established with {host} ({:?}, {:?}) in {} ms",
         conn.protocol_version(),
         conn.negotiated_cipher_suite().map(|s| s.suite()),

@@ -10,7 +10,7 @@ pub(crate) trait Wake: Send + Sync {
 impl Wake for mio::Waker {
     fn wake(&self) {
         if let Err(e) = mio::Waker::wake(self) {
-            log::error!("waking the I/O thread failed: {e}");
+            crate::trace::error!("waking the I/O thread failed: {e}");
         }
     }
 }

@@ -7,6 +7,17 @@ use super::table::{
 };
 
 /// The properties of a message (AMQP `basic` content header).
+///
+/// ```
+/// use lepus::{BasicProperties, FieldTable};
+/// let props = BasicProperties::new()
+///     .content_type("application/json")
+///     .correlation_id("req-17")
+///     .reply_to("amq.rabbitmq.reply-to")
+///     .headers(FieldTable::new().with("tenant", "acme"))
+///     .persistent();
+/// assert_eq!(props.content_type.as_deref(), Some("application/json"));
+/// ```
 #[derive(Debug, Clone, Default, PartialEq)]
 #[non_exhaustive]
 pub struct BasicProperties {

@@ -111,6 +111,14 @@ impl From<FieldTable> for FieldValue {
 }
 
 /// An AMQP field table: message headers, queue and consumer arguments.
+///
+/// ```
+/// use lepus::{FieldTable, FieldValue};
+/// let mut args = FieldTable::new().with("x-max-length", 1000).with("x-overflow", "reject-publish");
+/// args.insert("x-message-ttl", 60_000);
+/// assert_eq!(args.get("x-overflow").and_then(FieldValue::as_str), Some("reject-publish"));
+/// assert_eq!(args.get("x-max-length").and_then(FieldValue::as_i64), Some(1000));
+/// ```
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct FieldTable(BTreeMap<String, FieldValue>);
 

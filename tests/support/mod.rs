@@ -74,21 +74,92 @@ pub fn free_port() -> u16 {
     port
 }
 
+/// The rabbitmqctl command: `RABBITMQCTL` if set (split on spaces, so that
+/// `RABBITMQCTL="sudo -n rabbitmqctl"` works for a developer who is not root), else
+/// `rabbitmqctl` on PATH, else `/usr/sbin/rabbitmqctl` (Debian's place, often not on a
+/// normal user's PATH).
+pub fn rabbitmqctl_command() -> Vec<String> {
+    if let Ok(v) = std::env::var("RABBITMQCTL") {
+        let words: Vec<String> = v.split_whitespace().map(str::to_owned).collect();
+        if !words.is_empty() {
+            return words;
+        }
+    }
+    let on_path = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("rabbitmqctl").is_file()));
+    let bin = if !on_path && std::path::Path::new("/usr/sbin/rabbitmqctl").is_file() {
+        "/usr/sbin/rabbitmqctl"
+    } else {
+        "rabbitmqctl"
+    };
+    vec![bin.to_owned()]
+}
+
 /// Run `rabbitmqctl` with `args`; panics (with its output) unless it succeeds.
 pub fn rabbitmqctl(args: &[&str]) -> String {
-    let bin = std::env::var("RABBITMQCTL").unwrap_or_else(|_| "rabbitmqctl".into());
-    let out = Command::new(&bin)
+    let cmd = rabbitmqctl_command();
+    let out = Command::new(&cmd[0])
+        .args(&cmd[1..])
         .args(args)
         .output()
-        .unwrap_or_else(|e| panic!("running {bin} {args:?}: {e}"));
+        .unwrap_or_else(|e| panic!("running {cmd:?} {args:?}: {e}"));
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
-        "{bin} {args:?} failed: {}\n{stdout}\n{}",
+        "{cmd:?} {args:?} failed: {}\n{stdout}\n{}",
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
     stdout
+}
+
+/// Whether rabbitmqctl can talk to the test broker from this account (it needs the
+/// broker's Erlang cookie: root or the rabbitmq user, or sudo through `RABBITMQCTL`);
+/// the reason if not. Asked once per test binary.
+pub fn rabbitmqctl_usable() -> Result<(), String> {
+    static USABLE: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    USABLE
+        .get_or_init(|| {
+            let cmd = rabbitmqctl_command();
+            let out = Command::new(&cmd[0])
+                .args(&cmd[1..])
+                .args(["-q", "eval", "ok."])
+                .stdin(std::process::Stdio::null())
+                .output()
+                .map_err(|e| format!("{cmd:?} cannot be run: {e}"))?;
+            if out.status.success() {
+                return Ok(());
+            }
+            let why: String = String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .chain(String::from_utf8_lossy(&out.stdout).lines())
+                .filter(|l| !l.trim().is_empty())
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" / ");
+            Err(format!("{cmd:?} failed ({}): {why}", out.status))
+        })
+        .clone()
+}
+
+/// For a test (or part of one) that needs rabbitmqctl: true when it can run. When
+/// rabbitmqctl cannot be used here, says so on stderr and returns false, so that the
+/// caller skips that part; under CI (`CI` set and not "false") it fails instead, so that
+/// CI never passes a test that did not run.
+pub fn rabbitmqctl_or_skip(what: &str) -> bool {
+    let Err(why) = rabbitmqctl_usable() else {
+        return true;
+    };
+    let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false");
+    assert!(
+        !ci,
+        "{what} needs rabbitmqctl, which cannot be used here: {why}"
+    );
+    eprintln!(
+        "SKIPPED {what}: it needs rabbitmqctl, which cannot be used here: {why}. Run the \
+         tests as root (or as the rabbitmq user), or with RABBITMQCTL=\"sudo -n rabbitmqctl\"."
+    );
+    false
 }
 
 /// Deletes the named queues and exchanges on drop (also when the test panics), over a

@@ -124,7 +124,12 @@ impl EngineHarness {
                         nowait: false,
                         arguments: Default::default(),
                     })),
-                    Some(ConsumerSink { tx, shared, no_ack }),
+                    Some(ConsumerSink {
+                        tx,
+                        shared,
+                        no_ack,
+                        queue: String::new(),
+                    }),
                 )
             }
             2 => (
@@ -184,7 +189,7 @@ impl EngineHarness {
 
     /// `Connection::close` (one time in eight) or `Channel::close`.
     pub(super) fn close(&mut self, inp: &mut Input<'_>) {
-        if inp.u8() % 8 == 0 {
+        if inp.u8().is_multiple_of(8) {
             let mut bytes = Vec::new();
             put_method(
                 &mut bytes,

@@ -27,7 +27,7 @@ impl EngineHarness {
             }
         };
         let short = |inp: &mut Input<'_>| -> String {
-            if inp.u8() % 4 == 0 {
+            if inp.u8().is_multiple_of(4) {
                 inp.string(255)
             } else {
                 inp.string(8)
@@ -58,7 +58,7 @@ impl EngineHarness {
                 };
                 let p = gen_properties(inp, self.conn.opts.max_table_depth);
                 let mut payload = header_payload(&p, size);
-                if inp.u8() % 8 == 0 {
+                if inp.u8().is_multiple_of(8) {
                     payload[1] = inp.u8();
                 }
                 return frame_bytes(FRAME_HEADER, ch, &payload);

@@ -795,6 +795,7 @@ fn deliveries_for_no_consumer_are_not_rejected_where_a_no_ack_consumer_was() {
         tx,
         shared: std::sync::Arc::new(crate::delivery::ConsumerShared::new(4)),
         no_ack: true,
+        queue: "q".into(),
     };
     let consume = AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
         queue: "q".into(),
@@ -857,6 +858,7 @@ fn consume_ok_after_the_waiter_left_cancels_the_consumer() {
         tx,
         shared: shared.clone(),
         no_ack: false,
+        queue: "q".into(),
     };
     let reply = s.rpc(
         &ch,
