@@ -308,7 +308,7 @@ impl Drop for PooledChannel {
         // this) discards it rather than handing the change to the next borrower.
         let p = self.lease.item();
         if p.channel.pool_usable() && Baseline::of(&p.channel) != p.baseline {
-            log::debug!(
+            crate::trace::debug!(
                 "pool: channel {} came back changed ({:?}, set up as {:?}); discarded",
                 p.channel.id(),
                 Baseline::of(&p.channel),
