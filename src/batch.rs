@@ -74,7 +74,10 @@ impl Consumer {
 /// [`Batch::ack_all`] sends one `basic.ack` with `multiple` set for the highest delivery
 /// tag when that provably covers only this batch: the consumer was the only one of its
 /// channel that acknowledges (when the batch was received), the batch's tags are
-/// consecutive and none of its deliveries was settled on its own. Otherwise it falls
+/// consecutive, none of its deliveries was settled on its own and, when the channel
+/// tracks its unsettled deliveries
+/// ([`unacked_warning`](crate::ConnectionOptions::unacked_warning) on), none older than
+/// the batch is pending. Otherwise it falls
 /// back to [`Batch::ack_each`]: one ack per delivery, still written to the socket in one
 /// go. What it cannot see: several threads receiving from the same consumer, or
 /// deliveries of `basic.get` on the channel still unacknowledged — use `ack_each` then.
@@ -183,7 +186,13 @@ impl Batch {
         let multiple = multiple
             && self.sole
             && claimed.len() == all.len()
-            && Self::consecutive(&claimed);
+            && Self::consecutive(&claimed)
+            // Where the channel knows its lowest unsettled tag, nothing below the batch
+            // may be pending (another thread's delivery of the same consumer).
+            && first
+                .channel
+                .lowest_unsettled()
+                .is_none_or(|low| low >= first.delivery_tag);
         let put = |bytes: &mut Vec<u8>, tag: u64, multiple: bool| match how {
             Settle::Ack => put_ack(bytes, ch, tag, multiple),
             Settle::Nack(requeue) => put_nack(bytes, ch, tag, multiple, requeue),

@@ -257,6 +257,11 @@ pub(crate) trait AckTarget: Send + Sync {
     }
     /// The delivery `tag` (with `multiple`, every earlier one too) has been settled.
     fn settled(&self, _tag: u64, _multiple: bool) {}
+    /// The lowest delivery tag of the channel not settled yet, when the channel keeps
+    /// track (the unacked warning is on); `None` when unknown.
+    fn lowest_unsettled(&self) -> Option<u64> {
+        None
+    }
     /// False once the channel is closed or its connection lost: an ack can no longer
     /// reach the broker, which delivers the message again (after a recovery, to the
     /// restored consumer).

@@ -41,6 +41,11 @@ impl UnackedTracker {
         self.inner.lock().pending.push_back((tag, at));
     }
 
+    /// The lowest tag not settled yet (`None` when none is pending).
+    pub(crate) fn lowest(&self) -> Option<u64> {
+        self.inner.lock().pending.front().map(|&(t, _)| t)
+    }
+
     /// The delivery `tag` (and with `multiple` every earlier one) was settled.
     pub(crate) fn settled(&self, tag: u64, multiple: bool) {
         let mut i = self.inner.lock();

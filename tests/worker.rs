@@ -655,3 +655,32 @@ fn batch_pool_rejects_bad_deliveries_and_counts_them() {
         assert_eq!(broker.finish(), 200);
     });
 }
+
+/// With the channel tracking its unsettled deliveries (the unacked warning on), a batch
+/// of the only consumer does not multiple-ack an older delivery someone else holds.
+#[test]
+fn a_batch_ack_leaves_an_older_held_delivery_of_the_same_consumer_alone() {
+    let conn =
+        Connection::open_with(support::test_options().unacked_warning(Duration::from_secs(60)))
+            .unwrap();
+    let ch = conn.open_channel().unwrap();
+    let q = temp_queue(&ch);
+    publish_ids(&ch, &q, 4);
+    let cch = conn.open_channel().unwrap();
+    cch.basic_qos(10, false).unwrap();
+    let consumer = cch.basic_consume(&q, &ConsumeOptions::default()).unwrap();
+    assert!(wait_until(WAIT, || consumer.queued() == 4));
+    // Another thread's delivery, still in its hands.
+    let held = consumer.recv_timeout(WAIT).unwrap().expect("the first");
+    let b = consumer
+        .recv_batch(3, WAIT)
+        .unwrap()
+        .expect("the other three");
+    assert_eq!(b.len(), 3);
+    b.ack_all().unwrap();
+    drop(held);
+    drop(consumer);
+    cch.close().unwrap();
+    assert_eq!(ready_count(&conn, &q), 1, "the held delivery was not acked");
+    conn.close().unwrap();
+}

@@ -631,6 +631,10 @@ impl AckTarget for ChannelShared {
             t.settled(tag, multiple);
         }
     }
+
+    fn lowest_unsettled(&self) -> Option<u64> {
+        self.unacked.as_ref()?.lowest()
+    }
 }
 
 #[cfg(test)]
