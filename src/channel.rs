@@ -774,7 +774,10 @@ impl Channel {
         expect_reply!(r, "basic.recover", AMQPClass::Basic(basic::AMQPMethod::RecoverOk(_)) => ())
     }
 
-    /// Acknowledge by delivery tag (see also [`Delivery::ack`]).
+    /// Acknowledge by delivery tag (see also [`Delivery::ack`]). Settling by tag does not
+    /// know the [`Delivery`]: it neither marks it settled nor refuses a tag settled
+    /// before (a second settle of a tag closes the channel, 406); prefer the delivery's
+    /// own methods, which settle it at most once.
     pub fn basic_ack(&self, delivery_tag: u64, multiple: bool) -> Result<()> {
         self.acker(delivery_tag).ack(multiple)
     }

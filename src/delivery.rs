@@ -463,11 +463,17 @@ impl Delivery {
     pub(crate) fn can_settle(&self) -> bool {
         self.acker.channel.is_open()
     }
-    /// Acknowledge this delivery.
+    /// Acknowledge this delivery. A delivery is settled at most once: after an ack,
+    /// nack or reject (here, through its [`Batch`](crate::Batch) or by a worker pool) a
+    /// second one is [`Error::AlreadySettled`] and sends nothing (the broker would
+    /// close the channel with 406 "unknown delivery tag"). If queueing the frame fails
+    /// (a timeout, a lost link) the delivery is not marked settled.
     pub fn ack(&self) -> Result<()> {
         self.acker.ack(false)
     }
-    /// Acknowledge this and every earlier unacknowledged delivery of the channel.
+    /// Acknowledge this and every earlier unacknowledged delivery of the channel. Only
+    /// this delivery is marked settled: settling one of the earlier ones afterwards
+    /// sends a frame the broker refuses (406, the channel closes).
     pub fn ack_multiple(&self) -> Result<()> {
         self.acker.ack(true)
     }
@@ -476,7 +482,8 @@ impl Delivery {
     pub fn nack(&self, requeue: bool) -> Result<()> {
         self.acker.nack(false, requeue)
     }
-    /// Negatively acknowledge this and every earlier unacknowledged delivery.
+    /// Negatively acknowledge this and every earlier unacknowledged delivery (only this
+    /// one is marked settled, as with [`Delivery::ack_multiple`]).
     pub fn nack_multiple(&self, requeue: bool) -> Result<()> {
         self.acker.nack(true, requeue)
     }

@@ -77,7 +77,7 @@ impl WorkerOptions {
 }
 
 /// What a [`WorkerPool`] did, counted in messages.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 #[non_exhaustive]
 pub struct WorkerStats {
     /// Acknowledged after the handler succeeded (the ack was handed to the connection;
@@ -220,9 +220,11 @@ impl WorkerPool {
 
     /// Like [`WorkerPool::start`], handing the handler batches of up to `max_batch`
     /// deliveries ([`Consumer::recv_batch`]: a batch does not wait to fill up). The
-    /// outcome applies to the whole batch; with one worker it is settled with one
-    /// `multiple` ack or nack, with several with one ack per delivery in one write
-    /// (see [`Batch`]).
+    /// outcome applies to the whole batch; with one worker an `Ack` is one `multiple`
+    /// ack when that covers only the batch (see [`Batch::ack_all`]), otherwise (and for
+    /// requeues and rejects) one frame per delivery in one write. Undecodable
+    /// deliveries are rejected without requeue before the handler runs and counted in
+    /// [`WorkerStats::bad`]; the handler never gets a batch without a delivery.
     pub fn start_batch<F>(
         consumer: Consumer,
         opts: &WorkerOptions,
