@@ -304,18 +304,22 @@ impl PooledChannel {
 
 impl Drop for PooledChannel {
     fn drop(&mut self) {
-        // Changed by the borrower: close it, so that the lease's release (right after
-        // this) discards it rather than handing the change to the next borrower.
         let p = self.lease.item();
-        if p.channel.pool_usable() && Baseline::of(&p.channel) != p.baseline {
+        let now = Baseline::of(&p.channel);
+        let usable = p.channel.pool_usable();
+        let changed = now != p.baseline;
+        if usable && changed {
+            // Changed by the borrower: close it and discard it rather than hand the
+            // change to the next borrower.
             log::debug!(
-                "pool: channel {} came back changed ({:?}, set up as {:?}); discarded",
+                "pool: channel {} came back changed ({now:?}, set up as {:?}); discarded",
                 p.channel.id(),
-                Baseline::of(&p.channel),
                 p.baseline
             );
             p.channel.close_nowait();
         }
+        // What was just checked goes with the release: the pool's lock is taken once.
+        self.lease.release_as(usable && !changed);
     }
 }
 
