@@ -253,7 +253,14 @@ impl ChannelPool {
 
     /// A channel, waiting up to the connection's operation timeout for one.
     pub fn acquire(&self) -> Result<PooledChannel> {
-        self.acquire_until(Instant::now() + self.conn.inner().opts.operation_timeout)
+        // The clock is read only if the pool has no idle channel (see `acquire_by`).
+        let timeout = self.conn.inner().opts.operation_timeout;
+        let lease = PoolCore::acquire_by(
+            &self.core,
+            || Instant::now() + timeout,
+            |deadline| self.open(deadline),
+        )?;
+        Ok(PooledChannel { lease })
     }
 
     /// A channel, waiting up to `timeout` for one.

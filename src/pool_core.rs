@@ -304,10 +304,25 @@ impl<R: Poolable> PoolCore<R> {
     pub fn acquire(
         this: &Arc<Self>,
         deadline: Instant,
-        open: impl Fn() -> Result<R>,
+        open: impl FnOnce() -> Result<R>,
+    ) -> Result<Lease<R>> {
+        Self::acquire_by(this, || deadline, |_| open())
+    }
+
+    /// [`PoolCore::acquire`] with the deadline read from `deadline` only when it is
+    /// needed (to open an item or to wait): an idle item is handed out without a clock
+    /// read.
+    pub fn acquire_by(
+        this: &Arc<Self>,
+        deadline: impl FnOnce() -> Instant,
+        open: impl FnOnce(Instant) -> Result<R>,
     ) -> Result<Lease<R>> {
         let mut dead = Vec::new();
         let mut st = this.state.lock();
+        if let Some((i, item)) = Self::take_idle(&mut st, &mut dead) {
+            return Ok(Self::lease(this, &mut st, i, item));
+        }
+        let deadline = deadline();
         loop {
             if let Some((i, item)) = Self::take_idle(&mut st, &mut dead) {
                 return Ok(Self::lease(this, &mut st, i, item));
@@ -317,7 +332,7 @@ impl<R: Poolable> PoolCore<R> {
                 this.check_bound(&st);
                 drop(st);
                 drop(dead);
-                return Self::open_into_slot(this, open);
+                return Self::open_into_slot(this, || open(deadline));
             }
             // Full: places held by dead items can be taken back now.
             if (0..st.slots.len()).any(|i| st.dead_lease(i).is_some()) {
@@ -336,7 +351,7 @@ impl<R: Poolable> PoolCore<R> {
     }
 
     /// Open an item into the place `acquire` reserved (outside the lock: round trips).
-    fn open_into_slot(this: &Arc<Self>, open: impl Fn() -> Result<R>) -> Result<Lease<R>> {
+    fn open_into_slot(this: &Arc<Self>, open: impl FnOnce() -> Result<R>) -> Result<Lease<R>> {
         let opened = open();
         let mut st = this.state.lock();
         st.opening -= 1;
