@@ -436,7 +436,7 @@ impl Iterator for Iter<'_> {
                 }
                 // A passing notice (a lost link that recovery restores, a broker cancel
                 // that resubscribing brings back): the consumer carries on.
-                Err(e) => log::debug!(
+                Err(e) => crate::trace::debug!(
                     "consumer {:?}: {e}; waiting for the recovery",
                     self.consumer.tag
                 ),

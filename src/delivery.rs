@@ -210,6 +210,14 @@ impl ConsumerSink {
         self.shared.active.load(Ordering::Acquire)
     }
 
+    /// A copy of this sink that names `queue` (recovery subscribes it again there).
+    pub(crate) fn for_queue(&self, queue: &str) -> ConsumerSink {
+        ConsumerSink {
+            queue: queue.to_string(),
+            ..self.clone()
+        }
+    }
+
     /// End the consumer for good.
     pub(crate) fn end(&self, err: Error) {
         self.shared.active.store(false, Ordering::Release);

@@ -310,7 +310,7 @@ fn retry_consumers(
             // Reopened under its id with every active consumer of it, this one included.
             match inner.reopen_channel(&c) {
                 Ok(tags) => restored.extend(tags.into_iter().map(|t| (c.id(), t))),
-                Err(e) => log::warn!("could not reopen channel {}: {e}", c.id()),
+                Err(e) => crate::trace::warn!("could not reopen channel {}: {e}", c.id()),
             }
             continue;
         }
@@ -321,7 +321,7 @@ fn retry_consumers(
             r.consume(),
             deadline(inner),
             "basic.consume-ok (topology retry)",
-            Some(r.sink.clone()),
+            Some(r.sink.for_queue(&r.queue)),
         );
         if reply.is_ok() {
             done.push(TopologyEntity::Consumer {

@@ -318,7 +318,7 @@ impl Drop for PooledChannel {
         if usable && changed {
             // Changed by the borrower: close it and discard it rather than hand the
             // change to the next borrower.
-            log::debug!(
+            crate::trace::debug!(
                 "pool: channel {} came back changed ({now:?}, set up as {:?}); discarded",
                 p.channel.id(),
                 p.baseline

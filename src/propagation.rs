@@ -136,7 +136,7 @@ impl BasicProperties {
     /// # let conn = lepus::Connection::open("amqp://127.0.0.1")?;
     /// # let ch = conn.open_channel()?;
     /// let props = lepus::BasicProperties::new().with_trace_context();
-    /// ch.basic_publish("", "orders", b"{}", &props, Default::default())?;
+    /// ch.basic_publish("", "orders", b"{}", &props, &Default::default())?;
     /// # Ok::<(), lepus::Error>(())
     /// ```
     pub fn with_trace_context(self) -> Self {

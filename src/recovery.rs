@@ -523,7 +523,8 @@ pub(crate) fn restore_consumers(
                 m,
                 d,
                 "basic.consume-ok (recovery)",
-                Some(r.sink.clone()),
+                // Under the queue's name now (a server-named queue was renamed).
+                Some(r.sink.for_queue(&r.queue)),
             )?;
             started.push((i, r.tag.clone()));
         }

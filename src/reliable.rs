@@ -83,13 +83,13 @@ impl Channel {
                 let since = *nacking_since.get_or_insert_with(Instant::now);
                 if since.elapsed() >= renew_after {
                     match self.renew(deadline) {
-                        Ok(true) => log::info!(
+                        Ok(true) => crate::trace::info!(
                             "reliable publish: channel {} nacked everything for {:?}; renewed",
                             self.id(),
                             since.elapsed()
                         ),
                         Ok(false) => {}
-                        Err(e) => log::warn!("reliable publish: renewing channel {}: {e}", self.id()),
+                        Err(e) => crate::trace::warn!("reliable publish: renewing channel {}: {e}", self.id()),
                     }
                     nacking_since = None;
                     renew_after = (renew_after * 2).min(MAX_RENEW_AFTER);

@@ -44,7 +44,7 @@ pub(crate) fn reopen_channel(
     let started = restore_consumers(inner, &conn, &restored, &records, &mut pending)?;
     settle_unconfirmed(inner, &conn, &restored)?;
     cancel_given_up_consumers(inner, &restored, &started)?;
-    log::info!(
+    crate::trace::info!(
         "channel {} reopened ({} consumer(s) subscribed again)",
         slot.id(),
         started.len()

@@ -336,7 +336,7 @@ fn settle(c: &Counters, r: Result<()>, counter: &AtomicU64) {
             counter.fetch_add(1, Ordering::Relaxed);
         }
         Err(e) => {
-            log::debug!("worker pool: settling a delivery failed: {e}");
+            crate::trace::debug!("worker pool: settling a delivery failed: {e}");
             c.settle_failed.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -363,11 +363,11 @@ fn carry_on(shared: &Shared, e: RecvError) -> bool {
         }
         // A lost link that recovery restores, or a broker cancel that comes back.
         RecvError::Failed(e) if !shared.consumer.has_ended() => {
-            log::debug!("worker pool: {e}; waiting for the consumer to come back");
+            crate::trace::debug!("worker pool: {e}; waiting for the consumer to come back");
             true
         }
         RecvError::Failed(e) => {
-            log::debug!("worker pool: the consumer ended: {e}");
+            crate::trace::debug!("worker pool: the consumer ended: {e}");
             false
         }
     }
@@ -419,7 +419,7 @@ fn run_batch(shared: &Shared, handler: &(dyn Fn(&Batch) -> Outcome + Send + Sync
                 counter.fetch_add(n, Ordering::Relaxed);
             }
             Err(e) => {
-                log::debug!("worker pool: settling a batch failed: {e}");
+                crate::trace::debug!("worker pool: settling a batch failed: {e}");
                 c.settle_failed.fetch_add(n, Ordering::Relaxed);
             }
         };

@@ -623,7 +623,7 @@ impl Engine {
             let due = t.overdue(now);
             let Some(&(first, oldest)) = due.first() else { continue };
             let ch = slot.shared.id;
-            log::warn!(
+            crate::trace::warn!(
                 "channel {ch}: {} deliveries unacknowledged past {:?} (oldest: tag {first}, \
                  {oldest:?}); the broker closes the channel at its consumer_timeout",
                 due.len(),

@@ -4,6 +4,7 @@
 //! and the outcome.
 
 mod engine;
+mod events;
 mod handshake;
 mod unacked;
 
