@@ -426,7 +426,10 @@ mod tests {
         let b = PoolCore::try_acquire(&core).expect("the item a gave back");
         drop(a); // a's second release: b's lease of the same slot stays on
         assert_eq!(core.stats().in_use, 1);
-        assert!(PoolCore::try_acquire(&core).is_none(), "b's item handed out again");
+        assert!(
+            PoolCore::try_acquire(&core).is_none(),
+            "b's item handed out again"
+        );
         drop(b);
         let s = core.stats();
         assert_eq!((s.opened, s.acquired, s.released, s.idle), (1, 2, 2, 1));
@@ -435,7 +438,10 @@ mod tests {
             drop(PoolCore::acquire(&core, far, || Ok(Item(alive.clone()))).unwrap());
         }
         let s = core.stats();
-        assert_eq!((s.opened, s.acquired, s.released, s.in_use), (1, 1002, 1002, 0));
+        assert_eq!(
+            (s.opened, s.acquired, s.released, s.in_use),
+            (1, 1002, 1002, 0)
+        );
         assert_eq!(core.state.lock().slots.len(), 1);
     }
 
