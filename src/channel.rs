@@ -25,6 +25,14 @@ use crate::sync::{Arc, AtomicBool, AtomicU8, Mutex, Ordering, Weak};
 use crate::topology::{BindingRecord, ChannelRecord, ExchangeRecord, QueueRecord, Topology};
 
 /// What `queue.declare` answered.
+///
+/// ```no_run
+/// let conn = lepus::Connection::open("amqp://127.0.0.1")?;
+/// let ch = conn.open_channel()?;
+/// let q = ch.queue_declare("jobs", &lepus::QueueDeclareOptions::default())?;
+/// println!("{}: {} ready, {} consumers", q.name, q.message_count, q.consumer_count);
+/// # Ok::<(), lepus::Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct QueueInfo {

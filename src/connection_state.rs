@@ -232,7 +232,8 @@ pub(crate) struct Recover {
 }
 
 /// Reopen one closed channel; returns the consumer tags subscribed again.
-pub(crate) type Reopen = fn(&Arc<ConnectionInner>, &Arc<dyn ChannelSlot>) -> Result<Vec<String>>;
+pub(crate) type Reopen =
+    fn(&Arc<ConnectionInner>, &Arc<dyn ChannelSlot>, Instant) -> Result<Vec<String>>;
 
 /// State shared by every handle of one `Connection`, across its generations.
 pub(crate) struct ConnectionInner {
@@ -448,9 +449,14 @@ impl ConnectionInner {
             .collect()
     }
 
-    /// Reopen `slot`'s closed channel on the current link (see `Recover::reopen`).
-    pub(crate) fn reopen_channel(self: &Arc<Self>, slot: &Arc<dyn ChannelSlot>) -> Result<Vec<String>> {
-        (self.recover.reopen)(self, slot)
+    /// Reopen `slot`'s closed channel on the current link (see `Recover::reopen`), waiting
+    /// for the link and the channel's opening until `deadline`.
+    pub(crate) fn reopen_channel(
+        self: &Arc<Self>,
+        slot: &Arc<dyn ChannelSlot>,
+        deadline: Instant,
+    ) -> Result<Vec<String>> {
+        (self.recover.reopen)(self, slot, deadline)
     }
 
     /// Channels to restore: alive, and not closed by themselves.

@@ -7,6 +7,19 @@ use std::time::Duration;
 use crate::sync::Arc;
 
 /// A user name and a secret (password or token), with how long the secret stays valid.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use lepus::{ConnectionOptions, Credentials};
+/// // A provider asked at every connect and reconnect, and again before the token expires.
+/// let opts = ConnectionOptions::from_uri("amqp://rabbit.internal")?
+///     .credentials_provider(|| -> Result<Credentials, String> {
+///         let token = "eyJ..."; // fetched from your identity provider
+///         Ok(Credentials::new("svc-billing", token).expires_in(Duration::from_secs(3600)))
+///     });
+/// let conn = lepus::Connection::open_with(opts)?;
+/// # Ok::<(), lepus::Error>(())
+/// ```
 #[derive(Clone)]
 pub struct Credentials {
     pub(crate) username: String,

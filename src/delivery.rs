@@ -604,6 +604,20 @@ impl Returned {
 /// acknowledgement handle, the way a failed send gives the message back, and the
 /// consumer carries on. `?` turns either case into an [`Error`] (a bad delivery becomes
 /// the plain-data [`Error::BadDelivery`], dropping the handle).
+///
+/// ```no_run
+/// use lepus::RecvError;
+/// fn handle(consumer: &lepus::Consumer) -> lepus::Result<()> {
+///     loop {
+///         match consumer.recv() {
+///             Ok(d) => d.ack()?,
+///             Err(RecvError::Bad(bad)) => bad.reject(false)?, // settle it; the consumer goes on
+///             Err(e) if e.is_connection_lost() => continue,   // recovery restores the consumer
+///             Err(e) => return Err(e.into()),                // the consumer has ended
+///         }
+///     }
+/// }
+/// ```
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum RecvError {
     /// A delivery that could not be decoded; ack, reject or dead-letter it.

@@ -308,7 +308,7 @@ fn retry_consumers(
         let ch = c.current_shared();
         if ch.is_channel_closed() {
             // Reopened under its id with every active consumer of it, this one included.
-            match inner.reopen_channel(&c) {
+            match inner.reopen_channel(&c, Instant::now() + inner.opts.operation_timeout) {
                 Ok(tags) => restored.extend(tags.into_iter().map(|t| (c.id(), t))),
                 Err(e) => crate::trace::warn!("could not reopen channel {}: {e}", c.id()),
             }

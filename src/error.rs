@@ -72,6 +72,16 @@ impl fmt::Display for HandshakeStage {
 }
 
 /// Which TLS failure an [`Error::Tls`] is.
+///
+/// ```no_run
+/// use lepus::{Error, TlsFailure};
+/// match lepus::Connection::open("amqps://rabbit.internal") {
+///     Ok(_) => {}
+///     Err(Error::Tls { kind: TlsFailure::UnknownCa, .. }) => eprintln!("give the broker's CA with cacertfile="),
+///     Err(Error::Tls { kind, detail }) => eprintln!("TLS {kind}: {detail}"),
+///     Err(e) => eprintln!("{e}"),
+/// }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum TlsFailure {

@@ -31,7 +31,11 @@ impl Channel {
     /// (closed and reopened under its id, confirm mode and qos restored) when nothing
     /// else uses it (no consumer, no other unconfirmed message): a RabbitMQ 3.10 channel
     /// can keep nacking publishes to a quorum queue whose leader died until the old
-    /// leader's node is back, and only a new channel gets past that.
+    /// leader's node is back, and only a new channel gets past that. The renewal is a
+    /// real close: another thread in an RPC on this same channel at that moment gets
+    /// `ChannelClosed` (so give `publish_reliably` a channel of its own, as the
+    /// one-channel-per-thread model does anyway). The renewal's own waits end by
+    /// `deadline` too.
     ///
     /// At-least-once: a retried message may reach the broker more than once (a nacked
     /// copy is not routed, but one whose confirmation was lost with the link may be).
@@ -83,11 +87,15 @@ impl Channel {
                 let since = *nacking_since.get_or_insert_with(Instant::now);
                 if since.elapsed() >= renew_after {
                     match self.renew(deadline) {
-                        Ok(true) => crate::trace::info!(
-                            "reliable publish: channel {} nacked everything for {:?}; renewed",
-                            self.id(),
-                            since.elapsed()
-                        ),
+                        Ok(true) => {
+                            crate::trace::info!(
+                                "reliable publish: channel {} nacked everything for {:?}; renewed",
+                                self.id(),
+                                since.elapsed()
+                            );
+                            // A new channel: worth trying at once.
+                            pause = FIRST_PAUSE;
+                        }
                         Ok(false) => {}
                         Err(e) => crate::trace::warn!("reliable publish: renewing channel {}: {e}", self.id()),
                     }
@@ -130,7 +138,8 @@ impl Channel {
             }
             crate::channel::close_shared(&shared, deadline)?;
         }
-        self.connection_inner().reopen_channel(&self.slot())?;
+        self.connection_inner()
+            .reopen_channel(&self.slot(), deadline)?;
         Ok(true)
     }
 }

@@ -22,8 +22,8 @@ use crate::topology::PendingTopology;
 pub(crate) fn reopen_channel(
     inner: &Arc<ConnectionInner>,
     slot: &Arc<dyn ChannelSlot>,
+    d: Instant,
 ) -> Result<Vec<String>> {
-    let d = Instant::now() + inner.opts.operation_timeout;
     let conn = inner.current(d)?;
     let old = slot.current_shared();
     if !old.is_channel_closed() {

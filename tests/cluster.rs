@@ -135,6 +135,11 @@ fn quorum() -> QueueDeclareOptions {
     }
 }
 
+/// A classic queue on the node the declaring connection is on.
+fn classic() -> QueueDeclareOptions {
+    QueueDeclareOptions::default()
+}
+
 fn classic_durable() -> QueueDeclareOptions {
     QueueDeclareOptions {
         durable: true,
@@ -390,13 +395,10 @@ fn kill_connected_node_under_load() {
 }
 
 /// A rolling restart (graceful stop and start of each node in turn) under the same load.
-///
-/// Ignored in the default run (`cargo test --test cluster -- --ignored` runs it): it
-/// failed once in three runs with a consumer ended by a replay onto a restarting node (a
-/// candidate connection failing on a protocol violation ended the consumers it was
-/// restoring; fixed since, not yet shown over many runs), and it takes about a minute.
+/// About 50 s (three node restarts). It failed one run in five while a broker's 541
+/// INTERNAL_ERROR (a channel crashing on a publish to a quorum queue whose member's node
+/// was shutting down) ended the connection for good; 541 is a lost link since.
 #[test]
-#[ignore = "intermittent: re-enable once it passes many runs in a row"]
 fn rolling_restart_under_load() {
     let _c = cluster();
     let _restore = Restore;
@@ -638,6 +640,10 @@ fn classic_queue_on_a_down_node_does_not_block_recovery() {
 
 /// A consumer the broker cancelled (its queue deleted) comes back when the queue does,
 /// on the same handle.
+///
+/// A classic queue: deleting a quorum queue did not always cancel its consumer (no
+/// basic.cancel within 10 s in 3 of about 14 runs on RabbitMQ 3.10, the consumer's node
+/// and the deleting connection's alike), which this test is not about.
 #[test]
 fn cancelled_consumer_comes_back_with_its_queue() {
     let _c = cluster();
@@ -646,9 +652,9 @@ fn cancelled_consumer_comes_back_with_its_queue() {
         options(&PORTS).recovery(recovery().resubscribe_cancelled_consumers(true)),
     )
     .unwrap();
-    let other = lepus::Connection::open_with(options(&PORTS)).unwrap();
-    let och = other.open_channel().unwrap();
-    och.queue_declare(&q, &quorum()).unwrap();
+    let other_conn = lepus::Connection::open_with(options(&PORTS)).unwrap();
+    let och = other_conn.open_channel().unwrap();
+    och.queue_declare(&q, &classic()).unwrap();
     let consumer = conn
         .open_channel()
         .unwrap()
@@ -657,11 +663,15 @@ fn cancelled_consumer_comes_back_with_its_queue() {
     och.queue_delete(&q, &Default::default()).unwrap();
     match consumer.recv_timeout(Duration::from_secs(10)) {
         Err(RecvError::Failed(Error::ConsumerCancelled { .. })) => {}
-        other => panic!("expected the broker's cancel, got {other:?}"),
+        other => panic!(
+            "expected the broker's cancel, got {other:?} (consumer on {}, queue declared and deleted on {})",
+            conn.address(),
+            other_conn.address()
+        ),
     }
     let deleted = Instant::now();
     thread::sleep(Duration::from_millis(300));
-    och.queue_declare(&q, &quorum()).unwrap();
+    och.queue_declare(&q, &classic()).unwrap();
     wait_until("the consumer back", Duration::from_secs(30), || {
         conn.recovery_events().iter().any(|e| {
             matches!(&e.kind, RecoveryEventKind::EntityRecovered(TopologyEntity::Consumer { queue, .. }) if *queue == q)

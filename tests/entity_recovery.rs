@@ -275,11 +275,15 @@ fn a_cancelled_consumer_on_a_channel_the_broker_closed_comes_back() {
     let back = Instant::now();
     och.queue_declare(&q, &QueueDeclareOptions::default())
         .unwrap();
-    wait_until(Duration::from_secs(20), || {
+    let resubscribed = wait_until(Duration::from_secs(20), || {
         events.lock().unwrap().iter().any(|e| {
             matches!(&e.kind, RecoveryEventKind::EntityRecovered(TopologyEntity::Consumer { queue, .. }) if *queue == q)
         })
     });
+    assert!(
+        resubscribed,
+        "the consumer was not subscribed again within 20 s"
+    );
     let back_ms = back.elapsed().as_millis();
     assert!(ch.is_open(), "the channel is open again");
     assert!(consumer.channel().is_open());
@@ -304,5 +308,100 @@ fn a_cancelled_consumer_on_a_channel_the_broker_closed_comes_back() {
     eprintln!(
         "COUNTS cancelled_consumer_on_a_closed_channel: published=10 confirmed=10 consumed=10 \
          lost=0 duplicates=0 back_after_redeclare_ms={back_ms}"
+    );
+}
+
+/// A consumer the broker cancelled whose re-subscribe itself closes its channel (here the
+/// queue is back but another connection consumes it exclusively: basic.consume gets 403
+/// ACCESS_REFUSED, which closes the channel): each later retry reopens the channel under
+/// its id and subscribes again, and once the exclusive consumer is gone the same handle
+/// receives.
+#[test]
+fn a_resubscribe_that_closes_its_channel_is_retried_on_a_reopened_channel() {
+    let clean = Cleanup::new();
+    let q = clean.queue(&unique("resubscribe-403"));
+    let events: Arc<Mutex<Vec<RecoveryEvent>>> = Arc::default();
+    let ev = events.clone();
+    let conn = Connection::open_with(
+        test_options().recovery(
+            RecoveryOptions::new()
+                .backoff(Duration::from_millis(50), Duration::from_millis(200))
+                .resubscribe_cancelled_consumers(true)
+                .listener(move |e| ev.lock().unwrap().push(e.clone())),
+        ),
+    )
+    .unwrap();
+    let ch = conn.open_channel().unwrap();
+    ch.queue_declare(&q, &QueueDeclareOptions::default())
+        .unwrap();
+    let consumer = ch.basic_consume(&q, &ConsumeOptions::default()).unwrap();
+    let other = connect();
+    let och = other.open_channel().unwrap();
+    och.queue_delete(&q, &Default::default()).unwrap();
+    match consumer.recv_timeout(Duration::from_secs(10)) {
+        Err(lepus::RecvError::Failed(lepus::Error::ConsumerCancelled { .. })) => {}
+        r => panic!("expected the broker's cancel, got {r:?}"),
+    }
+    // The queue is back, but someone else holds it exclusively.
+    och.queue_declare(&q, &QueueDeclareOptions::default())
+        .unwrap();
+    let exclusive = other
+        .open_channel()
+        .unwrap()
+        .basic_consume(
+            &q,
+            &ConsumeOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || !ch.is_open()),
+        "the failed re-subscribe did not close the channel"
+    );
+    // A few retries, each on a reopened channel that the 403 closes again.
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(
+        !events.lock().unwrap().iter().any(|e| matches!(
+            &e.kind,
+            RecoveryEventKind::EntityRecovered(TopologyEntity::Consumer { .. })
+        )),
+        "subscribed while another consumer holds the queue exclusively?"
+    );
+    let released = Instant::now();
+    exclusive.cancel().unwrap();
+    let resubscribed = wait_until(Duration::from_secs(20), || {
+        events.lock().unwrap().iter().any(|e| {
+            matches!(&e.kind, RecoveryEventKind::EntityRecovered(TopologyEntity::Consumer { queue, .. }) if *queue == q)
+        })
+    });
+    assert!(
+        resubscribed,
+        "the consumer was not subscribed again within 20 s"
+    );
+    let back_ms = released.elapsed().as_millis();
+    assert!(ch.is_open(), "the channel is open again");
+    och.confirm_select().unwrap();
+    for i in 0..10 {
+        publish_confirmed(&och, "", &q, format!("m{i}").as_bytes());
+    }
+    let mut got = Vec::new();
+    for _ in 0..10 {
+        let d = consumer
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap()
+            .expect("a delivery within 10 s");
+        got.push(String::from_utf8_lossy(d.body()).into_owned());
+        d.ack().unwrap();
+    }
+    let want: Vec<String> = (0..10).map(|i| format!("m{i}")).collect();
+    assert_eq!(
+        got, want,
+        "the same handle receives every message once, in order"
+    );
+    eprintln!(
+        "COUNTS resubscribe_closing_its_channel: published=10 confirmed=10 consumed=10 lost=0 \
+         duplicates=0 back_after_the_exclusive_consumer_left_ms={back_ms}"
     );
 }

@@ -182,8 +182,10 @@ pub fn probe(
             },
         ));
     }
-    barrier.wait();
+    // The clock starts before the release: a worker may finish before this thread
+    // runs again after the barrier (on a loaded machine), and must not be missed.
     let start = Instant::now();
+    barrier.wait();
     let total = threads * per_thread;
     let absorbed = wait_count(&admin, &queue, total, Duration::from_secs(120))
         .map(|t| (t - start).as_secs_f64())

@@ -69,11 +69,11 @@ fn run_socket(mut s: TcpStream, one: Vec<Vec<u8>>, per: usize) -> io::Result<()>
             let p = &buf[off + 7..off + 7 + size];
             if buf[off] == 1 && p.len() >= 4 && p[..4] == [0, 60, 0, 80] {
                 acked += 1;
-                if let Some(i) = ch.checked_sub(1).filter(|&i| i < chans) {
-                    if sent[i] < per {
-                        out.extend_from_slice(&one[i]);
-                        sent[i] += 1;
-                    }
+                if let Some(i) = ch.checked_sub(1).filter(|&i| i < chans)
+                    && sent[i] < per
+                {
+                    out.extend_from_slice(&one[i]);
+                    sent[i] += 1;
                 }
             } else if buf[off] == 1 && p.len() >= 4 && p[..4] == [0, 60, 0, 120] {
                 return Err(io::Error::other("the broker nacked a publish"));
@@ -125,8 +125,10 @@ pub fn lockstep(
         ));
         clients.push(c);
     }
-    barrier.wait();
+    // The clock starts before the release: a worker may finish before this thread
+    // runs again after the barrier (on a loaded machine), and must not be missed.
     let start = Instant::now();
+    barrier.wait();
     let mut last = start;
     let mut failure = None;
     let mut cpu = Usage::default();

@@ -42,10 +42,10 @@ fn locked_versions(dir: &Path) -> Vec<(String, String)> {
     for line in lock.lines() {
         if let Some(n) = line.strip_prefix("name = ") {
             name = n.trim_matches('"').to_owned();
-        } else if let Some(v) = line.strip_prefix("version = ") {
-            if name == "lapin" || name == "amiquip" || name == "amqprs" {
-                out.push((name.clone(), v.trim_matches('"').to_owned()));
-            }
+        } else if let Some(v) = line.strip_prefix("version = ")
+            && (name == "lapin" || name == "amiquip" || name == "amqprs")
+        {
+            out.push((name.clone(), v.trim_matches('"').to_owned()));
         }
     }
     out

@@ -153,8 +153,10 @@ pub fn publish(url: &str, threads: usize, per_thread: usize, mode: Mode) -> Publ
         })
         .collect();
     let cpu0 = crate::cpu::process();
-    barrier.wait();
+    // The clock starts before the release: a worker may finish before this thread
+    // runs again after the barrier (on a loaded machine), and must not be missed.
     let start = Instant::now();
+    barrier.wait();
     let mut lat = Samples::with_capacity(threads * per_thread);
     let mut channels = Vec::with_capacity(threads);
     for h in handles {
@@ -242,8 +244,10 @@ pub fn pool(url: &str, threads: usize, per_thread: usize) -> PoolRun {
             })
         })
         .collect();
-    barrier.wait();
+    // The clock starts before the release: a worker may finish before this thread
+    // runs again after the barrier (on a loaded machine), and must not be missed.
     let start = Instant::now();
+    barrier.wait();
     let mut lat = Samples::with_capacity(threads * per_thread);
     for h in handles {
         lat.extend(h.join().expect("pool thread"));

@@ -89,10 +89,10 @@ fn pool_run(url: &str, n: usize, messages: usize) -> WorkerPoolRun {
     let (sn, lr, rc) = (seen.clone(), last_recv.clone(), received.clone());
     let opts = WorkerOptions::new(n).poll(Duration::from_millis(20));
     let pool = WorkerPool::start(consumer, &opts, move |d| {
-        if let Some((id, _)) = read_stamp(d.body()) {
-            if let Some(c) = sn.get(id as usize) {
-                c.fetch_add(1, Ordering::Relaxed);
-            }
+        if let Some((id, _)) = read_stamp(d.body())
+            && let Some(c) = sn.get(id as usize)
+        {
+            c.fetch_add(1, Ordering::Relaxed);
         }
         lr.fetch_max(now_ns(), Ordering::AcqRel);
         rc.fetch_add(1, Ordering::AcqRel);

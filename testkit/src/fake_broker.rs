@@ -481,15 +481,15 @@ impl<R: Send + 'static> FakeBroker<R> {
 impl<R> Drop for FakeBroker<R> {
     fn drop(&mut self) {
         // A test that failed before finish(): show why the script failed, if it did.
-        if !self.finished {
-            if let Ok(Err(p)) = self.done.try_recv() {
-                let msg = p
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_default();
-                eprintln!("fake broker script panicked: {msg}");
-            }
+        if !self.finished
+            && let Ok(Err(p)) = self.done.try_recv()
+        {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            eprintln!("fake broker script panicked: {msg}");
         }
     }
 }

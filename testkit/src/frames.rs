@@ -213,60 +213,6 @@ pub fn split_frame(buf: &mut Vec<u8>, max_size: usize) -> Result<Option<Frame>, 
     }))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn frames_split_back_into_what_was_built() {
-        let mut buf = heartbeat_frame();
-        buf.extend(content_frames(3, &no_props(), &[7u8; 25], 18));
-        let mut got = Vec::new();
-        while let Some(f) = split_frame(&mut buf, 1 << 20).unwrap() {
-            got.push(f);
-        }
-        assert!(buf.is_empty());
-        let kinds: Vec<u8> = got.iter().map(|f| f.kind).collect();
-        // 25 bytes in bodies of at most 10: 10 + 10 + 5.
-        assert_eq!(kinds, [FRAME_HEARTBEAT, FRAME_HEADER, 3, 3, 3]);
-        assert_eq!(got[4].payload, [7u8; 5]);
-        assert_eq!(got[1].payload[4..12], 25u64.to_be_bytes());
-    }
-
-    #[test]
-    fn split_frame_waits_for_the_whole_frame_and_checks_the_end_octet() {
-        let whole = body_frame(1, b"abc");
-        let mut part = whole[..whole.len() - 1].to_vec();
-        assert_eq!(split_frame(&mut part, 1 << 20), Ok(None));
-        let mut bad = whole.clone();
-        *bad.last_mut().unwrap() = 0;
-        assert!(split_frame(&mut bad, 1 << 20).is_err());
-        let mut big = whole;
-        assert!(split_frame(&mut big, 10).is_err());
-    }
-
-    #[test]
-    fn method_frames_decode_and_name_their_method() {
-        let f = split_frame(&mut publish_frame(1, "x", "k"), 1 << 20)
-            .unwrap()
-            .unwrap();
-        assert_eq!(f.method_id(), Some((60, 40)));
-        assert!(matches!(
-            f.method(),
-            Some(AMQPClass::Basic(basic::AMQPMethod::Publish(p))) if p.routing_key.as_str() == "k"
-        ));
-    }
-
-    #[test]
-    fn deep_table_lengths_nest() {
-        assert_eq!(deep_table(1), [0, 0, 0, 0]);
-        let t = deep_table(3);
-        assert_eq!(t.len(), 6 * 2 + 4);
-        assert_eq!(t[..4], 12u32.to_be_bytes());
-        assert_eq!(t[6..10], 6u32.to_be_bytes());
-    }
-}
-
 // ---------------------------------------------------------------------------------------
 // Methods with raw short strings: what amq-protocol's encoder cannot produce (strings that
 // are not UTF-8) and what its parser refuses.
@@ -369,4 +315,58 @@ pub fn publish_frame_raw(channel: u16, exchange: &[u8], routing_key: &[u8]) -> V
     push_short(&mut p, routing_key);
     p.push(0);
     frame(FRAME_METHOD, channel, &p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_split_back_into_what_was_built() {
+        let mut buf = heartbeat_frame();
+        buf.extend(content_frames(3, &no_props(), &[7u8; 25], 18));
+        let mut got = Vec::new();
+        while let Some(f) = split_frame(&mut buf, 1 << 20).unwrap() {
+            got.push(f);
+        }
+        assert!(buf.is_empty());
+        let kinds: Vec<u8> = got.iter().map(|f| f.kind).collect();
+        // 25 bytes in bodies of at most 10: 10 + 10 + 5.
+        assert_eq!(kinds, [FRAME_HEARTBEAT, FRAME_HEADER, 3, 3, 3]);
+        assert_eq!(got[4].payload, [7u8; 5]);
+        assert_eq!(got[1].payload[4..12], 25u64.to_be_bytes());
+    }
+
+    #[test]
+    fn split_frame_waits_for_the_whole_frame_and_checks_the_end_octet() {
+        let whole = body_frame(1, b"abc");
+        let mut part = whole[..whole.len() - 1].to_vec();
+        assert_eq!(split_frame(&mut part, 1 << 20), Ok(None));
+        let mut bad = whole.clone();
+        *bad.last_mut().unwrap() = 0;
+        assert!(split_frame(&mut bad, 1 << 20).is_err());
+        let mut big = whole;
+        assert!(split_frame(&mut big, 10).is_err());
+    }
+
+    #[test]
+    fn method_frames_decode_and_name_their_method() {
+        let f = split_frame(&mut publish_frame(1, "x", "k"), 1 << 20)
+            .unwrap()
+            .unwrap();
+        assert_eq!(f.method_id(), Some((60, 40)));
+        assert!(matches!(
+            f.method(),
+            Some(AMQPClass::Basic(basic::AMQPMethod::Publish(p))) if p.routing_key.as_str() == "k"
+        ));
+    }
+
+    #[test]
+    fn deep_table_lengths_nest() {
+        assert_eq!(deep_table(1), [0, 0, 0, 0]);
+        let t = deep_table(3);
+        assert_eq!(t.len(), 6 * 2 + 4);
+        assert_eq!(t[..4], 12u32.to_be_bytes());
+        assert_eq!(t[6..10], 6u32.to_be_bytes());
+    }
 }

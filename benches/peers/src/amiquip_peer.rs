@@ -160,8 +160,10 @@ pub fn publish(threads: usize, per: usize, mode: Mode) -> Result<PublishOut, Str
         })
         .collect();
     let cpu0 = crate::cpu::process();
-    barrier.wait();
+    // The clock starts before the release: a worker may finish before this thread
+    // runs again after the barrier (on a loaded machine), and must not be missed.
     let start = Instant::now();
+    barrier.wait();
     let mut lat = Samples::with_capacity(threads * per);
     let mut chans = Vec::new();
     for h in handles {

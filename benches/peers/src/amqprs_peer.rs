@@ -200,8 +200,10 @@ pub fn publish(threads: usize, per: usize, mode: Mode) -> Result<PublishOut, Str
             )));
         }
         let cpu0 = crate::cpu::process();
-        barrier.wait().await;
+        // The clock starts before the release: a worker may finish before this thread
+        // runs again after the barrier (on a loaded machine), and must not be missed.
         let start = Instant::now();
+        barrier.wait().await;
         let mut lat = Samples::with_capacity(threads * per);
         let mut chans = Vec::with_capacity(threads);
         for t in tasks {

@@ -370,10 +370,10 @@ fn write_impaired(
             return false;
         }
         pos += piece;
-        if let Some((_, pause)) = imp.slicing {
-            if !pause.is_zero() {
-                std::thread::sleep(pause);
-            }
+        if let Some((_, pause)) = imp.slicing
+            && !pause.is_zero()
+        {
+            std::thread::sleep(pause);
         }
         if let Some(rate) = imp.bytes_per_sec {
             std::thread::sleep(Duration::from_secs_f64(piece as f64 / rate as f64));
