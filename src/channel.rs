@@ -886,7 +886,9 @@ impl Channel {
     /// Wait, until the channel's operation timeout, for every message published so far
     /// to be confirmed: `Ok(())` if the broker acked every one since the last call,
     /// [`Error::Nacked`] listing the sequence numbers of those it nacked (each nack is
-    /// reported once). Keeps waiting through a recovery that republishes them (see
+    /// reported once; the channel keeps at most the first 1,024 between calls and counts
+    /// the rest in `unlisted`, so an application that waits per message and never calls
+    /// this does not grow that list). Keeps waiting through a recovery that republishes them (see
     /// [`crate::Confirmation::wait_outcome_until`]).
     ///
     /// ```no_run
@@ -924,10 +926,11 @@ impl Channel {
             };
             match shared.confirms.wait_all(deadline) {
                 Ok(nacked) if nacked.is_empty() => return Ok(()),
-                Ok(sequences) => {
+                Ok(nacked) => {
                     return Err(Error::Nacked {
                         channel: self.id(),
-                        sequences,
+                        sequences: nacked.sequences,
+                        unlisted: nacked.unlisted,
                     });
                 }
                 // Lost with messages outstanding that recovery republishes: wait for the

@@ -127,6 +127,7 @@ impl Confirmation {
             Confirm::Nack => Err(Error::Nacked {
                 channel: self.channel.id(),
                 sequences: vec![self.seq],
+                unlisted: 0,
             }),
         }
     }

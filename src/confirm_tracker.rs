@@ -55,12 +55,44 @@ impl Entry {
     }
 }
 
+/// How many nacked sequence numbers the tracker keeps for the next `wait_all`; further
+/// nacks are only counted. An application that never calls `Channel::wait_for_confirms`
+/// (it waits per message, or uses `publish_reliably`) would otherwise grow the list
+/// forever.
+pub const NACKS_LISTED: usize = 1024;
+
+/// The messages nacked since the last [`ConfirmTracker::wait_all`].
+#[doc(hidden)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Nacks {
+    /// The first [`NACKS_LISTED`] of their sequence numbers, in the order the broker
+    /// nacked them.
+    pub sequences: Vec<u64>,
+    /// How many more were nacked beyond those listed.
+    pub unlisted: u64,
+}
+
+impl Nacks {
+    /// Nothing was nacked.
+    pub fn is_empty(&self) -> bool {
+        self.sequences.is_empty() && self.unlisted == 0
+    }
+
+    fn push(&mut self, seq: u64) {
+        if self.sequences.len() < NACKS_LISTED {
+            self.sequences.push(seq);
+        } else {
+            self.unlisted += 1;
+        }
+    }
+}
+
 #[derive(Default)]
 struct State {
     next_seq: u64,
     pending: VecDeque<Entry>,
-    /// Sequence numbers nacked since the last `wait_all` (reported, then cleared).
-    nacked_since_wait: Vec<u64>,
+    /// Messages nacked since the last `wait_all` (reported, then cleared); bounded.
+    nacked_since_wait: Nacks,
     failure: Option<Error>,
     /// The failure kept the unconfirmed messages (`fail`'s `keep`).
     kept: bool,
@@ -279,9 +311,10 @@ impl ConfirmTracker {
         }
     }
 
-    /// Wait until nothing is outstanding; returns the sequence numbers nacked since the
-    /// last call (empty if all were acked), in the order the broker nacked them.
-    pub fn wait_all(&self, deadline: Instant) -> Result<Vec<u64>> {
+    /// Wait until nothing is outstanding; returns the messages nacked since the last call
+    /// (empty if all were acked): the first [`NACKS_LISTED`] sequence numbers in the
+    /// order the broker nacked them, and how many more.
+    pub fn wait_all(&self, deadline: Instant) -> Result<Nacks> {
         let mut s = self.state.lock();
         loop {
             if let Some(e) = &s.failure {
@@ -364,7 +397,49 @@ mod tests {
         t.resolve(4, true, false); // nack 3 and 4 (2 is settled already)
         t.resolve(6, true, true); // ack 5 and 6
         let far = Instant::now() + std::time::Duration::from_secs(5);
-        assert_eq!(t.wait_all(far).unwrap(), vec![2, 3, 4]);
-        assert_eq!(t.wait_all(far).unwrap(), Vec::<u64>::new(), "reported once");
+        assert_eq!(t.wait_all(far).unwrap().sequences, vec![2, 3, 4]);
+        assert!(t.wait_all(far).unwrap().is_empty(), "reported once");
+    }
+
+    /// An application that waits per message and never calls `wait_all` does not make
+    /// the tracker keep every nacked sequence number: the list stops at `NACKS_LISTED`
+    /// and the rest are counted; the `wait_all` that finally comes names the first ones
+    /// and counts the others.
+    #[test]
+    fn nacks_waited_per_message_keep_the_list_bounded() {
+        let t = ConfirmTracker::new();
+        t.enable();
+        let far = Instant::now() + std::time::Duration::from_secs(5);
+        let total = 3 * NACKS_LISTED as u64 + 7;
+        for _ in 0..total {
+            let (seq, slot) = t.register(true, None).unwrap();
+            t.resolve(seq, false, false);
+            assert_eq!(
+                t.wait_slot(&slot.unwrap(), far).unwrap(),
+                Some(Confirm::Nack)
+            );
+        }
+        let s = t.state.lock();
+        assert_eq!(s.nacked_since_wait.sequences.len(), NACKS_LISTED, "bounded");
+        assert!(s.nacked_since_wait.sequences.capacity() <= 2 * NACKS_LISTED);
+        drop(s);
+        let nacks = t.wait_all(far).unwrap();
+        assert_eq!(
+            nacks.sequences,
+            (1..=NACKS_LISTED as u64).collect::<Vec<_>>()
+        );
+        assert_eq!(nacks.unlisted, total - NACKS_LISTED as u64);
+        assert!(t.wait_all(far).unwrap().is_empty(), "reported once");
+
+        // A nack after the report is listed again, by its number.
+        let (seq, _) = t.register(false, None).unwrap();
+        t.resolve(seq, true, false);
+        assert_eq!(
+            t.wait_all(far).unwrap(),
+            Nacks {
+                sequences: vec![seq],
+                unlisted: 0
+            }
+        );
     }
 }

@@ -320,29 +320,36 @@ pub enum Error {
     /// [`Confirmation::wait`](crate::Confirmation::wait) reports its one message;
     /// [`Channel::wait_for_confirms`](crate::Channel::wait_for_confirms) every message
     /// nacked since its last call.
-    #[error("{}", nacked_text(*channel, sequences))]
+    #[error("{}", nacked_text(*channel, sequences, *unlisted))]
+    #[non_exhaustive]
     Nacked {
         /// The channel they were published on.
         channel: u16,
         /// Their publish sequence numbers (the delivery tags the broker nacked, counted
         /// from 1 on the channel's current connection, as
         /// [`Channel::next_publish_sequence`](crate::Channel::next_publish_sequence)
-        /// gives them), in the order the broker nacked them.
+        /// gives them), in the order the broker nacked them. `wait_for_confirms` lists at
+        /// most the first 1,024 nacked since its last call (the channel does not keep more
+        /// for an application that never asks) and counts the rest in `unlisted`.
         sequences: Vec<u64>,
+        /// How many more messages were nacked beyond those in `sequences` (0 unless more
+        /// than 1,024 were nacked since the last `wait_for_confirms`).
+        unlisted: u64,
     },
 }
 
 /// The text of an [`Error::Nacked`]: the first few sequence numbers, then how many more.
-fn nacked_text(channel: u16, sequences: &[u64]) -> String {
+fn nacked_text(channel: u16, sequences: &[u64], unlisted: u64) -> String {
     const SHOWN: usize = 8;
+    let total = sequences.len() as u64 + unlisted;
     let mut s = format!(
-        "the broker nacked {} message(s) published on channel {channel}: sequence number(s) ",
-        sequences.len()
+        "the broker nacked {total} message(s) published on channel {channel}: sequence number(s) "
     );
     let shown: Vec<String> = sequences.iter().take(SHOWN).map(u64::to_string).collect();
     s.push_str(&shown.join(", "));
-    if sequences.len() > SHOWN {
-        s.push_str(&format!(" and {} more", sequences.len() - SHOWN));
+    let more = total - shown.len() as u64;
+    if more > 0 {
+        s.push_str(&format!(" and {more} more"));
     }
     s
 }
@@ -379,3 +386,30 @@ impl Error {
 
 /// Result alias used throughout lepus.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The text counts the unlisted nacks with the listed ones.
+    #[test]
+    fn nacked_text_counts_the_unlisted_sequence_numbers() {
+        let e = Error::Nacked {
+            channel: 3,
+            sequences: (1..=10).collect(),
+            unlisted: 5,
+        };
+        let text = e.to_string();
+        assert!(text.starts_with("the broker nacked 15 message(s) published on channel 3"));
+        assert!(
+            text.ends_with("1, 2, 3, 4, 5, 6, 7, 8 and 7 more"),
+            "{text}"
+        );
+        let one = Error::Nacked {
+            channel: 1,
+            sequences: vec![4],
+            unlisted: 0,
+        };
+        assert!(one.to_string().ends_with("sequence number(s) 4"));
+    }
+}

@@ -249,10 +249,31 @@ pub(crate) mod facade {
             for (c, f) in &self.counters {
                 c.increment(f(&s).saturating_sub(f(&last.1)));
             }
+            // Gauges move by what changed, not `set`: connections with the same label
+            // (two unnamed ones to one host:port) share the recorder's gauge, and each
+            // adds its own channels and consumers to it, as counters add up.
             for (g, f) in &self.gauges {
-                g.set(f(&s) as f64);
+                let (new, old) = (f(&s), f(&last.1));
+                if new > old {
+                    g.increment((new - old) as f64);
+                } else if old > new {
+                    g.decrement((old - new) as f64);
+                }
             }
             *last = (Some(now), s);
+        }
+    }
+
+    impl Drop for Report {
+        /// The connection is gone: take back what it still adds to the shared gauges.
+        fn drop(&mut self) {
+            let last = self.last.lock();
+            for (g, f) in &self.gauges {
+                let v = f(&last.1);
+                if v > 0 {
+                    g.decrement(v as f64);
+                }
+            }
         }
     }
 

@@ -94,7 +94,9 @@ fn confirms_nack_on_reject_publish_overflow() {
     first.wait().unwrap();
     // `wait` makes the nack an error, with the message's sequence number ...
     match second.wait() {
-        Err(Error::Nacked { channel, sequences }) => {
+        Err(Error::Nacked {
+            channel, sequences, ..
+        }) => {
             assert_eq!(channel, ch.id());
             assert_eq!(sequences, vec![second.sequence()]);
         }

@@ -320,6 +320,8 @@ mod facade {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU64, Ordering};
 
+    /// A recorder keeping one value per name and labels, as exporters do: connections
+    /// with the same label share it.
     #[derive(Default)]
     struct Capture {
         counters: Mutex<HashMap<String, Arc<AtomicU64>>>,
@@ -339,14 +341,13 @@ mod facade {
         fn describe_gauge(&self, _: KeyName, _: Option<metrics::Unit>, _: SharedString) {}
         fn describe_histogram(&self, _: KeyName, _: Option<metrics::Unit>, _: SharedString) {}
         fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
-            let a = Arc::new(AtomicU64::new(0));
-            self.counters.lock().unwrap().insert(name(key), a.clone());
-            Counter::from_arc(a)
+            let mut m = self.counters.lock().unwrap();
+            Counter::from_arc(m.entry(name(key)).or_default().clone())
         }
         fn register_gauge(&self, key: &Key, _: &Metadata<'_>) -> Gauge {
-            let a = Arc::new(AtomicU64::new(0));
-            self.gauges.lock().unwrap().insert(name(key), a.clone());
-            Gauge::from_arc(a)
+            // A gauge's value is an f64's bits; 0 is 0.0.
+            let mut m = self.gauges.lock().unwrap();
+            Gauge::from_arc(m.entry(name(key)).or_default().clone())
         }
         fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
             Histogram::noop()
@@ -394,6 +395,61 @@ mod facade {
         assert_eq!(f64::from_bits(channels.load(Ordering::Relaxed)), 1.0);
         assert_eq!(capture.counters.lock().unwrap().len(), 13);
         conn.close().unwrap();
+    }
+
+    /// Two connections with the same label (as two unnamed ones to one broker have) share
+    /// the gauges: `lepus_channels` is the sum of their channels, not whichever reported
+    /// last, and a connection that goes takes its share back.
+    #[test]
+    fn connections_sharing_a_label_add_up_in_the_gauges() {
+        let capture = Capture::default();
+        let label = unique("facade-shared");
+        let open = || {
+            metrics::with_local_recorder(&capture, || {
+                lepus::Connection::open_with(test_options().connection_name(label.clone()))
+            })
+            .expect("connect")
+        };
+        let (a, b) = (open(), open());
+        let _a_channels = [a.open_channel().unwrap(), a.open_channel().unwrap()];
+        let b_channel = b.open_channel().unwrap();
+        let channels = capture.gauges.lock().unwrap()
+            [&format!("lepus_channels{{connection={label}}}")]
+            .clone();
+        let value = || f64::from_bits(channels.load(Ordering::Relaxed));
+        // Each I/O thread reports within a second or two; the gauge must settle on the sum
+        // and stay there (with `set` it flipped between 2 and 1).
+        assert!(
+            wait_until(Duration::from_secs(5), || value() == 3.0),
+            "lepus_channels {}",
+            value()
+        );
+        std::thread::sleep(Duration::from_millis(1500)); // past a report of each
+        assert_eq!(
+            value(),
+            3.0,
+            "both connections reported again: still the sum"
+        );
+        b_channel.close().unwrap();
+        assert!(
+            wait_until(Duration::from_secs(5), || value() == 2.0),
+            "one channel closed: {}",
+            value()
+        );
+        b.close().unwrap();
+        drop(b);
+        assert!(
+            wait_until(Duration::from_secs(5), || value() == 2.0),
+            "the other connection closed: {}",
+            value()
+        );
+        a.close().unwrap();
+        drop(a);
+        assert!(
+            wait_until(Duration::from_secs(5), || value() == 0.0),
+            "both gone: {}",
+            value()
+        );
     }
 }
 

@@ -520,7 +520,7 @@ fn confirm_model() {
         thread::spawn(move || t.wait_slot(&s3, far()))
     };
     let all = t.wait_all(far()).expect("no failure in this model");
-    assert_eq!(all, vec![3], "the third was nacked");
+    assert_eq!(all.sequences, vec![3], "the third was nacked");
     assert_eq!(one.join().unwrap().unwrap(), Some(Confirm::Nack));
     broker.join().unwrap();
     assert_eq!(outcome(&s2).unwrap(), Some(Confirm::Ack));

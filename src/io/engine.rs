@@ -170,6 +170,9 @@ struct Stalled {
     channel: u16,
     tag: String,
     msg: ConsumerMsg,
+    /// When its frame arrived: the unacked warning counts from then, as the broker's
+    /// consumer_timeout does, not from when the consumer made room.
+    received: Instant,
 }
 
 pub(crate) struct Engine {
@@ -1105,7 +1108,7 @@ impl Engine {
                     routing_key,
                     redelivered,
                 );
-                self.deliver(ch, consumer_tag, msg);
+                self.deliver(ch, consumer_tag, msg, self.clock);
             }
             ContentMethod::GetOk { .. } => self.on_get_ok(ch, c),
             ContentMethod::Return {
@@ -1143,7 +1146,9 @@ impl Engine {
         let _ = p.reply.send(Ok(Reply::Get(Some(Box::new(c)))));
     }
 
-    fn deliver(&mut self, ch: u16, tag: String, mut msg: ConsumerMsg) {
+    /// Hand a delivery that arrived at `received` to its consumer (or stall on a full
+    /// queue, or requeue it when the consumer is gone).
+    fn deliver(&mut self, ch: u16, tag: String, mut msg: ConsumerMsg, received: Instant) {
         let Some(slot) = self
             .slots
             .get_mut(ch as usize)
@@ -1170,6 +1175,7 @@ impl Engine {
                 channel: ch,
                 tag,
                 msg,
+                received,
             });
             return;
         }
@@ -1181,10 +1187,15 @@ impl Engine {
         };
         if let (Some(tag), Some(t)) = (tracked, &slot.shared.unacked) {
             // Noted before the push: once queued, its ack may come at any moment.
-            t.arrived(tag, self.clock);
+            t.arrived(tag, received);
         }
         if let Err(mut msg) = sink.push(msg) {
             msg.release();
+            if let (Some(tag), Some(t)) = (tracked, &slot.shared.unacked) {
+                // The consumer is gone and the delivery is requeued below: the
+                // application never saw it, so there is nothing to warn about.
+                t.settled(tag, false);
+            }
             if !sink.no_ack {
                 crate::trace::debug!("consumer {tag:?} on channel {ch} is gone; delivery requeued");
                 self.requeue(ch, &msg);
@@ -1210,7 +1221,7 @@ impl Engine {
                 false
             }
             _ => {
-                self.deliver(s.channel, s.tag, s.msg);
+                self.deliver(s.channel, s.tag, s.msg, s.received);
                 self.stalled.is_none()
             }
         }
