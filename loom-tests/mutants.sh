@@ -9,7 +9,7 @@
 #   MUTANT         names of files in mutants/ without .patch (default: all)
 #   --generated    instead, the mutants cargo-mutants generates (`cargo install
 #                  cargo-mutants --locked`) in the synchronisation cores (src/sync.rs,
-#                  pool.rs, link.rs, delivery_queue.rs, confirm_tracker.rs, send_core.rs,
+#                  pool_core.rs, link.rs, delivery_queue.rs, confirm_tracker.rs, send_core.rs,
 #                  end_relay.rs; MUTANT_FILES overrides,
 #                  MUTANT_RE keeps only names matching a regex). Hours for all of them.
 #   --models-at    run the models (tests/models.rs and the package's Cargo.toml) as they
@@ -49,13 +49,13 @@ if [ -n "$generated" ]; then
     # models of the file it mutates.
     patch_dir="$scratch/generated"
     rm -rf "$patch_dir" && mkdir -p "$patch_dir"
-    files="${MUTANT_FILES:-src/sync.rs src/pool.rs src/link.rs src/delivery_queue.rs src/confirm_tracker.rs src/send_core.rs src/end_relay.rs}"
+    files="${MUTANT_FILES:-src/sync.rs src/pool_core.rs src/link.rs src/delivery_queue.rs src/confirm_tracker.rs src/send_core.rs src/end_relay.rs}"
     args=()
     for f in $files; do args+=(-f "$f"); done
     (cd "$repo" && cargo mutants --list --json --diff "${args[@]}") >"$scratch/generated.json"
     python3 - "$scratch/generated.json" "$patch_dir" "${MUTANT_RE:-.}" <<'EOF'
 import json, re, sys
-models = {"src/sync.rs": "rpc_waiter", "src/pool.rs": "pool",
+models = {"src/sync.rs": "rpc_waiter", "src/pool_core.rs": "pool",
           "src/link.rs": "flight_", "src/send_core.rs": "send_",
           "src/end_relay.rs": "consumer_end",
           "src/delivery_queue.rs": "consumer_queue", "src/confirm_tracker.rs": "confirms"}

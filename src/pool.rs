@@ -253,7 +253,14 @@ impl ChannelPool {
 
     /// A channel, waiting up to the connection's operation timeout for one.
     pub fn acquire(&self) -> Result<PooledChannel> {
-        self.acquire_until(Instant::now() + self.conn.inner().opts.operation_timeout)
+        // The clock is read only if the pool has no idle channel (see `acquire_by`).
+        let timeout = self.conn.inner().opts.operation_timeout;
+        let lease = PoolCore::acquire_by(
+            &self.core,
+            || Instant::now() + timeout,
+            |deadline| self.open(deadline),
+        )?;
+        Ok(PooledChannel { lease })
     }
 
     /// A channel, waiting up to `timeout` for one.
@@ -304,18 +311,22 @@ impl PooledChannel {
 
 impl Drop for PooledChannel {
     fn drop(&mut self) {
-        // Changed by the borrower: close it, so that the lease's release (right after
-        // this) discards it rather than handing the change to the next borrower.
         let p = self.lease.item();
-        if p.channel.pool_usable() && Baseline::of(&p.channel) != p.baseline {
+        let now = Baseline::of(&p.channel);
+        let usable = p.channel.pool_usable();
+        let changed = now != p.baseline;
+        if usable && changed {
+            // Changed by the borrower: close it and discard it rather than hand the
+            // change to the next borrower.
             crate::trace::debug!(
-                "pool: channel {} came back changed ({:?}, set up as {:?}); discarded",
+                "pool: channel {} came back changed ({now:?}, set up as {:?}); discarded",
                 p.channel.id(),
-                Baseline::of(&p.channel),
                 p.baseline
             );
             p.channel.close_nowait();
         }
+        // What was just checked goes with the release: the pool's lock is taken once.
+        self.lease.release_as(usable && !changed);
     }
 }
 

@@ -2,11 +2,15 @@
 //! tests run this very code with loom: acquisitions released exactly once (by the guard,
 //! or by the pool when the item dies first), the bound held at every step, broken items
 //! discarded.
+//!
+//! Items live in a slab of slots; a lease is a slot's index and the lease's number, so an
+//! acquire/release pair allocates nothing, finds its slot at once and takes the pool's
+//! lock once each way.
 
 use std::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::sync::{Arc, AtomicBool, AtomicU64, Condvar, CondvarExt, Mutex, Ordering};
+use crate::sync::{Arc, Condvar, CondvarExt, Mutex};
 
 /// Default number of channels a pool may hold open.
 pub const DEFAULT_POOL_SIZE: usize = 100;
@@ -18,29 +22,69 @@ pub trait Poolable: Clone {
     fn usable(&self) -> bool;
 }
 
-/// The once-flag of one acquisition, shared by its guard and the pool.
-#[doc(hidden)]
-#[derive(Debug, Default)]
-pub struct LeaseFlag {
-    released: AtomicBool,
-}
-
-impl LeaseFlag {
-    /// True for the first caller only: that caller performs the release.
-    fn claim(&self) -> bool {
-        // The model tests' broken variant drops the once-guard; loom must catch it.
-        if crate::sync::broken("pool") {
-            return !self.released.load(Ordering::Acquire);
-        }
-        !self.released.swap(true, Ordering::AcqRel)
-    }
+/// A leased item, kept by the pool (a clone of the lease's) to see it die.
+struct Held<R> {
+    item: R,
+    /// The lease's number: a release ends this lease only, never a later one of the slot.
+    id: u64,
 }
 
 struct State<R> {
-    idle: Vec<R>,
-    leased: Vec<(Arc<LeaseFlag>, R)>,
+    /// One place per item: `Some` while leased. Idle and free places are `None`.
+    slots: Vec<Option<Held<R>>>,
+    /// Idle items and their slots; the last one returned is handed out first.
+    idle: Vec<(usize, R)>,
+    /// Slots with no item.
+    free: Vec<usize>,
+    leased: usize,
     opening: usize,
     waiters: usize,
+    // Counters live under the lock that every change takes anyway: no atomics.
+    opened: u64,
+    /// Also the number of the last lease (lease numbers are never reused).
+    acquired: u64,
+    released: u64,
+    discarded: u64,
+}
+
+impl<R: Poolable> State<R> {
+    /// End lease `id` of slot `index` if it is still on: the first release of a lease
+    /// only, whatever path it takes (guard, or reclaim of a dead item).
+    fn end_lease(&mut self, index: usize, id: u64) -> Option<R> {
+        // The model tests' broken variant drops the lease-number check (a release
+        // without its once-guard); loom must catch it.
+        let ours = self.slots[index]
+            .as_ref()
+            .is_some_and(|h| h.id == id || crate::sync::broken("pool"));
+        if !ours {
+            return None;
+        }
+        let held = self.slots[index].take()?;
+        self.leased -= 1;
+        self.released += 1;
+        Some(held.item)
+    }
+
+    /// Slot `index` (off its lease or off idle) holds no item any more.
+    fn put_free(&mut self, index: usize) {
+        self.free.push(index);
+        self.discarded += 1;
+    }
+
+    /// A slot for a new item: a free one, or a new one (the slab never outgrows the
+    /// bound: a place was reserved by `opening`).
+    fn free_slot(&mut self) -> usize {
+        self.free.pop().unwrap_or_else(|| {
+            self.slots.push(None);
+            self.slots.len() - 1
+        })
+    }
+
+    /// The number of a lease whose item died, if one did.
+    fn dead_lease(&self, index: usize) -> Option<u64> {
+        let held = self.slots[index].as_ref()?;
+        (!held.item.usable()).then_some(held.id)
+    }
 }
 
 /// Counters of a pool. At any quiet moment `acquired == released + in_use`.
@@ -79,18 +123,17 @@ pub struct PoolCore<R> {
     max: usize,
     state: Mutex<State<R>>,
     cv: Condvar,
-    opened: AtomicU64,
-    acquired: AtomicU64,
-    released: AtomicU64,
-    discarded: AtomicU64,
 }
 
-/// One acquisition: the item and its once-flag.
+/// One acquisition: the item, and which slot and lease it is.
 #[doc(hidden)]
 pub struct Lease<R: Poolable> {
     item: R,
-    flag: Arc<LeaseFlag>,
     core: Arc<PoolCore<R>>,
+    index: usize,
+    id: u64,
+    /// Set by [`Lease::release_as`]: the drop has nothing left to do.
+    done: bool,
 }
 
 impl<R: Poolable> Lease<R> {
@@ -98,17 +141,27 @@ impl<R: Poolable> Lease<R> {
     pub fn item(&self) -> &R {
         &self.item
     }
+
     /// End the acquisition, unless another path already did.
     pub fn release(&self) {
-        if self.flag.claim() {
-            self.core.give_back(&self.flag, self.item.clone());
+        self.core.give_back(self.index, self.id, self.item.usable());
+    }
+
+    /// End the acquisition now, the caller having found the item `usable` (or not): the
+    /// guard's path, which knows it already and takes the lock once.
+    pub fn release_as(&mut self, usable: bool) {
+        if !self.done {
+            self.done = true;
+            self.core.give_back(self.index, self.id, usable);
         }
     }
 }
 
 impl<R: Poolable> Drop for Lease<R> {
     fn drop(&mut self) {
-        self.release();
+        if !self.done {
+            self.release();
+        }
     }
 }
 
@@ -118,16 +171,18 @@ impl<R: Poolable> PoolCore<R> {
         PoolCore {
             max: max.max(1),
             state: Mutex::new(State {
+                slots: Vec::new(),
                 idle: Vec::new(),
-                leased: Vec::new(),
+                free: Vec::new(),
+                leased: 0,
                 opening: 0,
                 waiters: 0,
+                opened: 0,
+                acquired: 0,
+                released: 0,
+                discarded: 0,
             }),
             cv: Condvar::new(),
-            opened: AtomicU64::new(0),
-            acquired: AtomicU64::new(0),
-            released: AtomicU64::new(0),
-            discarded: AtomicU64::new(0),
         }
     }
 
@@ -140,9 +195,9 @@ impl<R: Poolable> PoolCore<R> {
     /// builds and the model tests) after every change of the state.
     fn check_bound(&self, st: &State<R>) {
         debug_assert!(
-            st.leased.len() + st.idle.len() + st.opening <= self.max,
+            st.leased + st.idle.len() + st.opening <= self.max,
             "pool over its bound: {} leased + {} idle + {} opening > {}",
-            st.leased.len(),
+            st.leased,
             st.idle.len(),
             st.opening,
             self.max
@@ -152,27 +207,37 @@ impl<R: Poolable> PoolCore<R> {
     /// Places taken: leased, idle and being opened (at most [`PoolCore::max`]).
     pub fn occupied(&self) -> usize {
         let st = self.state.lock();
-        st.leased.len() + st.idle.len() + st.opening
+        st.leased + st.idle.len() + st.opening
     }
 
-    fn lease(this: &Arc<Self>, st: &mut State<R>, item: R) -> Lease<R> {
-        let flag = Arc::new(LeaseFlag::default());
-        st.leased.push((flag.clone(), item.clone()));
+    /// Hand out the item in slot `index` (not on a lease now).
+    fn lease(this: &Arc<Self>, st: &mut State<R>, index: usize, item: R) -> Lease<R> {
+        st.acquired += 1;
+        let id = st.acquired;
+        st.slots[index] = Some(Held {
+            item: item.clone(),
+            id,
+        });
+        st.leased += 1;
         this.check_bound(st);
-        this.acquired.fetch_add(1, Ordering::AcqRel);
         Lease {
             item,
-            flag,
             core: this.clone(),
+            index,
+            id,
+            done: false,
         }
     }
 
-    fn take_idle(&self, st: &mut State<R>) -> Option<R> {
-        while let Some(r) = st.idle.pop() {
-            if r.usable() {
-                return Some(r);
+    /// The most recently returned idle item that still works; dead ones met on the way
+    /// are discarded into `dead` (dropped by the caller, outside the lock).
+    fn take_idle(st: &mut State<R>, dead: &mut Vec<R>) -> Option<(usize, R)> {
+        while let Some((i, item)) = st.idle.pop() {
+            if item.usable() {
+                return Some((i, item));
             }
-            self.discarded.fetch_add(1, Ordering::AcqRel);
+            st.put_free(i);
+            dead.push(item);
         }
         None
     }
@@ -182,21 +247,19 @@ impl<R: Poolable> PoolCore<R> {
     pub fn reclaim_dead(&self) -> usize {
         let mut st = self.state.lock();
         let mut dead = Vec::new();
-        let mut i = 0;
-        while i < st.leased.len() {
-            if st.leased[i].1.usable() {
-                i += 1;
+        for i in 0..st.slots.len() {
+            let Some(id) = st.dead_lease(i) else {
                 continue;
-            }
-            let (flag, item) = st.leased.swap_remove(i);
-            if flag.claim() {
-                self.released.fetch_add(1, Ordering::AcqRel);
-                self.discarded.fetch_add(1, Ordering::AcqRel);
+            };
+            if let Some(item) = st.end_lease(i, id) {
+                st.put_free(i);
                 dead.push(item);
             }
         }
+        self.check_bound(&st);
         let n = dead.len();
         if n > 0 {
+            // Each freed place may serve another waiter.
             self.cv.notify_all();
         }
         drop(st);
@@ -204,22 +267,25 @@ impl<R: Poolable> PoolCore<R> {
         n
     }
 
-    /// The guard's release: back to idle if it still works.
-    fn give_back(&self, flag: &Arc<LeaseFlag>, item: R) {
+    /// A lease's release: back to idle if it still works, else discarded; nothing if the
+    /// lease was already released.
+    fn give_back(&self, index: usize, id: u64, usable: bool) {
         let mut st = self.state.lock();
-        if let Some(i) = st.leased.iter().position(|(f, _)| Arc::ptr_eq(f, flag)) {
-            st.leased.swap_remove(i);
-        }
-        self.released.fetch_add(1, Ordering::AcqRel);
-        let dead = if item.usable() {
-            st.idle.push(item);
+        let Some(item) = st.end_lease(index, id) else {
+            return;
+        };
+        let dead = if usable {
+            st.idle.push((index, item));
             None
         } else {
-            self.discarded.fetch_add(1, Ordering::AcqRel);
+            st.put_free(index);
             Some(item)
         };
         self.check_bound(&st);
-        self.cv.notify_one();
+        if st.waiters > 0 {
+            // A waiter counts itself under this lock before it sleeps: none can miss this.
+            self.cv.notify_one();
+        }
         drop(st);
         // Dropping a dead item may do I/O (a channel sends close): outside the lock.
         drop(dead);
@@ -227,9 +293,10 @@ impl<R: Poolable> PoolCore<R> {
 
     /// An idle item if one is ready now; never blocks and never opens one.
     pub fn try_acquire(this: &Arc<Self>) -> Option<Lease<R>> {
+        let mut dead = Vec::new();
         let mut st = this.state.lock();
-        let item = this.take_idle(&mut st)?;
-        Some(Self::lease(this, &mut st, item))
+        let (i, item) = Self::take_idle(&mut st, &mut dead)?;
+        Some(Self::lease(this, &mut st, i, item))
     }
 
     /// An item, opening one with `open` if the bound allows, else waiting until
@@ -237,45 +304,67 @@ impl<R: Poolable> PoolCore<R> {
     pub fn acquire(
         this: &Arc<Self>,
         deadline: Instant,
-        open: impl Fn() -> Result<R>,
+        open: impl FnOnce() -> Result<R>,
     ) -> Result<Lease<R>> {
-        let (core, self_) = (this, &**this);
-        let mut st = self_.state.lock();
+        Self::acquire_by(this, || deadline, |_| open())
+    }
+
+    /// [`PoolCore::acquire`] with the deadline read from `deadline` only when it is
+    /// needed (to open an item or to wait): an idle item is handed out without a clock
+    /// read.
+    pub fn acquire_by(
+        this: &Arc<Self>,
+        deadline: impl FnOnce() -> Instant,
+        open: impl FnOnce(Instant) -> Result<R>,
+    ) -> Result<Lease<R>> {
+        let mut dead = Vec::new();
+        let mut st = this.state.lock();
+        if let Some((i, item)) = Self::take_idle(&mut st, &mut dead) {
+            return Ok(Self::lease(this, &mut st, i, item));
+        }
+        let deadline = deadline();
         loop {
-            if let Some(item) = self_.take_idle(&mut st) {
-                return Ok(Self::lease(core, &mut st, item));
+            if let Some((i, item)) = Self::take_idle(&mut st, &mut dead) {
+                return Ok(Self::lease(this, &mut st, i, item));
             }
-            if st.leased.len() + st.opening < self_.max {
+            if st.leased + st.opening < this.max {
                 st.opening += 1;
-                self_.check_bound(&st);
+                this.check_bound(&st);
                 drop(st);
-                let opened = open();
-                let mut st = self_.state.lock();
-                st.opening -= 1;
-                return match opened {
-                    Ok(item) => {
-                        self_.opened.fetch_add(1, Ordering::AcqRel);
-                        Ok(Self::lease(core, &mut st, item))
-                    }
-                    Err(e) => {
-                        // The place we reserved is free again for another waiter.
-                        self_.cv.notify_one();
-                        Err(e)
-                    }
-                };
+                drop(dead);
+                return Self::open_into_slot(this, || open(deadline));
             }
             // Full: places held by dead items can be taken back now.
-            if st.leased.iter().any(|(_, r)| !r.usable()) {
+            if (0..st.slots.len()).any(|i| st.dead_lease(i).is_some()) {
                 drop(st);
-                self_.reclaim_dead();
-                st = self_.state.lock();
+                this.reclaim_dead();
+                st = this.state.lock();
                 continue;
             }
             st.waiters += 1;
-            let timed_out = self_.cv.wait_until_deadline(&mut st, deadline);
+            let timed_out = this.cv.wait_until_deadline(&mut st, deadline);
             st.waiters -= 1;
-            if timed_out && st.idle.is_empty() && st.leased.len() + st.opening >= self_.max {
+            if timed_out && st.idle.is_empty() && st.leased + st.opening >= this.max {
                 return Err(Error::Timeout("a free channel in the pool"));
+            }
+        }
+    }
+
+    /// Open an item into the place `acquire` reserved (outside the lock: round trips).
+    fn open_into_slot(this: &Arc<Self>, open: impl FnOnce() -> Result<R>) -> Result<Lease<R>> {
+        let opened = open();
+        let mut st = this.state.lock();
+        st.opening -= 1;
+        match opened {
+            Ok(item) => {
+                st.opened += 1;
+                let i = st.free_slot();
+                Ok(Self::lease(this, &mut st, i, item))
+            }
+            Err(e) => {
+                // The place we reserved is free again for another waiter.
+                this.cv.notify_one();
+                Err(e)
             }
         }
     }
@@ -284,11 +373,11 @@ impl<R: Poolable> PoolCore<R> {
     pub fn stats(&self) -> PoolStats {
         let st = self.state.lock();
         PoolStats {
-            opened: self.opened.load(Ordering::Acquire),
-            acquired: self.acquired.load(Ordering::Acquire),
-            released: self.released.load(Ordering::Acquire),
-            discarded: self.discarded.load(Ordering::Acquire),
-            in_use: st.leased.len(),
+            opened: st.opened,
+            acquired: st.acquired,
+            released: st.released,
+            discarded: st.discarded,
+            in_use: st.leased,
             idle: st.idle.len(),
             waiters: st.waiters,
         }
@@ -298,7 +387,7 @@ impl<R: Poolable> PoolCore<R> {
 #[cfg(all(test, not(lepus_loom)))]
 mod tests {
     use super::*;
-    use crate::sync::AtomicBool;
+    use crate::sync::{AtomicBool, Ordering};
     use std::time::Duration;
 
     #[derive(Clone)]
@@ -325,6 +414,35 @@ mod tests {
         let s = core.stats();
         assert_eq!((s.acquired, s.released, s.in_use), (2, 2, 0));
         assert_eq!((s.opened, s.discarded, s.idle), (2, 1, 1));
+    }
+
+    #[test]
+    fn a_second_release_never_ends_a_later_lease_of_the_slot() {
+        let core = Arc::new(PoolCore::new(1));
+        let alive = Arc::new(AtomicBool::new(true));
+        let far = Instant::now() + Duration::from_secs(5);
+        let a = PoolCore::acquire(&core, far, || Ok(Item(alive.clone()))).unwrap();
+        a.release();
+        let b = PoolCore::try_acquire(&core).expect("the item a gave back");
+        drop(a); // a's second release: b's lease of the same slot stays on
+        assert_eq!(core.stats().in_use, 1);
+        assert!(
+            PoolCore::try_acquire(&core).is_none(),
+            "b's item handed out again"
+        );
+        drop(b);
+        let s = core.stats();
+        assert_eq!((s.opened, s.acquired, s.released, s.idle), (1, 2, 2, 1));
+        // Many pairs: the slab stays at one slot and the counters add up.
+        for _ in 0..1000 {
+            drop(PoolCore::acquire(&core, far, || Ok(Item(alive.clone()))).unwrap());
+        }
+        let s = core.stats();
+        assert_eq!(
+            (s.opened, s.acquired, s.released, s.in_use),
+            (1, 1002, 1002, 0)
+        );
+        assert_eq!(core.state.lock().slots.len(), 1);
     }
 
     #[test]

@@ -67,9 +67,7 @@ mod imp {
 
 #[cfg(lepus_loom)]
 mod imp {
-    pub(crate) use loom::sync::atomic::{
-        AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering, fence,
-    };
+    pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering, fence};
     pub(crate) use loom::sync::{Arc, Condvar as LoomCondvar};
 
     use std::ops::{Deref, DerefMut};

@@ -111,8 +111,9 @@ fn assert_bound<R: Poolable>(core: &PoolCore<R>) {
 }
 
 /// Two threads acquire and release one pooled item (max 1) — one releases explicitly
-/// and then drops its guard — while a third closes the first item opened and reclaims
-/// dead leases. The bound holds after every step.
+/// and then drops its guard, a second release that must not end the other's later lease
+/// of the same slot — while a third closes the first item opened and reclaims dead
+/// leases. The bound holds after every step.
 fn pool_model() {
     let core = Arc::new(PoolCore::new(1));
     let opener = Opener::new(3);
@@ -128,6 +129,14 @@ fn pool_model() {
                 "item handed out twice"
             );
             lease.item().holders.fetch_sub(1, SeqCst);
+            // Counted in use while held, unless the item died and was reclaimed (read
+            // in this order: a dead item never comes back): no other lease's release
+            // ends this one.
+            let in_use = core.stats().in_use;
+            assert!(
+                in_use >= 1 || !lease.item().usable(),
+                "a held lease was released by another"
+            );
             if explicit {
                 lease.release();
                 assert_bound(&core);
