@@ -449,6 +449,33 @@ mod tests {
         assert_eq!(slot.unwrap().load(Ordering::Acquire), FAILED);
     }
 
+    /// A waiter whose deadline passes takes its registration with it: the next resolve
+    /// finds nobody to wake, and a later waiter on the same slot is woken by the ack.
+    #[test]
+    fn a_timed_out_waiter_leaves_no_registration() {
+        let t = Arc::new(ConfirmTracker::new());
+        t.enable();
+        let (seq, slot) = t.register(true, None).unwrap();
+        let slot = slot.unwrap();
+        let soon = Instant::now() + std::time::Duration::from_millis(20);
+        assert_eq!(t.wait_slot(&slot, soon).unwrap(), None, "timed out");
+        assert!(t.state.lock().waiters.is_empty());
+        let waiter = {
+            let (t, slot) = (t.clone(), slot.clone());
+            std::thread::spawn(move || {
+                t.wait_slot(&slot, Instant::now() + std::time::Duration::from_secs(5))
+            })
+        };
+        let give_up = Instant::now() + std::time::Duration::from_secs(5);
+        while t.state.lock().waiters.is_empty() {
+            assert!(Instant::now() < give_up, "the waiter never slept");
+            std::thread::yield_now();
+        }
+        t.resolve(seq, false, true);
+        assert_eq!(waiter.join().unwrap().unwrap(), Some(Confirm::Ack));
+        assert!(t.state.lock().waiters.is_empty());
+    }
+
     /// `wait_all` names every nacked message once: single and multiple nacks, mixed
     /// with acks, in the order the broker sent them.
     #[test]
