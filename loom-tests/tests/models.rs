@@ -583,7 +583,8 @@ fn confirm_targeted_wake_model() {
     };
     let broker = {
         let t = t.clone();
-        thread::spawn(move || t.resolve(1, false, true))
+        // A multiple ack of 1 (confirm_model covers the single path's wake).
+        thread::spawn(move || t.resolve(1, true, true))
     };
     assert_eq!(first.join().unwrap().unwrap(), Some(Confirm::Ack));
     broker.join().unwrap();
