@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 use std::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::sync::{Arc, AtomicBool, AtomicU8, Condvar, CondvarExt, Mutex, Ordering};
+use crate::sync::{Arc, AtomicBool, AtomicU8, Condvar, CondvarExt, Mutex, MutexGuard, Ordering};
 
 const PENDING: u8 = 0;
 const ACKED: u8 = 1;
@@ -98,6 +98,62 @@ struct State {
     kept: bool,
     /// Unconfirmed when the link was lost, kept for recovery to republish or hand back.
     in_doubt: Vec<Entry>,
+    /// The threads asleep in `wait_slot` / `wait_all`, each on its own condvar.
+    waiters: Vec<Waiter>,
+}
+
+/// A thread asleep on the tracker: what it waits for and the condvar it sleeps on (its
+/// own, so that waking it wakes nobody else).
+struct Waiter {
+    /// The address of the awaited slot, or [`ALL`] for `wait_all`.
+    key: usize,
+    cv: Arc<Condvar>,
+}
+
+/// The key of a `wait_all` waiter (no slot has address 0).
+const ALL: usize = 0;
+
+fn key_of(slot: &AtomicU8) -> usize {
+    slot as *const AtomicU8 as usize
+}
+
+impl State {
+    /// Take out the waiters of `key` (a settled slot), to wake once the lock is released.
+    fn take_waiters(&mut self, key: usize, wake: &mut Vec<Arc<Condvar>>) {
+        let mut i = 0;
+        while i < self.waiters.len() {
+            if self.waiters[i].key == key {
+                wake.push(self.waiters.swap_remove(i).cv);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Sleep on a condvar of one's own until woken (by a settle of `key`, a failure, or
+    /// the end of the pending messages for [`ALL`]) or `deadline`; true if the deadline
+    /// passed.
+    fn sleep(s: &mut MutexGuard<'_, State>, key: usize, deadline: Instant) -> bool {
+        let cv = Arc::new(Condvar::new());
+        s.waiters.push(Waiter {
+            key,
+            cv: cv.clone(),
+        });
+        let timed_out = cv.wait_until_deadline(s, deadline);
+        // Still registered if nobody woke it (deadline, spurious wake-up).
+        if let Some(i) = s.waiters.iter().position(|w| Arc::ptr_eq(&w.cv, &cv)) {
+            s.waiters.swap_remove(i);
+        }
+        timed_out
+    }
+}
+
+/// Wake each taken waiter (with the tracker's lock released: a woken thread does not
+/// block on it).
+fn wake(waiters: Vec<Arc<Condvar>>) {
+    for cv in waiters {
+        cv.notify_one();
+    }
 }
 
 /// Confirm bookkeeping of one channel on one connection generation; the I/O thread
@@ -106,7 +162,6 @@ struct State {
 pub struct ConfirmTracker {
     enabled: AtomicBool,
     state: Mutex<State>,
-    cv: Condvar,
 }
 
 impl Default for ConfirmTracker {
@@ -123,7 +178,6 @@ impl ConfirmTracker {
                 next_seq: 1,
                 ..State::default()
             }),
-            cv: Condvar::new(),
         }
     }
 
@@ -164,6 +218,12 @@ impl ConfirmTracker {
         if s.pending.back().is_some_and(|e| e.seq == seq) {
             s.pending.pop_back();
             s.next_seq = seq;
+            if s.pending.is_empty() && !s.waiters.is_empty() {
+                let mut woken = Vec::new();
+                s.take_waiters(ALL, &mut woken);
+                drop(s);
+                wake(woken);
+            }
         }
     }
 
@@ -222,32 +282,39 @@ impl ConfirmTracker {
         let mut s = self.state.lock();
         let outcome = if ack { ACKED } else { NACKED };
         let mut settled = 0;
-        if multiple {
-            while s.pending.front().is_some_and(|e| e.seq <= tag) {
-                settled += 1;
-                let e = s.pending.pop_front().expect("front checked");
-                if !ack {
-                    s.nacked_since_wait.push(e.seq);
-                }
-                if let Some(slot) = e.slot {
-                    slot.store(outcome, Ordering::Release);
-                }
-            }
-        } else if let Ok(i) = s.pending.binary_search_by_key(&tag, |e| e.seq) {
-            settled = 1;
-            let e = s.pending.remove(i).expect("index from search");
+        // Only the waiters of the settled slots (and `wait_all`'s once nothing is
+        // pending) are woken, each on its own condvar.
+        let mut woken = Vec::new();
+        let mut settle = |s: &mut State, e: Entry| {
             if !ack {
                 s.nacked_since_wait.push(e.seq);
             }
             if let Some(slot) = e.slot {
                 slot.store(outcome, Ordering::Release);
+                if !s.waiters.is_empty() {
+                    s.take_waiters(key_of(&slot), &mut woken);
+                }
             }
+        };
+        if multiple {
+            while s.pending.front().is_some_and(|e| e.seq <= tag) {
+                settled += 1;
+                let e = s.pending.pop_front().expect("front checked");
+                settle(&mut s, e);
+            }
+        } else if let Ok(i) = s.pending.binary_search_by_key(&tag, |e| e.seq) {
+            settled = 1;
+            let e = s.pending.remove(i).expect("index from search");
+            settle(&mut s, e);
         } else {
             crate::trace::warn!("broker confirmed unknown delivery tag {tag}");
         }
+        if s.pending.is_empty() && !s.waiters.is_empty() {
+            s.take_waiters(ALL, &mut woken);
+        }
         count(settled);
         drop(s);
-        self.cv.notify_all();
+        wake(woken);
         settled
     }
 
@@ -271,8 +338,10 @@ impl ConfirmTracker {
         }
         s.failure = Some(err);
         s.kept = keep;
+        // Every waiter wakes, whatever it waits for.
+        let woken: Vec<_> = s.waiters.drain(..).map(|w| w.cv).collect();
         drop(s);
-        self.cv.notify_all();
+        wake(woken);
     }
 
     /// The messages kept at failure (empty unless `fail` was told to keep them).
@@ -302,7 +371,7 @@ impl ConfirmTracker {
             if let Some(e) = &s.failure {
                 return Err(e.clone());
             }
-            if self.cv.wait_until_deadline(&mut s, deadline)
+            if State::sleep(&mut s, key_of(slot), deadline)
                 && slot.load(Ordering::Acquire) == PENDING
                 && s.failure.is_none()
             {
@@ -323,10 +392,7 @@ impl ConfirmTracker {
             if s.pending.is_empty() {
                 return Ok(std::mem::take(&mut s.nacked_since_wait));
             }
-            if self.cv.wait_until_deadline(&mut s, deadline)
-                && !s.pending.is_empty()
-                && s.failure.is_none()
-            {
+            if State::sleep(&mut s, ALL, deadline) && !s.pending.is_empty() && s.failure.is_none() {
                 return Err(Error::Timeout("publisher confirms"));
             }
         }
@@ -381,6 +447,33 @@ mod tests {
         assert!(closed.adopt(kept).is_empty());
         assert!(closed.take_in_doubt().is_empty());
         assert_eq!(slot.unwrap().load(Ordering::Acquire), FAILED);
+    }
+
+    /// A waiter whose deadline passes takes its registration with it: the next resolve
+    /// finds nobody to wake, and a later waiter on the same slot is woken by the ack.
+    #[test]
+    fn a_timed_out_waiter_leaves_no_registration() {
+        let t = Arc::new(ConfirmTracker::new());
+        t.enable();
+        let (seq, slot) = t.register(true, None).unwrap();
+        let slot = slot.unwrap();
+        let soon = Instant::now() + std::time::Duration::from_millis(20);
+        assert_eq!(t.wait_slot(&slot, soon).unwrap(), None, "timed out");
+        assert!(t.state.lock().waiters.is_empty());
+        let waiter = {
+            let (t, slot) = (t.clone(), slot.clone());
+            std::thread::spawn(move || {
+                t.wait_slot(&slot, Instant::now() + std::time::Duration::from_secs(5))
+            })
+        };
+        let give_up = Instant::now() + std::time::Duration::from_secs(5);
+        while t.state.lock().waiters.is_empty() {
+            assert!(Instant::now() < give_up, "the waiter never slept");
+            std::thread::yield_now();
+        }
+        t.resolve(seq, false, true);
+        assert_eq!(waiter.join().unwrap().unwrap(), Some(Confirm::Ack));
+        assert!(t.state.lock().waiters.is_empty());
     }
 
     /// `wait_all` names every nacked message once: single and multiple nacks, mixed

@@ -8,6 +8,7 @@
 //! scripts/with-rabbitmq target/release/examples/confirm-profile [threads] [per_thread]
 //! perf record -g target/release/examples/confirm-profile 100 200
 //! strace -c -f target/release/examples/confirm-profile 100 200
+//! LEPUS_SHARED_CHANNEL=1 target/release/examples/confirm-profile 20 500   # one channel
 //! ```
 
 #[path = "cpu.rs"]
@@ -33,13 +34,24 @@ fn main() {
     admin
         .queue_declare(&queue, &QueueDeclareOptions::default())
         .expect("queue.declare");
+    // LEPUS_SHARED_CHANNEL=1: every thread publishes on one channel (its waiters share
+    // the channel's confirm tracker).
+    let shared = std::env::var_os("LEPUS_SHARED_CHANNEL").is_some().then(|| {
+        let ch = conn.open_channel().expect("channel");
+        ch.confirm_select().expect("confirm.select");
+        ch
+    });
     let barrier = Arc::new(Barrier::new(threads + 1));
     let handles: Vec<_> = (0..threads)
         .map(|_| {
             let (conn, queue, barrier) = (conn.clone(), queue.clone(), barrier.clone());
+            let shared = shared.clone();
             std::thread::spawn(move || {
-                let ch = conn.open_channel().expect("channel");
-                ch.confirm_select().expect("confirm.select");
+                let ch = shared.unwrap_or_else(|| {
+                    let ch = conn.open_channel().expect("channel");
+                    ch.confirm_select().expect("confirm.select");
+                    ch
+                });
                 let props = BasicProperties::new();
                 let body = [7u8; 64];
                 barrier.wait();

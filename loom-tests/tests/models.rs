@@ -563,6 +563,44 @@ fn confirm_failure_model() {
     assert_eq!(kept, if acked { 1 } else { 2 });
 }
 
+/// Two publishers wait on one channel, each on its own message; the broker acks only
+/// the first. Its waiter must wake (and alone: the second keeps sleeping until the
+/// channel fails, then wakes with the failure). A resolve that wakes the wrong waiter,
+/// or nobody, leaves the first asleep: loom reports the deadlock.
+fn confirm_targeted_wake_model() {
+    let t = Arc::new(ConfirmTracker::new());
+    t.enable();
+    let (_, s1) = t.register(true, None).unwrap();
+    let (_, s2) = t.register(true, None).unwrap();
+    let (s1, s2) = (s1.unwrap(), s2.unwrap());
+    let first = {
+        let (t, s1) = (t.clone(), s1.clone());
+        thread::spawn(move || t.wait_slot(&s1, far()))
+    };
+    let second = {
+        let (t, s2) = (t.clone(), s2.clone());
+        thread::spawn(move || t.wait_slot(&s2, far()))
+    };
+    let broker = {
+        let t = t.clone();
+        // A multiple ack of 1 (confirm_model covers the single path's wake).
+        thread::spawn(move || t.resolve(1, true, true))
+    };
+    assert_eq!(first.join().unwrap().unwrap(), Some(Confirm::Ack));
+    broker.join().unwrap();
+    assert_eq!(outcome(&s2).unwrap(), None, "nobody settled the second");
+    t.fail(Error::ConnectionLost("rst".into()), false);
+    assert!(matches!(
+        second.join().unwrap(),
+        Err(Error::ConnectionLost(_))
+    ));
+}
+
+#[test]
+fn confirms_wake_only_the_settled_waiter() {
+    assert!(explore("confirms targeted wake", confirm_targeted_wake_model) > 1);
+}
+
 #[test]
 fn confirms_race_waiters() {
     assert!(explore("confirms", confirm_model) > 1);
