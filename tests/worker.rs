@@ -56,6 +56,45 @@ fn quiet_deliberate_panics() {
     });
 }
 
+/// A queue of ids `0..n` (published over a direct connection), consumed with a prefetch
+/// of 100 through the fault proxy by a connection that recovers: the set-up of the tests
+/// that reset the link mid-way.
+struct ResetSetup {
+    proxy: lepus_testkit::Proxy,
+    conn: Connection,
+    direct: Connection,
+    _cleanup: support::Cleanup,
+    q: String,
+    cch: Channel,
+    consumer: lepus::Consumer,
+}
+
+fn reset_setup(name: &str, n: u32) -> ResetSetup {
+    let proxy = start_proxy();
+    let conn = Connection::open_with(proxy.options().recovery(
+        RecoveryOptions::new().backoff(Duration::from_millis(50), Duration::from_secs(1)),
+    ))
+    .unwrap();
+    let direct = connect();
+    let pch = direct.open_channel().unwrap();
+    let cleanup = support::Cleanup::new();
+    let q = cleanup.queue(&support::unique(name));
+    pch.queue_declare(&q, &Default::default()).unwrap();
+    publish_ids(&pch, &q, n);
+    let cch = conn.open_channel().unwrap();
+    cch.basic_qos(100, false).unwrap();
+    let consumer = cch.basic_consume(&q, &ConsumeOptions::default()).unwrap();
+    ResetSetup {
+        proxy,
+        conn,
+        direct,
+        _cleanup: cleanup,
+        q,
+        cch,
+        consumer,
+    }
+}
+
 fn counters(n: usize) -> Arc<Vec<AtomicU32>> {
     Arc::new((0..n).map(|_| AtomicU32::new(0)).collect())
 }
@@ -257,20 +296,15 @@ fn recv_batch_takes_what_is_queued_up_to_max() {
 #[test]
 fn batch_consumer_loses_nothing_across_a_reset_link() {
     const N: u32 = 3_000;
-    let proxy = start_proxy();
-    let conn = Connection::open_with(proxy.options().recovery(
-        RecoveryOptions::new().backoff(Duration::from_millis(50), Duration::from_secs(1)),
-    ))
-    .unwrap();
-    let direct = connect();
-    let pch = direct.open_channel().unwrap();
-    let cleanup = support::Cleanup::new();
-    let q = cleanup.queue(&support::unique("batch-rst"));
-    pch.queue_declare(&q, &Default::default()).unwrap();
-    publish_ids(&pch, &q, N);
-    let cch = conn.open_channel().unwrap();
-    cch.basic_qos(100, false).unwrap();
-    let consumer = cch.basic_consume(&q, &ConsumeOptions::default()).unwrap();
+    let ResetSetup {
+        proxy,
+        conn,
+        direct,
+        _cleanup,
+        q,
+        cch,
+        consumer,
+    } = reset_setup("batch-rst", N);
     let mut seen = HashSet::new();
     let (mut received, mut failed_acks, mut reset) = (0u32, 0u32, false);
     let start = std::time::Instant::now();
@@ -318,20 +352,15 @@ fn batch_consumer_loses_nothing_across_a_reset_link() {
 #[test]
 fn worker_pool_goes_on_across_a_reset_link() {
     const N: u32 = 3_000;
-    let proxy = start_proxy();
-    let conn = Connection::open_with(proxy.options().recovery(
-        RecoveryOptions::new().backoff(Duration::from_millis(50), Duration::from_secs(1)),
-    ))
-    .unwrap();
-    let direct = connect();
-    let pch = direct.open_channel().unwrap();
-    let cleanup = support::Cleanup::new();
-    let q = cleanup.queue(&support::unique("pool-rst"));
-    pch.queue_declare(&q, &Default::default()).unwrap();
-    publish_ids(&pch, &q, N);
-    let cch = conn.open_channel().unwrap();
-    cch.basic_qos(100, false).unwrap();
-    let consumer = cch.basic_consume(&q, &ConsumeOptions::default()).unwrap();
+    let ResetSetup {
+        proxy,
+        conn,
+        direct,
+        _cleanup,
+        q,
+        cch,
+        consumer,
+    } = reset_setup("pool-rst", N);
     let handled = counters(N as usize);
     let total = Arc::new(AtomicU32::new(0));
     let hold = Arc::new(std::sync::atomic::AtomicBool::new(true));
