@@ -63,7 +63,7 @@ impl Credentials {
 /// ```no_run
 /// use std::time::Duration;
 /// use lepus::{ConnectionOptions, Credentials};
-/// # fn fetch_token() -> Result<(String, u64), String> { unimplemented!() }
+/// # fn fetch_token() -> Result<(String, u64), String> { Ok(("a-token".into(), 3600)) }
 /// let opts = ConnectionOptions::new().credentials_provider(|| {
 ///     let (token, seconds) = fetch_token()?;
 ///     Ok(Credentials::new("app", token).expires_in(Duration::from_secs(seconds)))

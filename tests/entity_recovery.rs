@@ -239,30 +239,16 @@ fn a_confirmation_waiter_follows_the_republished_copy() {
 /// handle again.
 #[test]
 fn a_cancelled_consumer_on_a_channel_the_broker_closed_comes_back() {
-    let clean = Cleanup::new();
-    let q = clean.queue(&unique("closed-under-consumer"));
-    let events: Arc<Mutex<Vec<RecoveryEvent>>> = Arc::default();
-    let ev = events.clone();
-    let conn = Connection::open_with(
-        test_options().recovery(
-            RecoveryOptions::new()
-                .backoff(Duration::from_millis(50), Duration::from_millis(300))
-                .resubscribe_cancelled_consumers(true)
-                .listener(move |e| ev.lock().unwrap().push(e.clone())),
-        ),
-    )
-    .unwrap();
-    let ch = conn.open_channel().unwrap();
-    ch.queue_declare(&q, &QueueDeclareOptions::default())
-        .unwrap();
-    let consumer = ch.basic_consume(&q, &ConsumeOptions::default()).unwrap();
-    let other = connect();
-    let och = other.open_channel().unwrap();
-    och.queue_delete(&q, &Default::default()).unwrap();
-    match consumer.recv_timeout(Duration::from_secs(10)) {
-        Err(lepus::RecvError::Failed(lepus::Error::ConsumerCancelled { .. })) => {}
-        r => panic!("expected the broker's cancel, got {r:?}"),
-    }
+    let Cancelled {
+        _clean,
+        q,
+        events,
+        _conn,
+        ch,
+        consumer,
+        other: _other,
+        och,
+    } = cancelled_consumer("closed-under-consumer", 300);
     let passive = QueueDeclareOptions {
         passive: true,
         ..Default::default()
@@ -275,36 +261,11 @@ fn a_cancelled_consumer_on_a_channel_the_broker_closed_comes_back() {
     let back = Instant::now();
     och.queue_declare(&q, &QueueDeclareOptions::default())
         .unwrap();
-    let resubscribed = wait_until(Duration::from_secs(20), || {
-        events.lock().unwrap().iter().any(|e| {
-            matches!(&e.kind, RecoveryEventKind::EntityRecovered(TopologyEntity::Consumer { queue, .. }) if *queue == q)
-        })
-    });
-    assert!(
-        resubscribed,
-        "the consumer was not subscribed again within 20 s"
-    );
+    wait_resubscribed(&events, &q);
     let back_ms = back.elapsed().as_millis();
     assert!(ch.is_open(), "the channel is open again");
     assert!(consumer.channel().is_open());
-    och.confirm_select().unwrap();
-    for i in 0..10 {
-        publish_confirmed(&och, "", &q, format!("m{i}").as_bytes());
-    }
-    let mut got = Vec::new();
-    for _ in 0..10 {
-        let d = consumer
-            .recv_timeout(Duration::from_secs(10))
-            .unwrap()
-            .expect("a delivery within 10 s");
-        got.push(String::from_utf8_lossy(d.body()).into_owned());
-        d.ack().unwrap();
-    }
-    let want: Vec<String> = (0..10).map(|i| format!("m{i}")).collect();
-    assert_eq!(
-        got, want,
-        "the same handle receives every message once, in order"
-    );
+    receives_ten_in_order(&och, &q, &consumer);
     eprintln!(
         "COUNTS cancelled_consumer_on_a_closed_channel: published=10 confirmed=10 consumed=10 \
          lost=0 duplicates=0 back_after_redeclare_ms={back_ms}"
@@ -318,30 +279,16 @@ fn a_cancelled_consumer_on_a_channel_the_broker_closed_comes_back() {
 /// receives.
 #[test]
 fn a_resubscribe_that_closes_its_channel_is_retried_on_a_reopened_channel() {
-    let clean = Cleanup::new();
-    let q = clean.queue(&unique("resubscribe-403"));
-    let events: Arc<Mutex<Vec<RecoveryEvent>>> = Arc::default();
-    let ev = events.clone();
-    let conn = Connection::open_with(
-        test_options().recovery(
-            RecoveryOptions::new()
-                .backoff(Duration::from_millis(50), Duration::from_millis(200))
-                .resubscribe_cancelled_consumers(true)
-                .listener(move |e| ev.lock().unwrap().push(e.clone())),
-        ),
-    )
-    .unwrap();
-    let ch = conn.open_channel().unwrap();
-    ch.queue_declare(&q, &QueueDeclareOptions::default())
-        .unwrap();
-    let consumer = ch.basic_consume(&q, &ConsumeOptions::default()).unwrap();
-    let other = connect();
-    let och = other.open_channel().unwrap();
-    och.queue_delete(&q, &Default::default()).unwrap();
-    match consumer.recv_timeout(Duration::from_secs(10)) {
-        Err(lepus::RecvError::Failed(lepus::Error::ConsumerCancelled { .. })) => {}
-        r => panic!("expected the broker's cancel, got {r:?}"),
-    }
+    let Cancelled {
+        _clean,
+        q,
+        events,
+        _conn,
+        ch,
+        consumer,
+        other,
+        och,
+    } = cancelled_consumer("resubscribe-403", 200);
     // The queue is back, but someone else holds it exclusively.
     och.queue_declare(&q, &QueueDeclareOptions::default())
         .unwrap();
@@ -371,20 +318,88 @@ fn a_resubscribe_that_closes_its_channel_is_retried_on_a_reopened_channel() {
     );
     let released = Instant::now();
     exclusive.cancel().unwrap();
+    wait_resubscribed(&events, &q);
+    let back_ms = released.elapsed().as_millis();
+    assert!(ch.is_open(), "the channel is open again");
+    receives_ten_in_order(&och, &q, &consumer);
+    eprintln!(
+        "COUNTS resubscribe_closing_its_channel: published=10 confirmed=10 consumed=10 lost=0 \
+         duplicates=0 back_after_the_exclusive_consumer_left_ms={back_ms}"
+    );
+}
+
+/// A consumer subscribed on its own connection (recovery resubscribes cancelled
+/// consumers; events collected by the listener), whose queue another connection
+/// (`other`, channel `och`) deleted: the broker's cancel has been received.
+struct Cancelled {
+    _clean: Cleanup,
+    q: String,
+    events: Arc<Mutex<Vec<RecoveryEvent>>>,
+    _conn: Connection,
+    ch: lepus::Channel,
+    consumer: lepus::Consumer,
+    other: Connection,
+    och: lepus::Channel,
+}
+
+fn cancelled_consumer(prefix: &str, max_backoff_ms: u64) -> Cancelled {
+    let clean = Cleanup::new();
+    let q = clean.queue(&unique(prefix));
+    let events: Arc<Mutex<Vec<RecoveryEvent>>> = Arc::default();
+    let ev = events.clone();
+    let conn = Connection::open_with(
+        test_options().recovery(
+            RecoveryOptions::new()
+                .backoff(
+                    Duration::from_millis(50),
+                    Duration::from_millis(max_backoff_ms),
+                )
+                .resubscribe_cancelled_consumers(true)
+                .listener(move |e| ev.lock().unwrap().push(e.clone())),
+        ),
+    )
+    .unwrap();
+    let ch = conn.open_channel().unwrap();
+    ch.queue_declare(&q, &QueueDeclareOptions::default())
+        .unwrap();
+    let consumer = ch.basic_consume(&q, &ConsumeOptions::default()).unwrap();
+    let other = connect();
+    let och = other.open_channel().unwrap();
+    och.queue_delete(&q, &Default::default()).unwrap();
+    match consumer.recv_timeout(Duration::from_secs(10)) {
+        Err(lepus::RecvError::Failed(lepus::Error::ConsumerCancelled { .. })) => {}
+        r => panic!("expected the broker's cancel, got {r:?}"),
+    }
+    Cancelled {
+        _clean: clean,
+        q,
+        events,
+        _conn: conn,
+        ch,
+        consumer,
+        other,
+        och,
+    }
+}
+
+/// Within 20 s, an event says the consumer of `q` was subscribed again.
+fn wait_resubscribed(events: &Mutex<Vec<RecoveryEvent>>, q: &str) {
     let resubscribed = wait_until(Duration::from_secs(20), || {
         events.lock().unwrap().iter().any(|e| {
-            matches!(&e.kind, RecoveryEventKind::EntityRecovered(TopologyEntity::Consumer { queue, .. }) if *queue == q)
+            matches!(&e.kind, RecoveryEventKind::EntityRecovered(TopologyEntity::Consumer { queue, .. }) if queue == q)
         })
     });
     assert!(
         resubscribed,
         "the consumer was not subscribed again within 20 s"
     );
-    let back_ms = released.elapsed().as_millis();
-    assert!(ch.is_open(), "the channel is open again");
+}
+
+/// Ten confirmed publishes to `q` reach `consumer` (the same handle), once each, in order.
+fn receives_ten_in_order(och: &lepus::Channel, q: &str, consumer: &lepus::Consumer) {
     och.confirm_select().unwrap();
     for i in 0..10 {
-        publish_confirmed(&och, "", &q, format!("m{i}").as_bytes());
+        publish_confirmed(och, "", q, format!("m{i}").as_bytes());
     }
     let mut got = Vec::new();
     for _ in 0..10 {
@@ -399,9 +414,5 @@ fn a_resubscribe_that_closes_its_channel_is_retried_on_a_reopened_channel() {
     assert_eq!(
         got, want,
         "the same handle receives every message once, in order"
-    );
-    eprintln!(
-        "COUNTS resubscribe_closing_its_channel: published=10 confirmed=10 consumed=10 lost=0 \
-         duplicates=0 back_after_the_exclusive_consumer_left_ms={back_ms}"
     );
 }
