@@ -23,7 +23,8 @@ pub fn broken(_name: &str) -> bool {
 }
 
 /// Plain shared ownership of immutable values (an error's I/O cause): not a
-/// synchronisation point, so never loom's.
+/// synchronisation point, so never loom's. (Its users are not built under loom.)
+#[cfg_attr(lepus_loom, allow(unused_imports))]
 pub use std::sync::Arc as StdArc;
 
 /// A process-wide setting (a test hook), not a synchronisation point: never loom's.

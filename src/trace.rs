@@ -1,6 +1,8 @@
 //! The crate's one door to diagnostics: log records through `log` (the default), or
 //! `tracing` events and spans with the `tracing` feature. Code calls
 //! `crate::trace::warn!(..)` and `crate::trace::span!(..)`, never `log::` or `tracing::`.
+// The loom model build compiles only the synchronisation cores, which use few of these.
+#![cfg_attr(lepus_loom, allow(unused_macros))]
 
 /// A record at `$level` through the facade this build uses.
 macro_rules! record {

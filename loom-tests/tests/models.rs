@@ -16,8 +16,8 @@ use std::sync::atomic::{AtomicUsize as StdAtomicUsize, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 
 use lepus::internal::model::{
-    ConfirmTracker, EndRelay, Ended, FailFlag, LinkCell, LinkGen, LinkState, PoolCore, Poolable, QueueShared, WakeFlag,
-    oneshot, outcome, queue,
+    ConfirmTracker, EndRelay, Ended, FailFlag, LinkCell, LinkGen, LinkState, PoolCore, Poolable,
+    QueueShared, WakeFlag, oneshot, outcome, queue,
 };
 use lepus::{Confirm, Error};
 use loom::sync::atomic::{AtomicBool, AtomicUsize};
@@ -50,6 +50,30 @@ fn explore(name: &str, f: impl Fn() + Sync + Send + 'static) -> usize {
 fn far() -> Instant {
     // loom's timed waits never time out; deadlines only need to be in the future.
     Instant::now() + Duration::from_secs(3600)
+}
+
+/// The I/O thread's wake-up as mio's `Waker` and `Poll` behave: sticky (a wake before
+/// the wait is kept until the next wait takes it) and the only way a sleeping I/O thread
+/// learns it has work. No re-poll: a lost wake-up leaves the I/O thread asleep for good,
+/// which loom reports.
+#[derive(Default)]
+struct Waker {
+    woken: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl Waker {
+    fn wake(&self) {
+        *self.woken.lock().unwrap() = true;
+        self.cv.notify_one();
+    }
+    fn wait(&self) {
+        let mut w = self.woken.lock().unwrap();
+        while !*w {
+            w = self.cv.wait(w).unwrap();
+        }
+        *w = false;
+    }
 }
 
 // ---------------------------------------------------------------- 1. pool
@@ -402,29 +426,6 @@ fn consumer_queue_close_races_delivery_and_ack() {
     assert!(explore("consumer queue", queue_model) > 1);
 }
 
-/// The I/O thread's wake-up as mio's `Waker` behaves: sticky (a wake before the wait is
-/// not lost) and the only way the stalled I/O thread learns it may read again. No
-/// re-poll: a lost wake-up leaves the I/O thread asleep for good, which loom reports.
-#[derive(Default)]
-struct Waker {
-    woken: Mutex<bool>,
-    cv: Condvar,
-}
-
-impl Waker {
-    fn wake(&self) {
-        *self.woken.lock().unwrap() = true;
-        self.cv.notify_one();
-    }
-    fn wait(&self) {
-        let mut w = self.woken.lock().unwrap();
-        while !*w {
-            w = self.cv.wait(w).unwrap();
-        }
-        *w = false;
-    }
-}
-
 /// The I/O side and one consumer alone, as the engine drives them: the I/O thread
 /// delivers three messages into a queue bounded at one; when `reserve_or_wait` says
 /// full it stalls until the consumer's `took_one` asks for a wake-up, then retries (the
@@ -466,7 +467,9 @@ fn consumer_queue_io_and_consumer_alone() {
 /// A consumer that never takes is cancelled (its handle dropped) while the I/O thread
 /// stalls on its full queue: the cancel clears `active` and wakes the I/O thread (the
 /// cancel command does that in lepus), which must then go on delivering instead of
-/// waiting for room nobody will make.
+/// waiting for room nobody will make. A delivery whose send fails (the queue's receiver
+/// is gone) is uncounted (`unpushed`, as `delivery.rs` does): the count is what was
+/// really queued.
 fn queue_cancel_model() {
     let shared = Arc::new(QueueShared::new(1));
     let (tx, rx) = queue::unbounded::<usize>();
@@ -474,22 +477,31 @@ fn queue_cancel_model() {
     let io = {
         let (shared, waker) = (shared.clone(), waker.clone());
         thread::spawn(move || {
+            let mut sent = 0;
             for m in 0..2 {
                 while !shared.reserve_or_wait() {
                     waker.wait();
                 }
                 shared.pushed();
-                if tx.send(m).is_err() {
+                if tx.send(m).is_ok() {
+                    sent += 1;
+                } else {
                     shared.unpushed();
                 }
             }
+            sent
         })
     };
     shared.active.store(false, SeqCst);
     drop(rx);
     waker.wake();
     // The I/O thread got through both deliveries: nothing held it back.
-    io.join().unwrap();
+    let sent = io.join().unwrap();
+    assert_eq!(
+        shared.queued.load(SeqCst),
+        sent,
+        "failed sends left counted"
+    );
 }
 
 #[test]
@@ -727,32 +739,44 @@ impl<T> CommandSlot<T> {
 
 /// An RPC waiter races a link failure: the handle queues its command (with its reply
 /// sender) through `FailFlag::send` and waits through `FailFlag::wait_reply`; the I/O
-/// thread sets the failure and does its final drain, which drops whatever it finds. The
-/// waiter must always wake (loom reports a deadlock if it sleeps on a sender nobody will
-/// drop), with "disconnected", never a reply.
+/// thread answers the command if it finds it before the link fails, then sets the
+/// failure and does its final drain, which drops whatever it finds. The waiter must
+/// always wake (loom reports a deadlock if it sleeps on a sender nobody will drop), with
+/// the answer if one was sent (a reply sent before the failure is never lost to it),
+/// else with "disconnected".
 fn fail_fence_model() {
     let flag = Arc::new(FailFlag::new());
     let slot = Arc::new(CommandSlot::<oneshot::Sender<u32>>::new());
     let io = {
         let (flag, slot) = (flag.clone(), slot.clone());
         thread::spawn(move || {
+            let answered = slot.pop().map(|tx| tx.send(1).is_ok());
             flag.set();
             flag.drain_failed(|| slot.pop().is_some());
+            answered == Some(true)
         })
     };
     let (tx, rx) = oneshot::channel::<u32>();
-    match flag.send(|| slot.push(tx)) {
+    let got = match flag.send(|| slot.push(tx)) {
         // Failed before queuing: the caller gets the error at once.
-        None => assert!(flag.is_set()),
+        None => {
+            assert!(flag.is_set());
+            None
+        }
         Some(r) => {
             assert!(r.is_ok());
-            assert_eq!(
-                flag.wait_reply(&rx, far()),
-                Err(oneshot::RecvError::Disconnected)
-            );
+            Some(flag.wait_reply(&rx, far()))
         }
+    };
+    let answered = io.join().unwrap();
+    if let Some(got) = got {
+        let want = if answered {
+            Ok(1)
+        } else {
+            Err(oneshot::RecvError::Disconnected)
+        };
+        assert_eq!(got, want, "answered: {answered}");
     }
-    io.join().unwrap();
 }
 
 #[test]
@@ -760,24 +784,38 @@ fn send_rpc_waiter_races_link_failure_and_final_drain() {
     assert!(explore("fail_fence", fail_fence_model) > 1);
 }
 
-/// mio's `Waker` and `Poll` as the I/O thread sees them: a wake-up is kept until the
-/// next poll takes it.
-struct PollWaker {
-    woken: Mutex<bool>,
-    cv: Condvar,
+/// The failing side's order (`FailFlag::fail`) as a reader sees it: a thread that sees
+/// the flag set also sees what the owner decided (whether a recovery follows) and the
+/// reason recorded (here a relaxed store, ordered only by the flag). `fail` returns the
+/// owner's decision; tried with a recovery to follow and without.
+fn fail_order_model(recover: bool) {
+    let flag = Arc::new(FailFlag::new());
+    let reason = Arc::new(AtomicUsize::new(0));
+    let io = {
+        let (flag, reason) = (flag.clone(), reason.clone());
+        thread::spawn(move || {
+            let said = flag.fail(|| recover, || reason.store(5, Relaxed));
+            assert_eq!(said, recover, "fail() returns what the owner decided");
+        })
+    };
+    if flag.is_set() {
+        assert_eq!(
+            flag.will_recover(),
+            recover,
+            "the flag seen before the decision"
+        );
+        assert_eq!(reason.load(Relaxed), 5, "the flag seen before the reason");
+    }
+    io.join().unwrap();
+    assert!(flag.is_set());
+    assert_eq!(flag.will_recover(), recover);
 }
 
-impl PollWaker {
-    fn wake(&self) {
-        *self.woken.lock().unwrap() = true;
-        self.cv.notify_all();
-    }
-    fn poll(&self) {
-        let mut w = self.woken.lock().unwrap();
-        while !*w {
-            w = self.cv.wait(w).unwrap();
-        }
-        *w = false;
+#[test]
+fn send_failure_is_seen_with_its_decision_and_reason() {
+    for recover in [false, true] {
+        let name = format!("fail_order (recover: {recover})");
+        assert!(explore(&name, move || fail_order_model(recover)) > 1);
     }
 }
 
@@ -791,11 +829,15 @@ fn wake_flag_model() {
     let wake = Arc::new(WakeFlag::new());
     let fail = Arc::new(FailFlag::new());
     let slot = Arc::new(CommandSlot::<u32>::new());
-    let waker = Arc::new(PollWaker {
-        woken: Mutex::new(false),
-        cv: Condvar::new(),
+    let waker = Arc::new(Waker::default());
+    // A wake-up from the quiet state reaches the I/O thread; later ones of the batch
+    // are coalesced into it.
+    let mut woke = false;
+    wake.wake(|| {
+        woke = true;
+        waker.wake();
     });
-    wake.wake(|| waker.wake());
+    assert!(woke, "a command's wake-up dropped while none was pending");
     let handle = {
         let (wake, fail, slot, waker) = (wake.clone(), fail.clone(), slot.clone(), waker.clone());
         thread::spawn(move || {
@@ -804,7 +846,7 @@ fn wake_flag_model() {
         })
     };
     loop {
-        waker.poll();
+        waker.wait();
         wake.clear();
         if let Some(v) = slot.pop() {
             assert_eq!(v, 7);
@@ -871,7 +913,12 @@ fn relay_model() {
                 loop {
                     match c.recv() {
                         Ok(v) => got += v,
-                        Err(e) => return (got, e),
+                        Err(e) => {
+                            // `Consumer::iter` and `has_ended` stop on a recorded end: one
+                            // not recorded would have the iterator call `recv` forever.
+                            assert_eq!(c.end.ended(), Some(e), "an end not recorded");
+                            return (got, e);
+                        }
                     }
                 }
             })
@@ -889,7 +936,11 @@ fn relay_model() {
         delivered += got;
     }
     assert_eq!(delivered, 1, "the delivery reached exactly one receiver");
-    assert_eq!(c.shared.queued.load(SeqCst), c.rx.len(), "the count left behind");
+    assert_eq!(
+        c.shared.queued.load(SeqCst),
+        c.rx.len(),
+        "the count left behind"
+    );
 }
 
 #[test]
@@ -1054,7 +1105,9 @@ fn link_close_install_model() {
     let cell = Arc::new(LinkCell::new(g1.clone()));
     let io = {
         let cell = cell.clone();
-        thread::spawn(move || g1.link_lost(&cell) && !cell.is_closed() && cell.install(ModelGen::new(2)))
+        thread::spawn(move || {
+            g1.link_lost(&cell) && !cell.is_closed() && cell.install(ModelGen::new(2))
+        })
     };
     let closed = cell.close().map(|g| g.n);
     let installed = io.join().unwrap();
