@@ -136,15 +136,16 @@ fn assert_bound<R: Poolable>(core: &PoolCore<R>) {
 
 /// Two threads acquire and release one pooled item (max 1) — one releases explicitly
 /// and then drops its guard, a second release that must not end the other's later lease
-/// of the same slot — while a third closes the first item opened and reclaims dead
-/// leases. The bound holds after every step.
+/// of the same slot; the other releases as `PooledChannel`'s drop does (`release_as`) —
+/// while a third closes the first item opened and reclaims dead leases. The bound holds
+/// after every step.
 fn pool_model() {
     let core = Arc::new(PoolCore::new(1));
     let opener = Opener::new(3);
     let user = |explicit: bool| {
         let (core, opener) = (core.clone(), opener.clone());
         thread::spawn(move || {
-            let lease = PoolCore::acquire(&core, far(), || opener.open()).expect("acquire");
+            let mut lease = PoolCore::acquire(&core, far(), || opener.open()).expect("acquire");
             assert_bound(&core);
             // Never handed to two holders at once.
             assert_eq!(
@@ -163,6 +164,11 @@ fn pool_model() {
             );
             if explicit {
                 lease.release();
+                assert_bound(&core);
+            } else {
+                // `PooledChannel`'s drop: the guard's release, told what it checked.
+                let usable = lease.item().usable();
+                lease.release_as(usable);
                 assert_bound(&core);
             }
             drop(lease);
@@ -970,11 +976,27 @@ impl ModelGen {
     }
     /// The I/O thread's failure path: `ConnShared::fail_link` (tell the owner through
     /// `LinkCell::failing`, then set the flag), then, when the thread ends,
-    /// `LinkCell::ended`. Returns true if this thread must run the recovery.
-    fn link_lost(&self, cell: &LinkCell<ModelGen>) -> bool {
-        self.fail
-            .fail(|| cell.failing(self.n, true).is_some(), || {});
-        cell.ended(self.n, self.n)
+    /// `LinkCell::ended`. `recoverable`: the kind of failure recovery heals (a lost
+    /// link) or not (say, access refused). Returns true if this thread must run the
+    /// recovery, which it may only if the owner said one follows.
+    fn link_lost(&self, cell: &LinkCell<ModelGen>, recoverable: bool) -> bool {
+        let recover = self.fail.fail(
+            || match cell.failing(self.n, recoverable) {
+                // The models fail installed generations only, never a candidate.
+                Some(candidate) => {
+                    assert!(!candidate, "generation {} taken for a candidate", self.n);
+                    true
+                }
+                None => false,
+            },
+            || {},
+        );
+        let start = cell.ended(self.n, self.n);
+        assert!(
+            !start || recover,
+            "a recovery started where none was to follow"
+        );
+        start
     }
 }
 
@@ -1007,7 +1029,7 @@ fn link_recovery_model() {
     let io = {
         let (cell, replayed) = (cell.clone(), replayed.clone());
         thread::spawn(move || {
-            if g1.link_lost(&cell) {
+            if g1.link_lost(&cell, true) {
                 assert!(cell.install(ModelGen::new(2)));
                 replayed.store(true, Release);
                 cell.notify();
@@ -1022,10 +1044,19 @@ fn link_recovery_model() {
         cell.wait_for(|| replayed.load(Acquire), far(), || 98, CLOSED),
         Ok(())
     );
+    assert!(
+        replayed.load(Acquire),
+        "wait_for returned before the replay"
+    );
     let got = asker.join().unwrap();
     assert!(got == Ok(1) || got == Ok(2), "current() gave {got:?}");
     io.join().unwrap();
     assert_eq!(cell.current(far(), CLOSED).map(|g| g.n), Ok(2));
+    assert!(!cell.is_dead(), "a recovered connection taken for dead");
+    assert!(
+        !cell.ended(1, 1),
+        "a late end of generation 1 starts something"
+    );
 }
 
 #[test]
@@ -1042,7 +1073,7 @@ fn link_give_up_model() {
     let io = {
         let cell = cell.clone();
         thread::spawn(move || {
-            if g1.link_lost(&cell) {
+            if g1.link_lost(&cell, true) {
                 cell.give_up(77);
             }
         })
@@ -1070,8 +1101,9 @@ fn link_close_model() {
     let io = {
         let cell = cell.clone();
         thread::spawn(move || {
-            if g1.link_lost(&cell) {
+            if g1.link_lost(&cell, true) {
                 assert!(cell.sleep_unless_closed(Duration::from_secs(1)));
+                assert!(cell.is_closed(), "the backoff ended without a close");
                 cell.give_up(CLOSED);
             }
         })
@@ -1090,6 +1122,28 @@ fn link_close_model() {
     assert_eq!(cell.current(far(), CLOSED).map(|g| g.n), Err(CLOSED));
 }
 
+/// Generation 1 fails in a way recovery does not heal (say, access refused): no
+/// recovery starts, the connection is dead with that error, and a thread waiting in
+/// `wait_for` for something only a recovery would bring wakes with it (a lost wake-up is
+/// a loom deadlock).
+fn link_unrecoverable_model() {
+    let g1 = ModelGen::new(1);
+    let cell = Arc::new(LinkCell::new(g1.clone()));
+    let io = {
+        let cell = cell.clone();
+        thread::spawn(move || assert!(!g1.link_lost(&cell, false), "a recovery started"))
+    };
+    assert_eq!(cell.wait_for(|| false, far(), || 98, CLOSED), Err(1));
+    io.join().unwrap();
+    assert!(cell.is_dead());
+    assert_eq!(cell.current(far(), CLOSED).map(|g| g.n), Err(1));
+}
+
+#[test]
+fn flight_unrecoverable_failure_wakes_waiters() {
+    assert!(explore("link_unrecoverable", link_unrecoverable_model) > 1);
+}
+
 #[test]
 fn flight_close_wakes_recovery_and_waiters() {
     assert!(explore("link_close", link_close_model) > 1);
@@ -1106,7 +1160,7 @@ fn link_close_install_model() {
     let io = {
         let cell = cell.clone();
         thread::spawn(move || {
-            g1.link_lost(&cell) && !cell.is_closed() && cell.install(ModelGen::new(2))
+            g1.link_lost(&cell, true) && !cell.is_closed() && cell.install(ModelGen::new(2))
         })
     };
     let closed = cell.close().map(|g| g.n);
