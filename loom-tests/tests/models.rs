@@ -608,10 +608,12 @@ fn confirm_targeted_wake_model() {
     broker.join().unwrap();
     assert_eq!(outcome(&s2).unwrap(), None, "nobody settled the second");
     t.fail(Error::ConnectionLost("rst".into()), false);
+    // The failed message's waiter hears why its channel ended; its handle reads failed.
     assert!(matches!(
         second.join().unwrap(),
-        Err(Error::ConnectionLost(_))
+        Err(Error::ConnectionLost(m)) if m == "rst"
     ));
+    assert!(matches!(outcome(&s2), Err(Error::ConnectionLost(_))));
 }
 
 #[test]
@@ -703,6 +705,15 @@ fn confirm_recovery_model() {
         .filter(|o| matches!(o, Err(Error::ConnectionLost(m)) if m.contains("handed")))
         .count();
     assert_eq!((acks, handed), (acked, again.len()), "{ends:?}");
+    // A wait on a handed-back message says so, not only that the link failed.
+    for slot in &slots {
+        if outcome(slot).is_err() {
+            assert!(matches!(
+                new.wait_slot(slot, far()),
+                Err(Error::ConnectionLost(m)) if m.contains("handed")
+            ));
+        }
+    }
 }
 
 #[test]
