@@ -2,7 +2,7 @@
 # Planted slips: apply each hand-written mutant in loom-tests/mutants/ (one realistic
 # one-line slip in lepus's synchronisation code: an ordering, a notify choice, a step
 # split in two) to a scratch copy of the crate, run the loom models its `Models:` line
-# names (a test-name filter), and report whether they catch it. Slow (a rebuild of lepus
+# names (test-name filters, space-separated), and report whether they catch it. Slow (a rebuild of lepus
 # and a model run per mutant), so it is not part of run.sh or CI's default path.
 #
 # Usage: loom-tests/mutants.sh [--models-at REV] [--generated] [MUTANT...]
@@ -55,10 +55,13 @@ if [ -n "$generated" ]; then
     (cd "$repo" && cargo mutants --list --json --diff "${args[@]}") >"$scratch/generated.json"
     python3 - "$scratch/generated.json" "$patch_dir" "${MUTANT_RE:-.}" <<'EOF'
 import json, re, sys
-models = {"src/sync.rs": "rpc_waiter", "src/pool_core.rs": "pool",
-          "src/link.rs": "flight_", "src/send_core.rs": "send_",
+# Each file's models: test-name filters, space-separated (a model runs if any matches).
+# The one-shot reply (sync.rs) is what the RPC and send models wait on; the failure flag
+# (send_core.rs) is also each connection generation's in the link models.
+models = {"src/sync.rs": "rpc_waiter send_", "src/pool_core.rs": "pool",
+          "src/link.rs": "flight_", "src/send_core.rs": "send_ flight_",
           "src/end_relay.rs": "consumer_end",
-          "src/delivery_queue.rs": "consumer_queue", "src/confirm_tracker.rs": "confirms"}
+          "src/delivery_queue.rs": "consumer_", "src/confirm_tracker.rs": "confirms"}
 keep = re.compile(sys.argv[3])
 for i, m in enumerate(json.load(open(sys.argv[1]))):
     if not keep.search(m["name"]):
@@ -107,7 +110,8 @@ for name in "${names[@]}"; do
         continue
     fi
     set +e
-    (cd "$crate/loom-tests" && timeout "$timeout_s" cargo test --release --test models "$filter" \
+    # shellcheck disable=SC2086 # the filters are words
+    (cd "$crate/loom-tests" && timeout "$timeout_s" cargo test --release --test models $filter \
         -- --nocapture --test-threads=1) >>"$log" 2>&1
     rc=$?
     set -e
