@@ -19,7 +19,8 @@
 #
 # A mutant is "caught" when a model fails (loom reports a deadlock or an assertion
 # fails), "MISSED" when the models pass, "timeout" when they run past MUTANT_TIMEOUT,
-# "build-error" when the mutated crate does not compile. Exit status 1 if any was missed.
+# "build-error" when the mutated crate does not compile, "run-error" when the test run
+# failed without a model failing. Exit status 1 if any was missed.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 repo="$(cd "$here/.." && pwd)"
@@ -110,9 +111,10 @@ for name in "${names[@]}"; do
         continue
     fi
     set +e
-    # shellcheck disable=SC2086 # the filters are words
-    (cd "$crate/loom-tests" && timeout "$timeout_s" cargo test --release --test models $filter \
-        -- --nocapture --test-threads=1) >>"$log" 2>&1
+    # The filters go to the test harness (cargo takes one only).
+    # shellcheck disable=SC2086
+    (cd "$crate/loom-tests" && timeout "$timeout_s" cargo test --release --test models \
+        -- $filter --nocapture --test-threads=1) >>"$log" 2>&1
     rc=$?
     set -e
     if [ $rc -eq 0 ]; then
@@ -120,6 +122,10 @@ for name in "${names[@]}"; do
         missed=$((missed + 1))
     elif [ $rc -eq 124 ]; then
         printf '%-36s %-14s %s\n' "$label" "timeout" "(models '$filter' ran past ${timeout_s}s)"
+        other=$((other + 1))
+    elif ! grep -qE '^deadlock;|panicked at|^test result: FAILED' "$log"; then
+        # Failed without a model failing (cargo refused its arguments, ...): not a catch.
+        printf '%-36s %-14s %s\n' "$label" "run-error" "(see $log)"
         other=$((other + 1))
     else
         # The failing models cargo lists, or (loom aborts the process on some
