@@ -292,8 +292,18 @@ fn pool_failed_open_hands_its_place_on() {
 
 /// Two RPC waiters; the I/O thread answers the first and then the link fails, which
 /// drops the second reply's sender. Each waiter wakes exactly once, with its reply or
-/// with "disconnected", never another's.
+/// with "disconnected", never another's. (And, before them, a reply to a waiter that
+/// left is handed back.)
 fn reply_model() {
+    // A waiter that left (timed out) before its reply came: the I/O thread gets the reply
+    // back, and so learns nobody took it (a basic.consume's consumer is then cancelled).
+    let (tx0, rx0) = oneshot::channel::<u32>();
+    drop(rx0);
+    assert_eq!(
+        tx0.send(5),
+        Err(5),
+        "a reply nobody will take counted as taken"
+    );
     let (tx1, rx1) = oneshot::channel::<Result<u32, u64>>();
     let (tx2, rx2) = oneshot::channel::<Result<u32, u64>>();
     let io = thread::spawn(move || {
