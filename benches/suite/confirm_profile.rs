@@ -57,6 +57,7 @@ fn main() {
                 (conn.clone(), queue.clone(), ready.clone(), barrier.clone());
             let shared = shared.clone();
             std::thread::Builder::new()
+                .name("publisher".into())
                 .stack_size(256 * 1024)
                 .spawn(move || {
                     let ch = shared.unwrap_or_else(|| {
