@@ -3,7 +3,8 @@
 //! 64-byte messages and waiting for each one's confirm. Prints the rate, the process's
 //! CPU time per message and its context switches per message (getrusage), counted from
 //! the moment every thread has its channel (the set-up, thread start + channel.open +
-//! confirm.select, is printed on its own line). A third argument `none` publishes without
+//! confirm.select, is printed on its own line), and the I/O thread's own CPU time per
+//! message (its schedstat, Linux). A third argument `none` publishes without
 //! confirms (no confirm.select; the figures end when every call returned and one RPC on
 //! the connection came back, so every publish was written, as in the suite).
 //!
@@ -97,6 +98,7 @@ fn main() {
     ready.wait();
     let setup_secs = setup_start.elapsed().as_secs_f64();
     let cpu0 = cpu::process();
+    let io0 = io_thread_ns();
     let setup = cpu0.since(&setup_cpu0);
     let start = Instant::now();
     barrier.wait();
@@ -120,6 +122,7 @@ fn main() {
     }
     let secs = start.elapsed().as_secs_f64();
     let u = cpu::process().since(&cpu0);
+    let io_us = io_thread_ns().zip(io0).map(|(b, a)| b.saturating_sub(a) as f64 / 1e3);
     drop(channels);
     // Per message, and per thread (the fixed part: the release from the barrier, the
     // thread's exit and join; with 0 messages, that alone).
@@ -146,6 +149,22 @@ fn main() {
         u.ivcsw as f64 / n,
         u.cpu_us() / threads as f64,
     );
+    if let Some(io) = io_us {
+        println!("I/O thread CPU {:.2} us/msg (schedstat)", io / n);
+    }
     let _ = admin.queue_delete(&queue, &Default::default());
     let _ = conn.close();
+}
+
+/// Time the connection's I/O thread has spent on a CPU, ns (Linux: the first field of
+/// /proc/self/task/<tid>/schedstat of the thread named `lepus-io…`); None elsewhere.
+fn io_thread_ns() -> Option<u64> {
+    for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.starts_with("lepus-io") {
+            let stat = std::fs::read_to_string(task.path().join("schedstat")).ok()?;
+            return stat.split_whitespace().next()?.parse().ok();
+        }
+    }
+    None
 }
