@@ -345,9 +345,8 @@ fn dead_link_with_recovery_on_wakes_calls_in_flight() {
 /// The broker sends a frame and closes TCP right after it (heartbeats off, recovery off:
 /// only the end of the stream can tell): the client sees the loss at once, whether the
 /// close comes in the frame's own read or after the client has read the frame and gone
-/// back to waiting. On Linux the I/O thread stops reading after a read that returned
-/// fewer bytes than asked (the socket was empty then) instead of reading until
-/// `WouldBlock`; the end of the stream must still be seen.
+/// back to waiting. (A reactor that stopped reading after a short read, to save the read
+/// that says `WouldBlock`, would have to keep this: benches/results/threads-900.md.)
 #[test]
 fn a_close_right_after_data_is_seen_at_once() {
     use lepus_testkit::frames::heartbeat_frame;

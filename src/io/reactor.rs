@@ -34,13 +34,10 @@ pub(crate) struct Reactor {
 }
 
 /// What the socket may do without blocking, as far as we know: set by poll events,
-/// cleared by `WouldBlock` (or, reading, by a short read: see [`Reactor::read`]).
+/// cleared by `WouldBlock`.
 struct Ready {
     readable: bool,
     writable: bool,
-    /// A poll event said the peer closed its side or the socket has an error: from then
-    /// on, reads go on until `WouldBlock` or the end of the stream, short or not.
-    read_closed: bool,
 }
 
 impl Reactor {
@@ -50,7 +47,6 @@ impl Reactor {
         let mut ready = Ready {
             readable: true,
             writable: true,
-            read_closed: false,
         };
         let mut next_timer = Instant::now();
         let mut more = false;
@@ -65,7 +61,7 @@ impl Reactor {
             }
             let now = Instant::now();
             self.drain_commands(now);
-            let reads = self.read(now, &mut ready);
+            let reads = self.read(now, &mut ready.readable);
             self.flush(now, &mut ready.writable);
             next_timer = self.timers(now, ready.writable);
             more = (ready.readable && reads >= READS_PER_TURN && !self.engine.is_stalled())
@@ -99,7 +95,6 @@ impl Reactor {
         for ev in events.iter() {
             if ev.token() == SOCKET {
                 ready.readable |= ev.is_readable() || ev.is_read_closed() || ev.is_error();
-                ready.read_closed |= ev.is_read_closed() || ev.is_error();
                 ready.writable |= ev.is_writable() || ev.is_write_closed() || ev.is_error();
             }
         }
@@ -119,17 +114,7 @@ impl Reactor {
 
     /// Inbound: a stalled delivery first, then frames already buffered, then the socket
     /// (a bounded number of reads). Returns how many reads took bytes.
-    ///
-    /// The reads go on until `WouldBlock`, except after a short read where the transport
-    /// says that drains the socket ([`Transport::short_read_drains`]: plain TCP on Linux):
-    /// there a read that returned fewer bytes than asked took everything the socket held,
-    /// the next read would only say `WouldBlock` (half of all reads, measured: see
-    /// benches/results/threads-900.md), and bytes that come later raise a new edge of the
-    /// edge-triggered poll. Not once a poll event reported the peer's close or an error:
-    /// that edge has been seen already, so the reads go on to the end of the stream.
-    fn read(&mut self, now: Instant, ready: &mut Ready) -> usize {
-        let short_read_drains = !ready.read_closed && self.transport.short_read_drains();
-        let readable = &mut ready.readable;
+    fn read(&mut self, now: Instant, readable: &mut bool) -> usize {
         let mut reads = 0;
         // Nothing more is taken from the decoder while a consumer queue is full or too much
         // output waits: otherwise each turn would answer one more buffered frame.
@@ -142,9 +127,7 @@ impl Reactor {
             && !self.engine.is_stalled()
             && self.engine.outcome().is_none()
         {
-            let buf = self.decoder.read_buf();
-            let asked = buf.len();
-            match self.transport.read(buf) {
+            match self.transport.read(self.decoder.read_buf()) {
                 Ok(0) => {
                     self.engine.fail(Error::ConnectionLost(
                         "the broker closed the TCP connection".into(),
@@ -152,9 +135,6 @@ impl Reactor {
                 }
                 Ok(n) => {
                     reads += 1;
-                    if short_read_drains && n < asked {
-                        *readable = false;
-                    }
                     Stats::add(&self.engine.conn.stats.bytes_in, n as u64);
                     self.decoder.filled(n);
                     self.engine.received(now);

@@ -64,21 +64,6 @@ impl<S> Transport<S> {
         }
     }
 
-    /// Whether a read that returned fewer bytes than asked took everything the socket
-    /// held (so the next read would say `WouldBlock`). True for plain TCP on Linux: a
-    /// `recv` there copies until the buffer is full or the receive queue is empty, and
-    /// data queued after it (even while it ran) raises a new edge of the edge-triggered
-    /// epoll that mio uses. Not promised elsewhere (mio asks for reads until
-    /// `WouldBlock`), and not for TLS: rustls may hold decrypted plaintext, or records it
-    /// has not processed, beyond what one read returned.
-    pub(crate) fn short_read_drains(&self) -> bool {
-        match self {
-            Transport::Plain(_) => cfg!(target_os = "linux"),
-            #[cfg(feature = "tls")]
-            Transport::Tls(_) => false,
-        }
-    }
-
     /// TLS records waiting to be written (plaintext already accepted from the engine).
     pub(crate) fn has_pending_output(&self) -> bool {
         match self {
