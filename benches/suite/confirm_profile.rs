@@ -122,7 +122,9 @@ fn main() {
     }
     let secs = start.elapsed().as_secs_f64();
     let u = cpu::process().since(&cpu0);
-    let io_us = io_thread_ns().zip(io0).map(|(b, a)| b.saturating_sub(a) as f64 / 1e3);
+    let io_us = io_thread_ns()
+        .zip(io0)
+        .map(|(b, a)| b.saturating_sub(a) as f64 / 1e3);
     drop(channels);
     // Per message, and per thread (the fixed part: the release from the barrier, the
     // thread's exit and join; with 0 messages, that alone).
