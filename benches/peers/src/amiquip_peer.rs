@@ -89,8 +89,12 @@ pub fn publish(threads: usize, per: usize, mode: Mode) -> Result<PublishOut, Str
     let handles: Vec<_> = channels
         .into_iter()
         .map(|ch| {
-            let (queue, ready, barrier, errors) =
-                (queue.clone(), ready.clone(), barrier.clone(), errors.clone());
+            let (queue, ready, barrier, errors) = (
+                queue.clone(),
+                ready.clone(),
+                barrier.clone(),
+                errors.clone(),
+            );
             std::thread::Builder::new()
                 .stack_size(256 * 1024)
                 .spawn(move || {
