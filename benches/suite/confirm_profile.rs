@@ -14,6 +14,7 @@
 //! perf record -g target/release/examples/confirm-profile 100 200
 //! strace -c -f target/release/examples/confirm-profile 100 200
 //! LEPUS_SHARED_CHANNEL=1 target/release/examples/confirm-profile 20 500   # one channel
+//! LEPUS_PROFILE_HOLD=1 target/release/examples/confirm-profile 900 10 none # exits not timed
 //! ```
 
 #[path = "cpu.rs"]
@@ -50,12 +51,18 @@ fn main() {
     // `ready`: every thread has its channel; the measured interval starts after it.
     let ready = Arc::new(Barrier::new(threads + 1));
     let barrier = Arc::new(Barrier::new(threads + 1));
+    // LEPUS_PROFILE_HOLD=1: the threads wait after their last call and exit only after
+    // the measured interval (leaves their exit and join out of it: the harness's share).
+    let hold = std::env::var_os("LEPUS_PROFILE_HOLD").is_some();
+    let done = Arc::new(Barrier::new(threads + 1));
+    let release = Arc::new(Barrier::new(threads + 1));
     let setup_cpu0 = cpu::process();
     let setup_start = Instant::now();
     let handles: Vec<_> = (0..threads)
         .map(|_| {
             let (conn, queue, ready, barrier) =
                 (conn.clone(), queue.clone(), ready.clone(), barrier.clone());
+            let (done, release) = (done.clone(), release.clone());
             let shared = shared.clone();
             std::thread::Builder::new()
                 .name("publisher".into())
@@ -90,6 +97,10 @@ fn main() {
                         };
                         failed += usize::from(!ok);
                     }
+                    if hold {
+                        done.wait();
+                        release.wait();
+                    }
                     (failed, ch)
                 })
                 .expect("spawn")
@@ -104,11 +115,20 @@ fn main() {
     barrier.wait();
     let mut failed = 0usize;
     let mut channels = Vec::with_capacity(threads);
-    for h in handles {
-        let (f, ch) = h.join().expect("publisher");
-        failed += f;
-        channels.push(ch);
-    }
+    let mut join = |handles: Vec<std::thread::JoinHandle<(usize, lepus::Channel)>>| {
+        for h in handles {
+            let (f, ch) = h.join().expect("publisher");
+            failed += f;
+            channels.push(ch);
+        }
+    };
+    let handles = if hold {
+        done.wait();
+        handles
+    } else {
+        join(handles);
+        Vec::new()
+    };
     // Without confirms the calls return before the frames are written: one RPC on the
     // connection comes back after every queued publish went out.
     if !confirms {
@@ -125,6 +145,10 @@ fn main() {
     let io_us = io_thread_ns()
         .zip(io0)
         .map(|(b, a)| b.saturating_sub(a) as f64 / 1e3);
+    if hold {
+        release.wait();
+    }
+    join(handles);
     drop(channels);
     // Per message, and per thread (the fixed part: the release from the barrier, the
     // thread's exit and join; with 0 messages, that alone).
