@@ -142,9 +142,12 @@ fn main() {
     }
     let secs = start.elapsed().as_secs_f64();
     let u = cpu::process().since(&cpu0);
-    let io_us = io_thread_ns()
-        .zip(io0)
-        .map(|(b, a)| b.saturating_sub(a) as f64 / 1e3);
+    let io_us = io_thread_ns().zip(io0).map(|(b, a)| {
+        (
+            b.0.saturating_sub(a.0) as f64 / 1e3,
+            b.1.saturating_sub(a.1) as f64 / 1e3,
+        )
+    });
     if hold {
         release.wait();
     }
@@ -175,21 +178,28 @@ fn main() {
         u.ivcsw as f64 / n,
         u.cpu_us() / threads as f64,
     );
-    if let Some(io) = io_us {
-        println!("I/O thread CPU {:.2} us/msg (schedstat)", io / n);
+    if let Some((run, wait)) = io_us {
+        println!(
+            "I/O thread CPU {:.2} us/msg (schedstat); runnable but waiting for a CPU {:.1} ms of {:.1} ms",
+            run / n,
+            wait / 1e3,
+            secs * 1e3
+        );
     }
     let _ = admin.queue_delete(&queue, &Default::default());
     let _ = conn.close();
 }
 
-/// Time the connection's I/O thread has spent on a CPU, ns (Linux: the first field of
-/// /proc/self/task/<tid>/schedstat of the thread named `lepus-io…`); None elsewhere.
-fn io_thread_ns() -> Option<u64> {
+/// Time the connection's I/O thread has spent on a CPU and runnable waiting for one, ns
+/// (Linux: the first two fields of /proc/self/task/<tid>/schedstat of the thread named
+/// `lepus-io…`); None elsewhere.
+fn io_thread_ns() -> Option<(u64, u64)> {
     for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
         let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
         if comm.starts_with("lepus-io") {
             let stat = std::fs::read_to_string(task.path().join("schedstat")).ok()?;
-            return stat.split_whitespace().next()?.parse().ok();
+            let mut f = stat.split_whitespace().map(|x| x.parse::<u64>().ok());
+            return Some((f.next()??, f.next()??));
         }
     }
     None
