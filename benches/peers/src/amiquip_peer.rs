@@ -265,10 +265,10 @@ pub fn consume(n: usize, messages: usize) -> Result<ConsumeOut, String> {
                                             errors.fetch_add(1, Ordering::Relaxed);
                                         }
                                     }
-                                    if let Err(e) = consumer.ack(d) {
-                                        if errors.fetch_add(1, Ordering::Relaxed) < 3 {
-                                            eprintln!("amiquip: ack failed: {e}");
-                                        }
+                                    if let Err(e) = consumer.ack(d)
+                                        && errors.fetch_add(1, Ordering::Relaxed) < 3
+                                    {
+                                        eprintln!("amiquip: ack failed: {e}");
                                     }
                                     last_recv.fetch_max(now, Ordering::AcqRel);
                                     received.fetch_add(1, Ordering::AcqRel);
