@@ -341,3 +341,36 @@ fn dead_link_with_recovery_on_wakes_calls_in_flight() {
         assert!(at - t < Duration::from_secs(2), "{what} took {:?}", at - t);
     }
 }
+
+/// The broker sends a frame and closes TCP right after it (heartbeats off, recovery off:
+/// only the end of the stream can tell): the client sees the loss at once, whether the
+/// close comes in the frame's own read or after the client has read the frame and gone
+/// back to waiting. (A reactor that stopped reading after a short read, to save the read
+/// that says `WouldBlock`, would have to keep this: benches/results/threads-900.md.)
+#[test]
+fn a_close_right_after_data_is_seen_at_once() {
+    use lepus_testkit::frames::heartbeat_frame;
+    use lepus_testkit::{FakeBroker, Tune};
+    for pause_ms in [0u64, 50] {
+        let broker = FakeBroker::start(move |p| {
+            p.handshake(Tune::default());
+            p.send(&heartbeat_frame());
+            thread::sleep(Duration::from_millis(pause_ms));
+            p.send(&heartbeat_frame());
+        });
+        let conn = Connection::open_with(broker.options().recovery(RecoveryOptions::disabled()))
+            .expect("connect to the fake broker");
+        broker.finish();
+        let t0 = Instant::now();
+        assert!(
+            wait_until(Duration::from_secs(3), || !conn.is_open()),
+            "pause {pause_ms} ms: the connection still looks open {:?} after the broker closed TCP",
+            t0.elapsed()
+        );
+        assert!(
+            matches!(conn.close_reason(), Some(Error::ConnectionLost(_))),
+            "pause {pause_ms} ms: {:?}",
+            conn.close_reason()
+        );
+    }
+}

@@ -24,6 +24,10 @@ pub struct Settings {
     pub peers: bool,
     pub peers_build_timeout: Option<u64>,
     pub out_dir: std::path::PathBuf,
+    /// Publish configurations (threads, messages each) to run instead of the default five.
+    pub configs: Vec<(usize, usize)>,
+    /// Publish modes (`none`, `each`, `window:N`) to run instead of the default three.
+    pub modes: Vec<String>,
 }
 
 impl Settings {

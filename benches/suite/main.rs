@@ -16,6 +16,9 @@
 //!          --peers        build and run the peers in quick mode too (quick mode skips
 //!                         them by default, and its report says so)
 //!          --out DIR      where the report goes
+//!          --configs 900x10,4x25000   publish configurations (threads x messages) to
+//!                         run instead of the five default ones (scenarios 1, 6, 7)
+//!          --modes none,each,window:100   publish modes to run (default: all three)
 //! ```
 //! Scenario 7 runs four probes beside lepus: `ceiling` and `ceiling-4conn` (publish
 //! without confirms, ceiling.rs) and `lockstep` and `lockstep-4conn` (confirm each,
@@ -108,6 +111,8 @@ fn parse_args() -> (Settings, Option<usize>) {
         peers: true,
         peers_build_timeout: None,
         out_dir: PathBuf::new(),
+        configs: Vec::new(),
+        modes: Vec::new(),
     };
     let mut out = None;
     let mut child = None;
@@ -131,6 +136,27 @@ fn parse_args() -> (Settings, Option<usize>) {
                 s.only = args
                     .get(i)
                     .map(|x| x.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+                    .unwrap_or_default();
+            }
+            "--configs" => {
+                i += 1;
+                s.configs = args
+                    .get(i)
+                    .map(|x| {
+                        x.split(',')
+                            .filter_map(|c| {
+                                let (t, m) = c.trim().split_once(['x', '×'])?;
+                                Some((t.parse().ok()?, m.parse().ok()?))
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+            }
+            "--modes" => {
+                i += 1;
+                s.modes = args
+                    .get(i)
+                    .map(|x| x.split(',').map(|m| m.trim().to_owned()).collect())
                     .unwrap_or_default();
             }
             "--out" => {
@@ -223,6 +249,23 @@ fn main() {
         (4, s.size(25_000, 5_000)),
     ];
     r.modes = vec![Mode::None, Mode::Each, Mode::Window(100)];
+    if !s.configs.is_empty() {
+        r.publish_configs = s.configs.clone();
+    }
+    if !s.modes.is_empty() {
+        r.modes = s
+            .modes
+            .iter()
+            .filter_map(|m| match m.as_str() {
+                "none" => Some(Mode::None),
+                "each" => Some(Mode::Each),
+                w => w
+                    .strip_prefix("window:")
+                    .and_then(|n| n.parse().ok())
+                    .map(Mode::Window),
+            })
+            .collect();
+    }
     // 3 (+6): massive consumers.
     r.consumer_counts = vec![100, 500, 900];
     if background {

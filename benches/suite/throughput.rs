@@ -85,12 +85,23 @@ pub fn publish(url: &str, threads: usize, per_thread: usize, mode: Mode) -> Publ
     let admin = conn.open_channel().expect("admin channel");
     let queue = common::unique("publish");
     declare(&admin, &queue);
+    // Two barriers: every thread opens its channel (and selects confirms) before `ready`,
+    // and the clock and the CPU figure start only after that, as the peers' do (amiquip
+    // and amqprs open every channel before they spawn). With one barrier the channel opens
+    // of the threads not yet ready were inside the measured interval: at 900 threads, 900
+    // channel.open round trips, most of lepus's measured time and CPU there.
+    let ready = Arc::new(Barrier::new(threads + 1));
     let barrier = Arc::new(Barrier::new(threads + 1));
     let errors = Arc::new(AtomicUsize::new(0));
     let handles: Vec<_> = (0..threads)
         .map(|_| {
-            let (conn, queue, barrier, errors) =
-                (conn.clone(), queue.clone(), barrier.clone(), errors.clone());
+            let (conn, queue, ready, barrier, errors) = (
+                conn.clone(),
+                queue.clone(),
+                ready.clone(),
+                barrier.clone(),
+                errors.clone(),
+            );
             spawn("publisher", move || {
                 let ch = conn.open_channel().expect("open a publisher channel");
                 if mode != Mode::None {
@@ -100,6 +111,7 @@ pub fn publish(url: &str, threads: usize, per_thread: usize, mode: Mode) -> Publ
                 let props = BasicProperties::new();
                 let mut lat = Samples::with_capacity(per_thread);
                 let mut window: Vec<Instant> = Vec::new();
+                ready.wait();
                 barrier.wait();
                 for i in 0..per_thread {
                     let t0 = Instant::now();
@@ -152,6 +164,7 @@ pub fn publish(url: &str, threads: usize, per_thread: usize, mode: Mode) -> Publ
             })
         })
         .collect();
+    ready.wait();
     let cpu0 = crate::cpu::process();
     // The clock starts before the release: a worker may finish before this thread
     // runs again after the barrier (on a loaded machine), and must not be missed.

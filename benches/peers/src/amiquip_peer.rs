@@ -81,12 +81,20 @@ pub fn publish(threads: usize, per: usize, mode: Mode) -> Result<PublishOut, Str
     for _ in 0..threads {
         channels.push(conn.open_channel(None).map_err(e2s)?);
     }
+    // Every thread's set-up (channel, confirm.select) before `ready`: the clock and the
+    // CPU figure start after it (the suite does the same with lepus).
+    let ready = Arc::new(Barrier::new(threads + 1));
     let barrier = Arc::new(Barrier::new(threads + 1));
     let errors = Arc::new(AtomicUsize::new(0));
     let handles: Vec<_> = channels
         .into_iter()
         .map(|ch| {
-            let (queue, barrier, errors) = (queue.clone(), barrier.clone(), errors.clone());
+            let (queue, ready, barrier, errors) = (
+                queue.clone(),
+                ready.clone(),
+                barrier.clone(),
+                errors.clone(),
+            );
             std::thread::Builder::new()
                 .stack_size(256 * 1024)
                 .spawn(move || {
@@ -123,6 +131,7 @@ pub fn publish(threads: usize, per: usize, mode: Mode) -> Result<PublishOut, Str
                     let body = [7u8; BODY];
                     let mut lat = Samples::with_capacity(per);
                     let mut window = Vec::new();
+                    ready.wait();
                     barrier.wait();
                     for i in 0..per {
                         let t0 = Instant::now();
@@ -159,6 +168,7 @@ pub fn publish(threads: usize, per: usize, mode: Mode) -> Result<PublishOut, Str
                 .expect("spawn")
         })
         .collect();
+    ready.wait();
     let cpu0 = crate::cpu::process();
     // The clock starts before the release: a worker may finish before this thread
     // runs again after the barrier (on a loaded machine), and must not be missed.
@@ -255,10 +265,10 @@ pub fn consume(n: usize, messages: usize) -> Result<ConsumeOut, String> {
                                             errors.fetch_add(1, Ordering::Relaxed);
                                         }
                                     }
-                                    if let Err(e) = consumer.ack(d) {
-                                        if errors.fetch_add(1, Ordering::Relaxed) < 3 {
-                                            eprintln!("amiquip: ack failed: {e}");
-                                        }
+                                    if let Err(e) = consumer.ack(d)
+                                        && errors.fetch_add(1, Ordering::Relaxed) < 3
+                                    {
+                                        eprintln!("amiquip: ack failed: {e}");
                                     }
                                     last_recv.fetch_max(now, Ordering::AcqRel);
                                     received.fetch_add(1, Ordering::AcqRel);

@@ -92,12 +92,20 @@ pub fn publish(threads: usize, per: usize, mode: Mode) -> Result<PublishOut, Str
         FieldTable::default(),
     ))
     .map_err(e2s)?;
+    // Every thread's set-up (channel, confirm.select) before `ready`: the clock and the
+    // CPU figure start after it (the suite does the same with lepus).
+    let ready = Arc::new(Barrier::new(threads + 1));
     let barrier = Arc::new(Barrier::new(threads + 1));
     let errors = Arc::new(AtomicUsize::new(0));
     let handles: Vec<_> = (0..threads)
         .map(|_| {
-            let (conn, queue, barrier, errors) =
-                (conn.clone(), queue.clone(), barrier.clone(), errors.clone());
+            let (conn, queue, ready, barrier, errors) = (
+                conn.clone(),
+                queue.clone(),
+                ready.clone(),
+                barrier.clone(),
+                errors.clone(),
+            );
             std::thread::Builder::new()
                 .stack_size(256 * 1024)
                 .spawn(move || {
@@ -109,6 +117,7 @@ pub fn publish(threads: usize, per: usize, mode: Mode) -> Result<PublishOut, Str
                     let body = [7u8; BODY];
                     let mut lat = Samples::with_capacity(per);
                     let mut window = Vec::new();
+                    ready.wait();
                     barrier.wait();
                     for i in 0..per {
                         let t0 = Instant::now();
@@ -154,6 +163,7 @@ pub fn publish(threads: usize, per: usize, mode: Mode) -> Result<PublishOut, Str
                 .expect("spawn")
         })
         .collect();
+    ready.wait();
     let cpu0 = crate::cpu::process();
     // The clock starts before the release: a worker may finish before this thread
     // runs again after the barrier (on a loaded machine), and must not be missed.
