@@ -837,7 +837,10 @@ impl Channel {
             if now >= deadline {
                 return Ok(None);
             }
-            if let Ok(r) = shared.returns_rx.recv_deadline((now + SLICE).min(deadline)) {
+            if let Ok(r) = shared
+                .returns
+                .receiver()
+                .recv_deadline((now + SLICE).min(deadline)) {
                 shared.returns_bytes.fetch_sub(r.cost(), Ordering::AcqRel);
                 return Ok(Some(r));
             }
@@ -864,7 +867,7 @@ impl Channel {
 
     fn try_recv_return_now(&self) -> Option<Returned> {
         let shared = self.shared();
-        let r = shared.returns_rx.try_recv().ok()?;
+        let r = shared.returns.try_recv()?;
         shared.returns_bytes.fetch_sub(r.cost(), Ordering::AcqRel);
         Some(r)
     }

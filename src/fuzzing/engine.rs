@@ -321,7 +321,7 @@ impl EngineHarness {
             return;
         };
         for _ in 0..n {
-            let Ok(r) = ch.shared.returns_rx.try_recv() else {
+            let Some(r) = ch.shared.returns.try_recv() else {
                 return;
             };
             ch.shared
@@ -367,9 +367,9 @@ impl EngineHarness {
         for ch in &self.channels {
             let r = ch.shared.returns_bytes.load(Ordering::Acquire);
             assert!(
-                r <= b.consumer_queue_bytes || ch.shared.returns_rx.len() <= 1,
+                r <= b.consumer_queue_bytes || ch.shared.returns.len() <= 1,
                 "returns hold {r} bytes in {} messages, over the bound {}",
-                ch.shared.returns_rx.len(),
+                ch.shared.returns.len(),
                 b.consumer_queue_bytes
             );
         }
@@ -406,7 +406,7 @@ impl EngineHarness {
             );
         }
         for ch in &self.channels {
-            assert!(ch.shared.returns_rx.len() <= RETURNS_CAPACITY);
+            assert!(ch.shared.returns.len() <= RETURNS_CAPACITY);
         }
         self.check_bytes();
         if self.engine.outcome().is_some() || !self.engine.is_open() {
