@@ -152,6 +152,18 @@ fn close_method() -> AMQPClass {
     }))
 }
 
+/// An arguments table no deeper than `max` (the broker and lepus's own decoder refuse
+/// deeper ones).
+pub(crate) fn check_depth(t: &FieldTable, max: usize) -> Result<()> {
+    let d = t.depth();
+    if d > max {
+        return Err(Error::InvalidArgument(format!(
+            "arguments table nested {d} levels deep; the limit is {max}"
+        )));
+    }
+    Ok(())
+}
+
 pub(crate) fn short(what: &str, s: &str) -> Result<ShortString> {
     if s.len() > 255 {
         return Err(Error::InvalidArgument(format!(
@@ -308,14 +320,7 @@ impl Channel {
     }
 
     pub(crate) fn check_args(&self, t: &FieldTable) -> Result<()> {
-        let d = t.depth();
-        if d > self.max_depth() {
-            return Err(Error::InvalidArgument(format!(
-                "arguments table nested {d} levels deep; the limit is {}",
-                self.max_depth()
-            )));
-        }
-        Ok(())
+        check_depth(t, self.max_depth())
     }
 
     fn args(&self, t: &FieldTable) -> Result<amq_protocol::types::FieldTable> {
@@ -553,7 +558,19 @@ impl Channel {
         let deadline = self.deadline();
         let shared = self.usable(deadline)?;
         let r = shared.rpc(m, deadline, "basic.qos-ok", None)?;
-        expect_reply!(r, "basic.qos", AMQPClass::Basic(basic::AMQPMethod::QosOk(_)) => ())?;
+        self.qos_finish(&shared, r, prefetch_count, global)
+    }
+
+    /// Take `basic.qos`'s reply: the prefetch bounds later consumers' queues, and the
+    /// record replays it on recovery.
+    pub(crate) fn qos_finish(
+        &self,
+        shared: &ChannelShared,
+        reply: Reply,
+        prefetch_count: u16,
+        global: bool,
+    ) -> Result<()> {
+        expect_reply!(reply, "basic.qos", AMQPClass::Basic(basic::AMQPMethod::QosOk(_)) => ())?;
         shared
             .prefetch
             .store(prefetch_count.into(), Ordering::Release);
