@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::io::Reply;
 use crate::options::ConsumeOptions;
 use crate::protocol::methods;
-use crate::sync::queue::{self as q, Receiver, RecvTimeoutError, Sender, TryRecvError};
+use crate::sync::lightq::{self as q, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use crate::sync::{Arc, AtomicBool, Ordering};
 use crate::topology::ConsumerRecord;
 

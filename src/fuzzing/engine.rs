@@ -19,8 +19,9 @@ use crate::options::{
 };
 use crate::protocol::frame::{FRAME_MIN_SIZE, FrameDecoder, READ_CHUNK};
 use crate::protocol::table::FieldTable;
+use crate::sync::lightq::{self, TryRecvError};
 use crate::sync::oneshot::RecvError;
-use crate::sync::queue::{self, Receiver, TryRecvError};
+use crate::sync::queue::{self, Receiver};
 use crate::sync::{Arc, Ordering};
 
 /// The largest reply the engine may append for one inbound frame (a `connection.close`
@@ -29,7 +30,7 @@ const MAX_REPLY_PER_FRAME: usize = 512;
 
 struct FuzzConsumer {
     channel: u16,
-    rx: Receiver<ConsumerMsg>,
+    rx: lightq::Receiver<ConsumerMsg>,
     shared: Arc<ConsumerShared>,
 }
 

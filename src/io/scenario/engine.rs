@@ -790,7 +790,7 @@ fn deliveries_for_no_consumer_of_ours_are_rejected_and_counted() {
 fn deliveries_for_no_consumer_are_not_rejected_where_a_no_ack_consumer_was() {
     let mut s = Scenario::new();
     let ch = s.open(1);
-    let (tx, _rx) = crate::sync::queue::unbounded();
+    let (tx, _rx) = crate::sync::lightq::unbounded();
     let sink = crate::delivery::ConsumerSink {
         tx,
         shared: std::sync::Arc::new(crate::delivery::ConsumerShared::new(4)),
@@ -852,7 +852,7 @@ fn broker_cancel_ends_the_consumer_and_is_answered() {
 fn consume_ok_after_the_waiter_left_cancels_the_consumer() {
     let mut s = Scenario::new();
     let ch = s.open(1);
-    let (tx, _rx) = crate::sync::queue::unbounded();
+    let (tx, _rx) = crate::sync::lightq::unbounded();
     let shared = std::sync::Arc::new(crate::delivery::ConsumerShared::new(4));
     let sink = crate::delivery::ConsumerSink {
         tx,
