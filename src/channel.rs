@@ -571,10 +571,11 @@ impl Channel {
         global: bool,
     ) -> Result<()> {
         expect_reply!(reply, "basic.qos", AMQPClass::Basic(basic::AMQPMethod::QosOk(_)) => ())?;
+        let mut record = self.record_for(shared, "basic.qos")?;
         shared
             .prefetch
             .store(prefetch_count.into(), Ordering::Release);
-        self.inner.record.lock().qos = Some((prefetch_count, global));
+        record.qos = Some((prefetch_count, global));
         Ok(())
     }
 
@@ -733,6 +734,26 @@ impl Channel {
     /// What recovery restores on this channel.
     pub(crate) fn record(&self) -> &Mutex<ChannelRecord> {
         &self.inner.record
+    }
+
+    /// The record, to add what an RPC on `shared`'s connection set up: an error if a
+    /// recovery copied the record for a newer connection in between (the RPC's reply came
+    /// before the link failed, the record was replayed without it), so that the caller
+    /// does it again instead of believing it is in place.
+    pub(crate) fn record_for(
+        &self,
+        shared: &ChannelShared,
+        what: &str,
+    ) -> Result<crate::sync::MutexGuard<'_, ChannelRecord>> {
+        let record = self.inner.record.lock();
+        if record.copied_for > shared.conn.generation {
+            return Err(Error::ConnectionLost(format!(
+                "the connection was recovered while {what} was being set up on channel {}: \
+                 it is not on the new connection; do it again",
+                self.inner.id
+            )));
+        }
+        Ok(record)
     }
 
     /// The state of the connection this channel belongs to.
@@ -901,8 +922,9 @@ impl Channel {
         let m = methods::confirm_select();
         let r = shared.rpc(m, deadline, "confirm.select-ok", None)?;
         expect_reply!(r, "confirm.select", AMQPClass::Confirm(confirm::AMQPMethod::SelectOk(_)) => ())?;
+        let mut record = self.record_for(&shared, "confirm.select")?;
         shared.confirms.enable();
-        self.inner.record.lock().confirm = true;
+        record.confirm = true;
         Ok(())
     }
 
@@ -1001,9 +1023,11 @@ impl Channel {
     /// Recovery puts the reopened channel in transaction mode again (a transaction open
     /// at the failure is lost: the broker rolled it back; commit fails with the error).
     pub fn tx_select(&self) -> Result<()> {
-        let r = self.rpc(crate::topology::tx_select(), "tx.select-ok")?;
+        let deadline = self.deadline();
+        let shared = self.usable(deadline)?;
+        let r = shared.rpc(crate::topology::tx_select(), deadline, "tx.select-ok", None)?;
         expect_reply!(r, "tx.select", AMQPClass::Tx(tx::AMQPMethod::SelectOk(_)) => ())?;
-        self.inner.record.lock().tx = true;
+        self.record_for(&shared, "tx.select")?.tx = true;
         Ok(())
     }
 

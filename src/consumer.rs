@@ -10,7 +10,7 @@ use crate::connection::Connection;
 use crate::delivery::{ConsumerMsg, ConsumerShared, ConsumerSink, Delivery, RecvError};
 use crate::end_relay::EndRelay;
 use crate::error::{Error, Result};
-use crate::io::Reply;
+use crate::io::{ChannelShared, Reply};
 use crate::options::ConsumeOptions;
 use crate::protocol::methods;
 use crate::sync::lightq::{self as q, Receiver, RecvTimeoutError, Sender, TryRecvError};
@@ -94,12 +94,13 @@ impl Channel {
             "basic.consume-ok",
             Some(start.sink.clone()),
         )?;
-        self.consume_finish(r, start, queue, opts)
+        self.consume_finish(&ch, r, start, queue, opts)
     }
 
     /// Record a started consumer (from its `consume-ok`) and make its handle.
     fn consume_finish(
         &self,
+        shared: &ChannelShared,
         reply: Reply,
         start: ConsumeStart,
         queue: &str,
@@ -117,7 +118,7 @@ impl Channel {
             }
         };
         let relay = start.sink.tx.clone();
-        let mut record = self.record().lock();
+        let mut record = self.record_for(shared, "basic.consume")?;
         if record.consumers.capacity() == 0 {
             // Most channels carry one consumer: no room for three more (saves ~400 B).
             record.consumers.reserve_exact(1);
@@ -150,7 +151,9 @@ impl Connection {
     /// no limit. Waits up to the operation timeout.
     ///
     /// If any step fails, the call fails with that step's error and the channel is
-    /// closed: nothing is left half set up.
+    /// closed: nothing is left half set up. The consumer holds the channel's only
+    /// handle: when it is dropped the channel closes, and deliveries not yet settled are
+    /// requeued by the broker (keep `consumer.channel().clone()` to settle them later).
     ///
     /// ```no_run
     /// use lepus::{Connection, ConsumeOptions};
@@ -196,7 +199,7 @@ impl Connection {
         let (qos, consume) = sent?;
         channel.qos_finish(&ch, ch.wait_reply(&qos, deadline, "basic.qos-ok")?, prefetch, false)?;
         let r = ch.wait_reply(&consume, deadline, "basic.consume-ok")?;
-        channel.consume_finish(r, start, queue, opts)
+        channel.consume_finish(&ch, r, start, queue, opts)
     }
 }
 

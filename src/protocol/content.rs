@@ -263,17 +263,20 @@ impl Assembler {
                 ));
             }
         }
+        // The state was `Body` with its parts stored (checked above; no frame leads here
+        // otherwise): the fallbacks only keep this function free of panics.
+        let lost = || FrameError::new(reply_code::INTERNAL_ERROR, "content state lost");
         let State::Body { body, .. } = std::mem::take(&mut self.state) else {
-            return Err(no_method());
+            return Err(lost());
         };
-        let parts = self.parts.as_deref_mut().ok_or_else(no_method)?;
+        let parts = self.parts.as_deref_mut().ok_or_else(lost)?;
         match (parts.method.take(), parts.properties.take()) {
             (Some(method), Some(properties)) => Ok(Some(Content {
                 method,
                 properties,
                 body,
             })),
-            _ => Err(no_method()),
+            _ => Err(lost()),
         }
     }
 }
