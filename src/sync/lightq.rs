@@ -232,6 +232,27 @@ mod tests {
         assert_eq!(rx.recv_timeout(Duration::from_millis(5)), Ok(1));
     }
 
+    /// Two receivers asleep when the last sender goes: both wake and learn it. (lepus's
+    /// consumers never see this: a `Consumer` holds a sender of its own queue, its end
+    /// relay; the queue must still keep crossbeam's promise.)
+    #[test]
+    fn last_sender_wakes_every_receiver() {
+        let (tx, rx) = unbounded::<u8>();
+        let sleepers: Vec<_> = (0..2)
+            .map(|_| {
+                let rx = rx.clone();
+                thread::spawn(move || rx.recv_timeout(Duration::from_secs(30)))
+            })
+            .collect();
+        while rx.0.inner.lock().waiting < 2 {
+            thread::yield_now();
+        }
+        drop(tx);
+        for s in sleepers {
+            assert_eq!(s.join().unwrap(), Err(RecvTimeoutError::Disconnected));
+        }
+    }
+
     /// Four receivers asleep on one queue, 10,000 items from two senders: every item
     /// reaches exactly one receiver, and every receiver ends when the senders go.
     #[test]
