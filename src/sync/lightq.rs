@@ -241,7 +241,10 @@ mod tests {
         let sleepers: Vec<_> = (0..2)
             .map(|_| {
                 let rx = rx.clone();
-                thread::spawn(move || rx.recv_timeout(Duration::from_secs(30)))
+                thread::spawn(move || {
+                    let t0 = Instant::now();
+                    (rx.recv_timeout(Duration::from_secs(30)), t0.elapsed())
+                })
             })
             .collect();
         while rx.0.inner.lock().waiting < 2 {
@@ -249,7 +252,11 @@ mod tests {
         }
         drop(tx);
         for s in sleepers {
-            assert_eq!(s.join().unwrap(), Err(RecvTimeoutError::Disconnected));
+            let (r, waited) = s.join().unwrap();
+            assert_eq!(r, Err(RecvTimeoutError::Disconnected));
+            // Woken by the drop, not let go by the 30 s deadline (after which a receiver
+            // also finds the queue disconnected).
+            assert!(waited < Duration::from_secs(20), "not woken: {waited:?}");
         }
     }
 
