@@ -59,9 +59,7 @@ mod imp {
 
     /// Multi-producer queues between handles and the I/O thread.
     pub mod queue {
-        pub use crossbeam_channel::{
-            Receiver, RecvTimeoutError, SendTimeoutError, Sender, TryRecvError, bounded, unbounded,
-        };
+        pub use crossbeam_channel::{Receiver, SendTimeoutError, Sender, bounded, unbounded};
     }
 }
 
@@ -397,3 +395,6 @@ pub mod oneshot {
         }
     }
 }
+
+/// An unbounded queue of a `Mutex<VecDeque>` and a `Condvar` (see its file).
+pub mod lightq;
