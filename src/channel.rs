@@ -152,6 +152,18 @@ fn close_method() -> AMQPClass {
     }))
 }
 
+/// An arguments table no deeper than `max` (the broker and lepus's own decoder refuse
+/// deeper ones).
+pub(crate) fn check_depth(t: &FieldTable, max: usize) -> Result<()> {
+    let d = t.depth();
+    if d > max {
+        return Err(Error::InvalidArgument(format!(
+            "arguments table nested {d} levels deep; the limit is {max}"
+        )));
+    }
+    Ok(())
+}
+
 pub(crate) fn short(what: &str, s: &str) -> Result<ShortString> {
     if s.len() > 255 {
         return Err(Error::InvalidArgument(format!(
@@ -308,14 +320,7 @@ impl Channel {
     }
 
     pub(crate) fn check_args(&self, t: &FieldTable) -> Result<()> {
-        let d = t.depth();
-        if d > self.max_depth() {
-            return Err(Error::InvalidArgument(format!(
-                "arguments table nested {d} levels deep; the limit is {}",
-                self.max_depth()
-            )));
-        }
-        Ok(())
+        check_depth(t, self.max_depth())
     }
 
     fn args(&self, t: &FieldTable) -> Result<amq_protocol::types::FieldTable> {
@@ -553,11 +558,24 @@ impl Channel {
         let deadline = self.deadline();
         let shared = self.usable(deadline)?;
         let r = shared.rpc(m, deadline, "basic.qos-ok", None)?;
-        expect_reply!(r, "basic.qos", AMQPClass::Basic(basic::AMQPMethod::QosOk(_)) => ())?;
+        self.qos_finish(&shared, r, prefetch_count, global)
+    }
+
+    /// Take `basic.qos`'s reply: the prefetch bounds later consumers' queues, and the
+    /// record replays it on recovery.
+    pub(crate) fn qos_finish(
+        &self,
+        shared: &ChannelShared,
+        reply: Reply,
+        prefetch_count: u16,
+        global: bool,
+    ) -> Result<()> {
+        expect_reply!(reply, "basic.qos", AMQPClass::Basic(basic::AMQPMethod::QosOk(_)) => ())?;
+        let mut record = self.record_for(shared, "basic.qos")?;
         shared
             .prefetch
             .store(prefetch_count.into(), Ordering::Release);
-        self.inner.record.lock().qos = Some((prefetch_count, global));
+        record.qos = Some((prefetch_count, global));
         Ok(())
     }
 
@@ -718,6 +736,26 @@ impl Channel {
         &self.inner.record
     }
 
+    /// The record, to add what an RPC on `shared`'s connection set up: an error if a
+    /// recovery copied the record for a newer connection in between (the RPC's reply came
+    /// before the link failed, the record was replayed without it), so that the caller
+    /// does it again instead of believing it is in place.
+    pub(crate) fn record_for(
+        &self,
+        shared: &ChannelShared,
+        what: &str,
+    ) -> Result<crate::sync::MutexGuard<'_, ChannelRecord>> {
+        let record = self.inner.record.lock();
+        if record.copied_for > shared.conn.generation {
+            return Err(Error::ConnectionLost(format!(
+                "the connection was recovered while {what} was being set up on channel {}: \
+                 it is not on the new connection; do it again",
+                self.inner.id
+            )));
+        }
+        Ok(record)
+    }
+
     /// The state of the connection this channel belongs to.
     pub(crate) fn connection_inner(&self) -> &Arc<crate::connection_state::ConnectionInner> {
         self.inner.conn.inner()
@@ -837,7 +875,10 @@ impl Channel {
             if now >= deadline {
                 return Ok(None);
             }
-            if let Ok(r) = shared.returns_rx.recv_deadline((now + SLICE).min(deadline)) {
+            if let Ok(r) = shared
+                .returns
+                .receiver()
+                .recv_deadline((now + SLICE).min(deadline)) {
                 shared.returns_bytes.fetch_sub(r.cost(), Ordering::AcqRel);
                 return Ok(Some(r));
             }
@@ -864,7 +905,7 @@ impl Channel {
 
     fn try_recv_return_now(&self) -> Option<Returned> {
         let shared = self.shared();
-        let r = shared.returns_rx.try_recv().ok()?;
+        let r = shared.returns.try_recv()?;
         shared.returns_bytes.fetch_sub(r.cost(), Ordering::AcqRel);
         Some(r)
     }
@@ -881,8 +922,9 @@ impl Channel {
         let m = methods::confirm_select();
         let r = shared.rpc(m, deadline, "confirm.select-ok", None)?;
         expect_reply!(r, "confirm.select", AMQPClass::Confirm(confirm::AMQPMethod::SelectOk(_)) => ())?;
+        let mut record = self.record_for(&shared, "confirm.select")?;
         shared.confirms.enable();
-        self.inner.record.lock().confirm = true;
+        record.confirm = true;
         Ok(())
     }
 
@@ -981,9 +1023,11 @@ impl Channel {
     /// Recovery puts the reopened channel in transaction mode again (a transaction open
     /// at the failure is lost: the broker rolled it back; commit fails with the error).
     pub fn tx_select(&self) -> Result<()> {
-        let r = self.rpc(crate::topology::tx_select(), "tx.select-ok")?;
+        let deadline = self.deadline();
+        let shared = self.usable(deadline)?;
+        let r = shared.rpc(crate::topology::tx_select(), deadline, "tx.select-ok", None)?;
         expect_reply!(r, "tx.select", AMQPClass::Tx(tx::AMQPMethod::SelectOk(_)) => ())?;
-        self.inner.record.lock().tx = true;
+        self.record_for(&shared, "tx.select")?.tx = true;
         Ok(())
     }
 

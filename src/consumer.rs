@@ -5,14 +5,15 @@ use std::time::{Duration, Instant};
 
 use amq_protocol::protocol::{AMQPClass, basic};
 
-use crate::channel::{Channel, short};
+use crate::channel::{Channel, check_depth, short};
+use crate::connection::Connection;
 use crate::delivery::{ConsumerMsg, ConsumerShared, ConsumerSink, Delivery, RecvError};
 use crate::end_relay::EndRelay;
 use crate::error::{Error, Result};
-use crate::io::Reply;
+use crate::io::{ChannelShared, Reply};
 use crate::options::ConsumeOptions;
 use crate::protocol::methods;
-use crate::sync::queue::{self as q, Receiver, RecvTimeoutError, Sender, TryRecvError};
+use crate::sync::lightq::{self as q, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use crate::sync::{Arc, AtomicBool, Ordering};
 use crate::topology::ConsumerRecord;
 
@@ -22,6 +23,57 @@ const QUEUE_MARGIN: usize = 64;
 /// Bound of a consumer's queue when the channel has no prefetch limit.
 const UNLIMITED_PREFETCH_QUEUE: usize = 1024;
 
+/// What `basic.consume` needs besides its reply: made before the request goes out, so
+/// that the queue exists when the first delivery does.
+struct ConsumeStart {
+    method: AMQPClass,
+    sink: ConsumerSink,
+    rx: Receiver<ConsumerMsg>,
+    shared: Arc<ConsumerShared>,
+}
+
+/// Check a consume request and make its queue and method. `prefetch` bounds the queue
+/// (0: no limit).
+fn consume_start(
+    queue: &str,
+    opts: &ConsumeOptions,
+    prefetch: usize,
+    max_queue_bytes: usize,
+) -> Result<ConsumeStart> {
+    short("queue name", queue)?;
+    short("consumer tag", &opts.consumer_tag)?;
+    let capacity = if prefetch == 0 {
+        UNLIMITED_PREFETCH_QUEUE
+    } else {
+        prefetch + QUEUE_MARGIN
+    };
+    let (tx, rx) = q::unbounded();
+    let shared = Arc::new(ConsumerShared::bounded(capacity, max_queue_bytes));
+    if opts.arguments.get("x-stream-offset").is_some() {
+        shared.stream.store(true, Ordering::Release);
+    }
+    let sink = ConsumerSink {
+        tx,
+        shared: shared.clone(),
+        no_ack: opts.no_ack,
+        queue: queue.to_string(),
+    };
+    let method = methods::consume(
+        queue,
+        &opts.consumer_tag,
+        opts.no_local,
+        opts.no_ack,
+        opts.exclusive,
+        &opts.arguments,
+    );
+    Ok(ConsumeStart {
+        method,
+        sink,
+        rx,
+        shared,
+    })
+}
+
 // A consumer is started from a channel; the method lives with the handle it creates, so
 // that imports point one way (consumer -> channel).
 impl Channel {
@@ -29,41 +81,32 @@ impl Channel {
     pub fn basic_consume(&self, queue: &str, opts: &ConsumeOptions) -> Result<Consumer> {
         let deadline = self.deadline();
         let ch = self.usable(deadline)?;
-        let prefetch = ch.prefetch.load(Ordering::Acquire);
-        let capacity = if prefetch == 0 {
-            UNLIMITED_PREFETCH_QUEUE
-        } else {
-            prefetch + QUEUE_MARGIN
-        };
-        let (tx, rx) = q::unbounded();
-        let shared = Arc::new(ConsumerShared::bounded(
-            capacity,
-            ch.conn.opts.consumer_queue_bytes,
-        ));
-        if opts.arguments.get("x-stream-offset").is_some() {
-            shared.stream.store(true, Ordering::Release);
-        }
-        let sink = ConsumerSink {
-            tx,
-            shared: shared.clone(),
-            no_ack: opts.no_ack,
-            queue: queue.to_string(),
-        };
-        let record_sink = sink.clone();
-        let relay = sink.tx.clone();
-        short("queue name", queue)?;
-        short("consumer tag", &opts.consumer_tag)?;
         self.check_args(&opts.arguments)?;
-        let m = methods::consume(
+        let start = consume_start(
             queue,
-            &opts.consumer_tag,
-            opts.no_local,
-            opts.no_ack,
-            opts.exclusive,
-            &opts.arguments,
-        );
-        let r = ch.rpc(m, deadline, "basic.consume-ok", Some(sink))?;
-        let tag = match r {
+            opts,
+            ch.prefetch.load(Ordering::Acquire),
+            ch.conn.opts.consumer_queue_bytes,
+        )?;
+        let r = ch.rpc(
+            start.method.clone(),
+            deadline,
+            "basic.consume-ok",
+            Some(start.sink.clone()),
+        )?;
+        self.consume_finish(&ch, r, start, queue, opts)
+    }
+
+    /// Record a started consumer (from its `consume-ok`) and make its handle.
+    fn consume_finish(
+        &self,
+        shared: &ChannelShared,
+        reply: Reply,
+        start: ConsumeStart,
+        queue: &str,
+        opts: &ConsumeOptions,
+    ) -> Result<Consumer> {
+        let tag = match reply {
             Reply::Method(AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(ok))) => {
                 ok.consumer_tag.to_string()
             }
@@ -74,7 +117,8 @@ impl Channel {
                 });
             }
         };
-        let mut record = self.record().lock();
+        let relay = start.sink.tx.clone();
+        let mut record = self.record_for(shared, "basic.consume")?;
         if record.consumers.capacity() == 0 {
             // Most channels carry one consumer: no room for three more (saves ~400 B).
             record.consumers.reserve_exact(1);
@@ -83,17 +127,79 @@ impl Channel {
             tag: tag.clone(),
             queue: queue.to_owned(),
             opts: opts.clone(),
-            sink: record_sink,
+            sink: start.sink,
         });
         drop(record);
         Ok(Consumer::new(
             tag,
-            rx,
+            start.rx,
             relay,
-            shared,
+            start.shared,
             self.clone(),
             opts.no_ack,
         ))
+    }
+}
+
+impl Connection {
+    /// Open a channel, set its prefetch (`basic.qos`, per consumer) and start a consumer
+    /// on `queue`, in one round trip: `channel.open`, `basic.qos` and `basic.consume` go
+    /// out together and their replies are awaited together (AMQP answers a channel's
+    /// requests in order), where opening, then [`Channel::basic_qos`], then
+    /// [`Channel::basic_consume`] wait for three. The channel is the consumer's
+    /// ([`Consumer::channel`]), recorded and recovered like any other. `prefetch` 0 sets
+    /// no limit. Waits up to the operation timeout.
+    ///
+    /// If any step fails, the call fails with that step's error and the channel is
+    /// closed: nothing is left half set up. The consumer holds the channel's only
+    /// handle: when it is dropped the channel closes, and deliveries not yet settled are
+    /// requeued by the broker (keep `consumer.channel().clone()` to settle them later).
+    ///
+    /// ```no_run
+    /// use lepus::{Connection, ConsumeOptions};
+    ///
+    /// let conn = Connection::open("amqp://127.0.0.1")?;
+    /// let consumer = conn.open_consumer("jobs", 50, &ConsumeOptions::default())?;
+    /// if let Some(d) = consumer.recv_timeout(std::time::Duration::from_secs(1))? {
+    ///     d.ack()?;
+    /// }
+    /// # Ok::<(), lepus::Error>(())
+    /// ```
+    pub fn open_consumer(
+        &self,
+        queue: &str,
+        prefetch: u16,
+        opts: &ConsumeOptions,
+    ) -> Result<Consumer> {
+        let inner = self.inner();
+        let deadline = Instant::now() + inner.opts.operation_timeout;
+        check_depth(&opts.arguments, inner.opts.max_table_depth)?;
+        let start = consume_start(
+            queue,
+            opts,
+            prefetch.into(),
+            inner.opts.consumer_queue_bytes,
+        )?;
+        let conn = inner.current(deadline)?;
+        let (ch, open) = conn.open_channel_start(None, deadline)?;
+        // Nobody else knows this channel yet: its requests need no serialising.
+        let sent = ch
+            .rpc_start(methods::qos(prefetch, false), deadline, "basic.qos-ok", None)
+            .and_then(|qos| {
+                let consume = ch.rpc_start(
+                    start.method.clone(),
+                    deadline,
+                    "basic.consume-ok",
+                    Some(start.sink.clone()),
+                )?;
+                Ok((qos, consume))
+            });
+        ch.open_finish(&open, deadline)?;
+        let channel = Channel::new(ch.clone(), self.clone());
+        let (qos, consume) = sent?;
+        channel.qos_finish(&ch, ch.wait_reply(&qos, deadline, "basic.qos-ok")?, prefetch, false)?;
+        let r = ch.wait_reply(&consume, deadline, "basic.consume-ok")?;
+        channel.consume_finish(&ch, r, start, queue, opts)
     }
 }
 

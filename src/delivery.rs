@@ -7,7 +7,7 @@ use std::fmt;
 use crate::error::{BadDeliveryKind, Error, Result};
 use crate::protocol::frame::{put_ack, put_nack, put_reject};
 use crate::protocol::properties::BasicProperties;
-use crate::sync::queue::Sender;
+use crate::sync::lightq::Sender;
 use crate::stats::Stats;
 use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 

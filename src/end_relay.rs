@@ -3,7 +3,7 @@
 //! next one. The model tests in `loom-tests/` run this code with loom.
 
 use crate::delivery_queue::QueueShared;
-use crate::sync::queue::Sender;
+use crate::sync::lightq::Sender;
 use crate::sync::{Mutex, Ordering};
 
 /// The recorded end of a consumer and the sender that passes it on.

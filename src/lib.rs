@@ -256,6 +256,7 @@ pub mod internal {
         pub use crate::link::{Ended, Link, LinkCell, LinkGen, LinkState};
         pub use crate::pool_core::{Lease, PoolCore, PoolStats, Poolable};
         pub use crate::send_core::{FailFlag, WakeFlag};
-        pub use crate::sync::{oneshot, queue};
+        pub use crate::sync::lightq as queue;
+        pub use crate::sync::oneshot;
     }
 }

@@ -223,7 +223,7 @@ fn replay(inner: &Arc<ConnectionInner>, gen_: &Arc<Generation>) -> Result<()> {
     // Channels: reopen all under their ids at once, then qos, confirm mode and consumers,
     // each a single round trip for all channels.
     let restored = reopen_channels(inner, conn, &channels)?;
-    let records = channel_records(inner, &restored, &renamed);
+    let records = channel_records(inner, &restored, &renamed, gen_.number());
     restore_qos_and_confirms(inner, &restored, &records)?;
     let started = restore_consumers(inner, conn, &restored, &records, &mut pending)?;
     let republished = settle_unconfirmed(inner, conn, &restored)?;
@@ -402,12 +402,14 @@ fn channel_records(
     inner: &ConnectionInner,
     restored: &Restored,
     renamed: &HashMap<String, String>,
+    generation: u64,
 ) -> Vec<ChannelRecord> {
     let resubscribe = inner.opts.recovery.resubscribe_cancelled;
     restored
         .iter()
         .map(|(c, _)| {
             let mut rec = c.record().lock();
+            rec.copied_for = rec.copied_for.max(generation);
             if resubscribe {
                 for r in &rec.consumers {
                     r.sink.shared.active.store(true, Ordering::Release);

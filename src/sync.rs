@@ -60,9 +60,7 @@ mod imp {
 
     /// Multi-producer queues between handles and the I/O thread.
     pub mod queue {
-        pub use crossbeam_channel::{
-            Receiver, RecvTimeoutError, SendTimeoutError, Sender, TryRecvError, bounded, unbounded,
-        };
+        pub use crossbeam_channel::{Receiver, SendTimeoutError, Sender, bounded, unbounded};
     }
 }
 
@@ -398,3 +396,6 @@ pub mod oneshot {
         }
     }
 }
+
+/// An unbounded queue of a `Mutex<VecDeque>` and a `Condvar` (see its file).
+pub mod lightq;

@@ -97,6 +97,10 @@ pub(crate) struct ChannelRecord {
     /// In transaction mode (`tx.select`).
     pub(crate) tx: bool,
     pub(crate) consumers: Vec<ConsumerRecord>,
+    /// The connection generation a recovery last copied this record for: a setting
+    /// recorded after that copy by an RPC of an older generation is not on the new
+    /// connection (see `Channel::record_for`).
+    pub(crate) copied_for: u64,
 }
 
 /// The `tx.select` that puts a channel (again) in transaction mode.

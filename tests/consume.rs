@@ -517,3 +517,84 @@ fn every_thread_receiving_from_a_consumer_sees_its_channel_closed() {
     assert!(conn.is_open());
     conn.close().unwrap();
 }
+
+/// `Connection::open_consumer` writes channel.open, basic.qos and basic.consume together:
+/// the prefetch holds (no fourth delivery while three are unacked), an ack lets the next
+/// one through, and every message arrives.
+#[test]
+fn open_consumer_applies_its_prefetch_and_consumes() {
+    let conn = connect();
+    let ch = conn.open_channel().unwrap();
+    ch.confirm_select().unwrap();
+    let q = temp_queue(&ch);
+    for i in 0..8 {
+        publish_confirmed(&ch, "", &q, format!("p{i}").as_bytes());
+    }
+    let consumer = conn
+        .open_consumer(&q, 3, &ConsumeOptions::default())
+        .unwrap();
+    assert_ne!(consumer.channel().id(), ch.id());
+    let mut held = Vec::new();
+    for i in 0..3 {
+        let d = consumer.recv_timeout(WAIT).unwrap().expect("a delivery");
+        assert_eq!(d.body(), format!("p{i}").as_bytes());
+        held.push(d);
+    }
+    assert!(
+        consumer.recv_timeout(QUIET).unwrap().is_none(),
+        "a fourth delivery while three are unacked: the prefetch of 3 was not applied"
+    );
+    held.remove(0).ack().unwrap();
+    let d = consumer.recv_timeout(WAIT).unwrap().expect("the fourth");
+    assert_eq!(d.body(), b"p3");
+    held.push(d);
+    for d in held.drain(..) {
+        d.ack().unwrap();
+    }
+    for i in 4..8 {
+        let d = consumer.recv_timeout(WAIT).unwrap().expect("a delivery");
+        assert_eq!(d.body(), format!("p{i}").as_bytes());
+        d.ack().unwrap();
+    }
+    assert!(wait_until(WAIT, || ready_count(&conn, &q) == 0));
+    conn.close().unwrap();
+}
+
+/// A failing `open_consumer` leaves no channel behind: a bad argument is refused before
+/// anything is sent, a missing queue closes the channel it opened (404), and the
+/// connection goes on.
+#[test]
+fn open_consumer_failures_leave_no_channel() {
+    let conn = connect();
+    let before = conn.stats().channels;
+    let long_tag = ConsumeOptions {
+        consumer_tag: "t".repeat(256),
+        ..Default::default()
+    };
+    let err = conn.open_consumer("any", 1, &long_tag).unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
+    assert_eq!(
+        conn.stats().channels,
+        before,
+        "nothing opened for a bad tag"
+    );
+    let missing = unique("missing");
+    let err = conn
+        .open_consumer(&missing, 1, &ConsumeOptions::default())
+        .unwrap_err();
+    assert_eq!(err.reply_code(), Some(reply_code::NOT_FOUND), "{err:?}");
+    assert!(
+        wait_until(WAIT, || conn.stats().channels == before),
+        "the failed consumer's channel is still open: {} channels, {before} before",
+        conn.stats().channels
+    );
+    let ch = conn.open_channel().unwrap();
+    let q = temp_queue(&ch);
+    let consumer = conn
+        .open_consumer(&q, 0, &ConsumeOptions::default())
+        .unwrap();
+    ch.confirm_select().unwrap();
+    publish_confirmed(&ch, "", &q, b"after");
+    assert_eq!(recv_body(&consumer), b"after");
+    conn.close().unwrap();
+}

@@ -130,11 +130,11 @@ pub fn lepus(url: &str, way: Way, n: usize, messages: usize) -> Result<WaysRun, 
             let registered = registered.clone();
             spawn("consumer", move || {
                 let mut ledger = IdLedger::new(messages);
-                let started = conn.open_channel().and_then(|ch| {
-                    ch.basic_qos(PREFETCH, false)?;
-                    let c = ch.basic_consume(&queue, &ConsumeOptions::default())?;
-                    Ok((ch, c))
-                });
+                // Channel open, qos and consume in one round trip (what a lepus user
+                // starting many consumers writes).
+                let started = conn
+                    .open_consumer(&queue, PREFETCH, &ConsumeOptions::default())
+                    .map(|c| ((), c));
                 registered.fetch_add(1, Ordering::AcqRel);
                 ready.wait();
                 let Ok((_ch, consumer)) = started else {

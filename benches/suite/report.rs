@@ -699,7 +699,7 @@ fn consumer_section(w: &mut String, r: &Results) {
     );
     let _ = writeln!(
         w,
-        "N consumers on one connection, a channel each (prefetch {}, manual acks), on one queue; one producer publishes the messages (64-byte bodies carrying an id and a send timestamp). **Startup**: from the start signal until every consumer's `basic.consume-ok` (channel open + qos + consume, in parallel threads). **Consume rate**: messages received / time from the first publish to the last delivery. End-to-end latency from the body's timestamp. **Lost**: ids never received (each id counted exactly).\n",
+        "N consumers on one connection, a channel each (prefetch {}, manual acks), on one queue; one producer publishes the messages (64-byte bodies carrying an id and a send timestamp). **Startup**: from the start signal until every consumer's `basic.consume-ok` (channel open + qos + consume, in parallel threads: lepus writes the three together with `Connection::open_consumer` and waits one round trip, the peers, which have no such call, wait three). **Consume rate**: messages received / time from the first publish to the last delivery. End-to-end latency from the body's timestamp. **Lost**: ids never received (each id counted exactly).\n",
         crate::throughput::PREFETCH
     );
     let clients: Vec<String> = std::iter::once("lepus".to_string())

@@ -345,11 +345,11 @@ pub fn consumers(url: &str, n: usize, messages: usize) -> ConsumeRun {
                 let mut ledger = IdLedger::new(messages);
                 let mut lat = Samples::with_capacity(messages / n + 16);
                 barrier.wait();
-                let started = conn.open_channel().and_then(|ch| {
-                    ch.basic_qos(PREFETCH, false)?;
-                    let c = ch.basic_consume(&queue, &ConsumeOptions::default())?;
-                    Ok((ch, c))
-                });
+                // Channel open, qos and consume in one round trip (what a lepus user
+                // starting many consumers writes).
+                let started = conn
+                    .open_consumer(&queue, PREFETCH, &ConsumeOptions::default())
+                    .map(|c| ((), c));
                 let (_ch, consumer) = match started {
                     Ok(x) => x,
                     Err(e) => {

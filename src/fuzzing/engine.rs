@@ -19,8 +19,9 @@ use crate::options::{
 };
 use crate::protocol::frame::{FRAME_MIN_SIZE, FrameDecoder, READ_CHUNK};
 use crate::protocol::table::FieldTable;
+use crate::sync::lightq::{self, TryRecvError};
 use crate::sync::oneshot::RecvError;
-use crate::sync::queue::{self, Receiver, TryRecvError};
+use crate::sync::queue::{self, Receiver};
 use crate::sync::{Arc, Ordering};
 
 /// The largest reply the engine may append for one inbound frame (a `connection.close`
@@ -29,7 +30,7 @@ const MAX_REPLY_PER_FRAME: usize = 512;
 
 struct FuzzConsumer {
     channel: u16,
-    rx: Receiver<ConsumerMsg>,
+    rx: lightq::Receiver<ConsumerMsg>,
     shared: Arc<ConsumerShared>,
 }
 
@@ -321,7 +322,7 @@ impl EngineHarness {
             return;
         };
         for _ in 0..n {
-            let Ok(r) = ch.shared.returns_rx.try_recv() else {
+            let Some(r) = ch.shared.returns.try_recv() else {
                 return;
             };
             ch.shared
@@ -367,9 +368,9 @@ impl EngineHarness {
         for ch in &self.channels {
             let r = ch.shared.returns_bytes.load(Ordering::Acquire);
             assert!(
-                r <= b.consumer_queue_bytes || ch.shared.returns_rx.len() <= 1,
+                r <= b.consumer_queue_bytes || ch.shared.returns.len() <= 1,
                 "returns hold {r} bytes in {} messages, over the bound {}",
-                ch.shared.returns_rx.len(),
+                ch.shared.returns.len(),
                 b.consumer_queue_bytes
             );
         }
@@ -406,7 +407,7 @@ impl EngineHarness {
             );
         }
         for ch in &self.channels {
-            assert!(ch.shared.returns_rx.len() <= RETURNS_CAPACITY);
+            assert!(ch.shared.returns.len() <= RETURNS_CAPACITY);
         }
         self.check_bytes();
         if self.engine.outcome().is_some() || !self.engine.is_open() {

@@ -71,7 +71,13 @@ fn answers(request: (u16, u16), reply: (u16, u16)) -> bool {
 /// it would leave that waiter's own reply without a request a moment later.
 fn take_pending(pending: &mut VecDeque<Pending>, reply: (u16, u16)) -> Option<Pending> {
     let i = pending.iter().position(|p| answers(p.request, reply))?;
-    pending.remove(i)
+    let p = pending.remove(i);
+    if pending.is_empty() {
+        // An idle channel keeps no room for RPCs (4 x 72 bytes): one allocation per RPC
+        // that empties the queue, next to a round trip to the broker.
+        *pending = VecDeque::new();
+    }
+    p
 }
 
 /// The consumers of one channel by tag. Usually one or two: a vector is smaller than a
@@ -1368,7 +1374,7 @@ fn queue_return(shared: &ChannelShared, ch: u16, r: Returned) {
     let byte_limit = shared.conn.opts.consumer_queue_bytes;
     // Returns are not worth stopping the connection for: over either bound they are
     // dropped (an empty queue always takes one).
-    if shared.returns_rx.len() >= RETURNS_CAPACITY || (bytes > 0 && bytes + cost > byte_limit) {
+    if shared.returns.len() >= RETURNS_CAPACITY || (bytes > 0 && bytes + cost > byte_limit) {
         let n = shared.returns_dropped.fetch_add(1, Ordering::Relaxed) + 1;
         Stats::add(&stats.returns_dropped, 1);
         // One event at the 1st, 2nd, 4th, ... drop: the loss is seen, the log not flooded.
@@ -1384,12 +1390,12 @@ fn queue_return(shared: &ChannelShared, ch: u16, r: Returned) {
              ({n} dropped so far)",
             r.exchange,
             r.routing_key,
-            shared.returns_rx.len(),
+            shared.returns.len(),
         );
         return;
     }
     shared.returns_bytes.fetch_add(cost, Ordering::AcqRel);
-    if shared.returns_tx.send(r).is_err() {
+    if !shared.returns.send(r) {
         shared.returns_bytes.fetch_sub(cost, Ordering::AcqRel);
     }
 }

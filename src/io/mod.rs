@@ -396,6 +396,33 @@ impl ConnShared {
 /// Returned messages are kept up to this many per channel; more are logged and dropped.
 pub(crate) const RETURNS_CAPACITY: usize = 1024;
 
+/// A channel's returned messages. The queue is made at the first return or the first
+/// wait for one: most channels see neither, and an empty queue is ~500 bytes.
+#[derive(Default)]
+pub(crate) struct Returns(Mutex<Option<(Sender<Returned>, Receiver<Returned>)>>);
+
+impl Returns {
+    /// The receiving end, made if it is not yet (to block on it outside the lock).
+    pub(crate) fn receiver(&self) -> Receiver<Returned> {
+        let mut q = self.0.lock();
+        q.get_or_insert_with(queue::unbounded).1.clone()
+    }
+
+    /// Queue a return; false if it could not be.
+    pub(crate) fn send(&self, r: Returned) -> bool {
+        let mut q = self.0.lock();
+        q.get_or_insert_with(queue::unbounded).0.send(r).is_ok()
+    }
+
+    pub(crate) fn try_recv(&self) -> Option<Returned> {
+        self.0.lock().as_ref()?.1.try_recv().ok()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.0.lock().as_ref().map_or(0, |(_, rx)| rx.len())
+    }
+}
+
 /// State of one channel shared by its handles and the I/O thread.
 pub(crate) struct ChannelShared {
     pub(crate) id: u16,
@@ -403,8 +430,7 @@ pub(crate) struct ChannelShared {
     closed: AtomicBool,
     close_reason: Mutex<Option<Error>>,
     pub(crate) confirms: ConfirmTracker,
-    pub(crate) returns_tx: Sender<Returned>,
-    pub(crate) returns_rx: Receiver<Returned>,
+    pub(crate) returns: Returns,
     pub(crate) returns_dropped: AtomicUsize,
     /// Bytes (decoded size) of the returns queued unread.
     pub(crate) returns_bytes: AtomicUsize,
@@ -421,7 +447,6 @@ pub(crate) struct ChannelShared {
 
 impl ChannelShared {
     pub(crate) fn new(id: u16, conn: Arc<ConnShared>) -> Self {
-        let (returns_tx, returns_rx) = queue::unbounded();
         let unacked = conn
             .opts
             .unacked_warning
@@ -432,8 +457,7 @@ impl ChannelShared {
             closed: AtomicBool::new(false),
             close_reason: Mutex::new(None),
             confirms: ConfirmTracker::new(),
-            returns_tx,
-            returns_rx,
+            returns: Returns::default(),
             returns_dropped: AtomicUsize::new(0),
             returns_bytes: AtomicUsize::new(0),
             orphan_deliveries: AtomicUsize::new(0),

@@ -125,7 +125,7 @@ pub(super) const FRAME_MAX: u32 = 4096;
 
 /// The test's end of a consumer.
 pub(super) struct TestConsumer {
-    pub(super) rx: Receiver<ConsumerMsg>,
+    pub(super) rx: crate::sync::lightq::Receiver<ConsumerMsg>,
     pub(super) shared: Arc<ConsumerShared>,
 }
 
@@ -284,7 +284,7 @@ impl Scenario {
         capacity: usize,
         bytes: usize,
     ) -> TestConsumer {
-        let (tx, rx) = queue::unbounded();
+        let (tx, rx) = crate::sync::lightq::unbounded();
         let shared = Arc::new(ConsumerShared::bounded(capacity, bytes));
         let sink = ConsumerSink {
             tx,

@@ -72,18 +72,17 @@ pub struct Content {
     pub body: Vec<u8>,
 }
 
-// One per channel, and `Body` is the state a busy channel is in most of the time:
-// boxing it would cost an allocation per message to save a few hundred bytes per channel.
-#[allow(clippy::large_enum_variant)]
+// One per channel. What a content in progress holds (its method, decoded properties:
+// ~400 bytes) lives in `Parts`, boxed at the channel's first content and reused for every
+// later one: an idle channel, most of a connection's channels, carries a pointer instead,
+// and a busy one allocates nothing more per message.
 #[derive(Debug, Default)]
 enum State {
     #[default]
     Idle,
-    /// The method, and why its message is bad already (a non-UTF-8 routing key...).
-    Header(ContentMethod, Option<String>),
+    /// The method (in `Parts`) arrived; its header is next.
+    Header,
     Body {
-        method: ContentMethod,
-        properties: Result<BasicProperties, ContentProblem>,
         body: Vec<u8>,
         expected: u64,
         received: u64,
@@ -92,13 +91,30 @@ enum State {
     Skip { expected: u64, received: u64 },
 }
 
+/// The content in progress, besides its body.
+#[derive(Debug, Default)]
+struct Parts {
+    method: Option<ContentMethod>,
+    /// Why its message is bad already (a non-UTF-8 routing key...).
+    problem: Option<String>,
+    properties: Option<Result<BasicProperties, ContentProblem>>,
+}
+
 /// Per-channel assembler.
 #[derive(Debug, Default)]
 pub struct Assembler {
     state: State,
+    parts: Option<Box<Parts>>,
 }
 
 const PREALLOC_CAP: u64 = 4 * 1024 * 1024;
+
+fn no_method() -> FrameError {
+    FrameError::new(
+        reply_code::UNEXPECTED_FRAME,
+        "content header frame without a content method",
+    )
+}
 
 impl Assembler {
     /// True when no content is in progress (a method frame is acceptable).
@@ -125,7 +141,11 @@ impl Assembler {
                 "content method received while a content was in progress",
             ));
         }
-        self.state = State::Header(method, problem);
+        let parts = self.parts.get_or_insert_with(Box::default);
+        parts.method = Some(method);
+        parts.problem = problem;
+        parts.properties = None;
+        self.state = State::Header;
         Ok(())
     }
 
@@ -139,15 +159,12 @@ impl Assembler {
         max_message_size: u64,
         max_depth: usize,
     ) -> Result<Option<Content>, FrameError> {
-        let (method, problem) = match std::mem::take(&mut self.state) {
-            State::Header(m, p) => (m, p),
-            _ => {
-                return Err(FrameError::new(
-                    reply_code::UNEXPECTED_FRAME,
-                    "content header frame without a content method",
-                ));
-            }
-        };
+        if !matches!(self.state, State::Header) {
+            return Err(no_method());
+        }
+        self.state = State::Idle;
+        let parts = self.parts.as_deref_mut().ok_or_else(no_method)?;
+        let problem = parts.problem.take();
         let prefix = header_prefix(payload).ok_or_else(|| {
             FrameError::new(
                 reply_code::FRAME_ERROR,
@@ -160,6 +177,7 @@ impl Assembler {
                 format!("content header for class {}, expected 60", prefix.class_id),
             ));
         }
+        let method = parts.method.take().ok_or_else(no_method)?;
         let expected = prefix.body_size;
         if expected > max_message_size {
             self.state = State::Skip {
@@ -179,10 +197,7 @@ impl Assembler {
             Some(p) => Err(ContentProblem::Undecodable(p)),
             None => decode_properties(payload, max_depth).map_err(ContentProblem::Undecodable),
         };
-        let (properties, body) = (
-            properties,
-            Vec::with_capacity(expected.min(PREALLOC_CAP) as usize),
-        );
+        let body = Vec::with_capacity(expected.min(PREALLOC_CAP) as usize);
         if expected == 0 {
             return Ok(Some(Content {
                 method,
@@ -190,9 +205,9 @@ impl Assembler {
                 body,
             }));
         }
+        parts.method = Some(method);
+        parts.properties = Some(properties);
         self.state = State::Body {
-            method,
-            properties,
             body,
             expected,
             received: 0,
@@ -222,7 +237,6 @@ impl Assembler {
                 body,
                 expected,
                 received,
-                ..
             } => {
                 *received += payload.len() as u64;
                 if *received > *expected {
@@ -249,18 +263,20 @@ impl Assembler {
                 ));
             }
         }
-        match std::mem::take(&mut self.state) {
-            State::Body {
-                method,
-                properties,
-                body,
-                ..
-            } => Ok(Some(Content {
+        // The state was `Body` with its parts stored (checked above; no frame leads here
+        // otherwise): the fallbacks only keep this function free of panics.
+        let lost = || FrameError::new(reply_code::INTERNAL_ERROR, "content state lost");
+        let State::Body { body, .. } = std::mem::take(&mut self.state) else {
+            return Err(lost());
+        };
+        let parts = self.parts.as_deref_mut().ok_or_else(lost)?;
+        match (parts.method.take(), parts.properties.take()) {
+            (Some(method), Some(properties)) => Ok(Some(Content {
                 method,
                 properties,
                 body,
             })),
-            _ => unreachable!("state checked above"),
+            _ => Err(lost()),
         }
     }
 }

@@ -10,7 +10,6 @@ use crate::io::{ChannelShared, Command};
 use crate::protocol::frame::{put_method, put_publish};
 use crate::protocol::properties::BasicProperties;
 use crate::sync::oneshot;
-use crate::sync::queue;
 use crate::sync::{Arc, Ordering};
 
 impl EngineHarness {
@@ -101,7 +100,7 @@ impl EngineHarness {
             }
             0 | 1 => {
                 let capacity = 1 + inp.below(4);
-                let (tx, crx) = queue::unbounded();
+                let (tx, crx) = crate::sync::lightq::unbounded();
                 // Inputs saved before the byte bounds keep queues bounded by count only.
                 let shared = Arc::new(if self.bounds.small {
                     ConsumerShared::bounded(capacity, self.conn.opts.consumer_queue_bytes)

@@ -790,7 +790,7 @@ fn deliveries_for_no_consumer_of_ours_are_rejected_and_counted() {
 fn deliveries_for_no_consumer_are_not_rejected_where_a_no_ack_consumer_was() {
     let mut s = Scenario::new();
     let ch = s.open(1);
-    let (tx, _rx) = crate::sync::queue::unbounded();
+    let (tx, _rx) = crate::sync::lightq::unbounded();
     let sink = crate::delivery::ConsumerSink {
         tx,
         shared: std::sync::Arc::new(crate::delivery::ConsumerShared::new(4)),
@@ -852,7 +852,7 @@ fn broker_cancel_ends_the_consumer_and_is_answered() {
 fn consume_ok_after_the_waiter_left_cancels_the_consumer() {
     let mut s = Scenario::new();
     let ch = s.open(1);
-    let (tx, _rx) = crate::sync::queue::unbounded();
+    let (tx, _rx) = crate::sync::lightq::unbounded();
     let shared = std::sync::Arc::new(crate::delivery::ConsumerShared::new(4));
     let sink = crate::delivery::ConsumerSink {
         tx,
@@ -1031,7 +1031,7 @@ fn returned_messages_reach_their_channel() {
         FRAME_MAX,
     ));
     s.feed(&bytes);
-    let r = ch.returns_rx.try_recv().expect("a return");
+    let r = ch.returns.try_recv().expect("a return");
     assert_eq!(r.reply_code, reply_code::NO_ROUTE);
     assert_eq!(
         (r.exchange.as_str(), r.routing_key.as_str()),
@@ -1062,22 +1062,22 @@ fn returns_queued_unread_are_bounded_in_bytes() {
     for _ in 0..3 {
         s.feed(&ret(&[1; 4000]));
     }
-    assert_eq!(ch.returns_rx.len(), 2, "the third is over 10,000 bytes");
+    assert_eq!(ch.returns.len(), 2, "the third is over 10,000 bytes");
     assert_eq!(ch.returns_dropped.load(crate::sync::Ordering::Relaxed), 1);
     // Taking one gives its bytes back (as Channel::recv_return does).
-    let r = ch.returns_rx.try_recv().unwrap();
+    let r = ch.returns.try_recv().unwrap();
     ch.returns_bytes
         .fetch_sub(r.cost(), crate::sync::Ordering::AcqRel);
     s.feed(&ret(&[2; 4000]));
-    assert_eq!(ch.returns_rx.len(), 2);
+    assert_eq!(ch.returns.len(), 2);
     // An empty queue takes one larger than the bound.
-    while let Ok(r) = ch.returns_rx.try_recv() {
+    while let Some(r) = ch.returns.try_recv() {
         ch.returns_bytes
             .fetch_sub(r.cost(), crate::sync::Ordering::AcqRel);
     }
     assert_eq!(ch.returns_bytes.load(crate::sync::Ordering::Acquire), 0);
     s.feed(&ret(&[3; 20_000]));
-    assert_eq!(ch.returns_rx.len(), 1);
+    assert_eq!(ch.returns.len(), 1);
     assert!(s.engine.is_open());
 }
 

@@ -1,0 +1,310 @@
+//! An unbounded queue of a `Mutex<VecDeque>` and a `Condvar`, with crossbeam-channel's
+//! interface (the part lepus uses): about 100 bytes where crossbeam's unbounded channel is
+//! about 500 (two cache-padded positions and a waker list). For queues that are many and
+//! mostly idle: one per consumer. Built on `sync`'s primitives, so the model tests run
+//! this very code (`lepus::internal::model::queue` is this module).
+
+use super::{Arc, Condvar, CondvarExt, Mutex};
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+pub use crossbeam_channel::{RecvError, RecvTimeoutError, SendError, TryRecvError};
+
+/// Room kept by an empty queue after a burst; more is given back.
+const KEEP: usize = 16;
+
+struct Inner<T> {
+    items: VecDeque<T>,
+    senders: usize,
+    receivers: usize,
+    /// Receivers asleep on `cv`: a send wakes one only if there is one.
+    waiting: usize,
+}
+
+struct Chan<T> {
+    inner: Mutex<Inner<T>>,
+    cv: Condvar,
+}
+
+/// The sending end.
+pub struct Sender<T>(Arc<Chan<T>>);
+/// The receiving end.
+pub struct Receiver<T>(Arc<Chan<T>>);
+
+/// A new queue.
+pub fn unbounded<T>() -> (Sender<T>, Receiver<T>) {
+    let c = Arc::new(Chan {
+        inner: Mutex::new(Inner {
+            items: VecDeque::new(),
+            senders: 1,
+            receivers: 1,
+            waiting: 0,
+        }),
+        cv: Condvar::new(),
+    });
+    (Sender(c.clone()), Receiver(c))
+}
+
+impl<T> Clone for Sender<T> {
+    fn clone(&self) -> Self {
+        self.0.inner.lock().senders += 1;
+        Sender(self.0.clone())
+    }
+}
+
+impl<T> Drop for Sender<T> {
+    fn drop(&mut self) {
+        let mut i = self.0.inner.lock();
+        i.senders -= 1;
+        let last = i.senders == 0;
+        drop(i);
+        if last {
+            // Every sleeping receiver learns that nothing more will come.
+            self.0.cv.notify_all();
+        }
+    }
+}
+
+impl<T> Clone for Receiver<T> {
+    fn clone(&self) -> Self {
+        self.0.inner.lock().receivers += 1;
+        Receiver(self.0.clone())
+    }
+}
+
+impl<T> Drop for Receiver<T> {
+    fn drop(&mut self) {
+        let mut i = self.0.inner.lock();
+        i.receivers -= 1;
+        // As crossbeam's: messages nobody can receive are dropped (outside the lock).
+        let orphans = if i.receivers == 0 {
+            std::mem::take(&mut i.items)
+        } else {
+            VecDeque::new()
+        };
+        drop(i);
+        drop(orphans);
+    }
+}
+
+impl<T> Sender<T> {
+    /// Queue `v`; it comes back if every receiver is gone.
+    pub fn send(&self, v: T) -> Result<(), SendError<T>> {
+        let mut i = self.0.inner.lock();
+        if i.receivers == 0 {
+            return Err(SendError(v));
+        }
+        i.items.push_back(v);
+        let sleeper = i.waiting > 0;
+        drop(i);
+        if sleeper {
+            self.0.cv.notify_one();
+        }
+        Ok(())
+    }
+}
+
+/// The first item, giving back the room of a burst once the queue is empty.
+fn pop<T>(i: &mut Inner<T>) -> Option<T> {
+    let v = i.items.pop_front()?;
+    if i.items.is_empty() && i.items.capacity() > KEEP {
+        i.items.shrink_to(KEEP);
+    }
+    Some(v)
+}
+
+impl<T> Receiver<T> {
+    /// The next item, waiting as long as it takes; an error once the queue is empty
+    /// and every sender is gone.
+    pub fn recv(&self) -> Result<T, RecvError> {
+        let mut i = self.0.inner.lock();
+        loop {
+            if let Some(v) = pop(&mut i) {
+                return Ok(v);
+            }
+            if i.senders == 0 {
+                return Err(RecvError);
+            }
+            i.waiting += 1;
+            self.0.cv.wait(&mut i);
+            i.waiting -= 1;
+        }
+    }
+
+    /// The next item, waiting until `deadline`.
+    pub fn recv_deadline(&self, deadline: Instant) -> Result<T, RecvTimeoutError> {
+        let mut i = self.0.inner.lock();
+        loop {
+            if let Some(v) = pop(&mut i) {
+                return Ok(v);
+            }
+            if i.senders == 0 {
+                return Err(RecvTimeoutError::Disconnected);
+            }
+            // Under loom a timed wait never ends by itself and the clock is not the
+            // model's: a deadline never passes there, so every interleaving is the same.
+            if !cfg!(lepus_loom) && Instant::now() >= deadline {
+                return Err(RecvTimeoutError::Timeout);
+            }
+            i.waiting += 1;
+            // A timed-out wait loops back: an item sent meanwhile is still taken.
+            let _ = self.0.cv.wait_until_deadline(&mut i, deadline);
+            i.waiting -= 1;
+        }
+    }
+
+    /// The next item, waiting up to `timeout`.
+    pub fn recv_timeout(&self, timeout: Duration) -> Result<T, RecvTimeoutError> {
+        match Instant::now().checked_add(timeout) {
+            Some(deadline) => self.recv_deadline(deadline),
+            // Further than the clock reaches: no deadline.
+            None => self.recv().map_err(|_| RecvTimeoutError::Disconnected),
+        }
+    }
+
+    /// The next item if there is one now.
+    pub fn try_recv(&self) -> Result<T, TryRecvError> {
+        let mut i = self.0.inner.lock();
+        match pop(&mut i) {
+            Some(v) => Ok(v),
+            None if i.senders == 0 => Err(TryRecvError::Disconnected),
+            None => Err(TryRecvError::Empty),
+        }
+    }
+
+    /// Items queued now.
+    pub fn len(&self) -> usize {
+        self.0.inner.lock().items.len()
+    }
+
+    /// True if no item is queued now.
+    pub fn is_empty(&self) -> bool {
+        self.0.inner.lock().items.is_empty()
+    }
+}
+
+#[cfg(all(test, not(lepus_loom)))]
+mod tests {
+    use super::*;
+    use std::thread;
+
+    #[test]
+    fn order_disconnect_and_orphans() {
+        let (tx, rx) = unbounded();
+        for v in 0..40 {
+            tx.send(v).unwrap();
+        }
+        assert_eq!(rx.len(), 40);
+        for v in 0..40 {
+            assert_eq!(rx.try_recv(), Ok(v));
+        }
+        assert!(
+            rx.0.inner.lock().items.capacity() <= KEEP,
+            "burst room given back"
+        );
+        assert_eq!(rx.try_recv(), Err(TryRecvError::Empty));
+        let tx2 = tx.clone();
+        drop(tx);
+        tx2.send(7).unwrap();
+        drop(tx2);
+        assert_eq!(rx.recv(), Ok(7));
+        assert_eq!(rx.recv(), Err(RecvError));
+        assert_eq!(
+            rx.recv_timeout(Duration::from_millis(1)),
+            Err(RecvTimeoutError::Disconnected)
+        );
+        let (tx, rx) = unbounded::<u8>();
+        drop(rx);
+        assert_eq!(tx.send(1), Err(SendError(1)));
+    }
+
+    #[test]
+    fn timeout_then_late_item() {
+        let (tx, rx) = unbounded::<u32>();
+        tx.send(3).unwrap();
+        assert_eq!(rx.recv_timeout(Duration::MAX), Ok(3), "no overflow");
+        let (tx, rx) = unbounded::<u32>();
+        assert_eq!(
+            rx.recv_timeout(Duration::from_millis(5)),
+            Err(RecvTimeoutError::Timeout)
+        );
+        tx.send(1).unwrap();
+        assert_eq!(rx.recv_timeout(Duration::from_millis(5)), Ok(1));
+    }
+
+    /// Two receivers asleep when the last sender goes: both wake and learn it. (lepus's
+    /// consumers never see this: a `Consumer` holds a sender of its own queue, its end
+    /// relay; the queue must still keep crossbeam's promise.)
+    #[test]
+    fn last_sender_wakes_every_receiver() {
+        let (tx, rx) = unbounded::<u8>();
+        let sleepers: Vec<_> = (0..2)
+            .map(|_| {
+                let rx = rx.clone();
+                thread::spawn(move || {
+                    let t0 = Instant::now();
+                    (rx.recv_timeout(Duration::from_secs(30)), t0.elapsed())
+                })
+            })
+            .collect();
+        while rx.0.inner.lock().waiting < 2 {
+            thread::yield_now();
+        }
+        drop(tx);
+        for s in sleepers {
+            let (r, waited) = s.join().unwrap();
+            assert_eq!(r, Err(RecvTimeoutError::Disconnected));
+            // Woken by the drop, not let go by the 30 s deadline (after which a receiver
+            // also finds the queue disconnected).
+            assert!(waited < Duration::from_secs(20), "not woken: {waited:?}");
+        }
+    }
+
+    /// Four receivers asleep on one queue, 10,000 items from two senders: every item
+    /// reaches exactly one receiver, and every receiver ends when the senders go.
+    #[test]
+    fn many_sleeping_receivers_each_item_once() {
+        let (tx, rx) = unbounded::<u32>();
+        let takers: Vec<_> = (0..4)
+            .map(|k| {
+                let rx = rx.clone();
+                thread::spawn(move || {
+                    let mut got = Vec::new();
+                    loop {
+                        // Half of them with short deadlines, to race timeouts with sends.
+                        let r = if k % 2 == 0 {
+                            rx.recv().map_err(|_| ())
+                        } else {
+                            match rx.recv_timeout(Duration::from_micros(50)) {
+                                Err(RecvTimeoutError::Timeout) => continue,
+                                r => r.map_err(|_| ()),
+                            }
+                        };
+                        match r {
+                            Ok(v) => got.push(v),
+                            Err(()) => return got,
+                        }
+                    }
+                })
+            })
+            .collect();
+        drop(rx);
+        let senders: Vec<_> = (0..2u32)
+            .map(|s| {
+                let tx = tx.clone();
+                thread::spawn(move || {
+                    for v in 0..5_000 {
+                        tx.send(s * 5_000 + v).unwrap();
+                    }
+                })
+            })
+            .collect();
+        drop(tx);
+        for s in senders {
+            s.join().unwrap();
+        }
+        let mut all: Vec<u32> = takers.into_iter().flat_map(|t| t.join().unwrap()).collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..10_000).collect::<Vec<_>>());
+    }
+}
