@@ -374,7 +374,8 @@ pub mod oneshot {
     }
 
     impl<T> Receiver<T> {
-        /// The value, or why there is none, waiting until `deadline`.
+        /// The value, or why there is none, waiting until `deadline`. After a timeout the
+        /// receiver counts as gone: wait once, with the last deadline.
         pub fn recv_deadline(&self, deadline: Instant) -> Result<T, RecvError> {
             let mut s = self.0.state.lock();
             loop {
@@ -385,7 +386,15 @@ pub mod oneshot {
                     return Err(RecvError::Disconnected);
                 }
                 if self.0.cv.wait_until_deadline(&mut s, deadline) {
-                    return s.value.take().ok_or(RecvError::Timeout);
+                    if let Some(v) = s.value.take() {
+                        return Ok(v);
+                    }
+                    // Gone for the sender from now on, under the same lock: a reply sent
+                    // after this timeout is handed back to it (the I/O thread then undoes
+                    // what the caller no longer waits for, a consumer it would start),
+                    // never left in a slot nobody reads.
+                    s.receiver_gone = true;
+                    return Err(RecvError::Timeout);
                 }
             }
         }
@@ -399,3 +408,24 @@ pub mod oneshot {
 
 /// An unbounded queue of a `Mutex<VecDeque>` and a `Condvar` (see its file).
 pub mod lightq;
+
+#[cfg(all(test, not(lepus_loom)))]
+mod tests {
+    use super::oneshot;
+    use std::time::Instant;
+
+    /// A reply that comes after its waiter timed out goes back to the sender (which then
+    /// undoes what nobody waits for), and one that came before is still taken.
+    #[test]
+    fn oneshot_reply_after_a_timeout_is_handed_back() {
+        let (tx, rx) = oneshot::channel::<u32>();
+        assert_eq!(
+            rx.recv_deadline(Instant::now()),
+            Err(oneshot::RecvError::Timeout)
+        );
+        assert_eq!(tx.send(7), Err(7), "the late reply comes back");
+        let (tx, rx) = oneshot::channel::<u32>();
+        tx.send(8).unwrap();
+        assert_eq!(rx.recv_deadline(Instant::now()), Ok(8));
+    }
+}
