@@ -62,7 +62,8 @@ import json, re, sys
 models = {"src/sync.rs": "rpc_waiter send_", "src/pool_core.rs": "pool",
           "src/link.rs": "flight_", "src/send_core.rs": "send_ flight_",
           "src/end_relay.rs": "consumer_end",
-          "src/delivery_queue.rs": "consumer_", "src/confirm_tracker.rs": "confirms"}
+          "src/delivery_queue.rs": "consumer_", "src/confirm_tracker.rs": "confirms",
+          "src/sync/lightq.rs": "consumer_"}
 keep = re.compile(sys.argv[3])
 for i, m in enumerate(json.load(open(sys.argv[1]))):
     if not keep.search(m["name"]):

@@ -476,6 +476,29 @@ mod tests {
         assert!(t.state.lock().waiters.is_empty());
     }
 
+    /// A resolve says how many messages it settled (the connection's confirmed and
+    /// nacked counters add it), and `wait_all` with messages still out returns at its
+    /// deadline with a timeout.
+    #[test]
+    fn resolve_counts_what_it_settles_and_wait_all_times_out() {
+        let t = ConfirmTracker::new();
+        t.enable();
+        for _ in 0..4 {
+            t.register(false, None).unwrap();
+        }
+        let mut counted = 0;
+        assert_eq!(t.resolve_counted(3, true, true, |n| counted += n), 3);
+        assert_eq!(counted, 3);
+        assert_eq!(t.resolve(3, false, true), 0, "settled already");
+        let soon = Instant::now() + std::time::Duration::from_millis(20);
+        assert!(
+            matches!(t.wait_all(soon), Err(Error::Timeout(_))),
+            "message 4 is out"
+        );
+        assert_eq!(t.resolve(4, false, false), 1);
+        assert_eq!(t.wait_all(soon).unwrap().sequences, vec![4]);
+    }
+
     /// `wait_all` names every nacked message once: single and multiple nacks, mixed
     /// with acks, in the order the broker sent them.
     #[test]

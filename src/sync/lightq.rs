@@ -232,6 +232,24 @@ mod tests {
         assert_eq!(rx.recv_timeout(Duration::from_millis(5)), Ok(1));
     }
 
+    /// A receiver's clone going leaves the queue to the others; the last receiver's
+    /// going drops what nobody can take any more.
+    #[test]
+    fn a_clone_dropping_keeps_the_items() {
+        let (tx, rx) = unbounded::<Arc<()>>();
+        let item = Arc::new(());
+        tx.send(item.clone()).unwrap();
+        drop(rx.clone());
+        assert_eq!(rx.len(), 1, "a clone's drop kept the item");
+        drop(rx);
+        assert_eq!(
+            Arc::strong_count(&item),
+            1,
+            "the last receiver's drop freed the item"
+        );
+        assert!(tx.send(item.clone()).is_err());
+    }
+
     /// Two receivers asleep when the last sender goes: both wake and learn it. (lepus's
     /// consumers never see this: a `Consumer` holds a sender of its own queue, its end
     /// relay; the queue must still keep crossbeam's promise.)
