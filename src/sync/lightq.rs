@@ -208,6 +208,7 @@ mod tests {
         tx2.send(7).unwrap();
         drop(tx2);
         assert_eq!(rx.recv(), Ok(7));
+        assert_eq!(rx.try_recv(), Err(TryRecvError::Disconnected));
         assert_eq!(rx.recv(), Err(RecvError));
         assert_eq!(
             rx.recv_timeout(Duration::from_millis(1)),
