@@ -26,20 +26,19 @@ const UNLIMITED_PREFETCH_QUEUE: usize = 1024;
 /// What `basic.consume` needs besides its reply: made before the request goes out, so
 /// that the queue exists when the first delivery does.
 struct ConsumeStart {
-    method: AMQPClass,
     sink: ConsumerSink,
     rx: Receiver<ConsumerMsg>,
     shared: Arc<ConsumerShared>,
 }
 
-/// Check a consume request and make its queue and method. `prefetch` bounds the queue
+/// Check a consume request and make its method and queue. `prefetch` bounds the queue
 /// (0: no limit).
 fn consume_start(
     queue: &str,
     opts: &ConsumeOptions,
     prefetch: usize,
     max_queue_bytes: usize,
-) -> Result<ConsumeStart> {
+) -> Result<(AMQPClass, ConsumeStart)> {
     short("queue name", queue)?;
     short("consumer tag", &opts.consumer_tag)?;
     let capacity = if prefetch == 0 {
@@ -66,12 +65,7 @@ fn consume_start(
         opts.exclusive,
         &opts.arguments,
     );
-    Ok(ConsumeStart {
-        method,
-        sink,
-        rx,
-        shared,
-    })
+    Ok((method, ConsumeStart { sink, rx, shared }))
 }
 
 // A consumer is started from a channel; the method lives with the handle it creates, so
@@ -82,14 +76,14 @@ impl Channel {
         let deadline = self.deadline();
         let ch = self.usable(deadline)?;
         self.check_args(&opts.arguments)?;
-        let start = consume_start(
+        let (method, start) = consume_start(
             queue,
             opts,
             ch.prefetch.load(Ordering::Acquire),
             ch.conn.opts.consumer_queue_bytes,
         )?;
         let r = ch.rpc(
-            start.method.clone(),
+            method,
             deadline,
             "basic.consume-ok",
             Some(start.sink.clone()),
@@ -174,7 +168,7 @@ impl Connection {
         let inner = self.inner();
         let deadline = Instant::now() + inner.opts.operation_timeout;
         check_depth(&opts.arguments, inner.opts.max_table_depth)?;
-        let start = consume_start(
+        let (method, start) = consume_start(
             queue,
             opts,
             prefetch.into(),
@@ -187,7 +181,7 @@ impl Connection {
             .rpc_start(methods::qos(prefetch, false), deadline, "basic.qos-ok", None)
             .and_then(|qos| {
                 let consume = ch.rpc_start(
-                    start.method.clone(),
+                    method,
                     deadline,
                     "basic.consume-ok",
                     Some(start.sink.clone()),
