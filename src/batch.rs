@@ -134,7 +134,7 @@ impl Batch {
             .deliveries
             .iter()
             .map(|d| &d.acker)
-            .chain(self.bad.iter().map(|b| &b.acker))
+            .chain(self.bad.iter().map(|b| &*b.acker))
             .collect();
         all.sort_unstable_by_key(|a| a.delivery_tag);
         all

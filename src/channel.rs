@@ -714,7 +714,7 @@ impl Channel {
                 exchange,
                 routing_key,
                 redelivered,
-                acker,
+                acker: Arc::new(acker),
                 charge: Default::default(),
             }))),
         }

@@ -273,13 +273,13 @@ pub(crate) trait AckTarget: Send + Sync {
 /// Acknowledgement handle shared by deliveries and bad deliveries. A delivery is settled
 /// at most once: the first ack, nack or reject wins, a later one is
 /// [`Error::AlreadySettled`] and sends nothing (a second ack of a tag would be a 406
-/// "unknown delivery tag" that closes the channel). Clones (of a [`BadDelivery`]) share
-/// the flag.
-#[derive(Clone)]
+/// "unknown delivery tag" that closes the channel). A [`Delivery`] owns its handle (the
+/// flag is in place: no allocation of its own per message); a [`BadDelivery`], which can
+/// be cloned, shares one handle between its clones (`Arc<Acker>`), and so the flag.
 pub(crate) struct Acker {
     pub(crate) channel: Arc<dyn AckTarget>,
     pub(crate) delivery_tag: u64,
-    settled: Arc<AtomicBool>,
+    settled: AtomicBool,
 }
 
 impl Acker {
@@ -291,7 +291,7 @@ impl Acker {
         Acker {
             channel,
             delivery_tag,
-            settled: Arc::new(AtomicBool::new(false)),
+            settled: AtomicBool::new(false),
         }
     }
 
@@ -517,7 +517,8 @@ pub struct BadDelivery {
     pub(crate) exchange: String,
     pub(crate) routing_key: String,
     pub(crate) redelivered: bool,
-    pub(crate) acker: Acker,
+    /// Shared by the clones: a settle through one is a settle of all.
+    pub(crate) acker: Arc<Acker>,
     /// Bytes held of the queue bounds while it waits in a consumer's queue.
     pub(crate) charge: Charge,
 }
@@ -733,7 +734,7 @@ mod tests {
             exchange: "ex".into(),
             routing_key: "rk".into(),
             redelivered: false,
-            acker: Acker::new(target.clone(), 42),
+            acker: Arc::new(Acker::new(target.clone(), 42)),
             charge: Charge::default(),
         };
         bad.reject(false).unwrap();
@@ -770,5 +771,32 @@ mod tests {
         let failed = RecvError::from(Error::ConnectionLost("gone".into()));
         assert!(failed.is_connection_lost());
         assert!(matches!(Error::from(failed), Error::ConnectionLost(_)));
+    }
+
+    /// A bad delivery's clones are one delivery: the first settle through any of them
+    /// wins, the others send nothing.
+    #[test]
+    fn a_bad_deliverys_clones_settle_once() {
+        let target = Arc::new(Recorder(Mutex::new(Vec::new())));
+        let bad = BadDelivery {
+            kind: BadDeliveryKind::Undecodable("x".into()),
+            body: Vec::new(),
+            exchange: String::new(),
+            routing_key: "rk".into(),
+            redelivered: false,
+            acker: Arc::new(Acker::new(target.clone(), 7)),
+            charge: Charge::default(),
+        };
+        let copy = bad.clone();
+        copy.ack().unwrap();
+        assert!(matches!(
+            bad.reject(true),
+            Err(Error::AlreadySettled { delivery_tag: 7 })
+        ));
+        assert!(matches!(
+            copy.nack(false),
+            Err(Error::AlreadySettled { delivery_tag: 7 })
+        ));
+        assert_eq!(target.0.lock().len(), 1, "one frame sent");
     }
 }

@@ -1356,7 +1356,7 @@ fn consumer_msg(
                 exchange,
                 routing_key,
                 redelivered,
-                acker,
+                acker: Arc::new(acker),
                 charge: Charge::default(),
             };
             crate::trace::warn!("{bad}");

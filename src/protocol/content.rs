@@ -197,7 +197,10 @@ impl Assembler {
             Some(p) => Err(ContentProblem::Undecodable(p)),
             None => decode_properties(payload, max_depth).map_err(ContentProblem::Undecodable),
         };
-        let body = Vec::with_capacity(expected.min(PREALLOC_CAP) as usize);
+        // The body's room is taken at its first frame: one allocation, of its exact size
+        // when it comes in one frame (most do), where taking it here and then copying a
+        // one-frame body into a fresh vector allocated twice per message.
+        let body = Vec::new();
         if expected == 0 {
             return Ok(Some(Content {
                 method,
@@ -247,8 +250,13 @@ impl Assembler {
                         ),
                     ));
                 }
-                if body.is_empty() && payload.len() as u64 == *expected {
-                    *body = payload.to_vec();
+                if body.capacity() == 0 {
+                    if payload.len() as u64 == *expected {
+                        *body = payload.to_vec();
+                    } else {
+                        body.reserve_exact((*expected).min(PREALLOC_CAP) as usize);
+                        body.extend_from_slice(payload);
+                    }
                 } else {
                     body.extend_from_slice(payload);
                 }
@@ -311,6 +319,35 @@ mod tests {
         let c = a.body(b"cde").unwrap().unwrap();
         assert_eq!(c.body, b"abcde");
         assert!(a.is_idle());
+    }
+
+    /// A body's room is taken once, at its first frame and of its announced size (up
+    /// to the preallocation cap): none at the header, none again at later frames.
+    #[test]
+    fn body_room_is_taken_once_at_the_first_frame() {
+        let mut a = Assembler::default();
+        a.start(deliver()).unwrap();
+        assert!(a.header(&header(5), 100, 8).unwrap().is_none());
+        assert!(
+            matches!(&a.state, State::Body { body, .. } if body.capacity() == 0),
+            "nothing allocated at the header"
+        );
+        assert!(a.body(b"ab").unwrap().is_none());
+        let first = match &a.state {
+            State::Body { body, .. } => (body.capacity(), body.as_ptr()),
+            _ => panic!("in the body"),
+        };
+        assert_eq!(first.0, 5, "room for the whole announced body");
+        let c = a.body(b"cde").unwrap().unwrap();
+        assert_eq!(
+            (c.body.capacity(), c.body.as_ptr()),
+            first,
+            "no reallocation"
+        );
+        a.start(deliver()).unwrap();
+        assert!(a.header(&header(3), 100, 8).unwrap().is_none());
+        let c = a.body(b"xyz").unwrap().unwrap();
+        assert_eq!((c.body.as_slice(), c.body.capacity()), (&b"xyz"[..], 3));
     }
 
     #[test]
