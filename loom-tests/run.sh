@@ -21,6 +21,7 @@ broken=(
     "oneshot rpc_waiter_races_reply_and_connection_loss"
     "queue-store consumer_queue_io_and_consumer_alone"
     "send-fence send_rpc_waiter_races_link_failure_and_final_drain"
+    "quiet-wake-one consumer_queue_quiet_batch_wakes_every_sleeper"
 )
 for entry in "${broken[@]}"; do
     read -r variant model <<<"$entry"

@@ -7,7 +7,7 @@ use std::fmt;
 use crate::error::{BadDeliveryKind, Error, Result};
 use crate::protocol::frame::{put_ack, put_nack, put_reject};
 use crate::protocol::properties::BasicProperties;
-use crate::sync::lightq::Sender;
+use crate::sync::lightq::{Notifier, Sender};
 use crate::stats::Stats;
 use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
@@ -226,7 +226,35 @@ impl ConsumerSink {
 
     /// Push; gives the message back if the consumer is gone.
     pub(crate) fn push(&self, msg: ConsumerMsg) -> std::result::Result<(), ConsumerMsg> {
-        if let ConsumerMsg::Delivery(d) = &msg
+        self.note_stream_offset(&msg);
+        self.shared.pushed();
+        self.tx.send(msg).map_err(|e| {
+            self.shared.unpushed();
+            e.0
+        })
+    }
+
+    /// Push without waking a consumer thread that sleeps on the queue: `Some` when a
+    /// wake-up became owed, which the caller pays with the notifier once its batch is
+    /// queued (one wake-up per sleeping thread for all the batch's messages). Gives the
+    /// message back if the consumer is gone.
+    pub(crate) fn push_quiet(
+        &self,
+        msg: ConsumerMsg,
+    ) -> std::result::Result<Option<Notifier<ConsumerMsg>>, ConsumerMsg> {
+        self.note_stream_offset(&msg);
+        self.shared.pushed();
+        match self.tx.send_quiet(msg) {
+            Ok(owed) => Ok(owed.then(|| self.tx.notifier())),
+            Err(e) => {
+                self.shared.unpushed();
+                Err(e.0)
+            }
+        }
+    }
+
+    fn note_stream_offset(&self, msg: &ConsumerMsg) {
+        if let ConsumerMsg::Delivery(d) = msg
             && self.shared.stream.load(Ordering::Relaxed)
             && let Some(o) = d.stream_offset()
         {
@@ -235,11 +263,6 @@ impl ConsumerSink {
             // nor repeats.
             self.shared.stream_next.store(o + 1, Ordering::Release);
         }
-        self.shared.pushed();
-        self.tx.send(msg).map_err(|e| {
-            self.shared.unpushed();
-            e.0
-        })
     }
 }
 

@@ -6,7 +6,9 @@
 //! `LEPUS_LOOM_BROKEN=<name>` (`pool`: a release without its once-guard; `oneshot`: a
 //! reply sender whose drop forgets the wake-up; `queue-store`: the consumer queue's
 //! waiting flag written with a plain store, the lost wake-up this suite found;
-//! `send-fence`: a queued command without the fence that pairs with a link failure's),
+//! `send-fence`: a queued command without the fence that pairs with a link failure's;
+//! `quiet-wake-one`: a quiet batch's payment waking one receiver of a queue however many
+//! wake-ups it owes),
 //! must make the model that covers them fail: `run.sh` runs each model again with its
 //! variable set and expects the failure. `mutants.sh` plants more slips (see `mutants/`).
 #![cfg(lepus_loom)]
@@ -528,6 +530,41 @@ fn queue_cancel_model() {
 #[test]
 fn consumer_queue_cancel_releases_the_io_side() {
     assert!(explore("consumer queue cancel", queue_cancel_model) > 1);
+}
+
+/// The I/O thread's batch of one socket read: two deliveries queued quietly
+/// (`send_quiet`, no wake-up) into one consumer's queue that two threads receive from,
+/// then the owed wake-ups paid once per queue (`Notifier::wake`, the engine's
+/// `wake_consumers`). Each receiver may be asleep before, between or after the sends,
+/// or wake and take before the payment: every one must get an item. The sender stays
+/// alive until both received (its drop would wake everyone and hide a lost wake-up).
+fn quiet_batch_model() {
+    let (tx, rx) = queue::unbounded::<u32>();
+    let receivers: Vec<_> = (0..2)
+        .map(|_| {
+            let rx = rx.clone();
+            thread::spawn(move || rx.recv().unwrap())
+        })
+        .collect();
+    drop(rx);
+    let mut owed = Vec::new();
+    for m in [1, 2] {
+        if tx.send_quiet(m).unwrap() {
+            owed.push(tx.notifier());
+        }
+    }
+    for n in owed {
+        n.wake();
+    }
+    let mut got: Vec<u32> = receivers.into_iter().map(|r| r.join().unwrap()).collect();
+    got.sort_unstable();
+    assert_eq!(got, [1, 2]);
+    drop(tx);
+}
+
+#[test]
+fn consumer_queue_quiet_batch_wakes_every_sleeper() {
+    assert!(explore("consumer queue quiet batch", quiet_batch_model) > 1);
 }
 
 // ---------------------------------------------------------------- 5. confirms

@@ -23,6 +23,7 @@ use crate::protocol::properties::BasicProperties;
 use crate::protocol::reply_code;
 use crate::protocol::size::properties_heap;
 use crate::stats::Stats;
+use crate::sync::lightq::Notifier;
 use crate::sync::{Arc, Ordering};
 
 /// Heartbeats are never sent more often than this.
@@ -206,6 +207,9 @@ pub(crate) struct Engine {
     clock: Instant,
     /// When to look for deliveries unacknowledged too long (`unacked_warning`).
     next_unacked_check: Instant,
+    /// Consumer queues given deliveries quietly while their threads sleep: woken once
+    /// each when the batch of frames is handled ([`Engine::wake_consumers`]).
+    wakes: Vec<Notifier<ConsumerMsg>>,
 }
 
 fn method_bytes(out: &mut Vec<u8>, channel: u16, m: AMQPClass) {
@@ -245,6 +249,7 @@ impl Engine {
             blocked: false,
             clock: now,
             next_unacked_check: now,
+            wakes: Vec::new(),
             conn,
         }
     }
@@ -377,6 +382,7 @@ impl Engine {
             err = Error::ConnectionLost(format!("a recovery attempt failed: {err}"));
         }
         self.stalled = None;
+        self.wake_consumers();
         for mut slot in self.slots.iter_mut().filter_map(Option::take) {
             slot.gauges.release();
             slot.shared.confirms.fail(err.clone(), recover);
@@ -649,8 +655,20 @@ impl Engine {
 
     // ---------------- inbound frames ----------------
 
-    /// Handle one decoded frame.
+    /// Handle one decoded frame, and wake the consumers it gave a delivery to (tests and
+    /// the fuzz harness drive the engine frame by frame; the reactor batches).
+    #[cfg(any(test, feature = "fuzzing"))]
     pub(crate) fn on_frame(&mut self, f: RawFrame<'_>, now: Instant) {
+        self.on_frame_batched(f, now);
+        self.wake_consumers();
+    }
+
+    /// Handle one frame of a batch (the frames of one socket read): the consumer
+    /// threads it gives deliveries to are woken by [`Engine::wake_consumers`], which the
+    /// caller owes at the end of the batch. A consumer that gets several of the batch's
+    /// deliveries is woken once for all of them, and no wake-up system call stands
+    /// between the batch's frames.
+    pub(crate) fn on_frame_batched(&mut self, f: RawFrame<'_>, now: Instant) {
         self.clock = now;
         let r = match f.kind {
             FRAME_HEARTBEAT => Ok(()),
@@ -1192,7 +1210,10 @@ impl Engine {
             // Noted before the push: once queued, its ack may come at any moment.
             t.arrived(tag, received);
         }
-        if let Err(mut msg) = sink.push(msg) {
+        let pushed = sink.push_quiet(msg);
+        if let Ok(Some(owed)) = pushed {
+            self.wakes.push(owed);
+        } else if let Err(mut msg) = pushed {
             msg.release();
             if let (Some(tag), Some(t)) = (tracked, &slot.shared.unacked) {
                 // The consumer is gone and the delivery is requeued below: the
@@ -1206,8 +1227,22 @@ impl Engine {
         }
     }
 
+    /// Wake the consumer threads that slept through deliveries queued for them since
+    /// the last call (see [`Engine::on_frame_batched`]).
+    pub(crate) fn wake_consumers(&mut self) {
+        for n in self.wakes.drain(..) {
+            n.wake();
+        }
+    }
+
     /// Try again to hand over a stalled delivery. True when reading may resume.
     pub(crate) fn retry_stalled(&mut self) -> bool {
+        let r = self.retry_stalled_quiet();
+        self.wake_consumers();
+        r
+    }
+
+    fn retry_stalled_quiet(&mut self) -> bool {
         let Some(s) = self.stalled.take() else {
             return true;
         };

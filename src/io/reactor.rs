@@ -232,11 +232,18 @@ impl Reactor {
         self.engine.conn.link_ended(outcome);
     }
 
+    /// The frames buffered (one socket read's), then a wake-up for each consumer thread
+    /// that slept through deliveries among them: once per read, not once per delivery.
     fn process_frames(&mut self, now: Instant) {
+        self.decode_frames(now);
+        self.engine.wake_consumers();
+    }
+
+    fn decode_frames(&mut self, now: Instant) {
         loop {
             match self.decoder.next_frame() {
                 Ok(Some(f)) => {
-                    self.engine.on_frame(f, now);
+                    self.engine.on_frame_batched(f, now);
                     if self.engine.is_stalled() || self.engine.outcome().is_some() {
                         return;
                     }
