@@ -23,7 +23,6 @@
 
 #[path = "cpu.rs"]
 mod cpu;
-#[allow(dead_code)]
 #[path = "stats.rs"]
 mod stats;
 
