@@ -146,6 +146,7 @@ mod protocol;
 mod send_core;
 mod sync;
 mod trace;
+mod write_gate;
 
 // Everything else: the I/O thread, the handles, options, topology and recovery.
 not_under_loom! {
@@ -258,5 +259,6 @@ pub mod internal {
         pub use crate::send_core::{FailFlag, WakeFlag};
         pub use crate::sync::lightq as queue;
         pub use crate::sync::oneshot;
+        pub use crate::write_gate::{Direct, WriteGate};
     }
 }

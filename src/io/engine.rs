@@ -281,20 +281,29 @@ impl Engine {
 
     /// The socket took the first `n` bytes of [`Engine::output`] at `now`.
     pub(crate) fn wrote(&mut self, n: usize, now: Instant) {
-        Stats::add(&self.conn.stats.bytes_out, n as u64);
+        self.wrote_elsewhere(n, now);
         self.written = (self.written + n).min(self.out.len());
+    }
+
+    /// The socket took `n` bytes at `now` that were not in [`Engine::output`] (the rest
+    /// of a caller's direct write).
+    pub(crate) fn wrote_elsewhere(&mut self, n: usize, now: Instant) {
+        Stats::add(&self.conn.stats.bytes_out, n as u64);
         self.last_progress = now;
         self.last_send = now;
     }
 
     /// After a round of writes: forget what was written, and fail the link if output
-    /// has waited longer than `write_timeout` without the socket taking any of it.
-    pub(crate) fn settle_output(&mut self, now: Instant, write_timeout: Duration) {
+    /// (ours, or bytes `held` outside it: a caller's unfinished write) has waited longer
+    /// than `write_timeout` without the socket taking any of it.
+    pub(crate) fn settle_output(&mut self, now: Instant, write_timeout: Duration, held: bool) {
         if self.written == self.out.len() {
             self.out.clear();
             self.written = 0;
-            self.last_progress = now;
-            return;
+            if !held {
+                self.last_progress = now;
+                return;
+            }
         }
         // Written bytes stay in front of the rest until they are many: moving the rest
         // down after every partial write would copy it over and over.
