@@ -234,10 +234,12 @@ impl ConnShared {
         {
             Direct::Written => {
                 Stats::add(&self.stats.bytes_out, bytes.len() as u64);
+                Stats::add(&self.stats.caller_writes, 1);
                 true
             }
             Direct::Carried(n) => {
                 Stats::add(&self.stats.bytes_out, n as u64);
+                Stats::add(&self.stats.caller_writes, 1);
                 // The rest is the I/O thread's to write.
                 self.wake();
                 true
