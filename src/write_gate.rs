@@ -184,7 +184,11 @@ mod tests {
     #[test]
     fn only_a_resting_io_thread_with_nothing_queued_lets_callers_write() {
         let g = gate(100);
-        assert_eq!(g.try_write(b"a", || true), Direct::NotNow, "closed at first");
+        assert_eq!(
+            g.try_write(b"a", || true),
+            Direct::NotNow,
+            "closed at first"
+        );
         g.rest(true);
         assert_eq!(g.try_write(b"b", || false), Direct::NotNow, "queued ahead");
         assert_eq!(g.try_write(b"c", || true), Direct::Written);
@@ -197,7 +201,11 @@ mod tests {
         assert_eq!(wire(&g), b"cf");
         g.close();
         g.rest(true);
-        assert_eq!(g.try_write(b"g", || true), Direct::NotNow, "closed for good");
+        assert_eq!(
+            g.try_write(b"g", || true),
+            Direct::NotNow,
+            "closed for good"
+        );
         let off = WriteGate::<Sock>::new(None);
         off.rest(true);
         assert_eq!(off.try_write(b"h", || true), Direct::NotNow, "no sink: TLS");
@@ -209,7 +217,11 @@ mod tests {
         g.rest(true);
         assert_eq!(g.try_write(b"12345", || true), Direct::Carried(3));
         assert!(g.carrying());
-        assert_eq!(g.try_write(b"xy", || true), Direct::NotNow, "would cut 12345");
+        assert_eq!(
+            g.try_write(b"xy", || true),
+            Direct::NotNow,
+            "would cut 12345"
+        );
         // The I/O thread writes the carry first.
         g.write_with(|carry| {
             assert_eq!(carry, b"45");
