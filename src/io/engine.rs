@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use amq_protocol::protocol::{AMQPClass, basic, channel, connection};
 
 use super::{ChannelShared, Command, ConnShared, RETURNS_CAPACITY, Reply, ReplyTx};
+use crate::confirm_tracker::Wakes;
 use crate::delivery::{
     Acker, BadDelivery, ByteBudget, Charge, ConsumerMsg, ConsumerSink, Delivery, Returned,
 };
@@ -206,6 +207,9 @@ pub(crate) struct Engine {
     clock: Instant,
     /// When to look for deliveries unacknowledged too long (`unacked_warning`).
     next_unacked_check: Instant,
+    /// Publishers whose confirms arrived, woken by the reactor at the end of its turn
+    /// (`Some`: see [`Engine::defer_wakes`]); `None`: woken at once.
+    wakes: Option<Wakes>,
 }
 
 fn method_bytes(out: &mut Vec<u8>, channel: u16, m: AMQPClass) {
@@ -245,7 +249,22 @@ impl Engine {
             blocked: false,
             clock: now,
             next_unacked_check: now,
+            wakes: None,
             conn,
+        }
+    }
+
+    /// Wake confirm waiters only when [`Engine::wake_deferred`] is called (the reactor,
+    /// after its turn rested: a woken publisher then finds the socket free to write its
+    /// next message itself, and the waiters of one read are woken together).
+    pub(crate) fn defer_wakes(&mut self) {
+        self.wakes = Some(Wakes::default());
+    }
+
+    /// Wake the confirm waiters deferred so far.
+    pub(crate) fn wake_deferred(&mut self) {
+        if let Some(w) = &mut self.wakes {
+            w.wake();
         }
     }
 
@@ -838,23 +857,37 @@ impl Engine {
             B::Ack(a) => {
                 check_confirm(ch, &slot.shared, "basic.ack", a.delivery_tag, a.multiple)?;
                 let stats = &slot.shared.conn.stats;
-                slot.shared.confirms.resolve_counted(
-                    a.delivery_tag,
-                    a.multiple,
-                    true,
-                    |n| Stats::add(&stats.confirmed, n),
-                );
+                let count = |n| Stats::add(&stats.confirmed, n);
+                match &mut self.wakes {
+                    Some(w) => {
+                        let confirms = &slot.shared.confirms;
+                        confirms.resolve_into(a.delivery_tag, a.multiple, true, count, w)
+                    }
+                    None => slot.shared.confirms.resolve_counted(
+                        a.delivery_tag,
+                        a.multiple,
+                        true,
+                        count,
+                    ),
+                };
                 Ok(())
             }
             B::Nack(n) => {
                 check_confirm(ch, &slot.shared, "basic.nack", n.delivery_tag, n.multiple)?;
                 let stats = &slot.shared.conn.stats;
-                slot.shared.confirms.resolve_counted(
-                    n.delivery_tag,
-                    n.multiple,
-                    false,
-                    |n| Stats::add(&stats.nacked, n),
-                );
+                let count = |n| Stats::add(&stats.nacked, n);
+                match &mut self.wakes {
+                    Some(w) => {
+                        let confirms = &slot.shared.confirms;
+                        confirms.resolve_into(n.delivery_tag, n.multiple, false, count, w)
+                    }
+                    None => slot.shared.confirms.resolve_counted(
+                        n.delivery_tag,
+                        n.multiple,
+                        false,
+                        count,
+                    ),
+                };
                 Ok(())
             }
             B::Cancel(c) => {

@@ -43,6 +43,7 @@ struct Ready {
 impl Reactor {
     pub(crate) fn run(mut self) {
         self.register();
+        self.engine.defer_wakes();
         let conn = self.engine.conn.clone();
         let mut events = Events::with_capacity(16);
         let mut ready = Ready {
@@ -75,6 +76,9 @@ impl Reactor {
                     && self.engine.output().is_empty()
                     && !self.transport.has_pending_output(),
             );
+            // Publishers whose confirms came in this turn: woken now, when the socket is
+            // theirs to write their next message to.
+            self.engine.wake_deferred();
         }
         self.finish(&conn);
     }
@@ -250,6 +254,7 @@ impl Reactor {
 
     /// The engine is done: last words, close the socket, wake whoever still waits.
     fn finish(mut self, conn: &ConnShared) {
+        self.engine.wake_deferred();
         // Last words (close, close-ok) matter on a working link; on a lost one they
         // would only delay the recovery. A caller's unfinished frame goes before them.
         if !matches!(self.engine.outcome(), Some(Error::ConnectionLost(_))) {
