@@ -156,6 +156,25 @@ fn wake(waiters: Vec<Arc<Condvar>>) {
     }
 }
 
+/// Waiters whose confirms were settled, to wake later ([`ConfirmTracker::resolve_into`]).
+#[doc(hidden)]
+#[derive(Default)]
+pub struct Wakes(Vec<Arc<Condvar>>);
+
+impl Wakes {
+    /// Wake every waiter collected so far.
+    pub fn wake(&mut self) {
+        for cv in self.0.drain(..) {
+            cv.notify_one();
+        }
+    }
+
+    /// True when nobody waits to be woken.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 /// Confirm bookkeeping of one channel on one connection generation; the I/O thread
 /// resolves, publishers wait.
 #[doc(hidden)]
@@ -279,12 +298,30 @@ impl ConfirmTracker {
         ack: bool,
         count: impl FnOnce(u64),
     ) -> u64 {
+        let mut woken = Wakes::default();
+        let settled = self.resolve_into(tag, multiple, ack, count, &mut woken);
+        woken.wake();
+        settled
+    }
+
+    /// [`ConfirmTracker::resolve_counted`], leaving the wake-ups to the caller: the
+    /// waiters to wake are added to `woken`, for [`Wakes::wake`] once the caller is done
+    /// (the I/O thread wakes publishers at the end of its turn, after it rested, so that
+    /// a woken publisher finds the socket free to write its next message itself).
+    pub fn resolve_into(
+        &self,
+        tag: u64,
+        multiple: bool,
+        ack: bool,
+        count: impl FnOnce(u64),
+        woken: &mut Wakes,
+    ) -> u64 {
+        let woken = &mut woken.0;
         let mut s = self.state.lock();
         let outcome = if ack { ACKED } else { NACKED };
         let mut settled = 0;
         // Only the waiters of the settled slots (and `wait_all`'s once nothing is
         // pending) are woken, each on its own condvar.
-        let mut woken = Vec::new();
         let mut settle = |s: &mut State, e: Entry| {
             if !ack {
                 s.nacked_since_wait.push(e.seq);
@@ -292,7 +329,7 @@ impl ConfirmTracker {
             if let Some(slot) = e.slot {
                 slot.store(outcome, Ordering::Release);
                 if !s.waiters.is_empty() {
-                    s.take_waiters(key_of(&slot), &mut woken);
+                    s.take_waiters(key_of(&slot), woken);
                 }
             }
         };
@@ -310,11 +347,9 @@ impl ConfirmTracker {
             crate::trace::warn!("broker confirmed unknown delivery tag {tag}");
         }
         if s.pending.is_empty() && !s.waiters.is_empty() {
-            s.take_waiters(ALL, &mut woken);
+            s.take_waiters(ALL, woken);
         }
         count(settled);
-        drop(s);
-        wake(woken);
         settled
     }
 

@@ -132,17 +132,23 @@ fn prepare(
         est.tuned.frame_max,
         est.tuned.heartbeat
     );
-    let shared = Arc::new(
-        ConnShared::new(
-            cmd_tx,
-            Arc::new(waker),
-            est.tuned,
-            opts.clone(),
-            est.server_properties,
-        )
-        .with_generation(number, local)
-        .with_observers(observers.0.clone(), observers.1.clone()),
-    );
+    let mut shared = ConnShared::new(
+        cmd_tx,
+        Arc::new(waker),
+        est.tuned,
+        opts.clone(),
+        est.server_properties,
+    )
+    .with_generation(number, local)
+    .with_observers(observers.0.clone(), observers.1.clone());
+    // Callers write plain TCP themselves through a second handle on the socket (the
+    // same non-blocking socket); over TLS only the I/O thread writes.
+    if opts.caller_writes
+        && let Some(sock) = est.stream.plain()
+    {
+        shared = shared.with_caller_writes(sock.try_clone().map_err(io_err)?);
+    }
+    let shared = Arc::new(shared);
     let reactor = Reactor {
         poll,
         transport: est.stream.map(mio::net::TcpStream::from_std),

@@ -19,12 +19,16 @@
 //!
 //! # Design
 //!
-//! Each [`Connection`] owns one I/O thread. It alone touches the socket: a `mio` poll over
-//! the non-blocking TCP stream and a waker. Handles encode their frames on the caller's
+//! Each [`Connection`] owns one I/O thread: a `mio` poll over the non-blocking TCP stream
+//! and a waker. It alone reads the socket. Handles encode their frames on the caller's
 //! thread and pass whole units (a publish is method + header + body frames) through a
 //! bounded queue; the I/O thread writes everything queued in as few writes as it can,
 //! decodes inbound frames, and hands them to per-channel queues: RPC replies to the
 //! waiting caller, deliveries to their consumer's bounded queue, confirms to the tracker.
+//! When the I/O thread rests with nothing queued, a thread that publishes or acks writes
+//! its frames to the socket itself, without waking it (plain TCP only; see
+//! [`ConnectionOptions::caller_writes`]): what the socket does not take at once is left
+//! to the I/O thread, which writes it before anything else.
 //!
 //! Everything the broker sends is checked before it is buffered or parsed: frame sizes
 //! against `frame_max`, message sizes against a maximum, field-table depth before the
@@ -146,6 +150,7 @@ mod protocol;
 mod send_core;
 mod sync;
 mod trace;
+mod write_gate;
 
 // Everything else: the I/O thread, the handles, options, topology and recovery.
 not_under_loom! {
@@ -258,5 +263,6 @@ pub mod internal {
         pub use crate::send_core::{FailFlag, WakeFlag};
         pub use crate::sync::lightq as queue;
         pub use crate::sync::oneshot;
+        pub use crate::write_gate::{Direct, WriteGate};
     }
 }

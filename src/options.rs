@@ -92,6 +92,7 @@ pub struct ConnectionOptions {
     pub(crate) connection_queue_bytes: usize,
     pub(crate) max_output_bytes: usize,
     pub(crate) write_stall_timeout: Duration,
+    pub(crate) caller_writes: bool,
     pub(crate) unacked_warning: Option<Duration>,
     pub(crate) tls: TlsOptions,
     pub(crate) credentials_provider: Option<ProviderRef>,
@@ -156,6 +157,7 @@ impl Default for ConnectionOptions {
             connection_queue_bytes: DEFAULT_CONNECTION_QUEUE_BYTES,
             max_output_bytes: DEFAULT_MAX_OUTPUT_BYTES,
             write_stall_timeout: DEFAULT_WRITE_STALL_TIMEOUT,
+            caller_writes: true,
             unacked_warning: None,
             tls: TlsOptions::default(),
             credentials_provider: None,
@@ -191,6 +193,7 @@ impl std::fmt::Debug for ConnectionOptions {
             .field("connection_queue_bytes", &self.connection_queue_bytes)
             .field("max_output_bytes", &self.max_output_bytes)
             .field("write_stall_timeout", &self.write_stall_timeout)
+            .field("caller_writes", &self.caller_writes)
             .field("unacked_warning", &self.unacked_warning)
             .field("shuffle_addresses", &self.shuffle_addresses)
             .field("resolver", &ResolverSet(&self.resolver))
@@ -499,6 +502,22 @@ impl ConnectionOptions {
     /// instead. Default 20 s ([`DEFAULT_WRITE_STALL_TIMEOUT`]).
     pub fn write_stall_timeout(mut self, t: Duration) -> Self {
         self.write_stall_timeout = t.max(Duration::from_millis(100));
+        self
+    }
+    /// Let a thread that publishes (or acks, or sends any frame that needs no reply)
+    /// write its frames to the socket itself when the I/O thread is idle and nothing is
+    /// queued ahead of them, instead of handing them to the I/O thread and waking it
+    /// (on by default; plain TCP only: over TLS the I/O thread writes every record).
+    /// A direct write never blocks: what the socket does not take at once is left to the
+    /// I/O thread, which also reports a broken socket. Off: every frame goes through
+    /// the I/O thread, and no socket call happens on the caller's thread.
+    ///
+    /// ```
+    /// let opts = lepus::ConnectionOptions::new().caller_writes(false);
+    /// # let _ = opts;
+    /// ```
+    pub fn caller_writes(mut self, on: bool) -> Self {
+        self.caller_writes = on;
         self
     }
     /// Warn about deliveries left unacknowledged longer than `threshold` (off by

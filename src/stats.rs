@@ -34,6 +34,7 @@ pub(crate) struct Stats {
     pub(crate) rejected: Padded,
     pub(crate) bytes_in: Padded,
     pub(crate) bytes_out: Padded,
+    pub(crate) caller_writes: Padded,
     pub(crate) reconnects: Padded,
     /// Gauges: added to and taken from (never below zero when balanced).
     pub(crate) channels: Padded,
@@ -93,6 +94,7 @@ impl Stats {
             rejected: r(&self.rejected),
             bytes_in: r(&self.bytes_in),
             bytes_out: r(&self.bytes_out),
+            caller_writes: r(&self.caller_writes),
             reconnects: r(&self.reconnects),
             channels: r(&self.channels),
             consumers: r(&self.consumers),
@@ -141,6 +143,10 @@ pub struct ConnectionStats {
     pub bytes_in: u64,
     /// Bytes written to the broker after the handshake (the same way).
     pub bytes_out: u64,
+    /// Sends (a publish, an ack, ...) the calling thread wrote to the socket itself
+    /// rather than handing them to the I/O thread
+    /// ([`crate::ConnectionOptions::caller_writes`]).
+    pub caller_writes: u64,
     /// Recoveries that installed a new TCP connection.
     pub reconnects: u64,
     /// Channels open now.
@@ -175,7 +181,7 @@ pub(crate) mod facade {
     type Field = fn(&ConnectionStats) -> u64;
 
     /// Counter names, descriptions and the snapshot field each reports.
-    const COUNTERS: [(&str, &str, Field); 13] = [
+    const COUNTERS: [(&str, &str, Field); 14] = [
         ("lepus_messages_published_total", "Messages published", |s| s.published),
         ("lepus_messages_confirmed_total", "Publishes the broker confirmed", |s| s.confirmed),
         ("lepus_messages_nacked_total", "Publishes the broker nacked", |s| s.nacked),
@@ -186,6 +192,7 @@ pub(crate) mod facade {
         ("lepus_messages_rejected_total", "Rejects and nacks sent", |s| s.rejected),
         ("lepus_bytes_received_total", "Bytes read from the broker", |s| s.bytes_in),
         ("lepus_bytes_sent_total", "Bytes written to the broker", |s| s.bytes_out),
+        ("lepus_caller_writes_total", "Sends written by the calling thread", |s| s.caller_writes),
         ("lepus_reconnects_total", "Recoveries that reconnected", |s| s.reconnects),
         ("lepus_events_dropped_total", "Events the listener missed", |s| s.events_dropped),
         ("lepus_listener_panics_total", "Event listener calls that panicked", |s| s.listener_panics),

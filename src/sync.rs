@@ -88,6 +88,10 @@ mod imp {
         pub(crate) fn try_lock_until(&self, _deadline: Instant) -> Option<MutexGuard<'_, T>> {
             Some(self.lock())
         }
+        /// Without waiting: `None` when another thread holds it (loom explores both).
+        pub(crate) fn try_lock(&self) -> Option<MutexGuard<'_, T>> {
+            self.0.try_lock().ok().map(|g| MutexGuard(Some(g)))
+        }
         pub(crate) fn get_mut(&mut self) -> &mut T {
             self.0.get_mut().expect("loom mutex poisoned")
         }

@@ -445,7 +445,7 @@ mod facade {
             [&format!("lepus_channels{{connection={label}}}")]
             .clone();
         assert_eq!(f64::from_bits(channels.load(Ordering::Relaxed)), 1.0);
-        assert_eq!(capture.counters.lock().unwrap().len(), 13);
+        assert_eq!(capture.counters.lock().unwrap().len(), 14);
         conn.close().unwrap();
     }
 

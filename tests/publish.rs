@@ -424,3 +424,125 @@ fn bodies_at_frame_boundaries_round_trip() {
     }
     conn.close().unwrap();
 }
+
+/// Body of message `i` of publisher `t`: its ids, then a pattern; every 5th is larger
+/// than a socket's send buffer can grow (4 MiB here), so that a direct write of it is
+/// cut and the rest carried while the other publishers go on.
+fn mixed_body(t: usize, i: usize) -> Vec<u8> {
+    let len = if i % 5 == 4 {
+        5 * 1024 * 1024 + i
+    } else {
+        40 + i
+    };
+    let mut b = format!("{t}:{i}:").into_bytes();
+    b.extend_from_slice(&pattern(len, (t * 1000 + i) as u64 + 1));
+    b
+}
+
+#[test]
+fn callers_writing_the_socket_keep_frames_whole_and_in_order_beside_large_bodies() {
+    const THREADS: usize = 4;
+    const PER_THREAD: usize = 40;
+    let conn = Connection::open_with(test_options()).unwrap();
+    let setup = conn.open_channel().unwrap();
+    let q = temp_queue(&setup);
+    // One queue, one consumer: each publisher's messages arrive in the order sent.
+    let consumer = setup
+        .basic_consume(
+            &q,
+            &ConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let publishers: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let (conn, q) = (conn.clone(), q.clone());
+            thread::spawn(move || -> lepus::Result<()> {
+                let ch = conn.open_channel()?;
+                if t % 2 == 0 {
+                    ch.confirm_select()?;
+                }
+                for i in 0..PER_THREAD {
+                    ch.basic_publish(
+                        "",
+                        &q,
+                        &mixed_body(t, i),
+                        &BasicProperties::new(),
+                        &PublishOptions::default(),
+                    )?;
+                    // A confirm per message now and then: the I/O thread rests between.
+                    if t % 2 == 0 && i % 3 == 0 {
+                        ch.wait_for_confirms()?;
+                    }
+                }
+                if t % 2 == 0 {
+                    ch.wait_for_confirms()?;
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    let mut next = [0usize; THREADS];
+    for _ in 0..THREADS * PER_THREAD {
+        let d = consumer
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the consumer lives")
+            .unwrap_or_else(|| panic!("a message is missing; next expected {next:?}"));
+        let body = d.body();
+        let mut ids = body.splitn(3, |b| *b == b':').map(|s| {
+            std::str::from_utf8(s)
+                .ok()
+                .and_then(|s| s.parse::<usize>().ok())
+        });
+        let t = ids.next().flatten().expect("publisher id");
+        let i = ids.next().flatten().expect("message id");
+        assert_eq!(i, next[t], "publisher {t}'s messages out of order");
+        assert!(body == &mixed_body(t, i)[..], "message {t}:{i} differs");
+        next[t] += 1;
+    }
+    for p in publishers {
+        p.join().expect("publisher panicked").expect("publisher");
+    }
+    assert!(
+        consumer.recv_timeout(QUIET).unwrap().is_none(),
+        "an extra message"
+    );
+    assert!(conn.is_open());
+    conn.close().unwrap();
+}
+
+#[test]
+fn a_lone_confirming_publisher_writes_the_socket_itself_unless_told_not_to() {
+    for on in [true, false] {
+        let conn = Connection::open_with(test_options().caller_writes(on)).unwrap();
+        let ch = conn.open_channel().unwrap();
+        ch.confirm_select().unwrap();
+        let q = temp_queue(&ch);
+        for i in 0..100u32 {
+            publish_confirmed(&ch, "", &q, &i.to_be_bytes());
+        }
+        let writes = conn.stats().caller_writes;
+        if on {
+            // Between two confirms the I/O thread rests, so most of these are direct.
+            assert!(writes > 0, "no publish was written by its caller");
+        } else {
+            assert_eq!(writes, 0, "caller_writes(false) still wrote {writes}");
+        }
+        // And each arrived, in order.
+        let c = ch
+            .basic_consume(
+                &q,
+                &ConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        for i in 0..100u32 {
+            assert_eq!(recv_body(&c), i.to_be_bytes(), "caller_writes({on})");
+        }
+        conn.close().unwrap();
+    }
+}

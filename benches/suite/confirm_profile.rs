@@ -15,6 +15,7 @@
 //! strace -c -f target/release/examples/confirm-profile 100 200
 //! LEPUS_SHARED_CHANNEL=1 target/release/examples/confirm-profile 20 500   # one channel
 //! LEPUS_PROFILE_HOLD=1 target/release/examples/confirm-profile 900 10 none # exits not timed
+//! LEPUS_CALLER_WRITES=0 target/release/examples/confirm-profile 4 2500  # every frame via the I/O thread
 //! ```
 
 #[path = "cpu.rs"]
@@ -35,7 +36,12 @@ fn main() {
     let per = args.get(1).copied().unwrap_or(200);
     let url = std::env::var("AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
-    let conn = Connection::open(&url).expect("connect");
+    // LEPUS_CALLER_WRITES=0: callers never write the socket themselves (A/B runs).
+    let caller_writes = std::env::var("LEPUS_CALLER_WRITES").map_or(true, |v| v != "0");
+    let opts = lepus::ConnectionOptions::from_uri(&url)
+        .expect("AMQP_URL")
+        .caller_writes(caller_writes);
+    let conn = Connection::open_with(opts).expect("connect");
     let admin = conn.open_channel().expect("admin channel");
     let queue = format!("lepus-confirm-profile.{}", std::process::id());
     admin
@@ -186,6 +192,11 @@ fn main() {
             secs * 1e3
         );
     }
+    println!(
+        "caller writes: {} of {} sends (caller_writes {caller_writes})",
+        conn.stats().caller_writes,
+        threads * per
+    );
     let _ = admin.queue_delete(&queue, &Default::default());
     let _ = conn.close();
 }

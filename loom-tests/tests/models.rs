@@ -7,19 +7,22 @@
 //! reply sender whose drop forgets the wake-up; `queue-store`: the consumer queue's
 //! waiting flag written with a plain store, the lost wake-up this suite found;
 //! `send-fence`: a queued command without the fence that pairs with a link failure's;
+//! `gate-carry`: a caller's direct write that ignores another's unfinished frame;
+//! `gate-rest`: the I/O thread letting callers write while its own output waits;
 //! `quiet-wake-one`: a quiet batch's payment waking one receiver of a queue however many
 //! wake-ups it owes),
 //! must make the model that covers them fail: `run.sh` runs each model again with its
 //! variable set and expects the failure. `mutants.sh` plants more slips (see `mutants/`).
 #![cfg(lepus_loom)]
 
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use std::sync::atomic::{AtomicUsize as StdAtomicUsize, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 
 use lepus::internal::model::{
-    ConfirmTracker, EndRelay, Ended, FailFlag, LinkCell, LinkGen, LinkState, PoolCore, Poolable,
-    QueueShared, WakeFlag, oneshot, outcome, queue,
+    ConfirmTracker, Direct, EndRelay, Ended, FailFlag, LinkCell, LinkGen, LinkState, PoolCore,
+    Poolable, QueueShared, WakeFlag, WriteGate, oneshot, outcome, queue,
 };
 use lepus::{Confirm, Error};
 use loom::sync::atomic::{AtomicBool, AtomicUsize};
@@ -1237,4 +1240,164 @@ fn link_close_install_model() {
 #[test]
 fn flight_close_races_install() {
     assert!(explore("link_close_install", link_close_install_model) > 1);
+}
+
+// ---------------------------------------------------------------- 9. callers' writes
+
+/// The socket as the write gate's model sees it: the bytes that reached the wire, and
+/// room for so many more before `WouldBlock`; after a `WouldBlock` the broker has read
+/// (the room is back for the next write, whoever makes it). Only touched under the gate
+/// (and after every thread joined), so a plain mutex that is never contended.
+#[derive(Clone, Default)]
+struct Wire(std::sync::Arc<std::sync::Mutex<(Vec<u8>, usize, usize)>>);
+
+impl Wire {
+    fn with_room(room: usize) -> Wire {
+        let w = Wire::default();
+        let mut g = w.0.lock().unwrap();
+        (g.1, g.2) = (room, room);
+        drop(g);
+        w
+    }
+    fn bytes(&self) -> Vec<u8> {
+        self.0.lock().unwrap().0.clone()
+    }
+}
+
+impl std::io::Write for Wire {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let mut w = self.0.lock().unwrap();
+        if w.1 == 0 {
+            w.1 = w.2;
+            return Err(std::io::ErrorKind::WouldBlock.into());
+        }
+        let n = b.len().min(w.1);
+        w.0.extend_from_slice(&b[..n]);
+        w.1 -= n;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A sender as `ChannelShared::send_command` does it: write through the gate, else
+/// queue and wake the I/O thread (also when the gate carries the rest of its frame).
+fn gate_send(
+    gate: &WriteGate<Wire>,
+    queue: &Mutex<VecDeque<&'static [u8]>>,
+    waker: &Waker,
+    frame: &'static [u8],
+) {
+    match gate.try_write(frame, || queue.lock().unwrap().is_empty()) {
+        Direct::Written => {}
+        Direct::Carried(_) => waker.wake(),
+        Direct::NotNow => {
+            queue.lock().unwrap().push_back(frame);
+            waker.wake();
+        }
+    }
+}
+
+/// One turn of the I/O thread as the reactor runs it: busy, take the queued frames,
+/// write (the carry first, then its own output) until `WouldBlock`, rest if its output
+/// is all written.
+fn gate_turn(
+    gate: &WriteGate<Wire>,
+    queue: &Mutex<VecDeque<&'static [u8]>>,
+    wire: &mut Wire,
+    out: &mut Vec<u8>,
+) {
+    gate.busy();
+    while let Some(f) = queue.lock().unwrap().pop_front() {
+        out.extend_from_slice(f);
+    }
+    gate.write_with(|carry| {
+        use std::io::Write;
+        while !carry.is_empty() {
+            match wire.write(carry) {
+                Ok(n) => drop(carry.drain(..n)),
+                Err(_) => return,
+            }
+        }
+        while !out.is_empty() {
+            match wire.write(out) {
+                Ok(n) => drop(out.drain(..n)),
+                Err(_) => return,
+            }
+        }
+    });
+    gate.rest(out.is_empty());
+}
+
+/// Two senders and the I/O thread share the socket through the write gate. Sender A
+/// sends two frames (its second must not pass its first), sender B one; the socket takes
+/// 4 bytes between two `WouldBlock`s, so a 5-byte frame is never written whole at once:
+/// direct writes leave a carry, the I/O thread's writes stop part-way. At
+/// the end every frame is on the wire whole (never cut by another), A's in order.
+fn gate_model() {
+    const ROOM: usize = 4;
+    let mut wire = Wire::with_room(ROOM);
+    let gate = Arc::new(WriteGate::new(Some(wire.clone())));
+    let queue = Arc::new(Mutex::new(VecDeque::new()));
+    let waker = Arc::new(Waker::default());
+    gate.rest(true);
+    let plan: [&'static [&'static [u8]]; 2] = [&[b"a1---", b"a2---"], &[b"b1---"]];
+    let senders: Vec<_> = plan
+        .into_iter()
+        .map(|frames| {
+            let (gate, queue, waker) = (gate.clone(), queue.clone(), waker.clone());
+            thread::spawn(move || {
+                for f in frames {
+                    gate_send(&gate, &queue, &waker, f);
+                }
+            })
+        })
+        .collect();
+    let done = Arc::new(AtomicBool::new(false));
+    let io = {
+        let (gate, queue, waker, done) = (gate.clone(), queue.clone(), waker.clone(), done.clone());
+        let mut wire = wire.clone();
+        thread::spawn(move || {
+            let mut out = Vec::new();
+            loop {
+                waker.wait();
+                if done.load(SeqCst) {
+                    return out;
+                }
+                gate_turn(&gate, &queue, &mut wire, &mut out);
+            }
+        })
+    };
+    for s in senders {
+        s.join().unwrap();
+    }
+    done.store(true, SeqCst);
+    waker.wake();
+    let mut out = io.join().unwrap();
+    // The socket keeps draining (writable events): turns until everything is out.
+    for _ in 0..8 {
+        gate_turn(&gate, &queue, &mut wire, &mut out);
+    }
+    let bytes = wire.bytes();
+    let frames: Vec<&[u8]> = bytes.chunks(5).collect();
+    let mut sorted = frames.clone();
+    sorted.sort();
+    assert_eq!(
+        sorted,
+        [&b"a1---"[..], b"a2---", b"b1---"],
+        "frames cut or lost: {:?}",
+        String::from_utf8_lossy(&bytes)
+    );
+    let pos = |f: &[u8]| frames.iter().position(|x| *x == f);
+    assert!(
+        pos(b"a1---") < pos(b"a2---"),
+        "A's frames out of order: {:?}",
+        String::from_utf8_lossy(&bytes)
+    );
+}
+
+#[test]
+fn gate_keeps_frames_whole_and_each_senders_in_order() {
+    assert!(explore("gate", gate_model) > 1);
 }

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use amq_protocol::protocol::{AMQPClass, basic, channel, connection};
 
 use super::{ChannelShared, Command, ConnShared, RETURNS_CAPACITY, Reply, ReplyTx};
+use crate::confirm_tracker::Wakes;
 use crate::delivery::{
     Acker, BadDelivery, ByteBudget, Charge, ConsumerMsg, ConsumerSink, Delivery, Returned,
 };
@@ -207,9 +208,12 @@ pub(crate) struct Engine {
     clock: Instant,
     /// When to look for deliveries unacknowledged too long (`unacked_warning`).
     next_unacked_check: Instant,
+    /// Publishers whose confirms arrived, woken by the reactor at the end of its turn
+    /// (`Some`: see [`Engine::defer_wakes`]); `None`: woken at once.
+    wakes: Option<Wakes>,
     /// Consumer queues given deliveries quietly while their threads sleep: woken once
     /// each when the batch of frames is handled ([`Engine::wake_consumers`]).
-    wakes: Vec<Notifier<ConsumerMsg>>,
+    consumer_wakes: Vec<Notifier<ConsumerMsg>>,
 }
 
 fn method_bytes(out: &mut Vec<u8>, channel: u16, m: AMQPClass) {
@@ -249,8 +253,23 @@ impl Engine {
             blocked: false,
             clock: now,
             next_unacked_check: now,
-            wakes: Vec::new(),
+            wakes: None,
+            consumer_wakes: Vec::new(),
             conn,
+        }
+    }
+
+    /// Wake confirm waiters only when [`Engine::wake_deferred`] is called (the reactor,
+    /// after its turn rested: a woken publisher then finds the socket free to write its
+    /// next message itself, and the waiters of one read are woken together).
+    pub(crate) fn defer_wakes(&mut self) {
+        self.wakes = Some(Wakes::default());
+    }
+
+    /// Wake the confirm waiters deferred so far.
+    pub(crate) fn wake_deferred(&mut self) {
+        if let Some(w) = &mut self.wakes {
+            w.wake();
         }
     }
 
@@ -286,20 +305,29 @@ impl Engine {
 
     /// The socket took the first `n` bytes of [`Engine::output`] at `now`.
     pub(crate) fn wrote(&mut self, n: usize, now: Instant) {
-        Stats::add(&self.conn.stats.bytes_out, n as u64);
+        self.wrote_elsewhere(n, now);
         self.written = (self.written + n).min(self.out.len());
+    }
+
+    /// The socket took `n` bytes at `now` that were not in [`Engine::output`] (the rest
+    /// of a caller's direct write).
+    pub(crate) fn wrote_elsewhere(&mut self, n: usize, now: Instant) {
+        Stats::add(&self.conn.stats.bytes_out, n as u64);
         self.last_progress = now;
         self.last_send = now;
     }
 
     /// After a round of writes: forget what was written, and fail the link if output
-    /// has waited longer than `write_timeout` without the socket taking any of it.
-    pub(crate) fn settle_output(&mut self, now: Instant, write_timeout: Duration) {
+    /// (ours, or bytes `held` outside it: a caller's unfinished write) has waited longer
+    /// than `write_timeout` without the socket taking any of it.
+    pub(crate) fn settle_output(&mut self, now: Instant, write_timeout: Duration, held: bool) {
         if self.written == self.out.len() {
             self.out.clear();
             self.written = 0;
-            self.last_progress = now;
-            return;
+            if !held {
+                self.last_progress = now;
+                return;
+            }
         }
         // Written bytes stay in front of the rest until they are many: moving the rest
         // down after every partial write would copy it over and over.
@@ -847,23 +875,37 @@ impl Engine {
             B::Ack(a) => {
                 check_confirm(ch, &slot.shared, "basic.ack", a.delivery_tag, a.multiple)?;
                 let stats = &slot.shared.conn.stats;
-                slot.shared.confirms.resolve_counted(
-                    a.delivery_tag,
-                    a.multiple,
-                    true,
-                    |n| Stats::add(&stats.confirmed, n),
-                );
+                let count = |n| Stats::add(&stats.confirmed, n);
+                match &mut self.wakes {
+                    Some(w) => {
+                        let confirms = &slot.shared.confirms;
+                        confirms.resolve_into(a.delivery_tag, a.multiple, true, count, w)
+                    }
+                    None => slot.shared.confirms.resolve_counted(
+                        a.delivery_tag,
+                        a.multiple,
+                        true,
+                        count,
+                    ),
+                };
                 Ok(())
             }
             B::Nack(n) => {
                 check_confirm(ch, &slot.shared, "basic.nack", n.delivery_tag, n.multiple)?;
                 let stats = &slot.shared.conn.stats;
-                slot.shared.confirms.resolve_counted(
-                    n.delivery_tag,
-                    n.multiple,
-                    false,
-                    |n| Stats::add(&stats.nacked, n),
-                );
+                let count = |n| Stats::add(&stats.nacked, n);
+                match &mut self.wakes {
+                    Some(w) => {
+                        let confirms = &slot.shared.confirms;
+                        confirms.resolve_into(n.delivery_tag, n.multiple, false, count, w)
+                    }
+                    None => slot.shared.confirms.resolve_counted(
+                        n.delivery_tag,
+                        n.multiple,
+                        false,
+                        count,
+                    ),
+                };
                 Ok(())
             }
             B::Cancel(c) => {
@@ -1212,7 +1254,7 @@ impl Engine {
         }
         let pushed = sink.push_quiet(msg);
         if let Ok(Some(owed)) = pushed {
-            self.wakes.push(owed);
+            self.consumer_wakes.push(owed);
         } else if let Err(mut msg) = pushed {
             msg.release();
             if let (Some(tag), Some(t)) = (tracked, &slot.shared.unacked) {
@@ -1230,7 +1272,7 @@ impl Engine {
     /// Wake the consumer threads that slept through deliveries queued for them since
     /// the last call (see [`Engine::on_frame_batched`]).
     pub(crate) fn wake_consumers(&mut self) {
-        for n in self.wakes.drain(..) {
+        for n in self.consumer_wakes.drain(..) {
             n.wake();
         }
     }

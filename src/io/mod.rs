@@ -32,6 +32,7 @@ use crate::stats::Stats;
 use crate::sync::oneshot;
 use crate::sync::queue::{self, Receiver, SendTimeoutError, Sender};
 use crate::sync::{Arc, AtomicBool, AtomicUsize, Condvar, CondvarExt, Mutex, Ordering, Weak};
+use crate::write_gate::{Direct, WriteGate};
 
 /// What an RPC gets back.
 #[derive(Debug)]
@@ -132,6 +133,8 @@ impl IdAllocator {
 pub(crate) struct ConnShared {
     cmd_tx: Sender<Command>,
     waker: Arc<dyn Wake>,
+    /// The socket's write side, for frames a caller writes itself (`caller_writes`).
+    pub(crate) gate: WriteGate<std::net::TcpStream>,
     wake_pending: WakeFlag,
     failed: FailFlag,
     failure: Mutex<Option<Error>>,
@@ -174,6 +177,7 @@ impl ConnShared {
         ConnShared {
             cmd_tx,
             waker,
+            gate: WriteGate::new(None),
             wake_pending: WakeFlag::new(),
             failed: FailFlag::new(),
             failure: Mutex::new(None),
@@ -210,6 +214,38 @@ impl ConnShared {
         self.generation = generation;
         self.local_addr = local;
         self
+    }
+
+    /// Let callers write to `sock` (a handle on the connection's socket) when the I/O
+    /// thread rests (before the state is shared).
+    pub(crate) fn with_caller_writes(mut self, sock: std::net::TcpStream) -> Self {
+        self.gate = WriteGate::new(Some(sock));
+        self
+    }
+
+    /// Write frames that need no reply on the caller's thread, if the I/O thread rests,
+    /// nothing is queued and `open()` (asked under the gate, when the I/O thread is
+    /// between turns) says their channel is open: see `write_gate`. False: hand them
+    /// over as usual.
+    pub(crate) fn write_direct(&self, bytes: &[u8], open: impl FnOnce() -> bool) -> bool {
+        match self
+            .gate
+            .try_write(bytes, || self.cmd_tx.is_empty() && open())
+        {
+            Direct::Written => {
+                Stats::add(&self.stats.bytes_out, bytes.len() as u64);
+                Stats::add(&self.stats.caller_writes, 1);
+                true
+            }
+            Direct::Carried(n) => {
+                Stats::add(&self.stats.bytes_out, n as u64);
+                Stats::add(&self.stats.caller_writes, 1);
+                // The rest is the I/O thread's to write.
+                self.wake();
+                true
+            }
+            Direct::NotNow => false,
+        }
     }
 
     /// Set who hears about this generation's end (before its I/O thread starts).
@@ -615,15 +651,28 @@ impl ChannelShared {
         self.send_command(Command::Send(bytes), deadline, what)
     }
 
-    /// Queue a command for this channel, unless the channel is closed.
+    /// Queue a command for this channel, unless the channel is closed. Frames that
+    /// need no reply are written on this thread instead when the I/O thread rests.
     pub(crate) fn send_command(
         &self,
         cmd: Command,
         deadline: Instant,
         what: &'static str,
     ) -> Result<()> {
+        // After a confirm-mode publish registered its number: a link that failed before
+        // that registration is seen here (the tracker's lock orders them).
         if self.is_closed() {
             return Err(self.error());
+        }
+        let frames: Option<&[u8]> = match &cmd {
+            Command::Send(b) => Some(b),
+            Command::SendShared(b) => Some(b),
+            _ => None,
+        };
+        // Under the gate the I/O thread is between turns: a channel the broker closed in
+        // an earlier turn is seen closed there, before its id can be written to again.
+        if frames.is_some_and(|b| self.conn.write_direct(b, || !self.is_channel_closed())) {
+            return Ok(());
         }
         self.conn.send(cmd, deadline, what)
     }

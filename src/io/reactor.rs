@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 
-use super::Command;
+use super::{Command, ConnShared};
 use super::engine::Engine;
 use super::transport::Transport;
 use crate::error::Error;
@@ -43,6 +43,8 @@ struct Ready {
 impl Reactor {
     pub(crate) fn run(mut self) {
         self.register();
+        self.engine.defer_wakes();
+        let conn = self.engine.conn.clone();
         let mut events = Events::with_capacity(16);
         let mut ready = Ready {
             readable: true,
@@ -59,15 +61,26 @@ impl Reactor {
             if !self.wait(&mut events, timeout, &mut ready) {
                 break;
             }
+            // No caller writes to the socket from here until this turn rests.
+            conn.gate.busy();
             let now = Instant::now();
             self.drain_commands(now);
             let reads = self.read(now, &mut ready.readable);
-            self.flush(now, &mut ready.writable);
-            next_timer = self.timers(now, ready.writable);
+            let carrying = self.flush(&conn, now, &mut ready.writable);
+            next_timer = self.timers(now, ready.writable, carrying);
             more = (ready.readable && reads >= READS_PER_TURN && !self.engine.is_stalled())
                 || (!self.commands.is_empty() && self.engine.wants_commands());
+            // Callers may write while this thread sleeps, if nothing of ours waits.
+            conn.gate.rest(
+                self.engine.is_open()
+                    && self.engine.output().is_empty()
+                    && !self.transport.has_pending_output(),
+            );
+            // Publishers whose confirms came in this turn: woken now, when the socket is
+            // theirs to write their next message to.
+            self.engine.wake_deferred();
         }
-        self.finish();
+        self.finish(&conn);
     }
 
     fn register(&mut self) {
@@ -154,9 +167,10 @@ impl Reactor {
         reads
     }
 
-    /// Outbound: everything pending, in as few writes as the socket allows; then a
-    /// check for writes that stall.
-    fn flush(&mut self, now: Instant, writable: &mut bool) {
+    /// Outbound: what a caller's direct write left (it must go first), then everything
+    /// pending, in as few writes as the socket allows; then a check for writes that
+    /// stall. Returns true while a caller's bytes still wait.
+    fn flush(&mut self, conn: &ConnShared, now: Instant, writable: &mut bool) -> bool {
         // TLS records of plaintext taken earlier go first (none without TLS).
         if *writable && self.transport.has_pending_output() {
             match self.transport.flush_pending() {
@@ -165,32 +179,62 @@ impl Reactor {
                 Err(e) => {
                     self.engine
                         .fail(Error::ConnectionLost(format!("socket write failed: {e}")));
-                    return;
+                    return false;
                 }
             }
         }
-        while *writable && !self.engine.output().is_empty() {
-            match self.transport.write(self.engine.output()) {
-                Ok(0) => {
-                    self.engine
-                        .fail(Error::ConnectionLost("socket write returned 0".into()));
-                    break;
-                }
-                Ok(n) => self.engine.wrote(n, now),
-                Err(e) if e.kind() == ErrorKind::WouldBlock => *writable = false,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => {
-                    self.engine
-                        .fail(Error::ConnectionLost(format!("socket write failed: {e}")));
-                    break;
+        // Holding the gate: no caller writes between our writes.
+        let carrying = conn.gate.write_with(|carry| {
+            while *writable && !carry.is_empty() {
+                match self.transport.write(carry) {
+                    Ok(0) => {
+                        self.engine
+                            .fail(Error::ConnectionLost("socket write returned 0".into()));
+                        break;
+                    }
+                    Ok(n) => {
+                        carry.drain(..n);
+                        self.engine.wrote_elsewhere(n, now);
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => *writable = false,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        self.engine
+                            .fail(Error::ConnectionLost(format!("socket write failed: {e}")));
+                        break;
+                    }
                 }
             }
-        }
-        self.engine.settle_output(now, self.write_timeout);
+            if !carry.is_empty() {
+                // Our output waits behind it.
+                return true;
+            }
+            while *writable && !self.engine.output().is_empty() {
+                match self.transport.write(self.engine.output()) {
+                    Ok(0) => {
+                        self.engine
+                            .fail(Error::ConnectionLost("socket write returned 0".into()));
+                        break;
+                    }
+                    Ok(n) => self.engine.wrote(n, now),
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => *writable = false,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        self.engine
+                            .fail(Error::ConnectionLost(format!("socket write failed: {e}")));
+                        break;
+                    }
+                }
+            }
+            false
+        });
+        self.engine
+            .settle_output(now, self.write_timeout, carrying);
+        carrying
     }
 
     /// The engine's timers; returns when the loop must turn next.
-    fn timers(&mut self, now: Instant, writable: bool) -> Instant {
+    fn timers(&mut self, now: Instant, writable: bool, carrying: bool) -> Instant {
         let next = self.engine.on_timer(now);
         // The `metrics` facade hears what changed at most once a second, and the loop
         // turns at least that often to tell it.
@@ -199,7 +243,9 @@ impl Reactor {
             self.engine.conn.stats.report_metrics(now, false);
             next.min(now + crate::stats::facade::REPORT_EVERY)
         };
-        if (!self.engine.output().is_empty() || self.transport.has_pending_output()) && writable {
+        if (!self.engine.output().is_empty() || self.transport.has_pending_output() || carrying)
+            && writable
+        {
             // Heartbeat or timer output to write at once.
             return now;
         }
@@ -207,13 +253,15 @@ impl Reactor {
     }
 
     /// The engine is done: last words, close the socket, wake whoever still waits.
-    fn finish(mut self) {
+    fn finish(mut self, conn: &ConnShared) {
+        self.engine.wake_deferred();
         // Last words (close, close-ok) matter on a working link; on a lost one they
-        // would only delay the recovery.
+        // would only delay the recovery. A caller's unfinished frame goes before them.
         if !matches!(self.engine.outcome(), Some(Error::ConnectionLost(_))) {
-            self.final_flush();
+            self.final_flush(conn);
             self.transport.close_notify();
         }
+        conn.gate.close();
         let _ = self.transport.sock().shutdown(std::net::Shutdown::Both);
         // Queued commands hold reply senders: drop them now so their waiters wake. The
         // failure was recorded (with a fence) before this drain; a command queued after
@@ -264,20 +312,29 @@ impl Reactor {
         }
     }
 
-    fn final_flush(&mut self) {
+    fn final_flush(&mut self, conn: &ConnShared) {
         let until = Instant::now() + FINAL_FLUSH;
         let mut events = Events::with_capacity(4);
-        while (!self.engine.output().is_empty() || self.transport.has_pending_output())
+        let mut carry = conn.gate.write_with(std::mem::take);
+        while (!carry.is_empty()
+            || !self.engine.output().is_empty()
+            || self.transport.has_pending_output())
             && Instant::now() < until
         {
-            let wrote = if self.engine.output().is_empty() {
+            let wrote = if !carry.is_empty() {
+                self.transport.write(&carry)
+            } else if self.engine.output().is_empty() {
                 self.transport.flush_pending().map(|()| 0)
             } else {
                 self.transport.write(self.engine.output())
             };
             match wrote {
-                Ok(0) if self.engine.output().is_empty() => {}
+                Ok(0) if carry.is_empty() && self.engine.output().is_empty() => {}
                 Ok(0) => return,
+                Ok(n) if !carry.is_empty() => {
+                    carry.drain(..n);
+                    self.engine.wrote_elsewhere(n, Instant::now());
+                }
                 Ok(n) => self.engine.wrote(n, Instant::now()),
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {
                     let _ = self.poll.poll(

@@ -34,6 +34,15 @@ impl<S> Transport<S> {
         }
     }
 
+    /// The stream, when no TLS is on top of it.
+    pub(crate) fn plain(&self) -> Option<&S> {
+        match self {
+            Transport::Plain(s) => Some(s),
+            #[cfg(feature = "tls")]
+            Transport::Tls(_) => None,
+        }
+    }
+
     pub(crate) fn sock_mut(&mut self) -> &mut S {
         match self {
             Transport::Plain(s) => s,

@@ -557,13 +557,13 @@ fn writes_that_stall_past_the_write_timeout_end_the_link() {
     // Progress, then a stall.
     s.engine.wrote(3, t0 + Duration::from_secs(20));
     s.engine
-        .settle_output(t0 + Duration::from_secs(20), timeout);
+        .settle_output(t0 + Duration::from_secs(20), timeout, false);
     assert_eq!(s.engine.output().len(), n - 3);
     s.engine
-        .settle_output(t0 + Duration::from_secs(50), timeout);
+        .settle_output(t0 + Duration::from_secs(50), timeout, false);
     assert!(s.outcome().is_none());
     s.engine
-        .settle_output(t0 + Duration::from_millis(50_001), timeout);
+        .settle_output(t0 + Duration::from_millis(50_001), timeout, false);
     assert!(
         matches!(s.outcome(), Some(Error::ConnectionLost(t)) if t.contains("stalled")),
         "{:?}",
@@ -580,10 +580,10 @@ fn a_peer_that_reads_nothing_for_the_stall_time_is_a_dead_link_unless_it_blocked
     s.rpc(&ch, declare("a"), None);
     let t0 = s.now;
     s.engine
-        .settle_output(t0 + Duration::from_secs(3), heartbeat_limit);
+        .settle_output(t0 + Duration::from_secs(3), heartbeat_limit, false);
     assert!(s.outcome().is_none());
     s.engine
-        .settle_output(t0 + Duration::from_millis(3_001), heartbeat_limit);
+        .settle_output(t0 + Duration::from_millis(3_001), heartbeat_limit, false);
     assert!(
         matches!(s.outcome(), Some(Error::ConnectionLost(t)) if t.contains("read none of our bytes for 3s")),
         "{:?}",
@@ -602,14 +602,14 @@ fn a_peer_that_reads_nothing_for_the_stall_time_is_a_dead_link_unless_it_blocked
     s.rpc(&ch, declare("a"), None);
     let t0 = s.now;
     s.engine
-        .settle_output(t0 + Duration::from_secs(60), heartbeat_limit);
+        .settle_output(t0 + Duration::from_secs(60), heartbeat_limit, false);
     assert!(s.outcome().is_none());
     s.feed_method(
         0,
         AMQPClass::Connection(C::Unblocked(connection::Unblocked {})),
     );
     s.engine
-        .settle_output(t0 + Duration::from_secs(61), heartbeat_limit);
+        .settle_output(t0 + Duration::from_secs(61), heartbeat_limit, false);
     assert!(
         matches!(s.outcome(), Some(Error::ConnectionLost(_))),
         "{:?}",
@@ -638,7 +638,7 @@ fn answers_to_a_peer_that_does_not_read_are_bounded_in_bytes() {
     // Once the peer reads, reading resumes.
     let n = s.engine.output().len();
     s.engine.wrote(n, s.now);
-    s.engine.settle_output(s.now, Duration::from_secs(30));
+    s.engine.settle_output(s.now, Duration::from_secs(30), false);
     assert!(!s.engine.is_stalled());
     assert!(s.outcome().is_none());
 }
@@ -652,7 +652,7 @@ fn all_output_written_clears_the_buffer_and_counts_as_sent() {
     let n = s.engine.output().len();
     s.engine.wrote(n, t0 + Duration::from_secs(4));
     s.engine
-        .settle_output(t0 + Duration::from_secs(100), Duration::from_secs(30));
+        .settle_output(t0 + Duration::from_secs(100), Duration::from_secs(30), false);
     assert!(s.engine.output().is_empty());
     assert!(s.outcome().is_none(), "nothing waits: no stall");
     // The write counts as sent: the next heartbeat is due 5 s after it.
@@ -660,6 +660,43 @@ fn all_output_written_clears_the_buffer_and_counts_as_sent() {
     assert!(s.sent().is_empty());
     s.engine.on_timer(t0 + Duration::from_secs(9));
     assert_eq!(s.sent(), [Sent::Heartbeat]);
+}
+
+#[test]
+fn a_callers_unfinished_write_counts_as_waiting_output() {
+    // The engine's own output is all written, but a caller's direct write left bytes the
+    // socket has not taken: the stall clock runs for those too.
+    let mut s = Scenario::with(
+        0,
+        ConnectionOptions::default().write_stall_timeout(Duration::from_secs(5)),
+    );
+    let ch = s.open(1);
+    s.rpc(&ch, declare("a"), None);
+    let t0 = s.now;
+    let n = s.engine.output().len();
+    s.engine.wrote(n, t0);
+    s.engine.settle_output(t0, Duration::from_secs(30), true);
+    assert!(s.engine.output().is_empty());
+    s.engine
+        .settle_output(t0 + Duration::from_secs(5), Duration::from_secs(30), true);
+    assert!(s.outcome().is_none());
+    s.engine
+        .settle_output(t0 + Duration::from_millis(5_001), Duration::from_secs(30), true);
+    assert!(
+        matches!(s.outcome(), Some(Error::ConnectionLost(t)) if t.contains("stalled")),
+        "{:?}",
+        s.outcome()
+    );
+    // Bytes taken from it count as progress.
+    let mut s = Scenario::with(
+        0,
+        ConnectionOptions::default().write_stall_timeout(Duration::from_secs(5)),
+    );
+    let t0 = s.now;
+    s.engine.wrote_elsewhere(10, t0 + Duration::from_secs(4));
+    s.engine
+        .settle_output(t0 + Duration::from_secs(9), Duration::from_secs(30), true);
+    assert!(s.outcome().is_none());
 }
 
 // ---------------- consumers and backpressure ----------------
