@@ -261,16 +261,18 @@ impl Engine {
 
     /// Wake confirm waiters only when [`Engine::wake_deferred`] is called (the reactor,
     /// after its turn rested: a woken publisher then finds the socket free to write its
-    /// next message itself, and the waiters of one read are woken together).
+    /// next message itself, and the waiters of one read are woken together). Consumer
+    /// threads are woken there too, but always (see [`Engine::on_frame_batched`]).
     pub(crate) fn defer_wakes(&mut self) {
         self.wakes = Some(Wakes::default());
     }
 
-    /// Wake the confirm waiters deferred so far.
+    /// Wake the confirm waiters and the consumer threads deferred so far.
     pub(crate) fn wake_deferred(&mut self) {
         if let Some(w) = &mut self.wakes {
             w.wake();
         }
+        self.wake_consumers();
     }
 
     /// The engine has finished; the reactor flushes and exits with this error.
@@ -691,11 +693,13 @@ impl Engine {
         self.wake_consumers();
     }
 
-    /// Handle one frame of a batch (the frames of one socket read): the consumer
-    /// threads it gives deliveries to are woken by [`Engine::wake_consumers`], which the
-    /// caller owes at the end of the batch. A consumer that gets several of the batch's
-    /// deliveries is woken once for all of them, and no wake-up system call stands
-    /// between the batch's frames.
+    /// Handle one frame of a batch (the reactor's turn): the consumer threads it gives
+    /// deliveries to are woken by [`Engine::wake_consumers`] (or
+    /// [`Engine::wake_deferred`]), which the caller owes at the end of the batch. A
+    /// consumer that gets several of the batch's deliveries is woken once for all of
+    /// them; no wake-up system call stands between the batch's frames; and a consumer
+    /// woken after the turn rested finds the socket free to write its ack itself (see
+    /// `write_gate`) instead of queueing it and waking the I/O thread.
     pub(crate) fn on_frame_batched(&mut self, f: RawFrame<'_>, now: Instant) {
         self.clock = now;
         let r = match f.kind {

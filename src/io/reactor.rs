@@ -280,14 +280,9 @@ impl Reactor {
         self.engine.conn.link_ended(outcome);
     }
 
-    /// The frames buffered (one socket read's), then a wake-up for each consumer thread
-    /// that slept through deliveries among them: once per read, not once per delivery.
+    /// The frames buffered. Consumer threads given deliveries are woken at the end of
+    /// the turn (`Engine::wake_deferred`), once each.
     fn process_frames(&mut self, now: Instant) {
-        self.decode_frames(now);
-        self.engine.wake_consumers();
-    }
-
-    fn decode_frames(&mut self, now: Instant) {
         loop {
             match self.decoder.next_frame() {
                 Ok(Some(f)) => {
