@@ -598,3 +598,41 @@ fn open_consumer_failures_leave_no_channel() {
     assert_eq!(recv_body(&consumer), b"after");
     conn.close().unwrap();
 }
+
+/// A burst larger than many socket reads, already in the kernel's buffers when the
+/// consumer starts, with nothing else to wake the I/O thread (no heartbeats; no acks):
+/// every message arrives. The I/O thread stops reading at a read that leaves room in its
+/// buffer (the socket was drained; new bytes raise a new edge) but never at a full one,
+/// whose rest no new edge would announce: that slip stalls this test.
+#[test]
+fn a_burst_already_buffered_is_read_to_the_end() {
+    const N: usize = 40;
+    const SIZE: usize = 200 * 1024;
+    let conn = lepus::Connection::open_with(support::test_options().heartbeat(0)).unwrap();
+    let ch = conn.open_channel().unwrap();
+    ch.confirm_select().unwrap();
+    let q = temp_queue(&ch);
+    for i in 0..N {
+        let mut body = support::pattern(SIZE, i as u64);
+        body[0] = i as u8;
+        publish(&ch, "", &q, &body);
+    }
+    ch.wait_for_confirms().unwrap();
+    let consumer = ch
+        .basic_consume(
+            &q,
+            &ConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    for i in 0..N {
+        let d = consumer
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap()
+            .unwrap_or_else(|| panic!("message {i} of {N} did not arrive: reading stopped"));
+        assert_eq!((d.body().len(), d.body()[0]), (SIZE, i as u8));
+    }
+    conn.close().unwrap();
+}
