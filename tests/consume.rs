@@ -601,9 +601,8 @@ fn open_consumer_failures_leave_no_channel() {
 
 /// A burst larger than many socket reads, already in the kernel's buffers when the
 /// consumer starts, with nothing else to wake the I/O thread (no heartbeats; no acks):
-/// every message arrives. The I/O thread stops reading at a read that leaves room in its
-/// buffer (the socket was drained; new bytes raise a new edge) but never at a full one,
-/// whose rest no new edge would announce: that slip stalls this test.
+/// every message arrives. A reactor that stopped reading before `WouldBlock` at a read
+/// that filled its buffer (whose rest no new edge would announce) stalls this test.
 #[test]
 fn a_burst_already_buffered_is_read_to_the_end() {
     const N: usize = 40;

@@ -140,9 +140,7 @@ impl Reactor {
             && !self.engine.is_stalled()
             && self.engine.outcome().is_none()
         {
-            let buf = self.decoder.read_buf();
-            let room = buf.len();
-            match self.transport.read(buf) {
+            match self.transport.read(self.decoder.read_buf()) {
                 Ok(0) => {
                     self.engine.fail(Error::ConnectionLost(
                         "the broker closed the TCP connection".into(),
@@ -154,15 +152,6 @@ impl Reactor {
                     self.decoder.filled(n);
                     self.engine.received(now);
                     self.process_frames(now);
-                    // A plain TCP read that left room took all the socket held: bytes
-                    // that come later raise a new readiness edge (mio registers the
-                    // socket edge-triggered), so no second read that could only answer
-                    // WouldBlock (one system call less per wake-up when the broker
-                    // trickles). Through TLS a short read of plaintext says nothing of
-                    // the socket.
-                    if n < room && self.transport.plain().is_some() {
-                        *readable = false;
-                    }
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => *readable = false,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
