@@ -8,7 +8,8 @@
 //! waiting flag written with a plain store, the lost wake-up this suite found;
 //! `send-fence`: a queued command without the fence that pairs with a link failure's;
 //! `gate-carry`: a caller's direct write that ignores another's unfinished frame;
-//! `gate-rest`: the I/O thread letting callers write while its own output waits),
+//! `gate-rest`: the I/O thread letting callers write while its own output waits;
+//! `gate-queue`: a caller writing past frames still queued),
 //! must make the model that covers them fail: `run.sh` runs each model again with its
 //! variable set and expects the failure. `mutants.sh` plants more slips (see `mutants/`).
 #![cfg(lepus_loom)]
@@ -1278,8 +1279,8 @@ fn gate_turn(
     gate.write_with(|carry| {
         use std::io::Write;
         while !carry.is_empty() {
-            match wire.write(carry) {
-                Ok(n) => drop(carry.drain(..n)),
+            match wire.write(carry.pending()) {
+                Ok(n) => carry.took(n),
                 Err(_) => return,
             }
         }
