@@ -23,6 +23,7 @@ broken=(
     "send-fence send_rpc_waiter_races_link_failure_and_final_drain"
     "gate-carry gate_keeps_frames_whole_and_each_senders_in_order"
     "gate-rest gate_keeps_frames_whole_and_each_senders_in_order"
+    "gate-queue gate_keeps_frames_whole_and_each_senders_in_order"
     "quiet-wake-one consumer_queue_quiet_batch_wakes_every_sleeper"
 )
 for entry in "${broken[@]}"; do

@@ -146,7 +146,11 @@ fn prepare(
     if opts.caller_writes
         && let Some(sock) = est.stream.plain()
     {
-        shared = shared.with_caller_writes(sock.try_clone().map_err(io_err)?);
+        match sock.try_clone() {
+            Ok(second) => shared = shared.with_caller_writes(second),
+            // Out of file descriptors, say: every frame goes through the I/O thread.
+            Err(e) => crate::trace::warn!("callers will not write the socket themselves: {e}"),
+        }
     }
     let shared = Arc::new(shared);
     let reactor = Reactor {

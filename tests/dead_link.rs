@@ -374,3 +374,46 @@ fn a_close_right_after_data_is_seen_at_once() {
         );
     }
 }
+
+/// A caller's direct write that the socket could not take whole starts the write-stall
+/// clock when the I/O thread first sees the rest, not at the I/O thread's last idle turn
+/// (up to a second earlier): a short, legitimate pause of the broker's reading is not a
+/// dead link.
+#[test]
+fn a_callers_unfinished_write_is_not_taken_for_an_old_stall() {
+    let fwd = Arc::new(start_proxy());
+    let conn = Connection::open_with(
+        fwd.options()
+            .write_stall_timeout(Duration::from_millis(300))
+            .recovery(RecoveryOptions::disabled()),
+    )
+    .unwrap();
+    let ch = conn.open_channel().unwrap();
+    ch.confirm_select().unwrap();
+    let q = temp_queue(&ch);
+    // The I/O thread idles: its loop turns about once a second.
+    thread::sleep(Duration::from_millis(1500));
+    fwd.hold(lepus_testkit::Direction::ToServer);
+    let release = {
+        let fwd = fwd.clone();
+        thread::spawn(move || {
+            thread::sleep(Duration::from_millis(100));
+            fwd.release(lepus_testkit::Direction::ToServer);
+        })
+    };
+    // More than the socket takes at once: the rest is carried for the I/O thread.
+    let body = vec![7u8; 16 * 1024 * 1024];
+    let c = ch
+        .basic_publish_confirmed(
+            "",
+            &q,
+            &body,
+            &BasicProperties::new(),
+            &PublishOptions::default(),
+        )
+        .unwrap();
+    release.join().unwrap();
+    c.wait().expect("confirmed, the link alive");
+    assert!(conn.is_open(), "closed: {:?}", conn.close_reason());
+    conn.close().unwrap();
+}

@@ -9,6 +9,7 @@
 //! `send-fence`: a queued command without the fence that pairs with a link failure's;
 //! `gate-carry`: a caller's direct write that ignores another's unfinished frame;
 //! `gate-rest`: the I/O thread letting callers write while its own output waits;
+//! `gate-queue`: a caller writing past frames still queued;
 //! `quiet-wake-one`: a quiet batch's payment waking one receiver of a queue however many
 //! wake-ups it owes),
 //! must make the model that covers them fail: `run.sh` runs each model again with its
@@ -1315,8 +1316,8 @@ fn gate_turn(
     gate.write_with(|carry| {
         use std::io::Write;
         while !carry.is_empty() {
-            match wire.write(carry) {
-                Ok(n) => drop(carry.drain(..n)),
+            match wire.write(carry.pending()) {
+                Ok(n) => carry.took(n),
                 Err(_) => return,
             }
         }

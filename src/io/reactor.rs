@@ -33,6 +33,15 @@ pub(crate) struct Reactor {
     pub(crate) write_timeout: Duration,
 }
 
+impl Drop for Reactor {
+    /// However the I/O thread ends (a panic included), callers stop writing and the
+    /// socket's second handle closes with it: a handle must not keep the TCP
+    /// connection open.
+    fn drop(&mut self) {
+        self.engine.conn.gate.close();
+    }
+}
+
 /// What the socket may do without blocking, as far as we know: set by poll events,
 /// cleared by `WouldBlock`.
 struct Ready {
@@ -59,6 +68,7 @@ impl Reactor {
                 next_timer.saturating_duration_since(Instant::now())
             };
             if !self.wait(&mut events, timeout, &mut ready) {
+                conn.gate.busy();
                 break;
             }
             // No caller writes to the socket from here until this turn rests.
@@ -82,6 +92,7 @@ impl Reactor {
         }
         self.finish(&conn);
     }
+
 
     fn register(&mut self) {
         if let Err(e) = self.poll.registry().register(
@@ -185,15 +196,20 @@ impl Reactor {
         }
         // Holding the gate: no caller writes between our writes.
         let carrying = conn.gate.write_with(|carry| {
+            if carry.first_seen() {
+                // A caller's write just left these: their stall clock starts now, not
+                // at our last idle turn (the caller's bytes were progress).
+                self.engine.wrote_elsewhere(0, now);
+            }
             while *writable && !carry.is_empty() {
-                match self.transport.write(carry) {
+                match self.transport.write(carry.pending()) {
                     Ok(0) => {
                         self.engine
                             .fail(Error::ConnectionLost("socket write returned 0".into()));
                         break;
                     }
                     Ok(n) => {
-                        carry.drain(..n);
+                        carry.took(n);
                         self.engine.wrote_elsewhere(n, now);
                     }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => *writable = false,
@@ -253,7 +269,7 @@ impl Reactor {
     }
 
     /// The engine is done: last words, close the socket, wake whoever still waits.
-    fn finish(mut self, conn: &ConnShared) {
+    fn finish(&mut self, conn: &ConnShared) {
         self.engine.wake_deferred();
         // Last words (close, close-ok) matter on a working link; on a lost one they
         // would only delay the recovery. A caller's unfinished frame goes before them.
@@ -310,7 +326,7 @@ impl Reactor {
     fn final_flush(&mut self, conn: &ConnShared) {
         let until = Instant::now() + FINAL_FLUSH;
         let mut events = Events::with_capacity(4);
-        let mut carry = conn.gate.write_with(std::mem::take);
+        let mut carry = conn.gate.write_with(|c| c.take());
         while (!carry.is_empty()
             || !self.engine.output().is_empty()
             || self.transport.has_pending_output())
