@@ -118,7 +118,7 @@ impl Stats {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ConnectionStats {
-    /// Messages published (`basic.publish` handed to the I/O thread), republished copies
+    /// Messages published (`basic.publish` written or handed to the I/O thread), republished copies
     /// of recovery included.
     pub published: u64,
     /// Publishes the broker confirmed (`basic.ack` in confirm mode, a `multiple` ack
