@@ -118,8 +118,8 @@ impl Stats {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ConnectionStats {
-    /// Messages published (`basic.publish` handed to the I/O thread), republished copies
-    /// of recovery included.
+    /// Messages published (`basic.publish` written or handed to the I/O thread),
+    /// republished copies of recovery included.
     pub published: u64,
     /// Publishes the broker confirmed (`basic.ack` in confirm mode, a `multiple` ack
     /// counted per message).

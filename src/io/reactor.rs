@@ -33,6 +33,30 @@ pub(crate) struct Reactor {
     pub(crate) write_timeout: Duration,
 }
 
+/// What one write did.
+enum Wrote {
+    Took(usize),
+    /// Interrupted: try again.
+    Again,
+    /// The socket takes no more now (`writable` is cleared).
+    Stop,
+    Failed(Error),
+}
+
+/// One write of `bytes` (not empty) to the socket.
+fn write_some(transport: &mut Transport<TcpStream>, bytes: &[u8], writable: &mut bool) -> Wrote {
+    match transport.write(bytes) {
+        Ok(0) => Wrote::Failed(Error::ConnectionLost("socket write returned 0".into())),
+        Ok(n) => Wrote::Took(n),
+        Err(e) if e.kind() == ErrorKind::WouldBlock => {
+            *writable = false;
+            Wrote::Stop
+        }
+        Err(e) if e.kind() == ErrorKind::Interrupted => Wrote::Again,
+        Err(e) => Wrote::Failed(Error::ConnectionLost(format!("socket write failed: {e}"))),
+    }
+}
+
 impl Drop for Reactor {
     /// However the I/O thread ends (a panic included), callers stop writing and the
     /// socket's second handle closes with it: a handle must not keep the TCP
@@ -202,21 +226,15 @@ impl Reactor {
                 self.engine.wrote_elsewhere(0, now);
             }
             while *writable && !carry.is_empty() {
-                match self.transport.write(carry.pending()) {
-                    Ok(0) => {
-                        self.engine
-                            .fail(Error::ConnectionLost("socket write returned 0".into()));
-                        break;
-                    }
-                    Ok(n) => {
+                match write_some(&mut self.transport, carry.pending(), writable) {
+                    Wrote::Took(n) => {
                         carry.took(n);
                         self.engine.wrote_elsewhere(n, now);
                     }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => *writable = false,
-                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        self.engine
-                            .fail(Error::ConnectionLost(format!("socket write failed: {e}")));
+                    Wrote::Again => {}
+                    Wrote::Stop => break,
+                    Wrote::Failed(e) => {
+                        self.engine.fail(e);
                         break;
                     }
                 }
@@ -226,18 +244,12 @@ impl Reactor {
                 return true;
             }
             while *writable && !self.engine.output().is_empty() {
-                match self.transport.write(self.engine.output()) {
-                    Ok(0) => {
-                        self.engine
-                            .fail(Error::ConnectionLost("socket write returned 0".into()));
-                        break;
-                    }
-                    Ok(n) => self.engine.wrote(n, now),
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => *writable = false,
-                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        self.engine
-                            .fail(Error::ConnectionLost(format!("socket write failed: {e}")));
+                match write_some(&mut self.transport, self.engine.output(), writable) {
+                    Wrote::Took(n) => self.engine.wrote(n, now),
+                    Wrote::Again => {}
+                    Wrote::Stop => break,
+                    Wrote::Failed(e) => {
+                        self.engine.fail(e);
                         break;
                     }
                 }
