@@ -187,6 +187,12 @@ impl Reactor {
                     self.decoder.filled(n);
                     self.engine.received(now);
                     self.process_frames(now);
+                    // A busy turn (more than one read): the waiters of each read are
+                    // woken at once, so that they publish again while this thread reads
+                    // on; a quiet turn wakes them after it rested (`run`).
+                    if reads > 1 {
+                        self.engine.wake_deferred();
+                    }
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => *readable = false,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
