@@ -392,15 +392,7 @@ fn slow_consumer_holds_deliveries_back_without_losing_any() {
     pubch.wait_for_confirms().unwrap();
     // No prefetch limit and no acks: the broker pushes everything at once, the local
     // queue fills up to its bound, and the I/O thread stops reading.
-    let consumer = ch
-        .basic_consume(
-            &q,
-            &ConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+    let consumer = no_ack_consumer(&ch, &q);
     assert!(wait_until(WAIT, || consumer.queued() >= 1000));
     thread::sleep(Duration::from_millis(200));
     let queued = consumer.queued();
@@ -617,15 +609,7 @@ fn a_burst_already_buffered_is_read_to_the_end() {
         publish(&ch, "", &q, &body);
     }
     ch.wait_for_confirms().unwrap();
-    let consumer = ch
-        .basic_consume(
-            &q,
-            &ConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+    let consumer = no_ack_consumer(&ch, &q);
     for i in 0..N {
         let d = consumer
             .recv_timeout(Duration::from_secs(10))

@@ -401,15 +401,7 @@ fn bodies_at_frame_boundaries_round_trip() {
         .unwrap();
     }
     ch.wait_for_confirms().unwrap();
-    let consumer = ch
-        .basic_consume(
-            &q,
-            &ConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+    let consumer = no_ack_consumer(&ch, &q);
     for (i, &n) in sizes.iter().enumerate() {
         let d = consumer
             .recv_timeout(WAIT)
@@ -447,15 +439,7 @@ fn callers_writing_the_socket_keep_frames_whole_and_in_order_beside_large_bodies
     let setup = conn.open_channel().unwrap();
     let q = temp_queue(&setup);
     // One queue, one consumer: each publisher's messages arrive in the order sent.
-    let consumer = setup
-        .basic_consume(
-            &q,
-            &ConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+    let consumer = no_ack_consumer(&setup, &q);
     let publishers: Vec<_> = (0..THREADS)
         .map(|t| {
             let (conn, q) = (conn.clone(), q.clone());
@@ -531,15 +515,7 @@ fn a_lone_confirming_publisher_writes_the_socket_itself_unless_told_not_to() {
             assert_eq!(writes, 0, "caller_writes(false) still wrote {writes}");
         }
         // And each arrived, in order.
-        let c = ch
-            .basic_consume(
-                &q,
-                &ConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-            )
-            .unwrap();
+        let c = no_ack_consumer(&ch, &q);
         for i in 0..100u32 {
             assert_eq!(recv_body(&c), i.to_be_bytes(), "caller_writes({on})");
         }

@@ -7,7 +7,6 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use lepus::ConsumeOptions;
 use support::fixtures::*;
 use support::{connect, wait_until};
 
@@ -30,15 +29,7 @@ fn a_stalled_consumer_resumes_within_milliseconds_of_a_take() {
     pubch.wait_for_confirms().unwrap();
     // No prefetch limit and no acks: the broker pushes everything, the local queue fills
     // to its bound and the I/O thread stalls on it.
-    let consumer = ch
-        .basic_consume(
-            &q,
-            &ConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+    let consumer = no_ack_consumer(&ch, &q);
     assert!(wait_until(Duration::from_secs(10), || consumer.queued() >= BOUND));
     let mut resumed = Vec::with_capacity(ROUNDS);
     for i in 0..ROUNDS {

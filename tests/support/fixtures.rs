@@ -5,8 +5,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use lepus::{
-    BasicProperties, Channel, Connection, Error, FieldTable, FieldValue, PublishOptions,
-    QueueDeclareOptions,
+    BasicProperties, Channel, Connection, ConsumeOptions, Error, FieldTable, FieldValue,
+    PublishOptions, QueueDeclareOptions,
 };
 
 use super::amqp_url;
@@ -122,4 +122,16 @@ pub fn recv_body(consumer: &lepus::Consumer) -> Vec<u8> {
         .expect("a delivery")
         .expect("a delivery in time")
         .into_body()
+}
+
+/// A consumer of `queue` on `ch` that needs no acks (`no_ack`).
+pub fn no_ack_consumer(ch: &Channel, queue: &str) -> lepus::Consumer {
+    ch.basic_consume(
+        queue,
+        &ConsumeOptions {
+            no_ack: true,
+            ..Default::default()
+        },
+    )
+    .expect("basic.consume")
 }
