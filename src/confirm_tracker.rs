@@ -168,11 +168,6 @@ impl Wakes {
             cv.notify_one();
         }
     }
-
-    /// True when nobody waits to be woken.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
 }
 
 /// Confirm bookkeeping of one channel on one connection generation; the I/O thread

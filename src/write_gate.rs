@@ -167,7 +167,8 @@ impl<W: Write> WriteGate<W> {
     }
 
     /// True while carried bytes wait for the socket.
-    pub fn carrying(&self) -> bool {
+    #[cfg(test)]
+    fn carrying(&self) -> bool {
         !self.inner.lock().carry.is_empty()
     }
 

@@ -208,9 +208,9 @@ pub(crate) struct Engine {
     clock: Instant,
     /// When to look for deliveries unacknowledged too long (`unacked_warning`).
     next_unacked_check: Instant,
-    /// Publishers whose confirms arrived, woken by the reactor at the end of its turn
-    /// (`Some`: see [`Engine::defer_wakes`]); `None`: woken at once.
-    wakes: Option<Wakes>,
+    /// Publishers whose confirms arrived, woken with the consumers by
+    /// [`Engine::wake_deferred`] (see [`Engine::on_frame_batched`]).
+    wakes: Wakes,
     /// Consumer queues given deliveries quietly while their threads sleep: woken once
     /// each when the batch of frames is handled ([`Engine::wake_consumers`]).
     consumer_wakes: Vec<Notifier<ConsumerMsg>>,
@@ -253,25 +253,15 @@ impl Engine {
             blocked: false,
             clock: now,
             next_unacked_check: now,
-            wakes: None,
+            wakes: Wakes::default(),
             consumer_wakes: Vec::new(),
             conn,
         }
     }
 
-    /// Wake confirm waiters only when [`Engine::wake_deferred`] is called (the reactor,
-    /// after its turn rested: a woken publisher then finds the socket free to write its
-    /// next message itself, and the waiters of one read are woken together). Consumer
-    /// threads are woken there too, but always (see [`Engine::on_frame_batched`]).
-    pub(crate) fn defer_wakes(&mut self) {
-        self.wakes = Some(Wakes::default());
-    }
-
     /// Wake the confirm waiters and the consumer threads deferred so far.
     pub(crate) fn wake_deferred(&mut self) {
-        if let Some(w) = &mut self.wakes {
-            w.wake();
-        }
+        self.wakes.wake();
         self.wake_consumers();
     }
 
@@ -412,7 +402,7 @@ impl Engine {
             err = Error::ConnectionLost(format!("a recovery attempt failed: {err}"));
         }
         self.stalled = None;
-        self.wake_consumers();
+        self.wake_deferred();
         for mut slot in self.slots.iter_mut().filter_map(Option::take) {
             slot.gauges.release();
             slot.shared.confirms.fail(err.clone(), recover);
@@ -690,7 +680,7 @@ impl Engine {
     #[cfg(any(test, feature = "fuzzing"))]
     pub(crate) fn on_frame(&mut self, f: RawFrame<'_>, now: Instant) {
         self.on_frame_batched(f, now);
-        self.wake_consumers();
+        self.wake_deferred();
     }
 
     /// Handle one frame of a batch (the reactor's turn): the consumer threads it gives
@@ -877,41 +867,16 @@ impl Engine {
                 routing_key: r.routing_key.to_string(),
             }),
             B::Ack(a) => {
-                check_confirm(ch, &slot.shared, "basic.ack", a.delivery_tag, a.multiple)?;
-                let stats = &slot.shared.conn.stats;
-                let count = |n| Stats::add(&stats.confirmed, n);
-                match &mut self.wakes {
-                    Some(w) => {
-                        let confirms = &slot.shared.confirms;
-                        confirms.resolve_into(a.delivery_tag, a.multiple, true, count, w)
-                    }
-                    None => slot.shared.confirms.resolve_counted(
-                        a.delivery_tag,
-                        a.multiple,
-                        true,
-                        count,
-                    ),
-                };
-                Ok(())
+                settle_confirms(slot, &mut self.wakes, "basic.ack", a.delivery_tag, a.multiple, true)
             }
-            B::Nack(n) => {
-                check_confirm(ch, &slot.shared, "basic.nack", n.delivery_tag, n.multiple)?;
-                let stats = &slot.shared.conn.stats;
-                let count = |n| Stats::add(&stats.nacked, n);
-                match &mut self.wakes {
-                    Some(w) => {
-                        let confirms = &slot.shared.confirms;
-                        confirms.resolve_into(n.delivery_tag, n.multiple, false, count, w)
-                    }
-                    None => slot.shared.confirms.resolve_counted(
-                        n.delivery_tag,
-                        n.multiple,
-                        false,
-                        count,
-                    ),
-                };
-                Ok(())
-            }
+            B::Nack(n) => settle_confirms(
+                slot,
+                &mut self.wakes,
+                "basic.nack",
+                n.delivery_tag,
+                n.multiple,
+                false,
+            ),
             B::Cancel(c) => {
                 let tag = c.consumer_tag.to_string();
                 if let Some(sink) = slot.consumers.remove(&tag) {
@@ -1479,6 +1444,25 @@ fn queue_return(shared: &ChannelShared, ch: u16, r: Returned) {
     if !shared.returns.send(r) {
         shared.returns_bytes.fetch_sub(cost, Ordering::AcqRel);
     }
+}
+
+/// `basic.ack` / `basic.nack` in confirm mode: settle the messages it names (counted
+/// before any waiter wakes), their waiters to be woken with `wakes`.
+fn settle_confirms(
+    slot: &Slot,
+    wakes: &mut Wakes,
+    what: &str,
+    tag: u64,
+    multiple: bool,
+    ack: bool,
+) -> Result<(), FrameError> {
+    check_confirm(slot.shared.id, &slot.shared, what, tag, multiple)?;
+    let stats = &slot.shared.conn.stats;
+    let counter = if ack { &stats.confirmed } else { &stats.nacked };
+    slot.shared
+        .confirms
+        .resolve_into(tag, multiple, ack, |n| Stats::add(counter, n), wakes);
+    Ok(())
 }
 
 /// A confirm from the broker must be for a message we published: acking a tag never

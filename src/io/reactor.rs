@@ -76,7 +76,6 @@ struct Ready {
 impl Reactor {
     pub(crate) fn run(mut self) {
         self.register();
-        self.engine.defer_wakes();
         let conn = self.engine.conn.clone();
         let mut events = Events::with_capacity(16);
         let mut ready = Ready {
