@@ -25,6 +25,9 @@ broken=(
     "gate-rest gate_keeps_frames_whole_and_each_senders_in_order"
     "gate-queue gate_keeps_frames_whole_and_each_senders_in_order"
     "quiet-wake-one consumer_queue_quiet_batch_wakes_every_sleeper"
+    "dispatch-claim dispatch_serves_each_queue_by_one_thread_and_leaves_nothing"
+    "dispatch-recheck dispatch_serves_each_queue_by_one_thread_and_leaves_nothing"
+    "dispatch-store dispatch_serves_each_queue_by_one_thread_and_leaves_nothing"
 )
 for entry in "${broken[@]}"; do
     read -r variant model <<<"$entry"

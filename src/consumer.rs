@@ -374,6 +374,17 @@ impl Consumer {
         self.no_ack
     }
 
+    /// Have every message queued for this consumer schedule a dispatcher's `ticket`
+    /// (`None`: no more).
+    pub(crate) fn watch(&self, ticket: Option<Arc<crate::dispatch_core::Ticket>>) {
+        self.rx.watch(ticket);
+    }
+
+    /// True when a receive would not wait: a message is queued, or the queue ended.
+    pub(crate) fn has_news(&self) -> bool {
+        self.rx.has_news()
+    }
+
     /// True once the consumer ended for good (cancelled, channel or connection closed);
     /// a lost link that recovery restores is not an end.
     pub(crate) fn has_ended(&self) -> bool {

@@ -142,6 +142,7 @@ macro_rules! not_under_loom {
 // every configuration.
 mod confirm_tracker;
 mod delivery_queue;
+mod dispatch_core;
 mod end_relay;
 mod error;
 mod link;
@@ -163,6 +164,7 @@ not_under_loom! {
     mod consumer;
     mod credentials;
     mod delivery;
+    mod dispatch;
     mod entity_recovery;
     mod event_hub;
     mod events;
@@ -211,6 +213,7 @@ not_under_loom! {
     pub use consumer::{Consumer, Iter};
     pub use credentials::{Credentials, CredentialsProvider};
     pub use delivery::{BadDelivery, Delivery, RecvError, Returned};
+    pub use dispatch::Dispatcher;
     pub use events::{
         ConnectionEvent, ConnectionEventKind, RecoveryEvent, RecoveryEventKind, TopologyEntity,
     };
@@ -257,6 +260,7 @@ pub mod internal {
     pub mod model {
         pub use crate::confirm_tracker::{ConfirmTracker, Entry, outcome};
         pub use crate::delivery_queue::QueueShared;
+        pub use crate::dispatch_core::{ReadyList, Ticket};
         pub use crate::end_relay::EndRelay;
         pub use crate::link::{Ended, Link, LinkCell, LinkGen, LinkState};
         pub use crate::pool_core::{Lease, PoolCore, PoolStats, Poolable};

@@ -116,7 +116,7 @@ pub struct WorkerStats {
 }
 
 #[derive(Default)]
-struct Counters {
+pub(crate) struct Counters {
     acked: AtomicU64,
     requeued: AtomicU64,
     rejected: AtomicU64,
@@ -126,6 +126,26 @@ struct Counters {
     left_requeued: AtomicU64,
     stale: AtomicU64,
     settled_by_handler: AtomicU64,
+}
+
+impl Counters {
+    /// The counts so far ([`WorkerStats::cancel_error`] is `None`).
+    pub(crate) fn stats(&self) -> WorkerStats {
+        let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        WorkerStats {
+            acked: n(&self.acked),
+            requeued: n(&self.requeued),
+            rejected: n(&self.rejected),
+            panicked: n(&self.panicked),
+            bad: n(&self.bad),
+            settle_failed: n(&self.settle_failed),
+            left_requeued: n(&self.left_requeued),
+            unfinished: 0,
+            stale: n(&self.stale),
+            settled_by_handler: n(&self.settled_by_handler),
+            cancel_error: None,
+        }
+    }
 }
 
 struct Shared {
@@ -284,21 +304,7 @@ impl WorkerPool {
 
     /// Counts so far ([`WorkerStats::cancel_error`] is `None`).
     pub fn stats(&self) -> WorkerStats {
-        let c = &self.shared.counts;
-        let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        WorkerStats {
-            acked: n(&c.acked),
-            requeued: n(&c.requeued),
-            rejected: n(&c.rejected),
-            panicked: n(&c.panicked),
-            bad: n(&c.bad),
-            settle_failed: n(&c.settle_failed),
-            left_requeued: n(&c.left_requeued),
-            unfinished: 0,
-            stale: n(&c.stale),
-            settled_by_handler: n(&c.settled_by_handler),
-            cancel_error: None,
-        }
+        self.shared.counts.stats()
     }
 
     /// Stop gracefully: workers take no new delivery, the consumer is cancelled (the
@@ -348,12 +354,24 @@ impl Drop for WorkerPool {
 
 /// Requeue every delivery left in the consumer's local queue.
 fn requeue_local(shared: &Shared) {
-    let c = &shared.counts;
-    loop {
-        match shared.consumer.try_recv() {
-            Ok(Some(d)) => settle(c, d.reject(true), &c.left_requeued),
-            Err(RecvError::Bad(b)) => settle(c, b.reject(true), &c.left_requeued),
-            Ok(None) | Err(RecvError::Failed(_)) => break,
+    shared.serve().requeue_local();
+}
+
+/// What serving one consumer takes: its counters and what a panic means. Shared by the
+/// [`WorkerPool`] (one consumer, several threads) and the
+/// [`Dispatcher`](crate::Dispatcher) (many consumers, a few threads).
+pub(crate) struct Serve<'a> {
+    pub(crate) counts: &'a Counters,
+    pub(crate) consumer: &'a Consumer,
+    pub(crate) on_panic: Outcome,
+}
+
+impl Shared {
+    fn serve(&self) -> Serve<'_> {
+        Serve {
+            counts: &self.counts,
+            consumer: &self.consumer,
+            on_panic: self.opts.on_panic,
         }
     }
 }
@@ -373,108 +391,136 @@ fn settle(c: &Counters, r: Result<()>, counter: &AtomicU64) {
     }
 }
 
-/// The handler's outcome, a panic turned into `on_panic`.
-fn outcome_of(shared: &Shared, run: impl FnOnce() -> Outcome) -> Outcome {
-    match catch_unwind(AssertUnwindSafe(run)) {
-        Ok(o) => o,
-        Err(_) => {
-            shared.counts.panicked.fetch_add(1, Ordering::Relaxed);
-            shared.opts.on_panic
+impl Serve<'_> {
+    /// Requeue every delivery left in the consumer's local queue.
+    pub(crate) fn requeue_local(&self) {
+        let c = self.counts;
+        loop {
+            match self.consumer.try_recv() {
+                Ok(Some(d)) => settle(c, d.reject(true), &c.left_requeued),
+                Err(RecvError::Bad(b)) => settle(c, b.reject(true), &c.left_requeued),
+                Ok(None) | Err(RecvError::Failed(_)) => break,
+            }
         }
     }
-}
 
-/// What a worker does after a receive error: go on (`true`) or stop.
-fn carry_on(shared: &Shared, e: RecvError) -> bool {
-    match e {
-        RecvError::Bad(b) => {
-            let c = &shared.counts;
-            settle(c, b.reject(false), &c.bad);
-            true
-        }
-        // A lost link that recovery restores, or a broker cancel that comes back.
-        RecvError::Failed(e) if !shared.consumer.has_ended() => {
-            crate::trace::debug!("worker pool: {e}; waiting for the consumer to come back");
-            true
-        }
-        RecvError::Failed(e) => {
-            crate::trace::debug!("worker pool: the consumer ended: {e}");
-            false
+    /// Requeue a delivery taken while stopping.
+    pub(crate) fn requeue_one(&self, d: Delivery) {
+        let c = self.counts;
+        settle(c, d.reject(true), &c.left_requeued);
+    }
+
+    /// The handler's outcome, a panic turned into `on_panic`.
+    fn outcome_of(&self, run: impl FnOnce() -> Outcome) -> Outcome {
+        match catch_unwind(AssertUnwindSafe(run)) {
+            Ok(o) => o,
+            Err(_) => {
+                self.counts.panicked.fetch_add(1, Ordering::Relaxed);
+                self.on_panic
+            }
         }
     }
-}
 
-/// What to do with a delivery of a lost link taken from the local queue: skip it
-/// (`true`, counted stale) on a queue that delivers it again; on a stream, whose
-/// recovery resumes after it, it must be handled.
-fn skip_stale(shared: &Shared, d: &Delivery) -> bool {
-    !d.can_settle() && !shared.consumer.is_stream()
-}
-
-/// Count a settle of `n` deliveries (`Ok` says how many it settled; the others the
-/// handler had settled itself).
-fn count_settle(shared: &Shared, r: Result<u64>, n: u64, counter: &AtomicU64) {
-    let c = &shared.counts;
-    match r {
-        Ok(done) => {
-            counter.fetch_add(done, Ordering::Relaxed);
-            c.settled_by_handler
-                .fetch_add(n.saturating_sub(done), Ordering::Relaxed);
-        }
-        Err(Error::AlreadySettled { .. }) => {
-            c.settled_by_handler.fetch_add(n, Ordering::Relaxed);
-        }
-        Err(e) => {
-            crate::trace::debug!("worker pool: settling failed: {e}");
-            c.settle_failed.fetch_add(n, Ordering::Relaxed);
+    /// What a worker does after a receive error: go on (`true`) or stop.
+    pub(crate) fn carry_on(&self, e: RecvError) -> bool {
+        match e {
+            RecvError::Bad(b) => {
+                let c = self.counts;
+                settle(c, b.reject(false), &c.bad);
+                true
+            }
+            // A lost link that recovery restores, or a broker cancel that comes back.
+            RecvError::Failed(e) if !self.consumer.has_ended() => {
+                crate::trace::debug!("worker pool: {e}; waiting for the consumer to come back");
+                true
+            }
+            RecvError::Failed(e) => {
+                crate::trace::debug!("worker pool: the consumer ended: {e}");
+                false
+            }
         }
     }
-}
 
-/// A failed settle of a stream delivery whose link was lost: the broker does not need
-/// it (an ack on a stream only returns credit) nor delivers the message again, so it is
-/// no `settle_failed`.
-fn lost_stream_ack(shared: &Shared, d: &Delivery, r: std::result::Result<(), &Error>) -> bool {
-    shared.consumer.is_stream()
-        && !d.can_settle()
-        && r.is_err_and(|e| !matches!(e, Error::AlreadySettled { .. }))
-}
+    /// What to do with a delivery of a lost link taken from the local queue: skip it
+    /// (`true`, counted stale) on a queue that delivers it again; on a stream, whose
+    /// recovery resumes after it, it must be handled.
+    fn skip_stale(&self, d: &Delivery) -> bool {
+        !d.can_settle() && !self.consumer.is_stream()
+    }
 
-fn run_single(shared: &Shared, handler: &(dyn Fn(&Delivery) -> Outcome + Send + Sync)) {
-    let c = &shared.counts;
-    while !shared.stop.load(Ordering::Acquire) {
-        let d = match shared.consumer.recv_timeout(shared.opts.poll) {
-            Ok(Some(d)) => d,
-            Ok(None) => continue,
-            Err(e) => match carry_on(shared, e) {
-                true => continue,
-                false => break,
-            },
-        };
-        if shared.stop.load(Ordering::Acquire) {
-            settle(c, d.reject(true), &c.left_requeued);
-            break;
+    /// Count a settle of `n` deliveries (`Ok` says how many it settled; the others the
+    /// handler had settled itself).
+    fn count_settle(&self, r: Result<u64>, n: u64, counter: &AtomicU64) {
+        let c = self.counts;
+        match r {
+            Ok(done) => {
+                counter.fetch_add(done, Ordering::Relaxed);
+                c.settled_by_handler
+                    .fetch_add(n.saturating_sub(done), Ordering::Relaxed);
+            }
+            Err(Error::AlreadySettled { .. }) => {
+                c.settled_by_handler.fetch_add(n, Ordering::Relaxed);
+            }
+            Err(e) => {
+                crate::trace::debug!("worker pool: settling failed: {e}");
+                c.settle_failed.fetch_add(n, Ordering::Relaxed);
+            }
         }
-        if skip_stale(shared, &d) {
+    }
+
+    /// A failed settle of a stream delivery whose link was lost: the broker does not need
+    /// it (an ack on a stream only returns credit) nor delivers the message again, so it is
+    /// no `settle_failed`.
+    fn lost_stream_ack(&self, d: &Delivery, r: std::result::Result<(), &Error>) -> bool {
+        self.consumer.is_stream()
+            && !d.can_settle()
+            && r.is_err_and(|e| !matches!(e, Error::AlreadySettled { .. }))
+    }
+
+    /// Run the handler on `d` (unless it is a lost link's stale delivery) and settle it
+    /// by the outcome.
+    pub(crate) fn handle(&self, d: Delivery, handler: &(dyn Fn(&Delivery) -> Outcome + Send + Sync)) {
+        let c = self.counts;
+        if self.skip_stale(&d) {
             c.stale.fetch_add(1, Ordering::Relaxed);
-            continue;
+            return;
         }
-        let (r, counter) = match outcome_of(shared, || handler(&d)) {
+        let (r, counter) = match self.outcome_of(|| handler(&d)) {
             Outcome::Ack => (d.ack(), &c.acked),
             Outcome::Requeue => (d.reject(true), &c.requeued),
             Outcome::Reject => (d.reject(false), &c.rejected),
         };
         // A stream delivery of a lost link: its ack cannot reach the broker, which
         // does not need it (an ack on a stream is credit only).
-        if lost_stream_ack(shared, &d, r.as_ref().map(drop)) {
-            continue;
+        if self.lost_stream_ack(&d, r.as_ref().map(drop)) {
+            return;
         }
-        count_settle(shared, r.map(|()| 1), 1, counter);
+        self.count_settle(r.map(|()| 1), 1, counter);
+    }
+}
+
+fn run_single(shared: &Shared, handler: &(dyn Fn(&Delivery) -> Outcome + Send + Sync)) {
+    let s = shared.serve();
+    while !shared.stop.load(Ordering::Acquire) {
+        let d = match shared.consumer.recv_timeout(shared.opts.poll) {
+            Ok(Some(d)) => d,
+            Ok(None) => continue,
+            Err(e) => match s.carry_on(e) {
+                true => continue,
+                false => break,
+            },
+        };
+        if shared.stop.load(Ordering::Acquire) {
+            s.requeue_one(d);
+            break;
+        }
+        s.handle(d, handler);
     }
 }
 
 fn run_batch(shared: &Shared, handler: &(dyn Fn(&Batch) -> Outcome + Send + Sync), max: usize) {
     let c = &shared.counts;
+    let s = shared.serve();
     // One worker is the only receiver of the consumer; the batch itself checks that no
     // other consumer acknowledges on the channel before it uses a multiple ack.
     let alone = shared.opts.workers <= 1;
@@ -482,14 +528,14 @@ fn run_batch(shared: &Shared, handler: &(dyn Fn(&Batch) -> Outcome + Send + Sync
         let b = match shared.consumer.recv_batch(max, shared.opts.poll) {
             Ok(Some(b)) => b,
             Ok(None) => continue,
-            Err(e) => match carry_on(shared, e) {
+            Err(e) => match s.carry_on(e) {
                 true => continue,
                 false => break,
             },
         };
         if shared.stop.load(Ordering::Acquire) {
             let n = b.len() as u64;
-            count_settle(shared, b.settle(Settle::Nack(true), false), n, &c.left_requeued);
+            s.count_settle(b.settle(Settle::Nack(true), false), n, &c.left_requeued);
             break;
         }
         // Undecodable ones never reach the handler: rejected without requeue.
@@ -501,18 +547,18 @@ fn run_batch(shared: &Shared, handler: &(dyn Fn(&Batch) -> Outcome + Send + Sync
             continue;
         };
         // A batch never spans a lost link: its first delivery tells for all.
-        if skip_stale(shared, first) {
+        if s.skip_stale(first) {
             c.stale.fetch_add(n, Ordering::Relaxed);
             continue;
         }
-        let r = match outcome_of(shared, || handler(&b)) {
+        let r = match s.outcome_of(|| handler(&b)) {
             Outcome::Ack => (b.settle(Settle::Ack, alone), &c.acked),
             Outcome::Requeue => (b.settle(Settle::Nack(true), false), &c.requeued),
             Outcome::Reject => (b.settle(Settle::Nack(false), false), &c.rejected),
         };
-        if lost_stream_ack(shared, first, r.0.as_ref().map(drop)) {
+        if s.lost_stream_ack(first, r.0.as_ref().map(drop)) {
             continue;
         }
-        count_settle(shared, r.0, n, r.1);
+        s.count_settle(r.0, n, r.1);
     }
 }

@@ -11,7 +11,10 @@
 //! `gate-rest`: the I/O thread letting callers write while its own output waits;
 //! `gate-queue`: a caller writing past frames still queued;
 //! `quiet-wake-one`: a quiet batch's payment waking one receiver of a queue however many
-//! wake-ups it owes),
+//! wake-ups it owes; `dispatch-claim`: a dispatcher's ticket scheduled by a read and a
+//! write instead of a swap; `dispatch-recheck`: a dispatcher thread giving a queue back
+//! without a second look at it; `dispatch-store`: that give-back clearing the flag with a
+//! plain store, the lost wake-up this model found),
 //! must make the model that covers them fail: `run.sh` runs each model again with its
 //! variable set and expects the failure. `mutants.sh` plants more slips (see `mutants/`).
 #![cfg(lepus_loom)]
@@ -23,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use lepus::internal::model::{
     ConfirmTracker, Direct, EndRelay, Ended, FailFlag, LinkCell, LinkGen, LinkState, PoolCore,
-    Poolable, QueueShared, WakeFlag, WriteGate, oneshot, outcome, queue,
+    Poolable, QueueShared, ReadyList, Ticket, WakeFlag, WriteGate, oneshot, outcome, queue,
 };
 use lepus::{Confirm, Error};
 use loom::sync::atomic::{AtomicBool, AtomicUsize};
@@ -569,6 +572,57 @@ fn quiet_batch_model() {
 #[test]
 fn consumer_queue_quiet_batch_wakes_every_sleeper() {
     assert!(explore("consumer queue quiet batch", quiet_batch_model) > 1);
+}
+
+/// A dispatcher's two threads serve one consumer queue through its ticket: the I/O
+/// side queues a delivery quietly and pays the owed wake-up (as at the end of a turn),
+/// then queues a second one plainly. Whatever the interleaving, the queue is served by
+/// one thread at a time (never two inside it at once: a ticket is listed once), both
+/// items are handled, in order, and nothing is left with every thread asleep (the
+/// release's second look: an item queued while the flag was still set).
+fn dispatch_model() {
+    let list = Arc::new(ReadyList::new());
+    let (tx, rx) = queue::unbounded::<u32>();
+    rx.watch(Some(ReadyList::ticket(&list, 0)));
+    let inside = Arc::new(AtomicBool::new(false));
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let threads: Vec<_> = (0..2)
+        .map(|_| {
+            let (list, rx, inside, got) = (list.clone(), rx.clone(), inside.clone(), got.clone());
+            thread::spawn(move || {
+                while let Some(t) = list.take(None) {
+                    assert!(!inside.swap(true, SeqCst), "two threads serve one queue");
+                    let mut done = false;
+                    while let Ok(v) = rx.try_recv() {
+                        let mut g = got.lock().unwrap();
+                        g.push(v);
+                        done = g.len() == 2;
+                    }
+                    inside.store(false, SeqCst);
+                    Ticket::release(&t, || rx.has_news());
+                    if done {
+                        list.stop();
+                    }
+                }
+            })
+        })
+        .collect();
+    if tx.send_quiet(1).unwrap() {
+        tx.notifier().wake();
+    }
+    tx.send(2).unwrap();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(*got.lock().unwrap(), [1, 2]);
+    rx.watch(None);
+    list.stop();
+    drop(tx);
+}
+
+#[test]
+fn dispatch_serves_each_queue_by_one_thread_and_leaves_nothing() {
+    assert!(explore("dispatch", dispatch_model) > 1);
 }
 
 // ---------------------------------------------------------------- 5. confirms

@@ -5,6 +5,7 @@
 //! this very code (`lepus::internal::model::queue` is this module).
 
 use super::{Arc, Condvar, CondvarExt, Mutex};
+use crate::dispatch_core::Ticket;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
@@ -22,6 +23,9 @@ struct Inner<T> {
     /// Wake-ups owed to sleeping receivers for items sent quietly
     /// ([`Sender::send_quiet`]), at most one per sleeper; paid by [`Notifier::wake`].
     owed: usize,
+    /// The dispatcher's ticket of a queue served by a dispatcher's threads rather than
+    /// by a receiver asleep on it: every send schedules it ([`Receiver::watch`]).
+    watch: Option<Arc<Ticket>>,
 }
 
 struct Chan<T> {
@@ -43,6 +47,7 @@ pub fn unbounded<T>() -> (Sender<T>, Receiver<T>) {
             receivers: 1,
             waiting: 0,
             owed: 0,
+            watch: None,
         }),
         cv: Condvar::new(),
     });
@@ -61,6 +66,10 @@ impl<T> Drop for Sender<T> {
         let mut i = self.0.inner.lock();
         i.senders -= 1;
         let last = i.senders == 0;
+        if last && let Some(t) = &i.watch {
+            // The end is news too: the dispatcher's thread finds the queue disconnected.
+            Ticket::queued(t, false);
+        }
         drop(i);
         if last {
             // Every sleeping receiver learns that nothing more will come.
@@ -99,6 +108,9 @@ impl<T> Sender<T> {
             return Err(SendError(v));
         }
         i.items.push_back(v);
+        if let Some(t) = &i.watch {
+            Ticket::queued(t, false);
+        }
         let sleeper = i.waiting > 0;
         drop(i);
         if sleeper {
@@ -125,11 +137,14 @@ impl<T> Sender<T> {
             return Err(SendError(v));
         }
         i.items.push_back(v);
+        // A dispatcher's ticket is scheduled quietly too; its list's wake-up is owed
+        // and paid through this queue's notifier.
+        let listed = i.watch.as_ref().is_some_and(|t| Ticket::queued(t, true));
         let first = i.owed == 0;
         if i.waiting > i.owed {
             i.owed += 1;
         }
-        Ok(first && i.owed > 0)
+        Ok(listed || (first && i.owed > 0))
     }
 
     /// The handle that pays this queue's owed wake-ups.
@@ -148,9 +163,13 @@ impl<T> Notifier<T> {
             n = n.min(1);
         }
         i.owed = 0;
+        let watch = i.watch.clone();
         drop(i);
         for _ in 0..n {
             self.0.cv.notify_one();
+        }
+        if let Some(t) = watch {
+            t.pay();
         }
     }
 }
@@ -231,6 +250,24 @@ impl<T> Receiver<T> {
     /// True if no item is queued now.
     pub fn is_empty(&self) -> bool {
         self.0.inner.lock().items.is_empty()
+    }
+
+    /// True when an item is queued or every sender is gone: a receive would not wait.
+    pub fn has_news(&self) -> bool {
+        let i = self.0.inner.lock();
+        !i.items.is_empty() || i.senders == 0
+    }
+
+    /// Have every send schedule `ticket` (a dispatcher's threads serve this queue), or
+    /// stop that (`None`). A queue that already holds something is scheduled at once.
+    pub fn watch(&self, ticket: Option<Arc<Ticket>>) {
+        let mut i = self.0.inner.lock();
+        i.watch = ticket;
+        if let Some(t) = &i.watch
+            && (!i.items.is_empty() || i.senders == 0)
+        {
+            Ticket::queued(t, false);
+        }
     }
 }
 
