@@ -58,8 +58,8 @@
 //! ```text
 //! fuzzing                                       fuzz harnesses: only with the `fuzzing`
 //!                                               feature (fuzz/ and lepus's tests), no API
-//! pool, worker                                  the channel pool; the worker pool over a
-//!                                               consumer
+//! pool, worker, dispatch                        the channel pool; the worker pool over a
+//!                                               consumer; the dispatcher over many
 //! connection, channel, consumer, confirm,       handles (a method that creates a handle
 //! batch, stream                                 lives with it: Channel::basic_consume in
 //!                                               consumer.rs, Connection::open_channel in
@@ -82,7 +82,7 @@
 //! error                                         re-exports protocol's reply codes
 //! protocol (frame, methods, table, properties, content, reply_code)   bytes only
 //! sync, delivery_queue, link, send_core,
-//! end_relay, trace                              primitives and the loom-checked cores; the
+//! end_relay, write_gate, dispatch_core, trace   primitives and the loom-checked cores; the
 //!                                               one door to `log` / `tracing`
 //! ```
 //!
@@ -92,6 +92,8 @@
 //! and `Sync` (`Consumer` is `Sync` so several threads may receive from one). Give each
 //! thread its own channel; calls on one channel are serialised. Every blocking call has a
 //! deadline: the connection's operation timeout by default, or [`Channel::with_timeout`].
+//! Hundreds of consumers need not mean hundreds of threads: a [`Dispatcher`] serves them
+//! with a few, a handler per consumer, each consumer's deliveries in order.
 //!
 //! When the connection dies (socket error, EOF, two missed heartbeats, stalled writes, or
 //! the broker closing it) every thread blocked on it wakes at once with the same error:

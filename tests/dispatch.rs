@@ -65,7 +65,7 @@ impl Seen {
         }
         self.ids.lock().unwrap().push(id);
         // A little work, so that the threads' turns overlap.
-        if id % 50 == 0 {
+        if id.is_multiple_of(50) {
             thread::sleep(Duration::from_millis(1));
         }
         self.inside.store(false, Ordering::SeqCst);

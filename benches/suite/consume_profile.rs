@@ -16,6 +16,7 @@
 //! perf record -e cpu-clock -F 1999 --call-graph dwarf,16384 $P 100 20000
 //! valgrind --tool=dhat $P 100 20000
 //! LEPUS_PEER=amqprs $P 100 20000          # a peer instead (benches/peers, built), its JSON line
+//! LEPUS_DISPATCH=2 $P 100 20000           # the consumers on a `Dispatcher` of 2 threads
 //! ```
 //! With `LEPUS_PEER=<client>` the same queue and producer serve the peers' binary
 //! (`benches/peers/target/release/lepus-bench-peers`, or `LEPUS_PEER_BIN`), run as the
@@ -32,7 +33,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use lepus::{Connection, ConsumeOptions, QueueDeclareOptions};
+use lepus::{Connection, ConsumeOptions, Dispatcher, Outcome, QueueDeclareOptions, WorkerOptions};
 use lepus_testkit::{RawClient, frames};
 
 fn main() {
@@ -100,6 +101,14 @@ fn main() {
     }
 
     let conn = Connection::open(&url).expect("connect");
+    // With `LEPUS_DISPATCH=<threads>` the consumers are served by a dispatcher of that
+    // many threads; otherwise each by a thread of its own, blocked in `recv`.
+    let dispatcher = std::env::var("LEPUS_DISPATCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(|threads| {
+            Arc::new(Dispatcher::new(&WorkerOptions::new(threads)).expect("dispatcher"))
+        });
     let received = Arc::new(AtomicUsize::new(0));
     let registered = Arc::new(AtomicUsize::new(0));
     let ready = Arc::new(Barrier::new(if drain { 1 } else { consumers + 1 }));
@@ -108,7 +117,7 @@ fn main() {
         .map(|_| {
             let (conn, queue, ready, received) =
                 (conn.clone(), queue.clone(), ready.clone(), received.clone());
-            let registered = registered.clone();
+            let (registered, dispatcher) = (registered.clone(), dispatcher.clone());
             std::thread::Builder::new()
                 .name("consumer".into())
                 .stack_size(256 * 1024)
@@ -117,6 +126,18 @@ fn main() {
                     registered.fetch_add(1, Ordering::AcqRel);
                     ready.wait();
                     let Ok(c) = c else { return 1 };
+                    if let Some(dispatcher) = dispatcher {
+                        // The same work per delivery, in the dispatcher's handler; a
+                        // failed ack shows in its stats.
+                        let ledger = std::sync::Mutex::new(stats::IdLedger::new(messages));
+                        let added = dispatcher.add(c, move |d| {
+                            let ok = matches!(stats::read_stamp(d.body()),
+                                Some((id, _)) if ledger.lock().unwrap().record(id));
+                            received.fetch_add(1, Ordering::AcqRel);
+                            if ok { Outcome::Ack } else { Outcome::Reject }
+                        });
+                        return usize::from(added.is_err());
+                    }
                     // What the suite's consumers do with each delivery.
                     let mut ledger = stats::IdLedger::new(messages);
                     let mut failed = 0usize;
@@ -152,15 +173,24 @@ fn main() {
     while registered.load(Ordering::Acquire) < consumers && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(1));
     }
+    let dispatched = dispatcher.map(|d| d.stats());
     let _ = conn.close();
-    let failed: usize = handles
+    let mut failed: usize = handles
         .into_iter()
         .map(|h| h.join().expect("consumer"))
         .sum();
+    if let Some(s) = &dispatched {
+        failed += (s.rejected + s.settle_failed) as usize;
+    }
     let n = got.max(1) as f64;
     println!(
-        "{} {consumers} consumers, {got}/{messages} msgs, {failed} failed: {:.0} msg/s; CPU {:.2} us/msg (user {:.2}, sys {:.2}); voluntary switches {:.2}/msg, involuntary {:.2}/msg; I/O thread {:.2} us/msg",
+        "{}{} {consumers} consumers, {got}/{messages} msgs, {failed} failed: {:.0} msg/s; CPU {:.2} us/msg (user {:.2}, sys {:.2}); voluntary switches {:.2}/msg, involuntary {:.2}/msg; I/O thread {:.2} us/msg",
         if drain { "drain" } else { "steady" },
+        if dispatched.is_some() {
+            " (dispatcher)"
+        } else {
+            ""
+        },
         n / secs,
         u.cpu_us() / n,
         u.user_us / n,

@@ -8,10 +8,10 @@
 
 use std::io;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Barrier};
+use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
-use lepus::ConsumeOptions;
+use lepus::{ConsumeOptions, Dispatcher, Outcome, WorkerOptions};
 use lepus_testkit::{RawClient, close_frame, frames};
 
 use crate::ceiling::{drain_until_close_ok, handshake, write_chunked};
@@ -103,8 +103,24 @@ impl RawProducer {
     }
 }
 
-/// lepus: `n` consumers (a thread and a channel each) on one connection.
-pub fn lepus(url: &str, way: Way, n: usize, messages: usize) -> Result<WaysRun, String> {
+/// The client name of lepus with its consumers on a [`Dispatcher`].
+pub const DISPATCH: &str = "lepus-dispatch";
+
+/// Threads of that dispatcher: as many as the amqprs peer's tokio runtime has workers
+/// (its default, one per core: 2 on the suite's machine).
+pub fn dispatch_threads() -> usize {
+    std::thread::available_parallelism().map_or(2, usize::from)
+}
+
+/// lepus: `n` consumers (a channel each) on one connection, each served by a thread
+/// of its own blocked in `recv`, or (`dispatch`) all by a [`Dispatcher`]'s threads.
+pub fn lepus(
+    url: &str,
+    way: Way,
+    n: usize,
+    messages: usize,
+    dispatch: bool,
+) -> Result<WaysRun, String> {
     let admin_conn = connect(url);
     let admin = admin_conn.open_channel().expect("admin channel");
     let queue = common::unique("consume-ways");
@@ -116,6 +132,10 @@ pub fn lepus(url: &str, way: Way, n: usize, messages: usize) -> Result<WaysRun, 
             .ok_or("the queue was not filled")?;
     }
     let conn = connect(url);
+    let dispatcher = dispatch
+        .then(|| Dispatcher::new(&WorkerOptions::new(dispatch_threads())).map(Arc::new))
+        .transpose()
+        .map_err(|e| e.to_string())?;
     let received = Arc::new(AtomicUsize::new(0));
     let last_ns = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicUsize::new(0));
@@ -127,7 +147,7 @@ pub fn lepus(url: &str, way: Way, n: usize, messages: usize) -> Result<WaysRun, 
         .map(|_| {
             let (conn, queue, ready) = (conn.clone(), queue.clone(), ready.clone());
             let (received, last_ns, errors) = (received.clone(), last_ns.clone(), errors.clone());
-            let registered = registered.clone();
+            let (registered, dispatcher) = (registered.clone(), dispatcher.clone());
             spawn("consumer", move || {
                 let mut ledger = IdLedger::new(messages);
                 // Channel open, qos and consume in one round trip (what a lepus user
@@ -139,8 +159,28 @@ pub fn lepus(url: &str, way: Way, n: usize, messages: usize) -> Result<WaysRun, 
                 ready.wait();
                 let Ok((_ch, consumer)) = started else {
                     errors.fetch_add(1, Ordering::Relaxed);
-                    return ledger;
+                    return Arc::new(Mutex::new(ledger));
                 };
+                if let Some(dispatcher) = dispatcher {
+                    // The same work per delivery in the dispatcher's handler (which acks
+                    // by the outcome; a failed ack shows in its stats).
+                    let ledger = Arc::new(Mutex::new(ledger));
+                    let (kept, failed) = (ledger.clone(), errors.clone());
+                    let added = dispatcher.add(consumer, move |d| {
+                        let ok = matches!(read_stamp(d.body()),
+                            Some((id, _)) if ledger.lock().unwrap().record(id));
+                        if !ok {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                        last_ns.fetch_max(now_ns(), Ordering::AcqRel);
+                        received.fetch_add(1, Ordering::AcqRel);
+                        Outcome::Ack
+                    });
+                    if added.is_err() {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    return kept;
+                }
                 // Until the connection closes.
                 while let Ok(d) = consumer.recv() {
                     match read_stamp(d.body()) {
@@ -155,7 +195,7 @@ pub fn lepus(url: &str, way: Way, n: usize, messages: usize) -> Result<WaysRun, 
                     last_ns.fetch_max(now_ns(), Ordering::AcqRel);
                     received.fetch_add(1, Ordering::AcqRel);
                 }
-                ledger
+                Arc::new(Mutex::new(ledger))
             })
         })
         .collect();
@@ -176,16 +216,19 @@ pub fn lepus(url: &str, way: Way, n: usize, messages: usize) -> Result<WaysRun, 
     while registered.load(Ordering::Acquire) < n && Instant::now() < deadline {
         std::thread::sleep(Duration::from_micros(500));
     }
+    let handled = dispatcher.map(|d| d.stats());
     let _ = conn.close();
     let mut ledger = IdLedger::new(messages);
     for h in handles {
-        ledger.merge(&h.join().map_err(|_| "consumer thread panicked")?);
+        let one = h.join().map_err(|_| "consumer thread panicked")?;
+        ledger.merge(&one.lock().unwrap());
     }
+    let settle_failed = handled.map_or(0, |s| s.settle_failed as usize);
     producer.close();
     delete(&admin, &queue);
     let _ = admin_conn.close();
     Ok(WaysRun {
-        client: "lepus".into(),
+        client: if dispatch { DISPATCH } else { "lepus" }.into(),
         round: 0,
         way,
         consumers: n,
@@ -194,7 +237,7 @@ pub fn lepus(url: &str, way: Way, n: usize, messages: usize) -> Result<WaysRun, 
         cpu,
         received: ledger.unique(),
         duplicates: ledger.duplicates(),
-        errors: errors.load(Ordering::Relaxed),
+        errors: errors.load(Ordering::Relaxed) + settle_failed,
     })
 }
 
@@ -245,7 +288,7 @@ pub fn scenario(s: &Settings, r: &mut Results, peers: Option<&Peers>) {
     for round in 0..s.rounds {
         for way in [Way::Steady, Way::Drain] {
             for &c in &r.consumer_counts {
-                let mut clients = vec!["lepus".to_string()];
+                let mut clients = vec!["lepus".to_string(), DISPATCH.to_string()];
                 if s.wants(6) {
                     clients.extend(peers.map(|p| p.clients.clone()).unwrap_or_default());
                 }
@@ -271,7 +314,8 @@ pub fn scenario(s: &Settings, r: &mut Results, peers: Option<&Peers>) {
             ),
         );
         let run = match (client.as_str(), peers) {
-            ("lepus", _) => lepus(&s.url, way, c, messages),
+            ("lepus", _) => lepus(&s.url, way, c, messages, false),
+            (DISPATCH, _) => lepus(&s.url, way, c, messages, true),
             (_, Some(p)) => peer(&s.url, p, &client, way, c, messages),
             (_, None) => Err("the peers are not built".into()),
         };

@@ -7,7 +7,7 @@ use std::fmt::Write;
 use crate::Results;
 use crate::ceiling::CeilingRun;
 use crate::common::thousands;
-use crate::consume_ways::{Way, WaysRun};
+use crate::consume_ways::{DISPATCH, Way, WaysRun, dispatch_threads};
 use crate::stats::median;
 use crate::throughput::{Mode, PublishRun};
 
@@ -211,21 +211,34 @@ pub fn consume_section(w: &mut String, r: &Results) {
     let _ = writeln!(w, "### Consume, measured two ways\n");
     let _ = writeln!(
         w,
-        "N consumers on one connection (a channel each, prefetch {}, manual acks) on one queue, {} messages of 64 bytes from a raw-socket producer in the suite (pre-encoded, large writes; the same for every client, and its own CPU is not the client's). **Steady**: every consumer registered first, then the messages arrive and the broker pushes them; from the first write (lepus) or the peer's `ready` line to the last delivery. **Drain**: the queue is filled first; from before the first consumer registers (channel open, qos, consume: one round trip with lepus's `open_consumer`, three for the peers) to the last delivery. CPU: the consuming process's user + system time over that interval per message (for lepus the producer thread's own time, from `RUSAGE_THREAD`, is taken out). Medians over rounds.\n",
+        "N consumers on one connection (a channel each, prefetch {}, manual acks) on one queue, {} messages of 64 bytes from a raw-socket producer in the suite (pre-encoded, large writes; the same for every client, and its own CPU is not the client's). **Steady**: every consumer registered first, then the messages arrive and the broker pushes them; from the first write (lepus) or the peer's `ready` line to the last delivery. **Drain**: the queue is filled first; from before the first consumer registers (channel open, qos, consume: one round trip with lepus's `open_consumer`, three for the peers) to the last delivery. CPU: the consuming process's user + system time over that interval per message (for lepus the producer thread's own time, from `RUSAGE_THREAD`, is taken out). Medians over rounds. **lepus** serves each consumer with a thread of its own blocked in `recv` (as amiquip and lapin do); **lepus dispatcher** serves them all with a `Dispatcher` of {} threads, a handler per consumer (as amqprs runs its consumers as tasks on a tokio runtime of as many threads).\n",
         crate::throughput::PREFETCH,
-        thousands(msgs as f64)
+        thousands(msgs as f64),
+        dispatch_threads()
     );
+    let dispatched = r.consume_ways.iter().any(|c| c.client == DISPATCH);
     let mut head = "| way | consumers | lepus msg/s | lepus µs/msg |".to_string();
     let mut rule = "|---|---|---|---|".to_string();
+    if dispatched {
+        head.push_str(" lepus dispatcher msg/s | lepus dispatcher µs/msg |");
+        rule.push_str("---|---|");
+    }
     for c in &r.peer_clients {
         let _ = write!(head, " {c} msg/s | {c} µs/msg |");
         rule.push_str("---|---|");
     }
-    let _ = writeln!(
+    let _ = write!(
         w,
         "{head} lepus / best peer (rate) | lepus / lowest peer (CPU) |"
     );
-    let _ = writeln!(w, "{rule}---|---|");
+    if dispatched {
+        let _ = write!(
+            w,
+            " dispatcher / best peer (rate) | dispatcher / lowest peer (CPU) |"
+        );
+        rule.push_str("---|---|");
+    }
+    let _ = writeln!(w, "\n{rule}---|---|");
     for way in [Way::Steady, Way::Drain] {
         for &n in &r.consumer_counts {
             let lr = ways_rate(r, "lepus", way, n);
@@ -234,6 +247,13 @@ pub fn consume_section(w: &mut String, r: &Results) {
                 continue;
             }
             let mut row = format!("| {} | {n} | {} | {} |", way.arg(), rate(lr), us(lc));
+            let (dr, dc) = (
+                ways_rate(r, DISPATCH, way, n),
+                ways_cpu(r, DISPATCH, way, n),
+            );
+            if dispatched {
+                let _ = write!(row, " {} | {} |", rate(dr), us(dc));
+            }
             for c in &r.peer_clients {
                 let _ = write!(
                     row,
@@ -244,7 +264,11 @@ pub fn consume_section(w: &mut String, r: &Results) {
             }
             let (br, _) = best_peer(r, |c| ways_rate(r, c, way, n), true);
             let (bc, _) = best_peer(r, |c| ways_cpu(r, c, way, n), false);
-            let _ = writeln!(w, "{row} {} | {} |", x(lr / br), x(lc / bc));
+            let _ = write!(w, "{row} {} | {} |", x(lr / br), x(lc / bc));
+            if dispatched {
+                let _ = write!(w, " {} | {} |", x(dr / br), x(dc / bc));
+            }
+            let _ = writeln!(w);
         }
     }
     let _ = writeln!(w);
@@ -299,24 +323,28 @@ pub fn targets(r: &Results) -> Vec<(String, f64, String, f64, bool)> {
                 false,
             ));
         }
-        let mut worst_c = (f64::NAN, String::new());
-        for way in [Way::Steady, Way::Drain] {
-            for &n in &r.consumer_counts {
-                let (b, _) = best_peer(r, |c| ways_cpu(r, c, way, n), false);
-                let v = ways_cpu(r, "lepus", way, n) / b;
-                if v.is_finite() && (worst_c.0.is_nan() || v > worst_c.0) {
-                    worst_c = (v, format!("{} {n}", way.arg()));
+        for (client, what) in [("lepus", "lepus"), (DISPATCH, "lepus's dispatcher")] {
+            let mut worst_c = (f64::NAN, String::new());
+            for way in [Way::Steady, Way::Drain] {
+                for &n in &r.consumer_counts {
+                    let (b, _) = best_peer(r, |c| ways_cpu(r, c, way, n), false);
+                    let v = ways_cpu(r, client, way, n) / b;
+                    if v.is_finite() && (worst_c.0.is_nan() || v > worst_c.0) {
+                        worst_c = (v, format!("{} {n}", way.arg()));
+                    }
                 }
             }
-        }
-        if worst_c.0.is_finite() {
-            out.push((
-                "client CPU per message, consume: lepus / lowest peer, both ways, every N".into(),
-                worst_c.0,
-                format!("{} (highest, at {})", x(worst_c.0), worst_c.1),
-                0.5,
-                false,
-            ));
+            if worst_c.0.is_finite() {
+                out.push((
+                    format!(
+                        "client CPU per message, consume: {what} / lowest peer, both ways, every N"
+                    ),
+                    worst_c.0,
+                    format!("{} (highest, at {})", x(worst_c.0), worst_c.1),
+                    0.5,
+                    false,
+                ));
+            }
         }
     }
     out
