@@ -16,11 +16,13 @@ use crate::worker::{Counters, Outcome, Serve, WorkerOptions, WorkerStats};
 /// starve the others.
 const TURN: usize = 32;
 
-type Handler = Box<dyn Fn(&Delivery) -> Outcome + Send + Sync>;
+type Handler = Box<dyn FnMut(&Delivery) -> Outcome + Send>;
 
 struct Entry {
     consumer: Consumer,
-    handler: Handler,
+    /// Taken by the one thread that serves the consumer (its ticket says which): never
+    /// contended.
+    handler: Mutex<Handler>,
 }
 
 #[derive(Default)]
@@ -173,11 +175,12 @@ impl Dispatcher {
     }
 
     /// Serve `consumer` with `handler` from now on (deliveries already queued locally
-    /// included). The consumer must acknowledge manually (`no_ack: false`): a `no_ack`
-    /// consumer is an [`Error::InvalidArgument`].
+    /// included). The handler may keep state of its own (`FnMut`): it runs on one
+    /// thread at a time. The consumer must acknowledge manually (`no_ack: false`): a
+    /// `no_ack` consumer is an [`Error::InvalidArgument`].
     pub fn add<F>(&self, consumer: Consumer, handler: F) -> Result<()>
     where
-        F: Fn(&Delivery) -> Outcome + Send + Sync + 'static,
+        F: FnMut(&Delivery) -> Outcome + Send + 'static,
     {
         if consumer.is_no_ack() {
             // Its deliveries are settled on arrival: an ack would close the channel (406).
@@ -187,7 +190,7 @@ impl Dispatcher {
         }
         let entry = Arc::new(Entry {
             consumer,
-            handler: Box::new(handler),
+            handler: Mutex::new(Box::new(handler)),
         });
         let mut e = self.shared.entries.lock();
         let id = match e.free.pop() {
@@ -300,6 +303,7 @@ fn release(ticket: &Arc<Ticket>, entry: &Entry) {
 /// Handle up to a turn of `entry`'s deliveries; true once the consumer ended for good.
 fn serve_turn(shared: &Shared, entry: &Entry) -> bool {
     let s = shared.serve(entry);
+    let mut handler = entry.handler.lock();
     let mut handled = 0;
     while handled < TURN {
         let d = match entry.consumer.try_recv() {
@@ -314,7 +318,7 @@ fn serve_turn(shared: &Shared, entry: &Entry) -> bool {
             s.requeue_one(d);
             break;
         }
-        s.handle(d, &*entry.handler);
+        s.handle(d, |d| handler(d));
         handled += 1;
     }
     false

@@ -479,7 +479,7 @@ impl Serve<'_> {
 
     /// Run the handler on `d` (unless it is a lost link's stale delivery) and settle it
     /// by the outcome.
-    pub(crate) fn handle(&self, d: Delivery, handler: &(dyn Fn(&Delivery) -> Outcome + Send + Sync)) {
+    pub(crate) fn handle(&self, d: Delivery, handler: impl FnOnce(&Delivery) -> Outcome) {
         let c = self.counts;
         if self.skip_stale(&d) {
             c.stale.fetch_add(1, Ordering::Relaxed);
@@ -514,7 +514,7 @@ fn run_single(shared: &Shared, handler: &(dyn Fn(&Delivery) -> Outcome + Send + 
             s.requeue_one(d);
             break;
         }
-        s.handle(d, handler);
+        s.handle(d, |d| handler(d));
     }
 }
 

@@ -56,6 +56,7 @@ struct Seen {
     ids: Mutex<Vec<u32>>,
     inside: AtomicBool,
     overlapped: AtomicU32,
+    out_of_order: AtomicU32,
 }
 
 impl Seen {
@@ -87,9 +88,16 @@ fn many_consumers_on_two_threads_each_in_order_and_one_at_a_time_every_message_a
             .open_consumer(q, 20, &ConsumeOptions::default())
             .unwrap();
         let s = s.clone();
+        // The handler's own state (it runs on one thread at a time): the id it expects.
+        let mut next = 0;
         dispatcher
             .add(c, move |d| {
-                s.handle(id_of(d.body()));
+                let id = id_of(d.body());
+                if id != next {
+                    s.out_of_order.fetch_add(1, Ordering::SeqCst);
+                }
+                next = id + 1;
+                s.handle(id);
                 Outcome::Ack
             })
             .unwrap();

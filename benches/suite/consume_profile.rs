@@ -129,10 +129,10 @@ fn main() {
                     if let Some(dispatcher) = dispatcher {
                         // The same work per delivery, in the dispatcher's handler; a
                         // failed ack shows in its stats.
-                        let ledger = std::sync::Mutex::new(stats::IdLedger::new(messages));
+                        let mut ledger = stats::IdLedger::new(messages);
                         let added = dispatcher.add(c, move |d| {
                             let ok = matches!(stats::read_stamp(d.body()),
-                                Some((id, _)) if ledger.lock().unwrap().record(id));
+                                Some((id, _)) if ledger.record(id));
                             received.fetch_add(1, Ordering::AcqRel);
                             if ok { Outcome::Ack } else { Outcome::Reject }
                         });
