@@ -27,7 +27,6 @@ broken=(
     "quiet-wake-one consumer_queue_quiet_batch_wakes_every_sleeper"
     "dispatch-claim dispatch_serves_each_queue_by_one_thread_and_leaves_nothing"
     "dispatch-recheck dispatch_serves_each_queue_by_one_thread_and_leaves_nothing"
-    "dispatch-store dispatch_serves_each_queue_by_one_thread_and_leaves_nothing"
 )
 for entry in "${broken[@]}"; do
     read -r variant model <<<"$entry"

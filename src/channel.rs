@@ -731,6 +731,33 @@ impl Channel {
         expect_reply!(r, "basic.cancel", AMQPClass::Basic(basic::AMQPMethod::CancelOk(_)) => ())
     }
 
+    /// Send `basic.cancel` for `consumer_tag` without waiting for the `cancel-ok`: the
+    /// handle to wait on with [`Channel::cancel_finish`] (many cancels in flight at once).
+    pub(crate) fn cancel_start(
+        &self,
+        consumer_tag: &str,
+        deadline: Instant,
+    ) -> Result<(Arc<ChannelShared>, crate::io::ReplyRx)> {
+        let m = AMQPClass::Basic(basic::AMQPMethod::Cancel(basic::Cancel {
+            consumer_tag: short("consumer tag", consumer_tag)?,
+            nowait: false,
+        }));
+        self.forget_consumer(consumer_tag);
+        let shared = self.usable(deadline)?;
+        let rx = shared.rpc_start(m, deadline, "basic.cancel-ok", None)?;
+        Ok((shared, rx))
+    }
+
+    /// Wait until `deadline` for the `cancel-ok` of [`Channel::cancel_start`].
+    pub(crate) fn cancel_finish(
+        shared: &ChannelShared,
+        rx: &crate::io::ReplyRx,
+        deadline: Instant,
+    ) -> Result<()> {
+        let r = shared.wait_reply(rx, deadline, "basic.cancel-ok")?;
+        expect_reply!(r, "basic.cancel", AMQPClass::Basic(basic::AMQPMethod::CancelOk(_)) => ())
+    }
+
     /// What recovery restores on this channel.
     pub(crate) fn record(&self) -> &Mutex<ChannelRecord> {
         &self.inner.record

@@ -499,6 +499,26 @@ impl Consumer {
         self.cancel_via(&self.channel.with_timeout(timeout))
     }
 
+    /// Start cancelling without waiting for the broker's `cancel-ok` (`None`: cancelled
+    /// already). If the cancel cannot be sent in time, it is sent without a reply to wait
+    /// for (as a dropped consumer's is) and the error returned.
+    pub(crate) fn cancel_start(
+        &self,
+        deadline: Instant,
+    ) -> Result<Option<(Arc<ChannelShared>, crate::io::ReplyRx)>> {
+        if self.cancelled.swap(true, Ordering::AcqRel) {
+            return Ok(None);
+        }
+        self.shared.active.store(false, Ordering::Release);
+        match self.channel.cancel_start(&self.tag, deadline) {
+            Ok(p) => Ok(Some(p)),
+            Err(e) => {
+                self.channel.cancel_nowait(&self.tag);
+                Err(e)
+            }
+        }
+    }
+
     fn cancel_via(&self, channel: &Channel) -> Result<()> {
         if self.cancelled.swap(true, Ordering::AcqRel) {
             return Ok(());

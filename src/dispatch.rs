@@ -4,6 +4,7 @@
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use crate::channel::Channel;
 use crate::consumer::Consumer;
 use crate::delivery::Delivery;
 use crate::dispatch_core::{ReadyList, Ticket};
@@ -93,10 +94,23 @@ impl Drop for Shared {
 /// work: a busy consumer does not starve the others. Different consumers' deliveries
 /// run in parallel, as many at once as there are threads.
 ///
-/// The threads sleep only when no consumer has work: with many consumers and a steady
-/// flow a delivery costs no thread wake-up, where a thread blocked on each consumer's
-/// [`Consumer::recv`] is woken for nearly every delivery. A handler that blocks holds
-/// its thread: give the dispatcher as many threads as handlers may block at once.
+/// The threads sleep only when no consumer has work, where a thread blocked on each of
+/// hundreds of consumers' [`Consumer::recv`] is woken for nearly every delivery: less
+/// CPU per message, and a few threads instead of hundreds (measured in
+/// `benches/results/dispatcher.md`; a delivery still crosses from the I/O thread to a
+/// dispatcher thread, which sleeps when messages trickle in slower than it handles them).
+///
+/// A handler that blocks holds its thread: give the dispatcher as many threads as
+/// handlers may block at once. In particular, handlers that wait on the **same
+/// connection** (a publish with confirms, an RPC) while every thread is taken can wait
+/// until their deadline: the consumers' local queues are bounded, and when one is full
+/// the I/O thread stops reading the socket, so the reply they wait for is not read
+/// until a thread is free to empty that queue. Publish from handlers on another
+/// connection, or without waiting, or give the dispatcher more threads than handlers
+/// that wait.
+///
+/// A handler that panicked is called again for the consumer's next delivery, with
+/// whatever state the panic left in it.
 ///
 /// Recovery, streams and broker cancels are handled as the worker pool handles them
 /// (see [`WorkerPool`](crate::WorkerPool)): a lost link that recovery restores passes
@@ -105,8 +119,8 @@ impl Drop for Shared {
 /// channel or connection closed) leaves the dispatcher, the others go on.
 ///
 /// [`Dispatcher::shutdown`] stops gracefully: no new delivery is handled, every
-/// consumer is cancelled, handlers in flight get until the deadline, deliveries left in
-/// the local queues go back to the broker. Dropping the dispatcher stops it the same
+/// consumer is cancelled (all cancels in one round trip), handlers in flight get until
+/// the deadline, deliveries left in the local queues go back to the broker. Dropping the dispatcher stops it the same
 /// way without waiting.
 ///
 /// ```no_run
@@ -177,7 +191,8 @@ impl Dispatcher {
     /// Serve `consumer` with `handler` from now on (deliveries already queued locally
     /// included). The handler may keep state of its own (`FnMut`): it runs on one
     /// thread at a time. The consumer must acknowledge manually (`no_ack: false`): a
-    /// `no_ack` consumer is an [`Error::InvalidArgument`].
+    /// `no_ack` consumer is an [`Error::InvalidArgument`] (and is dropped, which cancels
+    /// it).
     pub fn add<F>(&self, consumer: Consumer, handler: F) -> Result<()>
     where
         F: FnMut(&Delivery) -> Outcome + Send + 'static,
@@ -240,10 +255,22 @@ impl Dispatcher {
         self.shared.list.stop();
         let entries = self.shared.all();
         let mut cancel_error = None;
+        // Every cancel is sent first, then the cancel-oks are awaited together: one round
+        // trip for all, however many consumers. Bounded by the deadline (at least a
+        // moment, so that the cancels are sent).
+        let cancel_by = until.max(Instant::now() + Duration::from_millis(100));
+        let mut pending = Vec::with_capacity(entries.len());
         for e in &entries {
-            // Bounded by the deadline too (at least a moment, so that the cancel is sent).
-            let left = until.saturating_duration_since(Instant::now());
-            if let Err(err) = e.consumer.cancel_within(left.max(Duration::from_millis(100))) {
+            match e.consumer.cancel_start(cancel_by) {
+                Ok(Some(p)) => pending.push(p),
+                Ok(None) => {}
+                Err(err) => {
+                    cancel_error.get_or_insert(err);
+                }
+            }
+        }
+        for (shared, rx) in &pending {
+            if let Err(err) = Channel::cancel_finish(shared, rx, cancel_by) {
                 cancel_error.get_or_insert(err);
             }
         }
@@ -303,7 +330,15 @@ fn release(ticket: &Arc<Ticket>, entry: &Entry) {
 /// Handle up to a turn of `entry`'s deliveries; true once the consumer ended for good.
 fn serve_turn(shared: &Shared, entry: &Entry) -> bool {
     let s = shared.serve(entry);
-    let mut handler = entry.handler.lock();
+    // One thread serves a consumer at a time (its ticket is listed once: the loom model
+    // checks it), so the handler's lock is free; debug builds (the tests) check that too.
+    let mut handler = match entry.handler.try_lock() {
+        Some(h) => h,
+        None => {
+            debug_assert!(false, "two dispatcher threads serve one consumer");
+            entry.handler.lock()
+        }
+    };
     let mut handled = 0;
     while handled < TURN {
         let d = match entry.consumer.try_recv() {

@@ -15,6 +15,17 @@ use std::time::Instant;
 
 use crate::sync::{Arc, AtomicBool, Condvar, CondvarExt, Mutex, Ordering};
 
+/// How a listing tells a sleeping taker.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Wake {
+    /// Wake one now.
+    Now,
+    /// Owe a wake-up, paid later by [`ReadyList::pay`].
+    Owe,
+    /// Nobody: the lister takes the next ticket itself.
+    None,
+}
+
 struct Inner {
     ready: VecDeque<Arc<Ticket>>,
     /// Threads asleep in `take`.
@@ -86,16 +97,19 @@ impl ReadyList {
         })
     }
 
-    /// Put `t` on the list; `quiet`: wake nobody now, return true if a wake-up became
-    /// owed (paid by [`ReadyList::pay`]).
-    fn push(&self, t: Arc<Ticket>, quiet: bool) -> bool {
+    /// Put `t` on the list; `wake`: how to tell a sleeping taker. Returns true if a
+    /// wake-up became owed (`Wake::Owe`, paid by [`ReadyList::pay`]).
+    fn push(&self, t: Arc<Ticket>, wake: Wake) -> bool {
         let mut i = self.inner.lock();
         if i.stopped {
             // Nobody will take it (and a listed ticket holds the list).
             return false;
         }
         i.ready.push_back(t);
-        if quiet {
+        if wake == Wake::None {
+            return false;
+        }
+        if wake == Wake::Owe {
             let first = i.owed == 0;
             if i.waiting > i.owed {
                 i.owed += 1;
@@ -192,7 +206,8 @@ impl Ticket {
         if was {
             return false;
         }
-        this.list.push(this.clone(), quiet)
+        this.list
+            .push(this.clone(), if quiet { Wake::Owe } else { Wake::Now })
     }
 
     /// Pay the wake-ups that quiet schedules on this ticket's list owe.
@@ -201,26 +216,26 @@ impl Ticket {
     }
 
     /// The taker is done with the queue for now: clear the flag, then schedule the ticket
-    /// again if `has_work` (asked after the clearing) says the queue holds anything.
+    /// again if `has_work` (asked after the clearing) says the queue holds anything. The
+    /// taker must call [`ReadyList::take`] next: a ticket listed again here wakes nobody.
     pub fn release(this: &Arc<Self>, has_work: impl FnOnce() -> bool) {
-        // A read-modify-write, as every write of the flag: they form one chain, so either
-        // a queuer's claim comes after this clearing (and lists the ticket itself) or this
-        // clearing reads what the claim wrote and so sees the item queued before it. A
-        // plain store may be ordered before a claim it never saw (the model finds the
-        // ticket left unlisted with an item queued: broken variant `dispatch-store`).
-        if crate::sync::broken("dispatch-store") {
-            this.scheduled.store(false, Ordering::SeqCst);
-        } else {
-            this.scheduled.swap(false, Ordering::SeqCst);
-        }
+        // A read-modify-write, as every write of the flag (and as the consumer queue's
+        // flag in `delivery_queue`): the writes form one chain. (With a plain store here
+        // loom reports the ticket left unlisted with an item queued; by the C11 rules the
+        // queue's lock, taken by the claim and by the second look, should rule that out,
+        // so it may be the model's artefact, but the swap costs nothing and needs no such
+        // argument.)
+        this.scheduled.swap(false, Ordering::SeqCst);
         // The model tests' broken variant `dispatch-recheck` trusts the taker's last look
         // instead: an item queued while the flag was still set is left with nobody to
         // take it.
         if crate::sync::broken("dispatch-recheck") {
             return;
         }
-        if has_work() {
-            Ticket::queued(this, false);
+        // Listed again without waking anyone: the releasing thread takes the next
+        // ticket itself right after (the others were woken for theirs when listed).
+        if has_work() && !this.scheduled.swap(true, Ordering::SeqCst) {
+            this.list.push(this.clone(), Wake::None);
         }
     }
 }

@@ -25,7 +25,7 @@ pub enum Outcome {
     Reject,
 }
 
-/// Settings of a [`WorkerPool`].
+/// Settings of a [`WorkerPool`] or a [`Dispatcher`](crate::Dispatcher).
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct WorkerOptions {
@@ -76,7 +76,8 @@ impl WorkerOptions {
     }
 }
 
-/// What a [`WorkerPool`] did, counted in messages.
+/// What a [`WorkerPool`] or a [`Dispatcher`](crate::Dispatcher) did, counted in
+/// messages.
 #[derive(Debug, Clone, Default)]
 #[non_exhaustive]
 pub struct WorkerStats {
@@ -109,9 +110,10 @@ pub struct WorkerStats {
     /// own settle was skipped, and they are not counted under `acked`, `requeued` or
     /// `rejected`.
     pub settled_by_handler: u64,
-    /// The error of the consumer's cancel in [`WorkerPool::shutdown`], if it failed (the
-    /// workers were stopped and the local queue requeued all the same). Always `None`
-    /// from [`WorkerPool::stats`].
+    /// The error of the consumer's cancel in [`WorkerPool::shutdown`] (the first failed
+    /// cancel in [`Dispatcher::shutdown`](crate::Dispatcher::shutdown)), if it failed
+    /// (the workers were stopped and the local queues requeued all the same). Always
+    /// `None` from `stats()`.
     pub cancel_error: Option<Error>,
 }
 

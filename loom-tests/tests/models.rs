@@ -13,8 +13,7 @@
 //! `quiet-wake-one`: a quiet batch's payment waking one receiver of a queue however many
 //! wake-ups it owes; `dispatch-claim`: a dispatcher's ticket scheduled by a read and a
 //! write instead of a swap; `dispatch-recheck`: a dispatcher thread giving a queue back
-//! without a second look at it; `dispatch-store`: that give-back clearing the flag with a
-//! plain store, the lost wake-up this model found),
+//! without a second look at it),
 //! must make the model that covers them fail: `run.sh` runs each model again with its
 //! variable set and expects the failure. `mutants.sh` plants more slips (see `mutants/`).
 #![cfg(lepus_loom)]

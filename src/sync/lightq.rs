@@ -260,13 +260,21 @@ impl<T> Receiver<T> {
 
     /// Have every send schedule `ticket` (a dispatcher's threads serve this queue), or
     /// stop that (`None`). A queue that already holds something is scheduled at once.
+    ///
+    /// The ticket replaced pays what its list is owed: a quiet send through it may have
+    /// left a wake-up owed that this queue's notifier, finding no ticket any more, would
+    /// not pay (and a list whose debt is never paid owes no new wake-up either).
     pub fn watch(&self, ticket: Option<Arc<Ticket>>) {
         let mut i = self.0.inner.lock();
-        i.watch = ticket;
+        let old = std::mem::replace(&mut i.watch, ticket);
         if let Some(t) = &i.watch
             && (!i.items.is_empty() || i.senders == 0)
         {
             Ticket::queued(t, false);
+        }
+        drop(i);
+        if let Some(old) = old {
+            old.pay();
         }
     }
 }
@@ -407,6 +415,54 @@ mod tests {
         assert_eq!(tx.send_quiet(7), Ok(false));
         drop(rx);
         assert_eq!(tx.send_quiet(8), Err(SendError(8)));
+    }
+
+    /// A dispatcher's list owes a wake-up for a quiet send through queue A; A stops
+    /// being watched (its consumer left) before its notifier pays: the unwatch pays, so
+    /// the list's sleeper wakes and the next quiet send (through B) owes a new one.
+    #[test]
+    fn an_unwatched_queue_pays_what_its_list_is_owed() {
+        use crate::dispatch_core::ReadyList;
+        let list = Arc::new(ReadyList::new());
+        let (ta, ra) = unbounded::<u32>();
+        let (tb, rb) = unbounded::<u32>();
+        ra.watch(Some(ReadyList::ticket(&list, 0)));
+        rb.watch(Some(ReadyList::ticket(&list, 1)));
+        let sleeper = {
+            let list = list.clone();
+            thread::spawn(move || {
+                list.take(Some(Instant::now() + Duration::from_secs(30)))
+                    .map(|t| t.id())
+            })
+        };
+        while format!("{list:?}").contains("waiting: 0") {
+            thread::yield_now();
+        }
+        assert_eq!(ta.send_quiet(1), Ok(true), "the list owes a wake-up");
+        ra.watch(None);
+        let t0 = Instant::now();
+        assert_eq!(
+            sleeper.join().unwrap(),
+            Some(0),
+            "woken by the unwatch's payment"
+        );
+        assert!(t0.elapsed() < Duration::from_secs(20));
+        let sleeper = {
+            let list = list.clone();
+            thread::spawn(move || list.take(Some(Instant::now() + Duration::from_secs(30))))
+        };
+        while format!("{list:?}").contains("waiting: 0") {
+            thread::yield_now();
+        }
+        assert_eq!(
+            tb.send_quiet(2),
+            Ok(true),
+            "nothing left owed: a new wake-up is"
+        );
+        tb.notifier().wake();
+        assert_eq!(sleeper.join().unwrap().map(|t| t.id()), Some(1));
+        list.stop();
+        rb.watch(None);
     }
 
     /// One wake-up owed per sleeping receiver, however many items: two sleepers and
