@@ -27,6 +27,7 @@ broken=(
     "quiet-wake-one consumer_queue_quiet_batch_wakes_every_sleeper"
     "dispatch-claim dispatch_serves_each_queue_by_one_thread_and_leaves_nothing"
     "dispatch-recheck dispatch_serves_each_queue_by_one_thread_and_leaves_nothing"
+    "dispatch-unwatch dispatch_pays_what_a_leaving_consumer_owed"
 )
 for entry in "${broken[@]}"; do
     read -r variant model <<<"$entry"

@@ -13,7 +13,8 @@
 //! `quiet-wake-one`: a quiet batch's payment waking one receiver of a queue however many
 //! wake-ups it owes; `dispatch-claim`: a dispatcher's ticket scheduled by a read and a
 //! write instead of a swap; `dispatch-recheck`: a dispatcher thread giving a queue back
-//! without a second look at it),
+//! without a second look at it; `dispatch-unwatch`: a consumer queue that stops being
+//! watched without paying the wake-up its list is owed),
 //! must make the model that covers them fail: `run.sh` runs each model again with its
 //! variable set and expects the failure. `mutants.sh` plants more slips (see `mutants/`).
 #![cfg(lepus_loom)]
@@ -617,6 +618,48 @@ fn dispatch_model() {
     rx.watch(None);
     list.stop();
     drop(tx);
+}
+
+/// A dispatcher thread serves two consumer queues. The I/O side queues into A quietly
+/// (a wake-up may become owed to the list), then A's consumer leaves (unwatched) before
+/// anything is paid, then B gets an item quietly and its owed wake-up, if any, is paid
+/// through B's notifier. The thread must get B's item whatever the interleaving: the
+/// unwatch pays what A's send left owed (else the list's debt blocks every later one).
+fn dispatch_unwatch_model() {
+    let list = Arc::new(ReadyList::new());
+    let (ta, ra) = queue::unbounded::<u32>();
+    let (tb, rb) = queue::unbounded::<u32>();
+    ra.watch(Some(ReadyList::ticket(&list, 0)));
+    rb.watch(Some(ReadyList::ticket(&list, 1)));
+    let worker = {
+        let (list, ra, rb) = (list.clone(), ra.clone(), rb.clone());
+        thread::spawn(move || {
+            while let Some(t) = list.take(None) {
+                let rx = if t.id() == 0 { &ra } else { &rb };
+                let mut got_b = false;
+                while let Ok(v) = rx.try_recv() {
+                    got_b |= v == 2;
+                }
+                Ticket::release(&t, || rx.has_news());
+                if got_b {
+                    list.stop();
+                }
+            }
+        })
+    };
+    let _ = ta.send_quiet(1).unwrap();
+    ra.watch(None);
+    if tb.send_quiet(2).unwrap() {
+        tb.notifier().wake();
+    }
+    worker.join().unwrap();
+    rb.watch(None);
+    drop((ta, tb));
+}
+
+#[test]
+fn dispatch_pays_what_a_leaving_consumer_owed() {
+    assert!(explore("dispatch unwatch", dispatch_unwatch_model) > 1);
 }
 
 #[test]

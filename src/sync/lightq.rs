@@ -273,7 +273,10 @@ impl<T> Receiver<T> {
             Ticket::queued(t, false);
         }
         drop(i);
-        if let Some(old) = old {
+        // The model tests' broken variant `dispatch-unwatch` forgets the payment.
+        if let Some(old) = old
+            && !super::broken("dispatch-unwatch")
+        {
             old.pay();
         }
     }
