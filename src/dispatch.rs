@@ -10,7 +10,7 @@ use crate::delivery::Delivery;
 use crate::dispatch_core::{ReadyList, Ticket};
 use crate::error::{Error, Result};
 use crate::sync::{Arc, AtomicBool, Mutex, Ordering};
-use crate::worker::{Counters, Outcome, Serve, WorkerOptions, WorkerStats};
+use crate::worker::{Counters, Outcome, Serve, WorkerOptions, WorkerStats, join_until};
 
 /// Deliveries a thread handles from one consumer before it goes to the next consumer
 /// with work (the one it leaves goes to the back of the line): a busy consumer does not
@@ -274,17 +274,7 @@ impl Dispatcher {
                 cancel_error.get_or_insert(err);
             }
         }
-        let mut unfinished = 0;
-        for t in std::mem::take(&mut self.threads) {
-            while !t.is_finished() && Instant::now() < until {
-                thread::sleep(Duration::from_millis(2));
-            }
-            if t.is_finished() {
-                let _ = t.join();
-            } else {
-                unfinished += 1;
-            }
-        }
+        let unfinished = join_until(std::mem::take(&mut self.threads), until);
         for e in &entries {
             self.shared.serve(e).requeue_local();
         }

@@ -327,17 +327,7 @@ impl WorkerPool {
             .shared
             .consumer
             .cancel_within(deadline.max(Duration::from_millis(100)));
-        let mut unfinished = 0;
-        for t in std::mem::take(&mut self.threads) {
-            while !t.is_finished() && Instant::now() < until {
-                thread::sleep(Duration::from_millis(2));
-            }
-            if t.is_finished() {
-                let _ = t.join();
-            } else {
-                unfinished += 1;
-            }
-        }
+        let unfinished = join_until(std::mem::take(&mut self.threads), until);
         requeue_local(&self.shared);
         let mut stats = self.stats();
         stats.unfinished = unfinished;
@@ -352,6 +342,23 @@ impl Drop for WorkerPool {
         // cancelled (and its queue requeued) when the last worker lets go of it.
         self.shared.stop.store(true, Ordering::Release);
     }
+}
+
+/// Join `threads` until `until`: how many were still running then (left to finish on
+/// their own).
+pub(crate) fn join_until(threads: Vec<JoinHandle<()>>, until: Instant) -> u64 {
+    let mut unfinished = 0;
+    for t in threads {
+        while !t.is_finished() && Instant::now() < until {
+            thread::sleep(Duration::from_millis(2));
+        }
+        if t.is_finished() {
+            let _ = t.join();
+        } else {
+            unfinished += 1;
+        }
+    }
+    unfinished
 }
 
 /// Requeue every delivery left in the consumer's local queue.

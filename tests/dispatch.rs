@@ -11,35 +11,16 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use lepus::{
-    BasicProperties, Channel, Connection, ConsumeOptions, Dispatcher, Outcome, PublishOptions,
+    BasicProperties, Connection, ConsumeOptions, Dispatcher, Outcome, PublishOptions,
     RecoveryOptions, WorkerOptions,
 };
 use support::fixtures::*;
 use support::{Cleanup, ClientOptions, connect, start_proxy, unique, wait_until};
 
-/// Publish ids `0..n` (4-byte big-endian bodies) to `queue`, confirmed.
-fn publish_ids(ch: &Channel, queue: &str, n: u32) {
-    for id in 0..n {
-        ch.basic_publish(
-            "",
-            queue,
-            &id.to_be_bytes(),
-            &BasicProperties::new(),
-            &PublishOptions::default(),
-        )
-        .unwrap();
-    }
-    ch.wait_for_confirms().expect("every publish confirmed");
-}
-
 /// `n` threads whose idle poll (a safety net that also ends a wait after a lost
 /// wake-up) is a minute: in these tests a lost wake-up shows as a stall.
 fn opts(n: usize) -> WorkerOptions {
     WorkerOptions::new(n).poll(Duration::from_secs(60))
-}
-
-fn id_of(body: &[u8]) -> u32 {
-    u32::from_be_bytes(body.try_into().expect("a 4-byte id"))
 }
 
 /// `n` queues named after `name`, declared over `direct` and deleted at the end.
@@ -53,6 +34,26 @@ fn queues(direct: &Connection, cleanup: &Cleanup, name: &str, n: usize) -> Vec<S
     }
     ch.close().unwrap();
     qs
+}
+
+/// A dispatcher of two threads serving a consumer of each of `qs` (prefetch 10) whose
+/// handlers count what they handled and ack it.
+fn counting(conn: &Connection, qs: &[String]) -> (Dispatcher, Arc<AtomicU32>) {
+    let dispatcher = Dispatcher::new(&opts(2)).unwrap();
+    let handled = Arc::new(AtomicU32::new(0));
+    for q in qs {
+        let c = conn
+            .open_consumer(q, 10, &ConsumeOptions::default())
+            .unwrap();
+        let h = handled.clone();
+        dispatcher
+            .add(c, move |_| {
+                h.fetch_add(1, Ordering::SeqCst);
+                Outcome::Ack
+            })
+            .unwrap();
+    }
+    (dispatcher, handled)
 }
 
 /// What the handlers of one consumer saw: the ids in the order handled, and whether two
@@ -197,7 +198,7 @@ fn handler_outcomes_and_panics_settle_as_in_a_worker_pool() {
     let pch = direct.open_channel().unwrap();
     pch.confirm_select().unwrap();
     for q in &qs {
-        publish_ids(&pch, q, 40);
+        publish_ids(&pch, q, 0..40);
     }
     assert!(
         wait_until(Duration::from_secs(20), || {
@@ -227,20 +228,7 @@ fn a_consumer_that_ends_leaves_and_the_others_go_on() {
     let cleanup = Cleanup::new();
     let qs = queues(&direct, &cleanup, "dispatch-end", 3);
     let conn = connect();
-    let dispatcher = Dispatcher::new(&opts(2)).unwrap();
-    let handled = Arc::new(AtomicU32::new(0));
-    for q in &qs {
-        let c = conn
-            .open_consumer(q, 10, &ConsumeOptions::default())
-            .unwrap();
-        let h = handled.clone();
-        dispatcher
-            .add(c, move |_| {
-                h.fetch_add(1, Ordering::SeqCst);
-                Outcome::Ack
-            })
-            .unwrap();
-    }
+    let (dispatcher, handled) = counting(&conn, &qs);
     // The broker cancels the consumer of a deleted queue: it ends for good.
     let ch = direct.open_channel().unwrap();
     ch.queue_delete(&qs[0], &Default::default()).unwrap();
@@ -251,7 +239,7 @@ fn a_consumer_that_ends_leaves_and_the_others_go_on() {
     );
     ch.confirm_select().unwrap();
     for q in &qs[1..] {
-        publish_ids(&ch, q, 25);
+        publish_ids(&ch, q, 0..25);
     }
     assert!(wait_until(WAIT, || handled.load(Ordering::SeqCst) == 50));
     assert!(conn.is_open());
@@ -276,7 +264,7 @@ fn shutdown_cancels_every_consumer_and_requeues_what_is_left() {
     let pch = direct.open_channel().unwrap();
     pch.confirm_select().unwrap();
     for q in &qs {
-        publish_ids(&pch, q, PER_QUEUE);
+        publish_ids(&pch, q, 0..PER_QUEUE);
     }
     let conn = connect();
     let dispatcher = Dispatcher::new(&opts(2)).unwrap();
@@ -360,7 +348,7 @@ fn a_dispatcher_goes_on_across_a_reset_link() {
     let pch = direct.open_channel().unwrap();
     pch.confirm_select().unwrap();
     for q in &qs {
-        publish_ids(&pch, q, N);
+        publish_ids(&pch, q, 0..N);
     }
     let dispatcher = Dispatcher::new(&opts(2)).unwrap();
     let handled: Arc<Vec<Vec<AtomicU32>>> = Arc::new(
@@ -436,24 +424,11 @@ fn a_trickle_of_messages_wakes_the_sleeping_threads_every_time() {
     let cleanup = Cleanup::new();
     let qs = queues(&direct, &cleanup, "dispatch-trickle", 3);
     let conn = connect();
-    let dispatcher = Dispatcher::new(&opts(2)).unwrap();
-    let handled = Arc::new(AtomicU32::new(0));
-    for q in &qs {
-        let c = conn
-            .open_consumer(q, 10, &ConsumeOptions::default())
-            .unwrap();
-        let h = handled.clone();
-        dispatcher
-            .add(c, move |_| {
-                h.fetch_add(1, Ordering::SeqCst);
-                Outcome::Ack
-            })
-            .unwrap();
-    }
+    let (dispatcher, handled) = counting(&conn, &qs);
     let pch = direct.open_channel().unwrap();
     pch.confirm_select().unwrap();
     for i in 0..30u32 {
-        publish_ids(&pch, &qs[i as usize % qs.len()], 1);
+        publish_ids(&pch, &qs[i as usize % qs.len()], 0..1);
         assert!(
             wait_until(WAIT, || handled.load(Ordering::SeqCst) == i + 1),
             "message {i} not handled: {:?}",
@@ -466,7 +441,7 @@ fn a_trickle_of_messages_wakes_the_sleeping_threads_every_time() {
     ch.queue_delete(&qs[0], &Default::default()).unwrap();
     assert!(wait_until(WAIT, || dispatcher.len() == 2));
     for i in 30..40u32 {
-        publish_ids(&pch, &qs[1 + i as usize % 2], 1);
+        publish_ids(&pch, &qs[1 + i as usize % 2], 0..1);
         assert!(
             wait_until(WAIT, || handled.load(Ordering::SeqCst) == i + 1),
             "message {i} not handled after a consumer left: {:?}",
@@ -490,7 +465,7 @@ fn a_dropped_dispatcher_stops_and_gives_back_what_it_did_not_handle() {
     let pch = direct.open_channel().unwrap();
     pch.confirm_select().unwrap();
     for q in &qs {
-        publish_ids(&pch, q, N);
+        publish_ids(&pch, q, 0..N);
     }
     let conn = connect();
     let dispatcher = Dispatcher::new(&opts(2)).unwrap();

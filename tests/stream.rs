@@ -7,30 +7,10 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime};
 
 use lepus::{
-    BasicProperties, Channel, Connection, ConsumeOptions, Consumer, PublishOptions,
-    RecoveryOptions, StreamArgs, StreamOffset,
+    Channel, Connection, ConsumeOptions, Consumer, RecoveryOptions, StreamArgs, StreamOffset,
 };
 use support::fixtures::*;
 use support::{Cleanup, ClientOptions, connect, start_proxy, unique};
-
-fn publish_ids(ch: &Channel, queue: &str, range: std::ops::Range<u32>) {
-    ch.confirm_select().unwrap();
-    for id in range {
-        ch.basic_publish(
-            "",
-            queue,
-            &id.to_be_bytes(),
-            &BasicProperties::new(),
-            &PublishOptions::default(),
-        )
-        .unwrap();
-    }
-    ch.wait_for_confirms().expect("every publish confirmed");
-}
-
-fn id_of(body: &[u8]) -> u32 {
-    u32::from_be_bytes(body.try_into().expect("a 4-byte id"))
-}
 
 /// A fresh stream holding ids `0..n` (offsets `0..n`).
 fn stream_with(clean: &Cleanup, conn: &Connection, n: u32) -> String {

@@ -11,31 +11,15 @@ use std::thread;
 use std::time::Duration;
 
 use lepus::{
-    BasicProperties, Channel, Connection, ConsumeOptions, Outcome, PublishOptions, RecoveryOptions,
-    WorkerOptions, WorkerPool,
+    Channel, Connection, ConsumeOptions, Outcome, RecoveryOptions, WorkerOptions, WorkerPool,
 };
 use support::fixtures::*;
+
+/// A delivery's id, as an index.
+fn idx(body: &[u8]) -> usize {
+    id_of(body) as usize
+}
 use support::{ClientOptions, connect, start_proxy, wait_until};
-
-/// Publish ids `0..n` (4-byte big-endian bodies) to `queue`, confirmed.
-fn publish_ids(ch: &Channel, queue: &str, n: u32) {
-    ch.confirm_select().unwrap();
-    for id in 0..n {
-        ch.basic_publish(
-            "",
-            queue,
-            &id.to_be_bytes(),
-            &BasicProperties::new(),
-            &PublishOptions::default(),
-        )
-        .unwrap();
-    }
-    ch.wait_for_confirms().expect("every publish confirmed");
-}
-
-fn id_of(body: &[u8]) -> usize {
-    u32::from_be_bytes(body.try_into().expect("a 4-byte id")) as usize
-}
 
 /// The handlers' deliberate panics print nothing (other panics print as usual).
 fn quiet_deliberate_panics() {
@@ -80,7 +64,7 @@ fn reset_setup(name: &str, n: u32) -> ResetSetup {
     let cleanup = support::Cleanup::new();
     let q = cleanup.queue(&support::unique(name));
     pch.queue_declare(&q, &Default::default()).unwrap();
-    publish_ids(&pch, &q, n);
+    publish_ids(&pch, &q, 0..n);
     let cch = conn.open_channel().unwrap();
     cch.basic_qos(100, false).unwrap();
     let consumer = cch.basic_consume(&q, &ConsumeOptions::default()).unwrap();
@@ -106,7 +90,7 @@ fn eight_workers_process_ten_thousand_exactly_once_with_failures_and_panics() {
     let conn = connect();
     let ch = conn.open_channel().unwrap();
     let q = temp_queue(&ch);
-    publish_ids(&ch, &q, N);
+    publish_ids(&ch, &q, 0..N);
     let cch = conn.open_channel().unwrap();
     cch.basic_qos(64, false).unwrap();
     let consumer = cch.basic_consume(&q, &ConsumeOptions::default()).unwrap();
@@ -116,7 +100,7 @@ fn eight_workers_process_ten_thousand_exactly_once_with_failures_and_panics() {
     let (a, k) = (attempts.clone(), acked.clone());
     let opts = WorkerOptions::new(8).on_panic(Outcome::Requeue);
     let pool = WorkerPool::start(consumer, &opts, move |d| {
-        let id = id_of(d.body());
+        let id = idx(d.body());
         let attempt = a[id].fetch_add(1, Ordering::SeqCst) + 1;
         if id.is_multiple_of(100) && attempt == 1 {
             return Outcome::Requeue; // 1 % fail once
@@ -157,7 +141,7 @@ fn shutdown_finishes_in_flight_cancels_and_requeues_the_rest() {
     let conn = connect();
     let ch = conn.open_channel().unwrap();
     let q = temp_queue(&ch);
-    publish_ids(&ch, &q, N);
+    publish_ids(&ch, &q, 0..N);
     let cch = conn.open_channel().unwrap();
     cch.basic_qos(100, false).unwrap();
     let consumer = cch.basic_consume(&q, &ConsumeOptions::default()).unwrap();
@@ -165,7 +149,7 @@ fn shutdown_finishes_in_flight_cancels_and_requeues_the_rest() {
     let s = seen.clone();
     let pool = WorkerPool::start(consumer, &WorkerOptions::new(4), move |d| {
         thread::sleep(Duration::from_millis(10));
-        assert!(s.lock().unwrap().insert(id_of(d.body())), "a duplicate");
+        assert!(s.lock().unwrap().insert(idx(d.body())), "a duplicate");
         Outcome::Ack
     })
     .unwrap();
@@ -194,7 +178,7 @@ fn shutdown_deadline_leaves_a_stuck_handler_running() {
     let conn = connect();
     let ch = conn.open_channel().unwrap();
     let q = temp_queue(&ch);
-    publish_ids(&ch, &q, 1);
+    publish_ids(&ch, &q, 0..1);
     let cch = conn.open_channel().unwrap();
     cch.basic_qos(1, false).unwrap();
     let consumer = cch.basic_consume(&q, &ConsumeOptions::default()).unwrap();
@@ -223,7 +207,7 @@ fn batch_pool_hands_out_batches_and_acks_them() {
     let conn = connect();
     let ch = conn.open_channel().unwrap();
     let q = temp_queue(&ch);
-    publish_ids(&ch, &q, N);
+    publish_ids(&ch, &q, 0..N);
     let cch = conn.open_channel().unwrap();
     cch.basic_qos(200, false).unwrap();
     let consumer = cch.basic_consume(&q, &ConsumeOptions::default()).unwrap();
@@ -234,7 +218,7 @@ fn batch_pool_hands_out_batches_and_acks_them() {
         l.fetch_max(b.len() as u32, Ordering::SeqCst);
         s.lock()
             .unwrap()
-            .extend(b.deliveries().iter().map(|d| id_of(d.body())));
+            .extend(b.deliveries().iter().map(|d| idx(d.body())));
         Outcome::Ack
     })
     .unwrap();
@@ -270,7 +254,7 @@ fn recv_batch_takes_what_is_queued_up_to_max() {
             .is_none(),
         "nothing within the timeout"
     );
-    publish_ids(&ch, &q, 10);
+    publish_ids(&ch, &q, 0..10);
     assert!(wait_until(WAIT, || consumer.queued() == 10));
     let first = consumer.recv_batch(4, WAIT).unwrap().unwrap();
     assert_eq!(first.len(), 4);
@@ -281,7 +265,7 @@ fn recv_batch_takes_what_is_queued_up_to_max() {
         .deliveries()
         .iter()
         .chain(rest.deliveries())
-        .map(|d| id_of(d.body()))
+        .map(|d| idx(d.body()))
         .collect();
     assert_eq!(ids, (0..10).collect::<Vec<_>>());
     // One multiple ack for the second batch covers the first one too (same channel):
@@ -321,7 +305,7 @@ fn batch_consumer_loses_nothing_across_a_reset_link() {
             Err(e) => panic!("{e}"),
         };
         received += batch.len() as u32;
-        let ids: Vec<usize> = batch.deliveries().iter().map(|d| id_of(d.body())).collect();
+        let ids: Vec<usize> = batch.deliveries().iter().map(|d| idx(d.body())).collect();
         if !reset && seen.len() > N as usize / 2 {
             assert_eq!(proxy.reset(), 1, "one link to reset");
             reset = true;
@@ -366,7 +350,7 @@ fn worker_pool_goes_on_across_a_reset_link() {
     let hold = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let (h, t, g) = (handled.clone(), total.clone(), hold.clone());
     let pool = WorkerPool::start(consumer, &WorkerOptions::new(8), move |d| {
-        h[id_of(d.body())].fetch_add(1, Ordering::SeqCst);
+        h[idx(d.body())].fetch_add(1, Ordering::SeqCst);
         // Some work, so that the reset comes while deliveries are in flight.
         thread::sleep(Duration::from_millis(1));
         // Past half-way the handlers wait for the reset: it comes mid-way, whatever
@@ -435,7 +419,7 @@ fn batch_pool_of_several_workers_settles_each_delivery_and_requeues_failed_batch
     let conn = connect();
     let ch = conn.open_channel().unwrap();
     let q = temp_queue(&ch);
-    publish_ids(&ch, &q, N);
+    publish_ids(&ch, &q, 0..N);
     let cch = conn.open_channel().unwrap();
     cch.basic_qos(200, false).unwrap();
     let consumer = cch.basic_consume(&q, &ConsumeOptions::default()).unwrap();
@@ -448,7 +432,7 @@ fn batch_pool_of_several_workers_settles_each_delivery_and_requeues_failed_batch
             return Outcome::Requeue;
         }
         for d in b.deliveries() {
-            k[id_of(d.body())].fetch_add(1, Ordering::SeqCst);
+            k[idx(d.body())].fetch_add(1, Ordering::SeqCst);
         }
         Outcome::Ack
     })
@@ -470,7 +454,7 @@ fn a_handler_that_settles_its_own_message_does_not_stop_the_pool() {
     let conn = connect();
     let ch = conn.open_channel().unwrap();
     let q = temp_queue(&ch);
-    publish_ids(&ch, &q, N);
+    publish_ids(&ch, &q, 0..N);
     let cch = conn.open_channel().unwrap();
     cch.basic_qos(50, false).unwrap();
     let consumer = cch.basic_consume(&q, &ConsumeOptions::default()).unwrap();
@@ -479,7 +463,7 @@ fn a_handler_that_settles_its_own_message_does_not_stop_the_pool() {
     let h = handled.clone();
     // Against the contract: even ids are acked by the handler itself.
     let pool = WorkerPool::start(consumer, &WorkerOptions::new(4), move |d| {
-        let id = id_of(d.body());
+        let id = idx(d.body());
         h[id].fetch_add(1, Ordering::SeqCst);
         if id.is_multiple_of(2) {
             d.ack().expect("the handler's own ack");
@@ -515,7 +499,7 @@ fn a_delivery_and_a_batch_are_settled_at_most_once() {
     let conn = connect();
     let ch = conn.open_channel().unwrap();
     let q = temp_queue(&ch);
-    publish_ids(&ch, &q, 6);
+    publish_ids(&ch, &q, 0..6);
     let cch = conn.open_channel().unwrap();
     cch.basic_qos(10, false).unwrap();
     let consumer = cch.basic_consume(&q, &ConsumeOptions::default()).unwrap();
@@ -567,7 +551,7 @@ fn a_batch_ack_does_not_ack_another_consumers_deliveries() {
     let other = cch.basic_consume(&qb, &ConsumeOptions::default()).unwrap();
     let mine = cch.basic_consume(&qa, &ConsumeOptions::default()).unwrap();
     // The other consumer's deliveries come first (lower tags) and stay unacked.
-    publish_ids(&ch, &qb, 5);
+    publish_ids(&ch, &qb, 0..5);
     let held: Vec<_> = (0..5)
         .map(|_| {
             other
@@ -576,7 +560,7 @@ fn a_batch_ack_does_not_ack_another_consumers_deliveries() {
                 .expect("the other's delivery")
         })
         .collect();
-    publish_ids(&ch, &qa, 5);
+    publish_ids(&ch, &qa, 0..5);
     let mut got = 0;
     while got < 5 {
         let b = mine.recv_batch(5, WAIT).unwrap().expect("a batch");
@@ -694,7 +678,7 @@ fn a_batch_ack_leaves_an_older_held_delivery_of_the_same_consumer_alone() {
             .unwrap();
     let ch = conn.open_channel().unwrap();
     let q = temp_queue(&ch);
-    publish_ids(&ch, &q, 4);
+    publish_ids(&ch, &q, 0..4);
     let cch = conn.open_channel().unwrap();
     cch.basic_qos(10, false).unwrap();
     let consumer = cch.basic_consume(&q, &ConsumeOptions::default()).unwrap();

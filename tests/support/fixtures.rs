@@ -135,3 +135,25 @@ pub fn no_ack_consumer(ch: &Channel, queue: &str) -> lepus::Consumer {
     )
     .expect("basic.consume")
 }
+
+/// Publish ids `ids` (4-byte big-endian bodies) to `queue` in confirm mode, and wait
+/// until the broker confirmed them all.
+pub fn publish_ids(ch: &Channel, queue: &str, ids: std::ops::Range<u32>) {
+    ch.confirm_select().unwrap();
+    for id in ids {
+        ch.basic_publish(
+            "",
+            queue,
+            &id.to_be_bytes(),
+            &BasicProperties::new(),
+            &PublishOptions::default(),
+        )
+        .unwrap();
+    }
+    ch.wait_for_confirms().expect("every publish confirmed");
+}
+
+/// The id of a body [`publish_ids`] published.
+pub fn id_of(body: &[u8]) -> u32 {
+    u32::from_be_bytes(body.try_into().expect("a 4-byte id"))
+}
