@@ -1,27 +1,96 @@
-//! Consumer start-up two ways, interleaved in one run: `Connection::open_consumer`
-//! (channel.open, basic.qos and basic.consume written together, one round trip) against
-//! `open_channel` + `basic_qos` + `basic_consume` (three round trips).
+//! Consumer start-up against the broker's floor, interleaved in one run
+//! (benches/results/consumer-start.md).
 //!
-//! Sequential: one thread starts `SEQ` consumers one after another (the latency of one
-//! start). Parallel: N threads each start one consumer at once, timed until the last
-//! consume-ok (what the suite's scenario 3 calls startup). Prints the median of each,
-//! and their ratio, over ROUNDS rounds (A B A B ...).
+//! - **floor**: one raw socket writes N × (channel.open, basic.qos, basic.consume) at
+//!   once and reads until the N-th consume-ok (the suite's scenario 3 floor).
+//! - **open_consumer**: N threads each call `Connection::open_consumer` (channel.open,
+//!   qos and consume written together, one round trip) at once, timed from the barrier's
+//!   release to the last consume-ok, as the suite's scenario 3 times startup. Also
+//!   printed: when the last thread left the barrier (the release of N threads, which
+//!   the floor does not pay), and the client's CPU time and context switches over the
+//!   run (getrusage of the process, from the barrier to the last start: spawning and
+//!   ending the threads left out).
+//! - **three RPCs** (`three` among the arguments): `open_channel` + `basic_qos` +
+//!   `basic_consume`, three round trips, as a third column.
+//! - **polling** (`polling` among the arguments): open_consumer, then each started
+//!   thread calls `recv_timeout(20 ms)` in a loop until the run ends, as the suite's
+//!   scenario 3 consumers do while the others still start.
+//!
+//! With `alone` among the arguments only open_consumer runs (twice per round), to be
+//! profiled (`perf stat`, `strace -f -c`, `perf record`).
+//!
+//! Each run has its own fresh queue (a queue with many consumers, even cancelled
+//! ones, is not the same work for the broker). Prints medians over ROUNDS rounds, the
+//! kinds alternating within each round (their order rotating per round).
 //!
 //! ```text
 //! cargo build --profile bench -p lepus-bench-suite --example consumer-start
-//! scripts/with-rabbitmq target/release/examples/consumer-start [rounds] [threads...]
+//! scripts/with-rabbitmq $CARGO_TARGET_DIR/release/examples/consumer-start [rounds] [threads...] [three] [polling]
 //! ```
 
+#[path = "cpu.rs"]
+mod cpu;
+
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
+use amq_protocol::protocol::{AMQPClass, basic, channel};
 use lepus::{Connection, ConsumeOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lepus_testkit::{RawClient, close_frame, frames};
 
-const SEQ: usize = 200;
 const PREFETCH: u16 = 50;
 
-fn start(conn: &Connection, queue: &str, pipelined: bool) -> lepus::Consumer {
-    if pipelined {
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Floor,
+    Pipelined,
+    Three,
+    /// open_consumer, then `recv_timeout(20 ms)` in a loop until the run ends, as the
+    /// suite's scenario 3 consumers do while the others still start.
+    Polling,
+}
+
+/// One run: seconds to the last consume-ok, when the last thread left the barrier, and
+/// the client's CPU (µs) and context switches over the run.
+#[derive(Default, Clone, Copy)]
+struct Run {
+    secs: f64,
+    released: f64,
+    cpu_us: f64,
+    csw: u64,
+}
+
+struct Addr {
+    host: String,
+    port: u16,
+    user: String,
+    pass: String,
+    vhost: String,
+}
+
+/// amqp://user:pass@host:port/vhost (the parts this program needs).
+fn parse_addr(url: &str) -> Addr {
+    let rest = url.split("://").nth(1).unwrap_or(url);
+    let (auth, rest) = rest.split_once('@').unwrap_or(("guest:guest", rest));
+    let (user, pass) = auth.split_once(':').unwrap_or((auth, ""));
+    let (hostport, vhost) = rest.split_once('/').unwrap_or((rest, ""));
+    let (host, port) = hostport.split_once(':').unwrap_or((hostport, "5672"));
+    let vhost = match vhost {
+        "" | "%2f" | "%2F" => "/".to_string(),
+        v => v.to_string(),
+    };
+    Addr {
+        host: host.into(),
+        port: port.parse().unwrap_or(5672),
+        user: user.into(),
+        pass: pass.into(),
+        vhost,
+    }
+}
+
+fn start(conn: &Connection, queue: &str, kind: Kind) -> lepus::Consumer {
+    if matches!(kind, Kind::Pipelined | Kind::Polling) {
         conn.open_consumer(queue, PREFETCH, &ConsumeOptions::default())
             .expect("open_consumer")
     } else {
@@ -32,59 +101,138 @@ fn start(conn: &Connection, queue: &str, pipelined: bool) -> lepus::Consumer {
     }
 }
 
-/// One thread, `SEQ` starts in a row: seconds per start.
-fn sequential(url: &str, queue: &str, pipelined: bool) -> f64 {
-    let conn = Connection::open(url).expect("connect");
-    let t0 = Instant::now();
-    let consumers: Vec<_> = (0..SEQ).map(|_| start(&conn, queue, pipelined)).collect();
-    let secs = t0.elapsed().as_secs_f64() / SEQ as f64;
-    drop(consumers);
-    let _ = conn.close();
-    secs
-}
-
-/// `n` threads start one consumer each at once: seconds until the last is started.
-fn parallel(url: &str, queue: &str, n: usize, pipelined: bool) -> f64 {
+/// `n` threads start one consumer each at once.
+fn parallel(url: &str, queue: &str, n: usize, kind: Kind) -> Run {
     let conn = Connection::open(url).expect("connect");
     let barrier = Arc::new(Barrier::new(n + 1));
+    // Threads hold on after their start, so that their exits stay out of the CPU figure.
+    let done = Arc::new(Barrier::new(n + 1));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stop = Arc::new(AtomicBool::new(false));
     let handles: Vec<_> = (0..n)
         .map(|_| {
-            let (conn, queue, barrier) = (conn.clone(), queue.to_string(), barrier.clone());
+            let (conn, queue) = (conn.clone(), queue.to_string());
+            let (barrier, done, tx) = (barrier.clone(), done.clone(), tx.clone());
+            let stop = stop.clone();
             std::thread::Builder::new()
                 .stack_size(256 * 1024)
                 .spawn(move || {
                     barrier.wait();
-                    let c = start(&conn, &queue, pipelined);
-                    (Instant::now(), c)
+                    let entered = Instant::now();
+                    let c = start(&conn, &queue, kind);
+                    let _ = tx.send((entered, Instant::now()));
+                    if kind == Kind::Polling {
+                        while !stop.load(Ordering::Acquire) {
+                            let _ = c.recv_timeout(Duration::from_millis(20));
+                        }
+                    }
+                    done.wait();
+                    c
                 })
                 .expect("spawn")
         })
         .collect();
-    barrier.wait();
+    // Let the threads reach the barrier before the clock starts.
+    std::thread::sleep(Duration::from_millis(50));
+    let u0 = cpu::process();
     let t0 = Instant::now();
+    barrier.wait();
     let mut last = t0;
-    let mut consumers = Vec::with_capacity(n);
-    for h in handles {
-        let (at, c) = h.join().expect("consumer thread");
+    let mut released = t0;
+    for _ in 0..n {
+        let (entered, at) = rx.recv().expect("consumer thread");
         last = last.max(at);
-        consumers.push(c);
+        released = released.max(entered);
     }
+    let u = cpu::process().since(&u0);
+    stop.store(true, Ordering::Release);
+    done.wait();
+    let consumers: Vec<_> = handles
+        .into_iter()
+        .map(|h| h.join().expect("consumer thread"))
+        .collect();
     drop(consumers);
     let _ = conn.close();
-    (last - t0).as_secs_f64()
+    Run {
+        secs: (last - t0).as_secs_f64(),
+        released: (released - t0).as_secs_f64(),
+        cpu_us: u.cpu_us(),
+        csw: u.vcsw + u.ivcsw,
+    }
 }
 
-fn median(v: &mut [f64]) -> f64 {
+/// One raw socket: n × (open, qos, consume) in one write, until the n-th consume-ok.
+fn floor(url: &str, queue: &str, n: usize) -> Run {
+    let a = parse_addr(url);
+    let mut c = RawClient::connect((a.host.as_str(), a.port), &a.user, &a.pass, &a.vhost)
+        .expect("raw connect");
+    let mut out = Vec::new();
+    for ch in 1..=n as u16 {
+        out.extend(frames::method_frame(
+            ch,
+            AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
+        ));
+        out.extend(frames::method_frame(
+            ch,
+            AMQPClass::Basic(basic::AMQPMethod::Qos(basic::Qos {
+                prefetch_count: PREFETCH,
+                global: false,
+            })),
+        ));
+        out.extend(frames::method_frame(
+            ch,
+            AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
+                queue: queue.into(),
+                consumer_tag: "".into(),
+                no_local: false,
+                no_ack: false,
+                exclusive: false,
+                nowait: false,
+                arguments: Default::default(),
+            })),
+        ));
+    }
+    let io = c.io();
+    let u0 = cpu::process();
+    let t0 = Instant::now();
+    io.send(&out).expect("send");
+    let mut ok = 0;
+    while ok < n {
+        let f = io
+            .recv_frame(Instant::now() + Duration::from_secs(30))
+            .expect("frame");
+        if f.method_id() == Some((60, 21)) {
+            ok += 1;
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let u = cpu::process().since(&u0);
+    let _ = io.send(&close_frame());
+    while let Ok(f) = io.recv_frame(Instant::now() + Duration::from_secs(10)) {
+        if f.method_id() == Some((10, 51)) {
+            break;
+        }
+    }
+    Run {
+        secs,
+        released: 0.0,
+        cpu_us: u.cpu_us(),
+        csw: u.vcsw + u.ivcsw,
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
 
 fn main() {
-    let mut args = std::env::args()
-        .skip(1)
-        .filter_map(|a| a.parse::<usize>().ok());
-    let rounds = args.next().unwrap_or(5);
-    let mut sizes: Vec<usize> = args.collect();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let three = args.iter().any(|a| a == "three");
+    let polling = args.iter().any(|a| a == "polling");
+    let mut nums = args.iter().filter_map(|a| a.parse::<usize>().ok());
+    let rounds = nums.next().unwrap_or(5);
+    let mut sizes: Vec<usize> = nums.collect();
     if sizes.is_empty() {
         sizes = vec![100, 500, 900];
     }
@@ -92,47 +240,82 @@ fn main() {
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
     let admin = Connection::open(&url).expect("connect");
     let ch = admin.open_channel().expect("admin channel");
-    let queue = format!("lepus-consumer-start.{}", std::process::id());
-    ch.queue_declare(&queue, &QueueDeclareOptions::default())
-        .expect("queue.declare");
-    let mut rows = Vec::new();
-    let (mut a, mut b) = (Vec::new(), Vec::new());
-    for _ in 0..rounds {
-        a.push(sequential(&url, &queue, false));
-        b.push(sequential(&url, &queue, true));
+    // `alone`: open_consumer only (the floor's column repeats it), to profile lepus.
+    let mut kinds = if args.iter().any(|a| a == "alone") {
+        vec![Kind::Pipelined, Kind::Pipelined]
+    } else {
+        vec![Kind::Floor, Kind::Pipelined]
+    };
+    if three {
+        kinds.push(Kind::Three);
     }
-    rows.push((
-        format!("one thread, {SEQ} starts (per start)"),
-        median(&mut a),
-        median(&mut b),
-    ));
-    for &n in &sizes {
-        let (mut a, mut b) = (Vec::new(), Vec::new());
-        for _ in 0..rounds {
-            a.push(parallel(&url, &queue, n, false));
-            // Let the broker close the previous round's channels.
-            std::thread::sleep(Duration::from_millis(200));
-            b.push(parallel(&url, &queue, n, true));
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        rows.push((
-            format!("{n} threads at once (until the last)"),
-            median(&mut a),
-            median(&mut b),
-        ));
+    if polling {
+        kinds.push(Kind::Polling);
     }
-    let _ = ch.queue_delete(&queue, &QueueDeleteOptions::default());
-    let _ = admin.close();
-    println!(
-        "| start-up, medians of {rounds} rounds | open + qos + consume | open_consumer | ratio |"
+    let mut head = format!(
+        "| N, medians of {rounds} | floor | open_consumer | / floor | barrier released | client CPU | switches |"
     );
-    println!("|---|---|---|---|");
-    for (what, three, one) in rows {
-        println!(
-            "| {what} | {:.3} ms | {:.3} ms | {:.2}× |",
-            three * 1e3,
-            one * 1e3,
-            three / one
-        );
+    let mut rule = "|---|---|---|---|---|---|---|".to_string();
+    for k in &kinds[2..] {
+        head.push_str(if *k == Kind::Three {
+            " three RPCs | / floor |"
+        } else {
+            " open_consumer, then polling | / floor |"
+        });
+        rule.push_str("---|---|");
     }
+    println!("{head}");
+    println!("{rule}");
+    let mut seq = 0;
+    for &n in &sizes {
+        let mut runs: Vec<Vec<Run>> = vec![Vec::new(); kinds.len()];
+        for round in 0..rounds {
+            for i in 0..kinds.len() {
+                let k = (i + round) % kinds.len();
+                seq += 1;
+                let queue = format!("lepus-consumer-start.{}.{seq}", std::process::id());
+                ch.queue_declare(&queue, &QueueDeclareOptions::default())
+                    .expect("queue.declare");
+                let run = match kinds[k] {
+                    Kind::Floor => floor(&url, &queue, n),
+                    kind => parallel(&url, &queue, n, kind),
+                };
+                let _ = ch.queue_delete(&queue, &QueueDeleteOptions::default());
+                eprintln!(
+                    "n={n} round={round} kind={} secs={:.4} released={:.4} cpu_ms={:.1} csw={}",
+                    match kinds[k] {
+                        Kind::Floor => "floor",
+                        Kind::Pipelined => "open_consumer",
+                        Kind::Three => "three",
+                        Kind::Polling => "polling",
+                    },
+                    run.secs,
+                    run.released,
+                    run.cpu_us / 1e3,
+                    run.csw
+                );
+                runs[k].push(run);
+                // Let the broker close the run's channels.
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        }
+        let m = |k: usize, f: &dyn Fn(&Run) -> f64| median(runs[k].iter().map(f).collect());
+        let fl = m(0, &|r| r.secs);
+        let p = m(1, &|r| r.secs);
+        let mut line = format!(
+            "| {n} | {:.1} ms | {:.1} ms | {:.2}× | {:.1} ms | {:.1} ms | {:.0} |",
+            fl * 1e3,
+            p * 1e3,
+            p / fl,
+            m(1, &|r| r.released) * 1e3,
+            m(1, &|r| r.cpu_us) / 1e3,
+            m(1, &|r| r.csw as f64),
+        );
+        for k in 2..kinds.len() {
+            let t = m(k, &|r| r.secs);
+            line.push_str(&format!(" {:.1} ms | {:.2}× |", t * 1e3, t / fl));
+        }
+        println!("{line}");
+    }
+    let _ = admin.close();
 }
