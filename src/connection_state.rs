@@ -409,10 +409,11 @@ impl ConnectionInner {
         self.link.sleep_unless_closed(d)
     }
 
+    /// Track channel `id` (replacing a closed channel that had the id before). No sweep
+    /// for dead entries here: every channel forgets itself when dropped
+    /// (`unregister_channel`), and a sweep per open made N opens O(N²) under this lock.
     pub(crate) fn register_channel(&self, id: u16, ch: Weak<dyn ChannelSlot>) {
-        let mut map = self.channels.lock();
-        map.retain(|_, w| w.strong_count() > 0);
-        map.insert(id, ch);
+        self.channels.lock().insert(id, ch);
     }
 
     /// Forget channel `id` if it is still the one at `ch` (its state's address).

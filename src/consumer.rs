@@ -188,12 +188,21 @@ impl Connection {
                 )?;
                 Ok((qos, consume))
             });
+        // The broker answers a channel's requests in order, and a channel that ends
+        // drops every reply still awaited at once: when the consume-ok (or the end) is
+        // here, so are the replies before it. Waiting for the last one first wakes this
+        // thread once per start instead of once per reply; the earlier ones are then
+        // read without blocking, in order, so that the first step that failed is the
+        // one reported (and a deadline that passed finds the step it stopped at).
+        let sent = sent.map(|(qos, consume)| {
+            let consumed = ch.wait_reply(&consume, deadline, "basic.consume-ok");
+            (qos, consumed)
+        });
         ch.open_finish(&open, deadline)?;
         let channel = Channel::new(ch.clone(), self.clone());
-        let (qos, consume) = sent?;
+        let (qos, consumed) = sent?;
         channel.qos_finish(&ch, ch.wait_reply(&qos, deadline, "basic.qos-ok")?, prefetch, false)?;
-        let r = ch.wait_reply(&consume, deadline, "basic.consume-ok")?;
-        channel.consume_finish(&ch, r, start, queue, opts)
+        channel.consume_finish(&ch, consumed?, start, queue, opts)
     }
 }
 

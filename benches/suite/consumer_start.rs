@@ -12,9 +12,11 @@
 //!   ending the threads left out).
 //! - **three RPCs** (`three` among the arguments): `open_channel` + `basic_qos` +
 //!   `basic_consume`, three round trips, as a third column.
-//! - **polling** (`polling` among the arguments): open_consumer, then each started
-//!   thread calls `recv_timeout(20 ms)` in a loop until the run ends, as the suite's
-//!   scenario 3 consumers do while the others still start.
+//! - **suite** (`suite` among the arguments): open_consumer timed as the suite's
+//!   scenario 3 (throughput.rs `consumers`) times it: each thread first makes its id
+//!   ledger (20 × N u32) and sample buffer, the clock starts right after the threads
+//!   are spawned (not when they all wait at the barrier), and each started consumer
+//!   calls `recv_timeout(20 ms)` in a loop while the others still start.
 //!
 //! With `alone` among the arguments only open_consumer runs (twice per round), to be
 //! profiled (`perf stat`, `strace -f -c`, `perf record`).
@@ -25,7 +27,7 @@
 //!
 //! ```text
 //! cargo build --profile bench -p lepus-bench-suite --example consumer-start
-//! scripts/with-rabbitmq $CARGO_TARGET_DIR/release/examples/consumer-start [rounds] [threads...] [three] [polling]
+//! scripts/with-rabbitmq $CARGO_TARGET_DIR/release/examples/consumer-start [rounds] [threads...] [three] [suite]
 //! ```
 
 #[path = "cpu.rs"]
@@ -46,9 +48,8 @@ enum Kind {
     Floor,
     Pipelined,
     Three,
-    /// open_consumer, then `recv_timeout(20 ms)` in a loop until the run ends, as the
-    /// suite's scenario 3 consumers do while the others still start.
-    Polling,
+    /// open_consumer timed as the suite's scenario 3 times it (see the file's doc).
+    Suite,
 }
 
 /// One run: seconds to the last consume-ok, when the last thread left the barrier, and
@@ -59,6 +60,11 @@ struct Run {
     released: f64,
     cpu_us: f64,
     csw: u64,
+    /// The starting threads' own share, inside `start` (their CPU, and how often they
+    /// blocked or were preempted).
+    caller_cpu_us: f64,
+    caller_vcsw: u64,
+    caller_ivcsw: u64,
 }
 
 struct Addr {
@@ -90,7 +96,7 @@ fn parse_addr(url: &str) -> Addr {
 }
 
 fn start(conn: &Connection, queue: &str, kind: Kind) -> lepus::Consumer {
-    if matches!(kind, Kind::Pipelined | Kind::Polling) {
+    if matches!(kind, Kind::Pipelined | Kind::Suite) {
         conn.open_consumer(queue, PREFETCH, &ConsumeOptions::default())
             .expect("open_consumer")
     } else {
@@ -117,32 +123,43 @@ fn parallel(url: &str, queue: &str, n: usize, kind: Kind) -> Run {
             std::thread::Builder::new()
                 .stack_size(256 * 1024)
                 .spawn(move || {
+                    // The suite's consumer makes its id ledger (20 messages per consumer,
+                    // a u32 each) and latency samples before the barrier.
+                    let ledger = (kind == Kind::Suite).then(|| vec![0u32; 20 * n]);
+                    let samples: Vec<u64> = Vec::with_capacity(if kind == Kind::Suite { 36 } else { 0 });
                     barrier.wait();
                     let entered = Instant::now();
+                    let u0 = cpu::thread();
                     let c = start(&conn, &queue, kind);
-                    let _ = tx.send((entered, Instant::now()));
-                    if kind == Kind::Polling {
+                    let u = cpu::thread().since(&u0);
+                    let _ = tx.send((entered, Instant::now(), u));
+                    if kind == Kind::Suite {
                         while !stop.load(Ordering::Acquire) {
                             let _ = c.recv_timeout(Duration::from_millis(20));
                         }
                     }
+                    drop((ledger, samples));
                     done.wait();
                     c
                 })
                 .expect("spawn")
         })
         .collect();
-    // Let the threads reach the barrier before the clock starts.
-    std::thread::sleep(Duration::from_millis(50));
+    // Let the threads reach the barrier before the clock starts (the suite does not).
+    if kind != Kind::Suite {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let u0 = cpu::process();
     let t0 = Instant::now();
     barrier.wait();
     let mut last = t0;
     let mut released = t0;
+    let mut callers = cpu::Usage::default();
     for _ in 0..n {
-        let (entered, at) = rx.recv().expect("consumer thread");
+        let (entered, at, u) = rx.recv().expect("consumer thread");
         last = last.max(at);
         released = released.max(entered);
+        callers = callers.plus(&u);
     }
     let u = cpu::process().since(&u0);
     stop.store(true, Ordering::Release);
@@ -158,6 +175,9 @@ fn parallel(url: &str, queue: &str, n: usize, kind: Kind) -> Run {
         released: (released - t0).as_secs_f64(),
         cpu_us: u.cpu_us(),
         csw: u.vcsw + u.ivcsw,
+        caller_cpu_us: callers.cpu_us(),
+        caller_vcsw: callers.vcsw,
+        caller_ivcsw: callers.ivcsw,
     }
 }
 
@@ -215,9 +235,9 @@ fn floor(url: &str, queue: &str, n: usize) -> Run {
     }
     Run {
         secs,
-        released: 0.0,
         cpu_us: u.cpu_us(),
         csw: u.vcsw + u.ivcsw,
+        ..Run::default()
     }
 }
 
@@ -229,7 +249,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let three = args.iter().any(|a| a == "three");
-    let polling = args.iter().any(|a| a == "polling");
+    let suite = args.iter().any(|a| a == "suite");
     let mut nums = args.iter().filter_map(|a| a.parse::<usize>().ok());
     let rounds = nums.next().unwrap_or(5);
     let mut sizes: Vec<usize> = nums.collect();
@@ -249,8 +269,8 @@ fn main() {
     if three {
         kinds.push(Kind::Three);
     }
-    if polling {
-        kinds.push(Kind::Polling);
+    if suite {
+        kinds.push(Kind::Suite);
     }
     let mut head = format!(
         "| N, medians of {rounds} | floor | open_consumer | / floor | barrier released | client CPU | switches |"
@@ -260,7 +280,7 @@ fn main() {
         head.push_str(if *k == Kind::Three {
             " three RPCs | / floor |"
         } else {
-            " open_consumer, then polling | / floor |"
+            " open_consumer, suite's timing | / floor |"
         });
         rule.push_str("---|---|");
     }
@@ -282,17 +302,21 @@ fn main() {
                 };
                 let _ = ch.queue_delete(&queue, &QueueDeleteOptions::default());
                 eprintln!(
-                    "n={n} round={round} kind={} secs={:.4} released={:.4} cpu_ms={:.1} csw={}",
+                    "n={n} round={round} kind={} secs={:.4} released={:.4} cpu_ms={:.1} csw={} \
+                     callers: cpu_ms={:.1} vcsw={} ivcsw={}",
                     match kinds[k] {
                         Kind::Floor => "floor",
                         Kind::Pipelined => "open_consumer",
                         Kind::Three => "three",
-                        Kind::Polling => "polling",
+                        Kind::Suite => "suite",
                     },
                     run.secs,
                     run.released,
                     run.cpu_us / 1e3,
-                    run.csw
+                    run.csw,
+                    run.caller_cpu_us / 1e3,
+                    run.caller_vcsw,
+                    run.caller_ivcsw,
                 );
                 runs[k].push(run);
                 // Let the broker close the run's channels.
