@@ -65,6 +65,63 @@ struct Run {
     caller_cpu_us: f64,
     caller_vcsw: u64,
     caller_ivcsw: u64,
+    /// The broker's CPU time over the run.
+    broker_ms: f64,
+    /// The connections' I/O threads: CPU time and times run on a CPU (schedstat).
+    io_cpu_us: f64,
+    io_slices: u64,
+}
+
+/// CPU time (ms) of the local broker: the threads of the `beam.smp` process, from
+/// /proc/<pid>/task/*/schedstat (Linux; 0 where there is no such process to see).
+fn broker_ms() -> f64 {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    let mut ns = 0u64;
+    for p in procs.flatten() {
+        let comm = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
+        if comm.trim() != "beam.smp" {
+            continue;
+        }
+        let Ok(tasks) = std::fs::read_dir(p.path().join("task")) else {
+            continue;
+        };
+        for t in tasks.flatten() {
+            let stat = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
+            ns += stat
+                .split_whitespace()
+                .next()
+                .and_then(|x| x.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    ns as f64 / 1e6
+}
+
+/// CPU time (ns) and timeslices of the threads named `lepus-io…` together (the admin
+/// connection's idles), from /proc/self/task/*/schedstat (Linux; zeros elsewhere).
+fn io_threads() -> (u64, u64) {
+    let mut sum = (0, 0);
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return sum;
+    };
+    for task in tasks.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if !comm.starts_with("lepus-io") {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
+        let f: Vec<u64> = stat
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        if let [cpu, _, slices] = f[..] {
+            sum.0 += cpu;
+            sum.1 += slices;
+        }
+    }
+    sum
 }
 
 struct Addr {
@@ -149,6 +206,8 @@ fn parallel(url: &str, queue: &str, n: usize, kind: Kind) -> Run {
     if kind != Kind::Suite {
         std::thread::sleep(Duration::from_millis(50));
     }
+    let io0 = io_threads();
+    let b0 = broker_ms();
     let u0 = cpu::process();
     let t0 = Instant::now();
     barrier.wait();
@@ -162,6 +221,8 @@ fn parallel(url: &str, queue: &str, n: usize, kind: Kind) -> Run {
         callers = callers.plus(&u);
     }
     let u = cpu::process().since(&u0);
+    let broker = broker_ms() - b0;
+    let io = io_threads();
     stop.store(true, Ordering::Release);
     done.wait();
     let consumers: Vec<_> = handles
@@ -175,6 +236,9 @@ fn parallel(url: &str, queue: &str, n: usize, kind: Kind) -> Run {
         released: (released - t0).as_secs_f64(),
         cpu_us: u.cpu_us(),
         csw: u.vcsw + u.ivcsw,
+        broker_ms: broker,
+        io_cpu_us: (io.0 - io0.0) as f64 / 1e3,
+        io_slices: io.1 - io0.1,
         caller_cpu_us: callers.cpu_us(),
         caller_vcsw: callers.vcsw,
         caller_ivcsw: callers.ivcsw,
@@ -213,6 +277,7 @@ fn floor(url: &str, queue: &str, n: usize) -> Run {
         ));
     }
     let io = c.io();
+    let b0 = broker_ms();
     let u0 = cpu::process();
     let t0 = Instant::now();
     io.send(&out).expect("send");
@@ -227,6 +292,7 @@ fn floor(url: &str, queue: &str, n: usize) -> Run {
     }
     let secs = t0.elapsed().as_secs_f64();
     let u = cpu::process().since(&u0);
+    let broker = broker_ms() - b0;
     let _ = io.send(&close_frame());
     while let Ok(f) = io.recv_frame(Instant::now() + Duration::from_secs(10)) {
         if f.method_id() == Some((10, 51)) {
@@ -237,6 +303,7 @@ fn floor(url: &str, queue: &str, n: usize) -> Run {
         secs,
         cpu_us: u.cpu_us(),
         csw: u.vcsw + u.ivcsw,
+        broker_ms: broker,
         ..Run::default()
     }
 }
@@ -303,7 +370,7 @@ fn main() {
                 let _ = ch.queue_delete(&queue, &QueueDeleteOptions::default());
                 eprintln!(
                     "n={n} round={round} kind={} secs={:.4} released={:.4} cpu_ms={:.1} csw={} \
-                     callers: cpu_ms={:.1} vcsw={} ivcsw={}",
+                     callers: cpu_ms={:.1} vcsw={} ivcsw={} io: io_ms={:.1} slices={} broker: broker_ms={:.1}",
                     match kinds[k] {
                         Kind::Floor => "floor",
                         Kind::Pipelined => "open_consumer",
@@ -317,6 +384,9 @@ fn main() {
                     run.caller_cpu_us / 1e3,
                     run.caller_vcsw,
                     run.caller_ivcsw,
+                    run.io_cpu_us / 1e3,
+                    run.io_slices,
+                    run.broker_ms,
                 );
                 runs[k].push(run);
                 // Let the broker close the run's channels.
