@@ -16,7 +16,9 @@
 //!   scenario 3 (throughput.rs `consumers`) times it: each thread first makes its id
 //!   ledger (20 × N u32) and sample buffer, the clock starts right after the threads
 //!   are spawned (not when they all wait at the barrier), and each started consumer
-//!   calls `recv_timeout(20 ms)` in a loop while the others still start.
+//!   calls `recv_timeout(20 ms)` in a loop while the others still start. With
+//!   `suite-parts` too, each of the two apart: `suite-settled` (the clock starts when
+//!   every thread waits at the barrier) and `suite-nopoll` (no polling).
 //!
 //! With `alone` among the arguments only open_consumer runs (twice per round), to be
 //! profiled (`perf stat`, `strace -f -c`, `perf record`).
@@ -50,6 +52,26 @@ enum Kind {
     Three,
     /// open_consumer timed as the suite's scenario 3 times it (see the file's doc).
     Suite,
+    /// The same, but the clock starts when every thread waits at the barrier.
+    SuiteSettled,
+    /// The same as `Suite`, but the started consumers do not poll.
+    SuiteNoPoll,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Floor => "floor",
+            Kind::Pipelined => "open_consumer",
+            Kind::Three => "three",
+            Kind::Suite => "suite",
+            Kind::SuiteSettled => "suite-settled",
+            Kind::SuiteNoPoll => "suite-nopoll",
+        }
+    }
+    fn suite(self) -> bool {
+        matches!(self, Kind::Suite | Kind::SuiteSettled | Kind::SuiteNoPoll)
+    }
 }
 
 /// One run: seconds to the last consume-ok, when the last thread left the barrier, and
@@ -153,7 +175,7 @@ fn parse_addr(url: &str) -> Addr {
 }
 
 fn start(conn: &Connection, queue: &str, kind: Kind) -> lepus::Consumer {
-    if matches!(kind, Kind::Pipelined | Kind::Suite) {
+    if kind == Kind::Pipelined || kind.suite() {
         conn.open_consumer(queue, PREFETCH, &ConsumeOptions::default())
             .expect("open_consumer")
     } else {
@@ -182,15 +204,15 @@ fn parallel(url: &str, queue: &str, n: usize, kind: Kind) -> Run {
                 .spawn(move || {
                     // The suite's consumer makes its id ledger (20 messages per consumer,
                     // a u32 each) and latency samples before the barrier.
-                    let ledger = (kind == Kind::Suite).then(|| vec![0u32; 20 * n]);
-                    let samples: Vec<u64> = Vec::with_capacity(if kind == Kind::Suite { 36 } else { 0 });
+                    let ledger = kind.suite().then(|| vec![0u32; 20 * n]);
+                    let samples: Vec<u64> = Vec::with_capacity(if kind.suite() { 36 } else { 0 });
                     barrier.wait();
                     let entered = Instant::now();
                     let u0 = cpu::thread();
                     let c = start(&conn, &queue, kind);
                     let u = cpu::thread().since(&u0);
                     let _ = tx.send((entered, Instant::now(), u));
-                    if kind == Kind::Suite {
+                    if matches!(kind, Kind::Suite | Kind::SuiteSettled) {
                         while !stop.load(Ordering::Acquire) {
                             let _ = c.recv_timeout(Duration::from_millis(20));
                         }
@@ -203,7 +225,7 @@ fn parallel(url: &str, queue: &str, n: usize, kind: Kind) -> Run {
         })
         .collect();
     // Let the threads reach the barrier before the clock starts (the suite does not).
-    if kind != Kind::Suite {
+    if !matches!(kind, Kind::Suite | Kind::SuiteNoPoll) {
         std::thread::sleep(Duration::from_millis(50));
     }
     let io0 = io_threads();
@@ -338,17 +360,17 @@ fn main() {
     }
     if suite {
         kinds.push(Kind::Suite);
+        if args.iter().any(|a| a == "suite-parts") {
+            kinds.push(Kind::SuiteSettled);
+            kinds.push(Kind::SuiteNoPoll);
+        }
     }
     let mut head = format!(
         "| N, medians of {rounds} | floor | open_consumer | / floor | barrier released | client CPU | switches |"
     );
     let mut rule = "|---|---|---|---|---|---|---|".to_string();
     for k in &kinds[2..] {
-        head.push_str(if *k == Kind::Three {
-            " three RPCs | / floor |"
-        } else {
-            " open_consumer, suite's timing | / floor |"
-        });
+        head.push_str(&format!(" {} | / floor |", k.name()));
         rule.push_str("---|---|");
     }
     println!("{head}");
@@ -371,12 +393,7 @@ fn main() {
                 eprintln!(
                     "n={n} round={round} kind={} secs={:.4} released={:.4} cpu_ms={:.1} csw={} \
                      callers: cpu_ms={:.1} vcsw={} ivcsw={} io: io_ms={:.1} slices={} broker: broker_ms={:.1}",
-                    match kinds[k] {
-                        Kind::Floor => "floor",
-                        Kind::Pipelined => "open_consumer",
-                        Kind::Three => "three",
-                        Kind::Suite => "suite",
-                    },
+                    kinds[k].name(),
                     run.secs,
                     run.released,
                     run.cpu_us / 1e3,
