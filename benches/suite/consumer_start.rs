@@ -20,6 +20,10 @@
 //!   `suite-parts` too, each of the two apart: `suite-settled` (the clock starts when
 //!   every thread waits at the barrier) and `suite-nopoll` (no polling).
 //!
+//! With `release` among the arguments, a column of runs whose threads only pass the
+//! barrier (the release of N threads by itself, its "open_consumer" time that of the
+//! last thread to run).
+//!
 //! With `alone` among the arguments only open_consumer runs (twice per round), to be
 //! profiled (`perf stat`, `strace -f -c`, `perf record`).
 //!
@@ -56,6 +60,8 @@ enum Kind {
     SuiteSettled,
     /// The same as `Suite`, but the started consumers do not poll.
     SuiteNoPoll,
+    /// The threads only pass the barrier: what releasing N threads costs by itself.
+    Release,
 }
 
 impl Kind {
@@ -64,6 +70,7 @@ impl Kind {
             Kind::Floor => "floor",
             Kind::Pipelined => "open_consumer",
             Kind::Three => "three",
+            Kind::Release => "release",
             Kind::Suite => "suite",
             Kind::SuiteSettled => "suite-settled",
             Kind::SuiteNoPoll => "suite-nopoll",
@@ -174,7 +181,14 @@ fn parse_addr(url: &str) -> Addr {
     }
 }
 
-fn start(conn: &Connection, queue: &str, kind: Kind) -> lepus::Consumer {
+fn start(conn: &Connection, queue: &str, kind: Kind) -> Option<lepus::Consumer> {
+    if kind == Kind::Release {
+        return None;
+    }
+    Some(start_one(conn, queue, kind))
+}
+
+fn start_one(conn: &Connection, queue: &str, kind: Kind) -> lepus::Consumer {
     if kind == Kind::Pipelined || kind.suite() {
         conn.open_consumer(queue, PREFETCH, &ConsumeOptions::default())
             .expect("open_consumer")
@@ -212,7 +226,9 @@ fn parallel(url: &str, queue: &str, n: usize, kind: Kind) -> Run {
                     let c = start(&conn, &queue, kind);
                     let u = cpu::thread().since(&u0);
                     let _ = tx.send((entered, Instant::now(), u));
-                    if matches!(kind, Kind::Suite | Kind::SuiteSettled) {
+                    if let Some(c) = &c
+                        && matches!(kind, Kind::Suite | Kind::SuiteSettled)
+                    {
                         while !stop.load(Ordering::Acquire) {
                             let _ = c.recv_timeout(Duration::from_millis(20));
                         }
@@ -357,6 +373,9 @@ fn main() {
     };
     if three {
         kinds.push(Kind::Three);
+    }
+    if args.iter().any(|a| a == "release") {
+        kinds.push(Kind::Release);
     }
     if suite {
         kinds.push(Kind::Suite);
