@@ -101,29 +101,52 @@ struct Run {
     io_slices: u64,
 }
 
-/// CPU time (ms) of the local broker: the threads of the `beam.smp` process, from
-/// /proc/<pid>/task/*/schedstat (Linux; 0 where there is no such process to see).
-fn broker_ms() -> f64 {
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return 0.0;
-    };
-    let mut ns = 0u64;
-    for p in procs.flatten() {
+/// The local broker's process: the `beam.smp` that listens on port 5672 (other nodes
+/// may run beside it), found through /proc/net/tcp{,6} and the processes' sockets
+/// (Linux; None where it cannot be seen).
+fn broker_pid() -> Option<std::path::PathBuf> {
+    let mut inodes = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // local address "ADDR:PORT" (hex), state 0A = LISTEN, inode is the 10th field.
+            if f.len() > 9 && f[1].ends_with(":1628") && f[3] == "0A" {
+                inodes.push(format!("socket:[{}]", f[9]));
+            }
+        }
+    }
+    for p in std::fs::read_dir("/proc").ok()?.flatten() {
         let comm = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
         if comm.trim() != "beam.smp" {
             continue;
         }
-        let Ok(tasks) = std::fs::read_dir(p.path().join("task")) else {
+        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
             continue;
         };
-        for t in tasks.flatten() {
-            let stat = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
-            ns += stat
-                .split_whitespace()
-                .next()
-                .and_then(|x| x.parse::<u64>().ok())
-                .unwrap_or(0);
+        for fd in fds.flatten() {
+            let link = std::fs::read_link(fd.path()).unwrap_or_default();
+            if inodes.iter().any(|i| link.as_os_str() == i.as_str()) {
+                return Some(p.path());
+            }
         }
+    }
+    None
+}
+
+/// CPU time (ms) of the broker `proc` (/proc/<pid>), the sum of its threads' schedstat.
+fn broker_ms(proc: Option<&std::path::Path>) -> f64 {
+    let Some(tasks) = proc.and_then(|p| std::fs::read_dir(p.join("task")).ok()) else {
+        return 0.0;
+    };
+    let mut ns = 0u64;
+    for t in tasks.flatten() {
+        let stat = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
+        ns += stat
+            .split_whitespace()
+            .next()
+            .and_then(|x| x.parse::<u64>().ok())
+            .unwrap_or(0);
     }
     ns as f64 / 1e6
 }
@@ -201,7 +224,7 @@ fn start_one(conn: &Connection, queue: &str, kind: Kind) -> lepus::Consumer {
 }
 
 /// `n` threads start one consumer each at once.
-fn parallel(url: &str, queue: &str, n: usize, kind: Kind) -> Run {
+fn parallel(url: &str, queue: &str, n: usize, kind: Kind, broker: Option<&std::path::Path>) -> Run {
     let conn = Connection::open(url).expect("connect");
     let barrier = Arc::new(Barrier::new(n + 1));
     // Threads hold on after their start, so that their exits stay out of the CPU figure.
@@ -245,7 +268,7 @@ fn parallel(url: &str, queue: &str, n: usize, kind: Kind) -> Run {
         std::thread::sleep(Duration::from_millis(50));
     }
     let io0 = io_threads();
-    let b0 = broker_ms();
+    let b0 = broker_ms(broker);
     let u0 = cpu::process();
     let t0 = Instant::now();
     barrier.wait();
@@ -259,7 +282,7 @@ fn parallel(url: &str, queue: &str, n: usize, kind: Kind) -> Run {
         callers = callers.plus(&u);
     }
     let u = cpu::process().since(&u0);
-    let broker = broker_ms() - b0;
+    let broker_cpu = broker_ms(broker) - b0;
     let io = io_threads();
     stop.store(true, Ordering::Release);
     done.wait();
@@ -274,7 +297,7 @@ fn parallel(url: &str, queue: &str, n: usize, kind: Kind) -> Run {
         released: (released - t0).as_secs_f64(),
         cpu_us: u.cpu_us(),
         csw: u.vcsw + u.ivcsw,
-        broker_ms: broker,
+        broker_ms: broker_cpu,
         io_cpu_us: (io.0 - io0.0) as f64 / 1e3,
         io_slices: io.1 - io0.1,
         caller_cpu_us: callers.cpu_us(),
@@ -284,7 +307,7 @@ fn parallel(url: &str, queue: &str, n: usize, kind: Kind) -> Run {
 }
 
 /// One raw socket: n × (open, qos, consume) in one write, until the n-th consume-ok.
-fn floor(url: &str, queue: &str, n: usize) -> Run {
+fn floor(url: &str, queue: &str, n: usize, broker: Option<&std::path::Path>) -> Run {
     let a = parse_addr(url);
     let mut c = RawClient::connect((a.host.as_str(), a.port), &a.user, &a.pass, &a.vhost)
         .expect("raw connect");
@@ -315,7 +338,7 @@ fn floor(url: &str, queue: &str, n: usize) -> Run {
         ));
     }
     let io = c.io();
-    let b0 = broker_ms();
+    let b0 = broker_ms(broker);
     let u0 = cpu::process();
     let t0 = Instant::now();
     io.send(&out).expect("send");
@@ -330,7 +353,7 @@ fn floor(url: &str, queue: &str, n: usize) -> Run {
     }
     let secs = t0.elapsed().as_secs_f64();
     let u = cpu::process().since(&u0);
-    let broker = broker_ms() - b0;
+    let broker_cpu = broker_ms(broker) - b0;
     let _ = io.send(&close_frame());
     while let Ok(f) = io.recv_frame(Instant::now() + Duration::from_secs(10)) {
         if f.method_id() == Some((10, 51)) {
@@ -341,7 +364,7 @@ fn floor(url: &str, queue: &str, n: usize) -> Run {
         secs,
         cpu_us: u.cpu_us(),
         csw: u.vcsw + u.ivcsw,
-        broker_ms: broker,
+        broker_ms: broker_cpu,
         ..Run::default()
     }
 }
@@ -365,6 +388,10 @@ fn main() {
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
     let admin = Connection::open(&url).expect("connect");
     let ch = admin.open_channel().expect("admin channel");
+    let broker = broker_pid();
+    if broker.is_none() {
+        eprintln!("no local broker process to read (its CPU shows as 0)");
+    }
     // `alone`: open_consumer only (the floor's column repeats it), to profile lepus.
     let mut kinds = if args.iter().any(|a| a == "alone") {
         vec![Kind::Pipelined, Kind::Pipelined]
@@ -405,8 +432,8 @@ fn main() {
                 ch.queue_declare(&queue, &QueueDeclareOptions::default())
                     .expect("queue.declare");
                 let run = match kinds[k] {
-                    Kind::Floor => floor(&url, &queue, n),
-                    kind => parallel(&url, &queue, n, kind),
+                    Kind::Floor => floor(&url, &queue, n, broker.as_deref()),
+                    kind => parallel(&url, &queue, n, kind, broker.as_deref()),
                 };
                 let _ = ch.queue_delete(&queue, &QueueDeleteOptions::default());
                 eprintln!(
