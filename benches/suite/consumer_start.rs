@@ -20,6 +20,9 @@
 //!   `suite-parts` too, each of the two apart: `suite-settled` (the clock starts when
 //!   every thread waits at the barrier) and `suite-nopoll` (no polling).
 //!
+//! With `floor-pieces` among the arguments, a second floor writing each channel's three
+//! frames in a write of its own (whether the broker minds many small segments).
+//!
 //! With `release` among the arguments, a column of runs whose threads only pass the
 //! barrier (the release of N threads by itself, its "open_consumer" time that of the
 //! last thread to run).
@@ -62,12 +65,16 @@ enum Kind {
     SuiteNoPoll,
     /// The threads only pass the barrier: what releasing N threads costs by itself.
     Release,
+    /// The floor with each channel's three frames in a write of their own (N small
+    /// writes, TCP_NODELAY): whether the broker minds many small segments.
+    FloorPieces,
 }
 
 impl Kind {
     fn name(self) -> &'static str {
         match self {
             Kind::Floor => "floor",
+            Kind::FloorPieces => "floor-pieces",
             Kind::Pipelined => "open_consumer",
             Kind::Three => "three",
             Kind::Release => "release",
@@ -307,11 +314,12 @@ fn parallel(url: &str, queue: &str, n: usize, kind: Kind, broker: Option<&std::p
 }
 
 /// One raw socket: n × (open, qos, consume) in one write, until the n-th consume-ok.
-fn floor(url: &str, queue: &str, n: usize, broker: Option<&std::path::Path>) -> Run {
+fn floor(url: &str, queue: &str, n: usize, pieces: bool, broker: Option<&std::path::Path>) -> Run {
     let a = parse_addr(url);
     let mut c = RawClient::connect((a.host.as_str(), a.port), &a.user, &a.pass, &a.vhost)
         .expect("raw connect");
     let mut out = Vec::new();
+    let mut ends = Vec::with_capacity(n);
     for ch in 1..=n as u16 {
         out.extend(frames::method_frame(
             ch,
@@ -336,12 +344,21 @@ fn floor(url: &str, queue: &str, n: usize, broker: Option<&std::path::Path>) -> 
                 arguments: Default::default(),
             })),
         ));
+        ends.push(out.len());
     }
     let io = c.io();
     let b0 = broker_ms(broker);
     let u0 = cpu::process();
     let t0 = Instant::now();
-    io.send(&out).expect("send");
+    if pieces {
+        let mut at = 0;
+        for end in ends {
+            io.send(&out[at..end]).expect("send");
+            at = end;
+        }
+    } else {
+        io.send(&out).expect("send");
+    }
     let mut ok = 0;
     while ok < n {
         let f = io
@@ -401,6 +418,9 @@ fn main() {
     if three {
         kinds.push(Kind::Three);
     }
+    if args.iter().any(|a| a == "floor-pieces") {
+        kinds.push(Kind::FloorPieces);
+    }
     if args.iter().any(|a| a == "release") {
         kinds.push(Kind::Release);
     }
@@ -432,7 +452,8 @@ fn main() {
                 ch.queue_declare(&queue, &QueueDeclareOptions::default())
                     .expect("queue.declare");
                 let run = match kinds[k] {
-                    Kind::Floor => floor(&url, &queue, n, broker.as_deref()),
+                    Kind::Floor => floor(&url, &queue, n, false, broker.as_deref()),
+                    Kind::FloorPieces => floor(&url, &queue, n, true, broker.as_deref()),
                     kind => parallel(&url, &queue, n, kind, broker.as_deref()),
                 };
                 let _ = ch.queue_delete(&queue, &QueueDeleteOptions::default());
