@@ -94,6 +94,9 @@ impl Kind {
 struct Run {
     secs: f64,
     released: f64,
+    /// CLOCK_MONOTONIC (ns) at the start and the end of the run: to pick the run out of
+    /// a `perf record -k CLOCK_MONOTONIC` of the whole program.
+    window: (u64, u64),
     cpu_us: f64,
     csw: u64,
     /// The starting threads' own share, inside `start` (their CPU, and how often they
@@ -189,6 +192,12 @@ struct Addr {
     user: String,
     pass: String,
     vhost: String,
+}
+
+/// CLOCK_MONOTONIC in ns (0 if it cannot be read).
+fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map_or(0, |t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
 }
 
 /// amqp://user:pass@host:port/vhost (the parts this program needs).
@@ -287,6 +296,7 @@ fn parallel(url: &str, queue: &str, n: usize, kind: Kind, broker: Option<&std::p
     let io0 = io_threads();
     let b0 = broker_ms(broker);
     let u0 = cpu::process();
+    let mono0 = monotonic_ns();
     let t0 = Instant::now();
     barrier.wait();
     let mut last = t0;
@@ -298,6 +308,7 @@ fn parallel(url: &str, queue: &str, n: usize, kind: Kind, broker: Option<&std::p
         released = released.max(entered);
         callers = callers.plus(&u);
     }
+    let mono1 = monotonic_ns();
     let u = cpu::process().since(&u0);
     let broker_cpu = broker_ms(broker) - b0;
     let io = io_threads();
@@ -312,6 +323,7 @@ fn parallel(url: &str, queue: &str, n: usize, kind: Kind, broker: Option<&std::p
     Run {
         secs: (last - t0).as_secs_f64(),
         released: (released - t0).as_secs_f64(),
+        window: (mono0, mono1),
         cpu_us: u.cpu_us(),
         csw: u.vcsw + u.ivcsw,
         broker_ms: broker_cpu,
@@ -469,7 +481,7 @@ fn main() {
                 let _ = ch.queue_delete(&queue, &QueueDeleteOptions::default());
                 eprintln!(
                     "n={n} round={round} kind={} secs={:.4} released={:.4} cpu_ms={:.1} csw={} \
-                     callers: cpu_ms={:.1} vcsw={} ivcsw={} io: io_ms={:.1} slices={} broker: broker_ms={:.1}",
+                     callers: cpu_ms={:.1} vcsw={} ivcsw={} io: io_ms={:.1} slices={} broker: broker_ms={:.1} window_ns={}-{}",
                     kinds[k].name(),
                     run.secs,
                     run.released,
@@ -481,6 +493,8 @@ fn main() {
                     run.io_cpu_us / 1e3,
                     run.io_slices,
                     run.broker_ms,
+                    run.window.0,
+                    run.window.1,
                 );
                 runs[k].push(run);
                 // Let the broker close the run's channels.
