@@ -161,6 +161,23 @@ fn broker_ms(proc: Option<&std::path::Path>) -> f64 {
     ns as f64 / 1e6
 }
 
+/// Wait until the broker `proc` uses under 20 ms of CPU per 100 ms, at most 3 s.
+fn settle(proc: Option<&std::path::Path>) {
+    if proc.is_none() {
+        return;
+    }
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut last = broker_ms(proc);
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = broker_ms(proc);
+        if now - last < 20.0 {
+            return;
+        }
+        last = now;
+    }
+}
+
 /// CPU time (ns) and timeslices of the threads named `lepus-io…` together (the admin
 /// connection's idles), from /proc/self/task/*/schedstat (Linux; zeros elsewhere).
 fn io_threads() -> (u64, u64) {
@@ -498,8 +515,12 @@ fn main() {
                     run.window.1,
                 );
                 runs[k].push(run);
-                // Let the broker close the run's channels.
+                // Let the broker close the run's channels (hundreds of channel processes
+                // to end) before the next run starts, so that no run pays for the one
+                // before it: 300 ms, then until the broker uses under a fifth of a core
+                // over 100 ms (at most 3 s more), as the suite's `settle` does.
                 std::thread::sleep(Duration::from_millis(300));
+                settle(broker.as_deref());
             }
         }
         let m = |k: usize, f: &dyn Fn(&Run) -> f64| median(runs[k].iter().map(f).collect());
