@@ -409,10 +409,22 @@ impl ConnectionInner {
         self.link.sleep_unless_closed(d)
     }
 
+    /// Track channel `id` (replacing a closed channel that had the id before). No sweep
+    /// for dead entries here: every channel forgets itself when dropped
+    /// (`unregister_channel`), and a sweep per open made N opens O(N²) under this lock.
     pub(crate) fn register_channel(&self, id: u16, ch: Weak<dyn ChannelSlot>) {
-        let mut map = self.channels.lock();
-        map.retain(|_, w| w.strong_count() > 0);
-        map.insert(id, ch);
+        self.channels.lock().insert(id, ch);
+    }
+
+    /// Every live channel handle. Upgraded under the lock but dropped only after it: one
+    /// of them may become the last handle of its channel (another thread dropping its
+    /// own meanwhile), and that drop unregisters the channel, taking this lock.
+    fn channel_handles(&self) -> Vec<Arc<dyn ChannelSlot>> {
+        self.channels
+            .lock()
+            .values()
+            .filter_map(Weak::upgrade)
+            .collect()
     }
 
     /// Forget channel `id` if it is still the one at `ch` (its state's address).
@@ -438,10 +450,8 @@ impl ConnectionInner {
             return;
         }
         let used = self
-            .channels
-            .lock()
-            .values()
-            .filter_map(Weak::upgrade)
+            .channel_handles()
+            .iter()
             .any(|c| c.record().lock().consumers.iter().any(|r| r.queue == queue));
         if !used {
             self.topology.lock().remove_queue(queue);
@@ -451,10 +461,8 @@ impl ConnectionInner {
     /// Channels the application has not closed, open or not (a broker-closed one may be
     /// reopened for a consumer that comes back).
     pub(crate) fn app_channels(&self) -> Vec<Arc<dyn ChannelSlot>> {
-        self.channels
-            .lock()
-            .values()
-            .filter_map(Weak::upgrade)
+        self.channel_handles()
+            .into_iter()
             .filter(|c| !c.closed_by_app())
             .collect()
     }
@@ -472,10 +480,8 @@ impl ConnectionInner {
     /// Channels to restore: alive, and not closed by themselves.
     pub(crate) fn live_channels(&self) -> Vec<Arc<dyn ChannelSlot>> {
         let mut v: Vec<_> = self
-            .channels
-            .lock()
-            .values()
-            .filter_map(Weak::upgrade)
+            .channel_handles()
+            .into_iter()
             .filter(|c| c.wants_recovery())
             .collect();
         v.sort_by_key(|c| c.id());
@@ -497,7 +503,7 @@ impl ConnectionInner {
     /// Recovery is over without a connection.
     pub(crate) fn give_up(&self, err: Error) {
         self.link.give_up(err.clone());
-        for c in self.channels.lock().values().filter_map(Weak::upgrade) {
+        for c in self.channel_handles() {
             c.end_consumers(&err);
         }
     }
@@ -508,7 +514,7 @@ impl ConnectionInner {
         };
         self.secrets.stop();
         let r = gen_.close();
-        for c in self.channels.lock().values().filter_map(Weak::upgrade) {
+        for c in self.channel_handles() {
             c.end_consumers(&Error::ConnectionClosed);
         }
         r

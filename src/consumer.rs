@@ -175,25 +175,27 @@ impl Connection {
             inner.opts.consumer_queue_bytes,
         )?;
         let conn = inner.current(deadline)?;
-        let (ch, open) = conn.open_channel_start(None, deadline)?;
-        // Nobody else knows this channel yet: its requests need no serialising.
-        let sent = ch
-            .rpc_start(methods::qos(prefetch, false), deadline, "basic.qos-ok", None)
-            .and_then(|qos| {
-                let consume = ch.rpc_start(
-                    method,
-                    deadline,
-                    "basic.consume-ok",
-                    Some(start.sink.clone()),
-                )?;
-                Ok((qos, consume))
-            });
+        // One command and one write: nobody else knows this channel yet, so its requests
+        // need no serialising.
+        let (ch, open, [qos, consume]) = conn.open_channel_with(
+            None,
+            [
+                (methods::qos(prefetch, false), None),
+                (method, Some(start.sink.clone())),
+            ],
+            deadline,
+        )?;
+        // The broker answers a channel's requests in order, and a channel that ends
+        // drops every reply still awaited at once: when the consume-ok (or the end) is
+        // here, so are the replies before it. Waiting for the last one first wakes this
+        // thread once per start instead of once per reply; the earlier ones are then
+        // read without blocking, in order, so that the first step that failed is the
+        // one reported (and a deadline that passed finds the step it stopped at).
+        let consumed = ch.wait_reply(&consume, deadline, "basic.consume-ok");
         ch.open_finish(&open, deadline)?;
         let channel = Channel::new(ch.clone(), self.clone());
-        let (qos, consume) = sent?;
         channel.qos_finish(&ch, ch.wait_reply(&qos, deadline, "basic.qos-ok")?, prefetch, false)?;
-        let r = ch.wait_reply(&consume, deadline, "basic.consume-ok")?;
-        channel.consume_finish(&ch, r, start, queue, opts)
+        channel.consume_finish(&ch, consumed?, start, queue, opts)
     }
 }
 

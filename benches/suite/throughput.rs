@@ -3,7 +3,7 @@
 //! benches/peers.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Barrier, OnceLock};
+use std::sync::{Arc, Barrier, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use lepus::{BasicProperties, ChannelPool, ConsumeOptions, PublishOptions};
@@ -316,6 +316,26 @@ pub fn now_ns() -> u64 {
 
 pub const PREFETCH: u16 = 50;
 
+/// Threads wait here until it opens (once).
+#[derive(Default)]
+pub struct Gate {
+    open: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl Gate {
+    pub fn wait(&self) {
+        let mut open = self.open.lock().expect("gate");
+        while !*open {
+            open = self.cv.wait(open).expect("gate");
+        }
+    }
+    pub fn open(&self) {
+        *self.open.lock().expect("gate") = true;
+        self.cv.notify_all();
+    }
+}
+
 /// N consumers on one connection (a channel each) on one queue, one producer publishing
 /// `messages` stamped with an id and the send time.
 pub fn consumers(url: &str, n: usize, messages: usize) -> ConsumeRun {
@@ -324,6 +344,10 @@ pub fn consumers(url: &str, n: usize, messages: usize) -> ConsumeRun {
     let queue = common::unique("consume");
     declare(&admin, &queue);
     let barrier = Arc::new(Barrier::new(n + 1));
+    // Threads at the barrier, and the gate the started consumers wait at until every
+    // consumer has started (see below).
+    let arrived = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(Gate::default());
     let ready = Arc::new(AtomicUsize::new(0));
     let last_ready = Arc::new(AtomicU64::new(0));
     let received = Arc::new(AtomicUsize::new(0));
@@ -335,6 +359,7 @@ pub fn consumers(url: &str, n: usize, messages: usize) -> ConsumeRun {
             let conn = conn.clone();
             let queue = queue.clone();
             let (barrier, ready, last_ready) = (barrier.clone(), ready.clone(), last_ready.clone());
+            let (arrived, gate) = (arrived.clone(), gate.clone());
             let (received, last_recv, stop, errors) = (
                 received.clone(),
                 last_recv.clone(),
@@ -344,6 +369,7 @@ pub fn consumers(url: &str, n: usize, messages: usize) -> ConsumeRun {
             spawn("consumer", move || {
                 let mut ledger = IdLedger::new(messages);
                 let mut lat = Samples::with_capacity(messages / n + 16);
+                arrived.fetch_add(1, Ordering::AcqRel);
                 barrier.wait();
                 // Channel open, qos and consume in one round trip (what a lepus user
                 // starting many consumers writes).
@@ -361,6 +387,7 @@ pub fn consumers(url: &str, n: usize, messages: usize) -> ConsumeRun {
                 };
                 last_ready.fetch_max(now_ns(), Ordering::AcqRel);
                 ready.fetch_add(1, Ordering::AcqRel);
+                gate.wait();
                 while !stop.load(Ordering::Acquire) {
                     match consumer.recv_timeout(Duration::from_millis(20)) {
                         Ok(Some(d)) => {
@@ -390,6 +417,15 @@ pub fn consumers(url: &str, n: usize, messages: usize) -> ConsumeRun {
             })
         })
         .collect();
+    // Startup counts from the release of the threads, every one of them waiting at the
+    // barrier (making a thread and its ledger is the harness's, not the start's), to the
+    // last consume-ok. Started consumers wait at the gate until then: 900 threads each
+    // polling every 20 ms while the others start would be the harness's CPU, taken from
+    // the broker on this machine, and counted as startup.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while arrived.load(Ordering::Acquire) < n && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_micros(200));
+    }
     let start_ns = now_ns();
     barrier.wait();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -397,6 +433,7 @@ pub fn consumers(url: &str, n: usize, messages: usize) -> ConsumeRun {
         std::thread::sleep(Duration::from_micros(200));
     }
     let startup = (last_ready.load(Ordering::Acquire).saturating_sub(start_ns)) as f64 / 1e9;
+    gate.open();
 
     // One producer.
     let producer = conn.open_channel().expect("producer channel");

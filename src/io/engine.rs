@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use amq_protocol::protocol::{AMQPClass, basic, channel, connection};
 
-use super::{ChannelShared, Command, ConnShared, RETURNS_CAPACITY, Reply, ReplyTx};
+use super::{Chained, ChannelShared, Command, ConnShared, RETURNS_CAPACITY, Reply, ReplyTx};
 use crate::confirm_tracker::Wakes;
 use crate::delivery::{
     Acker, BadDelivery, ByteBudget, Charge, ConsumerMsg, ConsumerSink, Delivery, Returned,
@@ -497,7 +497,8 @@ impl Engine {
                 shared,
                 bytes,
                 reply,
-            } => self.open_channel(shared, &bytes, reply),
+                chained,
+            } => self.open_channel(shared, &bytes, reply, chained),
             Command::CloseChannel {
                 channel,
                 bytes,
@@ -519,8 +520,16 @@ impl Engine {
         }
     }
 
-    /// Register a channel (its id was allocated by the handle) and send its open.
-    fn open_channel(&mut self, shared: Arc<ChannelShared>, bytes: &[u8], reply: ReplyTx) {
+    /// Register a channel (its id was allocated by the handle) and send its open and the
+    /// requests chained to it. A refused open drops the chained requests' replies: their
+    /// waiters read the open's error first.
+    fn open_channel(
+        &mut self,
+        shared: Arc<ChannelShared>,
+        bytes: &[u8],
+        reply: ReplyTx,
+        chained: Vec<Chained>,
+    ) {
         let id = shared.id as usize;
         if id == 0 || id >= self.slots.len() || self.slots[id].is_some() {
             let _ = reply.send(Err(Error::InvalidArgument(format!(
@@ -545,6 +554,11 @@ impl Engine {
             consumer: None,
             request: (20, 10),
         });
+        slot.pending.extend(chained.into_iter().map(|c| Pending {
+            reply: c.reply,
+            consumer: c.consumer,
+            request: c.request,
+        }));
         self.slots[id] = Some(slot);
         self.out.extend_from_slice(bytes);
     }

@@ -60,11 +60,13 @@ pub(crate) enum Command {
         reply: ReplyTx,
         consumer: Option<ConsumerSink>,
     },
-    /// Register a channel and send its `channel.open`.
+    /// Register a channel and send its `channel.open`, then the requests `chained`
+    /// (their frames follow the open's in `bytes`).
     OpenChannel {
         shared: Arc<ChannelShared>,
         bytes: Vec<u8>,
         reply: ReplyTx,
+        chained: Vec<Chained>,
     },
     /// Send `channel.close`; the id is freed on `close-ok`.
     CloseChannel {
@@ -76,6 +78,17 @@ pub(crate) enum Command {
     Close { bytes: Vec<u8>, reply: ReplyTx },
     /// `connection.update-secret`; the reply is its `update-secret-ok`.
     UpdateSecret { bytes: Vec<u8>, reply: ReplyTx },
+}
+
+/// A synchronous method sent in the command that opens its channel
+/// (`Connection::open_consumer`): one hand-over and one write for the lot. Its reply comes
+/// on `reply` as an RPC's does; for `basic.consume`, `consumer` is registered under the
+/// tag of the `consume-ok` first.
+pub(crate) struct Chained {
+    pub(crate) reply: ReplyTx,
+    pub(crate) consumer: Option<ConsumerSink>,
+    /// Class and method id of the request.
+    pub(crate) request: (u16, u16),
 }
 
 /// Values agreed in `connection.tune`.
@@ -315,6 +328,20 @@ impl ConnShared {
         want: Option<u16>,
         deadline: Instant,
     ) -> Result<(Arc<ChannelShared>, ReplyRx)> {
+        let (ch, rx, []) = self.open_channel_with(want, [], deadline)?;
+        Ok((ch, rx))
+    }
+
+    /// Send `channel.open` and the synchronous methods `then` of the new channel (each
+    /// with the consumer its reply registers) in one command, without waiting: nothing
+    /// is sent if any of them cannot be encoded. Finish with
+    /// [`ChannelShared::open_finish`] and the replies to `then`, which come in order.
+    pub(crate) fn open_channel_with<const N: usize>(
+        self: &Arc<Self>,
+        want: Option<u16>,
+        then: [(AMQPClass, Option<ConsumerSink>); N],
+        deadline: Instant,
+    ) -> Result<(Arc<ChannelShared>, ReplyRx, [ReplyRx; N])> {
         if self.is_failed() {
             return Err(self.error());
         }
@@ -327,22 +354,43 @@ impl ConnShared {
             }
         }
         .ok_or(Error::NoFreeChannel(self.tuned.channel_max))?;
+        let mut bytes = Vec::with_capacity(16 + 64 * N);
+        let open = AMQPClass::Channel(amq_protocol::protocol::channel::AMQPMethod::Open(
+            amq_protocol::protocol::channel::Open {},
+        ));
+        let mut senders = Vec::with_capacity(N);
+        let replies = std::array::from_fn(|_| {
+            let (tx, rx) = oneshot::channel();
+            senders.push(tx);
+            rx
+        });
+        let mut chained = Vec::with_capacity(N);
+        let encoded = put_method(&mut bytes, id, open).and_then(|()| {
+            then.into_iter()
+                .zip(senders)
+                .try_for_each(|((m, consumer), reply)| {
+                    let request = (m.get_amqp_class_id(), m.get_amqp_method_id());
+                    put_method(&mut bytes, id, m)?;
+                    chained.push(Chained {
+                        reply,
+                        consumer,
+                        request,
+                    });
+                    Ok(())
+                })
+        });
+        if let Err(e) = encoded {
+            self.ids.lock().free(id);
+            return Err(Error::InvalidArgument(e));
+        }
         let ch = Arc::new(ChannelShared::new(id, self.clone()));
-        let mut bytes = Vec::with_capacity(16);
-        put_method(
-            &mut bytes,
-            id,
-            AMQPClass::Channel(amq_protocol::protocol::channel::AMQPMethod::Open(
-                amq_protocol::protocol::channel::Open {},
-            )),
-        )
-        .map_err(Error::InvalidArgument)?;
         let (tx, rx) = oneshot::channel();
         let sent = self.send(
             Command::OpenChannel {
                 shared: ch.clone(),
                 bytes,
                 reply: tx,
+                chained,
             },
             deadline,
             "room to send channel.open",
@@ -351,7 +399,7 @@ impl ConnShared {
             self.ids.lock().free(id);
             return Err(e);
         }
-        Ok((ch, rx))
+        Ok((ch, rx, replies))
     }
 
     /// Ask the I/O thread to look at its queue; one wake-up per batch of commands.

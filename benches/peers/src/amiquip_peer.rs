@@ -19,7 +19,7 @@ use amiquip::{
 
 use crate::stats::{IdLedger, Percentiles, Samples, read_stamp, stamp_body};
 use crate::ways::{Progress, WaysOut};
-use crate::{BODY, ConsumeOut, Mode, PREFETCH, PublishOut, now_ns, unique, url};
+use crate::{BODY, ConsumeOut, Gate, Mode, PREFETCH, PublishOut, now_ns, unique, url};
 
 fn e2s(e: amiquip::Error) -> String {
     e.to_string()
@@ -209,6 +209,7 @@ pub fn consume(n: usize, messages: usize) -> Result<ConsumeOut, String> {
     admin
         .queue_declare(queue.as_str(), QueueDeclareOptions::default())
         .map_err(e2s)?;
+    let gate = Arc::new(Gate::default());
     let ready = Arc::new(AtomicUsize::new(0));
     let last_ready = Arc::new(AtomicU64::new(0));
     let received = Arc::new(AtomicUsize::new(0));
@@ -224,7 +225,7 @@ pub fn consume(n: usize, messages: usize) -> Result<ConsumeOut, String> {
     let handles: Vec<_> = channels
         .into_iter()
         .map(|ch| {
-            let queue = queue.clone();
+            let (queue, gate) = (queue.clone(), gate.clone());
             let (ready, last_ready, received, last_recv, stop, errors) = (
                 ready.clone(),
                 last_ready.clone(),
@@ -253,6 +254,7 @@ pub fn consume(n: usize, messages: usize) -> Result<ConsumeOut, String> {
                         };
                         last_ready.fetch_max(now_ns(), Ordering::AcqRel);
                         ready.fetch_add(1, Ordering::AcqRel);
+                        gate.wait();
                         while !stop.load(Ordering::Acquire) {
                             match consumer.receiver().recv_timeout(Duration::from_millis(20)) {
                                 Ok(ConsumerMessage::Delivery(d)) => {
@@ -302,6 +304,7 @@ pub fn consume(n: usize, messages: usize) -> Result<ConsumeOut, String> {
         std::thread::sleep(Duration::from_micros(200));
     }
     let startup = last_ready.load(Ordering::Acquire).saturating_sub(start_ns) as f64 / 1e9;
+    gate.open();
     let producer = conn.open_channel(None).map_err(e2s)?;
     let first_ns = now_ns();
     for id in 0..messages {

@@ -15,7 +15,7 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
 use crate::stats::{IdLedger, Percentiles, Samples, read_stamp, stamp_body};
 use crate::ways::{Progress, WaysOut};
-use crate::{BODY, ConsumeOut, Mode, PREFETCH, PublishOut, now_ns, unique, url};
+use crate::{BODY, ConsumeOut, Gate, Mode, PREFETCH, PublishOut, now_ns, unique, url};
 
 fn e2s(e: lapin::Error) -> String {
     e.to_string()
@@ -207,6 +207,8 @@ pub fn consume(n: usize, messages: usize) -> Result<ConsumeOut, String> {
     ))
     .map_err(e2s)?;
     let barrier = Arc::new(Barrier::new(n + 1));
+    let arrived = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(Gate::default());
     let ready = Arc::new(AtomicUsize::new(0));
     let last_ready = Arc::new(AtomicU64::new(0));
     let received = Arc::new(AtomicUsize::new(0));
@@ -216,6 +218,7 @@ pub fn consume(n: usize, messages: usize) -> Result<ConsumeOut, String> {
     let handles: Vec<_> = (0..n)
         .map(|i| {
             let (conn, queue, barrier) = (conn.clone(), queue.clone(), barrier.clone());
+            let (arrived, gate) = (arrived.clone(), gate.clone());
             let (ready, last_ready, received, last_recv, stop, errors) = (
                 ready.clone(),
                 last_ready.clone(),
@@ -229,6 +232,7 @@ pub fn consume(n: usize, messages: usize) -> Result<ConsumeOut, String> {
                 .spawn(move || {
                     let mut ledger = IdLedger::new(messages);
                     let mut lat = Samples::with_capacity(messages / n + 16);
+                    arrived.fetch_add(1, Ordering::AcqRel);
                     barrier.wait();
                     let started = block_on(async {
                         let ch = conn.create_channel().await?;
@@ -254,6 +258,7 @@ pub fn consume(n: usize, messages: usize) -> Result<ConsumeOut, String> {
                     };
                     last_ready.fetch_max(now_ns(), Ordering::AcqRel);
                     ready.fetch_add(1, Ordering::AcqRel);
+                    gate.wait();
                     while !stop.load(Ordering::Acquire) {
                         let next = block_on(futures_lite::future::or(
                             async { Some(consumer.next().await) },
@@ -291,6 +296,11 @@ pub fn consume(n: usize, messages: usize) -> Result<ConsumeOut, String> {
                 .expect("spawn")
         })
         .collect();
+    // From the release of the threads, every one waiting at the barrier, as the suite.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while arrived.load(Ordering::Acquire) < n && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_micros(200));
+    }
     let start_ns = now_ns();
     barrier.wait();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -298,6 +308,7 @@ pub fn consume(n: usize, messages: usize) -> Result<ConsumeOut, String> {
         std::thread::sleep(Duration::from_micros(200));
     }
     let startup = last_ready.load(Ordering::Acquire).saturating_sub(start_ns) as f64 / 1e9;
+    gate.open();
     let producer = block_on(conn.create_channel()).map_err(e2s)?;
     let first_ns = now_ns();
     for id in 0..messages {

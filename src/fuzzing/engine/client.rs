@@ -35,6 +35,7 @@ impl EngineHarness {
             shared,
             bytes,
             reply,
+            chained: Vec::new(),
         });
     }
 

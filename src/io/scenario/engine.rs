@@ -1171,10 +1171,101 @@ fn opening_a_channel_twice_is_refused() {
                 AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
             ),
             reply: tx,
+            chained: Vec::new(),
         },
         s.now,
     );
     assert!(matches!(reply_now(&rx), Err(Error::InvalidArgument(_))));
+    assert!(s.sent().is_empty());
+}
+
+/// `open_consumer`'s command: channel.open with basic.qos and basic.consume chained to
+/// it is one hand-over, written in order in one piece; replies that come in one read go
+/// each to its own waiter, and the consume-ok registers the consumer before its waiter
+/// hears of it.
+#[test]
+fn requests_chained_to_an_open_go_with_it_and_are_answered_in_order() {
+    let mut s = Scenario::new();
+    let (tx, rx) = crate::sync::lightq::unbounded();
+    let shared = crate::sync::Arc::new(crate::delivery::ConsumerShared::bounded(4, usize::MAX));
+    let sink = crate::delivery::ConsumerSink {
+        tx,
+        shared: shared.clone(),
+        no_ack: false,
+        queue: "q".into(),
+    };
+    let qos = crate::protocol::methods::qos(5, false);
+    let consume = crate::protocol::methods::consume("q", "t", false, false, false, &Default::default());
+    let wakes = s.wakes.count();
+    let (_ch, open_rx, [qos_rx, consume_rx]) = s
+        .conn
+        .open_channel_with(Some(1), [(qos.clone(), None), (consume.clone(), Some(sink))], s.deadline())
+        .expect("queued");
+    assert_eq!(s.wakes.count(), wakes + 1, "one hand-over for the three");
+    s.drain();
+    let open = AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {}));
+    assert_eq!(
+        s.sent(),
+        [Sent::Method(1, open), Sent::Method(1, qos), Sent::Method(1, consume)]
+    );
+    let mut replies = method(1, AMQPClass::Channel(channel::AMQPMethod::OpenOk(channel::OpenOk {})));
+    replies.extend(method(1, AMQPClass::Basic(basic::AMQPMethod::QosOk(basic::QosOk {}))));
+    replies.extend(method(
+        1,
+        AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(basic::ConsumeOk {
+            consumer_tag: "t".into(),
+        })),
+    ));
+    s.feed(&replies);
+    assert!(matches!(
+        reply_now(&consume_rx),
+        Ok(Reply::Method(AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(_))))
+    ));
+    assert!(matches!(
+        reply_now(&open_rx),
+        Ok(Reply::Method(AMQPClass::Channel(channel::AMQPMethod::OpenOk(_))))
+    ));
+    assert!(matches!(
+        reply_now(&qos_rx),
+        Ok(Reply::Method(AMQPClass::Basic(basic::AMQPMethod::QosOk(_))))
+    ));
+    s.feed(&deliver(1, "t", 1, b"first"));
+    let c = super::TestConsumer { rx, shared };
+    assert!(matches!(c.take(), Some((ConsumerMsg::Delivery(d), _)) if d.body == b"first"));
+    assert!(s.sent().is_empty());
+}
+
+/// An open the engine refuses (its id is taken) fails with its own error, and the
+/// requests chained to it are neither sent nor left waiting: their replies are dropped.
+#[test]
+fn a_refused_open_drops_the_requests_chained_to_it() {
+    let mut s = Scenario::new();
+    let ch = s.open(1);
+    let (tx, rx) = oneshot::channel();
+    let (qos_tx, qos_rx) = oneshot::channel();
+    let mut bytes = method(
+        1,
+        AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
+    );
+    bytes.extend(method(1, crate::protocol::methods::qos(5, false)));
+    s.engine.on_command(
+        Command::OpenChannel {
+            shared: ch.clone(),
+            bytes,
+            reply: tx,
+            chained: vec![crate::io::Chained {
+                reply: qos_tx,
+                consumer: None,
+                request: (60, 10),
+            }],
+        },
+        s.now,
+    );
+    assert!(matches!(reply_now(&rx), Err(Error::InvalidArgument(_))));
+    assert!(matches!(
+        qos_rx.recv_deadline(s.deadline()),
+        Err(oneshot::RecvError::Disconnected)
+    ));
     assert!(s.sent().is_empty());
 }
 
