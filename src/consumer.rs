@@ -191,9 +191,12 @@ impl Connection {
         // thread once per start instead of once per reply; the earlier ones are then
         // read without blocking, in order, so that the first step that failed is the
         // one reported (and a deadline that passed finds the step it stopped at).
+        // Registered before any wait: a recovery that snapshots the channels while this
+        // thread waits finds it (and copies its record, so that the consume below is
+        // reported lost and done again rather than left on the dead link).
+        let channel = Channel::new(ch.clone(), self.clone());
         let consumed = ch.wait_reply(&consume, deadline, "basic.consume-ok");
         ch.open_finish(&open, deadline)?;
-        let channel = Channel::new(ch.clone(), self.clone());
         channel.qos_finish(&ch, ch.wait_reply(&qos, deadline, "basic.qos-ok")?, prefetch, false)?;
         channel.consume_finish(&ch, consumed?, start, queue, opts)
     }

@@ -699,7 +699,7 @@ fn consumer_section(w: &mut String, r: &Results) {
     );
     let _ = writeln!(
         w,
-        "N consumers on one connection, a channel each (prefetch {}, manual acks), on one queue; one producer publishes the messages (64-byte bodies carrying an id and a send timestamp). **Startup**: from the start signal until every consumer's `basic.consume-ok` (channel open + qos + consume, in parallel threads: lepus writes the three together with `Connection::open_consumer` and waits one round trip, the peers, which have no such call, wait three). The start signal: lepus and lapin release their threads from a barrier once every thread waits there (its bookkeeping made); amiquip, whose channels open on its connection's thread, counts from the first channel open, its threads' spawning included; amqprs from before its consumer tasks (and their bookkeeping) are made. A started consumer thread waits, without polling, until every consumer has started (threads polling meanwhile would be the harness's CPU, counted as startup). **Consume rate**: messages received / time from the first publish to the last delivery. End-to-end latency from the body's timestamp. **Lost**: ids never received (each id counted exactly).\n",
+        "N consumers on one connection, a channel each (prefetch {}, manual acks), on one queue; one producer publishes the messages (64-byte bodies carrying an id and a send timestamp). **Startup**: from the start signal until every consumer's `basic.consume-ok` (channel open + qos + consume, in parallel threads: lepus writes the three together with `Connection::open_consumer` and waits one round trip, the peers, which have no such call, wait three). The start signal: lepus and lapin release their threads from a barrier once every thread waits there (its bookkeeping made); amiquip, whose channels open on its connection's thread, counts from the first channel open, its threads' spawning included; amqprs from before its consumer tasks are spawned (their bookkeeping made before). A started consumer thread waits, without polling, until every consumer has started (threads polling meanwhile would be the harness's CPU, counted as startup). **Consume rate**: messages received / time from the first publish to the last delivery. End-to-end latency from the body's timestamp. **Lost**: ids never received (each id counted exactly).\n",
         crate::throughput::PREFETCH
     );
     let clients: Vec<String> = std::iter::once("lepus".to_string())
@@ -763,15 +763,19 @@ fn consumer_section(w: &mut String, r: &Results) {
     if !r.peer_clients.is_empty() {
         let _ = writeln!(
             w,
-            "| Consumers | lepus consume rate / best peer | lepus startup / best peer | target (rate) |"
+            "| Consumers | lepus consume rate / best peer | lepus startup / best peer (same clock: lapin, amqprs) | target (rate) |"
         );
         let _ = writeln!(w, "|---|---|---|---|");
         for &n in &r.consumer_counts {
             let ratio = consume_ratio_best(r, n);
             let startup = med(consumes(r, "lepus", n).iter().filter_map(|a| {
+                // amiquip's start-up clock includes spawning its threads and opening
+                // its channels one after another (above): compared only with the peers
+                // whose clock starts as lepus's does.
                 let best = r
                     .peer_clients
                     .iter()
+                    .filter(|c| *c != "amiquip")
                     .flat_map(|c| consumes(r, c, n))
                     .filter(|b| b.round == a.round)
                     .map(|b| b.startup_secs)

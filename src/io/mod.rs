@@ -657,7 +657,11 @@ impl ChannelShared {
                 amq_protocol::protocol::channel::AMQPMethod::OpenOk(_),
             ))) => Ok(()),
             other => {
-                self.close_nowait();
+                // A channel already ended (refused, closed by the broker, or its link
+                // lost) is not closed again: its id may be another channel's by now.
+                if !self.is_closed() {
+                    self.close_nowait();
+                }
                 Err(match other {
                     Err(e) => e,
                     Ok(r) => Error::UnexpectedReply {

@@ -284,21 +284,21 @@ async fn collect<S>(tasks: Vec<tokio::task::JoinHandle<S>>) -> Result<Vec<S>, St
 async fn start_consumers<S: Send + 'static>(
     conn: &Connection,
     queue: &str,
-    n: usize,
     ready: &Arc<AtomicUsize>,
     errors: &Arc<AtomicUsize>,
-    state: impl Fn() -> S,
+    states: Vec<S>,
     each: impl FnMut(&mut S, &[u8]) + Send + Clone + 'static,
 ) -> Vec<tokio::task::JoinHandle<S>> {
+    let n = states.len();
     let mut starting = Vec::with_capacity(n);
-    for i in 0..n {
+    for (i, st) in states.into_iter().enumerate() {
         let (conn, queue, ready, errors) = (
             conn.clone(),
             queue.to_owned(),
             ready.clone(),
             errors.clone(),
         );
-        let (st, each) = (state(), each.clone());
+        let each = each.clone();
         starting.push(tokio::spawn(async move {
             consumer(&conn, &queue, format!("c{i}"), ready, st, each, errors).await
         }));
@@ -333,6 +333,16 @@ pub fn consume(n: usize, messages: usize) -> Result<ConsumeOut, String> {
         let received = Arc::new(AtomicUsize::new(0));
         let last_recv = Arc::new(AtomicU64::new(0));
         let errors = Arc::new(AtomicUsize::new(0));
+        // Each consumer's bookkeeping is made before the clock starts, as lepus's and
+        // lapin's threads make theirs before the barrier.
+        let states: Vec<_> = (0..n)
+            .map(|_| {
+                (
+                    IdLedger::new(messages),
+                    Samples::with_capacity(messages / n + 16),
+                )
+            })
+            .collect();
         let start_ns = now_ns();
         let each = {
             let (received, last_recv, errors) =
@@ -349,13 +359,7 @@ pub fn consume(n: usize, messages: usize) -> Result<ConsumeOut, String> {
                 received.fetch_add(1, Ordering::AcqRel);
             }
         };
-        let state = || {
-            (
-                IdLedger::new(messages),
-                Samples::with_capacity(messages / n + 16),
-            )
-        };
-        let tasks = start_consumers(&conn, &queue, n, &ready, &errors, state, each).await;
+        let tasks = start_consumers(&conn, &queue, &ready, &errors, states, each).await;
         let startup = (now_ns() - start_ns) as f64 / 1e9;
         let producer = conn.open_channel(None).await.map_err(e2s)?;
         let first_ns = now_ns();
@@ -416,8 +420,8 @@ pub fn consume_ways(
             let progress = progress.clone();
             move |ledger: &mut IdLedger, body: &[u8]| progress.record(ledger, body)
         };
-        let state = || IdLedger::new(messages);
-        let tasks = start_consumers(&conn, &queue, n, &ready, &errors, state, each).await;
+        let states = (0..n).map(|_| IdLedger::new(messages)).collect();
+        let tasks = start_consumers(&conn, &queue, &ready, &errors, states, each).await;
         if !drain {
             (cpu0, start_ns) = (crate::cpu::process(), now_ns());
             crate::ways::signal_ready();
