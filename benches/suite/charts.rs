@@ -193,7 +193,10 @@ fn latency(r: &Results, path: &Path) -> DrawResult {
 
 fn consumers(r: &Results, path: &Path) -> DrawResult {
     let labels: Vec<String> = r.consumer_counts.iter().map(|n| n.to_string()).collect();
-    let mut clients = vec!["lepus".to_string()];
+    let mut clients = vec![
+        "lepus".to_string(),
+        crate::consume_ways::DISPATCH.to_string(),
+    ];
     clients.extend(r.peer_clients.iter().cloned());
     let root = SVGBackend::new(path, (1100, 480)).into_drawing_area();
     root.fill(&WHITE)?;

@@ -504,7 +504,7 @@ fn scenario_consumers(s: &Settings, r: &mut Results, peers: Option<&peers::Peers
         for round in 0..s.rounds {
             for &c in &r.consumer_counts {
                 let msgs = s.size(c * 20, c * 4);
-                let mut clients = vec!["lepus".to_string()];
+                let mut clients = vec!["lepus".to_string(), consume_ways::DISPATCH.to_string()];
                 if s.wants(6) {
                     clients.extend(peer_clients.iter().cloned());
                 }
@@ -546,7 +546,9 @@ fn scenario_consumers(s: &Settings, r: &mut Results, peers: Option<&peers::Peers
                 continue;
             }
             let run = if client == "lepus" {
-                Ok(throughput::consumers(&s.url, c, msgs))
+                Ok(throughput::consumers(&s.url, c, msgs, false))
+            } else if client == consume_ways::DISPATCH {
+                Ok(throughput::consumers(&s.url, c, msgs, true))
             } else {
                 peers.expect("peers").consume(&client, c, msgs)
             };

@@ -183,7 +183,12 @@ fn consumes<'a>(r: &'a Results, client: &str, n: usize) -> Vec<&'a ConsumeRun> {
 }
 
 fn consume_ratio_best(r: &Results, n: usize) -> f64 {
-    med(consumes(r, "lepus", n).iter().filter_map(|a| {
+    consume_ratio_best_of(r, "lepus", n)
+}
+
+/// `client`'s consume rate over the best peer's, within each round, median.
+fn consume_ratio_best_of(r: &Results, client: &str, n: usize) -> f64 {
+    med(consumes(r, client, n).iter().filter_map(|a| {
         let best = r
             .peer_clients
             .iter()
@@ -699,10 +704,13 @@ fn consumer_section(w: &mut String, r: &Results) {
     );
     let _ = writeln!(
         w,
-        "N consumers on one connection, a channel each (prefetch {}, manual acks), on one queue; one producer publishes the messages (64-byte bodies carrying an id and a send timestamp). **Startup**: from the start signal until every consumer's `basic.consume-ok` (channel open + qos + consume, in parallel threads: lepus writes the three together with `Connection::open_consumer` and waits one round trip, the peers, which have no such call, wait three). The start signal: lepus and lapin release their threads from a barrier once every thread waits there (its bookkeeping made); amiquip, whose channels open on its connection's thread, counts from the first channel open, its threads' spawning included; amqprs from before its consumer tasks are spawned (their bookkeeping made before). A started consumer thread waits, without polling, until every consumer has started (threads polling meanwhile would be the harness's CPU, counted as startup). **Consume rate**: messages received / time from the first publish to the last delivery. End-to-end latency from the body's timestamp. **Lost**: ids never received (each id counted exactly).\n",
-        crate::throughput::PREFETCH
+        "N consumers on one connection, a channel each (prefetch {}, manual acks), on one queue; one producer publishes the messages (64-byte bodies carrying an id and a send timestamp). **Startup**: from the start signal until every consumer's `basic.consume-ok` (channel open + qos + consume, in parallel threads: lepus writes the three together with `Connection::open_consumer` and waits one round trip, the peers, which have no such call, wait three). The start signal: lepus and lapin release their threads from a barrier once every thread waits there (its bookkeeping made); amiquip, whose channels open on its connection's thread, counts from the first channel open, its threads' spawning included; amqprs from before its consumer tasks are spawned (their bookkeeping made before). A started consumer thread waits, without polling, until every consumer has started (threads polling meanwhile would be the harness's CPU, counted as startup). **Consume rate**: messages received / time from the first publish to the last delivery. End-to-end latency from the body's timestamp. **Lost**: ids never received (each id counted exactly). **lepus** receives with a thread per consumer blocked in `recv`; **lepus-dispatch** starts its consumers the same way, then serves them all with a `Dispatcher` of {} threads (one per core, as amqprs's tokio runtime), a handler per consumer.\n",
+        crate::throughput::PREFETCH,
+        crate::consume_ways::dispatch_threads()
     );
-    let clients: Vec<String> = std::iter::once("lepus".to_string())
+    let clients: Vec<String> = ["lepus", crate::consume_ways::DISPATCH]
+        .into_iter()
+        .map(String::from)
         .chain(r.peer_clients.iter().cloned())
         .collect();
     let _ = writeln!(
@@ -763,9 +771,9 @@ fn consumer_section(w: &mut String, r: &Results) {
     if !r.peer_clients.is_empty() {
         let _ = writeln!(
             w,
-            "| Consumers | lepus consume rate / best peer | lepus startup / best peer (same clock: lapin, amqprs) | target (rate) |"
+            "| Consumers | lepus consume rate / best peer | lepus startup / best peer (same clock: lapin, amqprs) | target (rate) | lepus dispatcher consume rate / best peer |"
         );
-        let _ = writeln!(w, "|---|---|---|---|");
+        let _ = writeln!(w, "|---|---|---|---|---|");
         for &n in &r.consumer_counts {
             let ratio = consume_ratio_best(r, n);
             let startup = med(consumes(r, "lepus", n).iter().filter_map(|a| {
@@ -789,7 +797,14 @@ fn consumer_section(w: &mut String, r: &Results) {
             } else {
                 format!("❌ ≥ 1.0× ({:.1} % short)", (1.0 - ratio) * 100.0)
             };
-            let _ = writeln!(w, "| {n} | {} | {} | {status} |", x(ratio), x(startup));
+            let dispatched = consume_ratio_best_of(r, crate::consume_ways::DISPATCH, n);
+            let _ = writeln!(
+                w,
+                "| {n} | {} | {} | {status} | {} |",
+                x(ratio),
+                x(startup),
+                x(dispatched)
+            );
         }
         let _ = writeln!(w);
     }

@@ -338,8 +338,19 @@ impl Gate {
 
 /// N consumers on one connection (a channel each) on one queue, one producer publishing
 /// `messages` stamped with an id and the send time.
-pub fn consumers(url: &str, n: usize, messages: usize) -> ConsumeRun {
+///
+/// `dispatch`: the started consumers are served by a [`lepus::Dispatcher`] of one thread
+/// per core (client `lepus-dispatch`) instead of a thread each blocked in `recv`.
+pub fn consumers(url: &str, n: usize, messages: usize, dispatch: bool) -> ConsumeRun {
     let conn = connect(url);
+    let dispatcher = dispatch.then(|| {
+        Arc::new(
+            lepus::Dispatcher::new(&lepus::WorkerOptions::new(
+                crate::consume_ways::dispatch_threads(),
+            ))
+            .expect("dispatcher"),
+        )
+    });
     let admin = conn.open_channel().expect("admin channel");
     let queue = common::unique("consume");
     declare(&admin, &queue);
@@ -366,6 +377,7 @@ pub fn consumers(url: &str, n: usize, messages: usize) -> ConsumeRun {
                 stop.clone(),
                 errors.clone(),
             );
+            let dispatcher = dispatcher.clone();
             spawn("consumer", move || {
                 let mut ledger = IdLedger::new(messages);
                 let mut lat = Samples::with_capacity(messages / n + 16);
@@ -382,12 +394,37 @@ pub fn consumers(url: &str, n: usize, messages: usize) -> ConsumeRun {
                         common::note(&format!("consumer failed to start: {e}"));
                         errors.fetch_add(1, Ordering::Relaxed);
                         ready.fetch_add(1, Ordering::AcqRel);
-                        return (ledger, lat);
+                        return Arc::new(Mutex::new((ledger, lat)));
                     }
                 };
                 last_ready.fetch_max(now_ns(), Ordering::AcqRel);
                 ready.fetch_add(1, Ordering::AcqRel);
                 gate.wait();
+                if let Some(dispatcher) = dispatcher {
+                    // The same work per delivery in the dispatcher's handler (which acks
+                    // by its outcome); this thread's part is over.
+                    let state = Arc::new(Mutex::new((ledger, lat)));
+                    let (kept, failed) = (state.clone(), errors.clone());
+                    let added = dispatcher.add(consumer, move |d| {
+                        let now = now_ns();
+                        let mut st = state.lock().unwrap();
+                        match read_stamp(d.body()) {
+                            Some((id, sent)) if st.0.record(id) => {
+                                st.1.push_ns(now.saturating_sub(sent));
+                            }
+                            _ => {
+                                errors.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        last_recv.fetch_max(now, Ordering::AcqRel);
+                        received.fetch_add(1, Ordering::AcqRel);
+                        lepus::Outcome::Ack
+                    });
+                    if added.is_err() {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    return kept;
+                }
                 while !stop.load(Ordering::Acquire) {
                     match consumer.recv_timeout(Duration::from_millis(20)) {
                         Ok(Some(d)) => {
@@ -413,7 +450,7 @@ pub fn consumers(url: &str, n: usize, messages: usize) -> ConsumeRun {
                         }
                     }
                 }
-                (ledger, lat)
+                Arc::new(Mutex::new((ledger, lat)))
             })
         })
         .collect();
@@ -456,18 +493,25 @@ pub fn consumers(url: &str, n: usize, messages: usize) -> ConsumeRun {
     // Give duplicates, if any, a moment to show up.
     std::thread::sleep(Duration::from_millis(50));
     stop.store(true, Ordering::Release);
+    let settle_failed = dispatcher.map_or(0, |d| d.stats().settle_failed as usize);
     let mut ledger = IdLedger::new(messages);
     let mut lat = Samples::with_capacity(messages);
     for h in handles {
-        let (l, s) = h.join().expect("consumer thread");
-        ledger.merge(&l);
-        lat.extend(s);
+        let state = h.join().expect("consumer thread");
+        let mut st = state.lock().unwrap();
+        ledger.merge(&st.0);
+        lat.extend(std::mem::take(&mut st.1));
     }
     let consume = (last_recv.load(Ordering::Acquire).saturating_sub(first_ns)) as f64 / 1e9;
     delete(&admin, &queue);
     let _ = conn.close();
     ConsumeRun {
-        client: "lepus".into(),
+        client: if dispatch {
+            crate::consume_ways::DISPATCH
+        } else {
+            "lepus"
+        }
+        .into(),
         round: 0,
         consumers: n,
         messages,
@@ -478,7 +522,7 @@ pub fn consumers(url: &str, n: usize, messages: usize) -> ConsumeRun {
         received: ledger.unique(),
         lost: ledger.missing(),
         duplicates: ledger.duplicates(),
-        errors: errors.load(Ordering::Relaxed),
+        errors: errors.load(Ordering::Relaxed) + settle_failed,
         first_error: None,
     }
 }

@@ -52,7 +52,7 @@ pub fn scenario(s: &Settings, total: u32, runs: &mut Vec<WorkerPoolRun>) {
             &format!("{n} handlers, {msgs} messages"),
         );
         settle();
-        let plain = throughput::consumers(&s.url, n, msgs);
+        let plain = throughput::consumers(&s.url, n, msgs, false);
         settle();
         let pool = pool_run(&s.url, n, msgs);
         let run = WorkerPoolRun {
