@@ -30,6 +30,7 @@ mod common;
 mod consume_ways;
 mod cpu;
 mod failover;
+mod gate;
 mod lockstep;
 mod memory;
 mod observability;

@@ -3,12 +3,13 @@
 //! benches/peers.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Barrier, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Barrier, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use lepus::{BasicProperties, ChannelPool, ConsumeOptions, PublishOptions};
 
 use crate::common::{self, connect, declare, delete, spawn, wait_count};
+use crate::gate::Gate;
 use crate::stats::{IdLedger, Percentiles, Samples, read_stamp, stamp_body};
 
 /// How publishers wait for confirms.
@@ -315,26 +316,6 @@ pub fn now_ns() -> u64 {
 }
 
 pub const PREFETCH: u16 = 50;
-
-/// Threads wait here until it opens (once).
-#[derive(Default)]
-pub struct Gate {
-    open: Mutex<bool>,
-    cv: Condvar,
-}
-
-impl Gate {
-    pub fn wait(&self) {
-        let mut open = self.open.lock().expect("gate");
-        while !*open {
-            open = self.cv.wait(open).expect("gate");
-        }
-    }
-    pub fn open(&self) {
-        *self.open.lock().expect("gate") = true;
-        self.cv.notify_all();
-    }
-}
 
 /// N consumers on one connection (a channel each) on one queue, one producer publishing
 /// `messages` stamped with an id and the send time.

@@ -19,6 +19,9 @@
 #[path = "../../suite/stats.rs"]
 mod stats;
 
+#[path = "../../suite/gate.rs"]
+mod gate;
+pub use gate::Gate;
 #[path = "../../suite/cpu.rs"]
 mod cpu;
 
@@ -29,33 +32,11 @@ mod ways;
 #[cfg(feature = "amiquip")]
 mod amiquip_peer;
 
-use std::sync::{Condvar, Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::json;
 use stats::Percentiles;
-
-/// Started consumer threads wait here until every consumer has started (as in the
-/// suite's throughput.rs): threads polling while the others still start would be the
-/// harness's CPU, counted as startup.
-#[derive(Default)]
-pub struct Gate {
-    open: Mutex<bool>,
-    cv: Condvar,
-}
-
-impl Gate {
-    pub fn wait(&self) {
-        let mut open = self.open.lock().expect("gate");
-        while !*open {
-            open = self.cv.wait(open).expect("gate");
-        }
-    }
-    pub fn open(&self) {
-        *self.open.lock().expect("gate") = true;
-        self.cv.notify_all();
-    }
-}
 
 pub const BODY: usize = 64;
 pub const PREFETCH: u16 = 50;
