@@ -381,7 +381,7 @@ impl Consumer {
 
     /// Have every message queued for this consumer schedule a dispatcher's `ticket`
     /// (`None`: no more).
-    pub(crate) fn watch(&self, ticket: Option<Arc<crate::dispatch_core::Ticket>>) {
+    pub(crate) fn watch(&self, ticket: Option<Arc<crate::sync::ready_list::Ticket>>) {
         self.rx.watch(ticket);
     }
 

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use crate::channel::Channel;
 use crate::consumer::Consumer;
 use crate::delivery::Delivery;
-use crate::dispatch_core::{ReadyList, Ticket};
+use crate::sync::ready_list::{ReadyList, Ticket};
 use crate::error::{Error, Result};
 use crate::sync::{Arc, AtomicBool, Mutex, Ordering};
 use crate::worker::{Counters, Outcome, Serve, WorkerOptions, WorkerStats, join_until};

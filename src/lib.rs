@@ -82,7 +82,7 @@
 //! error                                         re-exports protocol's reply codes
 //! protocol (frame, methods, table, properties, content, reply_code)   bytes only
 //! sync, delivery_queue, link, send_core,
-//! end_relay, write_gate, dispatch_core, trace   primitives and the loom-checked cores; the
+//! end_relay, write_gate, trace                 primitives and the loom-checked cores; the
 //!                                               one door to `log` / `tracing`
 //! ```
 //!
@@ -144,7 +144,6 @@ macro_rules! not_under_loom {
 // every configuration.
 mod confirm_tracker;
 mod delivery_queue;
-mod dispatch_core;
 mod end_relay;
 mod error;
 mod link;
@@ -262,13 +261,13 @@ pub mod internal {
     pub mod model {
         pub use crate::confirm_tracker::{ConfirmTracker, Entry, outcome};
         pub use crate::delivery_queue::QueueShared;
-        pub use crate::dispatch_core::{ReadyList, Ticket};
         pub use crate::end_relay::EndRelay;
         pub use crate::link::{Ended, Link, LinkCell, LinkGen, LinkState};
         pub use crate::pool_core::{Lease, PoolCore, PoolStats, Poolable};
         pub use crate::send_core::{FailFlag, WakeFlag};
         pub use crate::sync::lightq as queue;
         pub use crate::sync::oneshot;
+        pub use crate::sync::ready_list::{ReadyList, Ticket};
         pub use crate::write_gate::{Direct, WriteGate};
     }
 }

@@ -412,6 +412,7 @@ pub mod oneshot {
 
 /// An unbounded queue of a `Mutex<VecDeque>` and a `Condvar` (see its file).
 pub mod lightq;
+pub mod ready_list;
 
 #[cfg(all(test, not(lepus_loom)))]
 mod tests {

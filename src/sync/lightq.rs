@@ -4,8 +4,8 @@
 //! mostly idle: one per consumer. Built on `sync`'s primitives, so the model tests run
 //! this very code (`lepus::internal::model::queue` is this module).
 
+use super::ready_list::Ticket;
 use super::{Arc, Condvar, CondvarExt, Mutex};
-use crate::dispatch_core::Ticket;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
@@ -425,7 +425,7 @@ mod tests {
     /// the list's sleeper wakes and the next quiet send (through B) owes a new one.
     #[test]
     fn an_unwatched_queue_pays_what_its_list_is_owed() {
-        use crate::dispatch_core::ReadyList;
+        use crate::sync::ready_list::ReadyList;
         let list = Arc::new(ReadyList::new());
         let (ta, ra) = unbounded::<u32>();
         let (tb, rb) = unbounded::<u32>();

@@ -13,7 +13,7 @@
 use std::collections::VecDeque;
 use std::time::Instant;
 
-use crate::sync::{Arc, AtomicBool, Condvar, CondvarExt, Mutex, Ordering};
+use super::{Arc, AtomicBool, Condvar, CondvarExt, Mutex, Ordering};
 
 /// How a listing tells a sleeping taker.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -196,7 +196,7 @@ impl Ticket {
     pub fn queued(this: &Arc<Self>, quiet: bool) -> bool {
         // The model tests' broken variant `dispatch-claim` reads and sets the flag in two
         // steps: two queuers may both schedule it, and two threads serve one queue.
-        let was = if crate::sync::broken("dispatch-claim") {
+        let was = if super::broken("dispatch-claim") {
             let was = this.scheduled.load(Ordering::SeqCst);
             this.scheduled.store(true, Ordering::SeqCst);
             was
@@ -229,7 +229,7 @@ impl Ticket {
         // The model tests' broken variant `dispatch-recheck` trusts the taker's last look
         // instead: an item queued while the flag was still set is left with nobody to
         // take it.
-        if crate::sync::broken("dispatch-recheck") {
+        if super::broken("dispatch-recheck") {
             return;
         }
         // Listed again without waking anyone: the releasing thread takes the next
