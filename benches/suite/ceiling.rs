@@ -10,7 +10,7 @@ use std::io::{self, Write};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use amq_protocol::protocol::{AMQPClass, basic, channel};
+use amq_protocol::protocol::{AMQPClass, basic};
 use lepus_testkit::{FrameIo, RawClient, close_frame, frames};
 
 use crate::common::{self, Addr, connect, declare, delete, wait_count};
@@ -227,29 +227,7 @@ pub fn consumer_floor(url: &str, n: usize, prefetch: u16) -> io::Result<f64> {
     let mut c = handshake(&addr, 0)?;
     let mut out = Vec::new();
     for ch in 1..=n as u16 {
-        out.extend(frames::method_frame(
-            ch,
-            AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
-        ));
-        out.extend(frames::method_frame(
-            ch,
-            AMQPClass::Basic(basic::AMQPMethod::Qos(basic::Qos {
-                prefetch_count: prefetch,
-                global: false,
-            })),
-        ));
-        out.extend(frames::method_frame(
-            ch,
-            AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
-                queue: queue.as_str().into(),
-                consumer_tag: "".into(),
-                no_local: false,
-                no_ack: false,
-                exclusive: false,
-                nowait: false,
-                arguments: Default::default(),
-            })),
-        ));
+        out.extend(frames::consumer_start_frames(ch, queue.as_str(), prefetch));
     }
     let io = c.io();
     let start = Instant::now();

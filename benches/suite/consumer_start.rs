@@ -46,7 +46,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use amq_protocol::protocol::{AMQPClass, basic, channel};
 use lepus::{Connection, ConsumeOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lepus_testkit::{RawClient, close_frame, frames};
 
@@ -361,29 +360,7 @@ fn floor(url: &str, queue: &str, n: usize, pieces: bool, broker: Option<&std::pa
     let mut out = Vec::new();
     let mut ends = Vec::with_capacity(n);
     for ch in 1..=n as u16 {
-        out.extend(frames::method_frame(
-            ch,
-            AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
-        ));
-        out.extend(frames::method_frame(
-            ch,
-            AMQPClass::Basic(basic::AMQPMethod::Qos(basic::Qos {
-                prefetch_count: PREFETCH,
-                global: false,
-            })),
-        ));
-        out.extend(frames::method_frame(
-            ch,
-            AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
-                queue: queue.into(),
-                consumer_tag: "".into(),
-                no_local: false,
-                no_ack: false,
-                exclusive: false,
-                nowait: false,
-                arguments: Default::default(),
-            })),
-        ));
+        out.extend(frames::consumer_start_frames(ch, queue, PREFETCH));
         ends.push(out.len());
     }
     let io = c.io();

@@ -114,6 +114,38 @@ pub fn publish_frame(channel: u16, exchange: &str, routing_key: &str) -> Vec<u8>
     )
 }
 
+/// What starting a consumer on a fresh `channel` takes: `channel.open`, `basic.qos`
+/// (`prefetch`) and `basic.consume` of `queue` (server-named tag, manual acks), as three
+/// method frames written together.
+pub fn consumer_start_frames(channel: u16, queue: &str, prefetch: u16) -> Vec<u8> {
+    let mut out = method_frame(
+        channel,
+        AMQPClass::Channel(amq_protocol::protocol::channel::AMQPMethod::Open(
+            amq_protocol::protocol::channel::Open {},
+        )),
+    );
+    out.extend(method_frame(
+        channel,
+        AMQPClass::Basic(basic::AMQPMethod::Qos(basic::Qos {
+            prefetch_count: prefetch,
+            global: false,
+        })),
+    ));
+    out.extend(method_frame(
+        channel,
+        AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
+            queue: queue.into(),
+            consumer_tag: "".into(),
+            no_local: false,
+            no_ack: false,
+            exclusive: false,
+            nowait: false,
+            arguments: Default::default(),
+        })),
+    ));
+    out
+}
+
 /// Property flags and list with nothing set.
 pub fn no_props() -> Vec<u8> {
     vec![0, 0]
