@@ -67,10 +67,24 @@ impl Drop for Reactor {
 }
 
 /// What the socket may do without blocking, as far as we know: set by poll events,
-/// cleared by `WouldBlock`.
+/// cleared by `WouldBlock` (and, on Linux, by a short read: see `drained_by`).
 struct Ready {
     readable: bool,
     writable: bool,
+    /// The peer closed its side or the socket has an error: final, so a short read
+    /// proves nothing and the socket is read until it says so itself.
+    closed: bool,
+}
+
+/// Whether a plain TCP read that took `n` of `asked` bytes emptied the socket's receive
+/// queue. On Linux a stream socket's read returns less than asked only when nothing more
+/// is queued, and the edge-triggered poll reports any byte that arrives after it: the
+/// read that would only answer `WouldBlock` is saved (it was one read in two with a
+/// confirm per message). mio asks callers to read until `WouldBlock` because other
+/// systems do not promise this. Through TLS a short read of plaintext says nothing of
+/// the socket, and a peer that has closed (`closed`) is read until the end shows.
+fn drained_by(n: usize, asked: usize, plain: bool, closed: bool) -> bool {
+    cfg!(any(target_os = "linux", target_os = "android")) && plain && !closed && n < asked
 }
 
 impl Reactor {
@@ -81,6 +95,7 @@ impl Reactor {
         let mut ready = Ready {
             readable: true,
             writable: true,
+            closed: false,
         };
         let mut next_timer = Instant::now();
         let mut more = false;
@@ -98,7 +113,7 @@ impl Reactor {
             conn.gate.busy();
             let now = Instant::now();
             self.drain_commands(now);
-            let reads = self.read(now, &mut ready.readable);
+            let reads = self.read(now, &mut ready);
             let carrying = self.flush(&conn, now, &mut ready.writable);
             next_timer = self.timers(now, ready.writable, carrying);
             more = (ready.readable && reads >= READS_PER_TURN && !self.engine.is_stalled())
@@ -143,6 +158,7 @@ impl Reactor {
             if ev.token() == SOCKET {
                 ready.readable |= ev.is_readable() || ev.is_read_closed() || ev.is_error();
                 ready.writable |= ev.is_writable() || ev.is_write_closed() || ev.is_error();
+                ready.closed |= ev.is_read_closed() || ev.is_error();
             }
         }
         true
@@ -161,7 +177,7 @@ impl Reactor {
 
     /// Inbound: a stalled delivery first, then frames already buffered, then the socket
     /// (a bounded number of reads). Returns how many reads took bytes.
-    fn read(&mut self, now: Instant, readable: &mut bool) -> usize {
+    fn read(&mut self, now: Instant, ready: &mut Ready) -> usize {
         let mut reads = 0;
         // Nothing more is taken from the decoder while a consumer queue is full or too much
         // output waits: otherwise each turn would answer one more buffered frame.
@@ -169,12 +185,15 @@ impl Reactor {
             return reads;
         }
         self.process_frames(now);
-        while *readable
+        let plain = self.transport.plain().is_some();
+        while ready.readable
             && reads < READS_PER_TURN
             && !self.engine.is_stalled()
             && self.engine.outcome().is_none()
         {
-            match self.transport.read(self.decoder.read_buf()) {
+            let buf = self.decoder.read_buf();
+            let asked = buf.len();
+            match self.transport.read(buf) {
                 Ok(0) => {
                     self.engine.fail(Error::ConnectionLost(
                         "the broker closed the TCP connection".into(),
@@ -182,6 +201,9 @@ impl Reactor {
                 }
                 Ok(n) => {
                     reads += 1;
+                    if drained_by(n, asked, plain, ready.closed) {
+                        ready.readable = false;
+                    }
                     Stats::add(&self.engine.conn.stats.bytes_in, n as u64);
                     self.decoder.filled(n);
                     self.engine.received(now);
@@ -193,7 +215,7 @@ impl Reactor {
                         self.engine.wake_deferred();
                     }
                 }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => *readable = false,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => ready.readable = false,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => {
                     let why = match self.transport.explain(&e) {
