@@ -20,6 +20,7 @@ use crate::protocol::methods;
 use crate::protocol::properties::BasicProperties;
 use crate::protocol::table::{FieldTable, table_to_amqp};
 use crate::sync::oneshot;
+use crate::sync::queue::RecvTimeoutError;
 use crate::stats::Stats;
 use crate::sync::{Arc, AtomicBool, AtomicU8, Mutex, Ordering, Weak};
 use crate::topology::{BindingRecord, ChannelRecord, ExchangeRecord, QueueRecord, Topology};
@@ -882,10 +883,6 @@ impl Channel {
     /// # Ok(()) }
     /// ```
     pub fn recv_return(&self, timeout: Duration) -> Result<Option<Returned>> {
-        // The returns queue belongs to one connection generation and nothing is sent on
-        // it when the channel closes, so a waiter looks at the channel's state between
-        // short waits (a closed channel is noticed within one slice).
-        const SLICE: Duration = Duration::from_millis(20);
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(r) = self.try_recv_return_now() {
@@ -898,16 +895,26 @@ impl Channel {
                 }
                 Err(e) => return Err(e),
             };
-            let now = Instant::now();
-            if now >= deadline {
+            if Instant::now() >= deadline {
                 return Ok(None);
             }
-            if let Ok(r) = shared
-                .returns
-                .receiver()
-                .recv_deadline((now + SLICE).min(deadline)) {
-                shared.returns_bytes.fetch_sub(r.cost(), Ordering::AcqRel);
-                return Ok(Some(r));
+            // The queue ends when its channel closes or its link fails (after either shows
+            // in `usable`): the wait wakes then, and the next round says why or waits for
+            // the recovered channel.
+            let rx = shared.returns.receiver();
+            match rx.recv_deadline(deadline) {
+                Ok(r) => {
+                    shared.returns_bytes.fetch_sub(r.cost(), Ordering::AcqRel);
+                    return Ok(Some(r));
+                }
+                Err(RecvTimeoutError::Disconnected) if !shared.is_closed() => {
+                    // Not expected (the queue ends only after its channel shows closed);
+                    // wait the rest of the deadline rather than spin.
+                    debug_assert!(false, "returns ended on an open channel");
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    std::thread::sleep(left.min(Duration::from_millis(20)));
+                }
+                Err(_) => {}
             }
         }
     }

@@ -60,7 +60,9 @@ mod imp {
 
     /// Multi-producer queues between handles and the I/O thread.
     pub mod queue {
-        pub use crossbeam_channel::{Receiver, SendTimeoutError, Sender, bounded, unbounded};
+        pub use crossbeam_channel::{
+            Receiver, RecvTimeoutError, SendTimeoutError, Sender, bounded, unbounded,
+        };
     }
 }
 

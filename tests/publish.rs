@@ -224,6 +224,108 @@ fn mandatory_unroutable_publish_is_returned() {
     conn.close().unwrap();
 }
 
+/// This thread's id in `/proc/self/task` (Linux).
+fn thread_id() -> String {
+    let link = std::fs::read_link("/proc/thread-self").expect("/proc/thread-self");
+    link.file_name().unwrap().to_string_lossy().into_owned()
+}
+
+/// How many times thread `tid` of this process gave up the CPU of its own accord.
+fn voluntary_switches(tid: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/self/task/{tid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+        .expect("voluntary_ctxt_switches")
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// A thread waiting for returns hears at once when its channel ends, not at its deadline
+/// (nor at some poll): a return queued before the end is handed out first, then the
+/// channel's error; the same when the connection is closed under a waiting thread.
+#[test]
+fn a_thread_waiting_for_returns_wakes_when_its_channel_or_connection_ends() {
+    const LONG: Duration = Duration::from_secs(120);
+    let conn = connect();
+    let ch = conn.open_channel().unwrap();
+    ch.confirm_select().unwrap();
+    let key = unique("nowhere");
+    let mandatory = PublishOptions { mandatory: true };
+    ch.basic_publish(
+        "amq.direct",
+        &key,
+        b"back",
+        &BasicProperties::new(),
+        &mandatory,
+    )
+    .unwrap();
+    ch.wait_for_confirms().unwrap();
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+    let waiter = {
+        let ch = ch.clone();
+        thread::spawn(move || {
+            tid_tx.send(thread_id()).unwrap();
+            let first = ch.recv_return(LONG);
+            let t0 = Instant::now();
+            let second = ch.recv_return(LONG);
+            (first, second, t0.elapsed())
+        })
+    };
+    let tid = tid_rx.recv().unwrap();
+    thread::sleep(QUIET); // the waiter is in its second wait by now
+    // It sleeps: a wait that polled every few milliseconds would wake tens of times in a
+    // second (the previous `recv_return` woke every 20 ms to look at the channel).
+    let before = voluntary_switches(&tid);
+    thread::sleep(Duration::from_secs(1));
+    let woke = voluntary_switches(&tid) - before;
+    assert!(
+        woke <= 5,
+        "the waiting thread woke {woke} times in a second"
+    );
+    // The broker closes the channel: a passive declare of a queue that does not exist.
+    let passive = lepus::QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let err = ch
+        .queue_declare(&unique("no-such-queue"), &passive)
+        .unwrap_err();
+    assert!(
+        format!("{err}").contains("404") || format!("{err:?}").contains("404"),
+        "{err:?}"
+    );
+    let (first, second, waited) = waiter.join().unwrap();
+    assert_eq!(
+        first.unwrap().expect("the return queued first").body,
+        b"back"
+    );
+    assert!(second.is_err(), "the channel ended: {second:?}");
+    assert!(
+        waited < LONG / 4,
+        "woken by the end, not the deadline: {waited:?}"
+    );
+
+    // The connection closed by the application under a waiting thread.
+    let ch = conn.open_channel().unwrap();
+    let waiter = {
+        let ch = ch.clone();
+        thread::spawn(move || {
+            let t0 = Instant::now();
+            (ch.recv_return(LONG), t0.elapsed())
+        })
+    };
+    thread::sleep(QUIET);
+    conn.close().unwrap();
+    let (r, waited) = waiter.join().unwrap();
+    assert!(r.is_err(), "the connection was closed: {r:?}");
+    assert!(
+        waited < LONG / 4,
+        "woken by the close, not the deadline: {waited:?}"
+    );
+}
+
 #[test]
 fn sixty_four_publisher_threads_every_message_exactly_once() {
     const THREADS: usize = 64;

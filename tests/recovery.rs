@@ -1307,6 +1307,41 @@ fn open_consumer_is_recovered_with_its_prefetch() {
     conn.close().unwrap();
 }
 
+/// A thread waiting for returns across a reset: its wait goes on on the recovered
+/// channel (the old generation's queue ended with the link) and it gets the return of a
+/// mandatory publish made after the recovery, within its one deadline.
+#[test]
+fn a_return_waiter_carries_on_through_a_recovery() {
+    let proxy = start_proxy();
+    let conn = open(proxy.options().recovery(quick_recovery()));
+    let ch = conn.open_channel().unwrap();
+    ch.confirm_select().unwrap();
+    let waiter = {
+        let ch = ch.clone();
+        std::thread::spawn(move || ch.recv_return(Duration::from_secs(60)))
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(proxy.reset(), 1, "one link to reset");
+    wait_event(&conn, Duration::from_secs(10), "Recovered", is_recovered);
+    conn.wait_open(Duration::from_secs(5)).unwrap();
+    let mandatory = lepus::PublishOptions { mandatory: true };
+    ch.basic_publish(
+        "amq.direct",
+        &unique("nowhere"),
+        b"after the reset",
+        &lepus::BasicProperties::new(),
+        &mandatory,
+    )
+    .unwrap();
+    ch.wait_for_confirms().unwrap();
+    let r = waiter
+        .join()
+        .unwrap()
+        .expect("the waiter's channel recovered");
+    assert_eq!(r.expect("a return").body, b"after the reset");
+    conn.close().unwrap();
+}
+
 #[test]
 fn disabled_recovery_gives_raw_failures_and_no_reconnect() {
     let proxy = start_proxy();

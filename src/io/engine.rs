@@ -406,6 +406,7 @@ impl Engine {
         for mut slot in self.slots.iter_mut().filter_map(Option::take) {
             slot.gauges.release();
             slot.shared.confirms.fail(err.clone(), recover);
+            slot.shared.returns.end();
             // Consumers hear it through their queue: a lost link they will survive
             // (recovery re-registers them), or their end.
             for (_, sink) in slot.consumers.0 {

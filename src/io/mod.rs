@@ -481,29 +481,59 @@ impl ConnShared {
 pub(crate) const RETURNS_CAPACITY: usize = 1024;
 
 /// A channel's returned messages. The queue is made at the first return or the first
-/// wait for one: most channels see neither, and an empty queue is ~500 bytes.
+/// wait for one: most channels see neither, and an empty queue is ~500 bytes. It belongs
+/// to one connection generation and ends with its channel ([`Returns::end`]): a thread
+/// waiting in `recv_return` then wakes at once, instead of finding out at a poll.
 #[derive(Default)]
-pub(crate) struct Returns(Mutex<Option<(Sender<Returned>, Receiver<Returned>)>>);
+pub(crate) struct Returns(Mutex<ReturnsQueue>);
+
+#[derive(Default)]
+struct ReturnsQueue {
+    /// The only sender; `None` once the queue ended, so that receivers see it
+    /// disconnected (after the returns still queued).
+    tx: Option<Sender<Returned>>,
+    rx: Option<Receiver<Returned>>,
+    ended: bool,
+}
+
+impl ReturnsQueue {
+    fn rx(&mut self) -> &Receiver<Returned> {
+        if self.rx.is_none() {
+            let (tx, rx) = queue::unbounded();
+            self.tx = (!self.ended).then_some(tx);
+            self.rx = Some(rx);
+        }
+        self.rx.as_ref().expect("made above")
+    }
+}
 
 impl Returns {
     /// The receiving end, made if it is not yet (to block on it outside the lock).
     pub(crate) fn receiver(&self) -> Receiver<Returned> {
-        let mut q = self.0.lock();
-        q.get_or_insert_with(queue::unbounded).1.clone()
+        self.0.lock().rx().clone()
     }
 
-    /// Queue a return; false if it could not be.
+    /// Queue a return; false if it could not be (the queue ended).
     pub(crate) fn send(&self, r: Returned) -> bool {
         let mut q = self.0.lock();
-        q.get_or_insert_with(queue::unbounded).0.send(r).is_ok()
+        q.rx();
+        q.tx.as_ref().is_some_and(|tx| tx.send(r).is_ok())
     }
 
     pub(crate) fn try_recv(&self) -> Option<Returned> {
-        self.0.lock().as_ref()?.1.try_recv().ok()
+        self.0.lock().rx.as_ref()?.try_recv().ok()
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.0.lock().as_ref().map_or(0, |(_, rx)| rx.len())
+        self.0.lock().rx.as_ref().map_or(0, Receiver::len)
+    }
+
+    /// No more returns come (the channel closed or its link failed; called after either
+    /// is visible to `is_closed`): waiters wake, read what is queued, then see the end.
+    pub(crate) fn end(&self) {
+        let mut q = self.0.lock();
+        q.ended = true;
+        q.tx = None;
     }
 }
 
@@ -562,6 +592,7 @@ impl ChannelShared {
             self.closed.store(true, Ordering::Release);
         }
         self.confirms.fail(self.error(), false);
+        self.returns.end();
     }
 
     pub(crate) fn is_closed(&self) -> bool {
