@@ -3,7 +3,6 @@
 use std::time::{Duration, Instant};
 
 use crate::consumer::Consumer;
-use crate::sync::Arc;
 use crate::delivery::{Acker, BadDelivery, Delivery, RecvError};
 use crate::error::{Error, Result};
 use crate::protocol::frame::{put_ack, put_nack};
@@ -221,19 +220,6 @@ impl Batch {
             claimed.iter().for_each(|a| first.channel.settled(a.delivery_tag, false));
         }
         Ok(n)
-    }
-
-    /// Add `d`, handled in delivery order after the deliveries already kept.
-    pub(crate) fn keep(&mut self, d: Delivery) {
-        self.deliveries.push(d);
-    }
-
-    /// True when `d` came on the same channel, of the same connection generation, as
-    /// the deliveries kept: one write can settle them all.
-    pub(crate) fn same_channel(&self, d: &Delivery) -> bool {
-        self.deliveries
-            .first()
-            .is_none_or(|f| Arc::ptr_eq(&f.acker.channel, &d.acker.channel))
     }
 
     /// Reject (without requeue) the bad deliveries not settled yet; how many.

@@ -4,7 +4,6 @@
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crate::batch::Batch;
 use crate::channel::Channel;
 use crate::consumer::Consumer;
 use crate::delivery::Delivery;
@@ -17,12 +16,6 @@ use crate::worker::{Counters, Outcome, Serve, WorkerOptions, WorkerStats, join_u
 /// with work (the one it leaves goes to the back of the line): a busy consumer does not
 /// starve the others.
 const TURN: usize = 32;
-
-/// How long the first ack of a turn may wait for the others, to go out in one write: a
-/// turn of quick handlers costs one socket write for its acks instead of one each, and
-/// a slow handler does not hold the acks before it for longer than this (plus its own
-/// run).
-const ACK_HOLD: Duration = Duration::from_millis(1);
 
 type Handler = Box<dyn FnMut(&Delivery) -> Outcome + Send>;
 
@@ -95,9 +88,7 @@ impl Drop for Shared {
 /// Each consumer's deliveries are handled **in order, one at a time** (never two of
 /// the same consumer at once), and settled by the handler's [`Outcome`] as a
 /// [`WorkerPool`](crate::WorkerPool) settles them: acked, requeued or rejected one by
-/// one (the acks of one thread's turn leave together, an ack each in one socket write,
-/// at the end of the turn or once the first has waited a millisecond, counted when the
-/// handler that held them returns); a panic fails that message only ([`WorkerOptions::on_panic`]); a delivery that
+/// one; a panic fails that message only ([`WorkerOptions::on_panic`]); a delivery that
 /// cannot be decoded is rejected without requeue ([`WorkerStats::bad`]). A thread
 /// handles up to 32 deliveries of one consumer, then moves on to the next consumer with
 /// work: a busy consumer does not starve the others. Different consumers' deliveries
@@ -338,41 +329,22 @@ fn serve_turn(shared: &Shared, entry: &Entry) -> bool {
             entry.handler.lock()
         }
     };
-    // The turn's acks are written together (one write, not one each): at the end of the
-    // turn, before anything else is settled or reported, or once the first has waited
-    // ACK_HOLD (checked as each handler returns).
-    let mut kept = Batch::default();
-    let mut kept_since: Option<Instant> = None;
     let mut handled = 0;
-    let ended = loop {
-        if handled >= TURN {
-            break false;
-        }
+    while handled < TURN {
         let d = match entry.consumer.try_recv() {
             Ok(Some(d)) => d,
-            Ok(None) => break false,
-            Err(e) => {
-                s.ack_kept(&mut kept);
-                match s.carry_on(e) {
-                    true => continue,
-                    false => break true,
-                }
-            }
+            Ok(None) => break,
+            Err(e) => match s.carry_on(e) {
+                true => continue,
+                false => return true,
+            },
         };
         if shared.stop.load(Ordering::Acquire) {
-            s.ack_kept(&mut kept);
             s.requeue_one(d);
-            break false;
+            break;
         }
-        s.handle_keeping_ack(d, &mut kept, |d| handler(d));
+        s.handle(d, |d| handler(d));
         handled += 1;
-        if kept.is_empty() {
-            kept_since = None;
-        } else if kept_since.get_or_insert_with(Instant::now).elapsed() >= ACK_HOLD {
-            s.ack_kept(&mut kept);
-            kept_since = None;
-        }
-    };
-    s.ack_kept(&mut kept);
-    ended
+    }
+    false
 }

@@ -486,52 +486,6 @@ impl Serve<'_> {
             && r.is_err_and(|e| !matches!(e, Error::AlreadySettled { .. }))
     }
 
-    /// Like [`Serve::handle`], except that an `Ack` outcome is not sent: the delivery is
-    /// kept in `kept`, to be acknowledged with the others kept ([`Serve::ack_kept`]).
-    /// Deliveries of another channel or connection generation than those kept go after
-    /// them (the kept are acknowledged first). A stream's deliveries are settled at once
-    /// (an ack there is credit only, and a lost link's ack needs its own handling).
-    pub(crate) fn handle_keeping_ack(
-        &self,
-        d: Delivery,
-        kept: &mut Batch,
-        handler: impl FnOnce(&Delivery) -> Outcome,
-    ) {
-        let c = self.counts;
-        if self.consumer.is_stream() {
-            return self.handle(d, handler);
-        }
-        if self.skip_stale(&d) {
-            c.stale.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        let (r, counter) = match self.outcome_of(|| handler(&d)) {
-            Outcome::Ack => {
-                if !kept.same_channel(&d) {
-                    self.ack_kept(kept);
-                }
-                kept.keep(d);
-                return;
-            }
-            Outcome::Requeue => (d.reject(true), &c.requeued),
-            Outcome::Reject => (d.reject(false), &c.rejected),
-        };
-        self.count_settle(r.map(|()| 1), 1, counter);
-    }
-
-    /// Acknowledge the deliveries kept by [`Serve::handle_keeping_ack`]: an ack each, all
-    /// in one write (never a `multiple` ack, which could cover a delivery this consumer
-    /// does not see, one of `basic.get` on the same channel). `kept` is empty afterwards.
-    pub(crate) fn ack_kept(&self, kept: &mut Batch) {
-        if kept.is_empty() {
-            return;
-        }
-        let n = kept.len() as u64;
-        let r = kept.settle(Settle::Ack, false);
-        self.count_settle(r, n, &self.counts.acked);
-        *kept = Batch::default();
-    }
-
     /// Run the handler on `d` (unless it is a lost link's stale delivery) and settle it
     /// by the outcome.
     pub(crate) fn handle(&self, d: Delivery, handler: impl FnOnce(&Delivery) -> Outcome) {

@@ -175,53 +175,6 @@ fn many_consumers_on_two_threads_each_in_order_and_one_at_a_time_every_message_a
     direct.close().unwrap();
 }
 
-/// A turn's acks leave in one write, not one each: 100 deliveries already queued locally
-/// on a resting connection, where every ack written on its own is a caller's write
-/// (`ConnectionStats::caller_writes`), are acked in a handful of writes; every message is
-/// acked once and the queue is empty after.
-#[test]
-fn the_acks_of_a_turn_leave_in_one_write() {
-    const N: u32 = 100;
-    let direct = connect();
-    let cleanup = Cleanup::new();
-    let q = queues(&direct, &cleanup, "dispatch-acks", 1).remove(0);
-    let pch = direct.open_channel().unwrap();
-    pch.confirm_select().unwrap();
-    publish_ids(&pch, &q, 0..N);
-    let conn = connect();
-    let c = conn
-        .open_consumer(&q, N as u16, &ConsumeOptions::default())
-        .unwrap();
-    assert!(
-        wait_until(WAIT, || c.queued() == N as usize),
-        "{} of {N} queued locally",
-        c.queued()
-    );
-    thread::sleep(Duration::from_millis(100)); // the I/O thread rests
-    let before = conn.stats().caller_writes;
-    let dispatcher = Dispatcher::new(&opts(1)).unwrap();
-    dispatcher.add(c, |_| Outcome::Ack).unwrap();
-    assert!(
-        wait_until(Duration::from_secs(20), || dispatcher.stats().acked
-            == u64::from(N)),
-        "{:?}",
-        dispatcher.stats()
-    );
-    let writes = conn.stats().caller_writes - before;
-    // Turns of 32: four writes; more only when a turn's first ack waited past its hold
-    // (a slow machine), never one per ack.
-    assert!(writes < u64::from(N) / 4, "{writes} writes for {N} acks");
-    let stats = dispatcher.shutdown(WAIT);
-    assert_eq!(
-        (stats.acked, stats.settle_failed),
-        (u64::from(N), 0),
-        "{stats:?}"
-    );
-    // Anything left unacked would be back in the queue once the connection closed.
-    conn.close().unwrap();
-    assert_eq!(ready_count(&direct, &q), 0, "nothing left unacked");
-}
-
 #[test]
 fn handler_outcomes_and_panics_settle_as_in_a_worker_pool() {
     let direct = connect();
