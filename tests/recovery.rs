@@ -1318,7 +1318,10 @@ fn a_return_waiter_carries_on_through_a_recovery() {
     ch.confirm_select().unwrap();
     let waiter = {
         let ch = ch.clone();
-        std::thread::spawn(move || ch.recv_return(Duration::from_secs(60)))
+        std::thread::spawn(move || {
+            let t0 = Instant::now();
+            (ch.recv_return(Duration::from_secs(60)), t0.elapsed())
+        })
     };
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(proxy.reset(), 1, "one link to reset");
@@ -1334,11 +1337,11 @@ fn a_return_waiter_carries_on_through_a_recovery() {
     )
     .unwrap();
     ch.wait_for_confirms().unwrap();
-    let r = waiter
-        .join()
-        .unwrap()
-        .expect("the waiter's channel recovered");
+    let (r, waited) = waiter.join().unwrap();
+    let r = r.expect("the waiter's channel recovered");
     assert_eq!(r.expect("a return").body, b"after the reset");
+    // Its wait on the lost link's queue ended with the link, not at its deadline.
+    assert!(waited < Duration::from_secs(30), "{waited:?}");
     conn.close().unwrap();
 }
 

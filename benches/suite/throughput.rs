@@ -226,7 +226,8 @@ impl PoolRun {
     }
 }
 
-/// One pool pair in this many is timed for the latency percentiles. A pair costs a few
+/// One pool pair in this many is timed for the latency percentiles (the last of each
+/// run of them: not a thread's first pair after the barrier, every time). A pair costs a few
 /// hundred nanoseconds, so reading the clock twice and storing a sample for every pair
 /// was a large share of what the throughput figure measured (5.0 M pairs/s with every
 /// pair timed against 8.0 M from `benches/pool_pairs`, same build, 100 threads).
@@ -251,7 +252,7 @@ pub fn pool(url: &str, threads: usize, per_thread: usize) -> PoolRun {
                 let mut lat = Samples::with_capacity(per_thread / POOL_TIMED_EVERY + 1);
                 barrier.wait();
                 for i in 0..per_thread {
-                    let t0 = (i % POOL_TIMED_EVERY == 0).then(Instant::now);
+                    let t0 = (i % POOL_TIMED_EVERY == POOL_TIMED_EVERY - 1).then(Instant::now);
                     match pool.acquire() {
                         Ok(g) => drop(g),
                         Err(_) => {

@@ -1426,7 +1426,8 @@ fn consumer_msg(
     }
 }
 
-/// Queue a returned message for the channel's handle, unless too many wait unread.
+/// Queue a returned message for the channel's handle, unless too many wait unread or
+/// the channel's handle is done with returns (it closed the channel: the queue ended).
 fn queue_return(shared: &ChannelShared, ch: u16, r: Returned) {
     let stats = &shared.conn.stats;
     Stats::add(&stats.returned, 1);
@@ -1435,16 +1436,29 @@ fn queue_return(shared: &ChannelShared, ch: u16, r: Returned) {
     let byte_limit = shared.conn.opts.consumer_queue_bytes;
     // Returns are not worth stopping the connection for: over either bound they are
     // dropped (an empty queue always takes one).
-    if shared.returns.len() >= RETURNS_CAPACITY || (bytes > 0 && bytes + cost > byte_limit) {
-        let n = shared.returns_dropped.fetch_add(1, Ordering::Relaxed) + 1;
-        Stats::add(&stats.returns_dropped, 1);
-        // One event at the 1st, 2nd, 4th, ... drop: the loss is seen, the log not flooded.
-        if n.is_power_of_two() {
-            shared.conn.event(ConnectionEventKind::ReturnsDropped {
-                channel: ch,
-                dropped: n as u64,
-            });
+    let full = shared.returns.len() >= RETURNS_CAPACITY || (bytes > 0 && bytes + cost > byte_limit);
+    let r = if full {
+        r
+    } else {
+        shared.returns_bytes.fetch_add(cost, Ordering::AcqRel);
+        match shared.returns.send(r) {
+            None => return,
+            Some(r) => {
+                shared.returns_bytes.fetch_sub(cost, Ordering::AcqRel);
+                r
+            }
         }
+    };
+    let n = shared.returns_dropped.fetch_add(1, Ordering::Relaxed) + 1;
+    Stats::add(&stats.returns_dropped, 1);
+    // One event at the 1st, 2nd, 4th, ... drop: the loss is seen, the log not flooded.
+    if n.is_power_of_two() {
+        shared.conn.event(ConnectionEventKind::ReturnsDropped {
+            channel: ch,
+            dropped: n as u64,
+        });
+    }
+    if full {
         crate::trace::error!(
             "channel {ch}: returned message to {:?}/{:?} dropped: {} returns ({bytes} bytes) \
              are queued unread, the bound is {RETURNS_CAPACITY} and {byte_limit} bytes \
@@ -1453,11 +1467,13 @@ fn queue_return(shared: &ChannelShared, ch: u16, r: Returned) {
             r.routing_key,
             shared.returns.len(),
         );
-        return;
-    }
-    shared.returns_bytes.fetch_add(cost, Ordering::AcqRel);
-    if !shared.returns.send(r) {
-        shared.returns_bytes.fetch_sub(cost, Ordering::AcqRel);
+    } else {
+        crate::trace::error!(
+            "channel {ch}: returned message to {:?}/{:?} dropped: the application closed \
+             the channel before it came ({n} dropped so far)",
+            r.exchange,
+            r.routing_key,
+        );
     }
 }
 

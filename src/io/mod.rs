@@ -513,11 +513,14 @@ impl Returns {
         self.0.lock().rx().clone()
     }
 
-    /// Queue a return; false if it could not be (the queue ended).
-    pub(crate) fn send(&self, r: Returned) -> bool {
+    /// Queue a return; `Some(r)` gives it back when the queue ended.
+    pub(crate) fn send(&self, r: Returned) -> Option<Returned> {
         let mut q = self.0.lock();
         q.rx();
-        q.tx.as_ref().is_some_and(|tx| tx.send(r).is_ok())
+        match q.tx.as_ref() {
+            Some(tx) => tx.send(r).err().map(|e| e.0),
+            None => Some(r),
+        }
     }
 
     pub(crate) fn try_recv(&self) -> Option<Returned> {
