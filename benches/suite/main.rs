@@ -22,7 +22,9 @@
 //! ```
 //! Scenario 7 runs four probes beside lepus: `ceiling` and `ceiling-4conn` (publish
 //! without confirms, ceiling.rs) and `lockstep` and `lockstep-4conn` (confirm each,
-//! lockstep.rs). Every client's CPU time per message is measured with getrusage (cpu.rs).
+//! lockstep.rs), and with confirm each the `wake-floor` (floor.rs: the CPU a blocking
+//! wait per message costs a thread-per-publisher client, with no broker). Every client's
+//! CPU time per message is measured with getrusage (cpu.rs).
 
 mod ceiling;
 mod charts;
@@ -30,6 +32,7 @@ mod common;
 mod consume_ways;
 mod cpu;
 mod failover;
+mod floor;
 mod gate;
 mod lockstep;
 mod memory;
@@ -374,7 +377,11 @@ fn scenario_publish(s: &Settings, r: &mut Results, peers: Option<&peers::Peers>)
                         clients.extend(["ceiling".into(), "ceiling-4conn".into()]);
                     }
                     if mode == Mode::Each && s.wants(7) {
-                        clients.extend(["lockstep".into(), "lockstep-4conn".into()]);
+                        clients.extend([
+                            "lockstep".into(),
+                            "lockstep-4conn".into(),
+                            "wake-floor".into(),
+                        ]);
                     }
                     // Each round starts with another client (A B C, B C A, ...).
                     let k = round % clients.len().max(1);
@@ -410,6 +417,20 @@ fn scenario_publish(s: &Settings, r: &mut Results, peers: Option<&peers::Peers>)
                         run.cpu_us_per_msg()
                     ));
                     r.publish.push(run);
+                }
+                "wake-floor" => {
+                    let f = floor::run(t, m, true);
+                    let c = ceiling::CeilingRun {
+                        kind: "wake-floor".into(),
+                        round,
+                        threads: t,
+                        per_thread: m,
+                        write_secs: f.secs,
+                        absorbed_secs: f.secs,
+                        cpu: f.cpu,
+                    };
+                    done(&format!("CPU {:.2} µs/msg", c.cpu_us_per_msg()));
+                    r.probes.push(c);
                 }
                 probe @ ("ceiling" | "ceiling-4conn" | "lockstep" | "lockstep-4conn") => {
                     let sockets = if probe.ends_with("4conn") {

@@ -150,14 +150,21 @@ pub fn cpu_section(w: &mut String, r: &Results) {
         w,
         "User + system CPU time of the client's process (`getrusage(RUSAGE_SELF)` before and after), from the start signal until every call returned and one RPC on the same connection came back (so every publish was written; the polling for the absorbed time is left out), divided by the messages: lepus in the suite's process, each peer in its own; the probe: its threads' own time. µs per message, medians over rounds; lower is better.\n"
     );
+    let _ = writeln!(
+        w,
+        "**Blocking floor** (confirm each): what a client whose publisher threads block until each confirm pays before any AMQP work, measured in the same rounds with no broker (`floor.rs`; `benches/results/wake-floor.md`): T threads each write an id to a loopback TCP socket (TCP_NODELAY) and sleep on a condition variable; one reader thread, woken by the socket, wakes the thread of each id it read. The process's CPU per round trip. **floor / lowest peer** above 0.5× means the CPU target is out of reach for any thread-per-publisher client on this machine.\n"
+    );
     let mut head = "| Configuration | mode | lepus |".to_string();
     let mut rule = "|---|---|---|".to_string();
     for c in &r.peer_clients {
         let _ = write!(head, " {c} |");
         rule.push_str("---|");
     }
-    let _ = writeln!(w, "{head} probe | lepus / lowest peer |");
-    let _ = writeln!(w, "{rule}---|---|");
+    let _ = writeln!(
+        w,
+        "{head} probe | blocking floor | lepus / lowest peer | floor / lowest peer |"
+    );
+    let _ = writeln!(w, "{rule}---|---|---|---|");
     for &(t, m) in &r.publish_configs {
         for &mode in &r.modes {
             let l = cpu_per_msg(r, "lepus", t, m, mode);
@@ -173,13 +180,26 @@ pub fn cpu_section(w: &mut String, r: &Results) {
                 Mode::Each => cpu_per_msg(r, "lockstep", t, m, mode),
                 Mode::Window(_) => f64::NAN,
             };
-            let (best, name) = best_peer(r, |c| cpu_per_msg(r, c, t, m, mode), false);
-            let ratio = if best.is_finite() {
-                format!("{} ({name})", x(l / best))
-            } else {
-                "–".into()
+            let floor = match mode {
+                Mode::Each => cpu_per_msg(r, "wake-floor", t, m, mode),
+                _ => f64::NAN,
             };
-            let _ = writeln!(w, "{row} {} | {ratio} |", us(probe));
+            let (best, name) = best_peer(r, |c| cpu_per_msg(r, c, t, m, mode), false);
+            let ratio = |v: f64| {
+                if best.is_finite() && v.is_finite() {
+                    format!("{} ({name})", x(v / best))
+                } else {
+                    "–".into()
+                }
+            };
+            let _ = writeln!(
+                w,
+                "{row} {} | {} | {} | {} |",
+                us(probe),
+                us(floor),
+                ratio(l),
+                ratio(floor)
+            );
         }
     }
     let _ = writeln!(w);
@@ -312,13 +332,28 @@ pub fn targets(r: &Results) -> Vec<(String, f64, String, f64, bool)> {
                 },
                 false,
             );
+            // With confirm each: what the blocking floor alone is against the lowest
+            // peer, at its lowest (how far below it the target is at best).
+            let floor = if mode == Mode::Each {
+                let (f, fat) = lowest(&|t, m| {
+                    let (b, _) = best_peer(r, |c| cpu_per_msg(r, c, t, m, mode), false);
+                    cpu_per_msg(r, "wake-floor", t, m, mode) / b
+                });
+                if f.is_finite() {
+                    format!("; the blocking floor alone: {} at best (at {fat})", x(-f))
+                } else {
+                    String::new()
+                }
+            } else {
+                String::new()
+            };
             out.push((
                 format!(
                     "client CPU per message, publish {}: lepus / lowest peer, every T",
                     mode.label()
                 ),
                 v,
-                format!("{} (highest, at {at})", x(v)),
+                format!("{} (highest, at {at}){floor}", x(v)),
                 0.5,
                 false,
             ));
