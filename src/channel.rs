@@ -865,8 +865,10 @@ impl Channel {
     /// A message the broker returned (mandatory publish with no route), waiting up to
     /// `timeout`: `Ok(None)` if none came, an error if the channel is closed (by the
     /// broker or the application) or its connection is closed or lost for good. Returns
-    /// queued before the channel closed are still handed out first. While a recovery
-    /// runs it waits for the reopened channel, within `timeout`. Up to 1024 returns, and
+    /// queued before the channel closed are still handed out first. A waiting thread is
+    /// woken at once when the channel closes or the link fails (it does not poll). While
+    /// a recovery runs it waits for the reopened channel, within `timeout`. Up to 1024
+    /// returns, and
     /// up to [`consumer_queue_bytes`](crate::ConnectionOptions::consumer_queue_bytes) of
     /// them, are kept per channel; more are logged, counted and dropped.
     ///

@@ -205,8 +205,9 @@ pub enum ConnectionEventKind {
     },
     /// Returned messages (`basic.return`) were dropped because the channel's returns
     /// queue was full (1,024 returns or its byte bound) and nobody read it
-    /// ([`crate::Channel::recv_return`]). Reported at the 1st, 2nd, 4th, 8th, ... drop
-    /// of a channel; [`crate::ConnectionStats::returns_dropped`] has the exact count.
+    /// ([`crate::Channel::recv_return`]), or because the application closed the channel
+    /// as one was being queued. Reported at the 1st, 2nd, 4th, 8th, ... drop of a
+    /// channel; [`crate::ConnectionStats::returns_dropped`] has the exact count.
     ReturnsDropped {
         /// The channel id.
         channel: u16,

@@ -128,7 +128,8 @@ pub struct ConnectionStats {
     pub nacked: u64,
     /// Messages the broker returned (`basic.return`), dropped ones included.
     pub returned: u64,
-    /// Returned messages dropped because the channel's returns queue was full.
+    /// Returned messages dropped because the channel's returns queue was full, or had
+    /// ended: the application closed the channel as the return was being queued.
     pub returns_dropped: u64,
     /// Messages received: deliveries to consumers and `basic.get` answers (undecodable
     /// ones included).
@@ -186,7 +187,7 @@ pub(crate) mod facade {
         ("lepus_messages_confirmed_total", "Publishes the broker confirmed", |s| s.confirmed),
         ("lepus_messages_nacked_total", "Publishes the broker nacked", |s| s.nacked),
         ("lepus_messages_returned_total", "Messages returned by the broker", |s| s.returned),
-        ("lepus_returns_dropped_total", "Returned messages dropped (queue full)", |s| s.returns_dropped),
+        ("lepus_returns_dropped_total", "Returned messages dropped (queue full or channel closed)", |s| s.returns_dropped),
         ("lepus_messages_delivered_total", "Messages delivered (consume and get)", |s| s.delivered),
         ("lepus_messages_acked_total", "Acknowledgements sent", |s| s.acked),
         ("lepus_messages_rejected_total", "Rejects and nacks sent", |s| s.rejected),

@@ -17,11 +17,13 @@ use crate::common::{self, Addr, connect, declare, delete, wait_count};
 use crate::cpu::{self, Usage};
 use crate::throughput::BODY;
 
-/// One run of a probe (publish without confirms, or the lock-step confirm probe).
+/// One run of a probe (publish without confirms, or the lock-step confirm probe), or of
+/// the blocking floor (kind "wake-floor", floor.rs: no broker; its times are the run's
+/// length and its CPU the whole process's, `RUSAGE_SELF`).
 #[derive(Debug, Clone)]
 pub struct CeilingRun {
     /// "ceiling" (one socket), "ceiling-4conn" (the same work over 4 sockets),
-    /// "lockstep", "lockstep-4conn".
+    /// "lockstep", "lockstep-4conn", "wake-floor".
     pub kind: String,
     pub round: usize,
     pub threads: usize,

@@ -62,7 +62,8 @@ pub struct Results {
     pub publish: Vec<throughput::PublishRun>,
     /// The one-socket publish probe ("ceiling").
     pub ceiling: Vec<ceiling::CeilingRun>,
-    /// The other probes: "ceiling-4conn", "lockstep", "lockstep-4conn".
+    /// The other probes: "ceiling-4conn", "lockstep", "lockstep-4conn", and the blocking
+    /// floor's runs ("wake-floor").
     pub probes: Vec<ceiling::CeilingRun>,
     pub pool: Vec<throughput::PoolRun>,
     pub consume: Vec<throughput::ConsumeRun>,

@@ -152,7 +152,7 @@ pub fn cpu_section(w: &mut String, r: &Results) {
     );
     let _ = writeln!(
         w,
-        "**Blocking floor** (confirm each): what a client whose publisher threads block until each confirm pays before any AMQP work, measured in the same rounds with no broker (`floor.rs`; `benches/results/wake-floor.md`): T threads each write an id to a loopback TCP socket (TCP_NODELAY) and sleep on a condition variable; one reader thread, woken by the socket, wakes the thread of each id it read. The process's CPU per round trip. **floor / lowest peer** above 0.5× means the CPU target is out of reach for any thread-per-publisher client on this machine.\n"
+        "**Blocking floor** (confirm each): what a client whose publisher threads block until each confirm pays before any AMQP work, measured in the same rounds with no broker (`floor.rs`; `benches/results/wake-floor.md`): T threads each write an id to a loopback TCP socket (TCP_NODELAY) and sleep on a condition variable; one reader thread, woken by the socket, wakes the thread of each id it read. The process's CPU per round trip. **floor / lowest peer** above 0.5× means the CPU target is out of reach, on this machine, for a client built as lepus is (each publisher writes its publish and blocks until its confirm; a dedicated thread reads the socket).\n"
     );
     let mut head = "| Configuration | mode | lepus |".to_string();
     let mut rule = "|---|---|---|".to_string();
