@@ -246,12 +246,8 @@ fn voluntary_switches(tid: &str) -> u64 {
 
 /// The broker closes `ch`: a passive declare of a queue that does not exist (404).
 fn broker_closes(ch: &lepus::Channel) {
-    let passive = lepus::QueueDeclareOptions {
-        passive: true,
-        ..Default::default()
-    };
     let err = ch
-        .queue_declare(&unique("no-such-queue"), &passive)
+        .queue_declare(&unique("no-such-queue"), &passive())
         .unwrap_err();
     assert_eq!(err.reply_code(), Some(reply_code::NOT_FOUND), "{err:?}");
 }

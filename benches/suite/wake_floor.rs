@@ -1,24 +1,9 @@
-//! What a blocking confirm per message costs a thread-per-publisher client before any
-//! AMQP work: the floor under lepus's confirm-each CPU per message (issue 16). No broker,
-//! no protocol: T publisher threads and one "I/O" thread on a Unix socket pair, the
-//! shape of one confirmed publish with nothing else in it:
-//!
-//! - a publisher writes one byte to the socket (lepus: its publish, written by the
-//!   calling thread) and sleeps on its own condition variable (lepus: waiting for the
-//!   confirm);
-//! - the I/O thread sleeps in a blocking read of the other end (lepus: `epoll_wait`,
-//!   then the read of the acks), and wakes the publisher of each byte it read (lepus: the
-//!   confirm resolved, its waiter woken).
-//!
-//! Each message therefore costs what lepus's cannot do without while a publisher thread
-//! blocks until its confirm: a socket write, a sleeping reader woken by the socket (its
-//! reads batch what came meanwhile), and one thread woken through a futex and switched
-//! to. Prints the process's CPU time per message and context switches per message
-//! (getrusage), to set beside the suite's confirm-each CPU per message of lepus and its
-//! peers (benches/results/wake-floor.md).
-//!
-//! With `tcp` the pair is a loopback TCP connection (TCP_NODELAY) instead, as lepus's
-//! socket is: a write then also runs the receiving side's TCP work.
+//! Prints the floor under lepus's confirm-each CPU per message (issue 16): what a
+//! publisher thread that writes its publish and blocks until its confirm costs, with no
+//! broker and no protocol (`floor.rs` says how it is measured; the suite runs the same
+//! code in its confirm-each rounds). The process's CPU time and context switches per
+//! message (getrusage); results in benches/results/wake-floor.md. Over a Unix socket
+//! pair by default, over loopback TCP (TCP_NODELAY, as lepus's socket) with `tcp`.
 //!
 //! ```text
 //! cargo build --profile bench -p lepus-bench-suite --example wake-floor
